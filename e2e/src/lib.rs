@@ -1,0 +1,217 @@
+//! The one harness for end-to-end tests: starts real `fog-server` and
+//! `fog-host` processes on loopback, asks them for their state, and kills
+//! them when dropped.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`);
+//! `cargo test --workspace` builds them, because the host and server
+//! packages have integration tests of their own.
+//! Each process writes its stderr to a log file; when a test fails, the tail
+//! of every log is printed so the failure can be understood.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// Path of a workspace binary built beside the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("test lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the workspace first (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fog-e2e-{}-{}-{}",
+        test,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The four endpoints of a server pair.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub primary_frontend: String,
+    pub backup_frontend: String,
+    pub primary_state: String,
+    pub backup_state: String,
+}
+
+impl Pair {
+    pub fn on_free_ports() -> Self {
+        let ep = |p: u16| format!("tcp://127.0.0.1:{p}");
+        Self {
+            primary_frontend: ep(free_port()),
+            backup_frontend: ep(free_port()),
+            primary_state: ep(free_port()),
+            backup_state: ep(free_port()),
+        }
+    }
+
+    /// `--servers` for a host: primary first.
+    pub fn servers(&self) -> String {
+        format!("{},{}", self.primary_frontend, self.backup_frontend)
+    }
+
+    /// Arguments that start one node of this pair.
+    pub fn server_args(&self, primary: bool) -> Vec<String> {
+        let (role, frontend, bind, connect) = if primary {
+            ("--primary", &self.primary_frontend, &self.primary_state, &self.backup_state)
+        } else {
+            ("--backup", &self.backup_frontend, &self.backup_state, &self.primary_state)
+        };
+        [role, "--frontend", frontend, "--state-bind", bind, "--state-connect", connect]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+/// A child process that is killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log)?;
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok(Proc { name: name.to_string(), child, log })
+    }
+
+    /// SIGKILL, as `kill -9` would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- last lines of {} ({}) ----\n{}", self.name, self.log.display(), self.log_tail(40));
+        }
+    }
+}
+
+/// Starts one server node and waits until it answers `status`.
+pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+    let mut args = pair.server_args(primary);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let name = if primary { "primary" } else { "backup" };
+    let proc = Proc::spawn(name, &bin("fog-server"), &args, dir)?;
+    let endpoint = if primary { &pair.primary_frontend } else { &pair.backup_frontend };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if server_status(endpoint).is_ok() {
+            return Ok(proc);
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not answer status within 20 s:\n{}", proc.log_tail(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `fog-server status ENDPOINT --json`, parsed.
+pub fn server_status(endpoint: &str) -> anyhow::Result<Value> {
+    let out = Command::new(bin("fog-server"))
+        .args(["status", endpoint, "--json", "--timeout", "1s"])
+        .output()
+        .context("cannot run fog-server status")?;
+    if !out.status.success() {
+        bail!("status of {endpoint} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!("status output is not one JSON object: {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+/// Starts `fog-host` with `--json` and the given arguments.
+pub fn start_host(args: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.push("--json".into());
+    Proc::spawn("host", &bin("fog-host"), &all, dir)
+}
+
+/// Waits for a host started with [`start_host`] to exit; returns its exit
+/// code and its JSON summary.
+pub fn finish_host(mut host: Proc, timeout: Duration) -> anyhow::Result<(i32, Value)> {
+    // Read stdout while waiting: a large summary would fill the pipe.
+    let mut stdout_pipe = host.child.stdout.take().context("host stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        use std::io::Read;
+        let _ = stdout_pipe.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = host.child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("host did not exit within {timeout:?}:\n{}", host.log_tail(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    let summary: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("host summary is not one JSON object: {stdout:?}\n{}", host.log_tail(20)))?;
+    Ok((status.code().unwrap_or(-1), summary))
+}
+
+/// Per-sensor `(count, sum_kmh)` from a server status, keyed by
+/// `(sensor_id, incarnation)`.
+pub fn server_counts(status: &Value) -> std::collections::BTreeMap<(u64, u64), (u64, u64)> {
+    status["per_sensor"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                (s["sensor_id"].as_u64().unwrap_or(0), s["incarnation"].as_u64().unwrap_or(0)),
+                (s["count"].as_u64().unwrap_or(0), s["sum_kmh"].as_u64().unwrap_or(0)),
+            )
+        })
+        .collect()
+}

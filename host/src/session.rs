@@ -1,0 +1,386 @@
+//! The host's conversation with the server pair: ticks the fleet every
+//! interval, sends one batch at a time to the active server, routes replies,
+//! and fails over to the other server on silence or a "not active" reply.
+//!
+//! Delivery is judged only by replies. A batch that got no reply within the
+//! timeout is sent again, unchanged, to the other server; the server's
+//! exactly-once counting makes that safe. The sensors' own resend buffers
+//! cover everything else, so a lost batch never loses a reading.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use fog_protocol::{Average, Reply};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+
+use crate::fleet::{Fleet, SensorSummary};
+use crate::link::{Incoming, Link, LinkError};
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub servers: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Stop generating after this long; `None` runs until interrupted.
+    pub duration: Option<Duration>,
+    pub drain_timeout: Duration,
+    /// How often to print a progress line; `None` prints none.
+    pub progress: Option<Duration>,
+}
+
+/// The newest average the host has seen for one road segment.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentView {
+    pub segment: u32,
+    pub window_end_ms: u64,
+    pub mean_kmh: f32,
+    pub count: u32,
+    pub revision: u32,
+    /// Advisory limits the segment's sensors show, with how many show each.
+    pub limits: BTreeMap<u32, u32>,
+}
+
+/// What a run did, as printed at its end (`--json` prints it as one object).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub sensors: usize,
+    pub generated: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    pub resent: u64,
+    pub overflowed: u64,
+    /// Averages applied, summed over sensors.
+    pub averages_received: u64,
+    pub averages_missed: u64,
+    pub failovers: u64,
+    /// Sensors stopped after a failed guest call.
+    pub failed_sensors: u64,
+    pub quarantined: u64,
+    pub batches_acked: u64,
+    pub bad_replies: u64,
+    pub elapsed_s: f64,
+    /// Every reading generated was acked before the host stopped.
+    pub drained: bool,
+    pub server: String,
+    pub segments: Vec<SegmentView>,
+    pub per_sensor: Vec<SensorSummary>,
+}
+
+struct InFlight {
+    batch_id: u64,
+    frame: Vec<u8>,
+    deadline: Instant,
+}
+
+struct Session<'a> {
+    fleet: &'a mut Fleet,
+    cfg: &'a SessionConfig,
+    current: usize,
+    generation: u64,
+    link: Option<Link>,
+    connecting: Option<JoinHandle<Result<Link, LinkError>>>,
+    incoming_tx: mpsc::UnboundedSender<Incoming>,
+    in_flight: Option<InFlight>,
+    next_batch_id: u64,
+    failovers: u64,
+    batches_acked: u64,
+    bad_replies: u64,
+    latest: BTreeMap<u32, Average>,
+    started: Instant,
+}
+
+/// Runs the fleet against the servers until the duration has passed and
+/// every reading is acked (or the drain timeout), or `shutdown` fires twice.
+pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<Output = ()>) -> Summary {
+    let (incoming_tx, mut incoming_rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut s = Session {
+        fleet,
+        cfg,
+        current: 0,
+        generation: 0,
+        link: None,
+        connecting: None,
+        incoming_tx,
+        in_flight: None,
+        next_batch_id: 1,
+        failovers: 0,
+        batches_acked: 0,
+        bad_replies: 0,
+        latest: BTreeMap::new(),
+        started,
+    };
+    s.start_connect(Duration::ZERO);
+
+    let generate_until = cfg.duration.map(|d| started + d);
+    let mut drain_deadline: Option<Instant> = None;
+    let mut next_tick = started;
+    let mut next_progress = cfg.progress.map(|p| started + p);
+    tokio::pin!(shutdown);
+    let mut interrupted = false;
+    let drained = loop {
+        let reply_deadline = s.in_flight.as_ref().filter(|_| s.link.is_some()).map(|f| f.deadline);
+        tokio::select! {
+            () = &mut shutdown, if !interrupted => {
+                interrupted = true;
+                if drain_deadline.is_none() {
+                    tracing::info!("interrupted: no new readings; draining unacked ones (up to {:?})", cfg.drain_timeout);
+                    drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+                } else {
+                    break false;
+                }
+            }
+            res = async { s.connecting.as_mut().expect("guarded").await }, if s.connecting.is_some() => {
+                s.connecting = None;
+                match res {
+                    Ok(Ok(link)) => {
+                        tracing::info!(server = %link.endpoint, "connected");
+                        s.link = Some(link);
+                        s.resend_in_flight().await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("{e}");
+                        s.failover(Duration::ZERO);
+                    }
+                    Err(e) => {
+                        tracing::warn!("connection attempt failed: {e}");
+                        s.failover(Duration::ZERO);
+                    }
+                }
+            }
+            Some(incoming) = incoming_rx.recv() => {
+                if incoming.generation == s.generation {
+                    s.handle_frame(&incoming.frame).await;
+                }
+            }
+            () = sleep_until(reply_deadline.unwrap_or(started)), if reply_deadline.is_some() => {
+                let endpoint = s.link.as_ref().map(|l| l.endpoint.clone()).unwrap_or_default();
+                tracing::warn!(server = %endpoint, "no reply within {:?}: failing over", cfg.timeout);
+                s.failover(Duration::ZERO);
+            }
+            () = sleep_until(next_tick) => {
+                let now = Instant::now();
+                next_tick += cfg.interval;
+                if next_tick < now {
+                    next_tick = now + cfg.interval;
+                }
+                if drain_deadline.is_none() && generate_until.is_some_and(|t| now >= t) {
+                    tracing::info!("generation stopped after {:?}; draining unacked readings (up to {:?})", cfg.duration.unwrap_or_default(), cfg.drain_timeout);
+                    drain_deadline = Some(now + cfg.drain_timeout);
+                }
+                s.fleet.tick(drain_deadline.is_none());
+                if s.link.is_some() && s.in_flight.is_none() {
+                    s.send_batch().await;
+                }
+                if let Some(deadline) = drain_deadline {
+                    if s.fleet.refresh_status() {
+                        break true;
+                    }
+                    if now >= deadline {
+                        tracing::warn!("drain timeout: some readings were never acked");
+                        break false;
+                    }
+                }
+                if let (Some(at), Some(every)) = (next_progress, cfg.progress) {
+                    if now >= at {
+                        next_progress = Some(now + every);
+                        s.fleet.refresh_status();
+                        eprintln!("{}", s.progress_line());
+                    }
+                }
+            }
+        }
+    };
+    s.fleet.refresh_status();
+    s.summary(drained)
+}
+
+impl Session<'_> {
+    fn endpoint(&self) -> &str {
+        &self.cfg.servers[self.current]
+    }
+
+    fn start_connect(&mut self, pause: Duration) {
+        self.generation += 1;
+        let endpoint = self.endpoint().to_string();
+        let generation = self.generation;
+        let timeout = self.cfg.timeout;
+        let tx = self.incoming_tx.clone();
+        if let Some(old) = self.connecting.take() {
+            old.abort();
+        }
+        self.connecting = Some(tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            Link::connect(endpoint, generation, timeout, tx).await
+        }));
+    }
+
+    /// Drops the current server and starts connecting to the next one. The
+    /// batch in flight, if any, is sent there once connected.
+    fn failover(&mut self, pause: Duration) {
+        self.link = None;
+        self.current = (self.current + 1) % self.cfg.servers.len();
+        self.failovers += 1;
+        tracing::info!(server = %self.endpoint(), "failing over");
+        self.start_connect(pause);
+    }
+
+    async fn send_batch(&mut self) {
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let (request, _) = self.fleet.take_batch(batch_id);
+        match fog_protocol::encode(&request) {
+            Ok(frame) => {
+                self.in_flight = Some(InFlight { batch_id, frame, deadline: Instant::now() });
+                self.resend_in_flight().await;
+            }
+            // The readings are still in the sensors' resend buffers.
+            Err(e) => tracing::error!("cannot encode batch {batch_id}: {e}"),
+        }
+    }
+
+    async fn resend_in_flight(&mut self) {
+        let (Some(link), Some(flight)) = (self.link.as_mut(), self.in_flight.as_mut()) else { return };
+        flight.deadline = Instant::now() + self.cfg.timeout;
+        if let Err(e) = link.send(flight.frame.clone(), self.cfg.timeout).await {
+            tracing::warn!("{e}");
+            self.failover(Duration::ZERO);
+        }
+    }
+
+    async fn handle_frame(&mut self, frame: &[u8]) {
+        match fog_protocol::decode::<Reply>(frame) {
+            Ok(Reply::Batch(reply)) => {
+                if self.in_flight.as_ref().is_none_or(|f| f.batch_id != reply.batch_id) {
+                    return; // a late answer to a batch already resent elsewhere
+                }
+                self.in_flight = None;
+                self.batches_acked += 1;
+                for avg in &reply.averages {
+                    let newer = self
+                        .latest
+                        .get(&avg.segment)
+                        .is_none_or(|cur| (avg.window_end_ms, avg.revision) > (cur.window_end_ms, cur.revision));
+                    if newer {
+                        self.latest.insert(avg.segment, *avg);
+                    }
+                }
+                self.fleet.apply(&reply);
+                if self.fleet.pending() > 0 {
+                    self.send_batch().await;
+                }
+            }
+            Ok(Reply::NotActive { state }) => {
+                tracing::info!(server = %self.endpoint(), "server is {}: failing over", state.as_str());
+                // Both servers may be passive for a moment (a takeover in
+                // progress): do not bounce between them at full speed.
+                self.failover(Duration::from_millis(50));
+            }
+            Ok(Reply::Status(_)) => {}
+            Err(e) => {
+                self.bad_replies += 1;
+                if self.bad_replies == 1 {
+                    tracing::warn!(server = %self.endpoint(), "dropped a reply that cannot be decoded: {e}");
+                }
+            }
+        }
+    }
+
+    fn segments(&self) -> Vec<SegmentView> {
+        let mut limits: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
+        for s in self.fleet.summaries() {
+            if !s.failed {
+                *limits.entry(s.segment).or_default().entry(s.limit_kmh).or_default() += 1;
+            }
+        }
+        self.latest
+            .values()
+            .map(|a| SegmentView {
+                segment: a.segment,
+                window_end_ms: a.window_end_ms,
+                mean_kmh: a.mean_kmh(),
+                count: a.count,
+                revision: a.revision,
+                limits: limits.remove(&a.segment).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn progress_line(&self) -> String {
+        let t = self.totals();
+        let mut line = format!(
+            "[{:>6.1}s] {} | sensors {} generated {} acked {} unacked {} resent {} failovers {}",
+            self.started.elapsed().as_secs_f64(),
+            self.link.as_ref().map_or("(connecting)", |l| l.endpoint.as_str()),
+            self.fleet.len(),
+            t.generated,
+            t.acked,
+            t.generated - t.acked.min(t.generated),
+            t.resent,
+            self.failovers,
+        );
+        for seg in self.segments() {
+            let limits: Vec<String> = seg.limits.iter().map(|(l, n)| format!("{l} km/h x{n}")).collect();
+            line.push_str(&format!(
+                " | segment {}: avg {:.1} km/h over {} readings{} -> limit {}",
+                seg.segment,
+                seg.mean_kmh,
+                seg.count,
+                if seg.revision > 0 { format!(" (revision {})", seg.revision) } else { String::new() },
+                limits.join(", "),
+            ));
+        }
+        line
+    }
+
+    fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for s in self.fleet.summaries() {
+            t.generated += s.generated;
+            t.acked += s.acked;
+            t.resent += s.resent;
+            t.overflowed += s.overflowed;
+            t.averages += s.averages_applied;
+            t.missed += s.averages_missed;
+        }
+        t
+    }
+
+    fn summary(&self, drained: bool) -> Summary {
+        let t = self.totals();
+        Summary {
+            sensors: self.fleet.len(),
+            generated: t.generated,
+            acked: t.acked,
+            unacked: t.generated.saturating_sub(t.acked),
+            resent: t.resent,
+            overflowed: t.overflowed,
+            averages_received: t.averages,
+            averages_missed: t.missed,
+            failovers: self.failovers,
+            failed_sensors: self.fleet.failed,
+            quarantined: 0,
+            batches_acked: self.batches_acked,
+            bad_replies: self.bad_replies,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            drained,
+            server: self.endpoint().to_string(),
+            segments: self.segments(),
+            per_sensor: self.fleet.summaries(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    generated: u64,
+    acked: u64,
+    resent: u64,
+    overflowed: u64,
+    averages: u64,
+    missed: u64,
+}

@@ -1,0 +1,284 @@
+//! `SensorCore`: the whole sensor as a plain struct, fed with the host's
+//! clock readings and messages and asked for what to send. No wit types, no
+//! I/O, so it is unit-tested natively and the component glue stays thin.
+//!
+//! It ties together the traffic model (speeds), the resend buffer (what is
+//! unacked), and the average stream (cursor, digest, advisory limit), and
+//! owns the sensor's identity: id, segment and incarnation.
+
+use crate::averages::{Average, AverageStream};
+use crate::resend::{Reading, ResendBuffer};
+use crate::rng::mix64;
+use crate::traffic::{SpeedRange, TrafficModel};
+
+/// What the host tells a sensor about itself (the WIT `config`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SensorConfig {
+    pub sensor_id: u32,
+    pub segment: u32,
+    /// Resend a reading that has not been acked after this long.
+    pub resend_after_ms: u64,
+    /// Most unacked readings kept.
+    pub max_buffered: u32,
+    /// `min-kmh` and `max-kmh` are read; other keys are ignored.
+    pub settings: Vec<(String, String)>,
+}
+
+/// The counters a sensor reports (the WIT `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub incarnation: u64,
+    pub generated: u64,
+    pub acked: u64,
+    pub buffered: u32,
+    pub resent: u64,
+    pub overflowed: u64,
+    pub sum_kmh: u64,
+    pub averages_applied: u64,
+    pub last_average_seq: Option<u64>,
+    pub averages_missed: u64,
+    pub averages_digest: u64,
+    pub limit_kmh: u32,
+}
+
+/// The incarnation of sensor `sensor_id` under the host seed `seed`: a new
+/// seed (a new host process) gives every sensor a new incarnation, so a
+/// sequence that restarts at 0 never collides with the previous one's. Never
+/// 0, so a host may use 0 for "not initialised".
+pub fn incarnation(seed: u64, sensor_id: u32) -> u64 {
+    match mix64(seed ^ mix64(u64::from(sensor_id))) {
+        0 => 1,
+        id => id,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorCore {
+    pub(crate) sensor_id: u32,
+    /// Settings that could not be used, so the defaults are in force. `init`
+    /// cannot fail in the WIT, so the sensor keeps running and the error is
+    /// kept here for whoever inspects it.
+    pub(crate) settings_error: Option<String>,
+    pub(crate) incarnation: u64,
+    pub(crate) next_seq: u64,
+    pub(crate) generated: u64,
+    pub(crate) sum_kmh: u64,
+    pub(crate) traffic: TrafficModel,
+    pub(crate) resend: ResendBuffer,
+    pub(crate) averages: AverageStream,
+}
+
+impl SensorCore {
+    /// A sensor starting afresh at `now_ms`. Invalid speed settings fall
+    /// back to the default range (see [`SensorCore::settings_error`]).
+    pub fn new(config: &SensorConfig, seed: u64, now_ms: u64) -> Self {
+        let (range, settings_error) = match SpeedRange::from_settings(&config.settings) {
+            Ok(range) => (range, None),
+            Err(e) => (SpeedRange::default(), Some(e.to_string())),
+        };
+        let incarnation = incarnation(seed, config.sensor_id);
+        // The walk is the sensor's own; the jams belong to the road segment.
+        let sensor_seed = mix64(incarnation ^ 0x7261_6666_6963); // "raffic"
+        let road_seed = mix64(seed ^ mix64(u64::from(config.segment) ^ 0x726f_6164)); // "road"
+        SensorCore {
+            sensor_id: config.sensor_id,
+            settings_error,
+            incarnation,
+            next_seq: 0,
+            generated: 0,
+            sum_kmh: 0,
+            traffic: TrafficModel::new(range, sensor_seed, road_seed, now_ms),
+            resend: ResendBuffer::new(config.resend_after_ms, config.max_buffered),
+            averages: AverageStream::new(config.segment),
+        }
+    }
+
+    pub fn sensor_id(&self) -> u32 {
+        self.sensor_id
+    }
+
+    pub fn segment(&self) -> u32 {
+        self.averages.segment
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn speed_range(&self) -> SpeedRange {
+        self.traffic.range
+    }
+
+    /// Why the speed settings were rejected, if they were.
+    pub fn settings_error(&self) -> Option<&str> {
+        self.settings_error.as_deref()
+    }
+
+    /// Readings to send at `now_ms`: those due for resending, in `seq`
+    /// order, then a new one when `produce` is set.
+    pub fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
+        let mut out = Vec::new();
+        self.resend.take_due(now_ms, &mut out);
+        // A sequence at u64::MAX cannot number another reading; unreachable
+        // by counting, only through a doctored snapshot.
+        if let (true, Some(next)) = (produce, self.next_seq.checked_add(1)) {
+            let reading = Reading {
+                seq: self.next_seq,
+                speed_kmh: self.traffic.next_speed(now_ms),
+                timestamp_ms: now_ms,
+            };
+            self.next_seq = next;
+            self.generated = self.generated.saturating_add(1);
+            self.sum_kmh = self.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
+            self.resend.push(reading, now_ms);
+            out.push(reading);
+        }
+        out
+    }
+
+    /// A server counted every reading with `seq < next_seq` and those in
+    /// `also`. Acks for another incarnation (an earlier life of this sensor
+    /// id) are not ours and are ignored.
+    pub fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) {
+        if incarnation == self.incarnation {
+            self.resend.ack(next_seq, also);
+        }
+    }
+
+    /// Applies averages in server order; returns the position to ack.
+    pub fn on_averages(&mut self, averages: &[Average]) -> Option<u64> {
+        self.averages.apply(averages)
+    }
+
+    /// Skips averages `from..=to` that the server no longer holds.
+    pub fn on_missed(&mut self, from: u64, to: u64) -> Option<u64> {
+        self.averages.skip(from, to)
+    }
+
+    /// Takes the host's current resend timeout and bound, e.g. after a
+    /// restore into a host started with other flags.
+    pub fn set_resend_policy(&mut self, resend_after_ms: u64, max_buffered: u32) {
+        self.resend.set_policy(resend_after_ms, max_buffered);
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            incarnation: self.incarnation,
+            generated: self.generated,
+            acked: self.resend.acked(),
+            buffered: u32::try_from(self.resend.len()).unwrap_or(u32::MAX),
+            resent: self.resend.resent(),
+            overflowed: self.resend.overflowed(),
+            sum_kmh: self.sum_kmh,
+            averages_applied: self.averages.applied(),
+            last_average_seq: self.averages.last_seq(),
+            averages_missed: self.averages.missed(),
+            averages_digest: self.averages.digest(),
+            limit_kmh: self.averages.limit_kmh(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    pub(crate) fn config(sensor_id: u32) -> SensorConfig {
+        SensorConfig { sensor_id, segment: 0, resend_after_ms: 1000, max_buffered: 100, settings: Vec::new() }
+    }
+
+    #[test]
+    fn incarnations_differ_by_seed_and_id_and_are_never_zero() {
+        let a = SensorCore::new(&config(1), 42, T0);
+        assert_eq!(a.incarnation(), SensorCore::new(&config(1), 42, T0 + 5).incarnation());
+        assert_ne!(a.incarnation(), SensorCore::new(&config(2), 42, T0).incarnation());
+        assert_ne!(a.incarnation(), SensorCore::new(&config(1), 43, T0).incarnation());
+        for seed in 0..10_000 {
+            assert_ne!(incarnation(seed, 0), 0);
+        }
+    }
+
+    #[test]
+    fn one_reading_per_producing_tick_with_host_time_and_rising_seq() {
+        let mut core = SensorCore::new(&config(1), 7, T0);
+        let first = core.tick(T0 + 10, true);
+        assert_eq!(first.len(), 1);
+        assert_eq!((first[0].seq, first[0].timestamp_ms), (0, T0 + 10));
+        assert!((70..=120).contains(&first[0].speed_kmh));
+        assert!(core.tick(T0 + 20, false).is_empty(), "nothing due, nothing produced");
+        core.on_ack(core.incarnation(), 1, &[]);
+        let next = core.tick(T0 + 1000, true);
+        assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1]);
+        let s = core.status();
+        assert_eq!((s.generated, s.acked, s.buffered), (2, 1, 1));
+        assert_eq!(s.sum_kmh, u64::from(first[0].speed_kmh) + u64::from(next[0].speed_kmh));
+    }
+
+    #[test]
+    fn unacked_readings_come_back_after_the_timeout() {
+        let mut core = SensorCore::new(&config(1), 7, T0);
+        core.tick(T0, true);
+        core.tick(T0 + 500, true);
+        // Resends first, in seq order, then the new reading.
+        let out: Vec<u64> = core.tick(T0 + 1000, true).iter().map(|r| r.seq).collect();
+        assert_eq!(out, vec![0, 2]);
+        let out: Vec<u64> = core.tick(T0 + 1500, false).iter().map(|r| r.seq).collect();
+        assert_eq!(out, vec![1]);
+        // An ack for an earlier life of sensor 1 acks nothing here.
+        core.on_ack(core.incarnation() ^ 1, 10, &[]);
+        assert_eq!(core.status().buffered, 3);
+        core.on_ack(core.incarnation(), 1, &[2]);
+        core.on_ack(core.incarnation(), 1, &[2]);
+        let s = core.status();
+        assert_eq!((s.acked, s.buffered, s.resent), (2, 1, 2));
+    }
+
+    #[test]
+    fn bad_settings_fall_back_to_defaults_and_say_why() {
+        let mut cfg = config(1);
+        cfg.settings = vec![("min-kmh".into(), "30".into()), ("max-kmh".into(), "50".into())];
+        let core = SensorCore::new(&cfg, 1, T0);
+        assert_eq!((core.speed_range().min_kmh, core.speed_range().max_kmh), (30, 50));
+        assert_eq!(core.settings_error(), None);
+        cfg.settings.push(("max-kmh".into(), "20".into()));
+        let core = SensorCore::new(&cfg, 1, T0);
+        assert_eq!((core.speed_range().min_kmh, core.speed_range().max_kmh), (70, 120));
+        assert_eq!(core.settings_error(), Some("min-kmh=30 is not below max-kmh=20"));
+    }
+
+    /// Random ticks, lost sends, duplicate acks: every generated reading is
+    /// in exactly one of acked, buffered, overflowed, and after an ack
+    /// nothing the simulated server counted is still buffered.
+    #[test]
+    fn every_reading_is_acked_buffered_or_overflowed_exactly_once() {
+        for seed in 0..50 {
+            let mut rng = Rng::new(seed);
+            let mut cfg = config(3);
+            cfg.max_buffered = 1 + (rng.next_u64() % 40) as u32;
+            let mut core = SensorCore::new(&cfg, seed, T0);
+            let mut counted = std::collections::BTreeSet::new();
+            let mut now = T0;
+            for _ in 0..500 {
+                now += rng.next_u64() % 700;
+                let sent = core.tick(now, !rng.next_u64().is_multiple_of(4));
+                // The network loses a third of the readings.
+                counted.extend(sent.iter().filter(|_| !rng.next_u64().is_multiple_of(3)).map(|r| r.seq));
+                if rng.next_u64().is_multiple_of(3) {
+                    let next_seq = (0..).find(|s| !counted.contains(s)).unwrap_or(0);
+                    let also: Vec<u64> = counted.range(next_seq..).copied().collect();
+                    core.on_ack(core.incarnation(), next_seq, &also);
+                    assert!(core.resend.pending.iter().all(|p| !counted.contains(&p.reading.seq)));
+                    if rng.next_u64().is_multiple_of(2) {
+                        core.on_ack(core.incarnation(), next_seq, &also);
+                    }
+                }
+                let s = core.status();
+                assert_eq!(s.generated, s.acked + u64::from(s.buffered) + s.overflowed, "seed {seed}");
+                assert!(s.buffered <= cfg.max_buffered);
+            }
+        }
+    }
+}

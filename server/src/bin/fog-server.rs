@@ -1,0 +1,190 @@
+//! The `fog-server` command: parses flags and hands over to the library
+//! (`fog_server::run` for a node, `fog_server::query_status` for `status`).
+//!
+//! Exit codes: 0 on success and on a clean shutdown (Ctrl-C, SIGTERM),
+//! 1 on an error (printed as one `error: …` line on stderr), 2 on bad usage.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use fog_server::{Role, ServerConfig, WindowConfig};
+use tracing_subscriber::EnvFilter;
+
+/// One node of a fog server pair: acks, deduplicates and averages the
+/// readings of roadside speed sensors.
+///
+/// Run one node with --primary and one with --backup. The pair follows the
+/// ZeroMQ guide's Binary Star pattern: the node that is active serves sensor
+/// hosts, the other answers "not active" and takes over when its peer has
+/// gone silent and a host asks it for service.
+#[derive(Parser, Debug)]
+#[command(name = "fog-server", version)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(group(ArgGroup::new("role").required(true).args(["primary", "backup"])))]
+#[command(after_help = "Examples:\n  \
+    fog-server --primary\n  \
+    fog-server --backup\n  \
+    fog-server status --json tcp://127.0.0.1:5002\n\n\
+    Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level.")]
+struct Cli {
+    /// Run as the primary node (reference ports: frontend 5001, state 5003).
+    #[arg(long)]
+    primary: bool,
+
+    /// Run as the backup node (reference ports: frontend 5002, state 5004).
+    #[arg(long)]
+    backup: bool,
+
+    /// Address sensor hosts connect to [default: tcp://127.0.0.1:5001 for the
+    /// primary, :5002 for the backup]. `tcp://*:PORT` listens on all
+    /// interfaces.
+    #[arg(long, value_name = "ADDR")]
+    frontend: Option<String>,
+
+    /// Address this node publishes its heartbeats on [default: :5003 for the
+    /// primary, :5004 for the backup].
+    #[arg(long, value_name = "ADDR")]
+    state_bind: Option<String>,
+
+    /// The peer's heartbeat address [default: :5004 for the primary, :5003
+    /// for the backup].
+    #[arg(long, value_name = "ADDR")]
+    state_connect: Option<String>,
+
+    /// Interval between heartbeats; the peer counts as dead after two missed.
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+
+    /// How long after a window's end the first average waits for late readings.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    lateness: Duration,
+
+    /// How far back in event time late readings still revise averages; older
+    /// readings are counted but averaged nowhere.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    window_horizon: Duration,
+
+    /// Most published averages kept for sensors that fell behind.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    retain_averages: usize,
+
+    /// Published averages older than this are dropped; a sensor further
+    /// behind is told what it missed.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    retain_age: Duration,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a running server for its state and counts.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// The server's frontend address.
+    #[arg(value_name = "ENDPOINT", default_value = "tcp://127.0.0.1:5001")]
+    endpoint: String,
+
+    /// Print the status as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+
+    /// Give up when the server has not answered within this time.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Some(Command::Status(args)) => runtime.block_on(status(args)),
+        None => runtime.block_on(serve(server_config(&cli)?)),
+    }
+}
+
+fn server_config(cli: &Cli) -> Result<ServerConfig> {
+    let role = if cli.primary { Role::Primary } else { Role::Backup };
+    let reference = ServerConfig::reference(role);
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if cli.heartbeat.is_zero() {
+        anyhow::bail!("--heartbeat must be at least 1ms");
+    }
+    Ok(ServerConfig {
+        role,
+        frontend: cli.frontend.clone().unwrap_or(reference.frontend),
+        state_bind: cli.state_bind.clone().unwrap_or(reference.state_bind),
+        state_connect: cli.state_connect.clone().unwrap_or(reference.state_connect),
+        heartbeat: cli.heartbeat,
+        windows: WindowConfig {
+            lateness_ms: ms(cli.lateness),
+            horizon_ms: ms(cli.window_horizon),
+            retain_averages: cli.retain_averages,
+            retain_age_ms: ms(cli.retain_age),
+        },
+    })
+}
+
+async fn serve(cfg: ServerConfig) -> Result<()> {
+    fog_server::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupted (Ctrl-C)"),
+                    _ = term.recv() => tracing::info!("terminated (SIGTERM)"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("interrupted (Ctrl-C)");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("interrupted (Ctrl-C)");
+    }
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let report = fog_server::query_status(&args.endpoint, args.timeout).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("cannot serialize the status")?);
+    } else {
+        println!("{}", fog_server::human_summary(&report));
+    }
+    Ok(())
+}

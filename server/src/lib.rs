@@ -1,0 +1,22 @@
+//! `fog-server`: one node of a Binary Star pair that acks, deduplicates and
+//! averages the readings of roadside speed sensors.
+//!
+//! The protocol logic is sans-IO and driven with explicit time:
+//! [`fsm`] (Binary Star states), [`ingest`] (exactly-once counting and acks),
+//! [`windows`] (event-time averages and the average log) and [`node`], which
+//! puts them behind one request/heartbeat/timeout interface. [`driver`] is the
+//! thin tokio + ZeroMQ shell that runs a node as a process, and [`status`] is
+//! the client behind `fog-server status`.
+
+pub mod driver;
+pub mod fsm;
+pub mod ingest;
+pub mod node;
+pub mod status;
+pub mod windows;
+
+pub use driver::{ServerConfig, ServerError, run};
+pub use fsm::{BinaryStar, Role};
+pub use node::{Node, NodeConfig};
+pub use status::{StatusError, human_summary, query_status};
+pub use windows::WindowConfig;

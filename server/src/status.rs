@@ -1,0 +1,91 @@
+//! The client side of `fog-server status`: ask a running server for its
+//! [`StatusReport`] and render it for people or as JSON.
+//!
+//! Any server answers a status request, whatever its Binary Star state, so
+//! this also tells an operator which node of a pair is active.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fog_protocol::{DecodeError, EncodeError, Reply, Request, StatusReport, decode, encode};
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqError, ZmqMessage};
+
+/// Why a status query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no answer from {endpoint} within {}", humantime::format_duration(*.after))]
+    Timeout { endpoint: String, after: Duration },
+    #[error("cannot talk to {endpoint}")]
+    Socket {
+        endpoint: String,
+        #[source]
+        source: ZmqError,
+    },
+    #[error("cannot encode the status request")]
+    Encode(#[from] EncodeError),
+    #[error("{endpoint} sent an undecodable reply")]
+    Decode {
+        endpoint: String,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("{endpoint} answered the status request with something else: {reply}")]
+    Unexpected { endpoint: String, reply: String },
+}
+
+/// Asks the server at `endpoint` for its status, giving up after `timeout`.
+pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<StatusReport, StatusError> {
+    let request = encode(&Request::Status)?;
+    let socket_err = |source| StatusError::Socket { endpoint: endpoint.to_string(), source };
+    let exchange = async {
+        let mut dealer = DealerSocket::new();
+        dealer.connect(endpoint).await.map_err(socket_err)?;
+        dealer.send(ZmqMessage::from(Bytes::from(request))).await.map_err(socket_err)?;
+        let message = dealer.recv().await.map_err(socket_err)?;
+        let frame = message.into_vec().pop().unwrap_or_default();
+        let reply: Reply = decode(&frame)
+            .map_err(|source| StatusError::Decode { endpoint: endpoint.to_string(), source })?;
+        match reply {
+            Reply::Status(report) => Ok(*report),
+            other => {
+                Err(StatusError::Unexpected { endpoint: endpoint.to_string(), reply: format!("{other:?}") })
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| StatusError::Timeout { endpoint: endpoint.to_string(), after: timeout })?
+}
+
+/// A few lines an operator can read at a glance.
+pub fn human_summary(r: &StatusReport) -> String {
+    let mut out = format!(
+        "{} node, state {}, peer {}\n\
+         counted {} readings ({} duplicates dropped, {} outside the windows) in {} batches\n\
+         averages published {} ({} revisions), last seq {}\n\
+         malformed frames {}\n",
+        r.role,
+        r.state.as_str(),
+        if r.peer_alive { "alive" } else { "not heard" },
+        r.counted,
+        r.duplicates,
+        r.too_late,
+        r.batches,
+        r.averages_published,
+        r.revisions_published,
+        r.last_average_seq.map_or_else(|| "-".to_string(), |s| s.to_string()),
+        r.malformed_frames,
+    );
+    out.push_str(&format!("{} sensor incarnations", r.per_sensor.len()));
+    for s in r.per_sensor.iter().take(20) {
+        let mean = if s.count == 0 { 0.0 } else { s.sum_kmh as f64 / s.count as f64 };
+        out.push_str(&format!(
+            "\n  sensor {:>6} incarnation {:016x}: {} readings, mean {:.1} km/h",
+            s.sensor_id, s.incarnation, s.count, mean
+        ));
+    }
+    if r.per_sensor.len() > 20 {
+        out.push_str(&format!("\n  … and {} more (use --json)", r.per_sensor.len() - 20));
+    }
+    out
+}
