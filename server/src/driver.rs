@@ -75,13 +75,21 @@ impl ServerConfig {
 pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot bind the {what} socket to {endpoint}")]
+    #[error("cannot bind the {what} socket to {endpoint}: {reason}")]
     Bind {
         what: &'static str,
         endpoint: String,
-        #[source]
-        source: ZmqError,
+        reason: String,
     },
+}
+
+/// The innermost cause of a ZeroMQ error, without zmq.rs's wrapper text
+/// (its wrappers repeat their source in their own message).
+pub(crate) fn zmq_reason(e: &ZmqError) -> String {
+    match e {
+        ZmqError::Network(io) => io.to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// Milliseconds since the Unix epoch, the clock every node decision uses.
@@ -104,30 +112,46 @@ pub fn bind_endpoint(endpoint: &str) -> String {
 pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let heartbeat_ms = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
     if heartbeat_ms == 0 {
-        return Err(ServerError::Config("the heartbeat must be at least 1 ms".into()));
+        return Err(ServerError::Config(
+            "the heartbeat must be at least 1 ms".into(),
+        ));
     }
-    let mut node = Node::new(NodeConfig { role: cfg.role, heartbeat_ms, windows: cfg.windows });
+    let mut node = Node::new(NodeConfig {
+        role: cfg.role,
+        heartbeat_ms,
+        windows: cfg.windows,
+    });
 
     let frontend = bind_endpoint(&cfg.frontend);
     let mut router = RouterSocket::new();
-    router.bind(&frontend).await.map_err(|source| ServerError::Bind {
-        what: "frontend",
-        endpoint: cfg.frontend.clone(),
-        source,
-    })?;
+    router
+        .bind(&frontend)
+        .await
+        .map_err(|e| ServerError::Bind {
+            what: "frontend",
+            endpoint: cfg.frontend.clone(),
+            reason: zmq_reason(&e),
+        })?;
     let state_bind = bind_endpoint(&cfg.state_bind);
     let mut publisher = PubSocket::new();
-    publisher.bind(&state_bind).await.map_err(|source| ServerError::Bind {
-        what: "state",
-        endpoint: cfg.state_bind.clone(),
-        source,
-    })?;
+    publisher
+        .bind(&state_bind)
+        .await
+        .map_err(|e| ServerError::Bind {
+            what: "state",
+            endpoint: cfg.state_bind.clone(),
+            reason: zmq_reason(&e),
+        })?;
     let (mut replies, requests_rx) = router.split();
 
     let (request_tx, mut requests) = mpsc::channel::<ZmqMessage>(1024);
     let reader = tokio::spawn(read_frontend(requests_rx, request_tx));
     let (heartbeat_tx, mut heartbeats) = mpsc::channel::<PeerHeartbeat>(64);
-    let watcher = tokio::spawn(watch_peer(cfg.state_connect.clone(), cfg.heartbeat, heartbeat_tx));
+    let watcher = tokio::spawn(watch_peer(
+        cfg.state_connect.clone(),
+        cfg.heartbeat,
+        heartbeat_tx,
+    ));
 
     info!(
         role = cfg.role.as_str(),
@@ -147,9 +171,9 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     tokio::pin!(shutdown);
 
     loop {
-        let wake = node.poll_timeout().map(|at| {
-            Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
-        });
+        let wake = node
+            .poll_timeout()
+            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
         tokio::select! {
             () = &mut shutdown => break,
             Some(frame) = requests.recv() => {
@@ -205,16 +229,24 @@ fn handle_frame(
     malformed_peers: &mut HashSet<Bytes>,
 ) -> Option<ZmqMessage> {
     let mut frames = message.into_vec();
-    let identity = if frames.is_empty() { Bytes::new() } else { frames.remove(0) };
+    let identity = if frames.is_empty() {
+        Bytes::new()
+    } else {
+        frames.remove(0)
+    };
     let decoded = match frames.as_slice() {
         [payload] => decode_request(payload).map_err(|e| e.to_string()),
-        other => Err(format!("{} payload frames, expected exactly 1", other.len())),
+        other => Err(format!(
+            "{} payload frames, expected exactly 1",
+            other.len()
+        )),
     };
     let request = match decoded {
         Ok(r) => r,
         Err(why) => {
             node.record_malformed();
-            if malformed_peers.len() < MALFORMED_LOG_PEERS && malformed_peers.insert(identity.clone())
+            if malformed_peers.len() < MALFORMED_LOG_PEERS
+                && malformed_peers.insert(identity.clone())
             {
                 warn!(
                     peer = %hex(&identity),
@@ -302,7 +334,9 @@ async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<Pee
         loop {
             match tokio::time::timeout(silence, sub.recv()).await {
                 Ok(Ok(message)) => {
-                    let Some(frame) = message.get(0) else { continue };
+                    let Some(frame) = message.get(0) else {
+                        continue;
+                    };
                     match decode::<PeerHeartbeat>(frame) {
                         Ok(hb) => {
                             if !connected {

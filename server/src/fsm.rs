@@ -78,7 +78,12 @@ pub struct BinaryStar {
 
 impl BinaryStar {
     pub fn new(role: Role, heartbeat_ms: u64) -> Self {
-        BinaryStar { role, state: role.initial_state(), heartbeat_ms, peer_expiry_ms: 0 }
+        BinaryStar {
+            role,
+            state: role.initial_state(),
+            heartbeat_ms,
+            peer_expiry_ms: 0,
+        }
     }
 
     pub fn role(&self) -> Role {
@@ -103,32 +108,48 @@ impl BinaryStar {
         }
         let peer_dead = now_ms >= self.peer_expiry_ms;
         let (to, accepted, note) = match (from, event) {
-            (Primary, Event::Peer(Backup)) => {
-                (Active, true, Some("connected to backup (passive), ready as active"))
-            }
-            (Primary, Event::Peer(Active)) => {
-                (Passive, true, Some("connected to backup (active), ready as passive"))
-            }
-            (Backup, Event::Peer(Active)) => {
-                (Passive, true, Some("connected to primary (active), ready as passive"))
-            }
+            (Primary, Event::Peer(Backup)) => (
+                Active,
+                true,
+                Some("connected to backup (passive), ready as active"),
+            ),
+            (Primary, Event::Peer(Active)) => (
+                Passive,
+                true,
+                Some("connected to backup (active), ready as passive"),
+            ),
+            (Backup, Event::Peer(Active)) => (
+                Passive,
+                true,
+                Some("connected to primary (active), ready as passive"),
+            ),
             (Active, Event::Peer(Active)) => match self.role {
-                Role::Primary => {
-                    (Active, false, Some("dual active: peer is active too; the primary stays active"))
-                }
-                Role::Backup => {
-                    (Passive, false, Some("dual active: peer is active too; the backup steps down"))
-                }
+                Role::Primary => (
+                    Active,
+                    false,
+                    Some("dual active: peer is active too; the primary stays active"),
+                ),
+                Role::Backup => (
+                    Passive,
+                    false,
+                    Some("dual active: peer is active too; the backup steps down"),
+                ),
             },
-            (Passive, Event::Peer(Primary)) => {
-                (Active, true, Some("primary (passive) is restarting, ready as active"))
-            }
-            (Passive, Event::Peer(Backup)) => {
-                (Active, true, Some("backup (passive) is restarting, ready as active"))
-            }
-            (Passive, Event::Peer(Passive)) => {
-                (Passive, false, Some("dual passive: neither node serves until one takes over"))
-            }
+            (Passive, Event::Peer(Primary)) => (
+                Active,
+                true,
+                Some("primary (passive) is restarting, ready as active"),
+            ),
+            (Passive, Event::Peer(Backup)) => (
+                Active,
+                true,
+                Some("backup (passive) is restarting, ready as active"),
+            ),
+            (Passive, Event::Peer(Passive)) => (
+                Passive,
+                false,
+                Some("dual passive: neither node serves until one takes over"),
+            ),
             (Primary | Passive, Event::ClientRequest) if peer_dead => {
                 let note = (from == Passive)
                     .then_some("failover: peer expired and a client asked, taking over as active");
@@ -139,7 +160,12 @@ impl BinaryStar {
             (_, Event::Peer(_)) => (from, true, None),
         };
         self.state = to;
-        Step { from, to, accepted, note }
+        Step {
+            from,
+            to,
+            accepted,
+            note,
+        }
     }
 }
 
@@ -188,7 +214,8 @@ mod tests {
         }
 
         fn client(node: &mut Option<BinaryStar>, now: u64) -> bool {
-            node.as_mut().is_some_and(|n| n.handle(now, Event::ClientRequest).accepted)
+            node.as_mut()
+                .is_some_and(|n| n.handle(now, Event::ClientRequest).accepted)
         }
 
         fn state(node: &Option<BinaryStar>) -> Option<NodeState> {
@@ -220,7 +247,10 @@ mod tests {
         assert_eq!(Pair::state(&pair.primary), Some(Active));
         assert_eq!(Pair::state(&pair.backup), Some(Passive));
         let now = pair.now;
-        assert!(!Pair::client(&mut pair.backup, now), "passive must not serve while peer lives");
+        assert!(
+            !Pair::client(&mut pair.backup, now),
+            "passive must not serve while peer lives"
+        );
         assert!(Pair::client(&mut pair.primary, now));
     }
 
@@ -277,8 +307,14 @@ mod tests {
         pair.link_up = false;
         pair.run(4 * HB);
         let now = pair.now;
-        assert!(Pair::client(&mut pair.backup, now), "backup takes over during partition");
-        assert!(Pair::client(&mut pair.primary, now), "primary keeps serving its clients");
+        assert!(
+            Pair::client(&mut pair.backup, now),
+            "backup takes over during partition"
+        );
+        assert!(
+            Pair::client(&mut pair.primary, now),
+            "primary keeps serving its clients"
+        );
         pair.link_up = true;
         pair.run(2 * HB);
         assert_eq!(Pair::state(&pair.primary), Some(Active));

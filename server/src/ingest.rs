@@ -75,7 +75,12 @@ impl Ingest {
         let mut also: Vec<u64> = seqs.into_iter().filter(|&s| s >= next_seq).collect();
         also.sort_unstable();
         also.dedup();
-        SensorAck { sensor_id: key.0, incarnation: key.1, next_seq, also }
+        SensorAck {
+            sensor_id: key.0,
+            incarnation: key.1,
+            next_seq,
+            also,
+        }
     }
 
     /// Unique readings counted, over all sensors.
@@ -110,7 +115,11 @@ mod tests {
     use super::*;
 
     fn r(seq: u64, speed: u16) -> Reading {
-        Reading { seq, speed_kmh: speed, timestamp_ms: 1_000 + seq }
+        Reading {
+            seq,
+            speed_kmh: speed,
+            timestamp_ms: 1_000 + seq,
+        }
     }
 
     fn feed(ingest: &mut Ingest, key: SensorKey, seqs: &[u64]) -> SensorAck {
@@ -128,7 +137,15 @@ mod tests {
         let ack = feed(&mut ing, key, &[0, 1, 2, 3]);
         assert_eq!(ing.counted(), 4);
         assert_eq!(ing.duplicates(), 3);
-        assert_eq!(ack, SensorAck { sensor_id: 1, incarnation: 7, next_seq: 4, also: vec![] });
+        assert_eq!(
+            ack,
+            SensorAck {
+                sensor_id: 1,
+                incarnation: 7,
+                next_seq: 4,
+                also: vec![]
+            }
+        );
         assert_eq!(ing.per_sensor()[0].sum_kmh, 400);
     }
 

@@ -15,12 +15,8 @@ use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqError, ZmqMessage}
 pub enum StatusError {
     #[error("no answer from {endpoint} within {}", humantime::format_duration(*.after))]
     Timeout { endpoint: String, after: Duration },
-    #[error("cannot talk to {endpoint}")]
-    Socket {
-        endpoint: String,
-        #[source]
-        source: ZmqError,
-    },
+    #[error("cannot talk to {endpoint}: {reason}")]
+    Socket { endpoint: String, reason: String },
     #[error("cannot encode the status request")]
     Encode(#[from] EncodeError),
     #[error("{endpoint} sent an undecodable reply")]
@@ -36,25 +32,37 @@ pub enum StatusError {
 /// Asks the server at `endpoint` for its status, giving up after `timeout`.
 pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<StatusReport, StatusError> {
     let request = encode(&Request::Status)?;
-    let socket_err = |source| StatusError::Socket { endpoint: endpoint.to_string(), source };
+    let socket_err = |e: ZmqError| StatusError::Socket {
+        endpoint: endpoint.to_string(),
+        reason: crate::driver::zmq_reason(&e),
+    };
     let exchange = async {
         let mut dealer = DealerSocket::new();
         dealer.connect(endpoint).await.map_err(socket_err)?;
-        dealer.send(ZmqMessage::from(Bytes::from(request))).await.map_err(socket_err)?;
+        dealer
+            .send(ZmqMessage::from(Bytes::from(request)))
+            .await
+            .map_err(socket_err)?;
         let message = dealer.recv().await.map_err(socket_err)?;
         let frame = message.into_vec().pop().unwrap_or_default();
-        let reply: Reply = decode(&frame)
-            .map_err(|source| StatusError::Decode { endpoint: endpoint.to_string(), source })?;
+        let reply: Reply = decode(&frame).map_err(|source| StatusError::Decode {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
         match reply {
             Reply::Status(report) => Ok(*report),
-            other => {
-                Err(StatusError::Unexpected { endpoint: endpoint.to_string(), reply: format!("{other:?}") })
-            }
+            other => Err(StatusError::Unexpected {
+                endpoint: endpoint.to_string(),
+                reply: format!("{other:?}"),
+            }),
         }
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| StatusError::Timeout { endpoint: endpoint.to_string(), after: timeout })?
+        .map_err(|_| StatusError::Timeout {
+            endpoint: endpoint.to_string(),
+            after: timeout,
+        })?
 }
 
 /// A few lines an operator can read at a glance.
@@ -73,19 +81,27 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.batches,
         r.averages_published,
         r.revisions_published,
-        r.last_average_seq.map_or_else(|| "-".to_string(), |s| s.to_string()),
+        r.last_average_seq
+            .map_or_else(|| "-".to_string(), |s| s.to_string()),
         r.malformed_frames,
     );
     out.push_str(&format!("{} sensor incarnations", r.per_sensor.len()));
     for s in r.per_sensor.iter().take(20) {
-        let mean = if s.count == 0 { 0.0 } else { s.sum_kmh as f64 / s.count as f64 };
+        let mean = if s.count == 0 {
+            0.0
+        } else {
+            s.sum_kmh as f64 / s.count as f64
+        };
         out.push_str(&format!(
             "\n  sensor {:>6} incarnation {:016x}: {} readings, mean {:.1} km/h",
             s.sensor_id, s.incarnation, s.count, mean
         ));
     }
     if r.per_sensor.len() > 20 {
-        out.push_str(&format!("\n  … and {} more (use --json)", r.per_sensor.len() - 20));
+        out.push_str(&format!(
+            "\n  … and {} more (use --json)",
+            r.per_sensor.len() - 20
+        ));
     }
     out
 }

@@ -146,7 +146,9 @@ impl Windows {
 
     /// The next time [`Windows::handle_timeout`] has something to publish.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.due.first().map(|&(end, _)| end.saturating_add(self.cfg.lateness_ms))
+        self.due
+            .first()
+            .map(|&(end, _)| end.saturating_add(self.cfg.lateness_ms))
     }
 
     /// Publishes every window that is due at `now_ms` and new or changed,
@@ -165,7 +167,8 @@ impl Windows {
                 Some(p) if p.tally != tally => p.revision + 1,
                 _ => continue,
             };
-            self.published.insert((segment, end), Published { tally, revision });
+            self.published
+                .insert((segment, end), Published { tally, revision });
             out.push(self.publish(now_ms, segment, end, tally, revision));
         }
         self.last_touched.clear();
@@ -200,7 +203,10 @@ impl Windows {
         if revision > 0 {
             self.revisions_published += 1;
         }
-        self.log.push_back(Logged { published_at_ms: now_ms, average });
+        self.log.push_back(Logged {
+            published_at_ms: now_ms,
+            average,
+        });
         average
     }
 
@@ -221,7 +227,8 @@ impl Windows {
         // A reading admitted at the horizon still revises windows ending up
         // to 5 s later, which need buckets up to 5 s before them.
         self.published.retain(|&(_, end), _| end >= horizon);
-        self.buckets.retain(|&(_, b), _| b + WINDOW_MS + HOP_MS >= horizon);
+        self.buckets
+            .retain(|&(_, b), _| b + WINDOW_MS + HOP_MS >= horizon);
     }
 
     /// Records the cursor a sensor reported. A cursor beyond anything this
@@ -272,7 +279,11 @@ impl Windows {
         for &(sensor_id, cursor) in sensors {
             let wanted = self.wanted(cursor);
             if wanted < oldest {
-                missed.push(Missed { sensor_id, from: wanted, to: oldest - 1 });
+                missed.push(Missed {
+                    sensor_id,
+                    from: wanted,
+                    to: oldest - 1,
+                });
             }
             min_wanted = min_wanted.min(wanted);
         }
@@ -323,7 +334,11 @@ mod tests {
     const T0: u64 = 1_700_000_000_000;
 
     fn reading(ts: u64, speed: u16) -> Reading {
-        Reading { seq: 0, speed_kmh: speed, timestamp_ms: ts }
+        Reading {
+            seq: 0,
+            speed_kmh: speed,
+            timestamp_ms: ts,
+        }
     }
 
     fn cfg() -> WindowConfig {
@@ -349,8 +364,10 @@ mod tests {
         w.add(T0, 0, &reading(T0 + 2_999, 120));
         assert_eq!(w.poll_timeout(), Some(T0 + 2_000));
         let got = run_until(&mut w, T0, T0 + 20_000);
-        let summary: Vec<(u64, u32, u64)> =
-            got.iter().map(|a| (a.window_end_ms - T0, a.count, a.sum_kmh)).collect();
+        let summary: Vec<(u64, u32, u64)> = got
+            .iter()
+            .map(|a| (a.window_end_ms - T0, a.count, a.sum_kmh))
+            .collect();
         assert_eq!(
             summary,
             vec![
@@ -417,7 +434,11 @@ mod tests {
         for s in 0..20u64 {
             let now = T0 + s * 1_000;
             for seg in 0..3u32 {
-                w.add(now, seg, &reading(now + 100 * u64::from(seg), 100 + seg as u16));
+                w.add(
+                    now,
+                    seg,
+                    &reading(now + 100 * u64::from(seg), 100 + seg as u16),
+                );
             }
             // A late reading now and then.
             if s % 4 == 3 {
@@ -448,7 +469,10 @@ mod tests {
     /// A log of at least `n` averages, one reading per second, with nothing
     /// left pending.
     fn published(n: u64) -> Windows {
-        let mut w = Windows::new(WindowConfig { retain_averages: 100, ..cfg() });
+        let mut w = Windows::new(WindowConfig {
+            retain_averages: 100,
+            ..cfg()
+        });
         let mut now = T0;
         while w.averages_published() < n {
             w.add(now, 0, &reading(now, 100));
@@ -492,7 +516,14 @@ mod tests {
         let oldest = retained[0];
         assert_eq!(*retained.last().unwrap(), last);
         let (avg, missed) = w.reply_for(&[(7, Some(3)), (8, Some(last - 1))]);
-        assert_eq!(missed, vec![Missed { sensor_id: 7, from: 4, to: oldest - 1 }]);
+        assert_eq!(
+            missed,
+            vec![Missed {
+                sensor_id: 7,
+                from: 4,
+                to: oldest - 1
+            }]
+        );
         assert_eq!(avg.first().map(|a| a.seq), Some(oldest));
         assert_eq!(avg.len(), 100);
         // Retention by age: nothing is newer than ten minutes later.
@@ -500,7 +531,14 @@ mod tests {
         assert_eq!(w.retained().count(), 0);
         let (avg, missed) = w.reply_for(&[(7, Some(last - 5)), (9, None)]);
         assert!(avg.is_empty());
-        assert_eq!(missed, vec![Missed { sensor_id: 7, from: last - 4, to: last }]);
+        assert_eq!(
+            missed,
+            vec![Missed {
+                sensor_id: 7,
+                from: last - 4,
+                to: last
+            }]
+        );
     }
 
     #[test]
@@ -511,7 +549,14 @@ mod tests {
         assert_eq!(w.cursor(3), Some(last + 40));
         assert_eq!(w.last_seq(), Some(last + 40));
         let (_, missed) = w.reply_for(&[(4, Some(last))]);
-        assert_eq!(missed, vec![Missed { sensor_id: 4, from: last + 1, to: last + 40 }]);
+        assert_eq!(
+            missed,
+            vec![Missed {
+                sensor_id: 4,
+                from: last + 1,
+                to: last + 40
+            }]
+        );
         let mut now = T0 + 100_000;
         w.add(now, 0, &reading(now, 100));
         now += 2_000;

@@ -4,6 +4,7 @@
 //! Exit codes: 0 on success and on a clean shutdown (Ctrl-C, SIGTERM),
 //! 1 on an error (printed as one `error: …` line on stderr), 2 on bad usage.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -102,9 +103,14 @@ struct StatusArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // zmq.rs logs every reconnection attempt to a dead peer as a warning;
+    // the driver already says when the peer goes silent and comes back.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,zeromq=error"));
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,7 +133,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn server_config(cli: &Cli) -> Result<ServerConfig> {
-    let role = if cli.primary { Role::Primary } else { Role::Backup };
+    let role = if cli.primary {
+        Role::Primary
+    } else {
+        Role::Backup
+    };
     let reference = ServerConfig::reference(role);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if cli.heartbeat.is_zero() {
@@ -182,7 +192,10 @@ async fn shutdown_signal() {
 async fn status(args: StatusArgs) -> Result<()> {
     let report = fog_server::query_status(&args.endpoint, args.timeout).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&report).context("cannot serialize the status")?);
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("cannot serialize the status")?
+        );
     } else {
         println!("{}", fog_server::human_summary(&report));
     }

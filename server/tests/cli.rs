@@ -1,0 +1,365 @@
+//! Tests of the real `fog-server` binary: what an operator sees on bad
+//! flags and errors, and what a client sees from a running node (malformed
+//! frames dropped and counted, batches still served, `status --json`,
+//! failover of a pair, clean shutdown on SIGTERM).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode};
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fog-server");
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn endpoint(port: u16) -> String {
+    format!("tcp://127.0.0.1:{port}")
+}
+
+/// A server process on free ports, killed on drop.
+struct Server {
+    child: Child,
+    frontend: String,
+}
+
+struct Ports {
+    frontend: u16,
+    state_bind: u16,
+    state_connect: u16,
+}
+
+impl Ports {
+    fn free() -> Self {
+        Ports {
+            frontend: free_port(),
+            state_bind: free_port(),
+            state_connect: free_port(),
+        }
+    }
+}
+
+impl Server {
+    fn start(role: &str, ports: &Ports) -> Server {
+        let child = Command::new(BIN)
+            .arg(role)
+            .args(["--frontend", &endpoint(ports.frontend)])
+            .args(["--state-bind", &endpoint(ports.state_bind)])
+            .args(["--state-connect", &endpoint(ports.state_connect)])
+            .args(["--heartbeat", "50ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fog-server");
+        let server = Server {
+            child,
+            frontend: endpoint(ports.frontend),
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if status_cmd(&self.frontend).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "fog-server on {} did not answer status within 10 s",
+            self.frontend
+        );
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = status_cmd(&self.frontend);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf-8 stdout");
+        assert_eq!(
+            text.trim().lines().count(),
+            1,
+            "exactly one JSON line: {text}"
+        );
+        serde_json::from_str(&text).expect("status --json prints JSON")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_cmd(endpoint: &str) -> Output {
+    Command::new(BIN)
+        .args(["status", endpoint, "--json", "--timeout", "500ms"])
+        .output()
+        .expect("run fog-server status")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run fog-server")
+}
+
+/// A client with one DEALER, as a host would have.
+struct Client {
+    dealer: DealerSocket,
+}
+
+impl Client {
+    async fn connect(endpoint: &str) -> Client {
+        let mut dealer = DealerSocket::new();
+        dealer.connect(endpoint).await.expect("connect a dealer");
+        Client { dealer }
+    }
+
+    async fn send_raw(&mut self, frames: Vec<Bytes>) {
+        let message = ZmqMessage::try_from(frames).expect("non-empty message");
+        self.dealer.send(message).await.expect("send");
+    }
+
+    async fn request(&mut self, request: &Request) -> Reply {
+        self.send_raw(vec![Bytes::from(encode(request).expect("encode"))])
+            .await;
+        let message = tokio::time::timeout(Duration::from_secs(5), self.dealer.recv())
+            .await
+            .expect("a reply within 5 s")
+            .expect("receive");
+        let frames = message.into_vec();
+        assert_eq!(frames.len(), 1, "a reply is one payload frame");
+        decode(&frames[0]).expect("decode the reply")
+    }
+}
+
+fn batch(batch_id: u64, sensor_id: u32, seqs: std::ops::Range<u64>) -> Request {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    Request::Batch {
+        batch_id,
+        sensors: vec![SensorBatch {
+            sensor_id,
+            incarnation: 77,
+            segment: 0,
+            readings: seqs
+                .map(|seq| Reading {
+                    seq,
+                    speed_kmh: 90,
+                    timestamp_ms: now,
+                })
+                .collect(),
+            average_cursor: None,
+        }],
+    }
+}
+
+#[test]
+fn bad_flags_exit_non_zero_with_a_message() {
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--primary") && err.contains("--backup"),
+        "{err}"
+    );
+
+    let out = run(&["--primary", "--backup"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = run(&["--primary", "--heartbeat", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat"));
+
+    let out = run(&["--primary", "--heartbeat", "0s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --heartbeat"));
+}
+
+#[test]
+fn help_is_written_for_people() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--primary",
+        "--backup",
+        "--frontend",
+        "--heartbeat",
+        "--retain-averages",
+        "status",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn status_of_a_missing_server_is_one_error_line() {
+    let out = run(&["status", &endpoint(free_port()), "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: no answer from tcp://127.0.0.1:"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn an_address_in_use_is_one_error_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let out = run(&[
+        "--primary",
+        "--frontend",
+        &endpoint(port),
+        "--state-bind",
+        &endpoint(free_port()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: cannot bind the frontend socket to tcp://127.0.0.1:"),
+        "{err}"
+    );
+    assert_eq!(err.matches("in use").count(), 1, "the cause once: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_is_counted_and_the_server_keeps_serving() {
+    let server = Server::start("--primary", &Ports::free());
+    let mut client = Client::connect(&server.frontend).await;
+
+    client
+        .send_raw(vec![Bytes::from_static(b"\x01not postcard at all")])
+        .await;
+    // The server answers nothing to it; the status shows it was counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = server.status();
+        if s["malformed_frames"] == 1 || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["malformed_frames"], 1);
+    let state = status["state"].as_str().unwrap_or_default();
+    assert!(state == "primary" || state == "active", "state {state}");
+
+    match client.request(&batch(1, 3, 0..5)).await {
+        Reply::Batch(b) => {
+            assert_eq!(b.batch_id, 1);
+            assert_eq!(b.acks.len(), 1);
+            assert_eq!(b.acks[0].next_seq, 5);
+        }
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+    // Resent: acked again, not counted again.
+    assert!(matches!(
+        client.request(&batch(2, 3, 0..5)).await,
+        Reply::Batch(_)
+    ));
+
+    let status = server.status();
+    assert_eq!(status["state"], "active");
+    assert_eq!(status["counted"], 5);
+    assert_eq!(status["duplicates"], 5);
+    assert_eq!(status["malformed_frames"], 1);
+    assert_eq!(status["per_sensor"][0]["sensor_id"], 3);
+    assert_eq!(status["per_sensor"][0]["incarnation"], 77);
+    assert_eq!(status["per_sensor"][0]["count"], 5);
+    assert_eq!(status["per_sensor"][0]["sum_kmh"], 450);
+
+    // The window holding those readings is published by the timer (its end
+    // plus the 1 s lateness), and a sensor new to the server gets it at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.status()["averages_published"] == 0 {
+        assert!(Instant::now() < deadline, "no average published within 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match client.request(&batch(3, 4, 0..1)).await {
+        Reply::Batch(b) => {
+            assert_eq!(b.averages.len(), 1, "{b:?}");
+            assert_eq!(b.averages[0].count, 5);
+            assert_eq!(b.averages[0].sum_kmh, 450);
+        }
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_takes_over_when_the_primary_dies() {
+    let primary_ports = Ports::free();
+    let backup_ports = Ports {
+        frontend: free_port(),
+        state_bind: primary_ports.state_connect,
+        state_connect: primary_ports.state_bind,
+    };
+    let primary = Server::start("--primary", &primary_ports);
+    let backup = Server::start("--backup", &backup_ports);
+
+    // The pair settles: primary active, backup passive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backup.status()["state"] != "passive" {
+        assert!(Instant::now() < deadline, "backup never became passive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut to_backup = Client::connect(&backup.frontend).await;
+    let reply = to_backup.request(&batch(1, 1, 0..1)).await;
+    assert!(matches!(reply, Reply::NotActive { .. }), "{reply:?}");
+
+    drop(primary);
+    // Two heartbeats (100 ms) of silence, then a client request fails over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match to_backup.request(&batch(2, 1, 0..3)).await {
+            Reply::Batch(b) => {
+                assert_eq!(b.acks[0].next_seq, 3);
+                break;
+            }
+            Reply::NotActive { .. } => assert!(Instant::now() < deadline, "no failover"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(backup.status()["state"], "active");
+    assert_eq!(backup.status()["counted"], 3);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_ends_the_server_cleanly() {
+    let mut server = Server::start("--primary", &Ports::free());
+    let pid = server.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
