@@ -115,7 +115,10 @@ impl AverageStream {
         if avg.segment != self.segment {
             return;
         }
-        let version = WindowVersion { window_end_ms: avg.window_end_ms, revision: avg.revision };
+        let version = WindowVersion {
+            window_end_ms: avg.window_end_ms,
+            revision: avg.revision,
+        };
         let newer = self.newest_own.is_none_or(|cur| {
             (version.window_end_ms, version.revision) > (cur.window_end_ms, cur.revision)
         });
@@ -140,7 +143,9 @@ impl AverageStream {
             Some(last) => last + 1,
             None => from,
         };
-        self.missed = self.missed.saturating_add((to - first_skipped).saturating_add(1));
+        self.missed = self
+            .missed
+            .saturating_add((to - first_skipped).saturating_add(1));
         self.last_seq = Some(to);
         self.last_seq
     }
@@ -151,11 +156,19 @@ mod tests {
     use super::*;
 
     fn avg(seq: u64, segment: u32, window_end_ms: u64, revision: u32, mean_kmh: f32) -> Average {
-        Average { seq, segment, window_end_ms, count: 10, mean_kmh, revision }
+        Average {
+            seq,
+            segment,
+            window_end_ms,
+            count: 10,
+            mean_kmh,
+            revision,
+        }
     }
 
     fn stream(seqs: std::ops::RangeInclusive<u64>) -> Vec<Average> {
-        seqs.map(|s| avg(s, 0, s * 1000, 0, 100.0 + s as f32)).collect()
+        seqs.map(|s| avg(s, 0, s * 1000, 0, 100.0 + s as f32))
+            .collect()
     }
 
     #[test]
@@ -213,7 +226,11 @@ mod tests {
         assert_eq!(fresh.skip(10, 19), Some(19));
         assert_eq!(fresh.missed(), 10);
         assert_eq!(fresh.skip(0, u64::MAX), Some(u64::MAX));
-        assert_eq!(fresh.apply(&stream(0..=3)), Some(u64::MAX), "nothing follows u64::MAX");
+        assert_eq!(
+            fresh.apply(&stream(0..=3)),
+            Some(u64::MAX),
+            "nothing follows u64::MAX"
+        );
     }
 
     #[test]
@@ -232,7 +249,10 @@ mod tests {
         s.apply(&[avg(4, 2, 11_000, 1, 110.0)]);
         assert_eq!(s.limit_kmh(), 130);
         // An empty window keeps the sign.
-        s.apply(&[Average { count: 0, ..avg(5, 2, 12_000, 0, 0.0) }]);
+        s.apply(&[Average {
+            count: 0,
+            ..avg(5, 2, 12_000, 0, 0.0)
+        }]);
         assert_eq!(s.limit_kmh(), 130);
     }
 }

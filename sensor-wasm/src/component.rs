@@ -18,7 +18,7 @@ thread_local! {
 }
 
 fn host_config() -> SensorConfig {
-    let c = environment::config();
+    let c = environment::sensor_config();
     SensorConfig {
         sensor_id: c.sensor_id,
         segment: c.segment,
@@ -53,7 +53,11 @@ impl Guest for Sensor {
         let now = environment::now_ms();
         with_sensor(|core| core.tick(now, produce))
             .into_iter()
-            .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
+            .map(|r| Reading {
+                seq: r.seq,
+                speed_kmh: r.speed_kmh,
+                timestamp_ms: r.timestamp_ms,
+            })
             .collect()
     }
 

@@ -187,15 +187,30 @@ mod tests {
     const T0: u64 = 1_700_000_000_000;
 
     pub(crate) fn config(sensor_id: u32) -> SensorConfig {
-        SensorConfig { sensor_id, segment: 0, resend_after_ms: 1000, max_buffered: 100, settings: Vec::new() }
+        SensorConfig {
+            sensor_id,
+            segment: 0,
+            resend_after_ms: 1000,
+            max_buffered: 100,
+            settings: Vec::new(),
+        }
     }
 
     #[test]
     fn incarnations_differ_by_seed_and_id_and_are_never_zero() {
         let a = SensorCore::new(&config(1), 42, T0);
-        assert_eq!(a.incarnation(), SensorCore::new(&config(1), 42, T0 + 5).incarnation());
-        assert_ne!(a.incarnation(), SensorCore::new(&config(2), 42, T0).incarnation());
-        assert_ne!(a.incarnation(), SensorCore::new(&config(1), 43, T0).incarnation());
+        assert_eq!(
+            a.incarnation(),
+            SensorCore::new(&config(1), 42, T0 + 5).incarnation()
+        );
+        assert_ne!(
+            a.incarnation(),
+            SensorCore::new(&config(2), 42, T0).incarnation()
+        );
+        assert_ne!(
+            a.incarnation(),
+            SensorCore::new(&config(1), 43, T0).incarnation()
+        );
         for seed in 0..10_000 {
             assert_ne!(incarnation(seed, 0), 0);
         }
@@ -208,13 +223,19 @@ mod tests {
         assert_eq!(first.len(), 1);
         assert_eq!((first[0].seq, first[0].timestamp_ms), (0, T0 + 10));
         assert!((70..=120).contains(&first[0].speed_kmh));
-        assert!(core.tick(T0 + 20, false).is_empty(), "nothing due, nothing produced");
+        assert!(
+            core.tick(T0 + 20, false).is_empty(),
+            "nothing due, nothing produced"
+        );
         core.on_ack(core.incarnation(), 1, &[]);
         let next = core.tick(T0 + 1000, true);
         assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1]);
         let s = core.status();
         assert_eq!((s.generated, s.acked, s.buffered), (2, 1, 1));
-        assert_eq!(s.sum_kmh, u64::from(first[0].speed_kmh) + u64::from(next[0].speed_kmh));
+        assert_eq!(
+            s.sum_kmh,
+            u64::from(first[0].speed_kmh) + u64::from(next[0].speed_kmh)
+        );
     }
 
     #[test]
@@ -239,14 +260,26 @@ mod tests {
     #[test]
     fn bad_settings_fall_back_to_defaults_and_say_why() {
         let mut cfg = config(1);
-        cfg.settings = vec![("min-kmh".into(), "30".into()), ("max-kmh".into(), "50".into())];
+        cfg.settings = vec![
+            ("min-kmh".into(), "30".into()),
+            ("max-kmh".into(), "50".into()),
+        ];
         let core = SensorCore::new(&cfg, 1, T0);
-        assert_eq!((core.speed_range().min_kmh, core.speed_range().max_kmh), (30, 50));
+        assert_eq!(
+            (core.speed_range().min_kmh, core.speed_range().max_kmh),
+            (30, 50)
+        );
         assert_eq!(core.settings_error(), None);
         cfg.settings.push(("max-kmh".into(), "20".into()));
         let core = SensorCore::new(&cfg, 1, T0);
-        assert_eq!((core.speed_range().min_kmh, core.speed_range().max_kmh), (70, 120));
-        assert_eq!(core.settings_error(), Some("min-kmh=30 is not below max-kmh=20"));
+        assert_eq!(
+            (core.speed_range().min_kmh, core.speed_range().max_kmh),
+            (70, 120)
+        );
+        assert_eq!(
+            core.settings_error(),
+            Some("min-kmh=30 is not below max-kmh=20")
+        );
     }
 
     /// Random ticks, lost sends, duplicate acks: every generated reading is
@@ -265,18 +298,31 @@ mod tests {
                 now += rng.next_u64() % 700;
                 let sent = core.tick(now, !rng.next_u64().is_multiple_of(4));
                 // The network loses a third of the readings.
-                counted.extend(sent.iter().filter(|_| !rng.next_u64().is_multiple_of(3)).map(|r| r.seq));
+                counted.extend(
+                    sent.iter()
+                        .filter(|_| !rng.next_u64().is_multiple_of(3))
+                        .map(|r| r.seq),
+                );
                 if rng.next_u64().is_multiple_of(3) {
                     let next_seq = (0..).find(|s| !counted.contains(s)).unwrap_or(0);
                     let also: Vec<u64> = counted.range(next_seq..).copied().collect();
                     core.on_ack(core.incarnation(), next_seq, &also);
-                    assert!(core.resend.pending.iter().all(|p| !counted.contains(&p.reading.seq)));
+                    assert!(
+                        core.resend
+                            .pending
+                            .iter()
+                            .all(|p| !counted.contains(&p.reading.seq))
+                    );
                     if rng.next_u64().is_multiple_of(2) {
                         core.on_ack(core.incarnation(), next_seq, &also);
                     }
                 }
                 let s = core.status();
-                assert_eq!(s.generated, s.acked + u64::from(s.buffered) + s.overflowed, "seed {seed}");
+                assert_eq!(
+                    s.generated,
+                    s.acked + u64::from(s.buffered) + s.overflowed,
+                    "seed {seed}"
+                );
                 assert!(s.buffered <= cfg.max_buffered);
             }
         }

@@ -24,7 +24,10 @@ impl AdvisoryLimit {
     /// The limit showing `kmh`, if that is one of the steps (snapshots store
     /// the km/h, which is what an operator reads).
     pub fn from_kmh(kmh: u32) -> Option<Self> {
-        LIMIT_STEPS_KMH.iter().position(|s| *s == kmh).map(|step| AdvisoryLimit { step })
+        LIMIT_STEPS_KMH
+            .iter()
+            .position(|s| *s == kmh)
+            .map(|step| AdvisoryLimit { step })
     }
 
     /// Moves to the step for `mean_kmh`: down while the mean is below the
@@ -33,7 +36,9 @@ impl AdvisoryLimit {
     /// nothing.
     pub fn update(&mut self, mean_kmh: f32) -> u32 {
         if mean_kmh.is_finite() {
-            while self.step < THRESHOLDS_KMH.len() && mean_kmh < THRESHOLDS_KMH[self.step] - HYSTERESIS_KMH {
+            while self.step < THRESHOLDS_KMH.len()
+                && mean_kmh < THRESHOLDS_KMH[self.step] - HYSTERESIS_KMH
+            {
                 self.step += 1;
             }
             while self.step > 0 && mean_kmh >= THRESHOLDS_KMH[self.step - 1] + HYSTERESIS_KMH {
@@ -74,10 +79,14 @@ mod tests {
         limit.update(88.0);
         assert_eq!(limit.kmh(), 120);
         // Wobbling ±2.5 km/h around 90 keeps the current step...
-        let shown: Vec<u32> = (0..100).map(|i| limit.update(if i % 2 == 0 { 87.5 } else { 92.5 })).collect();
+        let shown: Vec<u32> = (0..100)
+            .map(|i| limit.update(if i % 2 == 0 { 87.5 } else { 92.5 }))
+            .collect();
         assert!(shown.iter().all(|k| *k == 120), "{shown:?}");
         // ...and only a real move past the band changes it, once.
-        let shown: Vec<u32> = (0..100).map(|i| limit.update(if i % 2 == 0 { 86.9 } else { 92.5 })).collect();
+        let shown: Vec<u32> = (0..100)
+            .map(|i| limit.update(if i % 2 == 0 { 86.9 } else { 92.5 }))
+            .collect();
         assert_eq!(shown.iter().filter(|k| **k == 120).count(), 0, "{shown:?}");
         assert!(shown.iter().all(|k| *k == 100));
     }

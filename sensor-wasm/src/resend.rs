@@ -94,7 +94,10 @@ impl ResendBuffer {
 
     /// Keeps a reading that is being sent for the first time at `now_ms`.
     pub fn push(&mut self, reading: Reading, now_ms: u64) {
-        self.pending.push_back(Pending { reading, last_sent_ms: now_ms });
+        self.pending.push_back(Pending {
+            reading,
+            last_sent_ms: now_ms,
+        });
         self.earliest_sent_ms = self.earliest_sent_ms.min(now_ms);
         self.trim();
     }
@@ -104,15 +107,32 @@ impl ResendBuffer {
     pub fn ack(&mut self, next_seq: u64, also: &[u64]) {
         let before = self.pending.len();
         // Pending is sorted, so the cumulative part is a prefix.
-        while self.pending.front().is_some_and(|p| p.reading.seq < next_seq) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.reading.seq < next_seq)
+        {
             self.pending.pop_front();
         }
         if !also.is_empty() && !self.pending.is_empty() {
-            let mut also = also.to_vec();
-            also.sort_unstable();
-            self.pending.retain(|p| also.binary_search(&p.reading.seq).is_err());
+            // Look each selective ack up in the sorted buffer and sweep once:
+            // O(also · log n + n), with no sort (and no sort code in the
+            // component) for a list the host hands over unsorted.
+            let mut hit = vec![false; self.pending.len()];
+            for seq in also {
+                if let Ok(i) = self.pending.binary_search_by_key(seq, |p| p.reading.seq) {
+                    hit[i] = true;
+                }
+            }
+            let mut index = 0;
+            self.pending.retain(|_| {
+                index += 1;
+                !hit[index - 1]
+            });
         }
-        self.acked = self.acked.saturating_add((before - self.pending.len()) as u64);
+        self.acked = self
+            .acked
+            .saturating_add((before - self.pending.len()) as u64);
     }
 
     /// Applies a new resend timeout and bound (a host restoring a sensor
@@ -136,7 +156,11 @@ mod tests {
     use super::*;
 
     fn reading(seq: u64) -> Reading {
-        Reading { seq, speed_kmh: 100, timestamp_ms: seq * 1000 }
+        Reading {
+            seq,
+            speed_kmh: 100,
+            timestamp_ms: seq * 1000,
+        }
     }
 
     fn seqs(buf: &ResendBuffer) -> Vec<u64> {

@@ -43,7 +43,9 @@ pub enum RestoreError {
     Version(u8),
     /// Damaged or cut short in transit.
     Checksum,
-    Truncated { offset: usize },
+    Truncated {
+        offset: usize,
+    },
     TrailingBytes(usize),
     /// Well-formed bytes describing an impossible state.
     Inconsistent(&'static str),
@@ -54,11 +56,21 @@ impl std::fmt::Display for RestoreError {
         match self {
             RestoreError::Empty => write!(f, "empty sensor snapshot"),
             RestoreError::Version(v) => {
-                write!(f, "sensor snapshot format version {v}, this sensor reads version {SNAPSHOT_VERSION}")
+                write!(
+                    f,
+                    "sensor snapshot format version {v}, this sensor reads version {SNAPSHOT_VERSION}"
+                )
             }
-            RestoreError::Checksum => write!(f, "sensor snapshot damaged or truncated (checksum mismatch)"),
-            RestoreError::Truncated { offset } => write!(f, "sensor snapshot truncated at byte {offset}"),
-            RestoreError::TrailingBytes(n) => write!(f, "sensor snapshot has {n} unexpected trailing bytes"),
+            RestoreError::Checksum => write!(
+                f,
+                "sensor snapshot damaged or truncated (checksum mismatch)"
+            ),
+            RestoreError::Truncated { offset } => {
+                write!(f, "sensor snapshot truncated at byte {offset}")
+            }
+            RestoreError::TrailingBytes(n) => {
+                write!(f, "sensor snapshot has {n} unexpected trailing bytes")
+            }
             RestoreError::Inconsistent(what) => write!(f, "sensor snapshot inconsistent: {what}"),
         }
     }
@@ -105,7 +117,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take<const N: usize>(&mut self) -> Result<[u8; N], RestoreError> {
-        let end = self.pos.checked_add(N).filter(|end| *end <= self.bytes.len());
+        let end = self
+            .pos
+            .checked_add(N)
+            .filter(|end| *end <= self.bytes.len());
         let end = end.ok_or(RestoreError::Truncated { offset: self.pos })?;
         let mut out = [0u8; N];
         out.copy_from_slice(&self.bytes[self.pos..end]);
@@ -126,7 +141,11 @@ impl<'a> Reader<'a> {
     }
     fn f64(&mut self) -> Result<f64, RestoreError> {
         let v = f64::from_bits(self.u64()?);
-        if v.is_finite() { Ok(v) } else { Err(RestoreError::Inconsistent("non-finite speed")) }
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err(RestoreError::Inconsistent("non-finite speed"))
+        }
     }
     fn flag(&mut self) -> Result<bool, RestoreError> {
         match self.u8()? {
@@ -222,12 +241,18 @@ impl SensorCore {
         if version != SNAPSHOT_VERSION {
             return Err(RestoreError::Version(version));
         }
-        let body_len = bytes.len().checked_sub(CHECKSUM_LEN).ok_or(RestoreError::Checksum)?;
+        let body_len = bytes
+            .len()
+            .checked_sub(CHECKSUM_LEN)
+            .ok_or(RestoreError::Checksum)?;
         let (body, sum) = bytes.split_at(body_len);
         if sum != checksum(body).to_le_bytes() {
             return Err(RestoreError::Checksum);
         }
-        let mut r = Reader { bytes: body, pos: 1 };
+        let mut r = Reader {
+            bytes: body,
+            pos: 1,
+        };
         let core = read_core(&mut r)?;
         if r.pos != body.len() {
             return Err(RestoreError::TrailingBytes(body.len() - r.pos));
@@ -245,7 +270,10 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
     let next_seq = r.u64()?;
     let generated = r.u64()?;
     let sum_kmh = r.u64()?;
-    let range = SpeedRange { min_kmh: r.u16()?, max_kmh: r.u16()? };
+    let range = SpeedRange {
+        min_kmh: r.u16()?,
+        max_kmh: r.u16()?,
+    };
     if range.min_kmh >= range.max_kmh {
         return Err(Inconsistent("empty speed range"));
     }
@@ -276,22 +304,35 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
     let n = r.len(PENDING_LEN)?;
     let mut pending = VecDeque::with_capacity(n);
     for _ in 0..n {
-        let reading = Reading { seq: r.u64()?, speed_kmh: r.u16()?, timestamp_ms: r.u64()? };
+        let reading = Reading {
+            seq: r.u64()?,
+            speed_kmh: r.u16()?,
+            timestamp_ms: r.u64()?,
+        };
         let last_sent_ms = r.u64()?;
         if reading.seq >= next_seq {
             return Err(Inconsistent("buffered reading not yet generated"));
         }
-        if pending.back().is_some_and(|p: &Pending| p.reading.seq >= reading.seq) {
+        if pending
+            .back()
+            .is_some_and(|p: &Pending| p.reading.seq >= reading.seq)
+        {
             return Err(Inconsistent("buffered readings out of order"));
         }
         resend.earliest_sent_ms = resend.earliest_sent_ms.min(last_sent_ms);
-        pending.push_back(Pending { reading, last_sent_ms });
+        pending.push_back(Pending {
+            reading,
+            last_sent_ms,
+        });
     }
     resend.pending = pending;
     if resend.pending.len() > resend.max_buffered as usize {
         return Err(Inconsistent("more readings buffered than allowed"));
     }
-    let accounted = resend.acked.checked_add(n as u64).and_then(|x| x.checked_add(resend.overflowed));
+    let accounted = resend
+        .acked
+        .checked_add(n as u64)
+        .and_then(|x| x.checked_add(resend.overflowed));
     if accounted != Some(generated) {
         return Err(Inconsistent("generated != acked + buffered + overflowed"));
     }
@@ -301,11 +342,28 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
     averages.applied = r.u64()?;
     averages.missed = r.u64()?;
     averages.digest = r.u64()?;
-    averages.newest_own =
-        if r.flag()? { Some(WindowVersion { window_end_ms: r.u64()?, revision: r.u32()? }) } else { None };
-    averages.limit = AdvisoryLimit::from_kmh(r.u32()?).ok_or(Inconsistent("limit is not one of the steps"))?;
+    averages.newest_own = if r.flag()? {
+        Some(WindowVersion {
+            window_end_ms: r.u64()?,
+            revision: r.u32()?,
+        })
+    } else {
+        None
+    };
+    averages.limit =
+        AdvisoryLimit::from_kmh(r.u32()?).ok_or(Inconsistent("limit is not one of the steps"))?;
 
-    Ok(SensorCore { sensor_id, settings_error, incarnation, next_seq, generated, sum_kmh, traffic, resend, averages })
+    Ok(SensorCore {
+        sensor_id,
+        settings_error,
+        incarnation,
+        next_seq,
+        generated,
+        sum_kmh,
+        traffic,
+        resend,
+        averages,
+    })
 }
 
 #[cfg(test)]
@@ -330,7 +388,14 @@ mod tests {
             core.tick(T0 + i * 700, true);
         }
         core.on_ack(core.incarnation(), 5, &[8]);
-        core.on_averages(&[Average { seq: 3, segment: 4, window_end_ms: T0, count: 3, mean_kmh: 80.5, revision: 1 }]);
+        core.on_averages(&[Average {
+            seq: 3,
+            segment: 4,
+            window_end_ms: T0,
+            count: 3,
+            mean_kmh: 80.5,
+            revision: 1,
+        }]);
         core.on_missed(4, 6);
         core
     }
@@ -339,7 +404,10 @@ mod tests {
     fn round_trip_restores_a_sensor_that_carries_on_identically() {
         let original = busy_sensor();
         let s = original.status();
-        assert!(s.acked > 0 && s.buffered > 0 && s.overflowed > 0 && s.resent > 0, "{s:?}");
+        assert!(
+            s.acked > 0 && s.buffered > 0 && s.overflowed > 0 && s.resent > 0,
+            "{s:?}"
+        );
         assert!(original.settings_error().is_some());
         let bytes = original.snapshot();
         assert_eq!(bytes[0], SNAPSHOT_VERSION);
@@ -350,7 +418,10 @@ mod tests {
         let mut original = original;
         for i in 0..20 {
             let now = T0 + 20_000 + i * 400;
-            assert_eq!(restored.tick(now, i % 3 != 0), original.tick(now, i % 3 != 0));
+            assert_eq!(
+                restored.tick(now, i % 3 != 0),
+                original.tick(now, i % 3 != 0)
+            );
         }
         assert_eq!(restored.status(), original.status());
     }
@@ -371,11 +442,18 @@ mod tests {
         let mut other = bytes.clone();
         other[0] = 2;
         let err = SensorCore::restore(&other).unwrap_err();
-        assert_eq!(err.to_string(), "sensor snapshot format version 2, this sensor reads version 1");
+        assert_eq!(
+            err.to_string(),
+            "sensor snapshot format version 2, this sensor reads version 1"
+        );
         for i in 1..bytes.len() {
             let mut flipped = bytes.clone();
             flipped[i] ^= 0x10;
-            assert_eq!(SensorCore::restore(&flipped), Err(RestoreError::Checksum), "byte {i}");
+            assert_eq!(
+                SensorCore::restore(&flipped),
+                Err(RestoreError::Checksum),
+                "byte {i}"
+            );
         }
         let mut rng = Rng::new(5);
         for len in 0..300 {
@@ -401,12 +479,18 @@ mod tests {
 
         let mut trailing = body.to_vec();
         trailing.push(0);
-        assert_eq!(SensorCore::restore(&seal(trailing)), Err(RestoreError::TrailingBytes(1)));
+        assert_eq!(
+            SensorCore::restore(&seal(trailing)),
+            Err(RestoreError::TrailingBytes(1))
+        );
 
         // generated (offset 1+4+4+8+8) one higher than the buffer accounts for.
         let mut miscount = body.to_vec();
         miscount[25] = miscount[25].wrapping_add(1);
-        assert!(matches!(SensorCore::restore(&seal(miscount)), Err(RestoreError::Inconsistent(_))));
+        assert!(matches!(
+            SensorCore::restore(&seal(miscount)),
+            Err(RestoreError::Inconsistent(_))
+        ));
 
         // Every byte changed in turn, re-sealed: an error or a state, never a panic.
         for i in 1..body.len() {

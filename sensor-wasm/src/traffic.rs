@@ -58,7 +58,10 @@ pub struct SpeedRange {
 
 impl Default for SpeedRange {
     fn default() -> Self {
-        SpeedRange { min_kmh: DEFAULT_MIN_KMH, max_kmh: DEFAULT_MAX_KMH }
+        SpeedRange {
+            min_kmh: DEFAULT_MIN_KMH,
+            max_kmh: DEFAULT_MAX_KMH,
+        }
     }
 }
 
@@ -104,10 +107,16 @@ impl SpeedRange {
                 .parse::<u16>()
                 .ok()
                 .filter(|v| *v <= MAX_SETTING_KMH)
-                .ok_or_else(|| SettingsError::NotASpeed { key: key.clone(), value: value.clone() })?;
+                .ok_or_else(|| SettingsError::NotASpeed {
+                    key: key.clone(),
+                    value: value.clone(),
+                })?;
         }
         if range.min_kmh >= range.max_kmh {
-            return Err(SettingsError::EmptyRange { min_kmh: range.min_kmh, max_kmh: range.max_kmh });
+            return Err(SettingsError::EmptyRange {
+                min_kmh: range.min_kmh,
+                max_kmh: range.max_kmh,
+            });
         }
         Ok(range)
     }
@@ -120,9 +129,17 @@ impl SpeedRange {
         f64::from(self.min_kmh) + fraction * self.span()
     }
 
+    /// A reported speed: rounded to whole km/h and inside the range.
     fn clamp(&self, kmh: f64) -> u16 {
-        // `as` saturates and maps NaN to 0, which the clamp then lifts to min.
-        (kmh.round() as u16).clamp(self.min_kmh, self.max_kmh)
+        // `as` saturates and maps NaN to 0, which `max` then lifts to min.
+        (kmh.round() as u16).max(self.min_kmh).min(self.max_kmh)
+    }
+
+    /// Keeps a model speed within `[at(low), max]`. `max`/`min` rather than
+    /// `f64::clamp`, whose panic message drags float formatting (~20 KB)
+    /// into the component.
+    fn bound(&self, low: f64, kmh: f64) -> f64 {
+        kmh.max(self.at(low)).min(f64::from(self.max_kmh))
     }
 }
 
@@ -146,7 +163,14 @@ impl TrafficModel {
         let free_flow_kmh = range.at(FREE_FLOW_LEVEL) + FREE_FLOW_SD * range.span() * rng.normal();
         let target = jam_speed(range, road_seed, now_ms).unwrap_or(free_flow_kmh);
         let stream_kmh = target + STREAM_SD * range.span() * rng.normal();
-        TrafficModel { range, rng, road_seed, free_flow_kmh, stream_kmh, last_ms: now_ms }
+        TrafficModel {
+            range,
+            rng,
+            road_seed,
+            free_flow_kmh,
+            stream_kmh,
+            last_ms: now_ms,
+        }
     }
 
     /// The speed of the next car passing at `now_ms`.
@@ -157,18 +181,34 @@ impl TrafficModel {
         let span = self.range.span();
 
         let free_flow_mean = self.range.at(FREE_FLOW_LEVEL);
-        self.free_flow_kmh =
-            ou_step(&mut self.rng, self.free_flow_kmh, free_flow_mean, FREE_FLOW_SD * span, FREE_FLOW_TAU_S, dt_s)
-                .clamp(self.range.at(0.4), f64::from(self.range.max_kmh));
+        self.free_flow_kmh = self.range.bound(
+            0.4,
+            ou_step(
+                &mut self.rng,
+                self.free_flow_kmh,
+                free_flow_mean,
+                FREE_FLOW_SD * span,
+                FREE_FLOW_TAU_S,
+                dt_s,
+            ),
+        );
 
         let target = jam_speed(self.range, self.road_seed, now_ms).unwrap_or(self.free_flow_kmh);
-        self.stream_kmh = ou_step(&mut self.rng, self.stream_kmh, target, STREAM_SD * span, SPEED_TAU_S, dt_s);
+        self.stream_kmh = ou_step(
+            &mut self.rng,
+            self.stream_kmh,
+            target,
+            STREAM_SD * span,
+            SPEED_TAU_S,
+            dt_s,
+        );
         // Keep the stream itself inside the range so a long clamp at a bound
         // does not leave it stuck far outside, where the readings would sit
         // flat on the bound.
-        self.stream_kmh = self.stream_kmh.clamp(f64::from(self.range.min_kmh), f64::from(self.range.max_kmh));
+        self.stream_kmh = self.range.bound(0.0, self.stream_kmh);
 
-        self.range.clamp(self.stream_kmh + VEHICLE_SD * span * self.rng.normal())
+        self.range
+            .clamp(self.stream_kmh + VEHICLE_SD * span * self.rng.normal())
     }
 }
 
@@ -201,52 +241,101 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// Speeds of one car per second for `n` seconds.
     fn run(range: SpeedRange, seed: u64, n: u64) -> Vec<u16> {
         let start = 1_700_000_000_000;
         let mut model = TrafficModel::new(range, seed, seed ^ 1, start);
-        (1..=n).map(|i| model.next_speed(start + i * 1000)).collect()
+        (1..=n)
+            .map(|i| model.next_speed(start + i * 1000))
+            .collect()
     }
 
     #[test]
     fn settings_default_to_the_reference_range() {
-        assert_eq!(SpeedRange::from_settings(&[]), Ok(SpeedRange { min_kmh: 70, max_kmh: 120 }));
+        assert_eq!(
+            SpeedRange::from_settings(&[]),
+            Ok(SpeedRange {
+                min_kmh: 70,
+                max_kmh: 120
+            })
+        );
         let custom = settings(&[("colour", "red"), ("min-kmh", " 30 "), ("max-kmh", "80")]);
-        assert_eq!(SpeedRange::from_settings(&custom), Ok(SpeedRange { min_kmh: 30, max_kmh: 80 }));
+        assert_eq!(
+            SpeedRange::from_settings(&custom),
+            Ok(SpeedRange {
+                min_kmh: 30,
+                max_kmh: 80
+            })
+        );
     }
 
     #[test]
     fn bad_settings_name_the_problem() {
         let err = SpeedRange::from_settings(&settings(&[("max-kmh", "fast")])).unwrap_err();
-        assert_eq!(err.to_string(), "setting max-kmh=\"fast\" is not a speed in km/h (0..=400)");
+        assert_eq!(
+            err.to_string(),
+            "setting max-kmh=\"fast\" is not a speed in km/h (0..=400)"
+        );
         assert!(SpeedRange::from_settings(&settings(&[("min-kmh", "-5")])).is_err());
         assert!(SpeedRange::from_settings(&settings(&[("max-kmh", "401")])).is_err());
         let err = SpeedRange::from_settings(&settings(&[("min-kmh", "130")])).unwrap_err();
-        assert_eq!(err, SettingsError::EmptyRange { min_kmh: 130, max_kmh: 120 });
+        assert_eq!(
+            err,
+            SettingsError::EmptyRange {
+                min_kmh: 130,
+                max_kmh: 120
+            }
+        );
     }
 
     #[test]
     fn speeds_stay_in_range() {
-        for (range, seed) in [(SpeedRange::default(), 1), (SpeedRange { min_kmh: 10, max_kmh: 11 }, 2)] {
+        for (range, seed) in [
+            (SpeedRange::default(), 1),
+            (
+                SpeedRange {
+                    min_kmh: 10,
+                    max_kmh: 11,
+                },
+                2,
+            ),
+        ] {
             let speeds = run(range, seed, 50_000);
-            assert!(speeds.iter().all(|s| (range.min_kmh..=range.max_kmh).contains(s)));
+            assert!(
+                speeds
+                    .iter()
+                    .all(|s| (range.min_kmh..=range.max_kmh).contains(s))
+            );
         }
     }
 
     #[test]
     fn speeds_vary_but_consecutive_readings_are_correlated() {
-        let speeds: Vec<f64> = run(SpeedRange::default(), 7, 20_000).into_iter().map(f64::from).collect();
+        let speeds: Vec<f64> = run(SpeedRange::default(), 7, 20_000)
+            .into_iter()
+            .map(f64::from)
+            .collect();
         let n = speeds.len() as f64;
         let mean = speeds.iter().sum::<f64>() / n;
         let var = speeds.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n;
-        let lag1 = speeds.windows(2).map(|w| (w[0] - mean) * (w[1] - mean)).sum::<f64>() / (n - 1.0);
+        let lag1 = speeds
+            .windows(2)
+            .map(|w| (w[0] - mean) * (w[1] - mean))
+            .sum::<f64>()
+            / (n - 1.0);
         let autocorrelation = lag1 / var;
         assert!(var.sqrt() > 3.0, "speeds barely vary: sd {}", var.sqrt());
         // White noise would give ~0.
-        assert!(autocorrelation > 0.6, "lag-1 autocorrelation {autocorrelation}");
+        assert!(
+            autocorrelation > 0.6,
+            "lag-1 autocorrelation {autocorrelation}"
+        );
         assert!((90.0..115.0).contains(&mean), "mean {mean}");
     }
 
@@ -255,10 +344,16 @@ mod tests {
         let range = SpeedRange::default();
         let road = 99;
         let start = 1_700_000_000_000u64;
-        let jammed: Vec<bool> =
-            (0..24 * 3600).step_by(30).map(|s| jam_speed(range, road, start + s * 1000).is_some()).collect();
+        let jammed: Vec<bool> = (0..24 * 3600)
+            .step_by(30)
+            .map(|s| jam_speed(range, road, start + s * 1000).is_some())
+            .collect();
         let share = jammed.iter().filter(|j| **j).count() as f64 / jammed.len() as f64;
-        assert!((0.08..0.4).contains(&share), "jammed {:.0}% of the day", share * 100.0);
+        assert!(
+            (0.08..0.4).contains(&share),
+            "jammed {:.0}% of the day",
+            share * 100.0
+        );
 
         let mut model = TrafficModel::new(range, 5, road, start);
         let (mut jam, mut free) = (Vec::new(), Vec::new());
@@ -267,20 +362,36 @@ mod tests {
             let speed = f64::from(model.next_speed(now));
             // Judge only well inside a state, after the 20 s walk caught up.
             let settled = (0..60).all(|back| {
-                jam_speed(range, road, now - back * 1000).is_some() == jam_speed(range, road, now).is_some()
+                jam_speed(range, road, now - back * 1000).is_some()
+                    == jam_speed(range, road, now).is_some()
             });
             if settled {
-                if jam_speed(range, road, now).is_some() { jam.push(speed) } else { free.push(speed) }
+                if jam_speed(range, road, now).is_some() {
+                    jam.push(speed)
+                } else {
+                    free.push(speed)
+                }
             }
         }
         let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        assert!(avg(&jam) + 15.0 < avg(&free), "jam {} vs free {}", avg(&jam), avg(&free));
+        assert!(
+            avg(&jam) + 15.0 < avg(&free),
+            "jam {} vs free {}",
+            avg(&jam),
+            avg(&free)
+        );
     }
 
     #[test]
     fn the_walk_is_reproducible_from_its_seed() {
-        assert_eq!(run(SpeedRange::default(), 3, 500), run(SpeedRange::default(), 3, 500));
-        assert_ne!(run(SpeedRange::default(), 3, 500), run(SpeedRange::default(), 4, 500));
+        assert_eq!(
+            run(SpeedRange::default(), 3, 500),
+            run(SpeedRange::default(), 3, 500)
+        );
+        assert_ne!(
+            run(SpeedRange::default(), 3, 500),
+            run(SpeedRange::default(), 4, 500)
+        );
     }
 
     #[test]
