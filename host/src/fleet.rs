@@ -89,8 +89,9 @@ impl Fleet {
                 max_buffered: config.max_buffered,
                 settings: config.settings.clone(),
             };
-            let seed = splitmix64(config.seed ^ u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let mut instance = runtime.instantiate(sensor_config, seed).map_err(|e| {
+            // One seed for the whole fleet: sensors mix in their id for the
+            // incarnation, and share traffic events (jams) per segment.
+            let mut instance = runtime.instantiate(sensor_config, config.seed).map_err(|e| {
                 let reason = one_line(&e);
                 let hint = if reason.contains("Cannot allocate memory") || reason.contains("ENOMEM") {
                     " (the kernel's vm.max_map_count may be too low for this many sensors: raise it with `sysctl -w vm.max_map_count=1048576`)"
@@ -264,11 +265,4 @@ fn to_wit(a: &Average) -> WitAverage {
         mean_kmh: a.mean_kmh(),
         revision: a.revision,
     }
-}
-
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
