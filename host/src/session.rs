@@ -140,7 +140,11 @@ pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<O
                     Ok(Ok(link)) => {
                         tracing::info!(server = %link.endpoint, "connected");
                         s.link = Some(link);
-                        s.resend_in_flight().await;
+                        if s.in_flight.is_some() {
+                            s.resend_in_flight().await;
+                        } else if s.fleet.pending() > 0 {
+                            s.send_batch().await;
+                        }
                     }
                     Ok(Err(e)) => {
                         tracing::warn!("{e}");
@@ -187,7 +191,7 @@ pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<O
                 }
                 if let (Some(at), Some(every)) = (next_progress, cfg.progress) {
                     if now >= at {
-                        next_progress = Some(now + every);
+                        next_progress = Some(at + every);
                         s.fleet.refresh_status();
                         eprintln!("{}", s.progress_line());
                     }
