@@ -17,18 +17,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-/// Path of a workspace binary built beside the running test.
+/// Path of a workspace binary built beside the running program: a test
+/// (`target/<profile>/deps/<test>`) or a binary (`target/<profile>/<bin>`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("test lives in target/<profile>/deps");
-    let path = dir.join(name);
+    let exe = std::env::current_exe().expect("executable path");
+    let beside = exe.parent().expect("an executable lives in a directory");
+    let candidates = [beside.join(name), beside.parent().unwrap_or(beside).join(name)];
+    let found = candidates.iter().find(|p| p.exists());
     assert!(
-        path.exists(),
-        "{} not found: build the workspace first (cargo test --workspace builds it)",
-        path.display()
+        found.is_some(),
+        "{name} not found beside {}: build the workspace first (cargo build --release)",
+        exe.display()
     );
-    path
+    found.cloned().unwrap_or_default()
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
