@@ -2,15 +2,30 @@
 //! readings into one batch for the server, and routes the server's acks,
 //! averages and missed-range notices back to the right instance.
 //!
-//! A sensor whose guest call fails (a trap) is stopped and reported once;
-//! the others carry on.
+//! It is also where a sensor's life is managed. Before any reading goes out
+//! in a batch, [`Fleet::commit`] takes a snapshot of every sensor that
+//! produced something since the last commit (and, with a state directory,
+//! writes them all with one fsync). That snapshot is the sensor's last good
+//! state: a sensor whose call traps, runs past its deadline or grows past
+//! its memory cap is stopped, reported once, and after a backoff restarted
+//! from that snapshot, so its sequence continues and every reading it sent
+//! is still in its resend buffer. A reading produced after the snapshot was
+//! never sent, so the restored sensor reusing its sequence number is safe.
+//! A sensor that keeps failing is quarantined; the others never notice.
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use fog_protocol::{Average, BatchReply, Reading, Request, SensorBatch};
+use fog_protocol::{Average, BatchReply, Reading, SensorBatch};
 use serde::Serialize;
 
-use crate::runtime::{one_line, SensorConfig, SensorInstance, SensorRuntime, SensorStatus, WitAverage};
+use crate::runtime::{
+    SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, WitAverage, describe_failure,
+    describe_instantiate_failure,
+};
+use crate::state::StateStore;
 
 /// How every sensor of the fleet is configured.
 #[derive(Debug, Clone)]
@@ -22,30 +37,68 @@ pub struct FleetConfig {
     pub max_buffered: u32,
     pub settings: Vec<(String, String)>,
     /// Fresh for every start of the host; sensors derive their incarnation
-    /// from it, so a restarted sensor never reuses a reading id.
+    /// from it, so a sensor started afresh never reuses a reading id.
     pub seed: u64,
+    /// Wait before the first restart of a failed sensor; doubles with each
+    /// further failure.
+    pub restart_backoff: Duration,
+    /// Failures in a row after which a sensor is quarantined (not restarted).
+    pub max_restarts: u32,
+}
+
+/// A sensor that has run this long since its last restart has its failure
+/// count forgiven: an occasional fault does not add up to a quarantine.
+const QUIET_PERIOD: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+enum Life {
+    Running(Box<SensorInstance>),
+    /// Stopped after a failure; restarted from its last good state at `at`.
+    Restarting { at: Instant },
+    /// Failed too often; not restarted.
+    Quarantined,
 }
 
 struct SensorSlot {
     id: u32,
     segment: u32,
     incarnation: u64,
-    instance: Option<SensorInstance>,
+    life: Life,
+    /// Failures since the last quiet period.
+    failures: u32,
+    running_since: Instant,
     /// Readings returned by `tick` and not yet put into a batch.
     pending: Vec<Reading>,
     /// Highest average applied (the sensor's average ack).
     cursor: Option<u64>,
     /// Last status read from the sensor.
     status: Option<SensorStatus>,
+    /// Snapshot taken at the last commit: the state to restart from.
+    saved: Option<Vec<u8>>,
+    /// Ticked since the last commit.
+    dirty: bool,
 }
 
 /// Why the fleet could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot instantiate sensor {id}: {reason}{hint}")]
-    Instantiate { id: u32, reason: String, hint: &'static str },
+    #[error("cannot instantiate sensor {id}: {reason}")]
+    Instantiate { id: u32, reason: String },
     #[error("sensor {id} failed in init: {reason}")]
     Init { id: u32, reason: String },
+    #[error(
+        "cannot resume sensor {id} from its saved state: {reason} (start with another --state-dir, or move the old one away, to start every sensor afresh)"
+    )]
+    Resume { id: u32, reason: String },
+}
+
+/// Why a hot swap was refused; the old component keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("cannot instantiate {origin} for sensor {id}: {reason}")]
+    Instantiate { origin: String, id: u32, reason: String },
+    #[error("{origin} cannot take over sensor {id}: restore failed: {reason}")]
+    Restore { origin: String, id: u32, reason: String },
 }
 
 /// Per-sensor figures of the host's summary.
@@ -65,57 +118,88 @@ pub struct SensorSummary {
     pub averages_digest: String,
     pub last_average_seq: Option<u64>,
     pub limit_kmh: u32,
+    /// Not running at the end (restarting or quarantined).
     pub failed: bool,
+    pub quarantined: bool,
+    /// Failures since the sensor last ran quietly for a minute.
+    pub failures: u32,
 }
 
 pub struct Fleet {
+    engine: Arc<SensorEngine>,
+    component: SensorComponent,
+    config: FleetConfig,
     sensors: Vec<SensorSlot>,
     by_id: HashMap<u32, usize>,
-    /// Sensors stopped after a failed guest call.
-    pub failed: u64,
+    store: Option<StateStore>,
+    /// Sensor failures (traps, deadlines, memory) over the run.
+    pub failures: u64,
+    pub restarts: u64,
+    /// Hot swaps done.
+    pub swaps: u64,
 }
 
 impl Fleet {
-    pub fn start(runtime: &SensorRuntime, config: &FleetConfig) -> Result<Self, StartError> {
+    /// Starts every sensor: from its saved state when `store` holds one,
+    /// afresh otherwise.
+    pub fn start(
+        engine: Arc<SensorEngine>,
+        component: SensorComponent,
+        config: FleetConfig,
+        store: Option<(StateStore, HashMap<u32, Vec<u8>>)>,
+    ) -> Result<Self, StartError> {
+        let (store, mut saved) = match store {
+            Some((store, saved)) => (Some(store), saved),
+            None => (None, HashMap::new()),
+        };
+        let now = Instant::now();
         let mut sensors = Vec::with_capacity(config.count as usize);
         let mut by_id = HashMap::with_capacity(config.count as usize);
+        let mut fleet_limits = engine.limits();
+        fleet_limits.max_instances = config.count;
         for i in 0..config.count {
             let id = config.first_id.wrapping_add(i);
             let segment = if config.segments == 0 { 0 } else { i % config.segments };
-            let sensor_config = SensorConfig {
-                sensor_id: id,
-                segment,
-                resend_after_ms: config.resend_after_ms,
-                max_buffered: config.max_buffered,
-                settings: config.settings.clone(),
-            };
+            let sensor_config = sensor_config(&config, id, segment);
             // One seed for the whole fleet: sensors mix in their id for the
             // incarnation, and share traffic events (jams) per segment.
-            let mut instance = runtime.instantiate(sensor_config, config.seed).map_err(|e| {
-                let reason = one_line(&e);
-                let hint = if reason.contains("Cannot allocate memory") || reason.contains("ENOMEM") {
-                    " (the kernel's vm.max_map_count may be too low for this many sensors: raise it with `sysctl -w vm.max_map_count=1048576`)"
-                } else {
-                    ""
-                };
-                StartError::Instantiate { id, reason, hint }
+            let mut instance = engine.instantiate(&component, sensor_config, config.seed).map_err(|e| {
+                StartError::Instantiate { id, reason: describe_instantiate_failure(&e, &fleet_limits, config.count) }
             })?;
+            let saved = saved.remove(&id);
+            if let Some(state) = &saved {
+                match instance.restore(state) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
+                    Err(e) => {
+                        return Err(StartError::Resume { id, reason: describe_failure(&e, &engine.limits()) });
+                    }
+                }
+            }
             let incarnation = instance
-                .bindings
-                .call_init(&mut instance.store)
-                .map_err(|e| StartError::Init { id, reason: one_line(&e) })?;
+                .init()
+                .map_err(|e| StartError::Init { id, reason: describe_failure(&e, &engine.limits()) })?;
+            // A resumed sensor reports where its average stream stands.
+            let status = if saved.is_some() { instance.status().ok() } else { None };
             by_id.insert(id, sensors.len());
             sensors.push(SensorSlot {
                 id,
                 segment,
                 incarnation,
-                instance: Some(instance),
+                life: Life::Running(Box::new(instance)),
+                failures: 0,
+                running_since: now,
                 pending: Vec::new(),
-                cursor: None,
-                status: None,
+                cursor: status.as_ref().and_then(|s| s.last_average_seq),
+                status,
+                saved,
+                dirty: false,
             });
         }
-        Ok(Self { sensors, by_id, failed: 0 })
+        if !saved.is_empty() {
+            tracing::info!("the state directory also holds {} sensors this host does not run; kept as they are", saved.len());
+        }
+        Ok(Self { engine, component, config, sensors, by_id, store, failures: 0, restarts: 0, swaps: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -126,25 +210,106 @@ impl Fleet {
         self.sensors.is_empty()
     }
 
-    /// Ticks every sensor once; returns how many readings they handed over.
-    pub fn tick(&mut self, produce: bool) -> usize {
+    pub fn engine(&self) -> &Arc<SensorEngine> {
+        &self.engine
+    }
+
+    /// Whether committed snapshots go to a state directory.
+    pub fn has_state_dir(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Where the running component came from.
+    pub fn component_origin(&self) -> &str {
+        &self.component.origin
+    }
+
+    /// The sensors of tick slice `k` of `slices`: contiguous, so a slice's
+    /// stores sit together in memory.
+    pub fn slice(&self, k: usize, slices: usize) -> Range<usize> {
+        let n = self.sensors.len();
+        let slices = slices.max(1);
+        (n * k / slices)..(n * (k + 1) / slices)
+    }
+
+    /// Ticks the sensors in `range` once; returns how many readings they
+    /// handed over.
+    pub fn tick(&mut self, range: Range<usize>, produce: bool) -> usize {
         let mut handed = 0;
-        for i in 0..self.sensors.len() {
+        for i in range {
             let slot = &mut self.sensors[i];
-            let Some(inst) = slot.instance.as_mut() else { continue };
-            match inst.bindings.call_tick(&mut inst.store, produce) {
+            let Life::Running(inst) = &mut slot.life else { continue };
+            match inst.tick(produce) {
                 Ok(readings) => {
                     handed += readings.len();
+                    slot.dirty = true;
                     slot.pending.extend(readings.into_iter().map(|r| Reading {
                         seq: r.seq,
                         speed_kmh: r.speed_kmh,
                         timestamp_ms: r.timestamp_ms,
                     }));
                 }
-                Err(e) => self.stop(i, "tick", &e),
+                Err(e) => self.fail(i, "tick", &e),
             }
         }
         handed
+    }
+
+    /// Ticks every sensor once.
+    pub fn tick_all(&mut self, produce: bool) -> usize {
+        self.tick(0..self.sensors.len(), produce)
+    }
+
+    /// Restarts the failed sensors whose backoff has passed.
+    pub fn restart_due(&mut self, now: Instant) {
+        for i in 0..self.sensors.len() {
+            if matches!(self.sensors[i].life, Life::Restarting { at } if at <= now) {
+                self.restart(i, now);
+            }
+        }
+    }
+
+    fn restart(&mut self, i: usize, now: Instant) {
+        let slot = &self.sensors[i];
+        let limits = self.engine.limits();
+        let config = sensor_config(&self.config, slot.id, slot.segment);
+        let mut instance = match self.engine.instantiate(&self.component, config, self.config.seed) {
+            Ok(instance) => instance,
+            Err(e) => {
+                // The pool or the kernel said no: not the sensor's fault, but
+                // retried with the same backoff.
+                let reason = describe_instantiate_failure(&e, &limits, self.config.count);
+                return self.fail_with(i, "instantiate", reason);
+            }
+        };
+        if let Some(state) = slot.saved.as_deref() {
+            match instance.restore(state) {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return self.fail_with(i, "restore", format!("refused its last good state: {reason}")),
+                Err(e) => return self.fail(i, "restore", &e),
+            }
+        }
+        let incarnation = match instance.init() {
+            Ok(incarnation) => incarnation,
+            Err(e) => return self.fail(i, "init", &e),
+        };
+        let status = match instance.status() {
+            Ok(status) => status,
+            Err(e) => return self.fail(i, "status", &e),
+        };
+        let slot = &mut self.sensors[i];
+        tracing::info!(
+            sensor_id = slot.id,
+            "sensor restarted from its last good state ({} readings generated, {} unacked to resend)",
+            status.generated,
+            status.buffered
+        );
+        slot.incarnation = incarnation;
+        slot.cursor = status.last_average_seq;
+        slot.status = Some(status);
+        slot.life = Life::Running(Box::new(instance));
+        slot.running_since = now;
+        self.restarts += 1;
     }
 
     /// Readings waiting to be put into a batch.
@@ -152,14 +317,67 @@ impl Fleet {
         self.sensors.iter().map(|s| s.pending.len()).sum()
     }
 
-    /// One request carrying every sensor's pending readings and average
-    /// cursor (so every sensor keeps receiving averages).
-    pub fn take_batch(&mut self, batch_id: u64) -> (Request, usize) {
+    /// Snapshots every sensor ticked since the last commit and, with a state
+    /// directory, writes them with one fsync. Must precede every batch: a
+    /// reading may only leave the host once the state that produced it is
+    /// the one a restart would resume from.
+    pub fn commit(&mut self) -> std::io::Result<usize> {
+        let mut fresh = Vec::new();
+        for i in 0..self.sensors.len() {
+            let slot = &mut self.sensors[i];
+            if !slot.dirty {
+                continue;
+            }
+            let Life::Running(inst) = &mut slot.life else { continue };
+            match inst.snapshot() {
+                Ok(state) => {
+                    slot.saved = Some(state);
+                    slot.dirty = false;
+                    fresh.push(i);
+                }
+                Err(e) => self.fail(i, "snapshot", &e),
+            }
+        }
+        if let (Some(store), false) = (self.store.as_mut(), fresh.is_empty()) {
+            let sensors = &self.sensors;
+            let written = if store.needs_compaction() {
+                store.compact(sensors.iter().filter_map(|s| Some((s.id, s.saved.as_deref()?))))
+            } else {
+                // Only the snapshots just taken: the others are on disk.
+                store.append(fresh.iter().filter_map(|&i| Some((sensors[i].id, sensors[i].saved.as_deref()?))))
+            };
+            if let Err(e) = written {
+                // Snapshot these again next time, so that what is on disk
+                // catches up before any of their readings is sent.
+                for &i in &fresh {
+                    self.sensors[i].dirty = true;
+                }
+                return Err(e);
+            }
+        }
+        Ok(fresh.len())
+    }
+
+    /// Snapshots and commits every running sensor: the state on disk then
+    /// reflects every ack applied, so a restart resends nothing.
+    pub fn commit_all(&mut self) -> std::io::Result<usize> {
+        for slot in &mut self.sensors {
+            if matches!(slot.life, Life::Running(_)) {
+                slot.dirty = true;
+            }
+        }
+        self.commit()
+    }
+
+    /// Every running sensor's pending readings and average cursor (so every
+    /// sensor keeps receiving averages), for one batch; and how many
+    /// readings that is. Call [`Fleet::commit`] first.
+    pub fn take_batch(&mut self) -> (Vec<SensorBatch>, usize) {
         let mut readings = 0;
         let sensors = self
             .sensors
             .iter_mut()
-            .filter(|s| s.instance.is_some())
+            .filter(|s| matches!(s.life, Life::Running(_)))
             .map(|s| {
                 readings += s.pending.len();
                 SensorBatch {
@@ -171,24 +389,26 @@ impl Fleet {
                 }
             })
             .collect();
-        (Request::Batch { batch_id, sensors }, readings)
+        (sensors, readings)
     }
 
-    /// Delivers a server's reply to the sensors it concerns.
+    /// Delivers a server's reply to the sensors it concerns. A sensor that
+    /// is not running misses it; once restarted it resends what was not
+    /// acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, reply: &BatchReply) {
         for ack in &reply.acks {
             let Some(&i) = self.by_id.get(&ack.sensor_id) else { continue };
-            let Some(inst) = self.sensors[i].instance.as_mut() else { continue };
-            if let Err(e) = inst.bindings.call_on_ack(&mut inst.store, ack.incarnation, ack.next_seq, &ack.also) {
-                self.stop(i, "on-ack", &e);
+            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
+            if let Err(e) = inst.on_ack(ack.incarnation, ack.next_seq, &ack.also) {
+                self.fail(i, "on-ack", &e);
             }
         }
         for missed in &reply.missed {
             let Some(&i) = self.by_id.get(&missed.sensor_id) else { continue };
-            let Some(inst) = self.sensors[i].instance.as_mut() else { continue };
-            match inst.bindings.call_on_missed(&mut inst.store, missed.from, missed.to) {
+            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
+            match inst.on_missed(missed.from, missed.to) {
                 Ok(cursor) => self.sensors[i].cursor = cursor,
-                Err(e) => self.stop(i, "on-missed", &e),
+                Err(e) => self.fail(i, "on-missed", &e),
             }
         }
         if reply.averages.is_empty() {
@@ -196,28 +416,46 @@ impl Fleet {
         }
         let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();
         for i in 0..self.sensors.len() {
-            let Some(inst) = self.sensors[i].instance.as_mut() else { continue };
-            match inst.bindings.call_on_averages(&mut inst.store, &averages) {
+            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
+            match inst.on_averages(&averages) {
                 Ok(cursor) => self.sensors[i].cursor = cursor,
-                Err(e) => self.stop(i, "on-averages", &e),
+                Err(e) => self.fail(i, "on-averages", &e),
             }
         }
     }
 
-    /// Reads every sensor's status; returns whether all readings are acked.
+    /// Reads every running sensor's status; returns whether all their
+    /// readings are acked and no sensor waits for a restart (a quarantined
+    /// sensor is not waited for).
     pub fn refresh_status(&mut self) -> bool {
         let mut all_acked = true;
         for i in 0..self.sensors.len() {
-            let Some(inst) = self.sensors[i].instance.as_mut() else { continue };
-            match inst.bindings.call_status(&mut inst.store) {
-                Ok(status) => {
-                    all_acked &= status.buffered == 0 && self.sensors[i].pending.is_empty();
-                    self.sensors[i].status = Some(status);
-                }
-                Err(e) => self.stop(i, "status", &e),
+            match &mut self.sensors[i].life {
+                Life::Running(inst) => match inst.status() {
+                    Ok(status) => {
+                        all_acked &= status.buffered == 0 && self.sensors[i].pending.is_empty();
+                        self.sensors[i].status = Some(status);
+                    }
+                    Err(e) => {
+                        all_acked = false;
+                        self.fail(i, "status", &e);
+                    }
+                },
+                Life::Restarting { .. } => all_acked = false,
+                Life::Quarantined => {}
             }
         }
         all_acked
+    }
+
+    /// Sensors quarantined after failing too often.
+    pub fn quarantined(&self) -> u64 {
+        self.sensors.iter().filter(|s| matches!(s.life, Life::Quarantined)).count() as u64
+    }
+
+    /// Sensors waiting for a restart.
+    pub fn restarting(&self) -> u64 {
+        self.sensors.iter().filter(|s| matches!(s.life, Life::Restarting { .. })).count() as u64
     }
 
     /// Per-sensor figures from the last status refresh.
@@ -241,18 +479,118 @@ impl Fleet {
                     averages_digest: format!("{:016x}", st.map_or(0, |x| x.averages_digest)),
                     last_average_seq: st.and_then(|x| x.last_average_seq),
                     limit_kmh: st.map_or(0, |x| x.limit_kmh),
-                    failed: s.instance.is_none(),
+                    failed: !matches!(s.life, Life::Running(_)),
+                    quarantined: matches!(s.life, Life::Quarantined),
+                    failures: s.failures,
                 }
             })
             .collect()
     }
 
-    fn stop(&mut self, i: usize, call: &str, e: &wasmtime::Error) {
+    /// Moves every running sensor onto `component` through snapshot and
+    /// restore. All or nothing: if any sensor cannot be moved, the new
+    /// instances are dropped and the old component keeps running.
+    pub fn swap(&mut self, component: SensorComponent) -> Result<usize, SwapError> {
+        let limits = self.engine.limits();
+        let mut moved: Vec<(usize, SensorInstance, Vec<u8>)> = Vec::new();
+        for i in 0..self.sensors.len() {
+            let slot = &mut self.sensors[i];
+            let Life::Running(old) = &mut slot.life else { continue };
+            let state = match old.snapshot() {
+                Ok(state) => state,
+                Err(e) => {
+                    // The old sensor failed: it restarts, on the new component
+                    // if the swap goes through.
+                    self.fail(i, "snapshot", &e);
+                    continue;
+                }
+            };
+            let config = sensor_config(&self.config, slot.id, slot.segment);
+            let origin = component.origin.clone();
+            let mut new = self.engine.instantiate(&component, config, self.config.seed).map_err(|e| {
+                SwapError::Instantiate { origin: origin.clone(), id: slot.id, reason: describe_instantiate_failure(&e, &limits, self.config.count) }
+            })?;
+            match new.restore(&state) {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(SwapError::Restore { origin, id: slot.id, reason }),
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+            }
+            // The incarnation must survive the move, or the readings in
+            // flight would be acked to an identity the sensor no longer has.
+            match new.init() {
+                Ok(incarnation) if incarnation == slot.incarnation => {}
+                Ok(incarnation) => {
+                    return Err(SwapError::Restore {
+                        origin,
+                        id: slot.id,
+                        reason: format!("incarnation changed from {} to {incarnation}", slot.incarnation),
+                    });
+                }
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+            }
+            moved.push((i, new, state));
+        }
+        let count = moved.len();
+        for (i, new, state) in moved {
+            let slot = &mut self.sensors[i];
+            slot.life = Life::Running(Box::new(new));
+            slot.saved = Some(state);
+            // The state directory holds an older snapshot; commit this one
+            // before the next batch.
+            slot.dirty = true;
+        }
+        self.component = component;
+        self.swaps += 1;
+        Ok(count)
+    }
+
+    fn fail(&mut self, i: usize, call: &str, e: &wasmtime::Error) {
+        let reason = describe_failure(e, &self.engine.limits());
+        self.fail_with(i, call, reason);
+    }
+
+    /// Stops sensor `i`, reports it once, and schedules its restart or
+    /// quarantines it.
+    fn fail_with(&mut self, i: usize, call: &str, reason: String) {
+        let now = Instant::now();
+        let (backoff, max_restarts) = (self.config.restart_backoff, self.config.max_restarts);
         let slot = &mut self.sensors[i];
-        tracing::error!(sensor_id = slot.id, "sensor stopped: `{call}` failed: {}", one_line(e));
-        slot.instance = None;
+        if matches!(slot.life, Life::Running(_)) && now.duration_since(slot.running_since) >= QUIET_PERIOD {
+            slot.failures = 0;
+        }
+        slot.failures += 1;
+        // Readings produced since the last commit were never sent; the
+        // restart resumes from the state before them.
         slot.pending.clear();
-        self.failed += 1;
+        slot.dirty = false;
+        self.failures += 1;
+        if slot.failures > max_restarts {
+            slot.life = Life::Quarantined;
+            tracing::error!(
+                sensor_id = slot.id,
+                "sensor quarantined: `{call}` {reason}; failed {} times in a row, not restarted",
+                slot.failures
+            );
+        } else {
+            let wait = backoff.saturating_mul(1 << (slot.failures - 1).min(16)).min(MAX_BACKOFF);
+            slot.life = Life::Restarting { at: now + wait };
+            tracing::warn!(
+                sensor_id = slot.id,
+                "sensor stopped: `{call}` {reason}; restarting from its last good state in {wait:?} (failure {} of {})",
+                slot.failures,
+                max_restarts + 1
+            );
+        }
+    }
+}
+
+fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {
+    SensorConfig {
+        sensor_id: id,
+        segment,
+        resend_after_ms: config.resend_after_ms,
+        max_buffered: config.max_buffered,
+        settings: config.settings.clone(),
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fog_protocol::{Average, Reply};
@@ -18,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use crate::fleet::{Fleet, SensorSummary};
+use crate::runtime::{LoadError, SensorComponent};
 use crate::link::{Incoming, Link, LinkError};
 
 #[derive(Debug, Clone)]
@@ -30,7 +32,16 @@ pub struct SessionConfig {
     pub drain_timeout: Duration,
     /// How often to print a progress line; `None` prints none.
     pub progress: Option<Duration>,
+    /// The component file a hot swap reloads; `None` for the built-in sensor.
+    pub component: Option<PathBuf>,
 }
+
+/// Ticks of one interval are spread over this many slices (fewer with
+/// fewer sensors), so a large fleet does not produce every reading at the
+/// same instant.
+const TICK_SLICES: usize = 10;
+/// Batches per interval at most: readings of several slices travel together.
+const BATCHES_PER_INTERVAL: u32 = 4;
 
 /// The newest average the host has seen for one road segment.
 #[derive(Debug, Clone, Serialize)]
@@ -57,9 +68,17 @@ pub struct Summary {
     pub averages_received: u64,
     pub averages_missed: u64,
     pub failovers: u64,
-    /// Sensors stopped after a failed guest call.
+    /// Sensor failures over the run: traps, missed call deadlines, memory
+    /// growth past the limit. Each stopped the sensor until its restart.
     pub failed_sensors: u64,
+    /// Sensors restarted from their last good state after a failure.
+    pub restarts: u64,
+    /// Sensors quarantined (not restarted) after failing repeatedly.
     pub quarantined: u64,
+    /// Hot swaps of the sensor component done.
+    pub swaps: u64,
+    /// The component the sensors run at the end.
+    pub component: String,
     pub batches_acked: u64,
     pub bad_replies: u64,
     pub elapsed_s: f64,
@@ -91,13 +110,25 @@ struct Session<'a> {
     bad_replies: u64,
     latest: BTreeMap<u32, Average>,
     started: Instant,
+    /// Least time between two batches, and when the next may go.
+    batch_gap: Duration,
+    next_batch_at: Instant,
+    /// The last commit failed (already reported).
+    commit_failing: bool,
 }
 
 /// Runs the fleet against the servers until the duration has passed and
 /// every reading is acked (or the drain timeout), or `shutdown` fires twice.
-pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<Output = ()>) -> Summary {
+/// Each message on `reload` asks for a hot swap of the component file.
+pub async fn run(
+    fleet: &mut Fleet,
+    cfg: &SessionConfig,
+    shutdown: impl Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<()>,
+) -> Summary {
     let (incoming_tx, mut incoming_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
+    let slices = fleet.len().clamp(1, TICK_SLICES);
     let mut s = Session {
         fleet,
         cfg,
@@ -113,13 +144,20 @@ pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<O
         bad_replies: 0,
         latest: BTreeMap::new(),
         started,
+        batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
+        next_batch_at: started,
+        commit_failing: false,
     };
     s.start_connect(Duration::ZERO);
 
     let generate_until = cfg.duration.map(|d| started + d);
     let mut drain_deadline: Option<Instant> = None;
+    let slice_every = cfg.interval / slices as u32;
+    let mut slice = 0usize;
     let mut next_tick = started;
     let mut next_progress = cfg.progress.map(|p| started + p);
+    let mut loading: Option<JoinHandle<Result<SensorComponent, LoadError>>> = None;
+    let mut reload_open = true;
     tokio::pin!(shutdown);
     let mut interrupted = false;
     let drained = loop {
@@ -166,19 +204,57 @@ pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<O
                 tracing::warn!(server = %endpoint, "no reply within {:?}: failing over", cfg.timeout);
                 s.failover(Duration::ZERO);
             }
+            request = reload.recv(), if reload_open => {
+                match (request, &cfg.component) {
+                    (None, _) => reload_open = false,
+                    (Some(()), None) => tracing::warn!("reload requested, but the host runs the built-in sensor: start it with a component path to swap"),
+                    (Some(()), Some(_)) if loading.is_some() => tracing::info!("reload requested while one is in progress: ignored"),
+                    (Some(()), Some(path)) => {
+                        tracing::info!("loading {} to swap it in", path.display());
+                        // Compiling takes a while: off the loop, so sensors keep ticking.
+                        let (engine, path) = (s.fleet.engine().clone(), path.clone());
+                        loading = Some(tokio::task::spawn_blocking(move || engine.load(Some(&path))));
+                    }
+                }
+            }
+            res = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
+                loading = None;
+                let from = s.fleet.component_origin().to_string();
+                match res {
+                    Ok(Ok(component)) => {
+                        let to = component.origin.clone();
+                        let began = std::time::Instant::now();
+                        match s.fleet.swap(component) {
+                            Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
+                            Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!("hot swap refused, still running {from}: {e}"),
+                    Err(e) => tracing::error!("hot swap refused, still running {from}: loading failed: {e}"),
+                }
+            }
             () = sleep_until(next_tick) => {
                 let now = Instant::now();
-                next_tick += cfg.interval;
+                next_tick += slice_every;
                 if next_tick < now {
-                    next_tick = now + cfg.interval;
+                    next_tick = now + slice_every;
                 }
-                if drain_deadline.is_none() && generate_until.is_some_and(|t| now >= t) {
+                let first_slice = slice == 0;
+                let range = s.fleet.slice(slice, slices);
+                slice = (slice + 1) % slices;
+                if first_slice && drain_deadline.is_none() && generate_until.is_some_and(|t| now >= t) {
                     tracing::info!("generation stopped after {:?}; draining unacked readings (up to {:?})", cfg.duration.unwrap_or_default(), cfg.drain_timeout);
                     drain_deadline = Some(now + cfg.drain_timeout);
                 }
-                s.fleet.tick(drain_deadline.is_none());
-                if s.link.is_some() && s.in_flight.is_none() {
+                s.fleet.restart_due(now.into_std());
+                s.fleet.tick(range, drain_deadline.is_none());
+                // Every interval a batch goes out even without readings, so
+                // every sensor keeps receiving averages.
+                if s.link.is_some() && s.in_flight.is_none() && now >= s.next_batch_at && (first_slice || s.fleet.pending() > 0) {
                     s.send_batch().await;
+                }
+                if !first_slice {
+                    continue;
                 }
                 if let Some(deadline) = drain_deadline {
                     if s.fleet.refresh_status() {
@@ -200,6 +276,13 @@ pub async fn run(fleet: &mut Fleet, cfg: &SessionConfig, shutdown: impl Future<O
         }
     };
     s.fleet.refresh_status();
+    if s.fleet.has_state_dir() {
+        // Acks that arrived since the last batch: on disk, so a restart
+        // does not resend what the server already counted.
+        if let Err(e) = s.fleet.commit_all() {
+            tracing::error!("cannot write the final sensor state: {e}");
+        }
+    }
     s.summary(drained)
 }
 
@@ -233,10 +316,29 @@ impl Session<'_> {
         self.start_connect(pause);
     }
 
+    /// Commits the sensors' state, then sends one batch with every pending
+    /// reading. When the commit fails nothing is sent: a reading may only
+    /// leave once a restart would resume after it.
     async fn send_batch(&mut self) {
+        self.next_batch_at = Instant::now() + self.batch_gap;
+        match self.fleet.commit() {
+            Ok(_) if self.commit_failing => {
+                self.commit_failing = false;
+                tracing::info!("sensor state written again; sending resumes");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if !self.commit_failing {
+                    tracing::error!("cannot write the sensor state: {e}; holding readings back until it can be written");
+                }
+                self.commit_failing = true;
+                return;
+            }
+        }
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
-        let (request, _) = self.fleet.take_batch(batch_id);
+        let (sensors, _) = self.fleet.take_batch();
+        let request = fog_protocol::Request::Batch { batch_id, sensors };
         match fog_protocol::encode(&request) {
             Ok(frame) => {
                 self.in_flight = Some(InFlight { batch_id, frame, deadline: Instant::now() });
@@ -274,7 +376,7 @@ impl Session<'_> {
                     }
                 }
                 self.fleet.apply(&reply);
-                if self.fleet.pending() > 0 {
+                if self.fleet.pending() > 0 && Instant::now() >= self.next_batch_at {
                     self.send_batch().await;
                 }
             }
@@ -317,10 +419,11 @@ impl Session<'_> {
     fn progress_line(&self) -> String {
         let t = self.totals();
         let mut line = format!(
-            "[{:>6.1}s] {} | sensors {} generated {} acked {} unacked {} resent {} failovers {}",
+            "[{:>6.1}s] {} | sensors {}{} generated {} acked {} unacked {} resent {} failovers {}",
             self.started.elapsed().as_secs_f64(),
             self.link.as_ref().map_or("(connecting)", |l| l.endpoint.as_str()),
             self.fleet.len(),
+            self.sensor_health(),
             t.generated,
             t.acked,
             t.generated - t.acked.min(t.generated),
@@ -339,6 +442,17 @@ impl Session<'_> {
             ));
         }
         line
+    }
+
+    /// ` (2 restarting, 1 quarantined)`, or nothing when all run.
+    fn sensor_health(&self) -> String {
+        let (restarting, quarantined) = (self.fleet.restarting(), self.fleet.quarantined());
+        match (restarting, quarantined) {
+            (0, 0) => String::new(),
+            (r, 0) => format!(" ({r} restarting)"),
+            (0, q) => format!(" ({q} quarantined)"),
+            (r, q) => format!(" ({r} restarting, {q} quarantined)"),
+        }
     }
 
     fn totals(&self) -> Totals {
@@ -366,8 +480,11 @@ impl Session<'_> {
             averages_received: t.averages,
             averages_missed: t.missed,
             failovers: self.failovers,
-            failed_sensors: self.fleet.failed,
-            quarantined: 0,
+            failed_sensors: self.fleet.failures,
+            restarts: self.fleet.restarts,
+            quarantined: self.fleet.quarantined(),
+            swaps: self.fleet.swaps,
+            component: self.fleet.component_origin().to_string(),
             batches_acked: self.batches_acked,
             bad_replies: self.bad_replies,
             elapsed_s: self.started.elapsed().as_secs_f64(),

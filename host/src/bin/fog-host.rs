@@ -1,18 +1,23 @@
 //! The `fog-host` command: parses flags and runs a fleet of sensors.
 //!
 //! Exit codes: 0 when every reading generated was acked, 1 on an error
-//! (bad component, bad address ...), 2 on bad flags, 3 when the drain
-//! timeout passed with readings still unacked.
+//! (bad component, bad address, unusable state directory ...), 2 on bad
+//! flags, 3 when readings were still unacked at the end (the drain timeout
+//! passed, or a quarantined sensor holds them).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use fog_host::fleet::{Fleet, FleetConfig};
-use fog_host::runtime::{Limits, SensorRuntime};
+use fog_host::runtime::{Limits, SensorEngine};
 use fog_host::session::{self, SessionConfig, Summary};
+use fog_host::state::StateStore;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 /// Run roadside speed sensors (WebAssembly components) and send their
 /// readings to a fog server pair.
@@ -22,9 +27,16 @@ use fog_host::session::{self, SessionConfig, Summary};
 /// to the active server; when it stops answering, the host fails over to the
 /// other one and sends the unacked readings there.
 ///
-/// Without a state directory, a restarted host starts its sensors afresh:
-/// readings buffered but not yet acked when the process died are lost, and
-/// the sensors come back with new incarnations (so no reading id is reused).
+/// Without --state-dir, a restarted host starts its sensors afresh: readings
+/// buffered but not yet acked when the process died are lost, and the
+/// sensors come back with new incarnations (so no reading id is reused).
+/// With --state-dir, every sensor resumes where it was and resends them.
+///
+/// Each sensor is sandboxed: its memory is capped, every call into it has a
+/// deadline, and one that traps, hangs or runs out of memory is restarted
+/// from its last good state (with backoff) or, failing repeatedly,
+/// quarantined. SIGHUP (or --watch) swaps in a new build of SENSOR.wasm
+/// while running, moving every sensor's state over.
 #[derive(Debug, Parser)]
 #[command(name = "fog-host", version, max_term_width = 100)]
 struct Args {
@@ -89,9 +101,33 @@ struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
     settings: Vec<(String, String)>,
 
-    /// Largest linear memory one sensor may use, in MiB.
-    #[arg(long, default_value_t = 16)]
-    max_memory_mib: usize,
+    /// Keep every sensor's state in DIR (created if missing), written once per
+    /// batch with one fsync; a host restarted with the same DIR resumes each
+    /// sensor and resends its unacked readings.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// Reload SENSOR.wasm when the file changes (as on SIGHUP) and move the
+    /// sensors onto it without losing a reading.
+    #[arg(long)]
+    watch: bool,
+
+    /// Largest linear memory one sensor may use, in MiB; growing past it
+    /// stops the sensor.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_memory_mib: u32,
+
+    /// Longest one call into a sensor may run before it is stopped.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    call_deadline: Duration,
+
+    /// Wait before restarting a failed sensor; doubles with each failure in a row.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    restart_backoff: Duration,
+
+    /// Failures in a row after which a sensor is quarantined instead of restarted.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -134,8 +170,57 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.interval.is_zero() {
         bail!("--interval must be greater than zero");
     }
-    let limits = Limits { max_memory_bytes: args.max_memory_mib << 20 };
-    let runtime = SensorRuntime::load(args.component.as_deref(), limits)?;
+    if args.call_deadline.is_zero() {
+        bail!("--call-deadline must be greater than zero");
+    }
+    if args.watch && args.component.is_none() {
+        bail!("--watch needs a SENSOR.wasm path to watch");
+    }
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let _runtime = tokio.enter();
+    // Before the (possibly long) start, so an early SIGHUP does not kill us.
+    let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let hup_tx = reload_tx.clone();
+    tokio.spawn(async move {
+        while hangup.recv().await.is_some() {
+            if hup_tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    if let (true, Some(path)) = (args.watch, args.component.clone()) {
+        tokio.spawn(watch(path, reload_tx));
+    }
+
+    let limits = Limits {
+        max_memory_bytes: (args.max_memory_mib as usize) << 20,
+        call_deadline: args.call_deadline,
+        // Twice the fleet: a hot swap holds the old and new instance of
+        // every sensor for a moment. Unused slots cost address space only.
+        max_instances: args.sensors.saturating_mul(2).saturating_add(16),
+    };
+    let engine = Arc::new(SensorEngine::new(limits)?);
+    let component = engine.load(args.component.as_deref())?;
+    let origin = component.origin.clone();
+    let store = match &args.state_dir {
+        None => None,
+        Some(dir) => {
+            let opened = StateStore::open(dir)?;
+            if opened.torn_bytes > 0 {
+                tracing::warn!(
+                    "{}: cut off {} bytes of an unfinished write (the host stopped mid-commit; nothing sent depended on it)",
+                    dir.display(),
+                    opened.torn_bytes
+                );
+            }
+            tracing::info!("{}: saved state of {} sensors", dir.display(), opened.saved.len());
+            Some((opened.store, opened.saved))
+        }
+    };
     let fleet_config = FleetConfig {
         first_id: args.first_id,
         count: args.sensors,
@@ -144,13 +229,15 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_buffered: args.max_buffered,
         settings: args.settings.clone(),
         seed: rand::random(),
+        restart_backoff: args.restart_backoff,
+        max_restarts: args.max_restarts,
     };
     let started = std::time::Instant::now();
-    let mut fleet = Fleet::start(&runtime, &fleet_config).context("cannot start sensors")?;
+    let mut fleet = Fleet::start(engine, component, fleet_config, store).context("cannot start sensors")?;
     tracing::info!(
         "started {} sensors of {} in {:.1?}; servers {}",
         fleet.len(),
-        runtime.origin,
+        origin,
         started.elapsed(),
         args.servers.join(", ")
     );
@@ -161,16 +248,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         duration: args.duration,
         drain_timeout: args.drain_timeout,
         progress: (!args.quiet).then_some(args.progress),
+        component: args.component.clone(),
     };
-    let tokio = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let summary = tokio.block_on(async {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        session::run(&mut fleet, &session_config, shutdown).await
+        session::run(&mut fleet, &session_config, shutdown, reload_rx).await
     });
     if args.json {
         println!("{}", serde_json::to_string(&summary).context("cannot encode the summary")?);
@@ -180,10 +264,44 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(if summary.drained && summary.unacked == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
+/// Asks for a reload whenever the file's modification time or size changes
+/// and then holds still for one poll (so a file being written is not loaded
+/// half-way).
+async fn watch(path: PathBuf, reload: mpsc::UnboundedSender<()>) {
+    const POLL: Duration = Duration::from_millis(500);
+    let stamp = |p: &PathBuf| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let mut loaded = stamp(&path);
+    let mut seen = loaded;
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = stamp(&path);
+        if now.is_some() && now == seen && now != loaded {
+            loaded = now;
+            tracing::info!("{} changed", path.display());
+            if reload.send(()).is_err() {
+                return;
+            }
+        }
+        seen = now;
+    }
+}
+
 fn print_summary(s: &Summary) {
     eprintln!(
-        "summary: {} sensors, {} readings generated, {} acked, {} unacked, {} resent, {} averages received, {} failovers, {} failed sensors, {:.1}s",
-        s.sensors, s.generated, s.acked, s.unacked, s.resent, s.averages_received, s.failovers, s.failed_sensors, s.elapsed_s
+        "summary: {} sensors, {} readings generated, {} acked, {} unacked, {} resent, {} averages received, {} failovers, \
+         {} sensor failures, {} restarts, {} quarantined, {} swaps, {:.1}s",
+        s.sensors,
+        s.generated,
+        s.acked,
+        s.unacked,
+        s.resent,
+        s.averages_received,
+        s.failovers,
+        s.failed_sensors,
+        s.restarts,
+        s.quarantined,
+        s.swaps,
+        s.elapsed_s
     );
     for seg in &s.segments {
         let limits: Vec<String> = seg.limits.iter().map(|(l, n)| format!("{l} km/h x{n}")).collect();
