@@ -6,11 +6,16 @@
 //! - `ingest`: acked readings per second from a native load generator into
 //!   a primary with its backup running;
 //! - `latency`: ack latency of 10 000 sensors × 1 reading/s;
+//! - `e2e`: acked readings per second through `fog-host` running the real
+//!   sensor component, and the host's memory per sensor;
+//! - `failover`: kill -9 of the active server under 10 000 sensors, time to
+//!   the first batch acked by the new active, over several runs;
 //! - `all` (the default): all of the above in one run, so the ratio to the
 //!   transport ceiling holds on a noisy machine.
 
 mod echo;
 mod load;
+mod system;
 
 use std::time::Duration;
 
@@ -18,6 +23,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fog_e2e::{Pair, free_port, scratch_dir, start_server};
 use load::{LoadResult, LoadShape, Target};
+use system::rss_mib;
 use serde::Serialize;
 
 /// Measure the fog system with its real binaries on loopback.
@@ -58,6 +64,22 @@ struct Args {
     /// Readings per sensor in each throughput batch.
     #[arg(long, default_value_t = 10, global = true)]
     readings_per_sensor: u32,
+
+    /// Sensors of the host in the end-to-end benchmark.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    host_sensors: u32,
+
+    /// Reading interval of the host's sensors in the end-to-end benchmark.
+    #[arg(long, default_value = "40ms", value_parser = parse_duration, global = true)]
+    host_interval: Duration,
+
+    /// Sensors of the host in the failover benchmark.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    failover_sensors: u32,
+
+    /// Kills of the active server in the failover benchmark.
+    #[arg(long, default_value_t = 10, global = true)]
+    failover_runs: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +92,10 @@ enum What {
     Ingest,
     /// Ack latency of 10 000 sensors at 1 reading/s each.
     Latency,
+    /// Throughput through fog-host running the real sensor component.
+    E2e,
+    /// Time from kill -9 of the active server to the first ack of the new one.
+    Failover,
     /// Run the bare echo server (used by `transport`).
     #[command(hide = true)]
     EchoServer { endpoint: String },
@@ -89,6 +115,10 @@ struct Figures {
     ingest_fraction_of_transport: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    e2e: Option<system::EndToEnd>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failover: Option<system::Failover>,
 }
 
 #[derive(Debug, Serialize)]
@@ -150,6 +180,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if all || matches!(what, What::Latency) {
         figures.latency = Some(latency(&args).await?);
+    }
+    if all || matches!(what, What::E2e) {
+        eprintln!("e2e: fog-host with {} sensors every {:?} for {:?} ...", args.host_sensors, args.host_interval, args.measure);
+        let (sensors, interval, measure) = (args.host_sensors, args.host_interval, args.measure);
+        figures.e2e = Some(tokio::task::spawn_blocking(move || system::end_to_end(sensors, interval, measure)).await??);
+    }
+    if all || matches!(what, What::Failover) {
+        eprintln!("failover: kill -9 the active server under {} sensors, {} runs ...", args.failover_sensors, args.failover_runs);
+        figures.failover = Some(system::failover(args.failover_sensors, args.failover_runs).await?);
     }
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
@@ -228,12 +267,6 @@ async fn latency(args: &Args) -> anyhow::Result<Latency> {
     })
 }
 
-/// Resident memory of a process, from /proc.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
 
 fn print_table(f: &Figures) {
     println!("{:<28} {:>16}  notes", "figure", "value");
@@ -266,6 +299,24 @@ fn print_table(f: &Figures) {
             l.max_ms,
             l.readings_acked,
             l.server_rss_mib.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default()
+        );
+    }
+    if let Some(e) = &f.e2e {
+        println!(
+            "{:<28} {:>12.0} r/s  {} sensors every {} ms through fog-host; host RSS {:.0} MiB ({:.0} KiB/sensor){}",
+            "end-to-end throughput",
+            e.acked_per_s,
+            e.sensors,
+            e.interval_ms,
+            e.host_rss_mib,
+            e.host_rss_kib_per_sensor,
+            e.server_rss_mib.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default()
+        );
+    }
+    if let Some(fo) = &f.failover {
+        println!(
+            "{:<28} {:>12.0} ms   median of {} runs under {} sensors, max {:.0} ms; lost {}, duplicated {}",
+            "failover", fo.median_ms, fo.runs, fo.sensors, fo.max_ms, fo.lost, fo.duplicated
         );
     }
 }

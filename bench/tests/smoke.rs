@@ -6,7 +6,11 @@ use std::process::Command;
 #[test]
 fn prints_every_figure_as_json() {
     let out = Command::new(env!("CARGO_BIN_EXE_fog-bench"))
-        .args(["--measure", "1s", "--warmup", "200ms", "--json", "--sensors", "100"])
+        .args([
+            "--measure", "1s", "--warmup", "200ms", "--json", "--sensors", "100",
+            "--host-sensors", "50", "--host-interval", "100ms",
+            "--failover-sensors", "20", "--failover-runs", "1",
+        ])
         .output()
         .expect("run fog-bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -17,6 +21,9 @@ fn prints_every_figure_as_json() {
         "/ingest/readings_per_s",
         "/ingest_fraction_of_transport",
         "/latency/p99_ms",
+        "/e2e/acked_per_s",
+        "/e2e/host_rss_kib_per_sensor",
+        "/failover/median_ms",
     ] {
         let v = figures.pointer(path).and_then(|v| v.as_f64());
         assert!(v.is_some_and(|v| v > 0.0), "{path} missing or not positive in {figures}");

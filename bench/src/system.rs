@@ -1,0 +1,167 @@
+//! Benchmarks of the whole system: `fog-host` running the real sensor
+//! component against a real server pair (end-to-end throughput), and the
+//! failover time when the active server is killed under load.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fog_e2e::{Pair, Proc, bin, finish_host, scratch_dir, server_counts, start_server};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct EndToEnd {
+    pub sensors: u32,
+    pub interval_ms: u64,
+    pub generated: u64,
+    pub acked: u64,
+    pub acked_per_s: f64,
+    pub host_rss_mib: f64,
+    pub host_rss_kib_per_sensor: f64,
+    pub server_rss_mib: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Failover {
+    pub sensors: u32,
+    pub runs: usize,
+    /// Kill of the active server to the first batch acked by the new one.
+    pub times_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    /// Readings the host saw acked that the surviving server does not count.
+    pub lost: u64,
+    /// Readings the surviving server counted more often than generated.
+    pub duplicated: u64,
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn host_args(pair: &Pair, sensors: u32, interval: Duration, duration: Option<Duration>) -> Vec<String> {
+    let mut a = vec![
+        "--sensors".to_string(),
+        sensors.to_string(),
+        "--interval".into(),
+        format!("{}ms", interval.as_millis()),
+        "--servers".into(),
+        pair.servers(),
+        "--quiet".into(),
+        "--json".into(),
+    ];
+    if let Some(d) = duration {
+        a.push("--duration".into());
+        a.push(format!("{}ms", d.as_millis()));
+    }
+    a
+}
+
+/// Acked readings per second through fog-host and the real component.
+pub fn end_to_end(sensors: u32, interval: Duration, measure: Duration) -> anyhow::Result<EndToEnd> {
+    let dir = scratch_dir("bench-e2e");
+    let pair = Pair::on_free_ports();
+    let primary = start_server(&pair, true, &[], &dir)?;
+    let _backup = start_server(&pair, false, &[], &dir)?;
+    let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, interval, Some(measure)), &dir)?;
+    let pid = host.child.id();
+    // Sample the host's memory while it runs; it is largest near the end.
+    let sampler = std::thread::spawn(move || {
+        let mut peak: f64 = 0.0;
+        while let Some(rss) = rss_mib(pid) {
+            peak = peak.max(rss);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        peak
+    });
+    let server_rss = rss_mib(primary.child.id());
+    let (code, summary) = finish_host(host, measure + Duration::from_secs(120))?;
+    let host_rss = sampler.join().unwrap_or(0.0);
+    if code != 0 {
+        bail!("fog-host exited with code {code}: {summary}");
+    }
+    let acked = summary["acked"].as_u64().unwrap_or(0);
+    let elapsed = summary["elapsed_s"].as_f64().unwrap_or(measure.as_secs_f64());
+    Ok(EndToEnd {
+        sensors,
+        interval_ms: interval.as_millis() as u64,
+        generated: summary["generated"].as_u64().unwrap_or(0),
+        acked,
+        // Generation stops at `measure`; draining the last acks is not load.
+        acked_per_s: acked as f64 / measure.as_secs_f64().min(elapsed),
+        host_rss_mib: host_rss,
+        host_rss_kib_per_sensor: host_rss * 1024.0 / f64::from(sensors),
+        server_rss_mib: server_rss.or_else(|| rss_mib(primary.child.id())),
+    })
+}
+
+/// Kills the active server under load `runs` times and times the takeover.
+pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
+    let mut times = Vec::new();
+    let mut lost = 0;
+    let mut duplicated = 0;
+    for run in 0..runs {
+        let dir = scratch_dir("bench-failover");
+        let pair = Pair::on_free_ports();
+        let mut nodes = [
+            (start_server(&pair, true, &[], &dir)?, pair.primary_frontend.clone()),
+            (start_server(&pair, false, &[], &dir)?, pair.backup_frontend.clone()),
+        ];
+        let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
+        // Wait until one server serves the host and the other stands by.
+        let t0 = Instant::now();
+        let active = 'found: loop {
+            for (i, (_, endpoint)) in nodes.iter().enumerate() {
+                let s = fog_server::query_status(endpoint, Duration::from_secs(1)).await;
+                if s.is_ok_and(|s| s.state == fog_protocol::NodeState::Active && s.batches >= 3) {
+                    break 'found i;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("run {run}: no server served the host within 60 s:\n{}", host.log_tail(10));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let survivor = nodes[1 - active].1.clone();
+        let before = fog_server::query_status(&survivor, Duration::from_secs(1)).await?.batches;
+        let killed = Instant::now();
+        nodes[active].0.kill();
+        let taken_over = loop {
+            if let Ok(s) = fog_server::query_status(&survivor, Duration::from_millis(200)).await {
+                if s.batches > before {
+                    break killed.elapsed();
+                }
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("run {run}: the surviving server did not serve within 30 s:\n{}", nodes[1 - active].0.log_tail(10));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        times.push(taken_over.as_secs_f64() * 1000.0);
+        // Stop the host (it drains first) and compare histories.
+        let _ = std::process::Command::new("kill").args(["-INT", &host.child.id().to_string()]).status();
+        let (_, summary) = finish_host(host, Duration::from_secs(60)).context("host summary")?;
+        let status = fog_server::query_status(&survivor, Duration::from_secs(2)).await?;
+        let counts = server_counts(&serde_json::to_value(&status)?);
+        for s in summary["per_sensor"].as_array().into_iter().flatten() {
+            let key = (s["sensor_id"].as_u64().unwrap_or(0), s["incarnation"].as_u64().unwrap_or(0));
+            let (count, _) = counts.get(&key).copied().unwrap_or_default();
+            lost += s["acked"].as_u64().unwrap_or(0).saturating_sub(count);
+            duplicated += count.saturating_sub(s["generated"].as_u64().unwrap_or(0));
+        }
+        eprintln!("  run {}: {:.0} ms", run + 1, times[times.len() - 1]);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Failover {
+        sensors,
+        runs,
+        median_ms: sorted[sorted.len() / 2],
+        max_ms: sorted[sorted.len() - 1],
+        times_ms: times,
+        lost,
+        duplicated,
+    })
+}
