@@ -1,38 +1,73 @@
-//! Builds the repository's sensor component (`sensor-wasm`, for
-//! `wasm32-wasip2`) so that `cargo build` produces everything in one step.
+//! Builds the repository's sensor components for `wasm32-wasip2` (the
+//! built-in sensor from `sensor-wasm`, and the ones under `sensors/`) so
+//! that `cargo build` produces everything in one step.
 //!
 //! The inner cargo gets a target dir of its own under `OUT_DIR` (the outer
 //! build holds the lock on the main one) and none of the flags inherited from
-//! the outer build. The component is embedded into `fog-host` and also copied
-//! next to the host binary as `fog_sensor.wasm`.
+//! the outer build. The built-in sensor is embedded into `fog-host`; every
+//! component is also copied next to the host binary (`fog_sensor.wasm`,
+//! `fog_scenario_sensor.wasm`, `fog_faulty_sensor.wasm`).
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The components built: (package, file stem). The first is the built-in
+/// sensor, embedded into `fog-host`; the others are copied beside it.
+const COMPONENTS: [(&str, &str); 3] = [
+    ("fog-sensor", "fog_sensor"),
+    // A second sensor, run by passing its path: proof that the logic is a file.
+    ("fog-scenario-sensor", "fog_scenario_sensor"),
+    // Misbehaves on purpose, for the isolation tests.
+    ("fog-faulty-sensor", "fog_faulty_sensor"),
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out_dir.join("wasm-target");
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
 
-    for watched in ["wit", "sensor-wasm/src", "sensor-wasm/Cargo.toml"] {
+    for watched in ["wit", "sensor-wasm/src", "sensor-wasm/Cargo.toml", "sensors"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
+    // OUT_DIR is <target>/<profile>/build/fog-host-<hash>/out: copies go
+    // beside the binaries, where users (and the tests) look for them.
+    let profile_dir = out_dir.ancestors().nth(3).map(Path::to_path_buf);
+    for (package, stem) in COMPONENTS {
+        // One cargo run per component: they would otherwise share one
+        // feature set of fog-sensor, and only the built-in sensor may
+        // export the world from it.
+        build_component(&root, &target_dir, package);
+        let built = target_dir.join(format!("wasm32-wasip2/release/{stem}.wasm"));
+        emit_rerun_for_deps(&target_dir.join(format!("wasm32-wasip2/release/{stem}.d")));
+        if package == "fog-sensor" {
+            let embedded = out_dir.join("fog_sensor.wasm");
+            std::fs::copy(&built, &embedded).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
+            println!("cargo:rustc-env=FOG_SENSOR_WASM={}", embedded.display());
+        }
+        if let Some(dir) = &profile_dir {
+            let _ = std::fs::copy(&built, dir.join(format!("{stem}.wasm")));
+        }
+    }
+}
+
+fn build_component(root: &Path, target_dir: &Path, package: &str) {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "fog-sensor", "--target-dir"])
-        .arg(&target_dir)
+    cmd.current_dir(root)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package, "--target-dir"])
+        .arg(target_dir)
         // The outer build's flags (and target) are for the native host.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_PRIMARY_PACKAGE")
-        // A small guest stack keeps each sensor to kilobytes of memory.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Clink-arg=-zstack-size=65536")
+        // A small guest stack keeps each sensor to kilobytes of memory; the
+        // sensors' calls are shallow and their buffers live on the heap.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Clink-arg=-zstack-size=32768")
         .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
         .env("CARGO_PROFILE_RELEASE_LTO", "true")
         .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
@@ -40,24 +75,12 @@ fn main() {
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_INCREMENTAL", "false");
-    let status = cmd.status().expect("cannot run cargo to build the sensor component");
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo to build {package}: {e}"));
     if !status.success() {
         panic!(
-            "building the sensor component (sensor-wasm for wasm32-wasip2) failed; \
+            "building the sensor component {package} for wasm32-wasip2 failed; \
              if the error above says \"can't find crate for `std`\", run: rustup target add wasm32-wasip2"
         );
-    }
-
-    let built = target_dir.join("wasm32-wasip2/release/fog_sensor.wasm");
-    emit_rerun_for_deps(&target_dir.join("wasm32-wasip2/release/fog_sensor.d"));
-    let embedded = out_dir.join("fog_sensor.wasm");
-    std::fs::copy(&built, &embedded).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
-    println!("cargo:rustc-env=FOG_SENSOR_WASM={}", embedded.display());
-
-    // OUT_DIR is <target>/<profile>/build/fog-host-<hash>/out: put a copy
-    // beside the binaries, where users look for it.
-    if let Some(profile_dir) = out_dir.ancestors().nth(3) {
-        let _ = std::fs::copy(&built, profile_dir.join("fog_sensor.wasm"));
     }
 }
 

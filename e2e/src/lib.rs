@@ -216,3 +216,27 @@ pub fn server_counts(status: &Value) -> std::collections::BTreeMap<(u64, u64), (
         })
         .collect()
 }
+
+impl Proc {
+    /// Sends a signal by name (`HUP`, `TERM` ...), as `kill -s NAME` would.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill -s {name} {} failed", self.child.id());
+        }
+        Ok(())
+    }
+}
+
+/// How many lines of a process's log (its [`Proc::log`]) contain every one
+/// of `needles`.
+pub fn log_lines_with(log: &Path, needles: &[&str]) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .count()
+}

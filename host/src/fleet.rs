@@ -329,9 +329,12 @@ impl Fleet {
                 continue;
             }
             let Life::Running(inst) = &mut slot.life else { continue };
-            match inst.snapshot() {
-                Ok(state) => {
+            // The status goes with the snapshot: if the sensor fails later,
+            // its figures in the summary are those of the state it sent from.
+            match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
+                Ok((state, status)) => {
                     slot.saved = Some(state);
+                    slot.status = Some(status);
                     slot.dirty = false;
                     fresh.push(i);
                 }

@@ -311,6 +311,9 @@ pub fn describe_failure(e: &wasmtime::Error, limits: &Limits) -> String {
                 Limits::DEADLINE_FLAG
             );
         }
+        // The trap itself; the wasm backtrace around it names only
+        // function indices, which tell an operator nothing.
+        return format!("trapped: {trap}");
     }
     let text = one_line(e);
     if text.contains("forcing trap when growing memory") || text.contains("forcing a memory growth failure") {

@@ -224,7 +224,7 @@ pub async fn run(
                     Ok(Ok(component)) => {
                         let to = component.origin.clone();
                         let began = std::time::Instant::now();
-                        match s.fleet.swap(component) {
+                        match sandboxed(|| s.fleet.swap(component)) {
                             Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
                             Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
                         }
@@ -246,8 +246,11 @@ pub async fn run(
                     tracing::info!("generation stopped after {:?}; draining unacked readings (up to {:?})", cfg.duration.unwrap_or_default(), cfg.drain_timeout);
                     drain_deadline = Some(now + cfg.drain_timeout);
                 }
-                s.fleet.restart_due(now.into_std());
-                s.fleet.tick(range, drain_deadline.is_none());
+                let produce = drain_deadline.is_none();
+                sandboxed(|| {
+                    s.fleet.restart_due(now.into_std());
+                    s.fleet.tick(range, produce);
+                });
                 // Every interval a batch goes out even without readings, so
                 // every sensor keeps receiving averages.
                 if s.link.is_some() && s.in_flight.is_none() && now >= s.next_batch_at && (first_slice || s.fleet.pending() > 0) {
@@ -257,7 +260,7 @@ pub async fn run(
                     continue;
                 }
                 if let Some(deadline) = drain_deadline {
-                    if s.fleet.refresh_status() {
+                    if sandboxed(|| s.fleet.refresh_status()) {
                         break true;
                     }
                     if now >= deadline {
@@ -268,22 +271,31 @@ pub async fn run(
                 if let (Some(at), Some(every)) = (next_progress, cfg.progress) {
                     if now >= at {
                         next_progress = Some(at + every);
-                        s.fleet.refresh_status();
+                        sandboxed(|| s.fleet.refresh_status());
                         eprintln!("{}", s.progress_line());
                     }
                 }
             }
         }
     };
-    s.fleet.refresh_status();
+    sandboxed(|| s.fleet.refresh_status());
     if s.fleet.has_state_dir() {
         // Acks that arrived since the last batch: on disk, so a restart
         // does not resend what the server already counted.
-        if let Err(e) = s.fleet.commit_all() {
+        if let Err(e) = sandboxed(|| s.fleet.commit_all()) {
             tracing::error!("cannot write the final sensor state: {e}");
         }
     }
     s.summary(drained)
+}
+
+/// Runs calls into the sensors. WASI's synchronous streams (a guest
+/// printing, e.g. a panic message) block on the ambient tokio runtime, which
+/// is only allowed outside of it: `block_in_place` steps out of the runtime
+/// for the duration (inline, on the thread of a multi-threaded runtime's
+/// `block_on`), so a guest's output cannot bring the host down.
+fn sandboxed<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
 }
 
 impl Session<'_> {
@@ -321,7 +333,7 @@ impl Session<'_> {
     /// leave once a restart would resume after it.
     async fn send_batch(&mut self) {
         self.next_batch_at = Instant::now() + self.batch_gap;
-        match self.fleet.commit() {
+        match sandboxed(|| self.fleet.commit()) {
             Ok(_) if self.commit_failing => {
                 self.commit_failing = false;
                 tracing::info!("sensor state written again; sending resumes");
@@ -375,7 +387,7 @@ impl Session<'_> {
                         self.latest.insert(avg.segment, *avg);
                     }
                 }
-                self.fleet.apply(&reply);
+                sandboxed(|| self.fleet.apply(&reply));
                 if self.fleet.pending() > 0 && Instant::now() >= self.next_batch_at {
                     self.send_batch().await;
                 }

@@ -117,6 +117,14 @@ impl SensorCore {
     /// Readings to send at `now_ms`: those due for resending, in `seq`
     /// order, then a new one when `produce` is set.
     pub fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
+        self.tick_with(now_ms, produce, |traffic| traffic.next_speed(now_ms))
+    }
+
+    /// [`SensorCore::tick`] with the speed of a new reading taken from
+    /// `speed` instead of the built-in traffic model: how another sensor
+    /// (a scenario, a replayed trace) reuses the resend buffer, average
+    /// stream and snapshots. `speed` is only called when a reading is made.
+    pub fn tick_with(&mut self, now_ms: u64, produce: bool, speed: impl FnOnce(&mut TrafficModel) -> u16) -> Vec<Reading> {
         let mut out = Vec::new();
         self.resend.take_due(now_ms, &mut out);
         // A sequence at u64::MAX cannot number another reading; unreachable
@@ -124,7 +132,7 @@ impl SensorCore {
         if let (true, Some(next)) = (produce, self.next_seq.checked_add(1)) {
             let reading = Reading {
                 seq: self.next_seq,
-                speed_kmh: self.traffic.next_speed(now_ms),
+                speed_kmh: speed(&mut self.traffic),
                 timestamp_ms: now_ms,
             };
             self.next_seq = next;

@@ -14,11 +14,13 @@ pub mod rng;
 pub mod snapshot;
 pub mod traffic;
 
-#[cfg(target_arch = "wasm32")]
+// The component glue is optional so that other sensors (see `sensors/`)
+// can build on the core and export the world themselves.
+#[cfg(all(target_arch = "wasm32", feature = "component"))]
 mod component;
 
 pub use crate::averages::Average;
 pub use crate::core::{SensorConfig, SensorCore, Status, incarnation};
 pub use crate::resend::Reading;
 pub use crate::snapshot::{RestoreError, SNAPSHOT_VERSION};
-pub use crate::traffic::{SettingsError, SpeedRange};
+pub use crate::traffic::{SettingsError, SpeedRange, TrafficModel};

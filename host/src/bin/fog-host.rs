@@ -144,6 +144,8 @@ fn parse_setting(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -176,7 +178,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.watch && args.component.is_none() {
         bail!("--watch needs a SENSOR.wasm path to watch");
     }
-    let tokio = tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded (with one worker for the sockets) because calls into
+    // sensors step out of the runtime with `block_in_place`, which a
+    // current-thread runtime does not allow.
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
