@@ -139,6 +139,11 @@ pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> a
     let mut args = pair.server_args(primary);
     args.extend(extra.iter().map(|s| s.to_string()));
     let name = if primary { "primary" } else { "backup" };
+    // Each node keeps its log in the test's scratch dir, so a restarted
+    // node finds its own data and tests never share any.
+    if !extra.contains(&"--data-dir") {
+        args.extend(["--data-dir".to_string(), dir.join(format!("{name}-data")).display().to_string()]);
+    }
     let proc = Proc::spawn(name, &bin("fog-server"), &args, dir)?;
     let endpoint = if primary { &pair.primary_frontend } else { &pair.backup_frontend };
     let deadline = Instant::now() + Duration::from_secs(20);

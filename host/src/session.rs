@@ -110,6 +110,9 @@ struct Session<'a> {
     bad_replies: u64,
     latest: BTreeMap<u32, Average>,
     started: Instant,
+    /// The highest server epoch seen in a reply; sent with every batch so a
+    /// server that was replaced while it was paused or cut off steps down.
+    epoch: u64,
     /// Least time between two batches, and when the next may go.
     batch_gap: Duration,
     next_batch_at: Instant,
@@ -144,6 +147,7 @@ pub async fn run(
         bad_replies: 0,
         latest: BTreeMap::new(),
         started,
+        epoch: 0,
         batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
         next_batch_at: started,
         commit_failing: false,
@@ -350,7 +354,7 @@ impl Session<'_> {
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
         let (sensors, _) = self.fleet.take_batch();
-        let request = fog_protocol::Request::Batch { batch_id, sensors };
+        let request = fog_protocol::Request::Batch { batch_id, epoch: self.epoch, sensors };
         match fog_protocol::encode(&request) {
             Ok(frame) => {
                 self.in_flight = Some(InFlight { batch_id, frame, deadline: Instant::now() });
@@ -378,6 +382,7 @@ impl Session<'_> {
                 }
                 self.in_flight = None;
                 self.batches_acked += 1;
+                self.epoch = self.epoch.max(reply.epoch);
                 for avg in &reply.averages {
                     let newer = self
                         .latest
@@ -392,7 +397,8 @@ impl Session<'_> {
                     self.send_batch().await;
                 }
             }
-            Ok(Reply::NotActive { state }) => {
+            Ok(Reply::NotActive { state, epoch }) => {
+                self.epoch = self.epoch.max(epoch);
                 tracing::info!(server = %self.endpoint(), "server is {}: failing over", state.as_str());
                 // Both servers may be passive for a moment (a takeover in
                 // progress): do not bounce between them at full speed.

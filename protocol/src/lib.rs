@@ -9,6 +9,15 @@
 //! Readings are identified by `(sensor_id, incarnation, seq)`. A host
 //! multiplexes all of its sensors over one connection per server, so every
 //! per-sensor item carries its sensor id.
+//!
+//! Servers carry an *epoch* that grows at every takeover. Replies tell the
+//! host the epoch of the server that sent them, and the host repeats the
+//! highest epoch it has seen in every request: a server that learns of a
+//! higher epoch than its own has been replaced and steps down at once.
+//!
+//! The two servers of a pair speak [`PeerMessage`]s on their state channels:
+//! heartbeats, and the replication of the log of state changes
+//! ([`LogEntry`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +58,12 @@ pub enum Request {
     /// Readings and average acks of many sensors; answered by
     /// [`Reply::Batch`], or [`Reply::NotActive`] from a server that does not
     /// serve clients right now.
-    Batch { batch_id: u64, sensors: Vec<SensorBatch> },
+    Batch {
+        batch_id: u64,
+        /// The highest server epoch the host has seen in a reply (0: none).
+        epoch: u64,
+        sensors: Vec<SensorBatch>,
+    },
     /// Ask for the server's [`StatusReport`]; any server answers.
     Status,
 }
@@ -59,7 +73,7 @@ pub enum Request {
 pub enum Reply {
     Batch(BatchReply),
     /// This server is not active: try the other one at once.
-    NotActive { state: NodeState },
+    NotActive { state: NodeState, epoch: u64 },
     Status(Box<StatusReport>),
 }
 
@@ -67,6 +81,8 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct BatchReply {
     pub batch_id: u64,
+    /// The epoch of the active server that acked the batch.
+    pub epoch: u64,
     pub acks: Vec<SensorAck>,
     /// Averages following the lowest cursor of the batch's sensors, in
     /// sequence order; each sensor applies those after its own cursor.
@@ -139,10 +155,67 @@ impl NodeState {
     }
 }
 
+/// What one server tells the other on its state channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// Sent every heartbeat interval.
+    Heartbeat(PeerHeartbeat),
+    /// Active to passive: log entries to apply, in order.
+    Records { epoch: u64, entries: Vec<LogEntry> },
+    /// Passive to active: every entry up to `durable` is applied and durable.
+    Ack { epoch: u64, durable: u64 },
+    /// Passive to active: send me a snapshot (the Clone pattern: a snapshot,
+    /// then the entries that follow it).
+    Join { epoch: u64 },
+    /// Active to passive: the replicated state as of entry `lsn`.
+    Snapshot { epoch: u64, lsn: u64, state: Vec<u8> },
+    /// A node that stepped down to the other: readings it acked while it
+    /// served alone, which the other must count (idempotent by id).
+    Merge { epoch: u64, id: u64, sensors: Vec<SensorBatch> },
+    /// The readings of merge `id` are counted and durable.
+    MergeAck { id: u64 },
+}
+
 /// A heartbeat on the Binary Star state channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerHeartbeat {
     pub state: NodeState,
+    /// The highest epoch this node knows of.
+    pub epoch: u64,
+    /// The last log entry this node applied.
+    pub lsn: u64,
+    /// Whether this node could serve with what it has: a passive that is
+    /// caught up, or any node that is not a passive.
+    pub complete: bool,
+    /// For an active node: whether it waits for its passive before acking
+    /// (the passive is in sync).
+    pub peer_in_sync: bool,
+}
+
+/// One entry of the replicated log of state changes: numbered, and stamped
+/// with the epoch of the active node that wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub lsn: u64,
+    pub epoch: u64,
+    /// Written by a node that had no passive in sync: its readings must be
+    /// merged into the other node should the pair have split.
+    pub solo: bool,
+    pub record: Record,
+}
+
+/// A state change. Applying the same records in the same order to the same
+/// state gives the same state, on any node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// Readings accepted at `now_ms` (only the ones not counted before),
+    /// and average cursors that changed (`average_cursor`).
+    ReadingsAccepted { now_ms: u64, sensors: Vec<SensorBatch> },
+    /// Windows due at `now_ms` were published; afterwards the next average
+    /// seq is `next_seq` (a replica checks it got the same).
+    AveragesPublished { now_ms: u64, next_seq: u64 },
+    /// A takeover: from here on the log belongs to this epoch.
+    EpochChanged { epoch: u64 },
 }
 
 /// A server's state, as `fog-server status` prints it.
@@ -150,6 +223,18 @@ pub struct PeerHeartbeat {
 pub struct StatusReport {
     pub role: String,
     pub state: NodeState,
+    pub epoch: u64,
+    /// The last log entry applied, and the last one durable on disk.
+    pub lsn: u64,
+    pub durable_lsn: u64,
+    /// How this node replicates, in words: "in sync with the passive",
+    /// "alone (no passive)", "passive, caught up", "passive, catching up" …
+    pub replication: String,
+    /// For an active node: entries its passive has not yet made durable; for
+    /// a passive: entries behind the active's last heartbeat.
+    pub lag: u64,
+    /// Readings accepted alone and not yet known to the peer.
+    pub unconfirmed: u64,
     /// Unique readings counted.
     pub counted: u64,
     /// Readings received again and not counted again.
@@ -244,6 +329,7 @@ mod tests {
     fn sample() -> Request {
         Request::Batch {
             batch_id: 7,
+            epoch: 3,
             sensors: vec![SensorBatch {
                 sensor_id: 3,
                 incarnation: 0xdead_beef,

@@ -1,22 +1,28 @@
 //! The tokio + ZeroMQ shell around a [`Node`]: sockets, the wall clock,
-//! timers, logging and shutdown. No protocol decision is made here.
+//! the disk, logging and shutdown. No protocol decision is made here.
 //!
 //! - Frontend: a ROUTER; a request is exactly `[identity, payload]` and the
 //!   reply goes back as `[identity, payload]`. Anything else is dropped and
 //!   counted, and logged once per peer identity.
-//! - State channel: a PUB bound locally publishes the node's heartbeat every
-//!   `heartbeat`; a SUB connected to the peer's PUB feeds the peer's
-//!   heartbeats to the FSM. zmq.rs does not reliably reconnect, so the SUB is
-//!   recreated whenever the peer is silent for two heartbeats.
+//! - State channel: a PUB bound locally carries every [`PeerMessage`] of this
+//!   node (heartbeats, log entries, snapshots, acks); a SUB connected to the
+//!   peer's PUB feeds the peer's messages to the node. zmq.rs does not
+//!   reliably reconnect, so the SUB is recreated whenever the peer is silent
+//!   for two heartbeats; what is lost meanwhile, the replication protocol
+//!   sends again.
+//! - Disk: one thread owns the write-ahead log. It takes every group of
+//!   entries queued while it was busy, writes them at once and syncs once
+//!   (group commit), then reports "durable up to" back to the node.
 //! - One task owns the node; socket receivers run in their own tasks so a
 //!   receive is always pending, and hand frames over through channels.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fog_protocol::{PeerHeartbeat, decode, decode_request, encode};
+use fog_protocol::{LogEntry, PeerMessage, decode, decode_request, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
@@ -25,8 +31,9 @@ use zeromq::{
     ZmqMessage,
 };
 
-use crate::fsm::{Role, Step};
-use crate::node::{Node, NodeConfig};
+use crate::fsm::Role;
+use crate::node::{ClientToken, Node, NodeConfig, Output};
+use crate::wal::{FsyncPolicy, Wal, WalError};
 use crate::windows::WindowConfig;
 
 /// How often the driver logs progress.
@@ -36,6 +43,8 @@ const MALFORMED_LOG_PEERS: usize = 1024;
 /// A reply that cannot be queued within this time is dropped (the client
 /// resends); one stuck client must not stall the others.
 const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Requests taken in one go before their entries go to the disk together.
+const MAX_REQUESTS_PER_ROUND: usize = 256;
 
 /// Everything a server process is started with.
 #[derive(Debug, Clone)]
@@ -43,17 +52,23 @@ pub struct ServerConfig {
     pub role: Role,
     /// Where clients connect (bound).
     pub frontend: String,
-    /// Where this node publishes its heartbeats (bound).
+    /// Where this node publishes its heartbeats and replication (bound).
     pub state_bind: String,
-    /// The peer's heartbeat endpoint (connected).
+    /// The peer's state endpoint (connected).
     pub state_connect: String,
     pub heartbeat: Duration,
     pub windows: WindowConfig,
+    /// Where the write-ahead log and snapshots live.
+    pub data_dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// A local snapshot after this many log entries.
+    pub snapshot_every: u64,
 }
 
 impl ServerConfig {
     /// The reference addresses of the ZeroMQ guide's Binary Star for `role`:
-    /// frontends 5001/5002, state channels 5003/5004, on localhost.
+    /// frontends 5001/5002, state channels 5003/5004, on localhost; data in
+    /// `./fog-data/<role>`.
     pub fn reference(role: Role) -> Self {
         let (frontend, bind, connect) = match role {
             Role::Primary => (5001, 5003, 5004),
@@ -66,6 +81,9 @@ impl ServerConfig {
             state_connect: format!("tcp://127.0.0.1:{connect}"),
             heartbeat: Duration::from_millis(250),
             windows: WindowConfig::default(),
+            data_dir: PathBuf::from("fog-data").join(role.as_str()),
+            fsync: FsyncPolicy::Batch,
+            snapshot_every: 10_000,
         }
     }
 }
@@ -81,6 +99,10 @@ pub enum ServerError {
         endpoint: String,
         reason: String,
     },
+    #[error("data directory: {0}")]
+    Wal(#[from] WalError),
+    #[error("cannot recover from {}: {why}", dir.display())]
+    Recover { dir: PathBuf, why: String },
 }
 
 /// The innermost cause of a ZeroMQ error, without zmq.rs's wrapper text
@@ -108,6 +130,84 @@ pub fn bind_endpoint(endpoint: &str) -> String {
     }
 }
 
+/// A job for the disk thread.
+enum DiskJob {
+    Append(Vec<LogEntry>),
+    Snapshot { lsn: u64, bytes: Vec<u8> },
+}
+
+/// What the disk thread reports: durable up to `lsn`, or a failure.
+enum DiskDone {
+    Durable { lsn: u64, snapshot: bool },
+    Failed(WalError),
+}
+
+/// Runs the write-ahead log: takes every job queued while the previous
+/// group was being written, so one sync covers many batches.
+fn disk_thread(mut wal: Wal, jobs: std::sync::mpsc::Receiver<DiskJob>, done: mpsc::UnboundedSender<DiskDone>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while let Ok(more) = jobs.try_recv() {
+            group.push(more);
+        }
+        let mut pending: Vec<LogEntry> = Vec::new();
+        let flush = |wal: &mut Wal, pending: &mut Vec<LogEntry>| -> Result<Option<u64>, WalError> {
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            wal.append(pending)?;
+            let last = pending.last().map(|e| e.lsn);
+            pending.clear();
+            Ok(last)
+        };
+        for job in group {
+            let result = match job {
+                DiskJob::Append(entries) => {
+                    pending.extend(entries);
+                    Ok(())
+                }
+                DiskJob::Snapshot { lsn, bytes } => flush(&mut wal, &mut pending).and_then(|_| {
+                    wal.write_snapshot(&bytes)?;
+                    let _ = done.send(DiskDone::Durable { lsn, snapshot: true });
+                    Ok(())
+                }),
+            };
+            if let Err(e) = result {
+                let _ = done.send(DiskDone::Failed(e));
+                return;
+            }
+        }
+        match flush(&mut wal, &mut pending) {
+            Ok(Some(lsn)) => {
+                let _ = done.send(DiskDone::Durable { lsn, snapshot: false });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = done.send(DiskDone::Failed(e));
+                return;
+            }
+        }
+    }
+}
+
+/// Opens the data directory and rebuilds the node from it.
+fn recover_node(cfg: &ServerConfig, node_cfg: NodeConfig) -> Result<(Node, Wal), ServerError> {
+    let recovered = crate::wal::recover(&cfg.data_dir)?;
+    let node = Node::recover(node_cfg, recovered.snapshot.as_deref(), &recovered.entries)
+        .map_err(|e| ServerError::Recover { dir: cfg.data_dir.clone(), why: e.to_string() })?;
+    let wal = Wal::open(&cfg.data_dir, &recovered, cfg.fsync)?;
+    info!(
+        data_dir = %cfg.data_dir.display(),
+        generation = recovered.generation,
+        entries = recovered.entries.len(),
+        lsn = node.lsn(),
+        epoch = node.epoch(),
+        counted = node.replica().ingest.counted(),
+        "recovered from the data directory"
+    );
+    Ok((node, wal))
+}
+
 /// Runs a server until `shutdown` completes.
 pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let heartbeat_ms = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
@@ -116,11 +216,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             "the heartbeat must be at least 1 ms".into(),
         ));
     }
-    let mut node = Node::new(NodeConfig {
-        role: cfg.role,
-        heartbeat_ms,
-        windows: cfg.windows,
-    });
 
     let frontend = bind_endpoint(&cfg.frontend);
     let mut router = RouterSocket::new();
@@ -142,16 +237,33 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             endpoint: cfg.state_bind.clone(),
             reason: zmq_reason(&e),
         })?;
+    // Recovery comes after binding, so that a second server started on the
+    // same ports fails before it touches the data directory.
+    let (mut node, wal) = recover_node(
+        &cfg,
+        NodeConfig {
+            role: cfg.role,
+            heartbeat_ms,
+            windows: cfg.windows,
+            snapshot_every: cfg.snapshot_every.max(1),
+        },
+    )?;
     let (mut replies, requests_rx) = router.split();
 
-    let (request_tx, mut requests) = mpsc::channel::<ZmqMessage>(1024);
+    let (request_tx, mut requests) = mpsc::channel::<ZmqMessage>(4096);
     let reader = tokio::spawn(read_frontend(requests_rx, request_tx));
-    let (heartbeat_tx, mut heartbeats) = mpsc::channel::<PeerHeartbeat>(64);
+    let (peer_tx, mut peer_rx) = mpsc::channel::<PeerMessage>(1024);
     let watcher = tokio::spawn(watch_peer(
         cfg.state_connect.clone(),
         cfg.heartbeat,
-        heartbeat_tx,
+        peer_tx,
     ));
+    let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
+    let (done_tx, mut disk_done) = mpsc::unbounded_channel::<DiskDone>();
+    let disk = std::thread::Builder::new()
+        .name("fog-wal".into())
+        .spawn(move || disk_thread(wal, disk_jobs, done_tx))
+        .map_err(|e| ServerError::Config(format!("cannot start the log thread: {e}")))?;
 
     info!(
         role = cfg.role.as_str(),
@@ -159,75 +271,136 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         state_bind = %cfg.state_bind,
         peer = %cfg.state_connect,
         heartbeat = ?cfg.heartbeat,
+        fsync = ?cfg.fsync,
         "fog-server started as {}", cfg.role.as_str()
     );
 
-    let mut beat = tokio::time::interval(cfg.heartbeat);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut report = Progress::default();
     let mut malformed_peers: HashSet<Bytes> = HashSet::new();
+    let mut clients = Clients::default();
+    let mut failure: Option<ServerError> = None;
     tokio::pin!(shutdown);
 
+    node.handle_timeout(now_ms());
     loop {
-        let wake = node
-            .poll_timeout()
-            .map(|at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
+        let io = Io { replies: &mut replies, publisher: &mut publisher, disk: &disk_tx, clients: &mut clients };
+        if let Err(e) = flush(&mut node, io).await {
+            failure = Some(e);
+            break;
+        }
+        let wake = Instant::now() + Duration::from_millis(node.poll_timeout().saturating_sub(now_ms()));
         tokio::select! {
             () = &mut shutdown => break,
             Some(frame) = requests.recv() => {
-                let now = now_ms();
-                if let Some(reply) = handle_frame(&mut node, now, frame, &mut malformed_peers) {
-                    send_reply(&mut replies, reply).await;
+                handle_frame(&mut node, now_ms(), frame, &mut malformed_peers, &mut clients);
+                // Take what else is waiting, so its entries share one sync.
+                for _ in 1..MAX_REQUESTS_PER_ROUND {
+                    match requests.try_recv() {
+                        Ok(frame) => handle_frame(&mut node, now_ms(), frame, &mut malformed_peers, &mut clients),
+                        Err(_) => break,
+                    }
                 }
             }
-            Some(hb) = heartbeats.recv() => {
-                let step = node.handle_heartbeat(now_ms(), hb);
-                log_step(&step);
-            }
-            _ = beat.tick() => {
-                let frame = match encode(&node.heartbeat()) {
-                    Ok(f) => f,
-                    Err(e) => { error!("cannot encode a heartbeat: {e}"); continue; }
-                };
-                if let Err(e) = publisher.send(ZmqMessage::from(frame)).await {
-                    debug!("heartbeat not sent: {e}");
+            Some(msg) = peer_rx.recv() => {
+                node.handle_peer(now_ms(), msg);
+                while let Ok(msg) = peer_rx.try_recv() {
+                    node.handle_peer(now_ms(), msg);
                 }
-                node.handle_timeout(now_ms());
             }
-            () = sleep_until_some(wake) => {
-                node.handle_timeout(now_ms());
-            }
+            Some(done) = disk_done.recv() => match done {
+                DiskDone::Durable { lsn, snapshot } => node.handle_durable(now_ms(), lsn, snapshot),
+                DiskDone::Failed(e) => {
+                    error!("the write-ahead log failed; stopping rather than acking what is not durable: {e}");
+                    failure = Some(e.into());
+                    break;
+                }
+            },
+            () = tokio::time::sleep_until(wake) => node.handle_timeout(now_ms()),
             _ = progress.tick() => report.log(&node, now_ms()),
         }
     }
 
     info!(
-        counted = node.ingest().counted(),
-        averages_published = node.windows().averages_published(),
+        counted = node.replica().ingest.counted(),
+        averages_published = node.replica().windows.averages_published(),
+        lsn = node.lsn(),
         "shutting down"
     );
     reader.abort();
     watcher.abort();
-    Ok(())
-}
-
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+    drop(disk_tx);
+    let _ = tokio::task::spawn_blocking(move || disk.join()).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
-/// Turns one frontend message into a reply `[identity, payload]`, or drops
-/// it as malformed.
+/// Frontend identities of the clients with a reply outstanding.
+#[derive(Default)]
+struct Clients {
+    next: ClientToken,
+    identities: HashMap<ClientToken, Bytes>,
+}
+
+struct Io<'a> {
+    replies: &'a mut zeromq::RouterSendHalf,
+    publisher: &'a mut PubSocket,
+    disk: &'a std::sync::mpsc::Sender<DiskJob>,
+    clients: &'a mut Clients,
+}
+
+/// Carries out what the node asked for: log entries go to the disk thread
+/// as one group, replies to their clients, messages to the peer.
+async fn flush(node: &mut Node, io: Io<'_>) -> Result<(), ServerError> {
+    let mut appends = Vec::new();
+    let disk_gone = || ServerError::Config("the log thread stopped".into());
+    while let Some(output) = node.poll_output() {
+        match output {
+            Output::Append(entry) => appends.push(entry),
+            Output::SaveSnapshot { lsn, bytes } => {
+                if !appends.is_empty() {
+                    io.disk.send(DiskJob::Append(std::mem::take(&mut appends))).map_err(|_| disk_gone())?;
+                }
+                io.disk.send(DiskJob::Snapshot { lsn, bytes }).map_err(|_| disk_gone())?;
+            }
+            Output::Reply { to, reply } => {
+                let Some(identity) = io.clients.identities.remove(&to) else { continue };
+                match encode(&reply) {
+                    Ok(payload) => {
+                        let mut out = ZmqMessage::from(identity);
+                        out.push_back(Bytes::from(payload));
+                        send_reply(io.replies, out).await;
+                    }
+                    Err(e) => error!("cannot encode a reply: {e}"),
+                }
+            }
+            Output::Peer(msg) => match encode(&msg) {
+                Ok(frame) => {
+                    if let Err(e) = io.publisher.send(ZmqMessage::from(frame)).await {
+                        debug!("peer message not sent: {e}");
+                    }
+                }
+                Err(e) => error!("cannot encode a message to the peer: {e}"),
+            },
+        }
+    }
+    if !appends.is_empty() {
+        io.disk.send(DiskJob::Append(appends)).map_err(|_| disk_gone())?;
+    }
+    Ok(())
+}
+
+/// Hands one frontend message to the node, or drops it as malformed.
 fn handle_frame(
     node: &mut Node,
     now: u64,
     message: ZmqMessage,
     malformed_peers: &mut HashSet<Bytes>,
-) -> Option<ZmqMessage> {
+    clients: &mut Clients,
+) {
     let mut frames = message.into_vec();
     let identity = if frames.is_empty() {
         Bytes::new()
@@ -253,23 +426,13 @@ fn handle_frame(
                     "dropped a malformed frame ({why}); further ones from this peer are only counted"
                 );
             }
-            return None;
+            return;
         }
     };
-    let (reply, step) = node.handle_request_step(now, &request);
-    if let Some(step) = step {
-        log_step(&step);
-    }
-    let payload = match encode(&reply) {
-        Ok(p) => p,
-        Err(e) => {
-            error!("cannot encode a reply: {e}");
-            return None;
-        }
-    };
-    let mut out = ZmqMessage::from(identity);
-    out.push_back(Bytes::from(payload));
-    Some(out)
+    clients.next += 1;
+    let token = clients.next;
+    clients.identities.insert(token, identity);
+    node.handle_request(now, token, &request);
 }
 
 async fn send_reply(replies: &mut zeromq::RouterSendHalf, reply: ZmqMessage) {
@@ -277,17 +440,6 @@ async fn send_reply(replies: &mut zeromq::RouterSendHalf, reply: ZmqMessage) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!("reply not sent (client gone?): {e}"),
         Err(_) => warn!("reply dropped: the client did not take it within {REPLY_SEND_TIMEOUT:?}"),
-    }
-}
-
-fn log_step(step: &Step) {
-    match (step.note, step.accepted) {
-        (Some(note), false) => error!(from = step.from.as_str(), to = step.to.as_str(), "{note}"),
-        (Some(note), true) => info!(from = step.from.as_str(), to = step.to.as_str(), "{note}"),
-        (None, _) if step.changed() => {
-            info!("state {} -> {}", step.from.as_str(), step.to.as_str());
-        }
-        (None, _) => {}
     }
 }
 
@@ -312,9 +464,9 @@ async fn read_frontend(mut socket: zeromq::RouterRecvHalf, out: mpsc::Sender<Zmq
     }
 }
 
-/// Subscribes to the peer's heartbeats, recreating the SUB socket whenever
+/// Subscribes to the peer's messages, recreating the SUB socket whenever
 /// the connection fails or the peer is silent for two heartbeats.
-async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<PeerHeartbeat>) {
+async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<PeerMessage>) {
     let silence = heartbeat * 2;
     let mut connected = false;
     loop {
@@ -337,7 +489,7 @@ async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<Pee
                     let Some(frame) = message.get(0) else {
                         continue;
                     };
-                    match decode::<PeerHeartbeat>(frame) {
+                    match decode::<PeerMessage>(frame) {
                         Ok(hb) => {
                             if !connected {
                                 info!(peer = %endpoint, "hearing the peer");
@@ -347,7 +499,7 @@ async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<Pee
                                 return;
                             }
                         }
-                        Err(e) => debug!("ignored a bad heartbeat frame: {e}"),
+                        Err(e) => debug!("ignored a bad frame from the peer: {e}"),
                     }
                 }
                 Ok(Err(_)) | Err(_) => {
@@ -371,17 +523,22 @@ struct Progress {
 
 impl Progress {
     fn log(&mut self, node: &Node, now: u64) {
-        let counted = node.ingest().counted();
+        let counted = node.replica().ingest.counted();
         let secs = self.last_at_ms.map_or(PROGRESS_EVERY.as_secs_f64(), |t| {
             (now.saturating_sub(t) as f64 / 1000.0).max(0.001)
         });
         let rate = (counted - self.last_counted) as f64 / secs;
+        let status = node.status(now);
         info!(
             state = node.state().as_str(),
+            epoch = status.epoch,
             counted,
             rate = format!("{rate:.0}/s"),
-            averages = node.windows().averages_published(),
-            last_average = ?node.windows().last_seq(),
+            averages = status.averages_published,
+            last_average = ?status.last_average_seq,
+            lsn = status.lsn,
+            replication = %status.replication,
+            lag = status.lag,
             malformed = node.malformed_frames(),
             "progress"
         );

@@ -7,9 +7,15 @@
 //! heartbeat, how to reach the peer) belongs to the driver. The rules are the
 //! guide's: a node takes over only when its peer has been silent for two
 //! heartbeats *and* a client asks it for service, and a restarted primary
-//! that finds an active backup comes back passive. The one deviation: two
-//! active nodes (a healed partition) do not abort; the backup-role node steps
-//! down so the pair converges on one active node.
+//! that finds an active backup comes back passive.
+//!
+//! Deviations, because the pair replicates and carries epochs: which of two
+//! nodes that are not serving becomes active is decided by rank (epoch, log
+//! position, role; the caller says whether the peer outranks this node)
+//! rather than by role alone, so a primary restarted with older data yields
+//! to a backup with newer data; two active nodes (a healed partition) do not
+//! abort: the outranked one steps down; and a passive that is not caught up
+//! never takes over.
 
 use fog_protocol::NodeState;
 
@@ -40,10 +46,12 @@ impl Role {
 /// An input to the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The peer published a heartbeat carrying this state.
-    Peer(NodeState),
-    /// A client asked this node for service.
-    ClientRequest,
+    /// The peer published a heartbeat carrying this state; `outranks` says
+    /// whether its rank (epoch, log position, role) is above this node's.
+    Peer { state: NodeState, outranks: bool },
+    /// A client asked this node for service; `complete` says whether a
+    /// passive node has all the data it needs to take over.
+    ClientRequest { complete: bool },
 }
 
 /// What one event did.
@@ -103,61 +111,58 @@ impl BinaryStar {
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Step {
         use NodeState::*;
         let from = self.state;
-        if let Event::Peer(_) = event {
+        if let Event::Peer { .. } = event {
             self.peer_expiry_ms = now_ms.saturating_add(2 * self.heartbeat_ms);
         }
         let peer_dead = now_ms >= self.peer_expiry_ms;
         let (to, accepted, note) = match (from, event) {
-            (Primary, Event::Peer(Backup)) => (
-                Active,
-                true,
-                Some("connected to backup (passive), ready as active"),
+            (Active, Event::Peer { state: Active, outranks: true }) => (
+                Passive,
+                false,
+                Some("dual active: the peer outranks this node (newer epoch); stepping down"),
             ),
-            (Primary, Event::Peer(Active)) => (
+            (Active, Event::Peer { state: Active, outranks: false }) => (
+                Active,
+                false,
+                Some("dual active: this node outranks the peer, which will step down"),
+            ),
+            (Active, Event::Peer { .. }) => (Active, true, None),
+            (Primary, Event::Peer { state: Active, .. }) => (
                 Passive,
                 true,
                 Some("connected to backup (active), ready as passive"),
             ),
-            (Backup, Event::Peer(Active)) => (
+            (Backup, Event::Peer { state: Active, .. }) => (
                 Passive,
                 true,
                 Some("connected to primary (active), ready as passive"),
             ),
-            (Active, Event::Peer(Active)) => match self.role {
-                Role::Primary => (
-                    Active,
-                    false,
-                    Some("dual active: peer is active too; the primary stays active"),
-                ),
-                Role::Backup => (
-                    Passive,
-                    false,
-                    Some("dual active: peer is active too; the backup steps down"),
-                ),
-            },
-            (Passive, Event::Peer(Primary)) => (
+            (Passive, Event::Peer { state: Active, .. }) => (Passive, true, None),
+            // Neither node serves: the higher-ranked one takes the lead.
+            (Primary | Backup | Passive, Event::Peer { state: _, outranks: false }) => (
                 Active,
                 true,
-                Some("primary (passive) is restarting, ready as active"),
+                Some(match from {
+                    Primary => "connected to the peer, which does not serve: ready as active",
+                    Backup => "the primary yields (older data): ready as active",
+                    _ => "the peer is not serving and this node outranks it: ready as active",
+                }),
             ),
-            (Passive, Event::Peer(Backup)) => (
-                Active,
-                true,
-                Some("backup (passive) is restarting, ready as active"),
-            ),
-            (Passive, Event::Peer(Passive)) => (
+            (Primary, Event::Peer { outranks: true, state }) if state != Passive => (
                 Passive,
-                false,
-                Some("dual passive: neither node serves until one takes over"),
+                true,
+                Some("the peer has newer data: waiting as passive for it to take the lead"),
             ),
-            (Primary | Passive, Event::ClientRequest) if peer_dead => {
-                let note = (from == Passive)
-                    .then_some("failover: peer expired and a client asked, taking over as active");
-                (Active, true, note)
-            }
-            (Primary | Passive | Backup, Event::ClientRequest) => (from, false, None),
-            (Active, Event::ClientRequest) => (Active, true, None),
-            (_, Event::Peer(_)) => (from, true, None),
+            (Passive, Event::Peer { state: Passive, outranks: true }) => (Passive, true, None),
+            (_, Event::Peer { .. }) => (from, true, None),
+            (Primary, Event::ClientRequest { .. }) if peer_dead => (Active, true, None),
+            (Passive, Event::ClientRequest { complete: true }) if peer_dead => (
+                Active,
+                true,
+                Some("failover: peer expired and a client asked, taking over as active"),
+            ),
+            (Primary | Passive | Backup, Event::ClientRequest { .. }) => (from, false, None),
+            (Active, Event::ClientRequest { .. }) => (Active, true, None),
         };
         self.state = to;
         Step {
@@ -165,6 +170,22 @@ impl BinaryStar {
             to,
             accepted,
             note,
+        }
+    }
+
+    /// Stops serving at once (a newer epoch exists, or this node was paused
+    /// long enough that a takeover may have happened).
+    pub fn step_down(&mut self) -> Step {
+        let from = self.state;
+        self.state = NodeState::Passive;
+        Step { from, to: NodeState::Passive, accepted: true, note: None }
+    }
+
+    /// Starts the peer's expiry afresh: after this node was paused, the
+    /// peer's silence says nothing about the peer.
+    pub fn restart_peer_expiry(&mut self, now_ms: u64) {
+        if self.peer_expiry_ms != 0 {
+            self.peer_expiry_ms = now_ms.saturating_add(2 * self.heartbeat_ms);
         }
     }
 }
@@ -183,6 +204,7 @@ mod tests {
         primary: Option<BinaryStar>,
         backup: Option<BinaryStar>,
         link_up: bool,
+        backup_epoch_ahead: bool,
     }
 
     impl Pair {
@@ -192,6 +214,7 @@ mod tests {
                 primary: Some(BinaryStar::new(Role::Primary, HB)),
                 backup: Some(BinaryStar::new(Role::Backup, HB)),
                 link_up: true,
+                backup_epoch_ahead: false,
             }
         }
 
@@ -202,12 +225,15 @@ mod tests {
                 self.now += HB;
                 let p = self.primary.as_ref().map(|n| n.state());
                 let b = self.backup.as_ref().map(|n| n.state());
+                // Equal data: the primary outranks the backup; after a
+                // takeover the taker's newer epoch outranks.
+                let backup_ahead = self.backup_epoch_ahead;
                 if self.link_up {
                     if let (Some(n), Some(s)) = (self.backup.as_mut(), p) {
-                        n.handle(self.now, Event::Peer(s));
+                        n.handle(self.now, Event::Peer { state: s, outranks: !backup_ahead });
                     }
                     if let (Some(n), Some(s)) = (self.primary.as_mut(), b) {
-                        n.handle(self.now, Event::Peer(s));
+                        n.handle(self.now, Event::Peer { state: s, outranks: backup_ahead });
                     }
                 }
             }
@@ -215,7 +241,7 @@ mod tests {
 
         fn client(node: &mut Option<BinaryStar>, now: u64) -> bool {
             node.as_mut()
-                .is_some_and(|n| n.handle(now, Event::ClientRequest).accepted)
+                .is_some_and(|n| n.handle(now, Event::ClientRequest { complete: true }).accepted)
         }
 
         fn state(node: &Option<BinaryStar>) -> Option<NodeState> {
@@ -227,7 +253,7 @@ mod tests {
     fn primary_started_alone_serves_clients() {
         let mut n = BinaryStar::new(Role::Primary, HB);
         assert_eq!(n.state(), Primary);
-        assert!(n.handle(5_000, Event::ClientRequest).accepted);
+        assert!(n.handle(5_000, Event::ClientRequest { complete: true }).accepted);
         assert_eq!(n.state(), Active);
     }
 
@@ -235,7 +261,7 @@ mod tests {
     fn backup_started_alone_never_serves() {
         let mut n = BinaryStar::new(Role::Backup, HB);
         for t in (0..10_000).step_by(500) {
-            assert!(!n.handle(t, Event::ClientRequest).accepted);
+            assert!(!n.handle(t, Event::ClientRequest { complete: true }).accepted);
         }
         assert_eq!(n.state(), Backup);
     }
@@ -279,6 +305,7 @@ mod tests {
         pair.run(4 * HB);
         let now = pair.now;
         assert!(Pair::client(&mut pair.backup, now));
+        pair.backup_epoch_ahead = true;
         pair.primary = Some(BinaryStar::new(Role::Primary, HB));
         pair.run(2 * HB);
         assert_eq!(Pair::state(&pair.primary), Some(Passive));
@@ -301,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn healed_partition_converges_on_the_primary() {
+    fn healed_partition_converges_on_the_higher_epoch() {
         let mut pair = Pair::new();
         pair.run(2 * HB);
         pair.link_up = false;
@@ -315,20 +342,42 @@ mod tests {
             Pair::client(&mut pair.primary, now),
             "primary keeps serving its clients"
         );
+        pair.backup_epoch_ahead = true; // the backup took over: a newer epoch
         pair.link_up = true;
         pair.run(2 * HB);
-        assert_eq!(Pair::state(&pair.primary), Some(Active));
-        assert_eq!(Pair::state(&pair.backup), Some(Passive));
+        assert_eq!(Pair::state(&pair.primary), Some(Passive));
+        assert_eq!(Pair::state(&pair.backup), Some(Active));
     }
 
     #[test]
-    fn passive_peer_of_a_passive_is_rejected_without_change() {
+    fn a_passive_that_is_not_caught_up_never_takes_over() {
         let mut n = BinaryStar::new(Role::Backup, HB);
-        n.handle(0, Event::Peer(Active));
+        n.handle(0, Event::Peer { state: Active, outranks: true });
         assert_eq!(n.state(), Passive);
-        let step = n.handle(HB, Event::Peer(Passive));
-        assert!(!step.accepted);
+        assert!(!n.handle(10 * HB, Event::ClientRequest { complete: false }).accepted);
+        assert!(n.handle(10 * HB, Event::ClientRequest { complete: true }).accepted);
+    }
+
+    #[test]
+    fn a_primary_with_older_data_yields_to_the_backup() {
+        let mut p = BinaryStar::new(Role::Primary, HB);
+        let mut b = BinaryStar::new(Role::Backup, HB);
+        p.handle(0, Event::Peer { state: Backup, outranks: true });
+        b.handle(0, Event::Peer { state: Primary, outranks: false });
+        assert_eq!((p.state(), b.state()), (Passive, Active));
+        p.handle(HB, Event::Peer { state: Active, outranks: true });
+        assert_eq!(p.state(), Passive);
+    }
+
+    #[test]
+    fn of_two_passive_nodes_the_higher_ranked_takes_the_lead() {
+        let mut n = BinaryStar::new(Role::Backup, HB);
+        n.handle(0, Event::Peer { state: Active, outranks: true });
         assert_eq!(n.state(), Passive);
+        n.handle(HB, Event::Peer { state: Passive, outranks: true });
+        assert_eq!(n.state(), Passive);
+        n.handle(2 * HB, Event::Peer { state: Passive, outranks: false });
+        assert_eq!(n.state(), Active);
     }
 
     #[test]

@@ -11,11 +11,12 @@
 use std::collections::{BTreeSet, HashMap};
 
 use fog_protocol::{Reading, SensorAck, SensorCount};
+use serde::{Deserialize, Serialize};
 
 /// Identifies one run of one sensor: its seqs start again when this changes.
 pub type SensorKey = (u32, u64);
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Ledger {
     next_seq: u64,
     above: BTreeSet<u64>,
@@ -41,10 +42,14 @@ impl Ledger {
 }
 
 /// The counted readings of every sensor incarnation.
-#[derive(Debug, Clone, Default)]
+///
+/// It is part of the replicated state; `duplicates` is not (each node counts
+/// the resends it saw itself).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ingest {
     ledgers: HashMap<SensorKey, Ledger>,
     counted: u64,
+    #[serde(skip)]
     duplicates: u64,
 }
 
@@ -66,6 +71,16 @@ impl Ingest {
         ledger.sum_kmh += u64::from(reading.speed_kmh);
         self.counted += 1;
         true
+    }
+
+    /// Whether `seq` of `key` was counted before.
+    pub fn contains(&self, key: SensorKey, seq: u64) -> bool {
+        self.ledgers.get(&key).is_some_and(|l| l.contains(seq))
+    }
+
+    /// Counts `n` readings that arrived again and were not counted again.
+    pub fn note_duplicates(&mut self, n: u64) {
+        self.duplicates += n;
     }
 
     /// The ack for a batch of `key` that carried `seqs`: the watermark, plus

@@ -3,20 +3,25 @@
 //!
 //! The protocol logic is sans-IO and driven with explicit time:
 //! [`fsm`] (Binary Star states), [`ingest`] (exactly-once counting and acks),
-//! [`windows`] (event-time averages and the average log) and [`node`], which
-//! puts them behind one request/heartbeat/timeout interface. [`driver`] is the
-//! thin tokio + ZeroMQ shell that runs a node as a process, and [`status`] is
-//! the client behind `fog-server status`.
+//! [`windows`] (event-time averages and the average log), [`replica`] (the
+//! replicated state, changed only by log entries) and [`node`], which puts
+//! them and the replication protocol behind one interface of events in and
+//! outputs out. [`wal`] keeps the log and snapshots on disk. [`driver`] is
+//! the thin tokio + ZeroMQ shell that runs a node as a process, and
+//! [`status`] is the client behind `fog-server status`.
 
 pub mod driver;
 pub mod fsm;
 pub mod ingest;
 pub mod node;
+pub mod replica;
 pub mod status;
+pub mod wal;
 pub mod windows;
 
 pub use driver::{ServerConfig, ServerError, run};
 pub use fsm::{BinaryStar, Role};
-pub use node::{Node, NodeConfig};
+pub use node::{ClientToken, Node, NodeConfig, Output};
+pub use wal::FsyncPolicy;
 pub use status::{StatusError, human_summary, query_status};
 pub use windows::WindowConfig;

@@ -1,18 +1,50 @@
-//! One server node without I/O: the Binary Star FSM, the ingest and the
-//! averages behind one interface that the driver feeds with requests,
-//! heartbeats and timeouts, each with the time it happened at.
+//! One server node without I/O: the Binary Star FSM, the replicated state
+//! and the replication protocol behind one interface that a driver (or the
+//! simulation) feeds with client requests, peer messages, "durable up to"
+//! notices from the disk and timeouts, each with the time it happened at,
+//! and drains of [`Output`]s: replies, peer messages, log entries and
+//! snapshots to write.
 //!
-//! Only an active node serves batches and publishes averages; any node
-//! answers a status request. Replication (a later issue) will sit between
-//! accepting a batch and replying to it.
+//! Every change of the replicated state is a [`LogEntry`] written by the
+//! active node, applied locally, appended to the write-ahead log and sent to
+//! the passive. A reply to a batch is held until its entries are durable
+//! here and, while a passive is in sync, durable there too (synchronous
+//! replication; a batch is one entry, so one round trip and one sync).
+//!
+//! A passive joins by asking for a snapshot and then applies the entries
+//! that follow (the Clone pattern); only then may it take over. An active
+//! that loses its passive carries on alone and marks what it writes as
+//! *solo*: should the pair have split, those readings are merged into the
+//! other node when this one steps down. Epochs grow at each takeover; a
+//! node that hears of a newer epoch from its peer or from a host steps down
+//! at once, and so does a node that notices it was paused (its own clock
+//! jumped by more than four heartbeats), so that a node frozen and resumed
+//! never acks as active before it has heard its peer again.
+
+use std::collections::VecDeque;
 
 use fog_protocol::{
-    BatchReply, NodeState, PeerHeartbeat, Reply, Request, SensorBatch, StatusReport,
+    BatchReply, LogEntry, NodeState, PeerHeartbeat, PeerMessage, Reading, Record, Reply, Request,
+    SensorBatch, StatusReport,
 };
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
 
 use crate::fsm::{BinaryStar, Event, Role, Step};
-use crate::ingest::Ingest;
-use crate::windows::{WindowConfig, Windows};
+use crate::replica::{Replica, SnapshotError, UNKNOWN_SEQ};
+use crate::windows::WindowConfig;
+
+/// A clock jump of this many heartbeats means the node was paused.
+const PAUSE_HEARTBEATS: u64 = 4;
+/// A passive repeats a join or merge request after this many heartbeats.
+const RETRY_HEARTBEATS: u64 = 4;
+/// Most readings in one merge message.
+const MERGE_CHUNK_READINGS: usize = 100_000;
+/// Most entries kept for a passive that has not acked them; beyond this it
+/// is dropped and must join again.
+const MAX_TAIL_ENTRIES: usize = 100_000;
+/// An idle active still publishes (and so prunes) this often.
+const PRUNE_EVERY_MS: u64 = 1_000;
 
 /// What a node needs to know at start.
 #[derive(Debug, Clone, Copy)]
@@ -20,27 +52,158 @@ pub struct NodeConfig {
     pub role: Role,
     pub heartbeat_ms: u64,
     pub windows: WindowConfig,
+    /// Write a local snapshot after this many log entries.
+    pub snapshot_every: u64,
+}
+
+/// Identifies the client a reply goes to; chosen by the driver.
+pub type ClientToken = u64;
+
+/// Something the node wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Reply { to: ClientToken, reply: Reply },
+    Peer(PeerMessage),
+    /// Append to the write-ahead log; report with [`Node::handle_durable`].
+    Append(LogEntry),
+    /// Start a new log generation from this snapshot (as of entry `lsn`);
+    /// report with [`Node::handle_durable`] (`snapshot: true`).
+    SaveSnapshot { lsn: u64, bytes: Vec<u8> },
+}
+
+/// What a local snapshot file holds: the replicated state, and the readings
+/// this node accepted alone that its peer may not have.
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalSnapshot {
+    replica: Replica,
+    unconfirmed: Vec<SensorBatch>,
+}
+
+#[derive(Debug)]
+enum Held {
+    Client(ClientToken, Reply),
+    MergeAck(u64),
+}
+
+/// The active's view of a passive that joined.
+#[derive(Debug)]
+struct PassiveView {
+    durable: u64,
+    last_progress_ms: u64,
+}
+
+/// Why a node could not be rebuilt from its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("log entry {lsn}: {why}")]
+    Entry { lsn: u64, why: String },
 }
 
 /// A server node's whole protocol state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Node {
+    cfg: NodeConfig,
     fsm: BinaryStar,
-    ingest: Ingest,
-    windows: Windows,
+    replica: Replica,
+    /// The highest epoch heard of, from anyone.
+    known_epoch: u64,
+    durable_lsn: u64,
+    /// After installing a snapshot, durable reports are ignored until the
+    /// one for the snapshot arrives.
+    awaiting_snapshot_durable: Option<u64>,
+    out: VecDeque<Output>,
+    held: VecDeque<(u64, Held)>,
+    passive: Option<PassiveView>,
+    /// Entries the passive has not made durable yet.
+    tail: VecDeque<LogEntry>,
+    /// `(lsn, readings)` accepted with no passive in sync.
+    unconfirmed: VecDeque<(u64, SensorBatch)>,
+    /// A passive that has its active's state (snapshot installed, no gap
+    /// since), or a node that stepped down from active with its own data.
+    caught_up: bool,
+    last_join_ms: Option<u64>,
+    /// `(merge id, sent at, readings in it)`.
+    merging: Option<(u64, u64, usize)>,
+    next_merge_id: u64,
+    peer: Option<PeerHeartbeat>,
+    next_heartbeat_ms: u64,
+    last_publish_ms: u64,
+    last_now_ms: u64,
+    entries_since_snapshot: u64,
     malformed_frames: u64,
     batches: u64,
+    divergences: u64,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> Self {
         Node {
+            cfg,
             fsm: BinaryStar::new(cfg.role, cfg.heartbeat_ms),
-            ingest: Ingest::new(),
-            windows: Windows::new(cfg.windows),
+            replica: Replica::new(cfg.windows),
+            known_epoch: 0,
+            durable_lsn: 0,
+            awaiting_snapshot_durable: None,
+            out: VecDeque::new(),
+            held: VecDeque::new(),
+            passive: None,
+            tail: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
+            caught_up: false,
+            last_join_ms: None,
+            merging: None,
+            next_merge_id: 1,
+            peer: None,
+            next_heartbeat_ms: 0,
+            last_publish_ms: 0,
+            last_now_ms: 0,
+            entries_since_snapshot: 0,
             malformed_frames: 0,
             batches: 0,
+            divergences: 0,
         }
+    }
+
+    /// Rebuilds a node from a local snapshot (as written by
+    /// [`Output::SaveSnapshot`]) and the log entries that follow it. The
+    /// readings of those entries count as unconfirmed: the node offers them
+    /// to its peer when it rejoins.
+    pub fn recover(cfg: NodeConfig, snapshot: Option<&[u8]>, entries: &[LogEntry]) -> Result<Self, RecoverError> {
+        let mut node = Node::new(cfg);
+        if let Some(bytes) = snapshot {
+            let local: LocalSnapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+            node.replica = local.replica;
+            node.replica.windows.set_config(cfg.windows);
+            let lsn = node.replica.lsn;
+            node.unconfirmed = local.unconfirmed.into_iter().map(|b| (lsn, b)).collect();
+        }
+        for entry in entries {
+            if entry.lsn <= node.replica.lsn {
+                continue;
+            }
+            if let Err(e) = node.replica.apply(entry) {
+                match e {
+                    crate::replica::ApplyError::OutOfOrder { .. } => {
+                        return Err(RecoverError::Entry { lsn: entry.lsn, why: e.to_string() });
+                    }
+                    crate::replica::ApplyError::Diverged { .. } => {
+                        warn!("while replaying the log: {e}");
+                        node.divergences += 1;
+                    }
+                }
+            }
+            // Whether the peer has an entry is not recorded; merging one it
+            // has is harmless (readings are idempotent by id).
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                node.push_unconfirmed(entry.lsn, sensors);
+            }
+            node.entries_since_snapshot += 1;
+        }
+        node.known_epoch = node.replica.epoch;
+        node.durable_lsn = node.replica.lsn;
+        Ok(node)
     }
 
     pub fn role(&self) -> Role {
@@ -51,96 +214,595 @@ impl Node {
         self.fsm.state()
     }
 
-    /// The heartbeat this node publishes to its peer.
-    pub fn heartbeat(&self) -> PeerHeartbeat {
+    pub fn epoch(&self) -> u64 {
+        self.known_epoch
+    }
+
+    pub fn lsn(&self) -> u64 {
+        self.replica.lsn
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// Whether this node waits for a passive before acking.
+    pub fn has_passive_in_sync(&self) -> bool {
+        self.passive.is_some()
+    }
+
+    pub fn caught_up(&self) -> bool {
+        self.caught_up
+    }
+
+    pub fn divergences(&self) -> u64 {
+        self.divergences
+    }
+
+    /// The next thing the node wants done, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The next time [`Node::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut t = self.next_heartbeat_ms;
+        if self.fsm.state() == NodeState::Active {
+            if let Some(w) = self.replica.windows.poll_timeout() {
+                t = t.min(w);
+            }
+        }
+        t
+    }
+
+    fn heartbeat(&self) -> PeerHeartbeat {
         PeerHeartbeat {
             state: self.fsm.state(),
+            epoch: self.known_epoch,
+            lsn: self.replica.lsn,
+            complete: self.complete(),
+            peer_in_sync: self.passive.is_some(),
         }
     }
 
-    /// Answers one client request received at `now_ms`.
-    pub fn handle_request(&mut self, now_ms: u64, request: &Request) -> Reply {
-        self.handle_request_step(now_ms, request).0
+    /// Whether this node could serve with the data it has.
+    fn complete(&self) -> bool {
+        self.fsm.state() != NodeState::Passive || self.caught_up
     }
 
-    /// Like [`Node::handle_request`], also returning the FSM step a batch
-    /// caused, so the driver can log state changes.
-    pub fn handle_request_step(&mut self, now_ms: u64, request: &Request) -> (Reply, Option<Step>) {
-        match request {
-            Request::Status => (Reply::Status(Box::new(self.status(now_ms))), None),
-            Request::Batch { batch_id, sensors } => {
-                let step = self.fsm.handle(now_ms, Event::ClientRequest);
-                let reply = if step.accepted {
-                    Reply::Batch(self.apply_batch(now_ms, *batch_id, sensors))
-                } else {
-                    Reply::NotActive {
-                        state: self.fsm.state(),
-                    }
-                };
-                (reply, Some(step))
+    /// The order in which nodes take the lead: complete before incomplete,
+    /// then newer epoch, then longer log, then the primary.
+    fn outranked_by(&self, peer: &PeerHeartbeat) -> bool {
+        let mine = (self.complete(), self.known_epoch, self.replica.lsn, self.role() == Role::Primary);
+        let theirs = (peer.complete, peer.epoch, peer.lsn, self.role() != Role::Primary);
+        theirs > mine
+    }
+
+    /// Notices a pause: a clock jump of several heartbeats between two
+    /// events means this process was stopped, and the peer may have taken
+    /// over meanwhile.
+    fn observe_time(&mut self, now: u64) {
+        let limit = PAUSE_HEARTBEATS * self.cfg.heartbeat_ms;
+        if self.last_now_ms != 0 && now > self.last_now_ms + limit {
+            self.fsm.restart_peer_expiry(now);
+            if self.fsm.state() == NodeState::Active {
+                let paused = now - self.last_now_ms;
+                self.step_down(now, true, &format!("this node was paused for {paused} ms: stepping down until it hears its peer"));
             }
         }
+        self.last_now_ms = self.last_now_ms.max(now);
     }
 
-    fn apply_batch(&mut self, now_ms: u64, batch_id: u64, sensors: &[SensorBatch]) -> BatchReply {
-        self.batches += 1;
-        let mut acks = Vec::with_capacity(sensors.len());
-        let mut cursors = Vec::with_capacity(sensors.len());
-        for s in sensors {
-            let key = (s.sensor_id, s.incarnation);
-            for r in &s.readings {
-                if self.ingest.admit(key, r) {
-                    self.windows.add(now_ms, s.segment, r);
-                }
-            }
-            acks.push(self.ingest.ack(key, s.readings.iter().map(|r| r.seq)));
-            self.windows.note_cursor(s.sensor_id, s.average_cursor);
-            cursors.push((s.sensor_id, s.average_cursor));
-        }
-        let (averages, missed) = self.windows.reply_for(&cursors);
-        BatchReply {
-            batch_id,
-            acks,
-            averages,
-            missed,
+    fn log_step(&self, step: &Step) {
+        match (step.note, step.accepted) {
+            (Some(note), false) => warn!(from = step.from.as_str(), to = step.to.as_str(), epoch = self.known_epoch, "{note}"),
+            (Some(note), true) => info!(from = step.from.as_str(), to = step.to.as_str(), epoch = self.known_epoch, "{note}"),
+            (None, _) if step.changed() => info!("state {} -> {}", step.from.as_str(), step.to.as_str()),
+            (None, _) => {}
         }
     }
 
-    /// Feeds a heartbeat of the peer received at `now_ms`.
-    pub fn handle_heartbeat(&mut self, now_ms: u64, heartbeat: PeerHeartbeat) -> Step {
-        self.fsm.handle(now_ms, Event::Peer(heartbeat.state))
+    /// After an FSM step: a new active takes a new epoch; an active that
+    /// lost the lead drops what it held.
+    fn after_step(&mut self, now: u64, step: Step) {
+        self.log_step(&step);
+        if step.to == NodeState::Active && step.from != NodeState::Active {
+            self.take_over(now);
+        } else if step.from == NodeState::Active && step.to != NodeState::Active {
+            self.stepped_down(false);
+        }
     }
 
-    /// The next time [`Node::handle_timeout`] has work, if any.
-    pub fn poll_timeout(&self) -> Option<u64> {
-        if self.fsm.state() == NodeState::Active {
-            self.windows.poll_timeout()
+    fn take_over(&mut self, now: u64) {
+        // The primary takes odd epochs and the backup even ones, so two
+        // nodes that take over from the same epoch (cut off from each
+        // other) never share one: an epoch names one node's reign.
+        let parity = u64::from(self.role() == Role::Primary);
+        let mut epoch = self.known_epoch + 1;
+        if epoch % 2 != parity {
+            epoch += 1;
+        }
+        self.known_epoch = epoch;
+        self.passive = None;
+        self.tail.clear();
+        self.merging = None;
+        self.last_join_ms = None;
+        info!(epoch, lsn = self.replica.lsn, "serving as active in epoch {epoch}");
+        self.append(now, Record::EpochChanged { epoch });
+    }
+
+    fn step_down(&mut self, now: u64, keep_caught_up: bool, why: &str) {
+        let step = self.fsm.step_down();
+        let _ = now;
+        if step.from == NodeState::Active {
+            warn!(epoch = self.known_epoch, "{why}");
+            self.stepped_down(keep_caught_up);
         } else {
-            None
+            self.caught_up &= keep_caught_up;
         }
     }
 
-    /// Publishes the averages that are due; returns how many.
-    pub fn handle_timeout(&mut self, now_ms: u64) -> usize {
-        // A node that does not serve must not number averages: with
-        // replication, only the active node's sequence counts.
-        if self.fsm.state() != NodeState::Active {
+    fn stepped_down(&mut self, keep_caught_up: bool) {
+        // Replies not yet released were never acked; hosts send them again.
+        self.held.clear();
+        self.passive = None;
+        self.tail.clear();
+        self.caught_up = keep_caught_up;
+        self.last_join_ms = None;
+    }
+
+    /// Writes one entry as the active: applies it, logs it, replicates it.
+    fn append(&mut self, now: u64, record: Record) {
+        let epoch = match record {
+            Record::EpochChanged { epoch } => epoch,
+            _ => self.replica.epoch,
+        };
+        let mut entry = LogEntry { lsn: self.replica.lsn + 1, epoch, solo: self.passive.is_none(), record };
+        if let Err(e) = self.replica.apply(&entry) {
+            error!("cannot apply an entry this node wrote: {e}");
+            self.divergences += 1;
+            return;
+        }
+        if let Record::AveragesPublished { next_seq, .. } = &mut entry.record {
+            *next_seq = self.replica.windows.next_seq();
+            self.last_publish_ms = now;
+        }
+        if entry.solo {
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                self.push_unconfirmed(entry.lsn, sensors);
+            }
+        }
+        if self.passive.is_some() {
+            self.tail.push_back(entry.clone());
+            self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: vec![entry.clone()] }));
+        }
+        self.out.push_back(Output::Append(entry));
+        self.entries_since_snapshot += 1;
+    }
+
+    /// Drops the passive. What it has not acked becomes unconfirmed (it is
+    /// acked from now on without the passive), and that is made durable in
+    /// a snapshot before any held reply is released.
+    fn go_solo(&mut self) {
+        self.passive = None;
+        let tail = std::mem::take(&mut self.tail);
+        let mut any = false;
+        for entry in &tail {
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                any |= sensors.iter().any(|s| !s.readings.is_empty());
+                self.push_unconfirmed(entry.lsn, sensors);
+            }
+        }
+        if any {
+            self.entries_since_snapshot = self.cfg.snapshot_every;
+            self.maybe_snapshot();
+            self.awaiting_snapshot_durable = Some(self.replica.lsn);
+        }
+        self.release();
+    }
+
+    fn push_unconfirmed(&mut self, lsn: u64, sensors: &[SensorBatch]) {
+        for s in sensors.iter().filter(|s| !s.readings.is_empty()) {
+            self.unconfirmed.push_back((lsn, SensorBatch { average_cursor: None, ..s.clone() }));
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.entries_since_snapshot < self.cfg.snapshot_every {
+            return;
+        }
+        match self.local_snapshot() {
+            Ok(bytes) => {
+                self.entries_since_snapshot = 0;
+                self.out.push_back(Output::SaveSnapshot { lsn: self.replica.lsn, bytes });
+            }
+            Err(e) => error!("cannot encode a snapshot: {e}"),
+        }
+    }
+
+    fn local_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let local = LocalSnapshot {
+            replica: self.replica.clone(),
+            unconfirmed: self.unconfirmed.iter().map(|(_, b)| b.clone()).collect(),
+        };
+        postcard::to_allocvec(&local).map_err(|e| SnapshotError(e.to_string()))
+    }
+
+    /// The highest entry a reply may be released at.
+    fn commit_lsn(&self) -> u64 {
+        if cfg!(feature = "unsafe-early-ack") {
+            return u64::MAX;
+        }
+        if self.awaiting_snapshot_durable.is_some() {
             return 0;
         }
-        self.windows.handle_timeout(now_ms).len()
+        match &self.passive {
+            Some(p) => self.durable_lsn.min(p.durable),
+            None => self.durable_lsn,
+        }
+    }
+
+    fn release(&mut self) {
+        let commit = self.commit_lsn();
+        while self.held.front().is_some_and(|(lsn, _)| *lsn <= commit) {
+            let Some((_, held)) = self.held.pop_front() else { break };
+            self.out.push_back(match held {
+                Held::Client(to, reply) => Output::Reply { to, reply },
+                Held::MergeAck(id) => Output::Peer(PeerMessage::MergeAck { id }),
+            });
+        }
+    }
+
+    /// Handles one client request received at `now`.
+    pub fn handle_request(&mut self, now: u64, to: ClientToken, request: &Request) {
+        self.observe_time(now);
+        match request {
+            Request::Status => {
+                let reply = Reply::Status(Box::new(self.status(now)));
+                self.out.push_back(Output::Reply { to, reply });
+            }
+            Request::Batch { batch_id, epoch, sensors } => {
+                if *epoch > self.known_epoch {
+                    self.known_epoch = *epoch;
+                    self.step_down(now, false, &format!("a host has seen epoch {epoch}: another node took over; stepping down"));
+                }
+                let step = self.fsm.handle(now, Event::ClientRequest { complete: self.complete() });
+                let accepted = step.accepted;
+                self.after_step(now, step);
+                if !accepted {
+                    let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch };
+                    self.out.push_back(Output::Reply { to, reply });
+                    return;
+                }
+                self.batches += 1;
+                let reply = self.accept(now, *batch_id, sensors);
+                self.held.push_back((self.replica.lsn, Held::Client(to, Reply::Batch(reply))));
+                self.release();
+                self.maybe_snapshot();
+            }
+        }
+    }
+
+    /// Writes the readings not counted before (and changed cursors) as one
+    /// entry, and builds the reply.
+    fn accept(&mut self, now: u64, batch_id: u64, sensors: &[SensorBatch]) -> BatchReply {
+        let (record, duplicates) = self.new_readings(sensors, true);
+        self.replica.ingest.note_duplicates(duplicates);
+        if let Some(sensors) = record {
+            self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
+        }
+        let acks = sensors
+            .iter()
+            .map(|s| self.replica.ingest.ack((s.sensor_id, s.incarnation), s.readings.iter().map(|r| r.seq)))
+            .collect();
+        let cursors: Vec<(u32, Option<u64>)> = sensors.iter().map(|s| (s.sensor_id, s.average_cursor)).collect();
+        let (averages, missed) = self.replica.windows.reply_for(&cursors);
+        BatchReply { batch_id, epoch: self.known_epoch, acks, averages, missed }
+    }
+
+    /// The part of `sensors` that changes the state, if any, and how many
+    /// readings were duplicates.
+    fn new_readings(&self, sensors: &[SensorBatch], with_cursors: bool) -> (Option<Vec<SensorBatch>>, u64) {
+        let mut out = Vec::new();
+        let mut duplicates = 0;
+        for s in sensors {
+            let key = (s.sensor_id, s.incarnation);
+            let mut readings: Vec<Reading> = Vec::new();
+            for r in &s.readings {
+                if self.replica.ingest.contains(key, r.seq) || readings.iter().any(|x| x.seq == r.seq) {
+                    duplicates += 1;
+                } else {
+                    readings.push(*r);
+                }
+            }
+            let cursor = s
+                .average_cursor
+                .filter(|&c| with_cursors && self.replica.windows.cursor(s.sensor_id) != Some(c));
+            if !readings.is_empty() || cursor.is_some() {
+                out.push(SensorBatch { readings, average_cursor: cursor, ..s.clone() });
+            }
+        }
+        ((!out.is_empty()).then_some(out), duplicates)
+    }
+
+    /// The disk reports entries up to `lsn` durable (`snapshot`: the report
+    /// is for a snapshot).
+    pub fn handle_durable(&mut self, now: u64, lsn: u64, snapshot: bool) {
+        self.observe_time(now);
+        if let Some(want) = self.awaiting_snapshot_durable {
+            if !(snapshot && lsn == want) {
+                return;
+            }
+            self.awaiting_snapshot_durable = None;
+            self.durable_lsn = lsn;
+        } else {
+            self.durable_lsn = self.durable_lsn.max(lsn);
+        }
+        match self.fsm.state() {
+            NodeState::Active => self.release(),
+            _ if self.caught_up && self.peer.is_some_and(|p| p.state == NodeState::Active) => {
+                self.send_peer(PeerMessage::Ack { epoch: self.known_epoch, durable: self.durable_lsn });
+            }
+            _ => {}
+        }
+    }
+
+    fn send_peer(&mut self, msg: PeerMessage) {
+        self.out.push_back(Output::Peer(msg));
+    }
+
+    /// Handles one message of the peer received at `now`.
+    pub fn handle_peer(&mut self, now: u64, msg: PeerMessage) {
+        self.observe_time(now);
+        match msg {
+            PeerMessage::Heartbeat(hb) => self.handle_heartbeat(now, hb),
+            PeerMessage::Records { epoch, entries } => self.handle_records(now, epoch, entries),
+            PeerMessage::Ack { epoch, durable } => {
+                if self.fsm.state() != NodeState::Active || epoch > self.known_epoch {
+                    return;
+                }
+                if let Some(p) = self.passive.as_mut() {
+                    if durable > p.durable {
+                        p.durable = durable.min(self.replica.lsn);
+                        p.last_progress_ms = now;
+                    }
+                    let d = p.durable;
+                    while self.tail.front().is_some_and(|e| e.lsn <= d) {
+                        self.tail.pop_front();
+                    }
+                    while self.unconfirmed.front().is_some_and(|(lsn, _)| *lsn <= d) {
+                        self.unconfirmed.pop_front();
+                    }
+                    self.release();
+                }
+            }
+            PeerMessage::Join { epoch } => {
+                if self.newer_epoch(now, epoch) || self.fsm.state() != NodeState::Active {
+                    return;
+                }
+                if self.passive.is_some() {
+                    // It lost what it had (restarted, or missed entries).
+                    self.go_solo();
+                }
+                match self.replica.encode() {
+                    Ok(state) => {
+                        info!(lsn = self.replica.lsn, bytes = state.len(), "the passive joins: sending a snapshot");
+                        self.send_peer(PeerMessage::Snapshot { epoch: self.known_epoch, lsn: self.replica.lsn, state });
+                        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now });
+                        self.tail.clear();
+                    }
+                    Err(e) => error!("cannot encode a snapshot for the passive: {e}"),
+                }
+            }
+            PeerMessage::Snapshot { epoch, lsn, state } => {
+                if self.fsm.state() == NodeState::Active || epoch < self.known_epoch || !self.unconfirmed.is_empty() {
+                    return;
+                }
+                if self.last_join_ms.is_none() {
+                    return; // not asked for (or already installed)
+                }
+                match Replica::decode(&state, self.cfg.windows) {
+                    Ok(replica) => {
+                        info!(lsn, epoch, "caught up from the active's snapshot");
+                        self.known_epoch = epoch;
+                        self.replica = replica;
+                        self.caught_up = true;
+                        self.last_join_ms = None;
+                        self.entries_since_snapshot = 0;
+                        self.awaiting_snapshot_durable = Some(lsn);
+                        match self.local_snapshot() {
+                            Ok(bytes) => self.out.push_back(Output::SaveSnapshot { lsn, bytes }),
+                            Err(e) => error!("cannot encode a snapshot: {e}"),
+                        }
+                    }
+                    Err(e) => warn!("dropped an undecodable snapshot from the active: {e}"),
+                }
+            }
+            PeerMessage::Merge { epoch, id, sensors } => {
+                if self.newer_epoch(now, epoch) || self.fsm.state() != NodeState::Active {
+                    return;
+                }
+                if self.passive.is_some() {
+                    warn!("the passive restarted: carrying on alone until it has joined again");
+                    self.go_solo();
+                }
+                let (record, _) = self.new_readings(&sensors, false);
+                let n: usize = record.iter().flatten().map(|s| s.readings.len()).sum();
+                if let Some(sensors) = record {
+                    info!(readings = n, "merging readings the peer accepted alone");
+                    self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
+                }
+                self.held.push_back((self.replica.lsn, Held::MergeAck(id)));
+                self.release();
+            }
+            PeerMessage::MergeAck { id } => {
+                if let Some((want, _, n)) = self.merging {
+                    if want == id {
+                        let mut left = n;
+                        while left > 0 {
+                            let Some((_, b)) = self.unconfirmed.pop_front() else { break };
+                            left = left.saturating_sub(b.readings.len());
+                        }
+                        self.merging = None;
+                        info!(readings = n, "the active has the readings this node accepted alone");
+                        if self.unconfirmed.is_empty() {
+                            // Persist that they are merged, so a restart does not
+                            // merge them again (harmless, but slow).
+                            self.entries_since_snapshot = self.cfg.snapshot_every;
+                            self.maybe_snapshot();
+                        }
+                        self.rejoin(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Steps down (if active) when `epoch` is newer than any known.
+    fn newer_epoch(&mut self, now: u64, epoch: u64) -> bool {
+        if epoch <= self.known_epoch {
+            return false;
+        }
+        self.known_epoch = epoch;
+        self.step_down(now, false, &format!("the peer is in epoch {epoch}: stepping down"));
+        true
+    }
+
+    fn handle_heartbeat(&mut self, now: u64, hb: PeerHeartbeat) {
+        self.peer = Some(hb);
+        self.newer_epoch(now, hb.epoch);
+        if self.passive.is_some() && matches!(hb.state, NodeState::Primary | NodeState::Backup) {
+            warn!("the passive restarted: carrying on alone until it has joined again");
+            self.go_solo();
+        }
+        if self.fsm.state() == NodeState::Passive && hb.state == NodeState::Active && self.caught_up && !hb.peer_in_sync && self.last_join_ms.is_none() {
+            // The active does not count this node as in sync (it went on
+            // alone, or this node stepped down to it): join again.
+            self.caught_up = false;
+        }
+        let outranks = self.outranked_by(&hb);
+        let step = self.fsm.handle(now, Event::Peer { state: hb.state, outranks });
+        self.after_step(now, step);
+        if self.fsm.state() == NodeState::Passive && hb.state == NodeState::Active && !self.caught_up {
+            self.rejoin(now);
+        }
+    }
+
+    /// A passive that is not caught up: first hand over readings accepted
+    /// alone, then ask for a snapshot; each repeated if unanswered.
+    fn rejoin(&mut self, now: u64) {
+        let retry = RETRY_HEARTBEATS * self.cfg.heartbeat_ms;
+        if !self.unconfirmed.is_empty() {
+            if self.merging.is_some_and(|(_, at, _)| now < at + retry) {
+                return;
+            }
+            let id = self.next_merge_id;
+            self.next_merge_id += 1;
+            let mut sensors = Vec::new();
+            let mut n = 0;
+            for (_, b) in &self.unconfirmed {
+                if n >= MERGE_CHUNK_READINGS {
+                    break;
+                }
+                n += b.readings.len();
+                sensors.push(b.clone());
+            }
+            info!(readings = n, "handing readings accepted alone to the active");
+            self.merging = Some((id, now, n));
+            self.send_peer(PeerMessage::Merge { epoch: self.known_epoch, id, sensors });
+            return;
+        }
+        if self.caught_up || self.last_join_ms.is_some_and(|at| now < at + retry) {
+            return;
+        }
+        self.last_join_ms = Some(now);
+        self.send_peer(PeerMessage::Join { epoch: self.known_epoch });
+    }
+
+    fn handle_records(&mut self, now: u64, epoch: u64, entries: Vec<LogEntry>) {
+        if self.fsm.state() == NodeState::Active {
+            self.newer_epoch(now, epoch);
+            return;
+        }
+        if epoch < self.known_epoch || !self.caught_up {
+            return;
+        }
+        self.known_epoch = self.known_epoch.max(epoch);
+        let mut applied = false;
+        for entry in entries {
+            if entry.lsn <= self.replica.lsn {
+                continue;
+            }
+            if let Err(e) = self.replica.apply(&entry) {
+                match e {
+                    crate::replica::ApplyError::OutOfOrder { .. } => {
+                        info!("missed log entries ({e}): joining again");
+                        self.caught_up = false;
+                        self.rejoin(now);
+                        return;
+                    }
+                    crate::replica::ApplyError::Diverged { .. } => {
+                        error!("replica diverged from the active: {e}");
+                        self.divergences += 1;
+                    }
+                }
+            }
+            applied = true;
+            self.entries_since_snapshot += 1;
+            self.out.push_back(Output::Append(entry));
+        }
+        if applied {
+            self.maybe_snapshot();
+        } else {
+            // A resend of entries already applied: the ack was lost.
+            self.send_peer(PeerMessage::Ack { epoch: self.known_epoch, durable: self.durable_lsn });
+        }
+    }
+
+    /// Heartbeats, the peer's expiry, resends to the passive, publication of
+    /// due averages, retries of joins and merges.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.observe_time(now);
+        let hb = self.cfg.heartbeat_ms;
+        if self.fsm.state() == NodeState::Active {
+            if self.passive.is_some() && !self.fsm.peer_alive(now) {
+                warn!(lsn = self.replica.lsn, "the passive is gone: carrying on alone");
+                self.go_solo();
+            }
+            if self.tail.len() > MAX_TAIL_ENTRIES {
+                warn!("the passive fell {} entries behind: carrying on alone until it joins again", self.tail.len());
+                self.go_solo();
+            }
+            if let Some(p) = self.passive.as_mut() {
+                if p.durable < self.replica.lsn && now >= p.last_progress_ms + 2 * hb {
+                    p.last_progress_ms = now;
+                    let entries: Vec<LogEntry> = self.tail.iter().cloned().collect();
+                    if !entries.is_empty() {
+                        self.send_peer(PeerMessage::Records { epoch: self.known_epoch, entries });
+                    }
+                }
+            }
+            let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= now);
+            let prune = now >= self.last_publish_ms + PRUNE_EVERY_MS && !self.replica.windows.is_idle();
+            if due || prune {
+                self.append(now, Record::AveragesPublished { now_ms: now, next_seq: UNKNOWN_SEQ });
+                self.maybe_snapshot();
+            }
+        } else if self.fsm.state() == NodeState::Passive
+            && self.peer.is_some_and(|p| p.state == NodeState::Active)
+            && self.fsm.peer_alive(now)
+        {
+            self.rejoin(now);
+        }
+        if now >= self.next_heartbeat_ms {
+            self.next_heartbeat_ms = now + hb;
+            self.send_peer(PeerMessage::Heartbeat(self.heartbeat()));
+        }
     }
 
     /// Counts a frame that was dropped before it became a request.
     pub fn record_malformed(&mut self) {
         self.malformed_frames += 1;
-    }
-
-    pub fn ingest(&self) -> &Ingest {
-        &self.ingest
-    }
-
-    pub fn windows(&self) -> &Windows {
-        &self.windows
     }
 
     pub fn malformed_frames(&self) -> u64 {
@@ -151,264 +813,51 @@ impl Node {
         self.batches
     }
 
-    pub fn status(&self, now_ms: u64) -> StatusReport {
+    fn replication(&self) -> (String, u64) {
+        match self.fsm.state() {
+            NodeState::Active => match &self.passive {
+                Some(p) => ("active, in sync with the passive".into(), self.replica.lsn.saturating_sub(p.durable)),
+                None => ("active, alone (no passive in sync)".into(), 0),
+            },
+            NodeState::Passive => {
+                let behind = self.peer.map_or(0, |p| p.lsn.saturating_sub(self.replica.lsn));
+                if self.merging.is_some() {
+                    ("passive, merging readings it accepted alone into the active".into(), behind)
+                } else if self.caught_up {
+                    ("passive, caught up".into(), behind)
+                } else {
+                    ("passive, catching up (may not take over)".into(), behind)
+                }
+            }
+            _ => ("waiting for the peer".into(), 0),
+        }
+    }
+
+    pub fn status(&self, now: u64) -> StatusReport {
+        let (replication, lag) = self.replication();
+        let w = &self.replica.windows;
         StatusReport {
             role: self.fsm.role().as_str().to_string(),
             state: self.fsm.state(),
-            counted: self.ingest.counted(),
-            duplicates: self.ingest.duplicates(),
-            averages_published: self.windows.averages_published(),
-            revisions_published: self.windows.revisions_published(),
-            last_average_seq: self.windows.last_seq(),
-            too_late: self.windows.too_late(),
+            epoch: self.known_epoch,
+            lsn: self.replica.lsn,
+            durable_lsn: self.durable_lsn,
+            replication,
+            lag,
+            unconfirmed: self.unconfirmed.iter().map(|(_, b)| b.readings.len() as u64).sum(),
+            counted: self.replica.ingest.counted(),
+            duplicates: self.replica.ingest.duplicates(),
+            averages_published: w.averages_published(),
+            revisions_published: w.revisions_published(),
+            last_average_seq: w.last_seq(),
+            too_late: w.too_late(),
             malformed_frames: self.malformed_frames,
             batches: self.batches,
-            peer_alive: self.fsm.peer_alive(now_ms),
-            per_sensor: self.ingest.per_sensor(),
+            peer_alive: self.fsm.peer_alive(now),
+            per_sensor: self.replica.ingest.per_sensor(),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fog_protocol::{Average, Reading};
-
-    const T0: u64 = 1_700_000_000_000;
-    const HB: u64 = 250;
-
-    fn node(role: Role) -> Node {
-        Node::new(NodeConfig {
-            role,
-            heartbeat_ms: HB,
-            windows: WindowConfig::default(),
-        })
-    }
-
-    fn batch(id: u64, sensor: u32, seqs: &[u64], ts: u64, cursor: Option<u64>) -> Request {
-        Request::Batch {
-            batch_id: id,
-            sensors: vec![SensorBatch {
-                sensor_id: sensor,
-                incarnation: 42,
-                segment: 0,
-                readings: seqs
-                    .iter()
-                    .map(|&seq| Reading {
-                        seq,
-                        speed_kmh: 100,
-                        timestamp_ms: ts,
-                    })
-                    .collect(),
-                average_cursor: cursor,
-            }],
-        }
-    }
-
-    fn batch_reply(reply: Reply) -> BatchReply {
-        match reply {
-            Reply::Batch(b) => b,
-            other => panic!("expected a batch reply, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn an_active_primary_acks_counts_and_publishes() {
-        let mut n = node(Role::Primary);
-        let b = batch_reply(n.handle_request(T0, &batch(1, 5, &[0, 1, 2], T0, None)));
-        assert_eq!(b.batch_id, 1);
-        assert_eq!(b.acks[0].next_seq, 3);
-        assert!(b.averages.is_empty());
-        assert_eq!(n.state(), NodeState::Active);
-        assert_eq!(n.poll_timeout(), Some(T0 + 2_000));
-        assert_eq!(n.handle_timeout(T0 + 2_000), 1);
-        let b = batch_reply(n.handle_request(T0 + 2_100, &batch(2, 6, &[0], T0 + 2_000, None)));
-        assert_eq!(
-            b.averages.len(),
-            1,
-            "a new sensor gets the newest average at once"
-        );
-        assert_eq!(b.averages[0].count, 3);
-        let st = n.status(T0 + 2_100);
-        assert_eq!((st.counted, st.batches, st.averages_published), (4, 2, 1));
-        assert_eq!(st.per_sensor.len(), 2);
-    }
-
-    #[test]
-    fn a_passive_node_says_so_and_counts_nothing() {
-        let mut n = node(Role::Backup);
-        n.handle_heartbeat(
-            T0,
-            PeerHeartbeat {
-                state: NodeState::Active,
-            },
-        );
-        let reply = n.handle_request(T0 + 10, &batch(1, 5, &[0], T0, None));
-        assert_eq!(
-            reply,
-            Reply::NotActive {
-                state: NodeState::Passive
-            }
-        );
-        assert_eq!(n.ingest().counted(), 0);
-        assert!(matches!(
-            n.handle_request(T0, &Request::Status),
-            Reply::Status(_)
-        ));
-        // The peer dies; the next batch fails over.
-        let b = batch_reply(n.handle_request(T0 + 2 * HB, &batch(2, 5, &[0], T0, None)));
-        assert_eq!(b.acks[0].next_seq, 1);
-        assert_eq!(n.state(), NodeState::Active);
-    }
-
-    #[test]
-    fn resent_batches_are_acked_again_but_counted_once() {
-        let mut n = node(Role::Primary);
-        let req = batch(1, 5, &[0, 1], T0, None);
-        n.handle_request(T0, &req);
-        let b = batch_reply(n.handle_request(T0 + 1, &req));
-        assert_eq!(b.acks[0].next_seq, 2);
-        let st = n.status(T0);
-        assert_eq!((st.counted, st.duplicates), (2, 2));
-        assert_eq!(st.per_sensor[0].sum_kmh, 200);
-    }
-
-    /// A seeded simulation: hosts resend unacked readings over a link that
-    /// loses requests and replies, and delays some readings by seconds. Every
-    /// reading must be counted once, every sensor must see a gap-free run of
-    /// averages, and the last revision of every window must match the truth.
-    #[test]
-    fn simulated_lossy_hosts_count_every_reading_once() {
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-        use std::collections::{BTreeMap, HashMap};
-
-        for seed in 0..40u64 {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut n = node(Role::Primary);
-            const SENSORS: u32 = 6;
-            // Per sensor: readings not yet acked (with the time they may
-            // first be sent), next seq, cursor, applied average seqs.
-            let mut unacked: Vec<BTreeMap<u64, (Reading, u64)>> =
-                vec![BTreeMap::new(); SENSORS as usize];
-            let mut next_seq = vec![0u64; SENSORS as usize];
-            let mut cursor: Vec<Option<u64>> = vec![None; SENSORS as usize];
-            let mut applied: Vec<Vec<u64>> = vec![Vec::new(); SENSORS as usize];
-            let mut truth: HashMap<u64, (u64, u64)> = HashMap::new(); // bucket -> (count, sum)
-            let mut latest: HashMap<u64, Average> = HashMap::new(); // window end -> last revision
-            let mut all_seqs = Vec::new();
-            let mut batch_id = 0;
-            let mut now = T0;
-            let end = T0 + 60_000;
-            while now < end + 20_000 {
-                now += 100;
-                if now < end && now.is_multiple_of(1_000) {
-                    for s in 0..SENSORS as usize {
-                        let r = Reading {
-                            seq: next_seq[s],
-                            speed_kmh: rng.random_range(70..=120),
-                            timestamp_ms: now,
-                        };
-                        next_seq[s] += 1;
-                        let delay = if rng.random_bool(0.1) {
-                            rng.random_range(1_000..4_000)
-                        } else {
-                            0
-                        };
-                        unacked[s].insert(r.seq, (r, now + delay));
-                        let t = truth.entry(now - now % 1_000).or_default();
-                        t.0 += 1;
-                        t.1 += u64::from(r.speed_kmh);
-                    }
-                }
-                if now.is_multiple_of(200) {
-                    batch_id += 1;
-                    let sensors: Vec<SensorBatch> = (0..SENSORS as usize)
-                        .map(|s| SensorBatch {
-                            sensor_id: s as u32,
-                            incarnation: 9,
-                            segment: 0,
-                            readings: unacked[s]
-                                .values()
-                                .filter(|(_, at)| *at <= now)
-                                .map(|(r, _)| *r)
-                                .collect(),
-                            average_cursor: cursor[s],
-                        })
-                        .collect();
-                    let req = Request::Batch { batch_id, sensors };
-                    if !rng.random_bool(0.2) {
-                        let reply = batch_reply(n.handle_request(now, &req));
-                        if !rng.random_bool(0.2) {
-                            for ack in &reply.acks {
-                                let s = ack.sensor_id as usize;
-                                unacked[s]
-                                    .retain(|&q, _| q >= ack.next_seq && !ack.also.contains(&q));
-                            }
-                            for s in 0..SENSORS as usize {
-                                for a in &reply.averages {
-                                    if cursor[s].is_none_or(|c| a.seq > c) {
-                                        applied[s].push(a.seq);
-                                        cursor[s] = Some(a.seq);
-                                    }
-                                }
-                            }
-                            assert!(reply.missed.is_empty(), "seed {seed}: nothing ages out");
-                        }
-                    }
-                }
-                if n.poll_timeout().is_some_and(|t| t <= now) {
-                    n.handle_timeout(now);
-                }
-                for a in n.windows().retained() {
-                    if all_seqs.last().is_none_or(|&l| a.seq > l) {
-                        all_seqs.push(a.seq);
-                        latest.insert(a.window_end_ms, *a);
-                    }
-                }
-            }
-            let generated: u64 = next_seq.iter().sum();
-            assert!(
-                unacked.iter().all(|u| u.is_empty()),
-                "seed {seed}: readings left unacked"
-            );
-            assert_eq!(n.ingest().counted(), generated, "seed {seed}");
-            assert_eq!(
-                all_seqs,
-                (1..=all_seqs.len() as u64).collect::<Vec<_>>(),
-                "seed {seed}"
-            );
-            for (s, seqs) in applied.iter().enumerate() {
-                let first = seqs.first().copied().unwrap_or(1);
-                let expect: Vec<u64> = (first..first + seqs.len() as u64).collect();
-                assert_eq!(seqs, &expect, "seed {seed}: sensor {s} saw a gap");
-            }
-            for b in truth.keys() {
-                for k in 1..=5 {
-                    assert!(
-                        latest.contains_key(&(b + k * 1_000)),
-                        "seed {seed}: window unpublished"
-                    );
-                }
-            }
-            for (end_ms, a) in &latest {
-                let (mut count, mut sum) = (0, 0);
-                for b in (end_ms - 5_000..*end_ms).step_by(1_000) {
-                    if let Some(t) = truth.get(&b) {
-                        count += t.0;
-                        sum += t.1;
-                    }
-                }
-                assert_eq!(
-                    (u64::from(a.count), a.sum_kmh),
-                    (count, sum),
-                    "seed {seed}: window {end_ms}"
-                );
-            }
-            assert!(
-                n.windows().revisions_published() > 0,
-                "seed {seed}: the delays make revisions"
-            );
-        }
-    }
-}
+mod tests;

@@ -21,6 +21,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use fog_protocol::{Average, MAX_AVERAGES_PER_REPLY, Missed, Reading};
+use serde::{Deserialize, Serialize};
 
 /// Length of one averaging window.
 pub const WINDOW_MS: u64 = 5_000;
@@ -54,27 +55,32 @@ impl Default for WindowConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Tally {
     count: u64,
     sum_kmh: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Published {
     tally: Tally,
     revision: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Logged {
     published_at_ms: u64,
     average: Average,
 }
 
 /// Buckets, windows and the average log of all segments.
-#[derive(Debug, Clone)]
+///
+/// Part of the replicated state: every field that decides a later
+/// publication is serialized; the configuration comes from the flags of the
+/// node that loads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Windows {
+    #[serde(skip)]
     cfg: WindowConfig,
     /// `(segment, bucket start) -> tally`
     buckets: HashMap<(u32, u64), Tally>,
@@ -86,6 +92,7 @@ pub struct Windows {
     /// The bucket of each segment whose windows are already in `due`; spares
     /// five set inserts per reading in the common case. Cleared whenever
     /// `due` shrinks.
+    #[serde(skip)]
     last_touched: HashMap<u32, u64>,
     /// Contiguous in seq, oldest first.
     log: VecDeque<Logged>,
@@ -94,6 +101,7 @@ pub struct Windows {
     too_late: u64,
     averages_published: u64,
     revisions_published: u64,
+    #[serde(skip)]
     jump_logged: bool,
     last_prune_ms: u64,
 }
@@ -119,6 +127,21 @@ impl Windows {
 
     pub fn config(&self) -> &WindowConfig {
         &self.cfg
+    }
+
+    /// Puts a configuration on windows loaded from a snapshot.
+    pub fn set_config(&mut self, cfg: WindowConfig) {
+        self.cfg = cfg;
+    }
+
+    /// Whether nothing is left to publish or prune.
+    pub fn is_idle(&self) -> bool {
+        self.due.is_empty() && self.buckets.is_empty() && self.published.is_empty() && self.log.is_empty()
+    }
+
+    /// The seq the next publication will take.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// Adds a newly counted reading of `segment`; returns false if it lies

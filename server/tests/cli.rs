@@ -1,7 +1,8 @@
 //! Tests of the real `fog-server` binary: what an operator sees on bad
 //! flags and errors, and what a client sees from a running node (malformed
 //! frames dropped and counted, batches still served, `status --json`,
-//! failover of a pair, clean shutdown on SIGTERM).
+//! failover of a pair, clean shutdown on SIGTERM, counts that survive
+//! `kill -9`, a corrupt log refused with its file and offset).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
@@ -20,6 +21,19 @@ fn free_port() -> u16 {
 
 fn endpoint(port: u16) -> String {
     format!("tcp://127.0.0.1:{port}")
+}
+
+/// A fresh, empty data directory for one server of one test.
+fn data_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fog-server-cli-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// A server process on free ports, killed on drop.
@@ -46,8 +60,14 @@ impl Ports {
 
 impl Server {
     fn start(role: &str, ports: &Ports) -> Server {
+        Server::start_in(role, ports, &data_dir(role.trim_start_matches('-')))
+    }
+
+    fn start_in(role: &str, ports: &Ports, dir: &std::path::Path) -> Server {
         let child = Command::new(BIN)
             .arg(role)
+            .arg("--data-dir")
+            .arg(dir)
             .args(["--frontend", &endpoint(ports.frontend)])
             .args(["--state-bind", &endpoint(ports.state_bind)])
             .args(["--state-connect", &endpoint(ports.state_connect)])
@@ -153,6 +173,7 @@ fn batch(batch_id: u64, sensor_id: u32, seqs: std::ops::Range<u64>) -> Request {
         .as_millis() as u64;
     Request::Batch {
         batch_id,
+        epoch: 0,
         sensors: vec![SensorBatch {
             sensor_id,
             incarnation: 77,
@@ -189,6 +210,11 @@ fn bad_flags_exit_non_zero_with_a_message() {
     let out = run(&["--primary", "--heartbeat", "0s"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --heartbeat"));
+
+    let out = run(&["--primary", "--fsync", "sometimes"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--fsync") && err.contains("always, batch or never"), "{err}");
 }
 
 #[test]
@@ -202,6 +228,8 @@ fn help_is_written_for_people() {
         "--frontend",
         "--heartbeat",
         "--retain-averages",
+        "--data-dir",
+        "--fsync",
         "status",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
@@ -225,8 +253,11 @@ fn status_of_a_missing_server_is_one_error_line() {
 fn an_address_in_use_is_one_error_line() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
+    let dir = data_dir("in-use");
     let out = run(&[
         "--primary",
+        "--data-dir",
+        dir.to_str().expect("utf-8 temp dir"),
         "--frontend",
         &endpoint(port),
         "--state-bind",
@@ -362,4 +393,107 @@ fn sigterm_ends_the_server_cleanly() {
         assert!(Instant::now() < deadline, "still running 5 s after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_readings_survive_kill_9_and_a_restart() {
+    let dir = data_dir("kill9");
+    let ports = Ports::free();
+    let mut server = Server::start_in("--primary", &ports, &dir);
+    let mut client = Client::connect(&server.frontend).await;
+    for (i, start) in (0..500u64).step_by(50).enumerate() {
+        match client.request(&batch(i as u64 + 1, 9, start..start + 50)).await {
+            Reply::Batch(b) => assert_eq!(b.acks[0].next_seq, start + 50),
+            other => panic!("expected a batch reply, got {other:?}"),
+        }
+    }
+    let before = server.status();
+    assert_eq!(before["counted"], 500);
+    server.child.kill().expect("kill -9");
+    let _ = server.child.wait();
+    drop(server);
+
+    let server = Server::start_in("--primary", &ports, &dir);
+    let after = server.status();
+    assert_eq!(after["counted"], 500, "every acked reading is back: {after}");
+    assert_eq!(after["per_sensor"], before["per_sensor"]);
+    // Resent after the restart: acked, not counted again.
+    let mut client = Client::connect(&server.frontend).await;
+    match client.request(&batch(99, 9, 400..500)).await {
+        Reply::Batch(b) => assert_eq!(b.acks[0].next_seq, 500),
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+    let served = server.status();
+    assert_eq!(served["counted"], 500);
+    assert!(served["epoch"].as_u64() > before["epoch"].as_u64(), "serving again is a new epoch: {served}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_corrupt_in_the_middle_is_refused_with_its_file_and_offset() {
+    let dir = data_dir("corrupt");
+    let ports = Ports::free();
+    let mut server = Server::start_in("--primary", &ports, &dir);
+    let mut client = Client::connect(&server.frontend).await;
+    for i in 0..5u64 {
+        assert!(matches!(client.request(&batch(i + 1, 1, i * 10..i * 10 + 10)).await, Reply::Batch(_)));
+    }
+    server.child.kill().expect("kill -9");
+    let _ = server.child.wait();
+    drop(server);
+
+    let wal = std::fs::read_dir(&dir)
+        .expect("data dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("wal.")))
+        .expect("a log file");
+    let mut bytes = std::fs::read(&wal).expect("read the log");
+    // The first record's payload: corrupt, with good records after it.
+    bytes[10] ^= 0xff;
+    std::fs::write(&wal, &bytes).expect("write the log");
+    let out = run(&["--primary", "--data-dir", dir.to_str().expect("utf-8"), "--frontend", &endpoint(free_port()), "--state-bind", &endpoint(free_port())]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(line.contains(&wal.display().to_string()) && line.contains("offset 0"), "{err}");
+
+    // A torn tail instead (the last record cut short) is truncated and
+    // logged; what it held was never acked.
+    bytes[10] ^= 0xff;
+    let last_counts = last_record_counts_readings(&bytes);
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(&wal, &bytes).expect("write the log");
+    let log_path = dir.with_extension("log");
+    let child = Command::new(BIN)
+        .args(["--primary", "--data-dir", dir.to_str().expect("utf-8")])
+        .args(["--frontend", &endpoint(ports.frontend), "--state-bind", &endpoint(ports.state_bind)])
+        .args(["--state-connect", &endpoint(ports.state_connect)])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .spawn()
+        .expect("start fog-server");
+    let server = Server { child, frontend: endpoint(ports.frontend) };
+    server.wait_ready();
+    let expected = if last_counts { 40 } else { 50 };
+    assert_eq!(server.status()["counted"], expected, "everything before the torn record is back");
+    drop(server);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("torn write at the end of the log: truncated"), "{log}");
+    let _ = std::fs::remove_file(&log_path);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether the last record of a log holds readings (rather than, say, a
+/// publication of averages), read with the log's own framing.
+fn last_record_counts_readings(log: &[u8]) -> bool {
+    let mut at = 0;
+    let mut last = None;
+    while at + 8 <= log.len() {
+        let len = u32::from_le_bytes([log[at], log[at + 1], log[at + 2], log[at + 3]]) as usize;
+        last = Some(&log[at + 8..at + 8 + len]);
+        at += 8 + len;
+    }
+    let entry: fog_protocol::LogEntry = decode(last.expect("a record")).expect("a log entry");
+    matches!(entry.record, fog_protocol::Record::ReadingsAccepted { .. })
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use fog_server::{Role, ServerConfig, WindowConfig};
+use fog_server::{FsyncPolicy, Role, ServerConfig, WindowConfig};
 use tracing_subscriber::EnvFilter;
 
 /// One node of a fog server pair: acks, deduplicates and averages the
@@ -20,6 +20,10 @@ use tracing_subscriber::EnvFilter;
 /// ZeroMQ guide's Binary Star pattern: the node that is active serves sensor
 /// hosts, the other answers "not active" and takes over when its peer has
 /// gone silent and a host asks it for service.
+///
+/// The active node acks a reading only once it is in its write-ahead log
+/// and, while the passive is in sync, in the passive's too: an acked reading
+/// survives the death of either node, or of both.
 #[derive(Parser, Debug)]
 #[command(name = "fog-server", version)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -53,6 +57,22 @@ struct Cli {
     /// for the backup].
     #[arg(long, value_name = "ADDR")]
     state_connect: Option<String>,
+
+    /// Where this node keeps its write-ahead log and snapshots; it recovers
+    /// from them on start [default: ./fog-data/primary or ./fog-data/backup].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+
+    /// When the log is synced to disk before a reading is acked: `batch`
+    /// syncs once per group of batches (group commit), `always` after every
+    /// log entry, `never` leaves it to the OS (a power loss may then lose
+    /// acked readings; a crash of the process does not).
+    #[arg(long, value_name = "POLICY", default_value = "batch")]
+    fsync: FsyncPolicy,
+
+    /// Write a snapshot (and start a fresh log) after this many log entries.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    snapshot_every: u64,
 
     /// Interval between heartbeats; the peer counts as dead after two missed.
     #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
@@ -155,6 +175,9 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             retain_averages: cli.retain_averages,
             retain_age_ms: ms(cli.retain_age),
         },
+        data_dir: cli.data_dir.clone().unwrap_or(reference.data_dir),
+        fsync: cli.fsync,
+        snapshot_every: cli.snapshot_every.max(1),
     })
 }
 

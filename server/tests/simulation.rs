@@ -1,0 +1,586 @@
+//! Deterministic simulation of a server pair and a host of sensors, in one
+//! process on simulated time, driving the real sans-IO [`Node`]s.
+//!
+//! A seed decides everything: message loss, delay and duplication on every
+//! link, crashes and restarts of either or both servers (what was not yet
+//! durable is lost; the node recovers from its simulated disk), partitions
+//! of the link between the servers, and pauses (a node frozen while the
+//! world goes on, as with SIGSTOP). The host behaves like `fog-host`: one
+//! batch in flight, resent unchanged to the other server on a timeout or a
+//! "not active" reply, the highest epoch seen carried in every request; its
+//! sensors resend unacked readings after a while.
+//!
+//! After every run the checks are: every reading acked and counted exactly
+//! once by the node left active (and by its passive once caught up), at
+//! most one node acking per epoch, no sensor saw a gap or two different
+//! averages under one seq, replicas never diverged. A failure names its
+//! seed; `FOG_SIM_SEED=n cargo test --release -p fog-server --test
+//! simulation one_seed -- --nocapture` replays it, and `FOG_SIM_SEEDS=n`
+//! changes how many seeds the sweep runs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use fog_protocol::{
+    Average, LogEntry, NodeState, PeerMessage, Reading, Reply, Request, SensorBatch,
+};
+use fog_server::{Node, NodeConfig, Output, Role, WindowConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const HB: u64 = 50;
+const T0: u64 = 1_700_000_000_000;
+const SENSORS: usize = 4;
+const GENERATE_UNTIL: u64 = 10_000;
+const FAULTS_UNTIL: u64 = 9_000;
+const RUN_UNTIL: u64 = 24_000;
+const HOST_TIMEOUT: u64 = 200;
+const RESEND_AFTER: u64 = 300;
+const TICK: u64 = 100;
+
+#[derive(Default, Clone)]
+struct Disk {
+    snapshot: Option<Vec<u8>>,
+    entries: Vec<LogEntry>,
+}
+
+enum Job {
+    Append(LogEntry),
+    Snapshot(u64, Vec<u8>),
+}
+
+struct Server {
+    role: Role,
+    node: Option<Node>,
+    disk: Disk,
+    writes: VecDeque<(u64, Job)>,
+    paused_until: u64,
+    down_until: Option<u64>,
+}
+
+struct Link {
+    queue: VecDeque<(u64, PeerMessage)>,
+    last_at: u64,
+}
+
+struct Sensor {
+    id: u32,
+    next_seq: u64,
+    unacked: BTreeMap<u64, (Reading, Option<u64>)>,
+    cursor: Option<u64>,
+    applied: Vec<u64>,
+    count: u64,
+    sum: u64,
+}
+
+struct Host {
+    current: usize,
+    in_flight: Option<(u64, Request, u64)>,
+    send_at: u64,
+    epoch: u64,
+    next_batch: u64,
+    sensors: Vec<Sensor>,
+    /// seq -> the one average content seen under it.
+    seen: HashMap<u64, Average>,
+}
+
+struct World {
+    rng: StdRng,
+    now: u64,
+    servers: [Server; 2],
+    links: [Link; 2], // [0]: 0 -> 1, [1]: 1 -> 0
+    to_server: [VecDeque<(u64, u64, Request)>; 2],
+    to_host: VecDeque<(u64, usize, u64, Reply)>,
+    tokens: u64,
+    host: Host,
+    partitioned_until: u64,
+    loss_peer: f64,
+    loss_client: f64,
+    dup: f64,
+    max_delay: u64,
+    ackers: BTreeMap<u64, BTreeSet<usize>>,
+    log: Vec<String>,
+    last_states: [Option<(NodeState, u64, bool, bool)>; 2],
+    /// (sensor, seq) -> (server, epoch, time) of the ack.
+    acked_by: HashMap<(u32, u64), (usize, u64, u64)>,
+    has_probe: [Option<bool>; 2],
+}
+
+fn config(role: Role) -> NodeConfig {
+    NodeConfig {
+        role,
+        heartbeat_ms: HB,
+        windows: WindowConfig { lateness_ms: 200, ..WindowConfig::default() },
+        snapshot_every: 50,
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let loss_peer = rng.random_range(0.0..0.1);
+        let loss_client = rng.random_range(0.0..0.05);
+        let dup = rng.random_range(0.0..0.05);
+        let max_delay = rng.random_range(1..10);
+        let server = |role| Server { role, node: Some(Node::new(config(role))), disk: Disk::default(), writes: VecDeque::new(), paused_until: 0, down_until: None };
+        World {
+            rng,
+            now: T0,
+            servers: [server(Role::Primary), server(Role::Backup)],
+            links: [Link { queue: VecDeque::new(), last_at: 0 }, Link { queue: VecDeque::new(), last_at: 0 }],
+            to_server: [VecDeque::new(), VecDeque::new()],
+            to_host: VecDeque::new(),
+            tokens: 0,
+            host: Host {
+                current: 0,
+                in_flight: None,
+                send_at: T0,
+                epoch: 0,
+                next_batch: 1,
+                sensors: (0..SENSORS)
+                    .map(|i| Sensor { id: i as u32, next_seq: 0, unacked: BTreeMap::new(), cursor: None, applied: Vec::new(), count: 0, sum: 0 })
+                    .collect(),
+                seen: HashMap::new(),
+            },
+            partitioned_until: 0,
+            loss_peer,
+            loss_client,
+            dup,
+            max_delay,
+            ackers: BTreeMap::new(),
+            log: Vec::new(),
+            last_states: [None, None],
+            acked_by: HashMap::new(),
+            has_probe: [None, None],
+        }
+    }
+
+    fn t(&self) -> u64 {
+        self.now - T0
+    }
+
+    fn note(&mut self, what: String) {
+        let line = format!("[{:>6} ms] {what}", self.t());
+        self.log.push(line);
+    }
+
+    fn up(&self, i: usize) -> bool {
+        self.servers[i].node.is_some() && self.now >= self.servers[i].paused_until
+    }
+
+    fn crash(&mut self, i: usize, down_for: u64) {
+        if self.servers[i].node.is_none() {
+            return;
+        }
+        self.note(format!("crash {:?} for {down_for} ms", self.servers[i].role));
+        let s = &mut self.servers[i];
+        s.node = None;
+        s.writes.clear(); // not durable: lost
+        s.paused_until = 0;
+        s.down_until = Some(self.now + down_for);
+        self.to_server[i].clear();
+        for l in &mut self.links {
+            l.queue.clear();
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let s = &mut self.servers[i];
+        let node = Node::recover(config(s.role), s.disk.snapshot.as_deref(), &s.disk.entries).expect("recover from the simulated disk");
+        s.node = Some(node);
+        s.down_until = None;
+        let role = s.role;
+        self.note(format!("restart {role:?}"));
+    }
+
+    /// Runs a node's outputs into the world.
+    fn drain(&mut self, i: usize) {
+        let Some(node) = self.servers[i].node.as_mut() else { return };
+        let mut outs = Vec::new();
+        while let Some(o) = node.poll_output() {
+            outs.push(o);
+        }
+        for o in outs {
+            match o {
+                Output::Append(e) => {
+                    let at = self.now + self.rng.random_range(0..3);
+                    self.servers[i].writes.push_back((at, Job::Append(e)));
+                }
+                Output::SaveSnapshot { lsn, bytes } => {
+                    let at = self.now + self.rng.random_range(0..3);
+                    self.servers[i].writes.push_back((at, Job::Snapshot(lsn, bytes)));
+                }
+                Output::Reply { to, reply } => {
+                    if self.rng.random_bool(self.loss_client) {
+                        continue;
+                    }
+                    if let Reply::Batch(b) = &reply {
+                        self.ackers.entry(b.epoch).or_default().insert(i);
+                    }
+                    let at = self.now + self.rng.random_range(1..=self.max_delay);
+                    self.to_host.push_back((at, i, to, reply));
+                }
+                Output::Peer(msg) => {
+                    // A PUB socket drops what no subscriber receives.
+                    if self.servers[1 - i].node.is_none() || self.now < self.partitioned_until || self.rng.random_bool(self.loss_peer) {
+                        continue;
+                    }
+                    let copies = if self.rng.random_bool(self.dup) { 2 } else { 1 };
+                    let link = &mut self.links[i];
+                    let at = (self.now + self.rng.random_range(1..=self.max_delay)).max(link.last_at);
+                    link.last_at = at;
+                    for _ in 0..copies {
+                        link.queue.push_back((at, msg.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn step_servers(&mut self) {
+        for i in 0..2 {
+            if std::env::var("FOG_SIM_SEED").is_ok() {
+                if let Some(n) = self.servers[i].node.as_ref() {
+                    let has = n.replica().ingest.contains((0, 7), 1);
+                    if self.has_probe[i] != Some(has) {
+                        self.has_probe[i] = Some(has);
+                        println!("[{:>6} ms] {:?} has (0,1): {has} lsn {}", self.now - T0, self.servers[i].role, n.lsn());
+                    }
+                    let now_state = (n.state(), n.epoch(), n.caught_up(), n.has_passive_in_sync());
+                    if self.last_states[i] != Some(now_state) {
+                        self.last_states[i] = Some(now_state);
+                        let line = format!("{:?}: {:?} epoch {} caught_up {} passive_in_sync {} lsn {}", self.servers[i].role, now_state.0, now_state.1, now_state.2, now_state.3, n.lsn());
+                        self.note(line);
+                        println!("{}", self.log.last().cloned().unwrap_or_default());
+                    }
+                }
+            }
+            if let Some(at) = self.servers[i].down_until {
+                if self.now >= at {
+                    self.restart(i);
+                }
+            }
+            if !self.up(i) {
+                continue;
+            }
+            let now = self.now;
+            // Disk completions, in order.
+            while self.servers[i].writes.front().is_some_and(|(at, _)| *at <= now) {
+                let Some((_, job)) = self.servers[i].writes.pop_front() else { break };
+                let s = &mut self.servers[i];
+                let (lsn, snapshot) = match job {
+                    Job::Append(e) => {
+                        let lsn = e.lsn;
+                        s.disk.entries.push(e);
+                        (lsn, false)
+                    }
+                    Job::Snapshot(lsn, bytes) => {
+                        s.disk.snapshot = Some(bytes);
+                        s.disk.entries.clear();
+                        (lsn, true)
+                    }
+                };
+                if let Some(n) = s.node.as_mut() {
+                    n.handle_durable(now, lsn, snapshot);
+                }
+                self.drain(i);
+            }
+            // Peer messages from the other node.
+            let from = 1 - i;
+            while self.links[from].queue.front().is_some_and(|(at, _)| *at <= now) {
+                let Some((_, msg)) = self.links[from].queue.pop_front() else { break };
+                if let Some(n) = self.servers[i].node.as_mut() {
+                    n.handle_peer(now, msg);
+                }
+                self.drain(i);
+            }
+            while self.to_server[i].front().is_some_and(|(at, _, _)| *at <= now) {
+                let Some((_, token, req)) = self.to_server[i].pop_front() else { break };
+                if let Some(n) = self.servers[i].node.as_mut() {
+                    n.handle_request(now, token, &req);
+                }
+                self.drain(i);
+            }
+            let due = self.servers[i].node.as_ref().is_some_and(|n| n.poll_timeout() <= now);
+            if due {
+                if let Some(n) = self.servers[i].node.as_mut() {
+                    n.handle_timeout(now);
+                }
+                self.drain(i);
+            }
+        }
+    }
+
+    fn send_in_flight(&mut self) {
+        let Some((_, req, deadline)) = self.host.in_flight.as_mut() else { return };
+        *deadline = self.now + HOST_TIMEOUT;
+        let req = req.clone();
+        if self.rng.random_bool(self.loss_client) {
+            return;
+        }
+        self.tokens += 1;
+        let at = self.now + self.rng.random_range(1..=self.max_delay);
+        let i = self.host.current;
+        if self.servers[i].node.is_some() {
+            self.to_server[i].push_back((at, self.tokens, req));
+        }
+    }
+
+    fn failover(&mut self, pause: u64) {
+        self.host.current = 1 - self.host.current;
+        self.host.send_at = self.now + pause;
+        if let Some((_, _, deadline)) = self.host.in_flight.as_mut() {
+            *deadline = u64::MAX; // resent once the pause is over
+        }
+    }
+
+    fn step_host(&mut self) {
+        let now = self.now;
+        let t = self.t();
+        if t < GENERATE_UNTIL && t % 1_000 == 0 {
+            for s in &mut self.host.sensors {
+                let r = Reading { seq: s.next_seq, speed_kmh: self.rng.random_range(70..=120), timestamp_ms: now };
+                s.next_seq += 1;
+                s.unacked.insert(r.seq, (r, None));
+                s.count += 1;
+                s.sum += u64::from(r.speed_kmh);
+            }
+        }
+        while self.to_host.front().is_some_and(|(at, _, _, _)| *at <= now) {
+            let Some((_, from, _, reply)) = self.to_host.pop_front() else { break };
+            if from != self.host.current {
+                continue; // an old connection
+            }
+            match reply {
+                Reply::Batch(b) => {
+                    if self.host.in_flight.as_ref().is_none_or(|(id, _, _)| *id != b.batch_id) {
+                        continue;
+                    }
+                    self.host.in_flight = None;
+                    self.host.epoch = self.host.epoch.max(b.epoch);
+                    for ack in &b.acks {
+                        let s = &mut self.host.sensors[ack.sensor_id as usize];
+                        let before: Vec<u64> = s.unacked.keys().copied().collect();
+                        s.unacked.retain(|&q, _| q >= ack.next_seq && !ack.also.contains(&q));
+                        for q in before.into_iter().filter(|q| !s.unacked.contains_key(q)) {
+                            self.acked_by.insert((ack.sensor_id, q), (from, b.epoch, now - T0));
+                        }
+                    }
+                    for a in &b.averages {
+                        if let Some(prev) = self.host.seen.insert(a.seq, *a) {
+                            assert_eq!(prev, *a, "fork: two different averages under seq {}", a.seq);
+                        }
+                    }
+                    for s in &mut self.host.sensors {
+                        for m in b.missed.iter().filter(|m| m.sensor_id == s.id) {
+                            if s.cursor.is_none_or(|c| m.to > c) {
+                                s.cursor = Some(m.to);
+                            }
+                        }
+                        for a in &b.averages {
+                            if s.cursor.is_none_or(|c| a.seq > c) {
+                                if let Some(c) = s.cursor {
+                                    assert!(a.seq == c + 1 || b.missed.is_empty() && a.seq > c, "sensor {} applied {} after {c}", s.id, a.seq);
+                                }
+                                s.applied.push(a.seq);
+                                s.cursor = Some(a.seq);
+                            }
+                        }
+                    }
+                    self.host.send_at = now;
+                }
+                Reply::NotActive { epoch, .. } => {
+                    self.host.epoch = self.host.epoch.max(epoch);
+                    if self.host.in_flight.is_some() {
+                        self.failover(50);
+                    }
+                }
+                Reply::Status(_) => {}
+            }
+        }
+        if let Some((_, _, deadline)) = &self.host.in_flight {
+            if now >= *deadline && *deadline != u64::MAX {
+                self.failover(0);
+            } else if *deadline == u64::MAX && now >= self.host.send_at {
+                self.send_in_flight();
+            }
+            return;
+        }
+        if now < self.host.send_at || t % TICK != 0 {
+            return;
+        }
+        let batch_id = self.host.next_batch;
+        self.host.next_batch += 1;
+        let sensors = self
+            .host
+            .sensors
+            .iter_mut()
+            .map(|s| {
+                let readings = s
+                    .unacked
+                    .values_mut()
+                    .filter(|(_, sent)| sent.is_none_or(|at| now >= at + RESEND_AFTER))
+                    .map(|(r, sent)| {
+                        *sent = Some(now);
+                        *r
+                    })
+                    .collect();
+                SensorBatch { sensor_id: s.id, incarnation: 7, segment: 0, readings, average_cursor: s.cursor }
+            })
+            .collect();
+        let req = Request::Batch { batch_id, epoch: self.host.epoch, sensors };
+        self.host.in_flight = Some((batch_id, req, 0));
+        self.send_in_flight();
+    }
+
+    fn schedule_faults(&mut self) -> Vec<(u64, Fault)> {
+        let n = self.rng.random_range(0..=4);
+        let mut faults = Vec::new();
+        for _ in 0..n {
+            let at = self.rng.random_range(500..FAULTS_UNTIL);
+            let node = self.rng.random_range(0..2);
+            let dur = self.rng.random_range(100..3_000);
+            let f = match self.rng.random_range(0..5) {
+                0 | 1 => Fault::Crash(node, dur),
+                2 => Fault::CrashBoth(dur),
+                3 => Fault::Partition(dur),
+                _ => Fault::Pause(node, dur),
+            };
+            faults.push((T0 + at, f));
+        }
+        faults.sort_by_key(|(at, _)| *at);
+        faults
+    }
+
+    fn run(&mut self) {
+        let mut faults: VecDeque<(u64, Fault)> = self.schedule_faults().into();
+        while self.t() < RUN_UNTIL {
+            while faults.front().is_some_and(|(at, _)| *at <= self.now) {
+                let Some((_, f)) = faults.pop_front() else { break };
+                match f {
+                    Fault::Crash(i, d) => self.crash(i, d),
+                    Fault::CrashBoth(d) => {
+                        self.crash(0, d);
+                        self.crash(1, d / 2);
+                    }
+                    Fault::Partition(d) => {
+                        self.note(format!("partition for {d} ms"));
+                        self.partitioned_until = self.now + d;
+                    }
+                    Fault::Pause(i, d) => {
+                        if self.servers[i].node.is_some() {
+                            self.note(format!("pause {:?} for {d} ms", self.servers[i].role));
+                            self.servers[i].paused_until = self.now + d;
+                        }
+                    }
+                }
+            }
+            // A quiet end: links heal so the pair can converge.
+            if self.t() > FAULTS_UNTIL + 3_000 {
+                self.loss_peer = 0.0;
+                self.loss_client = 0.0;
+            }
+            self.step_servers();
+            self.step_host();
+            self.now += 1;
+        }
+    }
+
+    fn check(&self) {
+        for s in &self.host.sensors {
+            assert!(s.unacked.is_empty(), "sensor {} has {} readings never acked", s.id, s.unacked.len());
+        }
+        let active: Vec<usize> = (0..2)
+            .filter(|&i| self.servers[i].node.as_ref().is_some_and(|n| n.state() == NodeState::Active))
+            .collect();
+        assert_eq!(active.len(), 1, "exactly one active node at the end");
+        for (epoch, nodes) in &self.ackers {
+            assert!(nodes.len() <= 1, "epoch {epoch} was acked by both nodes");
+        }
+        let truth: Vec<(u64, u64)> = self.host.sensors.iter().map(|s| (s.count, s.sum)).collect();
+        for i in 0..2 {
+            let Some(node) = self.servers[i].node.as_ref() else { continue };
+            assert_eq!(node.divergences(), 0, "{:?} diverged from its active", self.servers[i].role);
+            let in_sync = i == active[0] || node.caught_up() && node.lsn() == self.servers[active[0]].node.as_ref().map_or(0, |n| n.lsn());
+            if !in_sync {
+                continue;
+            }
+            let per: Vec<(u64, u64)> = node.replica().ingest.per_sensor().iter().map(|c| (c.count, c.sum_kmh)).collect();
+            if per != truth {
+                for s in &self.host.sensors {
+                    for q in 0..s.next_seq {
+                        if !node.replica().ingest.contains((s.id, 7), q) {
+                            eprintln!("missing sensor {} seq {q}: acked by {:?}", s.id, self.acked_by.get(&(s.id, q)));
+                        }
+                    }
+                }
+            }
+            assert_eq!(per, truth, "{:?}: per-sensor (count, sum) differ from what the sensors generated", self.servers[i].role);
+        }
+        for s in &self.host.sensors {
+            for w in s.applied.windows(2) {
+                assert!(w[1] > w[0], "sensor {} applied {} after {}", s.id, w[1], w[0]);
+            }
+        }
+        let first = &self.host.sensors[0].applied;
+        assert!(!first.is_empty(), "no average reached the sensors");
+        for s in &self.host.sensors {
+            assert_eq!(&s.applied, first, "sensors saw different average streams");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Crash(usize, u64),
+    CrashBoth(u64),
+    Partition(u64),
+    Pause(usize, u64),
+}
+
+fn run_seed(seed: u64) -> Result<(), String> {
+    let result = std::panic::catch_unwind(|| {
+        let mut w = World::new(seed);
+        w.run();
+        let log = w.log.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.check())).map_err(|e| (e, log))
+    });
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((e, log))) => Err(format!("{}\nfaults:\n{}", panic_text(&e), log.join("\n"))),
+        Err(e) => Err(panic_text(&e)),
+    }
+}
+
+fn panic_text(e: &Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+#[test]
+fn thousands_of_seeded_runs_lose_nothing_and_count_nothing_twice() {
+    let seeds: u64 = std::env::var("FOG_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000);
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut failed = Vec::new();
+    for seed in 0..seeds {
+        if let Err(why) = run_seed(seed) {
+            failed.push((seed, why));
+        }
+    }
+    let _ = std::panic::take_hook();
+    if let Some((seed, why)) = failed.first() {
+        panic!(
+            "{} of {seeds} seeds failed; first: seed {seed} (replay: FOG_SIM_SEED={seed} cargo test --release -p fog-server --test simulation one_seed -- --nocapture)\n{why}\nall failing seeds: {:?}",
+            failed.len(),
+            failed.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn one_seed() {
+    let Some(seed) = std::env::var("FOG_SIM_SEED").ok().and_then(|s| s.parse().ok()) else { return };
+    let _ = tracing_subscriber::fmt().with_env_filter("info").without_time().with_test_writer().try_init();
+    let mut w = World::new(seed);
+    w.run();
+    println!("{}", w.log.join("\n"));
+    w.check();
+}
