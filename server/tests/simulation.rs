@@ -455,6 +455,13 @@ impl World {
         let mut faults: VecDeque<(u64, Fault)> = self.schedule_faults().into();
         while self.t() < RUN_UNTIL {
             while faults.front().is_some_and(|(at, _)| *at <= self.now) {
+                // A crash waits (up to 200 ms) for writes in flight: where
+                // an ack before durability would show.
+                if let Some((at, Fault::Crash(i, _))) = faults.front() {
+                    if self.servers[*i].writes.is_empty() && self.now < at + 200 {
+                        break;
+                    }
+                }
                 let Some((_, f)) = faults.pop_front() else { break };
                 match f {
                     Fault::Crash(i, d) => self.crash(i, d),
