@@ -859,5 +859,3 @@ impl Node {
     }
 }
 
-#[cfg(test)]
-mod tests;
