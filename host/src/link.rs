@@ -5,19 +5,30 @@
 //! may succeed silently, so a `Link` is disposable: the session drops it on
 //! silence and connects a fresh one, and only a reply counts as delivery.
 //! Frames arrive on a shared channel tagged with the link's generation, so
-//! late frames from a dropped link are recognised and ignored.
+//! late frames from a dropped link are recognised and ignored. The socket's
+//! monitor reports a closed connection on the same channel: a server that
+//! died is given up at once instead of after the reply timeout.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use futures_util::StreamExt;
+use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
-/// A frame received on the link of the given generation.
+/// Something that happened on the link of the given generation.
 pub struct Incoming {
     pub generation: u64,
-    pub frame: Bytes,
+    pub event: LinkEvent,
+}
+
+pub enum LinkEvent {
+    /// A frame from the server.
+    Frame(Bytes),
+    /// The connection closed (the server process died or closed it): no
+    /// reply will come on this link, so there is no point waiting for one.
+    Closed,
 }
 
 pub struct Link {
@@ -25,6 +36,7 @@ pub struct Link {
     pub generation: u64,
     send: zeromq::DealerSendHalf,
     recv_task: JoinHandle<()>,
+    monitor_task: JoinHandle<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,22 +57,32 @@ impl Link {
         incoming: mpsc::UnboundedSender<Incoming>,
     ) -> Result<Link, LinkError> {
         let mut socket = DealerSocket::new();
+        let mut monitor = socket.monitor();
         match tokio::time::timeout(timeout, socket.connect(&endpoint)).await {
             Err(_) => return Err(LinkError::ConnectTimeout(endpoint, timeout)),
             Ok(Err(e)) => return Err(LinkError::Connect(endpoint, e.to_string())),
             Ok(Ok(())) => {}
         }
         let (send, mut recv) = socket.split();
-        let recv_task = tokio::spawn(async move {
-            while let Ok(msg) = recv.recv().await {
-                // A reply is a single frame; anything else is not ours.
-                let Some(frame) = msg.into_vec().pop() else { continue };
-                if incoming.send(Incoming { generation, frame }).is_err() {
+        let closed = incoming.clone();
+        let monitor_task = tokio::spawn(async move {
+            while let Some(event) = monitor.next().await {
+                if matches!(event, SocketEvent::Disconnected(_)) {
+                    let _ = closed.send(Incoming { generation, event: LinkEvent::Closed });
                     break;
                 }
             }
         });
-        Ok(Link { endpoint, generation, send, recv_task })
+        let recv_task = tokio::spawn(async move {
+            while let Ok(msg) = recv.recv().await {
+                // A reply is a single frame; anything else is not ours.
+                let Some(frame) = msg.into_vec().pop() else { continue };
+                if incoming.send(Incoming { generation, event: LinkEvent::Frame(frame) }).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Link { endpoint, generation, send, recv_task, monitor_task })
     }
 
     /// Sends one frame; a send that cannot complete within `timeout` (no
@@ -77,5 +99,6 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.recv_task.abort();
+        self.monitor_task.abort();
     }
 }

@@ -20,7 +20,10 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::fleet::{Fleet, SensorSummary};
 use crate::runtime::{LoadError, SensorComponent};
-use crate::link::{Incoming, Link, LinkError};
+use crate::link::{Incoming, Link, LinkError, LinkEvent};
+
+/// How soon a server that answered "not active" is asked again.
+const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -118,6 +121,11 @@ struct Session<'a> {
     next_batch_at: Instant,
     /// The last commit failed (already reported).
     commit_failing: bool,
+    /// When each server was last given up for silence or a closed
+    /// connection; cleared by its next reply.
+    lost_at: Vec<Option<Instant>>,
+    /// Send the batch in flight again to the current server at this time.
+    retry_at: Option<Instant>,
 }
 
 /// Runs the fleet against the servers until the duration has passed and
@@ -151,6 +159,8 @@ pub async fn run(
         batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
         next_batch_at: started,
         commit_failing: false,
+        lost_at: vec![None; cfg.servers.len()],
+        retry_at: None,
     };
     s.start_connect(Duration::ZERO);
 
@@ -190,23 +200,33 @@ pub async fn run(
                     }
                     Ok(Err(e)) => {
                         tracing::warn!("{e}");
-                        s.failover(Duration::ZERO);
+                        s.give_up();
                     }
                     Err(e) => {
                         tracing::warn!("connection attempt failed: {e}");
-                        s.failover(Duration::ZERO);
+                        s.give_up();
                     }
                 }
             }
             Some(incoming) = incoming_rx.recv() => {
                 if incoming.generation == s.generation {
-                    s.handle_frame(&incoming.frame).await;
+                    match incoming.event {
+                        LinkEvent::Frame(frame) => s.handle_frame(&frame).await,
+                        LinkEvent::Closed if s.link.is_some() => {
+                            tracing::warn!(server = %s.endpoint(), "connection closed: failing over");
+                            s.give_up();
+                        }
+                        LinkEvent::Closed => {}
+                    }
                 }
             }
             () = sleep_until(reply_deadline.unwrap_or(started)), if reply_deadline.is_some() => {
-                let endpoint = s.link.as_ref().map(|l| l.endpoint.clone()).unwrap_or_default();
-                tracing::warn!(server = %endpoint, "no reply within {:?}: failing over", cfg.timeout);
-                s.failover(Duration::ZERO);
+                tracing::warn!(server = %s.endpoint(), "no reply within {:?}: failing over", cfg.timeout);
+                s.give_up();
+            }
+            () = sleep_until(s.retry_at.unwrap_or(started)), if s.retry_at.is_some() => {
+                s.retry_at = None;
+                s.resend_in_flight().await;
             }
             request = reload.recv(), if reload_open => {
                 match (request, &cfg.component) {
@@ -322,10 +342,18 @@ impl Session<'_> {
         }));
     }
 
+    /// The current server is gone (silent, closed, unreachable): remember
+    /// when, and fail over.
+    fn give_up(&mut self) {
+        self.lost_at[self.current] = Some(Instant::now());
+        self.failover(Duration::ZERO);
+    }
+
     /// Drops the current server and starts connecting to the next one. The
     /// batch in flight, if any, is sent there once connected.
     fn failover(&mut self, pause: Duration) {
         self.link = None;
+        self.retry_at = None;
         self.current = (self.current + 1) % self.cfg.servers.len();
         self.failovers += 1;
         tracing::info!(server = %self.endpoint(), "failing over");
@@ -370,7 +398,7 @@ impl Session<'_> {
         flight.deadline = Instant::now() + self.cfg.timeout;
         if let Err(e) = link.send(flight.frame.clone(), self.cfg.timeout).await {
             tracing::warn!("{e}");
-            self.failover(Duration::ZERO);
+            self.give_up();
         }
     }
 
@@ -381,6 +409,7 @@ impl Session<'_> {
                     return; // a late answer to a batch already resent elsewhere
                 }
                 self.in_flight = None;
+                self.lost_at[self.current] = None;
                 self.batches_acked += 1;
                 self.epoch = self.epoch.max(reply.epoch);
                 for avg in &reply.averages {
@@ -399,10 +428,21 @@ impl Session<'_> {
             }
             Ok(Reply::NotActive { state, epoch }) => {
                 self.epoch = self.epoch.max(epoch);
-                tracing::info!(server = %self.endpoint(), "server is {}: failing over", state.as_str());
-                // Both servers may be passive for a moment (a takeover in
-                // progress): do not bounce between them at full speed.
-                self.failover(Duration::from_millis(50));
+                let next = (self.current + 1) % self.cfg.servers.len();
+                let next_lost_recently =
+                    self.lost_at[next].is_some_and(|at| at.elapsed() < self.cfg.timeout * 3);
+                if next_lost_recently && next != self.current {
+                    // The other server was just lost: this one is taking
+                    // over (it needs its peer to expire first). Ask it again
+                    // shortly instead of waiting on a dead server.
+                    tracing::debug!(server = %self.endpoint(), "server is {}: asking again", state.as_str());
+                    self.retry_at = Some(Instant::now() + NOT_ACTIVE_RETRY);
+                } else {
+                    tracing::info!(server = %self.endpoint(), "server is {}: failing over", state.as_str());
+                    // Both servers may be passive for a moment (a takeover
+                    // in progress): do not bounce between them at full speed.
+                    self.failover(NOT_ACTIVE_RETRY);
+                }
             }
             Ok(Reply::Status(_)) => {}
             Err(e) => {
