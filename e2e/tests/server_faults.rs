@@ -1,0 +1,322 @@
+//! Real-process fault tests of the server pair: the real `fog-server` and
+//! `fog-host` binaries, the real sensor component, and faults an operator
+//! meets — `kill -9` of one or both servers, a restart and catch-up, a
+//! frozen primary (SIGSTOP/SIGCONT), and a cut link between the two servers
+//! (network namespaces, see `fog_e2e::netns`).
+//!
+//! Every test ends the same way: the host's JSON summary (generated, acked
+//! and sum of speeds per sensor incarnation) must equal what the active
+//! server counted, and, once it has caught up, what the passive counted: no
+//! acked reading lost, none counted twice. Each test prints what it did and
+//! what it found. The tests of this file run one at a time, so that two
+//! pairs of servers do not compete for the CPU and miss heartbeats.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fog_e2e::{Pair, finish_host, scratch_dir, server_counts, server_status, start_host, start_server};
+use serde_json::Value;
+
+/// Server flags shared by every test: short lateness so averages flow in a
+/// short run; the default heartbeat (250 ms).
+const SERVER_FLAGS: &[&str] = &["--lateness", "200ms"];
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Polls `probe` until it returns `Some`, at most `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The status of `endpoint` once it satisfies `pred`.
+fn status_when(endpoint: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = server_status(endpoint) {
+            if pred(&s) {
+                return s;
+            }
+            last = s;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {endpoint} to be {what}; last status {last}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn is_active(s: &Value) -> bool {
+    s["state"] == "active"
+}
+
+/// A passive that has the active's whole log.
+fn is_caught_up(s: &Value) -> bool {
+    s["state"] == "passive" && s["replication"] == "passive, caught up" && s["lag"] == 0
+}
+
+/// Checks that a host exited after acking everything it generated.
+fn host_done(label: &str, code: i32, summary: &Value) {
+    assert_eq!(code, 0, "{label}: host exit code; summary {summary}");
+    assert_eq!(u(&summary["unacked"]), 0, "{label}: unacked readings: {summary}");
+    assert_eq!(summary["generated"], summary["acked"], "{label}: {summary}");
+}
+
+/// Compares what a server counted with the hosts' summaries: every sensor
+/// incarnation the hosts ran has exactly the count and speed sum they
+/// generated, and the server counted nothing else.
+fn check_counts(label: &str, status: &Value, summaries: &[&Value]) {
+    let counts = server_counts(status);
+    let mut expected: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+    for summary in summaries {
+        for s in summary["per_sensor"].as_array().expect("per_sensor list") {
+            let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
+            assert_eq!(u(&s["generated"]), u(&s["acked"]), "{label}: host did not get every ack of {key:?}: {s}");
+            expected.insert(key, (u(&s["generated"]), u(&s["sum_kmh"])));
+        }
+    }
+    let mut wrong = Vec::new();
+    for (key, want) in &expected {
+        let got = counts.get(key).copied().unwrap_or_default();
+        if got != *want {
+            wrong.push(format!("sensor {key:?}: server (count, sum) {got:?}, host {want:?}"));
+        }
+    }
+    for key in counts.keys().filter(|k| !expected.contains_key(k)) {
+        wrong.push(format!("sensor {key:?}: counted by the server, unknown to the hosts"));
+    }
+    let generated: u64 = expected.values().map(|(c, _)| c).sum();
+    eprintln!(
+        "[{label}] {} server (state {}, epoch {}): counted {} readings of {} sensor incarnations; the hosts generated and got acks for {generated}; {} mismatches",
+        status["role"].as_str().unwrap_or("?"),
+        status["state"].as_str().unwrap_or("?"),
+        status["epoch"],
+        status["counted"],
+        counts.len(),
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "{label}: server counts differ from the hosts' summaries:\n{}", wrong.join("\n"));
+    assert_eq!(u(&status["counted"]), generated, "{label}: counted in total");
+}
+
+/// The active's and, once caught up, the passive's counts against the
+/// hosts' summaries.
+fn check_pair(label: &str, active: &str, passive: &str, summaries: &[&Value]) {
+    let a = status_when(active, "active", Duration::from_secs(10), is_active);
+    check_counts(label, &a, summaries);
+    let p = status_when(passive, "a caught-up passive", Duration::from_secs(15), is_caught_up);
+    check_counts(label, &p, summaries);
+    assert_eq!(a["epoch"], p["epoch"], "{label}: active and passive agree on the epoch");
+}
+
+/// Time from `since` until the server at `endpoint` is active and has
+/// counted more than `counted_before` readings: the first acks it gives.
+fn time_to_first_ack(endpoint: &str, since: Instant, counted_before: u64) -> Duration {
+    status_when(endpoint, "active and counting", Duration::from_secs(15), |s| {
+        is_active(s) && u(&s["counted"]) > counted_before
+    });
+    since.elapsed()
+}
+
+fn host_args<'a>(servers: &'a str, sensors: &'a str, duration: &'a str) -> Vec<&'a str> {
+    vec![
+        "--sensors", sensors, "--interval", "100ms", "--timeout", "500ms", "--duration", duration,
+        "--servers", servers,
+    ]
+}
+
+#[test]
+fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
+    let _serial = serial();
+    let label = "kill-primary";
+    let dir = scratch_dir(label);
+    let pair = Pair::on_free_ports();
+    let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    let backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, "20", "8s"), &dir).unwrap();
+
+    let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
+        is_caught_up(s) && u(&s["counted"]) > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let at_kill = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
+    let killed = Instant::now();
+    primary.kill();
+    eprintln!("[{label}] killed the primary (kill -9) under load; the backup had {at_kill} readings replicated (epoch {})", before["epoch"]);
+    let failover = time_to_first_ack(&pair.backup_frontend, killed, at_kill);
+    eprintln!("[{label}] failover: the backup counted new readings as active {} ms after the kill", failover.as_millis());
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    host_done(label, code, &summary);
+    assert!(u(&summary["failovers"]) >= 1, "{label}: the host recorded no failover: {summary}");
+    eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
+
+    // The old primary comes back from its data dir as passive and catches up.
+    let _primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+    drop(backup);
+}
+
+#[test]
+fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
+    let _serial = serial();
+    let label = "kill-both";
+    let dir = scratch_dir(label);
+    let pair = Pair::on_free_ports();
+    let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    let mut backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, "20", "9s"), &dir).unwrap();
+
+    status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
+        is_caught_up(s) && u(&s["counted"]) > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let counted = u(&server_status(&pair.primary_frontend).unwrap()["counted"]);
+    primary.kill();
+    backup.kill();
+    eprintln!("[{label}] killed both servers (kill -9) after the primary counted at least {counted} readings; the host keeps generating");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let restarted = Instant::now();
+    let primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    let backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let recovered = u(&server_status(&pair.primary_frontend).unwrap()["counted"]);
+    eprintln!("[{label}] restarted both from their data dirs; the primary recovered {recovered} counted readings");
+    assert!(recovered >= counted, "{label}: the primary recovered {recovered} readings, fewer than the {counted} it had counted");
+
+    // Whichever node the pair elects serves; find it.
+    let active = wait_for("an active server after the restart", Duration::from_secs(15), || {
+        [&pair.primary_frontend, &pair.backup_frontend]
+            .into_iter()
+            .find(|e| server_status(e).is_ok_and(|s| is_active(&s) && u(&s["counted"]) > recovered))
+            .cloned()
+    });
+    eprintln!("[{label}] {active} acks again {} ms after the restart began", restarted.elapsed().as_millis());
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    host_done(label, code, &summary);
+    eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
+    let passive = if active == pair.primary_frontend { &pair.backup_frontend } else { &pair.primary_frontend };
+    check_pair(label, &active, passive, &[&summary]);
+    drop((primary, backup));
+}
+
+#[test]
+fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
+    let _serial = serial();
+    let label = "backup-catch-up";
+    let dir = scratch_dir(label);
+    let pair = Pair::on_free_ports();
+    let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    let mut backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, "20", "10s"), &dir).unwrap();
+
+    std::thread::sleep(Duration::from_secs(2));
+    backup.kill();
+    eprintln!("[{label}] killed the backup (kill -9); the primary goes on alone");
+    let alone = status_when(&pair.primary_frontend, "active alone", Duration::from_secs(10), |s| {
+        is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone"))
+    });
+    eprintln!("[{label}] primary: {}", alone["replication"]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let restarted = Instant::now();
+    let _backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let caught_up = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(15), is_caught_up);
+    eprintln!(
+        "[{label}] restarted the backup; caught up (lsn {}, lag {}) {} ms later",
+        caught_up["lsn"],
+        caught_up["lag"],
+        restarted.elapsed().as_millis()
+    );
+    let in_sync = status_when(&pair.primary_frontend, "in sync with its passive", Duration::from_secs(10), |s| {
+        s["replication"].as_str().is_some_and(|r| r.contains("in sync"))
+    });
+    eprintln!("[{label}] primary: {}", in_sync["replication"]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let at_kill = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
+    let killed = Instant::now();
+    primary.kill();
+    eprintln!("[{label}] killed the primary (kill -9); the backup had {at_kill} readings");
+    let failover = time_to_first_ack(&pair.backup_frontend, killed, at_kill);
+    eprintln!("[{label}] failover: the caught-up backup counted new readings as active {} ms after the kill", failover.as_millis());
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    host_done(label, code, &summary);
+    eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
+    let _primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+}
+
+#[test]
+fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
+    let _serial = serial();
+    let label = "sigstop";
+    let dir = scratch_dir(label);
+    let pair = Pair::on_free_ports();
+    let primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
+    let _backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, "20", "12s"), &dir).unwrap();
+
+    let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
+        is_caught_up(s) && u(&s["counted"]) > 0
+    });
+    let first_epoch = u(&before["epoch"]);
+    std::thread::sleep(Duration::from_secs(1));
+    primary.signal("STOP").unwrap();
+    let stopped = Instant::now();
+    let at_stop = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
+    eprintln!("[{label}] froze the active primary (SIGSTOP) in epoch {first_epoch}; the backup had {at_stop} readings");
+    let failover = time_to_first_ack(&pair.backup_frontend, stopped, at_stop);
+    let took_over = server_status(&pair.backup_frontend).unwrap();
+    eprintln!("[{label}] the backup took over in epoch {} and acks {} ms after the freeze", took_over["epoch"], failover.as_millis());
+    assert!(u(&took_over["epoch"]) > first_epoch, "{label}: a takeover starts a newer epoch: {took_over}");
+
+    let left = Duration::from_secs(5).saturating_sub(stopped.elapsed());
+    std::thread::sleep(left);
+    primary.signal("CONT").unwrap();
+    eprintln!("[{label}] resumed the primary (SIGCONT) after {} ms", stopped.elapsed().as_millis());
+
+    // The resumed primary must step down, never serve as active again.
+    let resumed = status_when(&pair.primary_frontend, "passive", Duration::from_secs(10), |s| s["state"] == "passive");
+    let backup_now = server_status(&pair.backup_frontend).unwrap();
+    eprintln!(
+        "[{label}] after the resume: primary {} in epoch {}, backup {} in epoch {}; primary log: {} pause lines, {} step-down lines",
+        resumed["state"],
+        resumed["epoch"],
+        backup_now["state"],
+        backup_now["epoch"],
+        fog_e2e::log_lines_with(&primary.log, &["paused"]),
+        fog_e2e::log_lines_with(&primary.log, &["stepping down"]),
+    );
+    assert_eq!(backup_now["state"], "active", "{label}: the backup stays active: {backup_now}");
+    for _ in 0..10 {
+        let p = server_status(&pair.primary_frontend).unwrap();
+        assert_ne!(p["state"], "active", "{label}: the resumed primary serves as active again: {p}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    host_done(label, code, &summary);
+    eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+    drop(primary);
+}
