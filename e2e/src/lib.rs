@@ -6,7 +6,8 @@
 //! `cargo test --workspace` builds them, because the host and server
 //! packages have integration tests of their own.
 //! Each process writes its stderr to a log file; when a test fails, the tail
-//! of every log is printed so the failure can be understood.
+//! of every log is printed so the failure can be understood. [`netns`]
+//! builds network namespaces for tests that cut links.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+
+pub mod netns;
 
 /// Path of a workspace binary built beside the running program: a test
 /// (`target/<profile>/deps/<test>`) or a binary (`target/<profile>/<bin>`).
@@ -134,8 +137,9 @@ impl Drop for Proc {
     }
 }
 
-/// Starts one server node and waits until it answers `status`.
-pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+/// The name (`primary` or `backup`) and the arguments of one node of `pair`,
+/// with its own data dir under `dir` unless `extra` names one.
+pub fn server_args(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> (&'static str, Vec<String>) {
     let mut args = pair.server_args(primary);
     args.extend(extra.iter().map(|s| s.to_string()));
     let name = if primary { "primary" } else { "backup" };
@@ -144,15 +148,26 @@ pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> a
     if !extra.contains(&"--data-dir") {
         args.extend(["--data-dir".to_string(), dir.join(format!("{name}-data")).display().to_string()]);
     }
+    (name, args)
+}
+
+/// Starts one server node and waits until it answers `status`.
+pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+    let (name, args) = server_args(pair, primary, extra, dir);
     let proc = Proc::spawn(name, &bin("fog-server"), &args, dir)?;
     let endpoint = if primary { &pair.primary_frontend } else { &pair.backup_frontend };
+    wait_until_serving(proc, endpoint)
+}
+
+/// Waits until the server `proc` answers `status` at `endpoint`, at most 20 s.
+pub fn wait_until_serving(proc: Proc, endpoint: &str) -> anyhow::Result<Proc> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if server_status(endpoint).is_ok() {
             return Ok(proc);
         }
         if Instant::now() > deadline {
-            bail!("{name} did not answer status within 20 s:\n{}", proc.log_tail(20));
+            bail!("{} did not answer status within 20 s:\n{}", proc.name, proc.log_tail(20));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

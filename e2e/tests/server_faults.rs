@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fog_e2e::{Pair, finish_host, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_e2e::netns::{Lab, LabError, ROOT};
+use fog_e2e::{Pair, Proc, finish_host, scratch_dir, server_counts, server_status, start_host, start_server};
 use serde_json::Value;
 
 /// Server flags shared by every test: short lateness so averages flow in a
@@ -319,4 +320,91 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
     eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
     check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
     drop(primary);
+}
+
+/// Starts one node of `pair` inside namespace `ns` and waits until it
+/// answers `status` from the root namespace.
+fn start_server_in(lab: &Lab, ns: &str, pair: &Pair, primary: bool, dir: &std::path::Path) -> Proc {
+    let (name, args) = fog_e2e::server_args(pair, primary, SERVER_FLAGS, dir);
+    let proc = lab.spawn(ns, name, &fog_e2e::bin("fog-server"), &args, dir).unwrap();
+    fog_e2e::wait_until_serving(proc, if primary { &pair.primary_frontend } else { &pair.backup_frontend }).unwrap()
+}
+
+#[test]
+fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() {
+    let _serial = serial();
+    let label = "split-brain";
+    let mut lab = match Lab::new("split") {
+        Ok(lab) => lab,
+        Err(LabError::Unavailable(why)) => {
+            eprintln!("[{label}] SKIPPED: {why}; this test needs root and `ip netns`");
+            return;
+        }
+        Err(e) => panic!("{label}: {e}"),
+    };
+    let dir = scratch_dir(label);
+    // The host stays in the root namespace and reaches each server over a
+    // link of its own; the servers replicate over a third link.
+    let p = lab.namespace("primary").unwrap();
+    let b = lab.namespace("backup").unwrap();
+    let host_p = lab.link(ROOT, &p).unwrap();
+    let host_b = lab.link(ROOT, &b).unwrap();
+    let peer = lab.link(&p, &b).unwrap();
+    let pair = Pair {
+        primary_frontend: format!("tcp://{}:5001", host_p.b_addr),
+        backup_frontend: format!("tcp://{}:5002", host_b.b_addr),
+        primary_state: format!("tcp://{}:5003", peer.a_addr),
+        backup_state: format!("tcp://{}:5004", peer.b_addr),
+    };
+    eprintln!("[{label}] namespaces {p} and {b}; host links {} and {}, server link {}-{}", host_p.b_addr, host_b.b_addr, peer.a_addr, peer.b_addr);
+    let _primary = start_server_in(&lab, &p, &pair, true, &dir);
+    let _backup = start_server_in(&lab, &b, &pair, false, &dir);
+    let servers = pair.servers();
+    let first = start_host(&[&host_args(&servers, "10", "14s")[..], &["--first-id", "1"]].concat(), &dir).unwrap();
+    let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
+        is_caught_up(s) && u(&s["counted"]) > 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    lab.cut(&peer).unwrap();
+    eprintln!("[{label}] cut the link between the servers in epoch {}; the host still reaches both", before["epoch"]);
+    let alone = status_when(&pair.primary_frontend, "active alone", Duration::from_secs(10), |s| {
+        is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone"))
+    });
+    eprintln!("[{label}] primary: {} in epoch {}", alone["replication"], alone["epoch"]);
+
+    // A second host asks the backup first: cut off from its peer, the
+    // backup takes over, and both sides accept readings.
+    let backup_first = format!("{},{}", pair.backup_frontend, pair.primary_frontend);
+    let second = start_host(&[&host_args(&backup_first, "10", "4s")[..], &["--first-id", "101"]].concat(), &dir).unwrap();
+    let b_active = status_when(&pair.backup_frontend, "active", Duration::from_secs(10), is_active);
+    let p_active = server_status(&pair.primary_frontend).unwrap();
+    eprintln!(
+        "[{label}] split brain: primary {} in epoch {} (counted {}), backup {} in epoch {} (counted {})",
+        p_active["state"], p_active["epoch"], p_active["counted"], b_active["state"], b_active["epoch"], b_active["counted"]
+    );
+    assert_ne!(p_active["epoch"], b_active["epoch"], "{label}: two active nodes never share an epoch");
+    let (code, second_summary) = finish_host(second, Duration::from_secs(60)).unwrap();
+    host_done(&format!("{label} (second host)"), code, &second_summary);
+    eprintln!("[{label}] second host: generated {}, acked {}", second_summary["generated"], second_summary["acked"]);
+
+    let healed = Instant::now();
+    lab.heal(&peer).unwrap();
+    eprintln!("[{label}] healed the link");
+    let active = wait_for("one active node and a caught-up passive after the heal", Duration::from_secs(20), || {
+        let p = server_status(&pair.primary_frontend).ok()?;
+        let b = server_status(&pair.backup_frontend).ok()?;
+        match (is_active(&p), is_active(&b)) {
+            (true, false) if is_caught_up(&b) => Some(pair.primary_frontend.clone()),
+            (false, true) if is_caught_up(&p) => Some(pair.backup_frontend.clone()),
+            _ => None,
+        }
+    });
+    eprintln!("[{label}] {} ms after the heal: {active} is active and its peer has caught up", healed.elapsed().as_millis());
+
+    let (code, first_summary) = finish_host(first, Duration::from_secs(60)).unwrap();
+    host_done(&format!("{label} (first host)"), code, &first_summary);
+    eprintln!("[{label}] first host: generated {}, acked {}, failovers {}", first_summary["generated"], first_summary["acked"], first_summary["failovers"]);
+    let passive = if active == pair.primary_frontend { &pair.backup_frontend } else { &pair.primary_frontend };
+    check_pair(label, &active, passive, &[&first_summary, &second_summary]);
 }
