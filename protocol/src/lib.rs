@@ -244,6 +244,12 @@ pub struct StatusReport {
     pub last_average_seq: Option<u64>,
     /// Readings older than the window horizon: counted, in no average.
     pub too_late: u64,
+    /// Readings older than the dedup horizon: acked, never counted.
+    pub expired: u64,
+    /// Sensor incarnations silent for longer than the dedup horizon, whose
+    /// dedup state was compacted away; their readings stay in `counted`
+    /// but no longer appear in `per_sensor`.
+    pub retired_incarnations: u64,
     pub malformed_frames: u64,
     pub batches: u64,
     pub peer_alive: bool,

@@ -1,14 +1,30 @@
 //! Exactly-once counting of readings, keyed by `(sensor_id, incarnation,
-//! seq)`.
+//! seq)`, with memory bounded by a dedup horizon.
 //!
 //! Per sensor incarnation the ledger keeps a contiguous watermark (every
-//! `seq < next_seq` is counted) and the set of counted seqs above it, which
-//! folds into the watermark as the gaps fill. A reading sent again — after a
-//! lost ack, a timeout or a failover — is recognised and not counted twice.
+//! `seq < next_seq` is counted) and the counted seqs above it, which fold
+//! into the watermark as the gaps fill. A reading sent again — after a lost
+//! ack, a timeout or a failover — is recognised and not counted twice.
 //! The acks built here are what lets a sensor drop readings from its resend
 //! buffer: cumulative up to the watermark, selective above it.
+//!
+//! **The dedup horizon.** A reading stamped more than the horizon before
+//! the server's clock (the time of the log entry that carries it) is acked
+//! but never counted: it is *expired*. That one rule is what makes the
+//! ledgers compactable without ever counting a reading twice:
+//! - a ledger whose newest reading is older than the horizon can only see
+//!   expired readings from now on, so it is *retired*: dropped, its count
+//!   and sum kept in the totals ([`Ingest::retired`]);
+//! - a sensor stamps its readings in seq order, so an expired reading means
+//!   every lower seq of its incarnation is expired too: the watermark moves
+//!   past it, and a gap above the watermark whose next reading is older
+//!   than the horizon is closed the same way.
+//! So the ledgers hold at most the incarnations heard from within the
+//! horizon, each with at most a horizon's worth of seqs above its
+//! watermark. Compaction runs with the record time of every published
+//! average, so every replica compacts at the same log positions.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use fog_protocol::{Reading, SensorAck, SensorCount};
 use serde::{Deserialize, Serialize};
@@ -16,61 +32,154 @@ use serde::{Deserialize, Serialize};
 /// Identifies one run of one sensor: its seqs start again when this changes.
 pub type SensorKey = (u32, u64);
 
+/// The default dedup horizon: far beyond any resend horizon of a host (see
+/// the README's *Durability and failover*).
+pub const DEFAULT_DEDUP_HORIZON_MS: u64 = 60 * 60 * 1_000;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Ledger {
     next_seq: u64,
-    above: BTreeSet<u64>,
+    /// Counted seqs above the watermark, with their timestamps.
+    above: BTreeMap<u64, u64>,
     count: u64,
     sum_kmh: u64,
+    /// The newest timestamp of any reading counted in this ledger.
+    newest_ms: u64,
 }
 
 impl Ledger {
     fn contains(&self, seq: u64) -> bool {
-        seq < self.next_seq || self.above.contains(&seq)
+        seq < self.next_seq || self.above.contains_key(&seq)
     }
 
-    fn insert(&mut self, seq: u64) {
+    fn insert(&mut self, seq: u64, timestamp_ms: u64) {
         if seq == self.next_seq {
             self.next_seq += 1;
-            while self.above.remove(&self.next_seq) {
-                self.next_seq += 1;
-            }
+            self.fold();
         } else {
-            self.above.insert(seq);
+            self.above.insert(seq, timestamp_ms);
+        }
+    }
+
+    /// Moves the watermark over the seqs above it that are now contiguous.
+    fn fold(&mut self) {
+        while self.above.remove(&self.next_seq).is_some() {
+            self.next_seq += 1;
+        }
+    }
+
+    /// Every seq up to `seq` is expired: nothing below it can count again.
+    fn expire_through(&mut self, seq: u64) {
+        if seq >= self.next_seq {
+            self.next_seq = seq + 1;
+            self.above = self.above.split_off(&self.next_seq);
+            self.fold();
+        }
+    }
+
+    /// Closes gaps whose next counted reading is older than `oldest_ms`:
+    /// the readings missing below it are older still.
+    fn close_expired_gaps(&mut self, oldest_ms: u64) {
+        while let Some((&seq, &ts)) = self.above.first_key_value() {
+            if ts >= oldest_ms {
+                break;
+            }
+            self.expire_through(seq);
         }
     }
 }
 
-/// The counted readings of every sensor incarnation.
+/// Incarnations compacted away, in total.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    pub incarnations: u64,
+    pub count: u64,
+    pub sum_kmh: u64,
+}
+
+/// The counted readings of every sensor incarnation heard from within the
+/// dedup horizon, and totals of the ones retired.
 ///
 /// It is part of the replicated state; `duplicates` is not (each node counts
 /// the resends it saw itself).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ingest {
+    #[serde(skip, default = "default_horizon")]
+    horizon_ms: u64,
     ledgers: HashMap<SensorKey, Ledger>,
     counted: u64,
+    expired: u64,
+    retired: Retired,
     #[serde(skip)]
     duplicates: u64,
 }
 
+fn default_horizon() -> u64 {
+    DEFAULT_DEDUP_HORIZON_MS
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Self::new(DEFAULT_DEDUP_HORIZON_MS)
+    }
+}
+
 impl Ingest {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(horizon_ms: u64) -> Self {
+        Ingest {
+            horizon_ms,
+            ledgers: HashMap::new(),
+            counted: 0,
+            expired: 0,
+            retired: Retired::default(),
+            duplicates: 0,
+        }
     }
 
-    /// Counts `reading` unless it was counted before; returns whether it is
-    /// new (and so belongs in the averages).
-    pub fn admit(&mut self, key: SensorKey, reading: &Reading) -> bool {
+    /// Puts the dedup horizon on a ledger loaded from a snapshot.
+    pub fn set_horizon(&mut self, horizon_ms: u64) {
+        self.horizon_ms = horizon_ms;
+    }
+
+    /// Counts `reading`, arrived at `now_ms`, unless it was counted before
+    /// or is expired; returns whether it is new (and so belongs in the
+    /// averages).
+    pub fn admit(&mut self, now_ms: u64, key: SensorKey, reading: &Reading) -> bool {
+        if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
+            if let Some(ledger) = self.ledgers.get_mut(&key) {
+                ledger.expire_through(reading.seq);
+            }
+            self.expired += 1;
+            return false;
+        }
         let ledger = self.ledgers.entry(key).or_default();
         if ledger.contains(reading.seq) {
             self.duplicates += 1;
             return false;
         }
-        ledger.insert(reading.seq);
+        ledger.insert(reading.seq, reading.timestamp_ms);
         ledger.count += 1;
         ledger.sum_kmh += u64::from(reading.speed_kmh);
+        ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
         self.counted += 1;
         true
+    }
+
+    /// Compacts the ledgers as of `now_ms`: closes gaps that can no longer
+    /// fill and retires incarnations whose readings are all expired.
+    pub fn compact(&mut self, now_ms: u64) {
+        let oldest = now_ms.saturating_sub(self.horizon_ms);
+        let retired = &mut self.retired;
+        self.ledgers.retain(|_, ledger| {
+            if ledger.newest_ms < oldest {
+                retired.incarnations += 1;
+                retired.count += ledger.count;
+                retired.sum_kmh += ledger.sum_kmh;
+                return false;
+            }
+            ledger.close_expired_gaps(oldest);
+            true
+        });
     }
 
     /// Whether `seq` of `key` was counted before.
@@ -84,7 +193,7 @@ impl Ingest {
     }
 
     /// The ack for a batch of `key` that carried `seqs`: the watermark, plus
-    /// the batch's seqs above it (all counted by now).
+    /// the batch's seqs above it (all counted or expired by now).
     pub fn ack(&self, key: SensorKey, seqs: impl IntoIterator<Item = u64>) -> SensorAck {
         let next_seq = self.ledgers.get(&key).map_or(0, |l| l.next_seq);
         let mut also: Vec<u64> = seqs.into_iter().filter(|&s| s >= next_seq).collect();
@@ -98,7 +207,7 @@ impl Ingest {
         }
     }
 
-    /// Unique readings counted, over all sensors.
+    /// Unique readings counted, over all sensors (retired ones included).
     pub fn counted(&self) -> u64 {
         self.counted
     }
@@ -108,7 +217,28 @@ impl Ingest {
         self.duplicates
     }
 
-    /// What was counted per sensor incarnation, ordered by key.
+    /// Readings older than the dedup horizon: acked, never counted.
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
+    /// Incarnations compacted away, with what they counted.
+    pub fn retired(&self) -> Retired {
+        self.retired
+    }
+
+    /// Sensor incarnations with a ledger.
+    pub fn incarnations(&self) -> usize {
+        self.ledgers.len()
+    }
+
+    /// Seqs held above the watermarks, over all ledgers.
+    pub fn seqs_above_watermarks(&self) -> usize {
+        self.ledgers.values().map(|l| l.above.len()).sum()
+    }
+
+    /// What was counted per sensor incarnation still in a ledger, ordered
+    /// by key.
     pub fn per_sensor(&self) -> Vec<SensorCount> {
         let mut out: Vec<SensorCount> = self
             .ledgers
@@ -129,24 +259,26 @@ impl Ingest {
 mod tests {
     use super::*;
 
+    const T0: u64 = 1_700_000_000_000;
+
     fn r(seq: u64, speed: u16) -> Reading {
         Reading {
             seq,
             speed_kmh: speed,
-            timestamp_ms: 1_000 + seq,
+            timestamp_ms: T0 + seq,
         }
     }
 
     fn feed(ingest: &mut Ingest, key: SensorKey, seqs: &[u64]) -> SensorAck {
         for &s in seqs {
-            ingest.admit(key, &r(s, 100));
+            ingest.admit(T0, key, &r(s, 100));
         }
         ingest.ack(key, seqs.iter().copied())
     }
 
     #[test]
     fn resends_are_not_counted_twice() {
-        let mut ing = Ingest::new();
+        let mut ing = Ingest::default();
         let key = (1, 7);
         feed(&mut ing, key, &[0, 1, 2]);
         let ack = feed(&mut ing, key, &[0, 1, 2, 3]);
@@ -166,7 +298,7 @@ mod tests {
 
     #[test]
     fn out_of_order_readings_ack_selectively_then_cumulatively() {
-        let mut ing = Ingest::new();
+        let mut ing = Ingest::default();
         let key = (1, 7);
         let ack = feed(&mut ing, key, &[3, 5, 1]);
         assert_eq!(ack.next_seq, 0);
@@ -182,7 +314,7 @@ mod tests {
 
     #[test]
     fn duplicates_within_one_batch_count_once() {
-        let mut ing = Ingest::new();
+        let mut ing = Ingest::default();
         let ack = feed(&mut ing, (2, 1), &[9, 9, 9]);
         assert_eq!(ing.counted(), 1);
         assert_eq!(ing.duplicates(), 2);
@@ -191,7 +323,7 @@ mod tests {
 
     #[test]
     fn a_new_incarnation_is_counted_separately() {
-        let mut ing = Ingest::new();
+        let mut ing = Ingest::default();
         feed(&mut ing, (1, 100), &[0, 1, 2]);
         let ack = feed(&mut ing, (1, 200), &[0, 1]);
         assert_eq!(ack.incarnation, 200);
@@ -205,9 +337,103 @@ mod tests {
 
     #[test]
     fn an_empty_batch_reports_the_watermark() {
-        let mut ing = Ingest::new();
+        let mut ing = Ingest::default();
         feed(&mut ing, (1, 1), &[0, 1]);
         assert_eq!(ing.ack((1, 1), []).next_seq, 2);
         assert_eq!(ing.ack((9, 9), []).next_seq, 0);
+    }
+
+    const HOUR: u64 = 60 * 60 * 1_000;
+
+    fn at(seq: u64, timestamp_ms: u64) -> Reading {
+        Reading { seq, speed_kmh: 100, timestamp_ms }
+    }
+
+    #[test]
+    fn an_incarnation_silent_past_the_horizon_is_retired_and_its_resends_are_not_counted_again() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        for seq in 0..10 {
+            assert!(ing.admit(T0, key, &at(seq, T0)));
+        }
+        ing.compact(T0 + HOUR);
+        assert_eq!(ing.incarnations(), 1, "kept while within the horizon");
+        ing.compact(T0 + HOUR + 1);
+        assert_eq!(ing.incarnations(), 0, "retired once all its readings are past the horizon");
+        assert_eq!(ing.retired(), Retired { incarnations: 1, count: 10, sum_kmh: 1_000 });
+        assert_eq!(ing.counted(), 10, "retired readings stay counted");
+        // The sensor resends (a host restarted from an old state dir): the
+        // readings are older than the horizon, so they are acked, not counted.
+        for seq in 0..10 {
+            assert!(!ing.admit(T0 + HOUR + 2, key, &at(seq, T0)));
+        }
+        let ack = ing.ack(key, 0..10);
+        assert_eq!(ack.also, (0..10).collect::<Vec<_>>(), "expired readings are acked: {ack:?}");
+        assert_eq!(ing.incarnations(), 0, "expired readings bring no ledger back");
+        assert_eq!(ing.counted(), 10);
+        assert_eq!(ing.expired(), 10);
+    }
+
+    #[test]
+    fn a_reading_within_the_horizon_is_never_counted_twice_however_late_it_comes_back() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        assert!(ing.admit(T0, key, &at(0, T0)));
+        // Compaction every second for most of the horizon keeps the ledger.
+        for s in 1..3_500 {
+            ing.compact(T0 + s * 1_000);
+        }
+        assert!(!ing.admit(T0 + 3_500_000, key, &at(0, T0)), "a resend within the horizon is a duplicate");
+        assert_eq!((ing.counted(), ing.duplicates(), ing.expired()), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_gap_that_can_no_longer_fill_is_closed_after_the_horizon() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (2, 1);
+        // Seqs 0..5 were counted by a ledger retired long ago; the sensor
+        // comes back with fresh readings from seq 5 on.
+        let t = T0 + 3 * HOUR;
+        for seq in 5..20 {
+            ing.admit(t + seq, key, &at(seq, t + seq));
+        }
+        assert_eq!(ing.ack(key, []).next_seq, 0);
+        assert_eq!(ing.seqs_above_watermarks(), 15, "waiting for 0..5");
+        ing.compact(t + HOUR);
+        assert_eq!(ing.seqs_above_watermarks(), 15, "the gap may still fill within the horizon");
+        ing.compact(t + 5 + HOUR + 1);
+        assert_eq!(ing.ack(key, []).next_seq, 20, "the gap closed and the seqs above folded in");
+        assert_eq!(ing.seqs_above_watermarks(), 0);
+        assert_eq!(ing.counted(), 15);
+        assert!(!ing.admit(t + 5 + HOUR + 2, key, &at(2, t - 1)), "a reading from the gap is expired");
+    }
+
+    #[test]
+    fn an_endless_run_of_restarting_sensors_keeps_the_ledgers_bounded() {
+        let mut ing = Ingest::new(HOUR);
+        let mut generated = 0;
+        // 100 sensors, each restarting (a new incarnation) every 10 minutes,
+        // one reading every 10 s, for 24 hours; compaction every second.
+        let mut most = 0;
+        for tick in 0..(24 * 360) {
+            let now = T0 + tick * 10_000;
+            for sensor in 0..100u32 {
+                let incarnation = tick / 60;
+                let seq = tick % 60;
+                assert!(ing.admit(now, (sensor, incarnation), &at(seq, now)));
+                generated += 1;
+            }
+            for s in 0..10 {
+                ing.compact(now + s * 1_000);
+            }
+            most = most.max(ing.incarnations());
+        }
+        // A new incarnation every 10 minutes; the horizon keeps about 6 of
+        // each sensor's.
+        assert!(most <= 100 * 8, "{most} incarnations held at once");
+        assert_eq!(ing.counted(), generated);
+        let held: u64 = ing.per_sensor().iter().map(|c| c.count).sum();
+        assert_eq!(held + ing.retired().count, generated, "nothing lost by compaction");
+        assert_eq!(ing.retired().incarnations as usize + ing.incarnations(), 100 * 24 * 6);
     }
 }

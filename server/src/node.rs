@@ -175,7 +175,7 @@ impl Node {
         if let Some(bytes) = snapshot {
             let local: LocalSnapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
             node.replica = local.replica;
-            node.replica.windows.set_config(cfg.windows);
+            node.replica.set_config(cfg.windows);
             let lsn = node.replica.lsn;
             node.unconfirmed = local.unconfirmed.into_iter().map(|b| (lsn, b)).collect();
         }
@@ -851,6 +851,8 @@ impl Node {
             revisions_published: w.revisions_published(),
             last_average_seq: w.last_seq(),
             too_late: w.too_late(),
+            expired: self.replica.ingest.expired(),
+            retired_incarnations: self.replica.ingest.retired().incarnations,
             malformed_frames: self.malformed_frames,
             batches: self.batches,
             peer_alive: self.fsm.peer_alive(now),

@@ -69,7 +69,7 @@ pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<StatusRep
 pub fn human_summary(r: &StatusReport) -> String {
     let mut out = format!(
         "{} node, state {}, peer {}\n\
-         counted {} readings ({} duplicates dropped, {} outside the windows) in {} batches\n\
+         counted {} readings ({} duplicates dropped, {} outside the windows, {} expired) in {} batches\n\
          averages published {} ({} revisions), last seq {}\n\
          malformed frames {}\n",
         r.role,
@@ -78,6 +78,7 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.counted,
         r.duplicates,
         r.too_late,
+        r.expired,
         r.batches,
         r.averages_published,
         r.revisions_published,
@@ -85,7 +86,11 @@ pub fn human_summary(r: &StatusReport) -> String {
             .map_or_else(|| "-".to_string(), |s| s.to_string()),
         r.malformed_frames,
     );
-    out.push_str(&format!("{} sensor incarnations", r.per_sensor.len()));
+    out.push_str(&format!(
+        "{} sensor incarnations ({} more retired after the dedup horizon)",
+        r.per_sensor.len(),
+        r.retired_incarnations
+    ));
     for s in r.per_sensor.iter().take(20) {
         let mean = if s.count == 0 {
             0.0

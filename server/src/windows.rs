@@ -42,6 +42,10 @@ pub struct WindowConfig {
     pub retain_averages: usize,
     /// Published averages older than this (by publication time) are dropped.
     pub retain_age_ms: u64,
+    /// Readings stamped further back are acked but never counted, and the
+    /// dedup state of sensor incarnations silent for this long is compacted
+    /// (see [`crate::ingest`]). At least `horizon_ms`.
+    pub dedup_horizon_ms: u64,
 }
 
 impl Default for WindowConfig {
@@ -51,6 +55,7 @@ impl Default for WindowConfig {
             horizon_ms: 10 * 60 * 1_000,
             retain_averages: 10_000,
             retain_age_ms: 10 * 60 * 1_000,
+            dedup_horizon_ms: crate::ingest::DEFAULT_DEDUP_HORIZON_MS,
         }
     }
 }

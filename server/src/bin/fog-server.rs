@@ -96,6 +96,14 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
     retain_age: Duration,
 
+    /// Readings stamped further back than this are acked but not counted,
+    /// and the dedup state of sensors silent this long is compacted. Must be
+    /// longer than any delay before a host resends (see the README's
+    /// "Durability and failover") and at least --window-horizon; use the
+    /// same value on both nodes.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    dedup_horizon: Duration,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -163,6 +171,13 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
     if cli.heartbeat.is_zero() {
         anyhow::bail!("--heartbeat must be at least 1ms");
     }
+    if cli.dedup_horizon < cli.window_horizon {
+        anyhow::bail!(
+            "--dedup-horizon ({}) must be at least --window-horizon ({}): a reading that can still revise an average must still be deduplicated",
+            humantime::format_duration(cli.dedup_horizon),
+            humantime::format_duration(cli.window_horizon)
+        );
+    }
     Ok(ServerConfig {
         role,
         frontend: cli.frontend.clone().unwrap_or(reference.frontend),
@@ -174,6 +189,7 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             horizon_ms: ms(cli.window_horizon),
             retain_averages: cli.retain_averages,
             retain_age_ms: ms(cli.retain_age),
+            dedup_horizon_ms: ms(cli.dedup_horizon),
         },
         data_dir: cli.data_dir.clone().unwrap_or(reference.data_dir),
         fsync: cli.fsync,
