@@ -215,6 +215,11 @@ fn bad_flags_exit_non_zero_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--fsync") && err.contains("always, batch or never"), "{err}");
+
+    let out = run(&["--primary", "--dedup-horizon", "5m", "--window-horizon", "10m"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: --dedup-horizon (5m) must be at least --window-horizon (10m)"), "{err}");
 }
 
 #[test]
