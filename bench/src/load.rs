@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -29,6 +30,8 @@ pub struct LoadShape {
     pub readings_per_sensor: u32,
     /// Batches per second per connection; `None` sends as fast as replies allow.
     pub rate: Option<f64>,
+    /// Stop sending after this many readings per connection.
+    pub max_readings: Option<u64>,
 }
 
 /// What a load run measured.
@@ -95,10 +98,15 @@ pub async fn run(endpoint: &str, shape: LoadShape, target: Target, warmup: Durat
         }));
 
         let sender_permits = permits.clone();
+        let sender_done = Arc::new(AtomicBool::new(false));
+        let done = sender_done.clone();
         let sender = tokio::spawn(async move {
             let mut seqs = vec![0u64; shape.sensors as usize];
             let mut tick = shape.rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
-            while Instant::now() < stop_at {
+            let per_batch = u64::from(shape.sensors * shape.readings_per_sensor);
+            let mut sent = 0u64;
+            while Instant::now() < stop_at && shape.max_readings.is_none_or(|max| sent < max) {
+                sent += per_batch;
                 if let Some(t) = tick.as_mut() {
                     t.tick().await;
                 }
@@ -108,13 +116,24 @@ pub async fn run(endpoint: &str, shape: LoadShape, target: Target, warmup: Durat
                 let frame = encode_batch(id, first_id, shape, incarnation, &mut seqs)?;
                 send.send(ZmqMessage::from(frame)).await.context("send")?;
             }
+            done.store(true, Ordering::SeqCst);
             anyhow::Ok(())
         });
         let receiver_conn = conn.clone();
         let receiver = tokio::spawn(async move {
             loop {
-                let Ok(Ok(msg)) = tokio::time::timeout_at((stop_at + Duration::from_secs(2)).into(), recv.recv()).await else {
-                    break;
+                // Stop once the sender is done and every batch is answered,
+                // or shortly after the end of the run.
+                let msg = match tokio::time::timeout(Duration::from_millis(100), recv.recv()).await {
+                    Ok(Ok(msg)) => msg,
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        let all_answered = permits.available_permits() == shape.in_flight;
+                        if (sender_done.load(Ordering::SeqCst) && all_answered) || Instant::now() > stop_at + Duration::from_secs(2) {
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 permits.add_permits(1);
                 let now = Instant::now();

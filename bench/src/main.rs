@@ -10,6 +10,8 @@
 //!   sensor component, and the host's memory per sensor;
 //! - `failover`: kill -9 of the active server under 10 000 sensors, time to
 //!   the first batch acked by the new active, over several runs;
+//! - `recovery`: kill -9 of a server whose log holds 10 M readings, time
+//!   until the restarted server answers with all of them counted;
 //! - `all` (the default): all of the above in one run, so the ratio to the
 //!   transport ceiling holds on a noisy machine.
 
@@ -80,6 +82,10 @@ struct Args {
     /// Kills of the active server in the failover benchmark.
     #[arg(long, default_value_t = 10, global = true)]
     failover_runs: usize,
+
+    /// Readings in the log of the server restarted by the recovery benchmark.
+    #[arg(long, default_value_t = 10_000_000, global = true)]
+    recovery_readings: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +102,8 @@ enum What {
     E2e,
     /// Time from kill -9 of the active server to the first ack of the new one.
     Failover,
+    /// Restart of a server whose write-ahead log holds many readings.
+    Recovery,
     /// Run the bare echo server (used by `transport`).
     #[command(hide = true)]
     EchoServer { endpoint: String },
@@ -119,6 +127,8 @@ struct Figures {
     e2e: Option<system::EndToEnd>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failover: Option<system::Failover>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery: Option<system::Recovery>,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,6 +200,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("failover: kill -9 the active server under {} sensors, {} runs ...", args.failover_sensors, args.failover_runs);
         figures.failover = Some(system::failover(args.failover_sensors, args.failover_runs).await?);
     }
+    if all || matches!(what, What::Recovery) {
+        eprintln!("recovery: restart a server whose log holds {} readings ...", args.recovery_readings);
+        figures.recovery = Some(system::recovery(args.recovery_readings, shape(&args)).await?);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
     } else {
@@ -205,6 +219,7 @@ fn shape(args: &Args) -> LoadShape {
         sensors: args.sensors,
         readings_per_sensor: args.readings_per_sensor,
         rate: None,
+        max_readings: None,
     }
 }
 
@@ -253,7 +268,14 @@ async fn latency(args: &Args) -> anyhow::Result<Latency> {
     let _backup = start_server(&pair, false, &[], &dir)?;
     // A host ticks its sensors spread over the second: 100 batches/s of
     // 100 readings each make 10 000 readings/s.
-    let shape = LoadShape { connections: 1, in_flight: 64, sensors: 100, readings_per_sensor: 1, rate: Some(100.0) };
+    let shape = LoadShape {
+        connections: 1,
+        in_flight: 64,
+        sensors: 100,
+        readings_per_sensor: 1,
+        rate: Some(100.0),
+        max_readings: None,
+    };
     let r = load::run(&pair.primary_frontend, shape, Target::Server, args.warmup, args.measure).await?;
     let ms = |q: f64| r.rtt_us.value_at_quantile(q) as f64 / 1000.0;
     Ok(Latency {
@@ -311,6 +333,12 @@ fn print_table(f: &Figures) {
             e.host_rss_mib,
             e.host_rss_kib_per_sensor,
             e.server_rss_mib.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default()
+        );
+    }
+    if let Some(r) = &f.recovery {
+        println!(
+            "{:<28} {:>12.0} ms   until a restarted server answers with all {} readings counted; data dir {:.0} MiB, {} readings written in {:.1} s",
+            "recovery", r.ready_ms, r.counted, r.data_dir_mib, r.readings, r.write_s
         );
     }
     if let Some(fo) = &f.failover {

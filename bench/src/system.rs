@@ -34,6 +34,74 @@ pub struct Failover {
     pub duplicated: u64,
 }
 
+#[derive(Debug, Serialize)]
+pub struct Recovery {
+    pub readings: u64,
+    pub write_s: f64,
+    pub counted: u64,
+    pub data_dir_mib: f64,
+    /// Restart of the killed server until it answers status with every
+    /// reading counted again.
+    pub ready_ms: f64,
+}
+
+/// Fills a lone primary's log with `readings`, kills it with SIGKILL and
+/// times its restart from the data dir.
+pub async fn recovery(readings: u64, shape: crate::load::LoadShape) -> anyhow::Result<Recovery> {
+    let dir = scratch_dir("bench-recovery");
+    let pair = Pair::on_free_ports();
+    let mut primary = start_server(&pair, true, &[], &dir)?;
+    let per_connection = readings.div_ceil(shape.connections as u64);
+    let shape = crate::load::LoadShape { max_readings: Some(per_connection), ..shape };
+    let began = Instant::now();
+    crate::load::run(&pair.primary_frontend, shape, crate::load::Target::Server, Duration::ZERO, Duration::from_secs(600)).await?;
+    let write_s = began.elapsed().as_secs_f64();
+    let before = fog_server::query_status(&pair.primary_frontend, Duration::from_secs(5)).await?;
+    if before.counted < readings {
+        bail!("only {} of {readings} readings were counted before the restart", before.counted);
+    }
+    primary.kill();
+    let data_dir_mib = dir_bytes(&dir.join("primary-data")) as f64 / (1 << 20) as f64;
+    let args = {
+        let mut a = pair.server_args(true);
+        a.extend(["--data-dir".to_string(), dir.join("primary-data").display().to_string()]);
+        a
+    };
+    let restarted = Instant::now();
+    let server = Proc::spawn("primary-restarted", &bin("fog-server"), &args, &dir)?;
+    let ready = loop {
+        if let Ok(s) = fog_server::query_status(&pair.primary_frontend, Duration::from_millis(100)).await {
+            if s.counted >= before.counted {
+                break restarted.elapsed();
+            }
+        }
+        if restarted.elapsed() > Duration::from_secs(120) {
+            bail!("the restarted server did not recover within 120 s:\n{}", server.log_tail(10));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    Ok(Recovery {
+        readings: before.counted,
+        write_s,
+        counted: before.counted,
+        data_dir_mib,
+        ready_ms: ready.as_secs_f64() * 1000.0,
+    })
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Resident memory of a process, from /proc.
 pub fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

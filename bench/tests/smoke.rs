@@ -10,6 +10,7 @@ fn prints_every_figure_as_json() {
             "--measure", "1s", "--warmup", "200ms", "--json", "--sensors", "100",
             "--host-sensors", "50", "--host-interval", "100ms",
             "--failover-sensors", "20", "--failover-runs", "1",
+            "--recovery-readings", "100000",
         ])
         .output()
         .expect("run fog-bench");
@@ -24,11 +25,17 @@ fn prints_every_figure_as_json() {
         "/e2e/acked_per_s",
         "/e2e/host_rss_kib_per_sensor",
         "/failover/median_ms",
+        "/recovery/ready_ms",
     ] {
         let v = figures.pointer(path).and_then(|v| v.as_f64());
         assert!(v.is_some_and(|v| v > 0.0), "{path} missing or not positive in {figures}");
     }
     assert!(figures.pointer("/latency/readings_acked").and_then(|v| v.as_u64()).unwrap_or(0) > 0);
+    // The restarted server recovered every reading from its log.
+    assert!(figures.pointer("/recovery/counted").and_then(|v| v.as_u64()).unwrap_or(0) >= 100_000);
+    // Killing the active lost and duplicated nothing.
+    assert_eq!(figures.pointer("/failover/lost").and_then(|v| v.as_u64()), Some(0));
+    assert_eq!(figures.pointer("/failover/duplicated").and_then(|v| v.as_u64()), Some(0));
 }
 
 #[test]
