@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fog_e2e::{Pair, Proc, bin, finish_host, scratch_dir, server_status, start_server};
+use fog_e2e::netns::{Lab, Link, ROOT};
+use fog_e2e::{Pair, Proc, bin, finish_host, free_port, scratch_dir, server_args, server_status, wait_until_serving};
 use serde::Serialize;
 
 use check::Observation;
@@ -54,9 +55,17 @@ struct Args {
 
     /// Faults to choose from: kill (kill -9 a server, restart it later),
     /// stop (SIGSTOP a server, SIGCONT later), host (kill -9 a host, restart
-    /// it with its state dir).
-    #[arg(long, value_delimiter = ',', default_value = "kill,stop,host")]
+    /// it with its state dir), wipe (while the active is in sync, stall the
+    /// passive for 200 ms and meanwhile kill -9 the active and erase its data
+    /// dir: a lost disk, which sync replication must survive), split (cut the
+    /// link between the two servers), isolate (cut the hosts' link to one
+    /// server). split, isolate and the wipe's stall use network namespaces.
+    #[arg(long, value_delimiter = ',', default_value = "kill,stop,host,wipe,split,isolate")]
     faults: Vec<Fault>,
+
+    /// The fog-server binary to run (default: the one built beside fog-verify).
+    #[arg(long, value_name = "PATH")]
+    server_bin: Option<PathBuf>,
 
     /// Directory for data, state and logs (default: a fresh temp dir, kept).
     #[arg(long)]
@@ -73,6 +82,9 @@ enum Fault {
     Kill,
     Stop,
     Host,
+    Wipe,
+    Split,
+    Isolate,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -108,6 +120,20 @@ struct ServerNode {
     stopped: bool,
     starts: u32,
     extra: Vec<String>,
+    data_dir: PathBuf,
+    program: PathBuf,
+    /// The network namespace it runs in (`ROOT` without a lab).
+    ns: String,
+}
+
+/// The network the run uses when namespaces are available: each server in
+/// a namespace of its own, the hosts in the root namespace, three links.
+struct Net {
+    lab: Lab,
+    /// Host side to the primary, host side to the backup, primary to backup.
+    to_primary: Link,
+    to_backup: Link,
+    peer: Link,
 }
 
 struct HostNode {
@@ -121,6 +147,7 @@ enum Pending {
     Restart(usize),
     Cont(usize),
     RestartHost(usize),
+    Heal(Link, &'static str),
 }
 
 #[derive(Serialize)]
@@ -129,7 +156,12 @@ struct Report {
     duration_s: f64,
     hosts: u32,
     sensors_per_host: u32,
+    /// "namespaces" (servers in network namespaces of their own, links that
+    /// can be cut) or "loopback" (no link faults).
+    network: &'static str,
     schedule: Vec<String>,
+    /// Resident memory of every process over the run, to show it stays flat.
+    memory: Vec<MemoryTrace>,
     verdict: check::Verdict,
     ok: bool,
     dir: String,
@@ -153,6 +185,12 @@ fn main() -> ExitCode {
             );
             for note in &v.notes {
                 eprintln!("note: {note}");
+            }
+            for m in report.memory.iter().filter(|m| m.samples >= 8) {
+                eprintln!(
+                    "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
+                    m.process, m.first_mib, m.mid_mib, m.last_mib, m.peak_mib, m.samples
+                );
             }
             if report.ok {
                 eprintln!("verdict: OK (seed {}; data and logs in {})", report.seed, report.dir);
@@ -196,6 +234,11 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     };
     eprintln!("fog-verify: seed {seed}, {:?}, {} host(s) x {} sensors, faults {:?}, dir {}", args.duration, args.hosts, args.sensors, args.faults, dir.display());
 
+    if let Some(p) = &args.server_bin {
+        if !p.exists() {
+            bail!("--server-bin {} does not exist", p.display());
+        }
+    }
     let durable_servers = supports("fog-server", "--data-dir");
     let durable_hosts = supports("fog-host", "--state-dir");
     if !durable_servers {
@@ -207,20 +250,52 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         faults.retain(|f| *f != Fault::Host);
     }
 
-    let pair = Pair::on_free_ports();
+    let wants_net = faults.iter().any(|f| matches!(f, Fault::Split | Fault::Isolate | Fault::Wipe));
+    let net = if wants_net { build_net() } else { None };
+    if net.is_none() && wants_net {
+        faults.retain(|f| !matches!(f, Fault::Split | Fault::Isolate));
+    }
+    let pair = match &net {
+        Some(n) => {
+            let ep = |addr: std::net::Ipv4Addr| format!("tcp://{addr}:{}", free_port());
+            Pair {
+                primary_frontend: ep(n.to_primary.b_addr),
+                backup_frontend: ep(n.to_backup.b_addr),
+                primary_state: ep(n.peer.a_addr),
+                backup_state: ep(n.peer.b_addr),
+            }
+        }
+        None => Pair::on_free_ports(),
+    };
     let mut servers = Vec::new();
     for primary in [true, false] {
         let name = if primary { "primary" } else { "backup" };
+        let data_dir = dir.join(format!("{name}-data"));
         let mut extra = vec!["--lateness".to_string(), "500ms".to_string()];
         if durable_servers {
             extra.push("--data-dir".into());
-            extra.push(dir.join(format!("{name}-data")).display().to_string());
+            extra.push(data_dir.display().to_string());
         }
-        servers.push(ServerNode { name, primary, proc: None, stopped: false, starts: 0, extra });
+        let program = args.server_bin.clone().unwrap_or_else(|| bin("fog-server"));
+        let ns = match &net {
+            Some(n) if primary => n.to_primary.b_ns.clone(),
+            Some(n) => n.to_backup.b_ns.clone(),
+            None => ROOT.to_string(),
+        };
+        servers.push(ServerNode { name, primary, proc: None, stopped: false, starts: 0, extra, data_dir, program, ns });
     }
+    let lab = net.as_ref().map(|n| &n.lab);
     for i in 0..servers.len() {
-        start_node(&pair, &mut servers[i], &dir)?;
+        start_node(lab, &pair, &mut servers[i], &dir, true)?;
     }
+    // Devices (host side) of the links cut right now.
+    let mut cut: Vec<String> = Vec::new();
+    let host_link_cut = |cut: &[String], primary: bool| {
+        net.as_ref().is_some_and(|n| {
+            let link = if primary { &n.to_primary } else { &n.to_backup };
+            cut.contains(&link.a_dev)
+        })
+    };
 
     let started = Instant::now();
     let end = started + args.duration;
@@ -243,6 +318,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         schedule.push(line);
     };
     let mut observations = Vec::new();
+    let mut memory = Memory::default();
     let mut pending: Vec<(Instant, Pending)> = Vec::new();
     let mut next_fault = started + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
     let mut next_poll = started;
@@ -251,14 +327,23 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         if now >= next_poll {
             next_poll = now + Duration::from_millis(250);
             observe(&pair, &servers, started, &mut observations);
+            memory.sample(servers.iter().filter_map(|s| s.proc.as_ref()).chain(hosts.iter().filter_map(|h| h.proc.as_ref())));
         }
         let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
         pending = later;
         for (_, action) in due {
             match action {
                 Pending::Restart(i) => {
-                    start_node(&pair, &mut servers[i], &dir)?;
+                    let reachable = !host_link_cut(&cut, servers[i].primary);
+                    start_node(lab, &pair, &mut servers[i], &dir, reachable)?;
                     log(started, format!("restarted {}", servers[i].name));
+                }
+                Pending::Heal(link, what) => {
+                    if let Some(n) = &net {
+                        n.lab.heal(&link)?;
+                    }
+                    cut.retain(|d| *d != link.a_dev);
+                    log(started, format!("healed the link {what}"));
                 }
                 Pending::Cont(i) => {
                     signal(&servers[i], "CONT");
@@ -296,6 +381,44 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                         pending.push((now + back_in, Pending::Cont(i)));
                     }
                 }
+                Fault::Split | Fault::Isolate => {
+                    let Some(n) = &net else { continue };
+                    let (link, what) = if fault == Fault::Split {
+                        (n.peer.clone(), "between the servers")
+                    } else if rng.below(2) == 0 {
+                        (n.to_primary.clone(), "from the hosts to the primary")
+                    } else {
+                        (n.to_backup.clone(), "from the hosts to the backup")
+                    };
+                    if pending.iter().any(|(_, p)| matches!(p, Pending::Heal(l, _) if l.a_dev == link.a_dev)) {
+                        continue;
+                    }
+                    let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
+                    n.lab.cut(&link)?;
+                    cut.push(link.a_dev.clone());
+                    log(started, format!("cut the link {what} (heal in {:.1}s)", back_in.as_secs_f64()));
+                    pending.push((now + back_in, Pending::Heal(link, what)));
+                }
+                Fault::Wipe => {
+                    match wipe(&pair, &mut servers, net.as_ref()) {
+                        Ok(Some((victim, what))) => {
+                            let mut back_in = rng.between(Duration::from_millis(500), Duration::from_secs(3));
+                            if let Some(n) = &net {
+                                // The cut outlasts the takeover, so what the
+                                // dead node's kernel still had to send to the
+                                // passive arrives too late to count.
+                                let heal_in = Duration::from_millis(1500);
+                                cut.push(n.peer.a_dev.clone());
+                                pending.push((Instant::now() + heal_in, Pending::Heal(n.peer.clone(), "between the servers")));
+                                back_in += heal_in;
+                            }
+                            log(started, format!("{what} (restart with an empty data dir in {:.1}s)", back_in.as_secs_f64()));
+                            pending.push((Instant::now() + back_in, Pending::Restart(victim)));
+                        }
+                        Ok(None) => log(started, "wipe skipped: no active server in sync with its passive".into()),
+                        Err(e) => return Err(e),
+                    }
+                }
                 Fault::Host => {
                     let up: Vec<usize> = (0..hosts.len()).filter(|&h| hosts[h].proc.is_some()).collect();
                     if up.is_empty() {
@@ -316,9 +439,16 @@ fn run(args: &Args) -> anyhow::Result<Report> {
 
     // Heal: resume and restart everything, then let the hosts drain.
     log(started, "healing: every server resumed or restarted, every host restarted".into());
+    // Links first, so every restarted server can be reached.
+    pending.sort_by_key(|(_, p)| !matches!(p, Pending::Heal(..)));
     for (_, action) in pending.drain(..) {
         match action {
-            Pending::Restart(i) => start_node(&pair, &mut servers[i], &dir)?,
+            Pending::Heal(link, _) => {
+                if let Some(n) = &net {
+                    n.lab.heal(&link)?;
+                }
+            }
+            Pending::Restart(i) => start_node(lab, &pair, &mut servers[i], &dir, true)?,
             Pending::Cont(i) => {
                 signal(&servers[i], "CONT");
                 servers[i].stopped = false;
@@ -343,22 +473,50 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         duration_s: args.duration.as_secs_f64(),
         hosts: args.hosts,
         sensors_per_host: args.sensors,
+        network: if net.is_some() { "namespaces" } else { "loopback" },
         schedule,
+        memory: memory.traces(),
         ok: verdict.ok(),
         verdict,
         dir: dir.display().to_string(),
     })
 }
 
-fn start_node(pair: &Pair, node: &mut ServerNode, dir: &std::path::Path) -> anyhow::Result<()> {
+/// Namespaces for the two servers and links to them, or `None` (with a
+/// note) where namespaces cannot be used.
+fn build_net() -> Option<Net> {
+    let attempt = || -> Result<Net, fog_e2e::netns::LabError> {
+        let mut lab = Lab::new("verify")?;
+        let p = lab.namespace("primary")?;
+        let b = lab.namespace("backup")?;
+        let to_primary = lab.link(ROOT, &p)?;
+        let to_backup = lab.link(ROOT, &b)?;
+        let peer = lab.link(&p, &b)?;
+        Ok(Net { lab, to_primary, to_backup, peer })
+    };
+    match attempt() {
+        Ok(net) => Some(net),
+        Err(e) => {
+            eprintln!("note: {e}: link faults are left out and the wipe stalls the passive with SIGSTOP instead");
+            None
+        }
+    }
+}
+
+/// Starts (or restarts) a server; waits until it answers unless `reachable`
+/// is false (its link to the hosts is cut right now).
+fn start_node(lab: Option<&Lab>, pair: &Pair, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
     node.starts += 1;
     let extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
-    let mut proc = start_server(pair, node.primary, &extra, dir)?;
-    // Keep every incarnation's log.
-    let log = dir.join(format!("{}-{}.log", node.name, node.starts));
-    let _ = std::fs::rename(&proc.log, &log);
-    proc.log = log;
-    node.proc = Some(proc);
+    let (_, args) = server_args(pair, node.primary, &extra, dir);
+    // Every incarnation keeps its own log.
+    let name = format!("{}-{}", node.name, node.starts);
+    let proc = match lab {
+        Some(lab) => lab.spawn(&node.ns, &name, &node.program, &args, dir)?,
+        None => Proc::spawn(&name, &node.program, &args, dir)?,
+    };
+    let endpoint = if node.primary { &pair.primary_frontend } else { &pair.backup_frontend };
+    node.proc = Some(if reachable { wait_until_serving(proc, endpoint)? } else { proc });
     node.stopped = false;
     Ok(())
 }
@@ -392,10 +550,107 @@ fn start_host_node(args: &Args, pair: &Pair, h: &mut HostNode, dir: &std::path::
     Ok(())
 }
 
+/// Cuts the passive off (the link between the servers; the caller heals it
+/// after the takeover. Without namespaces: a 200 ms SIGSTOP, well under the
+/// peer expiry), and 150 ms later kills the active and erases its data dir:
+/// a machine lost with its disk. Done only while the active says it is in
+/// sync, so every reading it acked is on the passive: losing its disk must
+/// lose nothing. Returns the erased node and what was done.
+fn wipe(pair: &Pair, servers: &mut [ServerNode], net: Option<&Net>) -> anyhow::Result<Option<(usize, String)>> {
+    let mut active = None;
+    for (i, s) in servers.iter().enumerate() {
+        if s.proc.is_none() || s.stopped {
+            continue;
+        }
+        let endpoint = if s.primary { &pair.primary_frontend } else { &pair.backup_frontend };
+        if let Ok(st) = server_status(endpoint) {
+            let in_sync = st["replication"].as_str().is_some_and(|r| r.contains("in sync"));
+            if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
+                active = Some(i);
+            }
+        }
+    }
+    let Some(a) = active else { return Ok(None) };
+    let p = 1 - a;
+    if servers[p].proc.is_none() || servers[p].stopped {
+        return Ok(None);
+    }
+    match net {
+        Some(n) => n.lab.cut(&n.peer)?,
+        None => signal(&servers[p], "STOP"),
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    if let Some(mut proc) = servers[a].proc.take() {
+        proc.kill();
+    }
+    let erased = std::fs::remove_dir_all(&servers[a].data_dir);
+    if net.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+        signal(&servers[p], "CONT");
+    }
+    if let Err(e) = erased {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            bail!("cannot erase {}: {e}", servers[a].data_dir.display());
+        }
+    }
+    let how = if net.is_some() { "cut the link between the servers" } else { "stalled the passive 200 ms" };
+    Ok(Some((a, format!("{how}; meanwhile kill -9 {} (active) and erased its data dir", servers[a].name))))
+}
+
 fn signal(node: &ServerNode, sig: &str) {
     if let Some(p) = &node.proc {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(p.child.id().to_string()).status();
     }
+}
+
+#[derive(Serialize)]
+struct MemoryTrace {
+    process: String,
+    samples: usize,
+    first_mib: f64,
+    /// Over the second half of the process's samples, so start-up does not
+    /// count as growth.
+    mid_mib: f64,
+    peak_mib: f64,
+    last_mib: f64,
+}
+
+/// Resident memory samples of every process incarnation, by name.
+#[derive(Default)]
+struct Memory {
+    samples: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+impl Memory {
+    fn sample<'a>(&mut self, procs: impl Iterator<Item = &'a Proc>) {
+        for p in procs {
+            if let Some(rss) = rss_mib(p.child.id()) {
+                self.samples.entry(p.name.clone()).or_default().push(rss);
+            }
+        }
+    }
+
+    fn traces(&self) -> Vec<MemoryTrace> {
+        self.samples
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, v)| MemoryTrace {
+                process: name.clone(),
+                samples: v.len(),
+                first_mib: v[0],
+                mid_mib: v[v.len() / 2],
+                peak_mib: v.iter().copied().fold(0.0, f64::max),
+                last_mib: v[v.len() - 1],
+            })
+            .collect()
+    }
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn observe(pair: &Pair, servers: &[ServerNode], started: Instant, out: &mut Vec<Observation>) {
