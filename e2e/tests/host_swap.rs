@@ -71,3 +71,44 @@ fn sighup_swaps_the_component_without_losing_or_repeating_a_reading() {
         assert!(after.1 > after.0 * 120, "sensor {key:?}: {} readings summing {} km/h after the swap", after.0, after.1);
     }
 }
+
+#[test]
+fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
+    let dir = scratch_dir("watch");
+    let pair = Pair::on_free_ports();
+    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    let sensor = dir.join("sensor.wasm");
+    install(&bin("fog_sensor.wasm"), &sensor);
+    let host = start_host(
+        &[
+            sensor.to_str().unwrap(),
+            "--watch",
+            "--sensors", "10", "--interval", "100ms", "--duration", "5s",
+            "--set", "free-kmh=200", "--set", "noise-kmh=0", "--set", "jam-at=1000",
+            "--servers", &pair.servers(),
+        ],
+        &dir,
+    )
+    .unwrap();
+    let log = host.log.clone();
+    std::thread::sleep(Duration::from_millis(1000));
+    // A broken deploy first: not a component at all.
+    let junk = dir.join("junk.wasm");
+    std::fs::write(&junk, b"not a component").unwrap();
+    install(&junk, &sensor);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_lines_with(&log, &["hot swap refused, still running"]), 1, "the bad file is refused once");
+    // Then the real one.
+    install(&bin("fog_scenario_sensor.wasm"), &sensor);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_lines_with(&log, &["hot swap: 10 sensors moved"]), 1, "the new file is swapped in once");
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    assert_eq!(code, 0, "host exit code; summary {summary}");
+    assert_eq!(u(&summary["swaps"]), 1);
+    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
+    for s in summary["per_sensor"].as_array().expect("per_sensor") {
+        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
+        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
+    }
+}
