@@ -366,6 +366,7 @@ impl Node {
         if let Record::AveragesPublished { next_seq, .. } = &mut entry.record {
             *next_seq = self.replica.windows.next_seq();
             self.last_publish_ms = now;
+            self.trim_unconfirmed(now);
         }
         if entry.solo {
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
@@ -399,6 +400,17 @@ impl Node {
             self.awaiting_snapshot_durable = Some(self.replica.lsn);
         }
         self.release();
+    }
+
+    /// Forgets readings accepted alone once they are past the dedup horizon:
+    /// a peer would not count them any more (they are expired there), so
+    /// they need not wait for a merge, and a node that serves alone for days
+    /// keeps memory bounded.
+    fn trim_unconfirmed(&mut self, now: u64) {
+        let oldest = now.saturating_sub(self.cfg.windows.dedup_horizon_ms);
+        while self.unconfirmed.front().is_some_and(|(_, b)| b.readings.iter().all(|r| r.timestamp_ms < oldest)) {
+            self.unconfirmed.pop_front();
+        }
     }
 
     fn push_unconfirmed(&mut self, lsn: u64, sensors: &[SensorBatch]) {
@@ -861,3 +873,82 @@ impl Node {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fog_protocol::Reading;
+
+    const T0: u64 = 1_700_000_000_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn batch(id: u64, seq: u64, ts: u64) -> Request {
+        Request::Batch {
+            batch_id: id,
+            epoch: 0,
+            sensors: vec![SensorBatch {
+                sensor_id: 1,
+                incarnation: 7,
+                segment: 0,
+                readings: vec![Reading { seq, speed_kmh: 100, timestamp_ms: ts }],
+                average_cursor: None,
+            }],
+        }
+    }
+
+    /// Drives a lone primary: every write is made durable at once.
+    fn settle(node: &mut Node, now: u64) {
+        while let Some(out) = node.poll_output() {
+            if let Output::Append(entry) = out {
+                node.handle_durable(now, entry.lsn, false);
+            } else if let Output::SaveSnapshot { lsn, .. } = out {
+                node.handle_durable(now, lsn, true);
+            }
+        }
+    }
+
+    #[test]
+    fn readings_accepted_alone_are_kept_for_a_merge_only_within_the_dedup_horizon() {
+        let cfg = NodeConfig {
+            role: Role::Primary,
+            heartbeat_ms: 250,
+            windows: WindowConfig::default(),
+            snapshot_every: 1_000_000,
+        };
+        let mut node = Node::new(cfg);
+        // Alone from the start: the peer never appeared.
+        let mut now = T0 + 10_000;
+        for seq in 0..50 {
+            node.handle_request(now, seq, &batch(seq, seq, now));
+            settle(&mut node, now);
+            node.handle_timeout(now);
+            settle(&mut node, now);
+            now += 1_000;
+        }
+        assert_eq!(node.state(), NodeState::Active);
+        assert_eq!(node.status(now).unconfirmed, 50, "readings accepted alone wait for a merge");
+        // Serving alone for more than the horizon (time passes in steps, as
+        // a running node sees it: a jump would look like a pause): the old
+        // ones are let go, the recent ones are still kept.
+        let late = now + HOUR;
+        while now < late {
+            node.handle_timeout(now);
+            settle(&mut node, now);
+            now += 500;
+        }
+        for seq in 50..60 {
+            node.handle_request(late + seq, seq, &batch(seq, seq, late + seq));
+            settle(&mut node, late + seq);
+        }
+        let mut now = late + 100;
+        while now < late + 10_000 {
+            node.handle_timeout(now);
+            settle(&mut node, now);
+            now += 500;
+        }
+        assert_eq!(node.state(), NodeState::Active, "still serving alone");
+        let status = node.status(now);
+        assert_eq!(status.unconfirmed, 10, "only the readings within the horizon are kept: {status:?}");
+        assert_eq!(status.counted, 60, "trimming forgets nothing that was counted");
+    }
+}
