@@ -8,6 +8,7 @@
 
 pub mod averages;
 pub mod core;
+pub mod glue;
 pub mod limit;
 pub mod resend;
 pub mod rng;

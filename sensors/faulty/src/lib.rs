@@ -65,120 +65,48 @@ pub fn strike(fault: Fault) {
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use std::cell::{Cell, RefCell};
+    use fog_sensor::glue::{SensorLogic, restore_core};
+    use fog_sensor::{Reading, SensorConfig, SensorCore};
 
-    use fog_sensor::{SensorConfig, SensorCore};
+    use crate::{Fault, fault_for, strike};
 
-    use crate::{fault_for, strike};
-
-    wit_bindgen::generate!({ path: "../../wit", world: "sensor" });
-
-    use fog::sensor::environment;
-
-    thread_local! {
-        static SENSOR: RefCell<Option<SensorCore>> = const { RefCell::new(None) };
-        static TICKS: Cell<u64> = const { Cell::new(0) };
+    /// The built-in sensor's logic, plus the fault it was told to commit
+    /// and how many ticks this instance has run.
+    pub struct Faulty {
+        core: SensorCore,
+        fault: Option<(Fault, u64)>,
+        ticks: u64,
     }
 
-    fn host_config() -> SensorConfig {
-        let c = environment::sensor_config();
-        SensorConfig {
-            sensor_id: c.sensor_id,
-            segment: c.segment,
-            resend_after_ms: c.resend_after_ms,
-            max_buffered: c.max_buffered,
-            settings: c.settings,
-        }
-    }
-
-    fn with_sensor<T>(f: impl FnOnce(&mut SensorCore) -> T) -> T {
-        SENSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let core = slot.get_or_insert_with(|| SensorCore::new(&host_config(), environment::seed(), environment::now_ms()));
-            f(core)
-        })
-    }
-
-    struct Faulty;
-
-    impl Guest for Faulty {
-        fn init() -> u64 {
-            with_sensor(|core| core.incarnation())
+    impl SensorLogic for Faulty {
+        fn start(config: &SensorConfig, seed: u64, now_ms: u64) -> Self {
+            Faulty { core: SensorCore::new(config, seed, now_ms), fault: fault_for(&config.settings, config.sensor_id), ticks: 0 }
         }
 
-        fn tick(produce: bool) -> Vec<Reading> {
-            let ticks = TICKS.with(|t| {
-                t.set(t.get() + 1);
-                t.get()
-            });
-            let config = host_config();
-            if let Some((fault, after)) = fault_for(&config.settings, config.sensor_id) {
-                if ticks > after {
+        fn core(&mut self) -> &mut SensorCore {
+            &mut self.core
+        }
+
+        fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
+            self.ticks += 1;
+            if let Some((fault, after)) = self.fault {
+                if self.ticks > after {
                     strike(fault);
                 }
             }
-            let now = environment::now_ms();
-            with_sensor(|core| core.tick(now, produce))
-                .into_iter()
-                .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
-                .collect()
+            self.core.tick(now_ms, produce)
         }
 
-        fn on_ack(incarnation: u64, next_seq: u64, also: Vec<u64>) {
-            with_sensor(|core| core.on_ack(incarnation, next_seq, &also))
-        }
-
-        fn on_averages(averages: Vec<Average>) -> Option<u64> {
-            let averages: Vec<fog_sensor::Average> = averages
-                .into_iter()
-                .map(|a| fog_sensor::Average {
-                    seq: a.seq,
-                    segment: a.segment,
-                    window_end_ms: a.window_end_ms,
-                    count: a.count,
-                    mean_kmh: a.mean_kmh,
-                    revision: a.revision,
-                })
-                .collect();
-            with_sensor(|core| core.on_averages(&averages))
-        }
-
-        fn on_missed(from: u64, to: u64) -> Option<u64> {
-            with_sensor(|core| core.on_missed(from, to))
-        }
-
-        fn status() -> Status {
-            let s = with_sensor(|core| core.status());
-            Status {
-                incarnation: s.incarnation,
-                generated: s.generated,
-                acked: s.acked,
-                buffered: s.buffered,
-                resent: s.resent,
-                overflowed: s.overflowed,
-                sum_kmh: s.sum_kmh,
-                averages_applied: s.averages_applied,
-                last_average_seq: s.last_average_seq,
-                averages_missed: s.averages_missed,
-                averages_digest: s.averages_digest,
-                limit_kmh: s.limit_kmh,
-            }
-        }
-
-        fn snapshot() -> Vec<u8> {
-            with_sensor(|core| core.snapshot())
-        }
-
-        fn restore(state: Vec<u8>) -> Result<(), String> {
-            let mut restored = SensorCore::restore(&state).map_err(|e| e.to_string())?;
-            let config = host_config();
-            restored.set_resend_policy(config.resend_after_ms, config.max_buffered);
-            SENSOR.with(|cell| *cell.borrow_mut() = Some(restored));
-            Ok(())
+        /// A restored instance counts its ticks afresh, as a new instance
+        /// does: a sensor told to fail after n ticks fails again n ticks
+        /// after each restart.
+        fn restore(bytes: &[u8], config: &SensorConfig, _now_ms: u64) -> Result<Self, String> {
+            let core = restore_core(bytes, config)?;
+            Ok(Faulty { core, fault: fault_for(&config.settings, config.sensor_id), ticks: 0 })
         }
     }
 
-    export!(Faulty);
+    fog_sensor::export_sensor!("../../wit", Faulty);
 }
 
 #[cfg(test)]

@@ -121,138 +121,57 @@ impl ScenarioClock {
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use std::cell::RefCell;
-
+    use fog_sensor::glue::{SensorLogic, restore_core};
     use fog_sensor::rng::Rng;
-    use fog_sensor::{SensorConfig, SensorCore};
+    use fog_sensor::{Reading, SensorConfig, SensorCore};
 
     use crate::{Scenario, ScenarioClock};
 
-    wit_bindgen::generate!({ path: "../../wit", world: "sensor" });
-
-    use fog::sensor::environment;
-
-    struct State {
+    /// The core, plus the scenario's own clock and script.
+    pub struct ScenarioSensor {
         core: SensorCore,
         clock: ScenarioClock,
         scenario: Scenario,
     }
 
-    thread_local! {
-        static SENSOR: RefCell<Option<State>> = const { RefCell::new(None) };
-    }
-
-    fn host_config() -> SensorConfig {
-        let c = environment::sensor_config();
-        SensorConfig {
-            sensor_id: c.sensor_id,
-            segment: c.segment,
-            resend_after_ms: c.resend_after_ms,
-            max_buffered: c.max_buffered,
-            settings: c.settings,
-        }
-    }
-
-    fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> T {
-        SENSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let state = slot.get_or_insert_with(|| {
-                let config = host_config();
-                let now = environment::now_ms();
-                let core = SensorCore::new(&config, environment::seed(), now);
-                let clock = ScenarioClock::new(now, core.incarnation());
-                State { core, clock, scenario: Scenario::from_settings(&config.settings) }
-            });
-            f(state)
-        })
-    }
-
-    struct ScenarioSensor;
-
-    impl Guest for ScenarioSensor {
-        fn init() -> u64 {
-            with_state(|s| s.core.incarnation())
+    impl SensorLogic for ScenarioSensor {
+        fn start(config: &SensorConfig, seed: u64, now_ms: u64) -> Self {
+            let core = SensorCore::new(config, seed, now_ms);
+            let clock = ScenarioClock::new(now_ms, core.incarnation());
+            ScenarioSensor { core, clock, scenario: Scenario::from_settings(&config.settings) }
         }
 
-        fn tick(produce: bool) -> Vec<Reading> {
-            let now = environment::now_ms();
-            with_state(|s| {
-                let elapsed = now.saturating_sub(s.clock.started_ms);
-                let id = s.core.sensor_id();
-                let (scenario, clock) = (s.scenario, &mut s.clock);
-                s.core.tick_with(now, produce, |_| {
-                    let mut rng = Rng::new(clock.rng_state);
-                    let speed = scenario.speed(id, elapsed, &mut rng);
-                    clock.rng_state = rng.state();
-                    speed
-                })
+        fn core(&mut self) -> &mut SensorCore {
+            &mut self.core
+        }
+
+        fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
+            let elapsed = now_ms.saturating_sub(self.clock.started_ms);
+            let id = self.core.sensor_id();
+            let (scenario, clock) = (self.scenario, &mut self.clock);
+            self.core.tick_with(now_ms, produce, |_| {
+                let mut rng = Rng::new(clock.rng_state);
+                let speed = scenario.speed(id, elapsed, &mut rng);
+                clock.rng_state = rng.state();
+                speed
             })
-            .into_iter()
-            .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
-            .collect()
         }
 
-        fn on_ack(incarnation: u64, next_seq: u64, also: Vec<u64>) {
-            with_state(|s| s.core.on_ack(incarnation, next_seq, &also))
+        fn snapshot(&mut self) -> Vec<u8> {
+            self.clock.encode(&self.core.snapshot())
         }
 
-        fn on_averages(averages: Vec<Average>) -> Option<u64> {
-            let averages: Vec<fog_sensor::Average> = averages
-                .into_iter()
-                .map(|a| fog_sensor::Average {
-                    seq: a.seq,
-                    segment: a.segment,
-                    window_end_ms: a.window_end_ms,
-                    count: a.count,
-                    mean_kmh: a.mean_kmh,
-                    revision: a.revision,
-                })
-                .collect();
-            with_state(|s| s.core.on_averages(&averages))
-        }
-
-        fn on_missed(from: u64, to: u64) -> Option<u64> {
-            with_state(|s| s.core.on_missed(from, to))
-        }
-
-        fn status() -> Status {
-            let s = with_state(|s| s.core.status());
-            Status {
-                incarnation: s.incarnation,
-                generated: s.generated,
-                acked: s.acked,
-                buffered: s.buffered,
-                resent: s.resent,
-                overflowed: s.overflowed,
-                sum_kmh: s.sum_kmh,
-                averages_applied: s.averages_applied,
-                last_average_seq: s.last_average_seq,
-                averages_missed: s.averages_missed,
-                averages_digest: s.averages_digest,
-                limit_kmh: s.limit_kmh,
-            }
-        }
-
-        fn snapshot() -> Vec<u8> {
-            with_state(|s| s.clock.encode(&s.core.snapshot()))
-        }
-
-        fn restore(state: Vec<u8>) -> Result<(), String> {
-            let (clock, core_bytes) = ScenarioClock::decode(&state)?;
-            let mut core = SensorCore::restore(core_bytes).map_err(|e| e.to_string())?;
-            let config = host_config();
-            if core.sensor_id() != config.sensor_id {
-                return Err(format!("sensor snapshot is of sensor {}, this is sensor {}", core.sensor_id(), config.sensor_id));
-            }
-            core.set_resend_policy(config.resend_after_ms, config.max_buffered);
-            let clock = clock.unwrap_or_else(|| ScenarioClock::new(environment::now_ms(), core.incarnation()));
-            let scenario = Scenario::from_settings(&config.settings);
-            SENSOR.with(|cell| *cell.borrow_mut() = Some(State { core, clock, scenario }));
-            Ok(())
+        /// Takes its own snapshots and the built-in sensor's (whose traffic
+        /// it replaces with the scenario from then on).
+        fn restore(bytes: &[u8], config: &SensorConfig, now_ms: u64) -> Result<Self, String> {
+            let (clock, core_bytes) = ScenarioClock::decode(bytes)?;
+            let core = restore_core(core_bytes, config)?;
+            let clock = clock.unwrap_or_else(|| ScenarioClock::new(now_ms, core.incarnation()));
+            Ok(ScenarioSensor { core, clock, scenario: Scenario::from_settings(&config.settings) })
         }
     }
 
-    export!(ScenarioSensor);
+    fog_sensor::export_sensor!("../../wit", ScenarioSensor);
 }
 
 #[cfg(test)]
