@@ -1,6 +1,7 @@
 //! Failover at scale: one host with a few thousand sensors multiplexes them
 //! over one connection, so killing the active server costs the host one
-//! failover, not one per sensor, and every reading is still acked.
+//! failover, not one per sensor, and every reading is still acked, with
+//! its sensors called from two threads.
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ fn killing_the_primary_costs_one_failover_for_thousands_of_sensors() {
     let host = start_host(
         &[
             "--sensors", "3000", "--interval", "250ms", "--duration", "5s", "--timeout", "500ms",
-            "--servers", &pair.servers(),
+            "--threads", "2", "--servers", &pair.servers(),
         ],
         &dir,
     )

@@ -12,10 +12,18 @@
 //! is still in its resend buffer. A reading produced after the snapshot was
 //! never sent, so the restored sensor reusing its sequence number is safe.
 //! A sensor that keeps failing is quarantined; the others never notice.
+//!
+//! Sensors are independent stores, so the calls of one pass (a tick slice,
+//! a commit's snapshots, a reply's acks and averages, a status refresh) are
+//! spread over worker threads, each taking chunks of neighbouring sensors.
+//! A failure found on a worker is only noted there; it is handled on the
+//! fleet's own thread once the pass is over, in the order a single thread
+//! would have met it.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fog_protocol::{Average, BatchReply, Reading, SensorBatch};
@@ -44,12 +52,21 @@ pub struct FleetConfig {
     pub restart_backoff: Duration,
     /// Failures in a row after which a sensor is quarantined (not restarted).
     pub max_restarts: u32,
+    /// Threads that call into sensors at once (at least 1: the caller's own).
+    pub threads: usize,
 }
 
 /// A sensor that has run this long since its last restart has its failure
 /// count forgiven: an occasional fault does not add up to a quarantine.
 const QUIET_PERIOD: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A pass over fewer sensors than this per thread stays on fewer threads:
+/// starting one costs tens of microseconds, a sensor call about one to four.
+const MIN_SENSORS_PER_THREAD: usize = 256;
+/// Chunks per thread: a thread held up by one slow sensor (a call running
+/// into its deadline) leaves the remaining chunks to the others.
+const CHUNKS_PER_THREAD: usize = 4;
 
 enum Life {
     Running(Box<SensorInstance>),
@@ -77,6 +94,12 @@ struct SensorSlot {
     saved: Option<Vec<u8>>,
     /// Ticked since the last commit.
     dirty: bool,
+    /// The last ack the running instance took: `(incarnation, next_seq,
+    /// also)`. A batch carries every sensor, so most replies ack a sensor
+    /// again with what it already knows; within one instance sequence
+    /// numbers only grow, so the same ack again would change nothing and
+    /// the call is skipped. Cleared whenever a new instance takes over.
+    last_ack: Option<(u64, u64, Vec<u64>)>,
 }
 
 /// Why the fleet could not start.
@@ -129,8 +152,8 @@ pub struct Fleet {
     engine: Arc<SensorEngine>,
     component: SensorComponent,
     config: FleetConfig,
+    /// Sensor `i` has id `config.first_id + i` (wrapping).
     sensors: Vec<SensorSlot>,
-    by_id: HashMap<u32, usize>,
     store: Option<StateStore>,
     /// Sensor failures (traps, deadlines, memory) over the run.
     pub failures: u64,
@@ -154,7 +177,6 @@ impl Fleet {
         };
         let now = Instant::now();
         let mut sensors = Vec::with_capacity(config.count as usize);
-        let mut by_id = HashMap::with_capacity(config.count as usize);
         let mut fleet_limits = engine.limits();
         fleet_limits.max_instances = config.count;
         for i in 0..config.count {
@@ -181,7 +203,6 @@ impl Fleet {
                 .map_err(|e| StartError::Init { id, reason: describe_failure(&e, &engine.limits()) })?;
             // A resumed sensor reports where its average stream stands.
             let status = if saved.is_some() { instance.status().ok() } else { None };
-            by_id.insert(id, sensors.len());
             sensors.push(SensorSlot {
                 id,
                 segment,
@@ -194,12 +215,13 @@ impl Fleet {
                 status,
                 saved,
                 dirty: false,
+                last_ack: None,
             });
         }
         if !saved.is_empty() {
             tracing::info!("the state directory also holds {} sensors this host does not run; kept as they are", saved.len());
         }
-        Ok(Self { engine, component, config, sensors, by_id, store, failures: 0, restarts: 0, swaps: 0 })
+        Ok(Self { engine, component, config, sensors, store, failures: 0, restarts: 0, swaps: 0 })
     }
 
     pub fn len(&self) -> usize {
@@ -235,13 +257,13 @@ impl Fleet {
     /// Ticks the sensors in `range` once; returns how many readings they
     /// handed over.
     pub fn tick(&mut self, range: Range<usize>, produce: bool) -> usize {
-        let mut handed = 0;
-        for i in range {
-            let slot = &mut self.sensors[i];
-            let Life::Running(inst) = &mut slot.life else { continue };
+        let workers = self.workers(range.len());
+        let first = range.start;
+        let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
+            let Life::Running(inst) = &mut slot.life else { return };
             match inst.tick(produce) {
                 Ok(readings) => {
-                    handed += readings.len();
+                    pass.readings += readings.len();
                     slot.dirty = true;
                     slot.pending.extend(readings.into_iter().map(|r| Reading {
                         seq: r.seq,
@@ -249,10 +271,11 @@ impl Fleet {
                         timestamp_ms: r.timestamp_ms,
                     }));
                 }
-                Err(e) => self.fail(i, "tick", &e),
+                Err(error) => pass.failed(i, "tick", error),
             }
-        }
-        handed
+        });
+        self.handle_failures(pass.failures);
+        pass.readings
     }
 
     /// Ticks every sensor once.
@@ -308,6 +331,7 @@ impl Fleet {
         slot.cursor = status.last_average_seq;
         slot.status = Some(status);
         slot.life = Life::Running(Box::new(instance));
+        slot.last_ack = None;
         slot.running_since = now;
         self.restarts += 1;
     }
@@ -322,13 +346,13 @@ impl Fleet {
     /// reading may only leave the host once the state that produced it is
     /// the one a restart would resume from.
     pub fn commit(&mut self) -> std::io::Result<usize> {
-        let mut fresh = Vec::new();
-        for i in 0..self.sensors.len() {
-            let slot = &mut self.sensors[i];
+        let dirty = self.sensors.iter().filter(|s| s.dirty).count();
+        let workers = self.workers(dirty);
+        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             if !slot.dirty {
-                continue;
+                return;
             }
-            let Life::Running(inst) = &mut slot.life else { continue };
+            let Life::Running(inst) = &mut slot.life else { return };
             // The status goes with the snapshot: if the sensor fails later,
             // its figures in the summary are those of the state it sent from.
             match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
@@ -336,11 +360,13 @@ impl Fleet {
                     slot.saved = Some(state);
                     slot.status = Some(status);
                     slot.dirty = false;
-                    fresh.push(i);
+                    pass.committed.push(i);
                 }
-                Err(e) => self.fail(i, "snapshot", &e),
+                Err(error) => pass.failed(i, "snapshot", error),
             }
-        }
+        });
+        let fresh = pass.committed;
+        self.handle_failures(pass.failures);
         if let (Some(store), false) = (self.store.as_mut(), fresh.is_empty()) {
             let sensors = &self.sensors;
             let written = if store.needs_compaction() {
@@ -399,56 +425,70 @@ impl Fleet {
     /// is not running misses it; once restarted it resends what was not
     /// acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, reply: &BatchReply) {
-        for ack in &reply.acks {
-            let Some(&i) = self.by_id.get(&ack.sensor_id) else { continue };
-            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
-            if let Err(e) = inst.on_ack(ack.incarnation, ack.next_seq, &ack.also) {
-                self.fail(i, "on-ack", &e);
-            }
-        }
-        for missed in &reply.missed {
-            let Some(&i) = self.by_id.get(&missed.sensor_id) else { continue };
-            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
-            match inst.on_missed(missed.from, missed.to) {
-                Ok(cursor) => self.sensors[i].cursor = cursor,
-                Err(e) => self.fail(i, "on-missed", &e),
-            }
-        }
-        if reply.averages.is_empty() {
-            return;
-        }
+        let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
+        let missed = Routes::new(self.sensors.len(), reply.missed.iter().map(|m| self.index_of(m.sensor_id)));
         let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();
-        for i in 0..self.sensors.len() {
-            let Life::Running(inst) = &mut self.sensors[i].life else { continue };
-            match inst.on_averages(&averages) {
-                Ok(cursor) => self.sensors[i].cursor = cursor,
-                Err(e) => self.fail(i, "on-averages", &e),
+        // Without averages only the sensors named in the reply are called.
+        let calls = if averages.is_empty() { acks.len() + missed.len() } else { self.sensors.len() };
+        let workers = self.workers(calls);
+        let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            let Life::Running(inst) = &mut slot.life else { return };
+            for &k in acks.of(i) {
+                let ack = &reply.acks[k];
+                let known = slot.last_ack.as_ref().is_some_and(|(incarnation, next_seq, also)| {
+                    *incarnation == ack.incarnation && *next_seq == ack.next_seq && *also == ack.also
+                });
+                if known {
+                    continue;
+                }
+                if let Err(error) = inst.on_ack(ack.incarnation, ack.next_seq, &ack.also) {
+                    // A stopped sensor gets no further calls.
+                    return pass.failed_at((0, k), i, "on-ack", error);
+                }
+                slot.last_ack = Some((ack.incarnation, ack.next_seq, ack.also.clone()));
             }
-        }
+            for &k in missed.of(i) {
+                let range = &reply.missed[k];
+                match inst.on_missed(range.from, range.to) {
+                    Ok(cursor) => slot.cursor = cursor,
+                    Err(error) => return pass.failed_at((1, k), i, "on-missed", error),
+                }
+            }
+            if averages.is_empty() {
+                return;
+            }
+            match inst.on_averages(&averages) {
+                Ok(cursor) => slot.cursor = cursor,
+                Err(error) => pass.failed_at((2, i), i, "on-averages", error),
+            }
+        });
+        // As one thread reports them: every failed ack in reply order, then
+        // every missed range, then the averages in sensor order.
+        pass.failures.sort_by_key(|f| f.order);
+        self.handle_failures(pass.failures);
     }
 
     /// Reads every running sensor's status; returns whether all their
     /// readings are acked and no sensor waits for a restart (a quarantined
     /// sensor is not waited for).
     pub fn refresh_status(&mut self) -> bool {
-        let mut all_acked = true;
-        for i in 0..self.sensors.len() {
-            match &mut self.sensors[i].life {
-                Life::Running(inst) => match inst.status() {
-                    Ok(status) => {
-                        all_acked &= status.buffered == 0 && self.sensors[i].pending.is_empty();
-                        self.sensors[i].status = Some(status);
-                    }
-                    Err(e) => {
-                        all_acked = false;
-                        self.fail(i, "status", &e);
-                    }
-                },
-                Life::Restarting { .. } => all_acked = false,
-                Life::Quarantined => {}
-            }
-        }
-        all_acked
+        let workers = self.workers(self.sensors.len());
+        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| match &mut slot.life {
+            Life::Running(inst) => match inst.status() {
+                Ok(status) => {
+                    pass.unacked |= status.buffered > 0 || !slot.pending.is_empty();
+                    slot.status = Some(status);
+                }
+                Err(error) => {
+                    pass.unacked = true;
+                    pass.failed(i, "status", error);
+                }
+            },
+            Life::Restarting { .. } => pass.unacked = true,
+            Life::Quarantined => {}
+        });
+        self.handle_failures(pass.failures);
+        !pass.unacked
     }
 
     /// Sensors quarantined after failing too often.
@@ -537,6 +577,7 @@ impl Fleet {
         for (i, new, state) in moved {
             let slot = &mut self.sensors[i];
             slot.life = Life::Running(Box::new(new));
+            slot.last_ack = None;
             slot.saved = Some(state);
             // The state directory holds an older snapshot; commit this one
             // before the next batch.
@@ -545,6 +586,23 @@ impl Fleet {
         self.component = component;
         self.swaps += 1;
         Ok(count)
+    }
+
+    /// Where the sensor with this id sits, if this fleet runs it.
+    fn index_of(&self, sensor_id: u32) -> Option<usize> {
+        let i = sensor_id.wrapping_sub(self.config.first_id) as usize;
+        self.sensors.get(i).filter(|s| s.id == sensor_id).map(|_| i)
+    }
+
+    /// Threads for a pass that makes `calls` sensor calls.
+    fn workers(&self, calls: usize) -> usize {
+        self.config.threads.min(calls / MIN_SENSORS_PER_THREAD).max(1)
+    }
+
+    fn handle_failures(&mut self, failures: Vec<Failure>) {
+        for f in failures {
+            self.fail(f.slot, f.call, &f.error);
+        }
     }
 
     fn fail(&mut self, i: usize, call: &str, e: &wasmtime::Error) {
@@ -583,6 +641,157 @@ impl Fleet {
                 slot.failures,
                 max_restarts + 1
             );
+        }
+    }
+}
+
+/// A sensor call that failed during a pass, handled once the pass is over.
+struct Failure {
+    slot: usize,
+    call: &'static str,
+    error: wasmtime::Error,
+    /// Where a single thread would have met it within the pass.
+    order: (u8, usize),
+}
+
+/// What one pass over sensors gathered; each thread fills its own, and they
+/// are merged in sensor order.
+#[derive(Default)]
+struct Pass {
+    readings: usize,
+    /// Sensors whose snapshot was taken.
+    committed: Vec<usize>,
+    /// Some sensor still has unacked readings or waits for a restart.
+    unacked: bool,
+    failures: Vec<Failure>,
+}
+
+impl Pass {
+    fn failed(&mut self, slot: usize, call: &'static str, error: wasmtime::Error) {
+        self.failed_at((0, slot), slot, call, error);
+    }
+
+    fn failed_at(&mut self, order: (u8, usize), slot: usize, call: &'static str, error: wasmtime::Error) {
+        self.failures.push(Failure { slot, call, error, order });
+    }
+
+    fn merge(&mut self, other: Pass) {
+        self.readings += other.readings;
+        self.committed.extend(other.committed);
+        self.unacked |= other.unacked;
+        self.failures.extend(other.failures);
+    }
+}
+
+/// Calls `visit(pass, index, slot)` for every slot of `slots` (the first
+/// being sensor `first`), on up to `workers` threads, the caller's included.
+/// The threads take chunks of neighbouring sensors from a shared queue until
+/// none is left.
+fn each_sensor<F>(slots: &mut [SensorSlot], first: usize, workers: usize, visit: F) -> Pass
+where
+    F: Fn(&mut Pass, usize, &mut SensorSlot) + Sync,
+{
+    let visit_chunk = |pass: &mut Pass, start: usize, chunk: &mut [SensorSlot]| {
+        for (k, slot) in chunk.iter_mut().enumerate() {
+            visit(pass, start + k, slot);
+        }
+    };
+    if workers <= 1 || slots.is_empty() {
+        let mut pass = Pass::default();
+        visit_chunk(&mut pass, first, slots);
+        return pass;
+    }
+    let chunk_len = slots.len().div_ceil(workers * CHUNKS_PER_THREAD);
+    let chunk_count = slots.len().div_ceil(chunk_len);
+    // Popped from the end: reversed, so chunks go out in sensor order.
+    let queue = Mutex::new(slots.chunks_mut(chunk_len).enumerate().rev().collect::<Vec<_>>());
+    let work = || {
+        let mut done: Vec<(usize, Pass)> = Vec::new();
+        loop {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let Some((c, chunk)) = next else { return done };
+            let mut pass = Pass::default();
+            visit_chunk(&mut pass, first + c * chunk_len, chunk);
+            done.push((c, pass));
+        }
+    };
+    let mut passes: Vec<Option<Pass>> = (0..chunk_count).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| match std::thread::Builder::new().name("sensor-calls".into()).spawn_scoped(scope, work) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    // The chunks it would have taken go to the others.
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot start a thread for sensor calls: {e}; fewer threads call into sensors");
+                    }
+                    None
+                }
+            })
+            .collect();
+        for (c, pass) in work() {
+            passes[c] = Some(pass);
+        }
+        for helper in helpers {
+            match helper.join() {
+                Ok(done) => done.into_iter().for_each(|(c, pass)| passes[c] = Some(pass)),
+                // A bug in the host, not a sensor failure: as if on one thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    let mut all = Pass::default();
+    for pass in passes.into_iter().flatten() {
+        all.merge(pass);
+    }
+    all
+}
+
+/// The entries of a reply (acks, or missed ranges) grouped by the sensor
+/// they concern, each group in reply order.
+struct Routes {
+    /// Sensor `i`'s entries are `positions[starts[i]..starts[i + 1]]`;
+    /// empty when the reply has none.
+    starts: Vec<usize>,
+    positions: Vec<usize>,
+}
+
+impl Routes {
+    /// `targets`: the sensor index of each entry, `None` for a sensor this
+    /// fleet does not run.
+    fn new(sensors: usize, targets: impl ExactSizeIterator<Item = Option<usize>>) -> Self {
+        if targets.len() == 0 {
+            return Routes { starts: Vec::new(), positions: Vec::new() };
+        }
+        let targets: Vec<Option<usize>> = targets.collect();
+        // A counting sort: linear, and stable, so each group keeps reply order.
+        let mut starts = vec![0; sensors + 1];
+        for &i in targets.iter().flatten() {
+            starts[i + 1] += 1;
+        }
+        for i in 0..sensors {
+            starts[i + 1] += starts[i];
+        }
+        let mut next = starts.clone();
+        let mut positions = vec![0; starts[sensors]];
+        for (k, target) in targets.into_iter().enumerate() {
+            if let Some(i) = target {
+                positions[next[i]] = k;
+                next[i] += 1;
+            }
+        }
+        Routes { starts, positions }
+    }
+
+    fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    fn of(&self, i: usize) -> &[usize] {
+        match self.starts.get(i..i + 2) {
+            Some(&[start, end]) => &self.positions[start..end],
+            _ => &[],
         }
     }
 }

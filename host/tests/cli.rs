@@ -63,6 +63,9 @@ fn bad_flags_exit_with_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sensors"));
     let out = host(&["--interval", "soon"]);
     assert_eq!(out.status.code(), Some(2));
+    let out = host(&["--threads", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
     let out = host(&["--servers", "not-an-endpoint", "--duration", "1s"]);
     assert_one_line_error(&out, "bad server endpoint `not-an-endpoint`");
 }

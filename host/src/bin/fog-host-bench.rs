@@ -155,6 +155,8 @@ fn start(args: &Args, n: u32) -> anyhow::Result<(Fleet, Duration)> {
         seed: 42,
         restart_backoff: Duration::from_secs(1),
         max_restarts: 3,
+        // One thread: the figures are the CPU cost of a sensor.
+        threads: 1,
     };
     let fleet = Fleet::start(engine, component, config, None).context("cannot start the fleet")?;
     Ok((fleet, compile))

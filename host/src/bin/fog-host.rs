@@ -128,6 +128,13 @@ struct Args {
     /// Failures in a row after which a sensor is quarantined instead of restarted.
     #[arg(long, default_value_t = 3)]
     max_restarts: u32,
+
+    /// Threads that run sensors at the same time; default: one per CPU core.
+    /// 1 runs every sensor on one thread. Below 512 sensors the host uses
+    /// one thread whatever this says (starting threads would cost more than
+    /// it saves).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -237,6 +244,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         seed: rand::random(),
         restart_backoff: args.restart_backoff,
         max_restarts: args.max_restarts,
+        threads: match args.threads {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
     };
     let started = std::time::Instant::now();
     let mut fleet = Fleet::start(engine, component, fleet_config, store).context("cannot start sensors")?;
