@@ -238,6 +238,7 @@ fn throughput(r: &LoadResult, shape: LoadShape, rss: Option<f64>) -> Throughput 
 async fn transport(args: &Args) -> anyhow::Result<Throughput> {
     eprintln!("transport: bare echo of the ingest frames for {:?} ...", args.measure);
     let dir = scratch_dir("bench-transport");
+    let _cleanup = system::RemoveOnDrop(dir.clone());
     let endpoint = format!("tcp://127.0.0.1:{}", free_port());
     let exe = std::env::current_exe().context("own path")?;
     let echo = fog_e2e::Proc::spawn("echo", &exe, &["echo-server".into(), endpoint.clone()], &dir)?;
@@ -251,6 +252,7 @@ async fn transport(args: &Args) -> anyhow::Result<Throughput> {
 async fn ingest(args: &Args) -> anyhow::Result<Throughput> {
     eprintln!("ingest: load generator into primary + backup for {:?} ...", args.measure);
     let dir = scratch_dir("bench-ingest");
+    let _cleanup = system::RemoveOnDrop(dir.clone());
     let pair = Pair::on_free_ports();
     let primary = start_server(&pair, true, &[], &dir)?;
     let _backup = start_server(&pair, false, &[], &dir)?;
@@ -263,6 +265,7 @@ async fn ingest(args: &Args) -> anyhow::Result<Throughput> {
 async fn latency(args: &Args) -> anyhow::Result<Latency> {
     eprintln!("latency: 10 000 sensors x 1 reading/s for {:?} ...", args.measure);
     let dir = scratch_dir("bench-latency");
+    let _cleanup = system::RemoveOnDrop(dir.clone());
     let pair = Pair::on_free_ports();
     let primary = start_server(&pair, true, &[], &dir)?;
     let _backup = start_server(&pair, false, &[], &dir)?;

@@ -49,6 +49,7 @@ pub struct Recovery {
 /// times its restart from the data dir.
 pub async fn recovery(readings: u64, shape: crate::load::LoadShape) -> anyhow::Result<Recovery> {
     let dir = scratch_dir("bench-recovery");
+    let _cleanup = RemoveOnDrop(dir.clone());
     let pair = Pair::on_free_ports();
     let mut primary = start_server(&pair, true, &[], &dir)?;
     let per_connection = readings.div_ceil(shape.connections as u64);
@@ -102,6 +103,17 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Removes a benchmark's scratch dir (logs, data dirs: the recovery log
+/// alone is 100 MiB) when dropped; declared before the processes that use
+/// it, so it goes after them.
+pub struct RemoveOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Resident memory of a process, from /proc.
 pub fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -130,6 +142,7 @@ fn host_args(pair: &Pair, sensors: u32, interval: Duration, duration: Option<Dur
 /// Acked readings per second through fog-host and the real component.
 pub fn end_to_end(sensors: u32, interval: Duration, measure: Duration) -> anyhow::Result<EndToEnd> {
     let dir = scratch_dir("bench-e2e");
+    let _cleanup = RemoveOnDrop(dir.clone());
     let pair = Pair::on_free_ports();
     let primary = start_server(&pair, true, &[], &dir)?;
     let _backup = start_server(&pair, false, &[], &dir)?;
@@ -172,6 +185,7 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
     let mut duplicated = 0;
     for run in 0..runs {
         let dir = scratch_dir("bench-failover");
+        let _cleanup = RemoveOnDrop(dir.clone());
         let pair = Pair::on_free_ports();
         let mut nodes = [
             (start_server(&pair, true, &[], &dir)?, pair.primary_frontend.clone()),
