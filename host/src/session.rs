@@ -454,9 +454,10 @@ impl Session<'_> {
         }
     }
 
-    fn segments(&self) -> Vec<SegmentView> {
+    /// The newest average of each segment, with the limits its sensors show.
+    fn segments(&self, sensors: &[SensorSummary]) -> Vec<SegmentView> {
         let mut limits: BTreeMap<u32, BTreeMap<u32, u32>> = BTreeMap::new();
-        for s in self.fleet.summaries() {
+        for s in sensors {
             if !s.failed {
                 *limits.entry(s.segment).or_default().entry(s.limit_kmh).or_default() += 1;
             }
@@ -475,7 +476,9 @@ impl Session<'_> {
     }
 
     fn progress_line(&self) -> String {
-        let t = self.totals();
+        // One pass over the fleet serves the totals and the segments.
+        let sensors = self.fleet.summaries();
+        let t = Totals::of(&sensors);
         let mut line = format!(
             "[{:>6.1}s] {} | sensors {}{} generated {} acked {} unacked {} resent {} failovers {}",
             self.started.elapsed().as_secs_f64(),
@@ -488,7 +491,7 @@ impl Session<'_> {
             t.resent,
             self.failovers,
         );
-        for seg in self.segments() {
+        for seg in self.segments(&sensors) {
             let limits: Vec<String> = seg.limits.iter().map(|(l, n)| format!("{l} km/h x{n}")).collect();
             line.push_str(&format!(
                 " | segment {}: avg {:.1} km/h over {} readings{} -> limit {}",
@@ -513,21 +516,9 @@ impl Session<'_> {
         }
     }
 
-    fn totals(&self) -> Totals {
-        let mut t = Totals::default();
-        for s in self.fleet.summaries() {
-            t.generated += s.generated;
-            t.acked += s.acked;
-            t.resent += s.resent;
-            t.overflowed += s.overflowed;
-            t.averages += s.averages_applied;
-            t.missed += s.averages_missed;
-        }
-        t
-    }
-
     fn summary(&self, drained: bool) -> Summary {
-        let t = self.totals();
+        let sensors = self.fleet.summaries();
+        let t = Totals::of(&sensors);
         Summary {
             sensors: self.fleet.len(),
             generated: t.generated,
@@ -548,8 +539,8 @@ impl Session<'_> {
             elapsed_s: self.started.elapsed().as_secs_f64(),
             drained,
             server: self.endpoint().to_string(),
-            segments: self.segments(),
-            per_sensor: self.fleet.summaries(),
+            segments: self.segments(&sensors),
+            per_sensor: sensors,
         }
     }
 }
@@ -562,4 +553,19 @@ struct Totals {
     overflowed: u64,
     averages: u64,
     missed: u64,
+}
+
+impl Totals {
+    fn of(sensors: &[SensorSummary]) -> Totals {
+        let mut t = Totals::default();
+        for s in sensors {
+            t.generated += s.generated;
+            t.acked += s.acked;
+            t.resent += s.resent;
+            t.overflowed += s.overflowed;
+            t.averages += s.averages_applied;
+            t.missed += s.averages_missed;
+        }
+        t
+    }
 }
