@@ -10,7 +10,6 @@
 //! - [`link`] is one DEALER connection to one server;
 //! - [`session`] drives it all: ticks, batches, timeouts and failover.
 
-pub mod clock;
 pub mod fleet;
 pub mod link;
 pub mod runtime;

@@ -82,7 +82,7 @@ impl fog::sensor::types::Host for SensorHost {}
 
 impl fog::sensor::environment::Host for SensorHost {
     fn now_ms(&mut self) -> u64 {
-        crate::clock::now_ms()
+        fog_protocol::now_ms()
     }
     fn seed(&mut self) -> u64 {
         self.seed

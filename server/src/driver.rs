@@ -19,7 +19,9 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+pub use fog_protocol::now_ms;
 
 use bytes::Bytes;
 use fog_protocol::{LogEntry, PeerMessage, decode, decode_request, encode};
@@ -112,13 +114,6 @@ pub(crate) fn zmq_reason(e: &ZmqError) -> String {
         ZmqError::Network(io) => io.to_string(),
         other => other.to_string(),
     }
-}
-
-/// Milliseconds since the Unix epoch, the clock every node decision uses.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Accepts the libzmq spelling `tcp://*:PORT` for "all interfaces", which
