@@ -25,7 +25,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fog_e2e::{Pair, free_port, scratch_dir, start_server};
 use load::{LoadResult, LoadShape, Target};
-use system::rss_mib;
+use fog_e2e::rss_mib;
 use serde::Serialize;
 
 /// Measure the fog system with its real binaries on loopback.

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fog_e2e::{Pair, Proc, bin, finish_host, scratch_dir, server_counts, start_server};
+use fog_e2e::{Pair, Proc, bin, finish_host, history, rss_mib, scratch_dir, start_server};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -114,12 +114,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Resident memory of a process, from /proc.
-pub fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
 
 fn host_args(pair: &Pair, sensors: u32, interval: Duration, duration: Option<Duration>) -> Vec<String> {
     let mut a = vec![
@@ -226,13 +220,10 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
         let _ = std::process::Command::new("kill").args(["-INT", &host.child.id().to_string()]).status();
         let (_, summary) = finish_host(host, Duration::from_secs(60)).context("host summary")?;
         let status = fog_server::query_status(&survivor, Duration::from_secs(2)).await?;
-        let counts = server_counts(&serde_json::to_value(&status)?);
-        for s in summary["per_sensor"].as_array().into_iter().flatten() {
-            let key = (s["sensor_id"].as_u64().unwrap_or(0), s["incarnation"].as_u64().unwrap_or(0));
-            let (count, _) = counts.get(&key).copied().unwrap_or_default();
-            lost += s["acked"].as_u64().unwrap_or(0).saturating_sub(count);
-            duplicated += count.saturating_sub(s["generated"].as_u64().unwrap_or(0));
-        }
+        let server = history::server_side(&serde_json::to_value(&status)?);
+        let verdict = history::check(&[history::host_side(&summary)], &server, &[]);
+        lost += verdict.lost;
+        duplicated += verdict.duplicated;
         eprintln!("  run {}: {:.0} ms", run + 1, times[times.len() - 1]);
     }
     let mut sorted = times.clone();

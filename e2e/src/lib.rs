@@ -7,7 +7,8 @@
 //! packages have integration tests of their own.
 //! Each process writes its stderr to a log file; when a test fails, the tail
 //! of every log is printed so the failure can be understood. [`netns`]
-//! builds network namespaces for tests that cut links.
+//! builds network namespaces for tests that cut links; [`history`] checks
+//! what hosts saw acked against what servers counted.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+pub mod history;
 pub mod netns;
 
 /// Path of a workspace binary built beside the running program: a test
@@ -33,6 +35,13 @@ pub fn bin(name: &str) -> PathBuf {
         exe.display()
     );
     found.cloned().unwrap_or_default()
+}
+
+/// Resident memory of a process in MiB, from /proc (`None` once it is gone).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// A port that was free a moment ago on 127.0.0.1.

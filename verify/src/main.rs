@@ -6,7 +6,6 @@
 //! Exit codes: 0 no violation, 1 violations found, 2 bad flags, 3 the run
 //! itself could not be carried out (a process would not start ...).
 
-mod check;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -15,10 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fog_e2e::netns::{Lab, Link, ROOT};
-use fog_e2e::{Pair, Proc, bin, finish_host, free_port, scratch_dir, server_args, server_status, wait_until_serving};
+use fog_e2e::{Pair, Proc, bin, rss_mib, finish_host, free_port, scratch_dir, server_args, server_status, wait_until_serving};
 use serde::Serialize;
 
-use check::Observation;
+use fog_e2e::history::{self as check, Observation};
 
 /// Run the fog system under a random schedule of faults and check that no
 /// acked reading was lost, none counted twice, every sensor of a host got the
@@ -644,13 +643,6 @@ impl Memory {
             })
             .collect()
     }
-}
-
-/// Resident memory of a process, from /proc.
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 fn observe(pair: &Pair, servers: &[ServerNode], started: Instant, out: &mut Vec<Observation>) {

@@ -1,6 +1,7 @@
-//! The checks run on the histories after a verifier run: what the hosts say
-//! was generated and acked against what the servers counted, the average
-//! streams the sensors received, and which node was active in which epoch.
+//! The checks run on histories after a run with faults (by `fog-verify`,
+//! and by `fog-bench failover`): what the hosts say was generated and acked
+//! against what the servers counted, the average streams the sensors
+//! received, and which node was active in which epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -62,7 +63,7 @@ impl Verdict {
 
 /// Server per-sensor counts from a status JSON.
 pub fn server_side(status: &Value) -> BTreeMap<SensorKey, (u64, u64)> {
-    fog_e2e::server_counts(status)
+    crate::server_counts(status)
 }
 
 /// Host per-sensor figures from a host summary JSON.
