@@ -283,10 +283,14 @@ pub async fn run(
                 if !first_slice {
                     continue;
                 }
+                // While draining the statuses are read anyway; the progress
+                // line uses the same reading.
+                let mut refreshed = false;
                 if let Some(deadline) = drain_deadline {
                     if sandboxed(|| s.fleet.refresh_status()) {
                         break true;
                     }
+                    refreshed = true;
                     if now >= deadline {
                         tracing::warn!("drain timeout: some readings were never acked");
                         break false;
@@ -295,7 +299,9 @@ pub async fn run(
                 if let (Some(at), Some(every)) = (next_progress, cfg.progress) {
                     if now >= at {
                         next_progress = Some(at + every);
-                        sandboxed(|| s.fleet.refresh_status());
+                        if !refreshed {
+                            sandboxed(|| s.fleet.refresh_status());
+                        }
                         eprintln!("{}", s.progress_line());
                     }
                 }
