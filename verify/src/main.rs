@@ -92,18 +92,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// A small deterministic generator (splitmix64): the schedule depends on
 /// the seed alone.
-struct Rng(u64);
+struct Rng(fog_sensor::rng::Rng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.next_u64() % n.max(1)
     }
     /// A duration uniformly in `[lo, hi]`.
     fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
@@ -223,7 +216,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
-    let mut rng = Rng(seed);
+    let mut rng = Rng(fog_sensor::rng::Rng::new(seed));
     let dir = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
