@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use fog_protocol::{Average, BatchReply, Reading, SensorBatch};
+use fog_protocol::{Average, AverageCursor, BatchReply, Reading, SensorBatch};
 use serde::Serialize;
 
 use crate::runtime::{
-    SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, WitAverage, describe_failure,
+    SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, WitAverage, WitCursor, describe_failure,
     describe_instantiate_failure,
 };
 use crate::state::StateStore;
@@ -87,7 +87,7 @@ struct SensorSlot {
     /// Readings returned by `tick` and not yet put into a batch.
     pending: Vec<Reading>,
     /// Highest average applied (the sensor's average ack).
-    cursor: Option<u64>,
+    cursor: Option<AverageCursor>,
     /// Last status read from the sensor.
     status: Option<SensorStatus>,
     /// Snapshot taken at the last commit: the state to restart from.
@@ -138,6 +138,8 @@ pub struct SensorSummary {
     pub sum_kmh: u64,
     pub averages_applied: u64,
     pub averages_missed: u64,
+    pub averages_superseded: u64,
+    /// The chain value at `last_average_seq`.
     pub averages_digest: String,
     pub last_average_seq: Option<u64>,
     pub limit_kmh: u32,
@@ -211,7 +213,7 @@ impl Fleet {
                 failures: 0,
                 running_since: now,
                 pending: Vec::new(),
-                cursor: status.as_ref().and_then(|s| s.last_average_seq),
+                cursor: status.as_ref().and_then(|s| s.last_average).map(from_wit),
                 status,
                 saved,
                 dirty: false,
@@ -328,7 +330,7 @@ impl Fleet {
             status.buffered
         );
         slot.incarnation = incarnation;
-        slot.cursor = status.last_average_seq;
+        slot.cursor = status.last_average.map(from_wit);
         slot.status = Some(status);
         slot.life = Life::Running(Box::new(instance));
         slot.last_ack = None;
@@ -426,10 +428,10 @@ impl Fleet {
     /// acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, reply: &BatchReply) {
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
-        let missed = Routes::new(self.sensors.len(), reply.missed.iter().map(|m| self.index_of(m.sensor_id)));
+        let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
         let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();
         // Without averages only the sensors named in the reply are called.
-        let calls = if averages.is_empty() { acks.len() + missed.len() } else { self.sensors.len() };
+        let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
         let workers = self.workers(calls);
         let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             let Life::Running(inst) = &mut slot.life else { return };
@@ -447,23 +449,23 @@ impl Fleet {
                 }
                 slot.last_ack = Some((ack.incarnation, ack.next_seq, ack.also.clone()));
             }
-            for &k in missed.of(i) {
-                let range = &reply.missed[k];
-                match inst.on_missed(range.from, range.to) {
-                    Ok(cursor) => slot.cursor = cursor,
-                    Err(error) => return pass.failed_at((1, k), i, "on-missed", error),
+            for &k in repositions.of(i) {
+                let r = &reply.repositions[k];
+                match inst.on_reposition(r.rewind_to, to_wit_cursor(r.to)) {
+                    Ok(cursor) => slot.cursor = cursor.map(from_wit),
+                    Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
                 }
             }
             if averages.is_empty() {
                 return;
             }
             match inst.on_averages(&averages) {
-                Ok(cursor) => slot.cursor = cursor,
+                Ok(cursor) => slot.cursor = cursor.map(from_wit),
                 Err(error) => pass.failed_at((2, i), i, "on-averages", error),
             }
         });
         // As one thread reports them: every failed ack in reply order, then
-        // every missed range, then the averages in sensor order.
+        // every reposition, then the averages in sensor order.
         pass.failures.sort_by_key(|f| f.order);
         self.handle_failures(pass.failures);
     }
@@ -519,8 +521,9 @@ impl Fleet {
                     sum_kmh: st.map_or(0, |x| x.sum_kmh),
                     averages_applied: st.map_or(0, |x| x.averages_applied),
                     averages_missed: st.map_or(0, |x| x.averages_missed),
+                    averages_superseded: st.map_or(0, |x| x.averages_superseded),
                     averages_digest: format!("{:016x}", st.map_or(0, |x| x.averages_digest)),
-                    last_average_seq: st.and_then(|x| x.last_average_seq),
+                    last_average_seq: st.and_then(|x| x.last_average.map(|c| c.seq)),
                     limit_kmh: st.map_or(0, |x| x.limit_kmh),
                     failed: !matches!(s.life, Life::Running(_)),
                     quarantined: matches!(s.life, Life::Quarantined),
@@ -809,10 +812,21 @@ fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {
 fn to_wit(a: &Average) -> WitAverage {
     WitAverage {
         seq: a.seq,
+        epoch: a.epoch,
         segment: a.segment,
         window_end_ms: a.window_end_ms,
         count: a.count,
+        sum_kmh: a.sum_kmh,
         mean_kmh: a.mean_kmh(),
         revision: a.revision,
+        chain: a.chain,
     }
+}
+
+fn to_wit_cursor(c: AverageCursor) -> WitCursor {
+    WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+}
+
+fn from_wit(c: WitCursor) -> AverageCursor {
+    AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
 }

@@ -28,10 +28,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 wasmtime::component::bindgen!({ path: "../wit", world: "sensor" });
 
-pub use fog::sensor::types::{Average as WitAverage, Config as SensorConfig, Reading as WitReading, Status as SensorStatus};
+pub use fog::sensor::types::{
+    Average as WitAverage, Config as SensorConfig, Cursor as WitCursor, Reading as WitReading, Status as SensorStatus,
+};
 
 /// The WIT world every sensor component must implement.
-pub const WORLD: &str = "fog:sensor/sensor@0.1.0";
+pub const WORLD: &str = "fog:sensor/sensor@0.2.0";
 
 /// The component built from this repository's `sensor-wasm`.
 pub const BUILTIN_SENSOR: &[u8] = include_bytes!(env!("FOG_SENSOR_WASM"));
@@ -274,14 +276,14 @@ impl SensorInstance {
         self.bindings.call_on_ack(&mut self.store, incarnation, next_seq, also)
     }
 
-    pub fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<u64>> {
+    pub fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
         self.arm();
         self.bindings.call_on_averages(&mut self.store, averages)
     }
 
-    pub fn on_missed(&mut self, from: u64, to: u64) -> wasmtime::Result<Option<u64>> {
+    pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
         self.arm();
-        self.bindings.call_on_missed(&mut self.store, from, to)
+        self.bindings.call_on_reposition(&mut self.store, rewind_to, to)
     }
 
     pub fn status(&mut self) -> wasmtime::Result<SensorStatus> {

@@ -70,6 +70,9 @@ pub struct Summary {
     /// Averages applied, summed over sensors.
     pub averages_received: u64,
     pub averages_missed: u64,
+    /// Averages sensors applied from a branch abandoned after a split and
+    /// then replaced with the surviving stream's.
+    pub averages_superseded: u64,
     pub failovers: u64,
     /// Sensor failures over the run: traps, missed call deadlines, memory
     /// growth past the limit. Each stopped the sensor until its restart.
@@ -534,6 +537,7 @@ impl Session<'_> {
             overflowed: t.overflowed,
             averages_received: t.averages,
             averages_missed: t.missed,
+            averages_superseded: t.superseded,
             failovers: self.failovers,
             failed_sensors: self.fleet.failures,
             restarts: self.fleet.restarts,
@@ -559,6 +563,7 @@ struct Totals {
     overflowed: u64,
     averages: u64,
     missed: u64,
+    superseded: u64,
 }
 
 impl Totals {
@@ -571,6 +576,7 @@ impl Totals {
             t.overflowed += s.overflowed;
             t.averages += s.averages_applied;
             t.missed += s.averages_missed;
+            t.superseded += s.averages_superseded;
         }
         t
     }

@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The version byte that leads every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// Most readings a single batch may carry.
@@ -55,9 +55,9 @@ pub struct SensorBatch {
     pub incarnation: u64,
     pub segment: u32,
     pub readings: Vec<Reading>,
-    /// Highest average sequence the sensor has applied (its average ack);
-    /// `None` for a sensor that has applied none yet.
-    pub average_cursor: Option<u64>,
+    /// The last average the sensor applied (its average ack); `None` for a
+    /// sensor that has applied none yet.
+    pub average_cursor: Option<AverageCursor>,
 }
 
 /// A host's request to a server.
@@ -95,8 +95,10 @@ pub struct BatchReply {
     /// Averages following the lowest cursor of the batch's sensors, in
     /// sequence order; each sensor applies those after its own cursor.
     pub averages: Vec<Average>,
-    /// Sensors whose cursor fell behind retention, and what they missed.
-    pub missed: Vec<Missed>,
+    /// Sensors whose cursor is not on this server's stream (behind
+    /// retention, or on a branch abandoned after a split), and where they
+    /// continue; applied before `averages`.
+    pub repositions: Vec<Reposition>,
 }
 
 /// The server has counted every reading of `(sensor_id, incarnation)` with
@@ -111,10 +113,16 @@ pub struct SensorAck {
 
 /// The average speed of one road segment over the 5 s window ending at
 /// `window_end_ms` (exclusive), in event time.
+///
+/// The published averages form a hash chain: `chain` is the hash of the
+/// chain value before this average and of its other fields (computed by
+/// `fog_sensor::Average::link`, the function sensors check it with).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Average {
     /// Global, gap-free average sequence number.
     pub seq: u64,
+    /// The epoch of the active server that published it.
+    pub epoch: u64,
     pub segment: u32,
     pub window_end_ms: u64,
     pub count: u32,
@@ -122,6 +130,17 @@ pub struct Average {
     /// 0 for the first publication of a window, n for its n-th revision
     /// (late readings arrived after it was published).
     pub revision: u32,
+    pub chain: u64,
+}
+
+/// A position in the average stream: the last average applied, with its
+/// epoch and the chain value after it. `seq` 0 with chain 0 is the position
+/// before the first average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct AverageCursor {
+    pub seq: u64,
+    pub epoch: u64,
+    pub chain: u64,
 }
 
 impl Average {
@@ -130,12 +149,18 @@ impl Average {
     }
 }
 
-/// Averages `from..=to` are no longer retained; the sensor skips them.
+/// Moves a sensor to `to` in the server's average stream.
+///
+/// With `rewind_to: Some(r)` the sensor's cursor lies on a branch that a
+/// server published while cut off from its peer and that the surviving log
+/// does not contain: the averages it applied after seq `r` are superseded.
+/// Averages between the (rewound) position and `to` are no longer retained:
+/// the sensor missed them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Missed {
+pub struct Reposition {
     pub sensor_id: u32,
-    pub from: u64,
-    pub to: u64,
+    pub rewind_to: Option<u64>,
+    pub to: AverageCursor,
 }
 
 /// The Binary Star states of a server.
@@ -249,7 +274,13 @@ pub struct StatusReport {
     pub duplicates: u64,
     pub averages_published: u64,
     pub revisions_published: u64,
-    pub last_average_seq: Option<u64>,
+    /// The newest average published: the end of the stream every sensor
+    /// converges on.
+    pub last_average: Option<AverageCursor>,
+    /// The retained averages' positions, oldest first, preceded by the
+    /// position just before them: what a sensor's final cursor is checked
+    /// against.
+    pub average_chain: Vec<AverageCursor>,
     /// Readings older than the window horizon: counted, in no average.
     pub too_late: u64,
     /// Readings older than the dedup horizon: acked, never counted.
@@ -349,7 +380,7 @@ mod tests {
                 incarnation: 0xdead_beef,
                 segment: 0,
                 readings: vec![Reading { seq: 0, speed_kmh: 97, timestamp_ms: 1_700_000_000_000 }],
-                average_cursor: Some(12),
+                average_cursor: Some(AverageCursor { seq: 12, epoch: 3, chain: 0xfeed }),
             }],
         }
     }

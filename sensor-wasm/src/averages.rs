@@ -1,11 +1,26 @@
 //! The averages a sensor receives: applied strictly in server-sequence
-//! order, folded into a digest, and turned into the advisory limit.
+//! order, checked against the server's hash chain, and turned into the
+//! advisory limit.
+//!
+//! The server's published averages form a hash chain: every average carries
+//! `chain`, the hash of the chain value before it and its own fields
+//! ([`Average::link`]). A sensor applies an average only if it continues
+//! both its sequence (`last + 1`) and its chain, so its digest (the chain
+//! value of the last average applied) names the whole stream it applied:
+//! two sensors with the same cursor have applied the same averages.
 //!
 //! The server resends whatever follows the cursor a sensor acked, so the
 //! same average may arrive several times and a reply may start before or
-//! after the sensor's position. Applying only `last + 1` makes that
+//! after the sensor's position. Applying only continuations makes that
 //! harmless: duplicates are skipped, and after a gap (an average the host
-//! lost) the sensor stops, acks what it has, and gets the rest again.
+//! lost) or a chain that does not continue its own, the sensor stops, acks
+//! what it has, and the server sends the rest again or repositions it.
+//!
+//! A reposition ([`AverageStream::reposition`]) moves the cursor where the
+//! server says: forward past averages it no longer holds (counted as
+//! missed), or back to the point where a branch published by a server cut
+//! off from its peer left the surviving log (the averages beyond it are
+//! counted as superseded and the sensor then applies the surviving ones).
 
 use crate::limit::AdvisoryLimit;
 use crate::rng::mix64;
@@ -16,12 +31,46 @@ use crate::rng::mix64;
 pub struct Average {
     /// The server's global, gap-free average sequence number.
     pub seq: u64,
+    /// The epoch of the server that published it.
+    pub epoch: u64,
     pub segment: u32,
     pub window_end_ms: u64,
     pub count: u32,
+    pub sum_kmh: u64,
     pub mean_kmh: f32,
     /// 0 for the first publication of a window, n for its n-th revision.
     pub revision: u32,
+    /// The server's chain value after this average.
+    pub chain: u64,
+}
+
+impl Average {
+    /// The chain value that follows `prev` when this average is appended:
+    /// a hash of `prev` and every field but the chain itself (the mean is
+    /// derived from count and sum). Server and sensor both use it.
+    pub fn link(&self, prev: u64) -> u64 {
+        [
+            self.seq,
+            self.epoch,
+            u64::from(self.segment),
+            self.window_end_ms,
+            u64::from(self.count),
+            self.sum_kmh,
+            u64::from(self.revision),
+        ]
+        .into_iter()
+        .fold(prev, |h, field| mix64(h ^ field))
+    }
+}
+
+/// A position in the average stream: the last average applied, and the
+/// chain value after it. Sequence 0 with chain 0 is the position before the
+/// first average a server ever publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    pub seq: u64,
+    pub epoch: u64,
+    pub chain: u64,
 }
 
 /// Which window of its own segment the limit currently reflects.
@@ -34,10 +83,10 @@ pub(crate) struct WindowVersion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AverageStream {
     pub(crate) segment: u32,
-    pub(crate) last_seq: Option<u64>,
+    pub(crate) last: Option<Cursor>,
     pub(crate) applied: u64,
     pub(crate) missed: u64,
-    pub(crate) digest: u64,
+    pub(crate) superseded: u64,
     pub(crate) newest_own: Option<WindowVersion>,
     pub(crate) limit: AdvisoryLimit,
 }
@@ -46,18 +95,22 @@ impl AverageStream {
     pub fn new(segment: u32) -> Self {
         AverageStream {
             segment,
-            last_seq: None,
+            last: None,
             applied: 0,
             missed: 0,
-            digest: 0,
+            superseded: 0,
             newest_own: None,
             limit: AdvisoryLimit::default(),
         }
     }
 
-    /// The highest average sequence applied or skipped: what to ack.
+    /// The last average applied (or repositioned to): what to ack.
+    pub fn cursor(&self) -> Option<Cursor> {
+        self.last
+    }
+
     pub fn last_seq(&self) -> Option<u64> {
-        self.last_seq
+        self.last.map(|c| c.seq)
     }
 
     pub fn applied(&self) -> u64 {
@@ -68,48 +121,47 @@ impl AverageStream {
         self.missed
     }
 
-    /// Equal digests mean the same averages were applied in the same order.
+    /// Averages applied from a branch the servers abandoned after a split.
+    pub fn superseded(&self) -> u64 {
+        self.superseded
+    }
+
+    /// The chain value at the cursor: equal digests at equal sequence
+    /// numbers mean the same stream.
     pub fn digest(&self) -> u64 {
-        self.digest
+        self.last.map_or(0, |c| c.chain)
     }
 
     pub fn limit_kmh(&self) -> u32 {
         self.limit.kmh()
     }
 
-    /// Applies the averages that continue the sequence, in order; a fresh
-    /// sensor starts wherever the server's stream starts. Stops at the first
-    /// gap. Returns the position to ack.
-    pub fn apply(&mut self, averages: &[Average]) -> Option<u64> {
+    /// Applies the averages that continue the sequence and the chain, in
+    /// order; a fresh sensor starts wherever the server's stream starts and
+    /// takes its chain value from there. Stops at the first average that
+    /// does not continue. Returns the position to ack.
+    pub fn apply(&mut self, averages: &[Average]) -> Option<Cursor> {
         for avg in averages {
-            let expected = match self.last_seq {
-                None => avg.seq,
-                Some(last) if avg.seq <= last => continue,
-                Some(last) => match last.checked_add(1) {
-                    Some(next) => next,
-                    None => break,
-                },
-            };
-            if avg.seq != expected {
-                break;
+            match self.last {
+                None => {}
+                Some(last) if avg.seq <= last.seq => continue,
+                Some(last) => {
+                    if last.seq.checked_add(1) != Some(avg.seq) || avg.link(last.chain) != avg.chain {
+                        break;
+                    }
+                }
             }
             self.apply_one(avg);
         }
-        self.last_seq
+        self.last
     }
 
     fn apply_one(&mut self, avg: &Average) {
-        for field in [
-            avg.seq,
-            u64::from(avg.segment),
-            avg.window_end_ms,
-            u64::from(avg.count),
-            u64::from(avg.revision),
-            u64::from(avg.mean_kmh.to_bits()),
-        ] {
-            self.digest = mix64(self.digest ^ field);
-        }
-        self.last_seq = Some(avg.seq);
+        self.last = Some(Cursor {
+            seq: avg.seq,
+            epoch: avg.epoch,
+            chain: avg.chain,
+        });
         self.applied = self.applied.saturating_add(1);
 
         if avg.segment != self.segment {
@@ -131,23 +183,31 @@ impl AverageStream {
         }
     }
 
-    /// The server no longer holds averages `from..=to`: skip past them,
-    /// counting every sequence number jumped over. Nothing changes if the
-    /// sensor is already past `to` (a stale notice) or the range is empty.
-    pub fn skip(&mut self, from: u64, to: u64) -> Option<u64> {
-        if from > to {
-            return self.last_seq;
-        }
-        let first_skipped = match self.last_seq {
-            Some(last) if last >= to => return self.last_seq,
-            Some(last) => last + 1,
-            None => from,
+    /// The server moves this sensor to `to`. With `rewind_to: Some(r)`, the
+    /// averages applied after seq `r` belong to an abandoned branch: they
+    /// are counted as superseded. Whatever lies between the (rewound)
+    /// position and `to` is no longer held by the server: counted as missed.
+    /// A notice that would move a sensor backwards without a rewind is stale
+    /// and changes nothing.
+    pub fn reposition(&mut self, rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
+        let Some(last) = self.last else {
+            self.last = Some(to);
+            return self.last;
         };
-        self.missed = self
-            .missed
-            .saturating_add((to - first_skipped).saturating_add(1));
-        self.last_seq = Some(to);
-        self.last_seq
+        let base = match rewind_to {
+            Some(r) if r < last.seq => {
+                self.superseded = self.superseded.saturating_add(last.seq - r);
+                // The limit follows the surviving branch's windows from here,
+                // whatever revision numbers the abandoned one reached.
+                self.newest_own = None;
+                r
+            }
+            _ if to.seq <= last.seq => return self.last,
+            _ => last.seq,
+        };
+        self.missed = self.missed.saturating_add(to.seq.saturating_sub(base));
+        self.last = Some(to);
+        self.last
     }
 }
 
@@ -158,101 +218,163 @@ mod tests {
     fn avg(seq: u64, segment: u32, window_end_ms: u64, revision: u32, mean_kmh: f32) -> Average {
         Average {
             seq,
+            epoch: 1,
             segment,
             window_end_ms,
             count: 10,
+            sum_kmh: (mean_kmh * 10.0) as u64,
             mean_kmh,
             revision,
+            chain: 0,
         }
     }
 
-    fn stream(seqs: std::ops::RangeInclusive<u64>) -> Vec<Average> {
-        seqs.map(|s| avg(s, 0, s * 1000, 0, 100.0 + s as f32))
-            .collect()
+    /// Sets every chain value as a server would, starting from `prev`.
+    fn chained(mut averages: Vec<Average>, mut prev: u64) -> Vec<Average> {
+        for a in &mut averages {
+            a.chain = a.link(prev);
+            prev = a.chain;
+        }
+        averages
+    }
+
+    /// One server log: seqs `1..=n` of epoch 1, then the rest in `epoch`.
+    fn log(n: u64, fork_after: u64, epoch: u64) -> Vec<Average> {
+        let raw = (1..=n)
+            .map(|s| {
+            let e = if s > fork_after { epoch } else { 1 };
+            Average { epoch: e, ..avg(s, 0, s * 1000, 0, (100 + s + e) as f32) }
+        })
+            .collect();
+        chained(raw, 0)
+    }
+
+    fn at(log: &[Average], seq: u64) -> Cursor {
+        let a = log[(seq - 1) as usize];
+        Cursor { seq, epoch: a.epoch, chain: a.chain }
+    }
+
+    fn span(log: &[Average], seqs: std::ops::RangeInclusive<u64>) -> Vec<Average> {
+        log[(*seqs.start() - 1) as usize..*seqs.end() as usize].to_vec()
     }
 
     #[test]
     fn applies_in_order_skipping_duplicates_and_stopping_at_a_gap() {
+        let log = log(13, 13, 1);
         let mut s = AverageStream::new(0);
         assert_eq!(s.apply(&[]), None);
         // A fresh sensor accepts the first average whatever its seq.
-        assert_eq!(s.apply(&stream(5..=7)), Some(7));
-        assert_eq!(s.apply(&stream(3..=8)), Some(8), "overlap skipped");
-        let mut gappy = stream(9..=10);
-        gappy.extend(stream(12..=13));
-        assert_eq!(s.apply(&gappy), Some(10), "stops before the gap at 11");
-        assert_eq!(s.apply(&stream(11..=13)), Some(13));
+        assert_eq!(s.apply(&span(&log, 5..=7)), Some(at(&log, 7)));
+        assert_eq!(s.apply(&span(&log, 3..=8)), Some(at(&log, 8)), "overlap skipped");
+        let mut gappy = span(&log, 9..=10);
+        gappy.extend(span(&log, 12..=13));
+        assert_eq!(s.apply(&gappy), Some(at(&log, 10)), "stops before the gap at 11");
+        assert_eq!(s.apply(&span(&log, 11..=13)), Some(at(&log, 13)));
         assert_eq!(s.applied(), 9);
+        assert_eq!(s.digest(), log[12].chain);
     }
 
     #[test]
-    fn equal_streams_give_equal_digests_however_they_were_delivered() {
+    fn the_digest_is_the_chain_so_equal_positions_mean_equal_streams() {
+        let log = log(20, 20, 1);
         let mut whole = AverageStream::new(0);
-        whole.apply(&stream(0..=20));
+        whole.apply(&log);
         let mut pieces = AverageStream::new(0);
-        for chunk in [0..=4, 2..=9, 9..=9, 15..=20, 10..=16, 17..=20] {
-            pieces.apply(&stream(chunk));
+        for chunk in [1..=4, 2..=9, 9..=9, 15..=20, 10..=16, 17..=20] {
+            pieces.apply(&span(&log, chunk));
         }
-        assert_eq!(pieces.last_seq(), Some(20));
-        assert_eq!(whole.digest(), pieces.digest());
+        assert_eq!(pieces.cursor(), whole.cursor());
+        assert_eq!(whole.digest(), log[19].chain);
         assert_ne!(whole.digest(), 0);
+    }
 
-        let mut revised = AverageStream::new(0);
-        let mut other = stream(0..=20);
-        other[7].revision = 1;
-        revised.apply(&other);
-        assert_ne!(whole.digest(), revised.digest());
-        let mut shorter = AverageStream::new(0);
-        shorter.apply(&stream(0..=19));
-        assert_ne!(whole.digest(), shorter.digest());
+    #[test]
+    fn an_average_that_does_not_continue_the_chain_is_not_applied() {
+        let ours = log(10, 5, 3);
+        let theirs = log(10, 5, 4);
+        assert_eq!(ours[4], theirs[4]);
+        assert_ne!(ours[5].chain, theirs[5].chain);
+        let mut s = AverageStream::new(0);
+        s.apply(&span(&ours, 1..=7));
+        assert_eq!(s.apply(&span(&theirs, 1..=10)), Some(at(&ours, 7)));
+        let mut revised = span(&ours, 8..=8);
+        revised[0].revision = 1;
+        assert_eq!(s.apply(&revised), Some(at(&ours, 7)), "a changed field breaks the chain");
+        assert_eq!(s.apply(&span(&ours, 8..=10)), Some(at(&ours, 10)));
+    }
+
+    #[test]
+    fn a_rewind_drops_an_abandoned_branch_and_the_sensor_joins_the_survivor() {
+        // Both servers agree up to seq 5; the one in epoch 3 was cut off and
+        // published 6..=9, the survivor (epoch 4) published 6..=12.
+        let loser = log(9, 5, 3);
+        let winner = log(12, 5, 4);
+        let mut on_loser = AverageStream::new(0);
+        on_loser.apply(&loser);
+        let mut on_winner = AverageStream::new(0);
+        on_winner.apply(&winner);
+
+        assert_eq!(on_loser.reposition(Some(5), at(&winner, 5)), Some(at(&winner, 5)));
+        assert_eq!(on_loser.superseded(), 4);
+        assert_eq!(on_loser.missed(), 0);
+        on_loser.apply(&span(&winner, 6..=12));
+        assert_eq!(on_loser.cursor(), on_winner.cursor());
+        assert_eq!(on_loser.digest(), on_winner.digest());
+
+        // A rewind past what the server still holds: back, then forward.
+        let mut far = AverageStream::new(0);
+        far.apply(&loser);
+        assert_eq!(far.reposition(Some(5), at(&winner, 8)), Some(at(&winner, 8)));
+        assert_eq!((far.superseded(), far.missed()), (4, 3));
+        far.apply(&span(&winner, 9..=12));
+        assert_eq!(far.digest(), on_winner.digest());
     }
 
     #[test]
     fn missed_averages_are_skipped_and_counted() {
+        let log = log(20, 20, 1);
         let mut s = AverageStream::new(0);
-        s.apply(&stream(0..=3));
-        assert_eq!(s.skip(4, 9), Some(9));
-        assert_eq!(s.missed(), 6);
-        assert_eq!(s.skip(2, 8), Some(9), "stale notice");
-        assert_eq!(s.skip(9, 3), Some(9), "empty range");
-        assert_eq!(s.missed(), 6);
-        // Overlapping what was applied: only the part beyond counts.
-        assert_eq!(s.skip(5, 12), Some(12));
-        assert_eq!(s.missed(), 9);
-        assert_eq!(s.apply(&stream(12..=14)), Some(14));
-        assert_eq!(s.applied(), 6);
+        s.apply(&span(&log, 1..=4));
+        assert_eq!(s.reposition(None, at(&log, 9)), Some(at(&log, 9)));
+        assert_eq!(s.missed(), 5);
+        assert_eq!(s.reposition(None, at(&log, 8)), Some(at(&log, 9)), "stale notice");
+        assert_eq!(s.reposition(Some(12), at(&log, 9)), Some(at(&log, 9)), "nothing to rewind");
+        assert_eq!((s.missed(), s.superseded()), (5, 0));
+        assert_eq!(s.apply(&span(&log, 10..=14)), Some(at(&log, 14)));
+        assert_eq!(s.applied(), 9);
 
         let mut fresh = AverageStream::new(0);
-        assert_eq!(fresh.skip(10, 19), Some(19));
-        assert_eq!(fresh.missed(), 10);
-        assert_eq!(fresh.skip(0, u64::MAX), Some(u64::MAX));
-        assert_eq!(
-            fresh.apply(&stream(0..=3)),
-            Some(u64::MAX),
-            "nothing follows u64::MAX"
-        );
+        assert_eq!(fresh.reposition(None, at(&log, 19)), Some(at(&log, 19)));
+        assert_eq!(fresh.missed(), 0, "a sensor that applied nothing missed nothing");
+        assert_eq!(fresh.apply(&span(&log, 18..=20)), Some(at(&log, 20)));
     }
 
     #[test]
     fn limit_follows_the_newest_window_of_the_own_segment() {
         let mut s = AverageStream::new(2);
         assert_eq!(s.limit_kmh(), 130);
-        s.apply(&[avg(0, 2, 10_000, 0, 80.0)]);
-        assert_eq!(s.limit_kmh(), 100);
-        // Another segment's jam is not ours.
-        s.apply(&[avg(1, 7, 11_000, 0, 40.0)]);
-        assert_eq!(s.limit_kmh(), 100);
-        // A revision of an older window does not override a newer one...
-        s.apply(&[avg(2, 2, 11_000, 0, 81.0), avg(3, 2, 10_000, 1, 40.0)]);
-        assert_eq!(s.limit_kmh(), 100);
-        // ...but a revision of the newest window does.
-        s.apply(&[avg(4, 2, 11_000, 1, 110.0)]);
-        assert_eq!(s.limit_kmh(), 130);
-        // An empty window keeps the sign.
-        s.apply(&[Average {
-            count: 0,
-            ..avg(5, 2, 12_000, 0, 0.0)
-        }]);
-        assert_eq!(s.limit_kmh(), 130);
+        let stream = chained(
+            vec![
+                avg(1, 2, 10_000, 0, 80.0),
+                // Another segment's jam is not ours.
+                avg(2, 7, 11_000, 0, 40.0),
+                // A revision of an older window does not override a newer one...
+                avg(3, 2, 11_000, 0, 81.0),
+                avg(4, 2, 10_000, 1, 40.0),
+                // ...but a revision of the newest window does.
+                avg(5, 2, 11_000, 1, 110.0),
+                // An empty window keeps the sign.
+                Average { count: 0, ..avg(6, 2, 12_000, 0, 0.0) },
+            ],
+            0,
+        );
+        let limits: Vec<u32> = stream
+            .iter()
+            .map(|a| {
+                s.apply(std::slice::from_ref(a));
+                s.limit_kmh()
+            })
+            .collect();
+        assert_eq!(limits, vec![100, 100, 100, 100, 130, 130]);
     }
 }

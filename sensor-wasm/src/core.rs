@@ -6,7 +6,7 @@
 //! unacked), and the average stream (cursor, digest, advisory limit), and
 //! owns the sensor's identity: id, segment and incarnation.
 
-use crate::averages::{Average, AverageStream};
+use crate::averages::{Average, AverageStream, Cursor};
 use crate::resend::{Reading, ResendBuffer};
 use crate::rng::mix64;
 use crate::traffic::{SpeedRange, TrafficModel};
@@ -35,8 +35,12 @@ pub struct Status {
     pub overflowed: u64,
     pub sum_kmh: u64,
     pub averages_applied: u64,
-    pub last_average_seq: Option<u64>,
+    /// The last average applied (or repositioned to).
+    pub last_average: Option<Cursor>,
     pub averages_missed: u64,
+    /// Averages applied from a branch the servers abandoned after a split.
+    pub averages_superseded: u64,
+    /// The chain value at `last_average` (0 before any).
     pub averages_digest: u64,
     pub limit_kmh: u32,
 }
@@ -154,13 +158,14 @@ impl SensorCore {
     }
 
     /// Applies averages in server order; returns the position to ack.
-    pub fn on_averages(&mut self, averages: &[Average]) -> Option<u64> {
+    pub fn on_averages(&mut self, averages: &[Average]) -> Option<Cursor> {
         self.averages.apply(averages)
     }
 
-    /// Skips averages `from..=to` that the server no longer holds.
-    pub fn on_missed(&mut self, from: u64, to: u64) -> Option<u64> {
-        self.averages.skip(from, to)
+    /// Moves the average cursor where the server says (see
+    /// [`AverageStream::reposition`]).
+    pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
+        self.averages.reposition(rewind_to, to)
     }
 
     /// Takes the host's current resend timeout and bound, e.g. after a
@@ -179,8 +184,9 @@ impl SensorCore {
             overflowed: self.resend.overflowed(),
             sum_kmh: self.sum_kmh,
             averages_applied: self.averages.applied(),
-            last_average_seq: self.averages.last_seq(),
+            last_average: self.averages.cursor(),
             averages_missed: self.averages.missed(),
+            averages_superseded: self.averages.superseded(),
             averages_digest: self.averages.digest(),
             limit_kmh: self.averages.limit_kmh(),
         }

@@ -92,6 +92,10 @@ macro_rules! export_sensor {
                 })
             }
 
+            fn to_wit(c: $crate::Cursor) -> Cursor {
+                Cursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+            }
+
             struct Component;
 
             impl Guest for Component {
@@ -114,23 +118,27 @@ macro_rules! export_sensor {
                     with_logic(|l| l.core().on_ack(incarnation, next_seq, &also))
                 }
 
-                fn on_averages(averages: Vec<Average>) -> Option<u64> {
+                fn on_averages(averages: Vec<Average>) -> Option<Cursor> {
                     let averages: Vec<$crate::Average> = averages
                         .into_iter()
                         .map(|a| $crate::Average {
                             seq: a.seq,
+                            epoch: a.epoch,
                             segment: a.segment,
                             window_end_ms: a.window_end_ms,
                             count: a.count,
+                            sum_kmh: a.sum_kmh,
                             mean_kmh: a.mean_kmh,
                             revision: a.revision,
+                            chain: a.chain,
                         })
                         .collect();
-                    with_logic(|l| l.core().on_averages(&averages))
+                    with_logic(|l| l.core().on_averages(&averages)).map(to_wit)
                 }
 
-                fn on_missed(from: u64, to: u64) -> Option<u64> {
-                    with_logic(|l| l.core().on_missed(from, to))
+                fn on_reposition(rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
+                    let to = $crate::Cursor { seq: to.seq, epoch: to.epoch, chain: to.chain };
+                    with_logic(|l| l.core().on_reposition(rewind_to, to)).map(to_wit)
                 }
 
                 fn status() -> Status {
@@ -144,8 +152,9 @@ macro_rules! export_sensor {
                         overflowed: s.overflowed,
                         sum_kmh: s.sum_kmh,
                         averages_applied: s.averages_applied,
-                        last_average_seq: s.last_average_seq,
+                        last_average: s.last_average.map(to_wit),
                         averages_missed: s.averages_missed,
+                        averages_superseded: s.averages_superseded,
                         averages_digest: s.averages_digest,
                         limit_kmh: s.limit_kmh,
                     }

@@ -2,7 +2,7 @@
 //! component or a new process and it carries on: same incarnation, same
 //! sequence, same unacked readings, same average cursor and limit.
 //!
-//! Format version 1, all integers little-endian, floats as IEEE bits:
+//! Format version 2, all integers little-endian, floats as IEEE bits:
 //!
 //! ```text
 //! u8  version = 1
@@ -12,7 +12,7 @@
 //! traffic:  u64 rng_state  u64 road_seed  f64 free_flow_kmh  f64 stream_kmh  u64 last_ms
 //! resend:   u64 resend_after_ms  u32 max_buffered  u64 acked  u64 resent  u64 overflowed
 //!           u32 n, n × (u64 seq, u16 speed_kmh, u64 timestamp_ms, u64 last_sent_ms)
-//! averages: u8 has_last [u64 last_seq]  u64 applied  u64 missed  u64 digest
+//! averages: u8 has_last [u64 seq, u64 epoch, u64 chain]  u64 applied  u64 missed  u64 superseded
 //!           u8 has_window [u64 window_end_ms, u32 revision]  u32 limit_kmh
 //! u64 checksum of every byte before it
 //! ```
@@ -22,7 +22,7 @@
 //! and returns an error rather than panicking or adopting a state the rest
 //! of the code would trip over.
 
-use crate::averages::{AverageStream, WindowVersion};
+use crate::averages::{AverageStream, Cursor, WindowVersion};
 use crate::core::SensorCore;
 use crate::limit::AdvisoryLimit;
 use crate::resend::{Pending, Reading, ResendBuffer};
@@ -31,7 +31,7 @@ use crate::traffic::{SpeedRange, TrafficModel};
 use std::collections::VecDeque;
 
 /// The format this sensor writes and reads.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 const CHECKSUM_LEN: usize = 8;
 /// Bytes of one buffered reading, for bounding `n` before allocating.
 const PENDING_LEN: usize = 8 + 2 + 8 + 8;
@@ -210,16 +210,18 @@ impl SensorCore {
         }
 
         let a = &self.averages;
-        match a.last_seq {
+        match a.last {
             None => w.u8(0),
-            Some(seq) => {
+            Some(c) => {
                 w.u8(1);
-                w.u64(seq);
+                w.u64(c.seq);
+                w.u64(c.epoch);
+                w.u64(c.chain);
             }
         }
         w.u64(a.applied);
         w.u64(a.missed);
-        w.u64(a.digest);
+        w.u64(a.superseded);
         match a.newest_own {
             None => w.u8(0),
             Some(v) => {
@@ -338,10 +340,18 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
     }
 
     let mut averages = AverageStream::new(segment);
-    averages.last_seq = if r.flag()? { Some(r.u64()?) } else { None };
+    averages.last = if r.flag()? {
+        Some(Cursor {
+            seq: r.u64()?,
+            epoch: r.u64()?,
+            chain: r.u64()?,
+        })
+    } else {
+        None
+    };
     averages.applied = r.u64()?;
     averages.missed = r.u64()?;
-    averages.digest = r.u64()?;
+    averages.superseded = r.u64()?;
     averages.newest_own = if r.flag()? {
         Some(WindowVersion {
             window_end_ms: r.u64()?,
@@ -388,15 +398,20 @@ mod tests {
             core.tick(T0 + i * 700, true);
         }
         core.on_ack(core.incarnation(), 5, &[8]);
-        core.on_averages(&[Average {
+        let mut avg = Average {
             seq: 3,
+            epoch: 2,
             segment: 4,
             window_end_ms: T0,
             count: 3,
+            sum_kmh: 241,
             mean_kmh: 80.5,
             revision: 1,
-        }]);
-        core.on_missed(4, 6);
+            chain: 0,
+        };
+        avg.chain = avg.link(77);
+        core.on_averages(&[avg]);
+        core.on_reposition(None, Cursor { seq: 6, epoch: 2, chain: 99 });
         core
     }
 
@@ -440,11 +455,11 @@ mod tests {
             assert!(SensorCore::restore(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         let mut other = bytes.clone();
-        other[0] = 2;
+        other[0] = 1;
         let err = SensorCore::restore(&other).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "sensor snapshot format version 2, this sensor reads version 1"
+            "sensor snapshot format version 1, this sensor reads version 2"
         );
         for i in 1..bytes.len() {
             let mut flipped = bytes.clone();

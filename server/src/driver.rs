@@ -530,7 +530,7 @@ impl Progress {
             counted,
             rate = format!("{rate:.0}/s"),
             averages = status.averages_published,
-            last_average = ?status.last_average_seq,
+            last_average = ?status.last_average.map(|c| c.seq),
             lsn = status.lsn,
             replication = %status.replication,
             lag = status.lag,

@@ -507,9 +507,9 @@ impl Node {
             .iter()
             .map(|s| self.replica.ingest.ack((s.sensor_id, s.incarnation), s.readings.iter().map(|r| r.seq)))
             .collect();
-        let cursors: Vec<(u32, Option<u64>)> = sensors.iter().map(|s| (s.sensor_id, s.average_cursor)).collect();
-        let (averages, missed) = self.replica.windows.reply_for(&cursors);
-        BatchReply { batch_id, epoch: self.known_epoch, acks, averages, missed }
+        let cursors: Vec<_> = sensors.iter().map(|s| (s.sensor_id, s.average_cursor)).collect();
+        let (averages, repositions) = self.replica.windows.reply_for(&cursors);
+        BatchReply { batch_id, epoch: self.known_epoch, acks, averages, repositions }
     }
 
     /// The part of `sensors` that changes the state, if any, and how many
@@ -861,7 +861,8 @@ impl Node {
             duplicates: self.replica.ingest.duplicates(),
             averages_published: w.averages_published(),
             revisions_published: w.revisions_published(),
-            last_average_seq: w.last_seq(),
+            last_average: w.last_seq().map(|_| w.last_position()),
+            average_chain: w.chain().collect(),
             too_late: w.too_late(),
             expired: self.replica.ingest.expired(),
             retired_incarnations: self.replica.ingest.retired().incarnations,

@@ -73,7 +73,7 @@ impl Replica {
                 }
             }
             Record::AveragesPublished { now_ms, next_seq } => {
-                self.windows.handle_timeout(*now_ms);
+                self.windows.handle_timeout(*now_ms, entry.epoch);
                 self.ingest.compact(*now_ms);
                 let got = self.windows.next_seq();
                 if *next_seq != UNKNOWN_SEQ && *next_seq != got {

@@ -82,8 +82,8 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.batches,
         r.averages_published,
         r.revisions_published,
-        r.last_average_seq
-            .map_or_else(|| "-".to_string(), |s| s.to_string()),
+        r.last_average
+            .map_or_else(|| "-".to_string(), |c| format!("{} (epoch {}, chain {:016x})", c.seq, c.epoch, c.chain)),
         r.malformed_frames,
     );
     out.push_str(&format!(

@@ -9,10 +9,22 @@
 //! count or sum changed. Every publication, first or revision, of any
 //! segment takes the next number of one global, gap-free sequence.
 //!
-//! The published averages form a log of bounded length and age. A reply to a
-//! batch carries the log from the lowest position any of its sensors wants
-//! (each sensor applies what follows its own cursor), and tells a sensor that
-//! fell behind the retained range exactly which sequence numbers it missed.
+//! The published averages form a log of bounded length and age, and a hash
+//! chain: each average carries the epoch that published it and the chain
+//! value after it, which sensors check. A reply to a batch carries the log
+//! from the lowest position any of its sensors wants (each sensor applies
+//! what follows its own cursor).
+//!
+//! A sensor's cursor `(seq, epoch, chain)` either is a position of this log,
+//! or it is not, and then the reply repositions the sensor:
+//! - behind the retained range: forward to the oldest retained position,
+//!   telling it how many averages it missed;
+//! - on a branch this log does not hold (a node cut off from its peer served
+//!   the sensor and published averages the surviving log never had): back to
+//!   the last position both share, found from the epochs as Kafka truncates
+//!   a replica to its leader's epoch history. The averages beyond it are
+//!   superseded, and the sensor then applies this log's. All sensors thus
+//!   end on one stream.
 //!
 //! Readings outside `[now - horizon, now + 1 h]` are counted by the ingest
 //! but go into no window; they are reported together as `too_late` (a
@@ -20,7 +32,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use fog_protocol::{Average, MAX_AVERAGES_PER_REPLY, Missed, Reading};
+use fog_protocol::{Average, AverageCursor, MAX_AVERAGES_PER_REPLY, Reading, Reposition};
 use serde::{Deserialize, Serialize};
 
 /// Length of one averaging window.
@@ -78,6 +90,27 @@ struct Logged {
     average: Average,
 }
 
+fn cursor_of(a: &Average) -> AverageCursor {
+    AverageCursor { seq: a.seq, epoch: a.epoch, chain: a.chain }
+}
+
+/// The chain value after `a`, following `prev`: the sensors' own function,
+/// so that they can check every average they apply.
+pub fn link(a: &Average, prev: u64) -> u64 {
+    fog_sensor::Average {
+        seq: a.seq,
+        epoch: a.epoch,
+        segment: a.segment,
+        window_end_ms: a.window_end_ms,
+        count: a.count,
+        sum_kmh: a.sum_kmh,
+        mean_kmh: a.mean_kmh(),
+        revision: a.revision,
+        chain: a.chain,
+    }
+    .link(prev)
+}
+
 /// Buckets, windows and the average log of all segments.
 ///
 /// Part of the replicated state: every field that decides a later
@@ -99,15 +132,21 @@ pub struct Windows {
     /// `due` shrinks.
     #[serde(skip)]
     last_touched: HashMap<u32, u64>,
-    /// Contiguous in seq, oldest first.
+    /// Contiguous in seq, oldest first; a hash chain that starts at `base`.
     log: VecDeque<Logged>,
+    /// The position just before the oldest retained average (the last one
+    /// pruned; seq 0 and chain 0 before any).
+    base: AverageCursor,
+    /// `(epoch, first seq it published)`, oldest first, from the branch that
+    /// holds `base` on: where each epoch's part of the log begins.
+    branches: VecDeque<(u64, u64)>,
     next_seq: u64,
-    cursors: HashMap<u32, u64>,
+    cursors: HashMap<u32, AverageCursor>,
     too_late: u64,
     averages_published: u64,
     revisions_published: u64,
     #[serde(skip)]
-    jump_logged: bool,
+    fork_logged: std::cell::Cell<bool>,
     last_prune_ms: u64,
 }
 
@@ -120,12 +159,14 @@ impl Windows {
             due: BTreeSet::new(),
             last_touched: HashMap::new(),
             log: VecDeque::new(),
+            base: AverageCursor::default(),
+            branches: VecDeque::new(),
             next_seq: 1,
             cursors: HashMap::new(),
             too_late: 0,
             averages_published: 0,
             revisions_published: 0,
-            jump_logged: false,
+            fork_logged: std::cell::Cell::new(false),
             last_prune_ms: 0,
         }
     }
@@ -182,7 +223,7 @@ impl Windows {
     /// Publishes every window that is due at `now_ms` and new or changed,
     /// drops what fell out of the horizon and retention, and returns what was
     /// published, in sequence order.
-    pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<Average> {
+    pub fn handle_timeout(&mut self, now_ms: u64, epoch: u64) -> Vec<Average> {
         let mut out = Vec::new();
         while let Some(&(end, segment)) = self.due.first() {
             if end.saturating_add(self.cfg.lateness_ms) > now_ms {
@@ -197,7 +238,7 @@ impl Windows {
             };
             self.published
                 .insert((segment, end), Published { tally, revision });
-            out.push(self.publish(now_ms, segment, end, tally, revision));
+            out.push(self.publish(now_ms, epoch, (segment, end), tally, revision));
         }
         self.last_touched.clear();
         self.prune(now_ms);
@@ -217,15 +258,21 @@ impl Windows {
         t
     }
 
-    fn publish(&mut self, now_ms: u64, segment: u32, end: u64, t: Tally, revision: u32) -> Average {
-        let average = Average {
+    fn publish(&mut self, now_ms: u64, epoch: u64, (segment, end): (u32, u64), t: Tally, revision: u32) -> Average {
+        let mut average = Average {
             seq: self.next_seq,
+            epoch,
             segment,
             window_end_ms: end,
             count: u32::try_from(t.count).unwrap_or(u32::MAX),
             sum_kmh: t.sum_kmh,
             revision,
+            chain: 0,
         };
+        average.chain = link(&average, self.last_position().chain);
+        if self.branches.back().is_none_or(|b| b.0 != epoch) {
+            self.branches.push_back((epoch, average.seq));
+        }
         self.next_seq += 1;
         self.averages_published += 1;
         if revision > 0 {
@@ -239,12 +286,17 @@ impl Windows {
     }
 
     fn prune(&mut self, now_ms: u64) {
-        while self.log.len() > self.cfg.retain_averages {
-            self.log.pop_front();
-        }
         let cutoff = now_ms.saturating_sub(self.cfg.retain_age_ms);
-        while self.log.front().is_some_and(|l| l.published_at_ms < cutoff) {
-            self.log.pop_front();
+        while self.log.len() > self.cfg.retain_averages
+            || self.log.front().is_some_and(|l| l.published_at_ms < cutoff)
+        {
+            if let Some(l) = self.log.pop_front() {
+                self.base = cursor_of(&l.average);
+            }
+        }
+        // Keep the branch that holds the base and every later one.
+        while self.branches.get(1).is_some_and(|b| b.1 <= self.base.seq) {
+            self.branches.pop_front();
         }
         // Buckets and window records are pruned in sweeps, once a second.
         if now_ms < self.last_prune_ms.saturating_add(HOP_MS) {
@@ -259,64 +311,98 @@ impl Windows {
             .retain(|&(_, b), _| b + WINDOW_MS + HOP_MS >= horizon);
     }
 
-    /// Records the cursor a sensor reported. A cursor beyond anything this
-    /// server published means another server served the sensor before a
-    /// failover; the sequence jumps past it so it never goes backwards, and
-    /// the log restarts there (sensors below learn what they missed).
-    pub fn note_cursor(&mut self, sensor_id: u32, cursor: Option<u64>) {
-        let Some(c) = cursor else { return };
-        self.cursors.insert(sensor_id, c);
-        if c >= self.next_seq {
-            if !self.jump_logged {
-                tracing::warn!(
-                    sensor_id,
-                    cursor = c,
-                    next_seq = self.next_seq,
-                    "a sensor has applied averages this server never published \
-                     (served by the peer before a failover); continuing the average \
-                     sequence after its cursor"
-                );
-                self.jump_logged = true;
-            }
-            self.next_seq = c.saturating_add(1);
-            self.log.clear();
+    /// Records the cursor a sensor reported.
+    pub fn note_cursor(&mut self, sensor_id: u32, cursor: Option<AverageCursor>) {
+        if let Some(c) = cursor {
+            self.cursors.insert(sensor_id, c);
         }
     }
 
-    /// The first average seq a sensor with this cursor still needs.
-    fn wanted(&self, cursor: Option<u64>) -> u64 {
-        match cursor {
-            Some(c) => c.saturating_add(1),
+    /// The position just after the newest average (or the base if none is
+    /// retained).
+    pub fn last_position(&self) -> AverageCursor {
+        self.log.back().map_or(self.base, |l| cursor_of(&l.average))
+    }
+
+    /// The position at `seq`, for `base.seq <= seq < next_seq`.
+    fn position(&self, seq: u64) -> Option<AverageCursor> {
+        if seq == self.base.seq {
+            return Some(self.base);
+        }
+        let i = usize::try_from(seq.checked_sub(self.base.seq + 1)?).ok()?;
+        self.log.get(i).map(|l| cursor_of(&l.average))
+    }
+
+    /// The epoch that published `seq`, as far as the branch history reaches.
+    fn epoch_at(&self, seq: u64) -> Option<u64> {
+        self.branches.iter().rev().find(|b| b.1 <= seq).map(|b| b.0)
+    }
+
+    /// The first seq of a cursor's stream that this log does not share: the
+    /// end of the newest epoch not after the cursor's, in this log's branch
+    /// history (the rule Kafka's leader epochs use to truncate replicas).
+    fn fork_point(&self, c: AverageCursor) -> u64 {
+        let end = match self.branches.iter().rposition(|b| b.0 <= c.epoch) {
+            Some(i) => self.branches.get(i + 1).map_or(self.next_seq, |b| b.1),
+            None => self.branches.front().map_or(self.next_seq, |b| b.1),
+        };
+        let fork = c.seq.saturating_add(1).min(end);
+        if fork > c.seq {
+            // The epochs say the cursor is on this log, but the chain says it
+            // is not (a log that lost its tail and grew again in the same
+            // epoch): trust the chain and replay everything retained.
+            return self.base.seq + 1;
+        }
+        fork
+    }
+
+    /// Where a sensor with `cursor` continues: the first seq it needs, and a
+    /// reposition when its cursor is not a retained position of this log.
+    fn place(&self, sensor_id: u32, cursor: Option<AverageCursor>) -> (u64, Option<Reposition>) {
+        let Some(c) = cursor else {
             // A sensor that has applied nothing starts with the newest
             // average, so it has a current one at once.
-            None => self.log.back().map_or(self.next_seq, |l| l.average.seq),
+            return (self.log.back().map_or(self.next_seq, |l| l.average.seq), None);
+        };
+        let repo = |rewind_to, to: AverageCursor| (to.seq + 1, Some(Reposition { sensor_id, rewind_to, to }));
+        if c.seq < self.base.seq {
+            // Behind retention: only the epoch can be compared.
+            let shared = c == AverageCursor::default() || self.epoch_at(c.seq).is_none_or(|e| e == c.epoch);
+            if shared {
+                return repo(None, self.base);
+            }
+        } else if self.position(c.seq) == Some(c) {
+            return (c.seq + 1, None);
         }
+        let keep = self.fork_point(c) - 1;
+        let to = self.position(keep).unwrap_or(self.base);
+        if !self.fork_logged.get() {
+            tracing::warn!(
+                sensor_id,
+                cursor_seq = c.seq,
+                cursor_epoch = c.epoch,
+                kept = keep,
+                "a sensor has applied averages that this log does not hold (published by a node \
+                 cut off from its peer); it continues from the last average both streams share"
+            );
+            self.fork_logged.set(true);
+        }
+        repo(Some(keep), to)
     }
 
-    fn oldest_retained(&self) -> u64 {
-        self.log.front().map_or(self.next_seq, |l| l.average.seq)
-    }
-
-    /// The averages and missed ranges for a reply to sensors with these
-    /// `(sensor_id, cursor)`s: the log from the lowest wanted seq, at most
-    /// [`MAX_AVERAGES_PER_REPLY`] of it.
-    pub fn reply_for(&self, sensors: &[(u32, Option<u64>)]) -> (Vec<Average>, Vec<Missed>) {
-        let oldest = self.oldest_retained();
-        let mut missed = Vec::new();
+    /// The averages and repositions for a reply to sensors with these
+    /// `(sensor_id, cursor)`s: the log from the lowest seq any of them
+    /// needs, at most [`MAX_AVERAGES_PER_REPLY`] of it.
+    pub fn reply_for(&self, sensors: &[(u32, Option<AverageCursor>)]) -> (Vec<Average>, Vec<Reposition>) {
+        let mut repositions = Vec::new();
         let mut min_wanted = u64::MAX;
         for &(sensor_id, cursor) in sensors {
-            let wanted = self.wanted(cursor);
-            if wanted < oldest {
-                missed.push(Missed {
-                    sensor_id,
-                    from: wanted,
-                    to: oldest - 1,
-                });
-            }
+            let (wanted, repo) = self.place(sensor_id, cursor);
+            repositions.extend(repo);
             min_wanted = min_wanted.min(wanted);
         }
-        let start = min_wanted.max(oldest);
-        let skip = usize::try_from(start - oldest).unwrap_or(usize::MAX);
+        let start = min_wanted.max(self.base.seq + 1);
+        let skip = usize::try_from(start - self.base.seq - 1).unwrap_or(usize::MAX);
         let averages = self
             .log
             .iter()
@@ -324,22 +410,27 @@ impl Windows {
             .take(MAX_AVERAGES_PER_REPLY)
             .map(|l| l.average)
             .collect();
-        (averages, missed)
+        (averages, repositions)
     }
 
-    /// The seq of the newest average, if any was published (or jumped past).
+    /// The seq of the newest average, if any was published.
     pub fn last_seq(&self) -> Option<u64> {
         (self.next_seq > 1).then(|| self.next_seq - 1)
     }
 
     /// The last cursor `sensor_id` reported.
-    pub fn cursor(&self, sensor_id: u32) -> Option<u64> {
+    pub fn cursor(&self, sensor_id: u32) -> Option<AverageCursor> {
         self.cursors.get(&sensor_id).copied()
     }
 
     /// Published averages still retained, oldest first.
     pub fn retained(&self) -> impl Iterator<Item = &Average> {
         self.log.iter().map(|l| &l.average)
+    }
+
+    /// The position before the retained averages, then each of theirs.
+    pub fn chain(&self) -> impl Iterator<Item = AverageCursor> + '_ {
+        std::iter::once(self.base).chain(self.retained().map(cursor_of))
     }
 
     pub fn averages_published(&self) -> u64 {
@@ -378,7 +469,7 @@ mod tests {
         let mut out = Vec::new();
         let mut now = from;
         while now <= until {
-            out.extend(w.handle_timeout(now));
+            out.extend(w.handle_timeout(now, 1));
             now += 100;
         }
         out
@@ -418,8 +509,8 @@ mod tests {
     fn a_window_waits_for_its_lateness() {
         let mut w = Windows::new(cfg());
         w.add(T0, 0, &reading(T0 + 10, 90));
-        assert!(w.handle_timeout(T0 + 1_999).is_empty());
-        assert_eq!(w.handle_timeout(T0 + 2_000).len(), 1);
+        assert!(w.handle_timeout(T0 + 1_999, 1).is_empty());
+        assert_eq!(w.handle_timeout(T0 + 2_000, 1).len(), 1);
     }
 
     #[test]
@@ -430,7 +521,7 @@ mod tests {
         assert_eq!(first.len(), 2, "windows ending at +1 s and +2 s");
         // A straggler for the first second arrives after both were published.
         w.add(T0 + 3_050, 0, &reading(T0 + 200, 80));
-        let again = w.handle_timeout(T0 + 3_100);
+        let again = w.handle_timeout(T0 + 3_100, 1);
         let summary: Vec<(u64, u64, u32, u32, u64)> = again
             .iter()
             .map(|a| (a.seq, a.window_end_ms - T0, a.revision, a.count, a.sum_kmh))
@@ -451,7 +542,7 @@ mod tests {
         let before = w.averages_published();
         // Touch the same windows with nothing new: a zero-effect handle.
         w.due.insert((T0 + 1_000, 0));
-        assert!(w.handle_timeout(T0 + 10_100).is_empty());
+        assert!(w.handle_timeout(T0 + 10_100, 1).is_empty());
         assert_eq!(w.averages_published(), before);
     }
 
@@ -472,7 +563,7 @@ mod tests {
             if s % 4 == 3 {
                 w.add(now, 1, &reading(now - 2_500, 70));
             }
-            all.extend(w.handle_timeout(now));
+            all.extend(w.handle_timeout(now, 1));
         }
         all.extend(run_until(&mut w, T0 + 20_000, T0 + 40_000));
         let seqs: Vec<u64> = all.iter().map(|a| a.seq).collect();
@@ -505,90 +596,173 @@ mod tests {
         while w.averages_published() < n {
             w.add(now, 0, &reading(now, 100));
             now += 1_000;
-            w.handle_timeout(now);
+            w.handle_timeout(now, 1);
         }
-        w.handle_timeout(now + 10_000);
+        w.handle_timeout(now + 10_000, 1);
         assert_eq!(w.poll_timeout(), None);
         w
+    }
+
+    fn at(w: &Windows, seq: u64) -> Option<AverageCursor> {
+        w.chain().find(|c| c.seq == seq)
     }
 
     #[test]
     fn replies_start_at_the_lowest_cursor_and_new_sensors_get_the_newest() {
         let w = published(10);
         let last = w.last_seq().unwrap();
-        let (avg, missed) = w.reply_for(&[(1, Some(last - 3)), (2, None)]);
-        assert!(missed.is_empty());
+        let (avg, repos) = w.reply_for(&[(1, at(&w, last - 3)), (2, None)]);
+        assert!(repos.is_empty());
         let seqs: Vec<u64> = avg.iter().map(|a| a.seq).collect();
         assert_eq!(seqs, vec![last - 2, last - 1, last]);
         let (avg, _) = w.reply_for(&[(2, None)]);
         assert_eq!(avg.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![last]);
-        let (avg, _) = w.reply_for(&[(1, Some(last))]);
+        let (avg, _) = w.reply_for(&[(1, at(&w, last))]);
         assert!(avg.is_empty());
-        let (avg, missed) = w.reply_for(&[]);
-        assert!(avg.is_empty() && missed.is_empty());
+        let (avg, repos) = w.reply_for(&[]);
+        assert!(avg.is_empty() && repos.is_empty());
+    }
+
+    #[test]
+    fn the_log_is_a_hash_chain_the_sensors_can_follow() {
+        let w = published(10);
+        let chain: Vec<AverageCursor> = w.chain().collect();
+        assert_eq!(chain[0], AverageCursor::default());
+        let mut sensor = fog_sensor::averages::AverageStream::new(0);
+        let wit: Vec<fog_sensor::Average> = w
+            .retained()
+            .map(|a| fog_sensor::Average {
+                seq: a.seq,
+                epoch: a.epoch,
+                segment: a.segment,
+                window_end_ms: a.window_end_ms,
+                count: a.count,
+                sum_kmh: a.sum_kmh,
+                mean_kmh: a.mean_kmh(),
+                revision: a.revision,
+                chain: a.chain,
+            })
+            .collect();
+        let mut from_start = fog_sensor::averages::AverageStream::new(0);
+        from_start.reposition(None, fog_sensor::Cursor::default());
+        let end = from_start.apply(&wit).expect("applies the whole log");
+        assert_eq!(end.seq, w.last_seq().unwrap());
+        assert_eq!(end.chain, w.last_position().chain);
+        sensor.apply(&wit[3..]);
+        assert_eq!(sensor.digest(), end.chain, "a late joiner ends on the same chain value");
     }
 
     #[test]
     fn a_new_sensor_before_any_average_waits_for_the_first() {
         let w = Windows::new(cfg());
-        let (avg, missed) = w.reply_for(&[(1, None)]);
-        assert!(avg.is_empty() && missed.is_empty());
+        let (avg, repos) = w.reply_for(&[(1, None)]);
+        assert!(avg.is_empty() && repos.is_empty());
     }
 
     #[test]
-    fn retention_by_count_reports_what_was_missed() {
+    fn retention_by_count_moves_lagging_sensors_forward() {
         let mut w = published(150);
         let last = w.last_seq().unwrap();
         let retained: Vec<u64> = w.retained().map(|a| a.seq).collect();
         assert_eq!(retained.len(), 100);
         let oldest = retained[0];
         assert_eq!(*retained.last().unwrap(), last);
-        let (avg, missed) = w.reply_for(&[(7, Some(3)), (8, Some(last - 1))]);
-        assert_eq!(
-            missed,
-            vec![Missed {
-                sensor_id: 7,
-                from: 4,
-                to: oldest - 1
-            }]
-        );
+        let base = w.chain().next().unwrap();
+        assert_eq!(base.seq, oldest - 1);
+        // Sensor 7 applied seq 3 (epoch 1), long pruned.
+        let old = AverageCursor { seq: 3, epoch: 1, chain: 12345 };
+        let (avg, repos) = w.reply_for(&[(7, Some(old)), (8, at(&w, last - 1))]);
+        assert_eq!(repos, vec![Reposition { sensor_id: 7, rewind_to: None, to: base }]);
         assert_eq!(avg.first().map(|a| a.seq), Some(oldest));
         assert_eq!(avg.len(), 100);
         // Retention by age: nothing is newer than ten minutes later.
-        w.handle_timeout(T0 + 60 * 60 * 1_000);
+        let before = at(&w, last - 5).unwrap();
+        w.handle_timeout(T0 + 60 * 60 * 1_000, 1);
         assert_eq!(w.retained().count(), 0);
-        let (avg, missed) = w.reply_for(&[(7, Some(last - 5)), (9, None)]);
+        assert_eq!(w.last_position().seq, last);
+        let (avg, repos) = w.reply_for(&[(7, Some(before)), (9, None)]);
         assert!(avg.is_empty());
-        assert_eq!(
-            missed,
-            vec![Missed {
-                sensor_id: 7,
-                from: last - 4,
-                to: last
-            }]
-        );
+        assert_eq!(repos, vec![Reposition { sensor_id: 7, rewind_to: None, to: w.last_position() }]);
+    }
+
+    /// Two logs that share `shared` averages of epoch 1, then went on in
+    /// epochs 3 (cut off) and 4 (the survivor).
+    fn split(shared: u64, loser: u64, winner: u64) -> (Windows, Windows) {
+        let mut a = Windows::new(WindowConfig { retain_averages: 100, ..cfg() });
+        let mut now = T0;
+        while a.averages_published() < shared {
+            a.add(now, 0, &reading(now, 100));
+            now += 1_000;
+            a.handle_timeout(now, 1);
+        }
+        let mut b = a.clone();
+        for (w, epoch, n, speed) in [(&mut a, 3, loser, 90), (&mut b, 4, winner, 110)] {
+            let mut t = now;
+            while w.averages_published() < shared + n {
+                w.add(t, 0, &reading(t, speed));
+                t += 1_000;
+                w.handle_timeout(t, epoch);
+            }
+        }
+        (a, b)
     }
 
     #[test]
-    fn a_cursor_beyond_the_log_moves_the_sequence_forward() {
-        let mut w = published(5);
-        let last = w.last_seq().unwrap();
-        w.note_cursor(3, Some(last + 40));
-        assert_eq!(w.cursor(3), Some(last + 40));
-        assert_eq!(w.last_seq(), Some(last + 40));
-        let (_, missed) = w.reply_for(&[(4, Some(last))]);
-        assert_eq!(
-            missed,
-            vec![Missed {
-                sensor_id: 4,
-                from: last + 1,
-                to: last + 40
-            }]
-        );
-        let mut now = T0 + 100_000;
-        w.add(now, 0, &reading(now, 100));
-        now += 2_000;
-        let got = w.handle_timeout(now);
-        assert_eq!(got.first().map(|a| a.seq), Some(last + 41));
+    fn a_cursor_on_an_abandoned_branch_is_rewound_to_the_fork() {
+        let (loser, winner) = split(20, 15, 30);
+        let fork = loser.branches.iter().find(|b| b.0 == 3).unwrap().1;
+        assert_eq!(fork, winner.branches.iter().find(|b| b.0 == 4).unwrap().1);
+        let shared = at(&winner, fork - 1).unwrap();
+        assert_eq!(at(&loser, fork - 1), Some(shared));
+        // A sensor served by the loser, at its newest average and at one
+        // just past the fork, is brought back to the last shared position.
+        for seq in [loser.last_seq().unwrap(), fork] {
+            let c = at(&loser, seq).unwrap();
+            let (avg, repos) = winner.reply_for(&[(5, Some(c))]);
+            assert_eq!(repos, vec![Reposition { sensor_id: 5, rewind_to: Some(fork - 1), to: shared }]);
+            assert_eq!(avg.first().map(|a| a.seq), Some(fork));
+            assert_eq!(avg.first().map(|a| a.epoch), Some(4));
+        }
+        // A sensor that only applied the shared part needs nothing.
+        let (_, repos) = winner.reply_for(&[(5, Some(shared))]);
+        assert!(repos.is_empty());
+        // A cursor beyond the winner's newest average, in the winner's own
+        // epoch but on another chain, replays what the winner retains.
+        let mut forged = winner.last_position();
+        forged.chain ^= 1;
+        let (_, repos) = winner.reply_for(&[(5, Some(forged))]);
+        assert_eq!(repos[0].rewind_to, Some(winner.chain().next().unwrap().seq));
+    }
+
+    #[test]
+    fn a_sensor_on_the_abandoned_branch_ends_on_the_survivors_stream() {
+        let (loser, winner) = split(20, 15, 30);
+        let to_sensor = |a: &Average| fog_sensor::Average {
+            seq: a.seq,
+            epoch: a.epoch,
+            segment: a.segment,
+            window_end_ms: a.window_end_ms,
+            count: a.count,
+            sum_kmh: a.sum_kmh,
+            mean_kmh: a.mean_kmh(),
+            revision: a.revision,
+            chain: a.chain,
+        };
+        let mut on_loser = fog_sensor::averages::AverageStream::new(0);
+        let mut on_winner = on_loser.clone();
+        on_loser.apply(&loser.retained().map(to_sensor).collect::<Vec<_>>());
+        on_winner.apply(&winner.retained().map(to_sensor).collect::<Vec<_>>());
+        // The winner's averages do not continue the loser's chain.
+        let stuck = on_loser.cursor();
+        assert_eq!(on_loser.apply(&winner.retained().map(to_sensor).collect::<Vec<_>>()), stuck);
+        let c = stuck.map(|c| AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain });
+        let (avg, repos) = winner.reply_for(&[(1, c)]);
+        let r = repos[0];
+        let to = fog_sensor::Cursor { seq: r.to.seq, epoch: r.to.epoch, chain: r.to.chain };
+        on_loser.reposition(r.rewind_to, to);
+        on_loser.apply(&avg.iter().map(to_sensor).collect::<Vec<_>>());
+        assert_eq!(on_loser.cursor(), on_winner.cursor());
+        assert_eq!(on_loser.superseded(), 15);
+        assert_eq!(on_loser.missed(), 0);
     }
 }

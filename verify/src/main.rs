@@ -171,9 +171,12 @@ fn main() -> ExitCode {
             }
             let v = &report.verdict;
             eprintln!(
-                "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, diverging average streams {}, epochs with two actives {:?}, unchecked incarnations {}",
+                "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, \
+                 sensors off the server's average stream {}, sensors without averages {}, averages superseded {}, \
+                 epochs with two actives {:?}, unchecked incarnations {}",
                 v.sensors_checked, v.readings_checked, v.lost, v.duplicated, v.sum_mismatches, v.unacked,
-                v.averages_missed, v.diverging_average_streams, v.epochs_with_two_actives, v.unchecked_incarnations
+                v.averages_missed, v.sensors_off_the_server_stream, v.sensors_without_averages, v.averages_superseded,
+                v.epochs_with_two_actives, v.unchecked_incarnations
             );
             for note in &v.notes {
                 eprintln!("note: {note}");

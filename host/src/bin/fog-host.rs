@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 #[derive(Debug, Parser)]
 #[command(name = "fog-host", version, max_term_width = 100)]
 struct Args {
-    /// Sensor component (a wasm32-wasip2 component of world fog:sensor/sensor@0.1.0);
+    /// Sensor component (a wasm32-wasip2 component of world fog:sensor/sensor@0.2.0);
     /// default: the built-in sensor.
     #[arg(value_name = "SENSOR.wasm")]
     component: Option<PathBuf>,
@@ -320,6 +320,13 @@ fn print_summary(s: &Summary) {
         s.swaps,
         s.elapsed_s
     );
+    if s.averages_missed > 0 || s.averages_superseded > 0 {
+        eprintln!(
+            "  averages missed (fell behind the servers' retention): {}; superseded (applied from a branch \
+             abandoned after a server split, then replaced): {}",
+            s.averages_missed, s.averages_superseded
+        );
+    }
     for seg in &s.segments {
         let limits: Vec<String> = seg.limits.iter().map(|(l, n)| format!("{l} km/h x{n}")).collect();
         eprintln!(
