@@ -20,8 +20,9 @@ use serde::Serialize;
 use fog_e2e::history::{self as check, Observation};
 
 /// Run the fog system under a random schedule of faults and check that no
-/// acked reading was lost, none counted twice, every sensor of a host got the
-/// same averages, and at most one server was active per epoch.
+/// acked reading was lost, none counted twice, every sensor ended on the
+/// server's average stream (same seq, same chain value), and at most one
+/// server was active per epoch.
 ///
 /// Build first with `cargo build --release`. The same --seed replays the same
 /// schedule of faults.
