@@ -181,6 +181,12 @@ impl BinaryStar {
         Step { from, to: NodeState::Passive, accepted: true, note: None }
     }
 
+    /// Any message from the peer, heartbeat or not, shows it is alive: a
+    /// passive that joins may not have had a heartbeat through yet.
+    pub fn heard_peer(&mut self, now_ms: u64) {
+        self.peer_expiry_ms = self.peer_expiry_ms.max(now_ms.saturating_add(2 * self.heartbeat_ms));
+    }
+
     /// Starts the peer's expiry afresh: after this node was paused, the
     /// peer's silence says nothing about the peer.
     pub fn restart_peer_expiry(&mut self, now_ms: u64) {

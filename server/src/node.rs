@@ -566,6 +566,9 @@ impl Node {
     /// Handles one message of the peer received at `now`.
     pub fn handle_peer(&mut self, now: u64, msg: PeerMessage) {
         self.observe_time(now);
+        if !matches!(msg, PeerMessage::Heartbeat(_)) {
+            self.fsm.heard_peer(now);
+        }
         match msg {
             PeerMessage::Heartbeat(hb) => self.handle_heartbeat(now, hb),
             PeerMessage::Records { epoch, entries } => self.handle_records(now, epoch, entries),
@@ -951,5 +954,41 @@ mod tests {
         let status = node.status(now);
         assert_eq!(status.unconfirmed, 10, "only the readings within the horizon are kept: {status:?}");
         assert_eq!(status.counted, 60, "trimming forgets nothing that was counted");
+    }
+
+    #[test]
+    fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_timeout() {
+        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
+        let mut node = Node::new(cfg);
+        let mut now = T0 + 10_000;
+        for seq in 0..3 {
+            node.handle_request(now, seq, &batch(seq, seq, now));
+            settle(&mut node, now);
+            node.handle_timeout(now);
+            settle(&mut node, now);
+            now += 1_000;
+        }
+        assert_eq!(node.state(), NodeState::Active);
+        // A restarted backup joins; its heartbeats have not come through
+        // (its first went out before this node's subscription was up).
+        node.handle_peer(now, PeerMessage::Join { epoch: 0 });
+        settle(&mut node, now);
+        node.handle_request(now + 10, 99, &batch(99, 3, now + 10));
+        let mut replied = false;
+        let mut t = now + 10;
+        while t < now + 400 {
+            node.handle_timeout(t);
+            while let Some(out) = node.poll_output() {
+                match out {
+                    Output::Append(entry) => node.handle_durable(t, entry.lsn, false),
+                    Output::SaveSnapshot { lsn, .. } => node.handle_durable(t, lsn, true),
+                    Output::Reply { .. } => replied = true,
+                    _ => {}
+                }
+            }
+            t += 50;
+        }
+        assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
+        assert!(node.status(t).replication.contains("in sync"), "{}", node.status(t).replication);
     }
 }
