@@ -90,9 +90,10 @@ struct SensorSlot {
     cursor: Option<AverageCursor>,
     /// Last status read from the sensor.
     status: Option<SensorStatus>,
-    /// Snapshot taken at the last commit: the state to restart from.
+    /// The sensor's state after its last tick (or last full commit): the
+    /// state to restart from.
     saved: Option<Vec<u8>>,
-    /// Ticked since the last commit.
+    /// `saved` changed since the last commit wrote it.
     dirty: bool,
     /// The last ack the running instance took: `(incarnation, next_seq,
     /// also)`. A batch carries every sensor, so most replies ack a sensor
@@ -264,14 +265,19 @@ impl Fleet {
         let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
             let Life::Running(inst) = &mut slot.life else { return };
             match inst.tick(produce) {
-                Ok(readings) => {
-                    pass.readings += readings.len();
-                    slot.dirty = true;
-                    slot.pending.extend(readings.into_iter().map(|r| Reading {
+                Ok(result) => {
+                    pass.readings += result.readings.len();
+                    slot.pending.extend(result.readings.into_iter().map(|r| Reading {
                         seq: r.seq,
                         speed_kmh: r.speed_kmh,
                         timestamp_ms: r.timestamp_ms,
                     }));
+                    // The status goes with the state: if the sensor fails
+                    // later, its figures in the summary are those of the
+                    // state it restarts from.
+                    slot.saved = Some(result.state);
+                    slot.status = Some(result.status);
+                    slot.dirty = true;
                 }
                 Err(error) => pass.failed(i, "tick", error),
             }
@@ -343,32 +349,16 @@ impl Fleet {
         self.sensors.iter().map(|s| s.pending.len()).sum()
     }
 
-    /// Snapshots every sensor ticked since the last commit and, with a state
-    /// directory, writes them with one fsync. Must precede every batch: a
-    /// reading may only leave the host once the state that produced it is
-    /// the one a restart would resume from.
+    /// Commits the state of every sensor ticked since the last commit (each
+    /// tick returns the state after it): with a state directory, writes
+    /// them with one fsync. Must precede every batch: a reading may only
+    /// leave the host once the state that produced it is the one a restart
+    /// would resume from.
     pub fn commit(&mut self) -> std::io::Result<usize> {
-        let dirty = self.sensors.iter().filter(|s| s.dirty).count();
-        let workers = self.workers(dirty);
-        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            if !slot.dirty {
-                return;
-            }
-            let Life::Running(inst) = &mut slot.life else { return };
-            // The status goes with the snapshot: if the sensor fails later,
-            // its figures in the summary are those of the state it sent from.
-            match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
-                Ok((state, status)) => {
-                    slot.saved = Some(state);
-                    slot.status = Some(status);
-                    slot.dirty = false;
-                    pass.committed.push(i);
-                }
-                Err(error) => pass.failed(i, "snapshot", error),
-            }
-        });
-        let fresh = pass.committed;
-        self.handle_failures(pass.failures);
+        let fresh: Vec<usize> = (0..self.sensors.len()).filter(|&i| self.sensors[i].dirty).collect();
+        for &i in &fresh {
+            self.sensors[i].dirty = false;
+        }
         if let (Some(store), false) = (self.store.as_mut(), fresh.is_empty()) {
             let sensors = &self.sensors;
             let written = if store.needs_compaction() {
@@ -378,7 +368,7 @@ impl Fleet {
                 store.append(fresh.iter().filter_map(|&i| Some((sensors[i].id, sensors[i].saved.as_deref()?))))
             };
             if let Err(e) = written {
-                // Snapshot these again next time, so that what is on disk
+                // Write these again next time, so that what is on disk
                 // catches up before any of their readings is sent.
                 for &i in &fresh {
                     self.sensors[i].dirty = true;
@@ -392,11 +382,19 @@ impl Fleet {
     /// Snapshots and commits every running sensor: the state on disk then
     /// reflects every ack applied, so a restart resends nothing.
     pub fn commit_all(&mut self) -> std::io::Result<usize> {
-        for slot in &mut self.sensors {
-            if matches!(slot.life, Life::Running(_)) {
-                slot.dirty = true;
+        let workers = self.workers(self.sensors.len());
+        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            let Life::Running(inst) = &mut slot.life else { return };
+            match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
+                Ok((state, status)) => {
+                    slot.saved = Some(state);
+                    slot.status = Some(status);
+                    slot.dirty = true;
+                }
+                Err(error) => pass.failed(i, "snapshot", error),
             }
-        }
+        });
+        self.handle_failures(pass.failures);
         self.commit()
     }
 
@@ -662,8 +660,6 @@ struct Failure {
 #[derive(Default)]
 struct Pass {
     readings: usize,
-    /// Sensors whose snapshot was taken.
-    committed: Vec<usize>,
     /// Some sensor still has unacked readings or waits for a restart.
     unacked: bool,
     failures: Vec<Failure>,
@@ -680,7 +676,6 @@ impl Pass {
 
     fn merge(&mut self, other: Pass) {
         self.readings += other.readings;
-        self.committed.extend(other.committed);
         self.unacked |= other.unacked;
         self.failures.extend(other.failures);
     }

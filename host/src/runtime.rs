@@ -266,7 +266,7 @@ impl SensorInstance {
         self.bindings.call_init(&mut self.store)
     }
 
-    pub fn tick(&mut self, produce: bool) -> wasmtime::Result<Vec<WitReading>> {
+    pub fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
         self.arm();
         self.bindings.call_tick(&mut self.store, produce)
     }

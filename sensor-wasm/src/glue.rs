@@ -106,12 +106,20 @@ macro_rules! export_sensor {
                     with_logic(|l| l.core().incarnation())
                 }
 
-                fn tick(produce: bool) -> Vec<Reading> {
+                fn tick(produce: bool) -> TickResult {
                     let now = environment::now_ms();
-                    with_logic(|l| l.tick(now, produce))
-                        .into_iter()
-                        .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
-                        .collect()
+                    let (readings, state, status) = with_logic(|l| {
+                        let readings = l.tick(now, produce);
+                        (readings, l.snapshot(), l.core().status())
+                    });
+                    TickResult {
+                        readings: readings
+                            .into_iter()
+                            .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
+                            .collect(),
+                        state,
+                        status: to_wit_status(status),
+                    }
                 }
 
                 fn on_ack(incarnation: u64, next_seq: u64, also: Vec<u64>) {
@@ -142,22 +150,7 @@ macro_rules! export_sensor {
                 }
 
                 fn status() -> Status {
-                    let s = with_logic(|l| l.core().status());
-                    Status {
-                        incarnation: s.incarnation,
-                        generated: s.generated,
-                        acked: s.acked,
-                        buffered: s.buffered,
-                        resent: s.resent,
-                        overflowed: s.overflowed,
-                        sum_kmh: s.sum_kmh,
-                        averages_applied: s.averages_applied,
-                        last_average: s.last_average.map(to_wit),
-                        averages_missed: s.averages_missed,
-                        averages_superseded: s.averages_superseded,
-                        averages_digest: s.averages_digest,
-                        limit_kmh: s.limit_kmh,
-                    }
+                    to_wit_status(with_logic(|l| l.core().status()))
                 }
 
                 fn snapshot() -> Vec<u8> {
@@ -168,6 +161,24 @@ macro_rules! export_sensor {
                     let restored = <$logic>::restore(&state, &host_config(), environment::now_ms())?;
                     SENSOR.with(|cell| *cell.borrow_mut() = Some(restored));
                     Ok(())
+                }
+            }
+
+            fn to_wit_status(s: $crate::Status) -> Status {
+                Status {
+                    incarnation: s.incarnation,
+                    generated: s.generated,
+                    acked: s.acked,
+                    buffered: s.buffered,
+                    resent: s.resent,
+                    overflowed: s.overflowed,
+                    sum_kmh: s.sum_kmh,
+                    averages_applied: s.averages_applied,
+                    last_average: s.last_average.map(to_wit),
+                    averages_missed: s.averages_missed,
+                    averages_superseded: s.averages_superseded,
+                    averages_digest: s.averages_digest,
+                    limit_kmh: s.limit_kmh,
                 }
             }
 
