@@ -163,7 +163,17 @@ pub struct Fleet {
     pub restarts: u64,
     /// Hot swaps done.
     pub swaps: u64,
+    /// The newest average seq the last reply with averages carried: a
+    /// sensor whose cursor is there has nothing to catch up on.
+    newest_average: u64,
+    /// When a batch last carried every running sensor.
+    last_full_batch: Option<Instant>,
 }
+
+/// How often a batch carries every running sensor, news or not: so that a
+/// server can reposition a sensor whose cursor it does not hold (after a
+/// split) and a sensor that is idle still hears of new averages.
+const FULL_BATCH_EVERY: Duration = Duration::from_secs(1);
 
 impl Fleet {
     /// Starts every sensor: from its saved state when `store` holds one,
@@ -224,7 +234,18 @@ impl Fleet {
         if !saved.is_empty() {
             tracing::info!("the state directory also holds {} sensors this host does not run; kept as they are", saved.len());
         }
-        Ok(Self { engine, component, config, sensors, store, failures: 0, restarts: 0, swaps: 0 })
+        Ok(Self {
+            engine,
+            component,
+            config,
+            sensors,
+            store,
+            failures: 0,
+            restarts: 0,
+            swaps: 0,
+            newest_average: 0,
+            last_full_batch: None,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -398,16 +419,32 @@ impl Fleet {
         self.commit()
     }
 
-    /// Every running sensor's pending readings and average cursor (so every
-    /// sensor keeps receiving averages), for one batch; and how many
-    /// readings that is. Call [`Fleet::commit`] first.
+    /// The sensors with news for one batch, and how many readings that is:
+    /// every running sensor with readings to send or averages to catch up
+    /// on (a reply's averages reach every sensor, so one sensor that asks
+    /// is enough for all), and every running sensor once a second (see
+    /// [`FULL_BATCH_EVERY`]). Call [`Fleet::commit`] first.
     pub fn take_batch(&mut self) -> (Vec<SensorBatch>, usize) {
+        let now = Instant::now();
+        let full = self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY);
+        if full {
+            self.last_full_batch = Some(now);
+        }
+        let newest = self.newest_average;
+        let news = |s: &SensorSlot| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
+        let mut chosen: Vec<usize> = (0..self.sensors.len())
+            .filter(|&i| matches!(self.sensors[i].life, Life::Running(_)) && (full || news(&self.sensors[i])))
+            .collect();
+        if chosen.is_empty() {
+            // Nothing new anywhere: one sensor still asks for what follows
+            // its cursor, so new averages keep coming.
+            chosen.extend(self.sensors.iter().position(|s| matches!(s.life, Life::Running(_))));
+        }
         let mut readings = 0;
-        let sensors = self
-            .sensors
-            .iter_mut()
-            .filter(|s| matches!(s.life, Life::Running(_)))
-            .map(|s| {
+        let sensors = chosen
+            .into_iter()
+            .map(|i| {
+                let s = &mut self.sensors[i];
                 readings += s.pending.len();
                 SensorBatch {
                     sensor_id: s.id,
@@ -421,10 +458,19 @@ impl Fleet {
         (sensors, readings)
     }
 
+    /// Makes the next batch carry every running sensor (after a failover:
+    /// the new server checks every cursor).
+    pub fn force_full_batch(&mut self) {
+        self.last_full_batch = None;
+    }
+
     /// Delivers a server's reply to the sensors it concerns. A sensor that
     /// is not running misses it; once restarted it resends what was not
     /// acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, reply: &BatchReply) {
+        if let Some(last) = reply.averages.last() {
+            self.newest_average = last.seq;
+        }
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
         let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();

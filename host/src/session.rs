@@ -365,6 +365,7 @@ impl Session<'_> {
         self.retry_at = None;
         self.current = (self.current + 1) % self.cfg.servers.len();
         self.failovers += 1;
+        self.fleet.force_full_batch();
         tracing::info!(server = %self.endpoint(), "failing over");
         self.start_connect(pause);
     }
