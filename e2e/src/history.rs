@@ -149,6 +149,12 @@ pub fn check(
             let (count, sum) = server.counts.get(key).copied().unwrap_or_default();
             if count < s.acked {
                 v.lost += s.acked - count;
+                if v.notes.len() < 10 {
+                    v.notes.push(format!(
+                        "sensor {} incarnation {:016x}: {} readings acked, {} counted",
+                        key.0, key.1, s.acked, count
+                    ));
+                }
             }
             if count > s.generated {
                 v.duplicated += count - s.generated;
