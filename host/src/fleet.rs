@@ -95,12 +95,66 @@ struct SensorSlot {
     saved: Option<Vec<u8>>,
     /// `saved` changed since the last commit wrote it.
     dirty: bool,
-    /// The last ack the running instance took: `(incarnation, next_seq,
-    /// also)`. A batch carries every sensor, so most replies ack a sensor
+    /// The last ack the running instance took. Replies often ack a sensor
     /// again with what it already knows; within one instance sequence
     /// numbers only grow, so the same ack again would change nothing and
-    /// the call is skipped. Cleared whenever a new instance takes over.
-    last_ack: Option<(u64, u64, Vec<u64>)>,
+    /// is dropped. Cleared whenever a new instance takes over.
+    last_ack: Option<AckView>,
+    /// Acks from replies not yet given to the sensor, merged into one (see
+    /// [`Fleet::ack_every`]).
+    unsent_ack: Option<AckView>,
+    /// When the running instance last took an ack.
+    ack_given_at: Option<Instant>,
+}
+
+/// An ack as a sensor takes it: `(incarnation, next_seq, also)`.
+type AckView = (u64, u64, Vec<u64>);
+
+/// Folds `ack` into `into`: acks of one incarnation are cumulative, so the
+/// higher watermark wins and the selective acks above it are kept.
+fn merge_ack(into: &mut Option<AckView>, ack: &fog_protocol::SensorAck) {
+    match into {
+        Some((incarnation, next_seq, also)) if *incarnation == ack.incarnation => {
+            *next_seq = (*next_seq).max(ack.next_seq);
+            also.extend_from_slice(&ack.also);
+            let watermark = *next_seq;
+            also.retain(|&s| s >= watermark);
+            also.sort_unstable();
+            also.dedup();
+        }
+        _ => *into = Some((ack.incarnation, ack.next_seq, ack.also.clone())),
+    }
+}
+
+impl SensorSlot {
+    /// Takes the acks of a reply: drops those the sensor already has and
+    /// merges the rest into the unsent one.
+    fn note_acks<'a>(&mut self, acks: impl Iterator<Item = &'a fog_protocol::SensorAck>) {
+        for ack in acks {
+            let known = self.last_ack.as_ref().is_some_and(|(incarnation, next_seq, also)| {
+                *incarnation == ack.incarnation && *next_seq == ack.next_seq && *also == ack.also
+            });
+            if !known {
+                merge_ack(&mut self.unsent_ack, ack);
+            }
+        }
+    }
+
+    /// Gives the running instance its unsent ack, if any, when the last one
+    /// was given at least `every` ago (or `every` is zero).
+    fn give_ack(&mut self, now: Instant, every: Duration) -> wasmtime::Result<()> {
+        let due = self.ack_given_at.is_none_or(|at| now >= at + every);
+        let Life::Running(inst) = &mut self.life else { return Ok(()) };
+        if !due || self.unsent_ack.is_none() {
+            return Ok(());
+        }
+        if let Some(ack) = self.unsent_ack.take() {
+            inst.on_ack(ack.0, ack.1, &ack.2)?;
+            self.last_ack = Some(ack);
+            self.ack_given_at = Some(now);
+        }
+        Ok(())
+    }
 }
 
 /// Why the fleet could not start.
@@ -229,6 +283,8 @@ impl Fleet {
                 saved,
                 dirty: false,
                 last_ack: None,
+                unsent_ack: None,
+                ack_given_at: None,
             });
         }
         if !saved.is_empty() {
@@ -404,7 +460,11 @@ impl Fleet {
     /// reflects every ack applied, so a restart resends nothing.
     pub fn commit_all(&mut self) -> std::io::Result<usize> {
         let workers = self.workers(self.sensors.len());
+        let now = Instant::now();
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            if let Err(error) = slot.give_ack(now, Duration::ZERO) {
+                return pass.failed(i, "on-ack", error);
+            }
             let Life::Running(inst) = &mut slot.life else { return };
             match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
                 Ok((state, status)) => {
@@ -477,22 +537,14 @@ impl Fleet {
         // Without averages only the sensors named in the reply are called.
         let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
         let workers = self.workers(calls);
+        let (now, every) = (Instant::now(), self.ack_every());
         let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            let Life::Running(inst) = &mut slot.life else { return };
-            for &k in acks.of(i) {
-                let ack = &reply.acks[k];
-                let known = slot.last_ack.as_ref().is_some_and(|(incarnation, next_seq, also)| {
-                    *incarnation == ack.incarnation && *next_seq == ack.next_seq && *also == ack.also
-                });
-                if known {
-                    continue;
-                }
-                if let Err(error) = inst.on_ack(ack.incarnation, ack.next_seq, &ack.also) {
-                    // A stopped sensor gets no further calls.
-                    return pass.failed_at((0, k), i, "on-ack", error);
-                }
-                slot.last_ack = Some((ack.incarnation, ack.next_seq, ack.also.clone()));
+            slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
+            if let Err(error) = slot.give_ack(now, every) {
+                // A stopped sensor gets no further calls.
+                return pass.failed_at((0, i), i, "on-ack", error);
             }
+            let Life::Running(inst) = &mut slot.life else { return };
             for &k in repositions.of(i) {
                 let r = &reply.repositions[k];
                 match inst.on_reposition(r.rewind_to, to_wit_cursor(r.to)) {
@@ -508,30 +560,46 @@ impl Fleet {
                 Err(error) => pass.failed_at((2, i), i, "on-averages", error),
             }
         });
-        // As one thread reports them: every failed ack in reply order, then
-        // every reposition, then the averages in sensor order.
+        // As one thread reports them: every failed ack, then every
+        // reposition, then the averages, each in sensor order.
         pass.failures.sort_by_key(|f| f.order);
         self.handle_failures(pass.failures);
     }
 
-    /// Reads every running sensor's status; returns whether all their
-    /// readings are acked and no sensor waits for a restart (a quarantined
-    /// sensor is not waited for).
+    /// How long acks may wait before a sensor is given them: every ack a
+    /// reply carries would be one call per reading, while a sensor only
+    /// needs its acks before it would resend (`--resend-after`), so they are
+    /// merged and given at most four times per resend timeout and per
+    /// 250 ms. Statuses and snapshots give every unsent ack first.
+    fn ack_every(&self) -> Duration {
+        Duration::from_millis((self.config.resend_after_ms / 4).min(250))
+    }
+
+    /// Gives every running sensor its unsent ack, then reads its status;
+    /// returns whether all their readings are acked and no sensor waits for
+    /// a restart (a quarantined sensor is not waited for).
     pub fn refresh_status(&mut self) -> bool {
         let workers = self.workers(self.sensors.len());
-        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| match &mut slot.life {
-            Life::Running(inst) => match inst.status() {
-                Ok(status) => {
-                    pass.unacked |= status.buffered > 0 || !slot.pending.is_empty();
-                    slot.status = Some(status);
-                }
-                Err(error) => {
-                    pass.unacked = true;
-                    pass.failed(i, "status", error);
-                }
-            },
-            Life::Restarting { .. } => pass.unacked = true,
-            Life::Quarantined => {}
+        let now = Instant::now();
+        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            if let Err(error) = slot.give_ack(now, Duration::ZERO) {
+                pass.unacked = true;
+                return pass.failed(i, "on-ack", error);
+            }
+            match &mut slot.life {
+                Life::Running(inst) => match inst.status() {
+                    Ok(status) => {
+                        pass.unacked |= status.buffered > 0 || !slot.pending.is_empty();
+                        slot.status = Some(status);
+                    }
+                    Err(error) => {
+                        pass.unacked = true;
+                        pass.failed(i, "status", error);
+                    }
+                },
+                Life::Restarting { .. } => pass.unacked = true,
+                Life::Quarantined => {}
+            }
         });
         self.handle_failures(pass.failures);
         !pass.unacked
@@ -667,8 +735,9 @@ impl Fleet {
             slot.failures = 0;
         }
         slot.failures += 1;
-        // Readings produced since the last commit were never sent; the
-        // restart resumes from the state before them.
+        // Readings not yet put into a batch were never sent; the restart
+        // resumes from the state of the last tick, which holds them in its
+        // resend buffer, so they go out when due.
         slot.pending.clear();
         slot.dirty = false;
         self.failures += 1;
@@ -870,4 +939,28 @@ fn to_wit_cursor(c: AverageCursor) -> WitCursor {
 
 fn from_wit(c: WitCursor) -> AverageCursor {
     AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fog_protocol::SensorAck;
+
+    fn ack(incarnation: u64, next_seq: u64, also: &[u64]) -> SensorAck {
+        SensorAck { sensor_id: 1, incarnation, next_seq, also: also.to_vec() }
+    }
+
+    #[test]
+    fn acks_merge_into_the_highest_watermark_with_the_selective_acks_above_it() {
+        let mut unsent = None;
+        merge_ack(&mut unsent, &ack(7, 10, &[12, 15]));
+        merge_ack(&mut unsent, &ack(7, 13, &[15, 16]));
+        assert_eq!(unsent, Some((7, 13, vec![15, 16])));
+        // An older ack that arrives late takes nothing back.
+        merge_ack(&mut unsent, &ack(7, 11, &[20]));
+        assert_eq!(unsent, Some((7, 13, vec![15, 16, 20])));
+        // Another incarnation (the sensor restarted): its ack replaces it.
+        merge_ack(&mut unsent, &ack(8, 2, &[]));
+        assert_eq!(unsent, Some((8, 2, vec![])));
+    }
 }
