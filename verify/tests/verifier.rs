@@ -1,7 +1,7 @@
-//! The fault verifier run for real: a short run under server, host and disk
-//! faults finds no
-//! violation, and a server built with a planted bug (it acks a reading
-//! before the passive has it) is caught losing acked readings.
+//! The fault verifier run for real: a short run of two hosts under every
+//! fault (server, host, disk and network) finds no violation, and a server
+//! built with a planted bug (it acks a reading before the passive has it)
+//! is caught losing acked readings.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,13 +17,10 @@ fn verify(args: &[&str]) -> (i32, Value, String) {
 }
 
 #[test]
-fn a_short_run_under_server_host_and_disk_faults_finds_no_violation() {
+fn a_short_run_of_two_hosts_under_every_fault_finds_no_violation() {
     let (code, report, stderr) = verify(&[
-        "--duration", "40s", "--seed", "20261125", "--sensors", "50", "--interval", "50ms", "--fault-every", "2s",
-        // Not split/isolate: a host moved across a split can see the two
-        // sides' averages (a known limit, see the README); the server fault
-        // tests and longer runs cover those.
-        "--faults", "kill,stop,host,wipe",
+        "--duration", "40s", "--seed", "20261125", "--hosts", "2", "--sensors", "50", "--interval", "50ms",
+        "--fault-every", "2s", "--faults", "kill,stop,host,wipe,split,isolate",
     ]);
     eprintln!("{stderr}");
     assert_eq!(code, 0, "violations: {}", report["verdict"]["violations"]);
