@@ -181,8 +181,8 @@ impl BinaryStar {
         Step { from, to: NodeState::Passive, accepted: true, note: None }
     }
 
-    /// Any message from the peer, heartbeat or not, shows it is alive: a
-    /// passive that joins may not have had a heartbeat through yet.
+    /// A message from the peer other than a heartbeat shows it is alive too:
+    /// a passive that joins may not have had a heartbeat through yet.
     pub fn heard_peer(&mut self, now_ms: u64) {
         self.peer_expiry_ms = self.peer_expiry_ms.max(now_ms.saturating_add(2 * self.heartbeat_ms));
     }

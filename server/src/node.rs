@@ -566,7 +566,11 @@ impl Node {
     /// Handles one message of the peer received at `now`.
     pub fn handle_peer(&mut self, now: u64, msg: PeerMessage) {
         self.observe_time(now);
-        if !matches!(msg, PeerMessage::Heartbeat(_)) {
+        // A passive's join and acks show it is alive even before its first
+        // heartbeat comes through. (An active's records do not count: the
+        // passive takes over on two silent heartbeats, not on the last
+        // record it happened to receive, which would delay a failover.)
+        if matches!(msg, PeerMessage::Join { .. } | PeerMessage::Ack { .. }) {
             self.fsm.heard_peer(now);
         }
         match msg {
