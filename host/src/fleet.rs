@@ -861,7 +861,7 @@ where
     all
 }
 
-/// The entries of a reply (acks, or missed ranges) grouped by the sensor
+/// The entries of a reply (acks, or repositions) grouped by the sensor
 /// they concern, each group in reply order.
 struct Routes {
     /// Sensor `i`'s entries are `positions[starts[i]..starts[i + 1]]`;

@@ -915,18 +915,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn readings_accepted_alone_are_kept_for_a_merge_only_within_the_dedup_horizon() {
-        let cfg = NodeConfig {
-            role: Role::Primary,
-            heartbeat_ms: 250,
-            windows: WindowConfig::default(),
-            snapshot_every: 1_000_000,
-        };
+    /// A primary that never heard its peer, active after `n` batches of one
+    /// reading a second; and the time after them.
+    fn serving_alone(n: u64) -> (Node, u64) {
+        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
         let mut node = Node::new(cfg);
-        // Alone from the start: the peer never appeared.
         let mut now = T0 + 10_000;
-        for seq in 0..50 {
+        for seq in 0..n {
             node.handle_request(now, seq, &batch(seq, seq, now));
             settle(&mut node, now);
             node.handle_timeout(now);
@@ -934,6 +929,13 @@ mod tests {
             now += 1_000;
         }
         assert_eq!(node.state(), NodeState::Active);
+        (node, now)
+    }
+
+    #[test]
+    fn readings_accepted_alone_are_kept_for_a_merge_only_within_the_dedup_horizon() {
+        // Alone from the start: the peer never appeared.
+        let (mut node, mut now) = serving_alone(50);
         assert_eq!(node.status(now).unconfirmed, 50, "readings accepted alone wait for a merge");
         // Serving alone for more than the horizon (time passes in steps, as
         // a running node sees it: a jump would look like a pause): the old
@@ -962,17 +964,7 @@ mod tests {
 
     #[test]
     fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_timeout() {
-        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
-        let mut node = Node::new(cfg);
-        let mut now = T0 + 10_000;
-        for seq in 0..3 {
-            node.handle_request(now, seq, &batch(seq, seq, now));
-            settle(&mut node, now);
-            node.handle_timeout(now);
-            settle(&mut node, now);
-            now += 1_000;
-        }
-        assert_eq!(node.state(), NodeState::Active);
+        let (mut node, now) = serving_alone(3);
         // A restarted backup joins; its heartbeats have not come through
         // (its first went out before this node's subscription was up).
         node.handle_peer(now, PeerMessage::Join { epoch: 0 });

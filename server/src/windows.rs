@@ -94,9 +94,8 @@ fn cursor_of(a: &Average) -> AverageCursor {
     AverageCursor { seq: a.seq, epoch: a.epoch, chain: a.chain }
 }
 
-/// The chain value after `a`, following `prev`: the sensors' own function,
-/// so that they can check every average they apply.
-pub fn link(a: &Average, prev: u64) -> u64 {
+/// An average as the sensor core sees it.
+pub fn sensor_average(a: &Average) -> fog_sensor::Average {
     fog_sensor::Average {
         seq: a.seq,
         epoch: a.epoch,
@@ -108,7 +107,12 @@ pub fn link(a: &Average, prev: u64) -> u64 {
         revision: a.revision,
         chain: a.chain,
     }
-    .link(prev)
+}
+
+/// The chain value after `a`, following `prev`: the sensors' own function,
+/// so that they can check every average they apply.
+pub fn link(a: &Average, prev: u64) -> u64 {
+    sensor_average(a).link(prev)
 }
 
 /// Buckets, windows and the average log of all segments.
@@ -629,20 +633,7 @@ mod tests {
         let chain: Vec<AverageCursor> = w.chain().collect();
         assert_eq!(chain[0], AverageCursor::default());
         let mut sensor = fog_sensor::averages::AverageStream::new(0);
-        let wit: Vec<fog_sensor::Average> = w
-            .retained()
-            .map(|a| fog_sensor::Average {
-                seq: a.seq,
-                epoch: a.epoch,
-                segment: a.segment,
-                window_end_ms: a.window_end_ms,
-                count: a.count,
-                sum_kmh: a.sum_kmh,
-                mean_kmh: a.mean_kmh(),
-                revision: a.revision,
-                chain: a.chain,
-            })
-            .collect();
+        let wit: Vec<fog_sensor::Average> = w.retained().map(sensor_average).collect();
         let mut from_start = fog_sensor::averages::AverageStream::new(0);
         from_start.reposition(None, fog_sensor::Cursor::default());
         let end = from_start.apply(&wit).expect("applies the whole log");
@@ -737,17 +728,7 @@ mod tests {
     #[test]
     fn a_sensor_on_the_abandoned_branch_ends_on_the_survivors_stream() {
         let (loser, winner) = split(20, 15, 30);
-        let to_sensor = |a: &Average| fog_sensor::Average {
-            seq: a.seq,
-            epoch: a.epoch,
-            segment: a.segment,
-            window_end_ms: a.window_end_ms,
-            count: a.count,
-            sum_kmh: a.sum_kmh,
-            mean_kmh: a.mean_kmh(),
-            revision: a.revision,
-            chain: a.chain,
-        };
+        let to_sensor = sensor_average;
         let mut on_loser = fog_sensor::averages::AverageStream::new(0);
         let mut on_winner = on_loser.clone();
         on_loser.apply(&loser.retained().map(to_sensor).collect::<Vec<_>>());

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fog_protocol::{AverageCursor, LogEntry, NodeState, PeerMessage, Reading, Reply, Request, SensorBatch};
 use fog_sensor::averages::{AverageStream, Cursor};
+use fog_server::windows::sensor_average;
 use fog_server::{Node, NodeConfig, Output, Role, WindowConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -366,21 +367,7 @@ impl World {
                             self.acked_by.insert((ack.sensor_id, q), (from, b.epoch, now - T0));
                         }
                     }
-                    let averages: Vec<fog_sensor::Average> = b
-                        .averages
-                        .iter()
-                        .map(|a| fog_sensor::Average {
-                            seq: a.seq,
-                            epoch: a.epoch,
-                            segment: a.segment,
-                            window_end_ms: a.window_end_ms,
-                            count: a.count,
-                            sum_kmh: a.sum_kmh,
-                            mean_kmh: a.mean_kmh(),
-                            revision: a.revision,
-                            chain: a.chain,
-                        })
-                        .collect();
+                    let averages: Vec<fog_sensor::Average> = b.averages.iter().map(sensor_average).collect();
                     for s in &mut self.host.sensors {
                         for r in b.repositions.iter().filter(|r| r.sensor_id == s.id) {
                             s.stream.reposition(r.rewind_to, Cursor { seq: r.to.seq, epoch: r.to.epoch, chain: r.to.chain });
