@@ -112,3 +112,46 @@ fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
         assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
     }
 }
+
+#[test]
+fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
+    let dir = scratch_dir("revive");
+    let pair = Pair::on_free_ports();
+    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    let sensor = dir.join("sensor.wasm");
+    install(&bin("fog_faulty_sensor.wasm"), &sensor);
+    let host = start_host(
+        &[
+            sensor.to_str().unwrap(),
+            "--watch",
+            "--sensors", "5", "--interval", "100ms", "--duration", "5s",
+            // Sensor 3 traps on its third tick of every life: quarantined
+            // after one restart.
+            "--set", "fault=3:trap", "--set", "fault-after=2",
+            "--max-restarts", "1", "--restart-backoff", "100ms",
+            "--servers", &pair.servers(),
+        ],
+        &dir,
+    )
+    .unwrap();
+    let log = host.log.clone();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_lines_with(&log, &["sensor quarantined"]), 1, "sensor 3 is quarantined before the swap");
+    // The fixed sensor: the built-in one, which reads the faulty sensor's
+    // snapshots (both are the core's).
+    install(&bin("fog_sensor.wasm"), &sensor);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(log_lines_with(&log, &["1 quarantined sensors get another chance"]), 1);
+
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    assert_eq!(code, 0, "every reading acked, sensor 3's included: {summary}");
+    assert_eq!(u(&summary["quarantined"]), 0, "{summary}");
+    assert_eq!(u(&summary["swaps"]), 1);
+    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
+    for s in summary["per_sensor"].as_array().expect("per_sensor") {
+        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
+        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
+    }
+    let three = summary["per_sensor"].as_array().unwrap().iter().find(|s| s["sensor_id"] == 3).expect("sensor 3");
+    assert!(u(&three["generated"]) > 20, "sensor 3 ran on after the swap: {three}");
+}

@@ -700,6 +700,20 @@ impl Fleet {
         }
         self.component = component;
         self.swaps += 1;
+        // The new component may be the fix: every quarantined sensor gets
+        // a fresh start on it, from its last good state.
+        let now = Instant::now();
+        let mut revived = 0;
+        for slot in &mut self.sensors {
+            if matches!(slot.life, Life::Quarantined) {
+                slot.failures = 0;
+                slot.life = Life::Restarting { at: now };
+                revived += 1;
+            }
+        }
+        if revived > 0 {
+            tracing::info!("hot swap: {revived} quarantined sensors get another chance on the new component");
+        }
         Ok(count)
     }
 
