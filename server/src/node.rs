@@ -90,6 +90,15 @@ enum Held {
 struct PassiveView {
     durable: u64,
     last_progress_ms: u64,
+    /// The entry its snapshot was taken at: until it has made that durable
+    /// it is joining, and what this node accepted before exists here alone.
+    joined_at: u64,
+}
+
+impl PassiveView {
+    fn in_sync(&self) -> bool {
+        self.durable >= self.joined_at
+    }
 }
 
 /// Why a node could not be rebuilt from its data directory.
@@ -226,9 +235,10 @@ impl Node {
         &self.replica
     }
 
-    /// Whether this node waits for a passive before acking.
+    /// Whether this node has a passive that holds everything it holds (the
+    /// passive's snapshot is durable) and waits for it before acking.
     pub fn has_passive_in_sync(&self) -> bool {
-        self.passive.is_some()
+        self.passive.as_ref().is_some_and(PassiveView::in_sync)
     }
 
     pub fn caught_up(&self) -> bool {
@@ -478,6 +488,15 @@ impl Node {
                     self.known_epoch = *epoch;
                     self.step_down(now, false, &format!("a host has seen epoch {epoch}: another node took over; stepping down"));
                 }
+                // A sensor's cursor names the epoch that published its last
+                // average: proof of that epoch even from a host that
+                // restarted and has seen no reply yet (say, to a node that
+                // restarted with its data lost, which must not serve).
+                let cursors = sensors.iter().filter_map(|s| s.average_cursor.map(|c| c.epoch)).max();
+                if let Some(seen) = cursors.filter(|&e| e > self.known_epoch) {
+                    self.known_epoch = seen;
+                    self.step_down(now, false, &format!("a sensor has applied an average of epoch {seen}: another node took over; stepping down"));
+                }
                 let step = self.fsm.handle(now, Event::ClientRequest { complete: self.complete() });
                 let accepted = step.accepted;
                 self.after_step(now, step);
@@ -607,7 +626,7 @@ impl Node {
                     Ok(state) => {
                         info!(lsn = self.replica.lsn, bytes = state.len(), "the passive joins: sending a snapshot");
                         self.send_peer(PeerMessage::Snapshot { epoch: self.known_epoch, lsn: self.replica.lsn, state });
-                        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now });
+                        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn });
                         self.tail.clear();
                     }
                     Err(e) => error!("cannot encode a snapshot for the passive: {e}"),
@@ -835,7 +854,8 @@ impl Node {
     fn replication(&self) -> (String, u64) {
         match self.fsm.state() {
             NodeState::Active => match &self.passive {
-                Some(p) => ("active, in sync with the passive".into(), self.replica.lsn.saturating_sub(p.durable)),
+                Some(p) if p.in_sync() => ("active, in sync with the passive".into(), self.replica.lsn.saturating_sub(p.durable)),
+                Some(p) => ("active, passive joining (its snapshot is not yet durable)".into(), self.replica.lsn.saturating_sub(p.durable)),
                 None => ("active, alone (no passive in sync)".into(), 0),
             },
             NodeState::Passive => {
@@ -985,6 +1005,32 @@ mod tests {
             t += 50;
         }
         assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
-        assert!(node.status(t).replication.contains("in sync"), "{}", node.status(t).replication);
+        let replication = node.status(t).replication;
+        assert!(replication.contains("passive joining"), "still waiting for the passive: {replication}");
+    }
+
+    #[test]
+    fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_averages() {
+        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
+        // A primary restarted with an empty data dir, its peer out of reach,
+        // and a host that restarted too (its requests carry epoch 0), whose
+        // sensors resumed from their state with averages of epoch 7.
+        let mut node = Node::new(cfg.clone());
+        let now = T0 + 10_000;
+        let Request::Batch { batch_id, sensors, .. } = batch(1, 0, now) else { unreachable!() };
+        let sensors: Vec<SensorBatch> = sensors
+            .into_iter()
+            .map(|s| SensorBatch { average_cursor: Some(fog_protocol::AverageCursor { seq: 2_000, epoch: 7, chain: 42 }), ..s })
+            .collect();
+        node.handle_request(now, 1, &Request::Batch { batch_id, epoch: 0, sensors });
+        let replies: Vec<Reply> = std::iter::from_fn(|| node.poll_output())
+            .filter_map(|o| if let Output::Reply { reply, .. } = o { Some(reply) } else { None })
+            .collect();
+        assert!(matches!(replies.as_slice(), [Reply::NotActive { epoch: 7, .. }]), "{replies:?}");
+        assert_ne!(node.state(), NodeState::Active);
+        // A fresh pair, though, starts serving on the first request.
+        let mut fresh = Node::new(cfg);
+        fresh.handle_request(now, 1, &batch(1, 0, now));
+        assert_eq!(fresh.state(), NodeState::Active);
     }
 }

@@ -346,18 +346,21 @@ impl Windows {
     /// end of the newest epoch not after the cursor's, in this log's branch
     /// history (the rule Kafka's leader epochs use to truncate replicas).
     fn fork_point(&self, c: AverageCursor) -> u64 {
-        let end = match self.branches.iter().rposition(|b| b.0 <= c.epoch) {
+        let newest_not_after = self.branches.iter().rposition(|b| b.0 <= c.epoch);
+        let end = match newest_not_after {
             Some(i) => self.branches.get(i + 1).map_or(self.next_seq, |b| b.1),
             None => self.branches.front().map_or(self.next_seq, |b| b.1),
         };
         let fork = c.seq.saturating_add(1).min(end);
-        if fork > c.seq {
-            // The epochs say the cursor is on this log, but the chain says it
-            // is not (a log that lost its tail and grew again in the same
-            // epoch): trust the chain and replay everything retained.
-            return self.base.seq + 1;
+        if fork <= c.seq {
+            return fork;
         }
-        fork
+        // The epochs do not place the fork: the cursor's epoch is missing
+        // from this log's history (another node published it after taking
+        // over from this log's newest branch), or the chain differs where
+        // the epochs agree. That branch of this log began before the fork:
+        // go back to its start.
+        newest_not_after.map_or(1, |i| self.branches[i].1).max(self.base.seq + 1)
     }
 
     /// Where a sensor with `cursor` continues: the first seq it needs, and a
@@ -717,12 +720,16 @@ mod tests {
         // A sensor that only applied the shared part needs nothing.
         let (_, repos) = winner.reply_for(&[(5, Some(shared))]);
         assert!(repos.is_empty());
-        // A cursor beyond the winner's newest average, in the winner's own
-        // epoch but on another chain, replays what the winner retains.
+        // A cursor in the winner's own epoch but on another chain goes back
+        // to where that epoch began; one of an epoch the winner never
+        // published in (newer than its newest branch) likewise.
         let mut forged = winner.last_position();
         forged.chain ^= 1;
         let (_, repos) = winner.reply_for(&[(5, Some(forged))]);
-        assert_eq!(repos[0].rewind_to, Some(winner.chain().next().unwrap().seq));
+        assert_eq!(repos[0].rewind_to, Some(fork - 1));
+        let unknown = AverageCursor { epoch: 6, ..at(&winner, fork + 3).unwrap() };
+        let (_, repos) = winner.reply_for(&[(5, Some(unknown))]);
+        assert_eq!(repos[0].rewind_to, Some(fork - 1));
     }
 
     #[test]

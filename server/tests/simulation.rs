@@ -3,7 +3,8 @@
 //!
 //! A seed decides everything: message loss, delay and duplication on every
 //! link, crashes and restarts of either or both servers (what was not yet
-//! durable is lost; the node recovers from its simulated disk), partitions
+//! durable is lost; the node recovers from its simulated disk), the loss of
+//! the active's disk while its passive is in sync, partitions
 //! of the link between the servers, pauses (a node frozen while the world
 //! goes on, as with SIGSTOP), and the host moving to the other server while
 //! the servers are cut off from each other (so that it is served by both
@@ -183,6 +184,18 @@ impl World {
         for l in &mut self.links {
             l.queue.clear();
         }
+    }
+
+    /// The active node's machine is lost with its disk, while its passive
+    /// is in sync (the only moment that can be survived); it comes back
+    /// empty later. Skipped at any other moment.
+    fn wipe(&mut self, down_for: u64) {
+        let Some(i) = (0..2).find(|&i| self.servers[i].node.as_ref().is_some_and(|n| n.state() == NodeState::Active && n.has_passive_in_sync())) else {
+            return;
+        };
+        self.note(format!("wipe {:?} (data lost) for {down_for} ms", self.servers[i].role));
+        self.crash(i, down_for);
+        self.servers[i].disk = Disk::default();
     }
 
     fn restart(&mut self, i: usize) {
@@ -428,12 +441,13 @@ impl World {
             let at = self.rng.random_range(500..FAULTS_UNTIL);
             let node = self.rng.random_range(0..2);
             let dur = self.rng.random_range(100..3_000);
-            let f = match self.rng.random_range(0..6) {
+            let f = match self.rng.random_range(0..7) {
                 0 | 1 => Fault::Crash(node, dur),
                 2 => Fault::CrashBoth(dur),
                 3 => Fault::Partition(dur),
                 4 => Fault::Pause(node, dur),
-                _ => Fault::SplitAndMove(dur),
+                5 => Fault::SplitAndMove(dur),
+                _ => Fault::Wipe(dur),
             };
             faults.push((T0 + at, f));
         }
@@ -463,6 +477,7 @@ impl World {
                         self.note(format!("partition for {d} ms"));
                         self.partitioned_until = self.now + d;
                     }
+                    Fault::Wipe(d) => self.wipe(d),
                     Fault::SplitAndMove(d) => {
                         self.note(format!("partition for {d} ms; the host moves to the other server halfway"));
                         self.partitioned_until = self.now + d;
@@ -545,6 +560,8 @@ enum Fault {
     CrashBoth(u64),
     Partition(u64),
     Pause(usize, u64),
+    /// The active loses its disk (only while its passive is in sync).
+    Wipe(u64),
     /// The server link is cut for a while; halfway the host moves over.
     SplitAndMove(u64),
     MoveHost,
