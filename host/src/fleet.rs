@@ -86,7 +86,7 @@ struct SensorSlot {
     running_since: Instant,
     /// Readings returned by `tick` and not yet put into a batch.
     pending: Vec<Reading>,
-    /// Highest average applied (the sensor's average ack).
+    /// The sensor's position in the average stream (its average ack).
     cursor: Option<AverageCursor>,
     /// Last status read from the sensor.
     status: Option<SensorStatus>,
@@ -145,14 +145,13 @@ impl SensorSlot {
     fn give_ack(&mut self, now: Instant, every: Duration) -> wasmtime::Result<()> {
         let due = self.ack_given_at.is_none_or(|at| now >= at + every);
         let Life::Running(inst) = &mut self.life else { return Ok(()) };
-        if !due || self.unsent_ack.is_none() {
+        if !due {
             return Ok(());
         }
-        if let Some(ack) = self.unsent_ack.take() {
-            inst.on_ack(ack.0, ack.1, &ack.2)?;
-            self.last_ack = Some(ack);
-            self.ack_given_at = Some(now);
-        }
+        let Some(ack) = self.unsent_ack.take() else { return Ok(()) };
+        inst.on_ack(ack.0, ack.1, &ack.2)?;
+        self.last_ack = Some(ack);
+        self.ack_given_at = Some(now);
         Ok(())
     }
 }
