@@ -150,7 +150,7 @@ pub struct Windows {
     averages_published: u64,
     revisions_published: u64,
     #[serde(skip)]
-    fork_logged: std::cell::Cell<bool>,
+    fork_logged: std::cell::Cell<Option<u64>>,
     last_prune_ms: u64,
 }
 
@@ -170,7 +170,7 @@ impl Windows {
             too_late: 0,
             averages_published: 0,
             revisions_published: 0,
-            fork_logged: std::cell::Cell::new(false),
+            fork_logged: std::cell::Cell::new(None),
             last_prune_ms: 0,
         }
     }
@@ -383,7 +383,8 @@ impl Windows {
         }
         let keep = self.fork_point(c) - 1;
         let to = self.position(keep).unwrap_or(self.base);
-        if !self.fork_logged.get() {
+        // Once per abandoned branch, not once per sensor on it.
+        if self.fork_logged.get() != Some(c.epoch) {
             tracing::warn!(
                 sensor_id,
                 cursor_seq = c.seq,
@@ -392,7 +393,7 @@ impl Windows {
                 "a sensor has applied averages that this log does not hold (published by a node \
                  cut off from its peer); it continues from the last average both streams share"
             );
-            self.fork_logged.set(true);
+            self.fork_logged.set(Some(c.epoch));
         }
         repo(Some(keep), to)
     }
