@@ -484,18 +484,13 @@ impl Node {
                 self.out.push_back(Output::Reply { to, reply });
             }
             Request::Batch { batch_id, epoch, sensors } => {
-                if *epoch > self.known_epoch {
-                    self.known_epoch = *epoch;
-                    self.step_down(now, false, &format!("a host has seen epoch {epoch}: another node took over; stepping down"));
-                }
+                self.newer_epoch(now, *epoch, "a host has seen");
                 // A sensor's cursor names the epoch that published its last
                 // average: proof of that epoch even from a host that
                 // restarted and has seen no reply yet (say, to a node that
                 // restarted with its data lost, which must not serve).
-                let cursors = sensors.iter().filter_map(|s| s.average_cursor.map(|c| c.epoch)).max();
-                if let Some(seen) = cursors.filter(|&e| e > self.known_epoch) {
-                    self.known_epoch = seen;
-                    self.step_down(now, false, &format!("a sensor has applied an average of epoch {seen}: another node took over; stepping down"));
+                if let Some(seen) = sensors.iter().filter_map(|s| s.average_cursor.map(|c| c.epoch)).max() {
+                    self.newer_epoch(now, seen, "a sensor has applied an average of");
                 }
                 let step = self.fsm.handle(now, Event::ClientRequest { complete: self.complete() });
                 let accepted = step.accepted;
@@ -615,7 +610,7 @@ impl Node {
                 }
             }
             PeerMessage::Join { epoch } => {
-                if self.newer_epoch(now, epoch) || self.fsm.state() != NodeState::Active {
+                if self.newer_epoch(now, epoch, "the peer is in") || self.fsm.state() != NodeState::Active {
                     return;
                 }
                 if self.passive.is_some() {
@@ -657,7 +652,7 @@ impl Node {
                 }
             }
             PeerMessage::Merge { epoch, id, sensors } => {
-                if self.newer_epoch(now, epoch) || self.fsm.state() != NodeState::Active {
+                if self.newer_epoch(now, epoch, "the peer is in") || self.fsm.state() != NodeState::Active {
                     return;
                 }
                 if self.passive.is_some() {
@@ -697,18 +692,19 @@ impl Node {
     }
 
     /// Steps down (if active) when `epoch` is newer than any known.
-    fn newer_epoch(&mut self, now: u64, epoch: u64) -> bool {
+    /// `source` says who showed it ("the peer is in", "a host has seen" ...).
+    fn newer_epoch(&mut self, now: u64, epoch: u64, source: &str) -> bool {
         if epoch <= self.known_epoch {
             return false;
         }
         self.known_epoch = epoch;
-        self.step_down(now, false, &format!("the peer is in epoch {epoch}: stepping down"));
+        self.step_down(now, false, &format!("{source} epoch {epoch}: stepping down"));
         true
     }
 
     fn handle_heartbeat(&mut self, now: u64, hb: PeerHeartbeat) {
         self.peer = Some(hb);
-        self.newer_epoch(now, hb.epoch);
+        self.newer_epoch(now, hb.epoch, "the peer is in");
         if self.passive.is_some() && matches!(hb.state, NodeState::Primary | NodeState::Backup) {
             warn!("the passive restarted: carrying on alone until it has joined again");
             self.go_solo();
@@ -759,7 +755,7 @@ impl Node {
 
     fn handle_records(&mut self, now: u64, epoch: u64, entries: Vec<LogEntry>) {
         if self.fsm.state() == NodeState::Active {
-            self.newer_epoch(now, epoch);
+            self.newer_epoch(now, epoch, "the peer is in");
             return;
         }
         if epoch < self.known_epoch || !self.caught_up {
