@@ -1,17 +1,17 @@
 //! The sensors of one host: instantiates them, ticks them, gathers their
-//! readings into one batch for the server, and routes the server's acks,
-//! averages and missed-range notices back to the right instance.
+//! readings into batches for the server, and routes the server's acks,
+//! averages and repositions back to the right instance.
 //!
-//! It is also where a sensor's life is managed. Before any reading goes out
-//! in a batch, [`Fleet::commit`] takes a snapshot of every sensor that
-//! produced something since the last commit (and, with a state directory,
-//! writes them all with one fsync). That snapshot is the sensor's last good
-//! state: a sensor whose call traps, runs past its deadline or grows past
-//! its memory cap is stopped, reported once, and after a backoff restarted
-//! from that snapshot, so its sequence continues and every reading it sent
-//! is still in its resend buffer. A reading produced after the snapshot was
-//! never sent, so the restored sensor reusing its sequence number is safe.
-//! A sensor that keeps failing is quarantined; the others never notice.
+//! It is also where a sensor's life is managed. Every tick returns the
+//! sensor's state after it, and before any reading goes out in a batch,
+//! [`Fleet::commit`] makes the states of the sensors ticked since the last
+//! commit the ones to restart from (with a state directory, writing them
+//! all with one fsync). That is the sensor's last good state: a sensor
+//! whose call traps, runs past its deadline or grows past its memory cap is
+//! stopped, reported once, and after a backoff restarted from it, so its
+//! sequence continues and every reading it produced is still in its resend
+//! buffer, to go out when due. A sensor that keeps failing is quarantined;
+//! the others never notice.
 //!
 //! Sensors are independent stores, so the calls of one pass (a tick slice,
 //! a commit's snapshots, a reply's acks and averages, a status refresh) are
