@@ -16,6 +16,16 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+/// Every sensor of the host's summary is counted by the primary exactly as
+/// it generated: same count, same speed sum.
+fn assert_counted_as_generated(pair: &Pair, summary: &Value) {
+    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
+    for s in summary["per_sensor"].as_array().expect("per_sensor") {
+        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
+        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
+    }
+}
+
 /// Replaces `to` with a copy of `from` in one rename, as a deploy would.
 fn install(from: &Path, to: &Path) {
     let tmp = to.with_extension("tmp");
@@ -106,11 +116,7 @@ fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "host exit code; summary {summary}");
     assert_eq!(u(&summary["swaps"]), 1);
-    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
-    for s in summary["per_sensor"].as_array().expect("per_sensor") {
-        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
-        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
-    }
+    assert_counted_as_generated(&pair, &summary);
 }
 
 #[test]
@@ -147,11 +153,7 @@ fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
     assert_eq!(code, 0, "every reading acked, sensor 3's included: {summary}");
     assert_eq!(u(&summary["quarantined"]), 0, "{summary}");
     assert_eq!(u(&summary["swaps"]), 1);
-    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
-    for s in summary["per_sensor"].as_array().expect("per_sensor") {
-        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
-        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
-    }
+    assert_counted_as_generated(&pair, &summary);
     let three = summary["per_sensor"].as_array().unwrap().iter().find(|s| s["sensor_id"] == 3).expect("sensor 3");
     assert!(u(&three["generated"]) > 20, "sensor 3 ran on after the swap: {three}");
 }
