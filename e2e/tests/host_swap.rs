@@ -6,14 +6,33 @@
 //! built-in sensor cannot read the scenario sensor's snapshot) and the
 //! scenario sensor keeps running.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fog_e2e::{Pair, bin, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_e2e::{Pair, Proc, bin, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host, start_server};
 use serde_json::Value;
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// A primary, and a sensor file in a scratch dir holding `component`.
+struct Stage {
+    dir: PathBuf,
+    pair: Pair,
+    _primary: Proc,
+    sensor: PathBuf,
+}
+
+impl Stage {
+    fn new(name: &str, component: &str) -> Stage {
+        let dir = scratch_dir(name);
+        let pair = Pair::on_free_ports();
+        let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+        let sensor = dir.join("sensor.wasm");
+        install(&bin(component), &sensor);
+        Stage { dir, pair, _primary, sensor }
+    }
 }
 
 /// Every sensor of the host's summary is counted by the primary exactly as
@@ -35,11 +54,7 @@ fn install(from: &Path, to: &Path) {
 
 #[test]
 fn sighup_swaps_the_component_without_losing_or_repeating_a_reading() {
-    let dir = scratch_dir("swap");
-    let pair = Pair::on_free_ports();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
-    let sensor = dir.join("sensor.wasm");
-    install(&bin("fog_sensor.wasm"), &sensor);
+    let Stage { dir, pair, _primary, sensor } = Stage::new("swap", "fog_sensor.wasm");
     let host = start_host(
         &[
             sensor.to_str().unwrap(),
@@ -84,11 +99,7 @@ fn sighup_swaps_the_component_without_losing_or_repeating_a_reading() {
 
 #[test]
 fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
-    let dir = scratch_dir("watch");
-    let pair = Pair::on_free_ports();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
-    let sensor = dir.join("sensor.wasm");
-    install(&bin("fog_sensor.wasm"), &sensor);
+    let Stage { dir, pair, _primary, sensor } = Stage::new("watch", "fog_sensor.wasm");
     let host = start_host(
         &[
             sensor.to_str().unwrap(),
@@ -121,11 +132,7 @@ fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
 
 #[test]
 fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
-    let dir = scratch_dir("revive");
-    let pair = Pair::on_free_ports();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
-    let sensor = dir.join("sensor.wasm");
-    install(&bin("fog_faulty_sensor.wasm"), &sensor);
+    let Stage { dir, pair, _primary, sensor } = Stage::new("revive", "fog_faulty_sensor.wasm");
     let host = start_host(
         &[
             sensor.to_str().unwrap(),
