@@ -240,5 +240,5 @@ fn encode_batch(batch_id: u64, first_id: u32, shape: LoadShape, incarnation: u64
             }
         })
         .collect();
-    Ok(fog_protocol::encode(&Request::Batch { batch_id, epoch: 0, sensors })?)
+    Ok(fog_protocol::encode(&Request::Batch { batch_id, epoch: 0, seal: [0; 16], sensors })?)
 }

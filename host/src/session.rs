@@ -114,11 +114,14 @@ struct Session<'a> {
     failovers: u64,
     batches_acked: u64,
     bad_replies: u64,
+    refused_batches: u64,
     latest: BTreeMap<u32, Average>,
     started: Instant,
-    /// The highest server epoch seen in a reply; sent with every batch so a
-    /// server that was replaced while it was paused or cut off steps down.
+    /// The highest server epoch seen in a reply, with its seal; sent with
+    /// every batch so a server that was replaced while it was paused or cut
+    /// off steps down.
     epoch: u64,
+    seal: fog_protocol::Seal,
     /// Least time between two batches, and when the next may go.
     batch_gap: Duration,
     next_batch_at: Instant,
@@ -156,9 +159,11 @@ pub async fn run(
         failovers: 0,
         batches_acked: 0,
         bad_replies: 0,
+        refused_batches: 0,
         latest: BTreeMap::new(),
         started,
         epoch: 0,
+        seal: [0; 16],
         batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
         next_batch_at: started,
         commit_failing: false,
@@ -392,7 +397,7 @@ impl Session<'_> {
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
         let (sensors, _) = self.fleet.take_batch();
-        let request = fog_protocol::Request::Batch { batch_id, epoch: self.epoch, sensors };
+        let request = fog_protocol::Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
         match fog_protocol::encode(&request) {
             Ok(frame) => {
                 self.in_flight = Some(InFlight { batch_id, frame, deadline: Instant::now() });
@@ -421,7 +426,7 @@ impl Session<'_> {
                 self.in_flight = None;
                 self.lost_at[self.current] = None;
                 self.batches_acked += 1;
-                self.epoch = self.epoch.max(reply.epoch);
+                self.note_epoch(reply.epoch, reply.seal);
                 for avg in &reply.averages {
                     let newer = self
                         .latest
@@ -436,8 +441,8 @@ impl Session<'_> {
                     self.send_batch().await;
                 }
             }
-            Ok(Reply::NotActive { state, epoch }) => {
-                self.epoch = self.epoch.max(epoch);
+            Ok(Reply::NotActive { state, epoch, seal }) => {
+                self.note_epoch(epoch, seal);
                 let next = (self.current + 1) % self.cfg.servers.len();
                 let next_lost_recently =
                     self.lost_at[next].is_some_and(|at| at.elapsed() < self.cfg.timeout * 3);
@@ -454,6 +459,14 @@ impl Session<'_> {
                     self.failover(NOT_ACTIVE_RETRY);
                 }
             }
+            Ok(Reply::Refused { batch_id, reason }) => {
+                // The batch stays in flight and goes again at its deadline;
+                // its readings stay in the sensors until acked.
+                self.refused_batches += 1;
+                if self.refused_batches == 1 {
+                    tracing::warn!(server = %self.endpoint(), batch_id, "batch refused: {reason}; it will be sent again");
+                }
+            }
             Ok(Reply::Status(_)) => {}
             Err(e) => {
                 self.bad_replies += 1;
@@ -461,6 +474,14 @@ impl Session<'_> {
                     tracing::warn!(server = %self.endpoint(), "dropped a reply that cannot be decoded: {e}");
                 }
             }
+        }
+    }
+
+    /// Keeps the highest epoch a server has shown, with its seal.
+    fn note_epoch(&mut self, epoch: u64, seal: fog_protocol::Seal) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.seal = seal;
         }
     }
 

@@ -11,9 +11,15 @@
 //! per-sensor item carries its sensor id.
 //!
 //! Servers carry an *epoch* that grows at every takeover. Replies tell the
-//! host the epoch of the server that sent them, and the host repeats the
-//! highest epoch it has seen in every request: a server that learns of a
-//! higher epoch than its own has been replaced and steps down at once.
+//! host the epoch of the server that sent them, with the pair's [`Seal`] of
+//! it, and the host repeats the highest sealed epoch it has seen in every
+//! request: a server that learns of a higher epoch than its own has been
+//! replaced and steps down at once. Only the two servers can seal an epoch,
+//! so a host (or anyone who got hold of a host's key) cannot forge one.
+//!
+//! Every count in a message is bounded here ([`MAX_FRAME_BYTES`],
+//! [`MAX_SENSORS_PER_BATCH`], [`MAX_READINGS_PER_BATCH`]) so that one
+//! request is a bounded amount of work for a server.
 //!
 //! The two servers of a pair speak [`PeerMessage`]s on their state channels:
 //! heartbeats, and the replication of the log of state changes
@@ -22,11 +28,15 @@
 use serde::{Deserialize, Serialize};
 
 /// The version byte that leads every frame.
-pub const PROTOCOL_VERSION: u8 = 2;
-/// Largest frame accepted or produced, in bytes.
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
-/// Most readings a single batch may carry.
-pub const MAX_READINGS_PER_BATCH: usize = 4_000_000;
+pub const PROTOCOL_VERSION: u8 = 3;
+/// Largest frame accepted or produced, in bytes. The transport refuses a
+/// longer message before it allocates for it (ZeroMQ's `ZMQ_MAXMSGSIZE`).
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Most readings a single batch may carry: a batch is a few milliseconds of
+/// a server's time at most. A host with more to send sends more batches.
+pub const MAX_READINGS_PER_BATCH: usize = 65_536;
+/// Most sensors a single batch may carry.
+pub const MAX_SENSORS_PER_BATCH: usize = 65_536;
 /// Most averages a single reply carries; a sensor further behind gets the
 /// rest in following replies.
 pub const MAX_AVERAGES_PER_REPLY: usize = 4096;
@@ -60,19 +70,26 @@ pub struct SensorBatch {
     pub average_cursor: Option<AverageCursor>,
 }
 
+/// A keyed hash of an epoch that only the two servers of a pair can make:
+/// the proof that a server of the pair issued the epoch. All zeros: none.
+pub type Seal = [u8; 16];
+
 /// A host's request to a server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Readings and average acks of many sensors; answered by
-    /// [`Reply::Batch`], or [`Reply::NotActive`] from a server that does not
-    /// serve clients right now.
+    /// [`Reply::Batch`], [`Reply::NotActive`] from a server that does not
+    /// serve clients right now, or [`Reply::Refused`].
     Batch {
         batch_id: u64,
-        /// The highest server epoch the host has seen in a reply (0: none).
+        /// The highest server epoch the host has seen in a reply (0: none),
+        /// and the seal that came with it.
         epoch: u64,
+        seal: Seal,
         sensors: Vec<SensorBatch>,
     },
-    /// Ask for the server's [`StatusReport`]; any server answers.
+    /// Ask for the server's [`StatusReport`]; any server answers a client
+    /// with an admin key.
     Status,
 }
 
@@ -81,16 +98,38 @@ pub enum Request {
 pub enum Reply {
     Batch(BatchReply),
     /// This server is not active: try the other one at once.
-    NotActive { state: NodeState, epoch: u64 },
+    NotActive { state: NodeState, epoch: u64, seal: Seal },
     Status(Box<StatusReport>),
+    /// The request was not served, and why; a batch refused as a whole
+    /// names its id (0 when it could not be read).
+    Refused { batch_id: u64, reason: Refusal },
 }
 
+/// Why a server refused a request, or some readings of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("the frame could not be decoded")]
+    Malformed,
+    #[error("the batch exceeds a limit (sensors, readings or bytes per batch)")]
+    TooLarge,
+    #[error("this key may not ask for that")]
+    NotAuthorized,
+    #[error("the key has no rights for this sensor id")]
+    ForeignSensor,
+    #[error("the reading's timestamp is too far ahead of the server's clock")]
+    FromTheFuture,
+    #[error("the reading's seq is too far ahead of the sensor's counted readings")]
+    SeqOutOfRange,
+    #[error("the server is busy; send again later")]
+    Busy,
+}
 /// The answer to a [`Request::Batch`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct BatchReply {
     pub batch_id: u64,
-    /// The epoch of the active server that acked the batch.
+    /// The epoch of the active server that acked the batch, and its seal.
     pub epoch: u64,
+    pub seal: Seal,
     pub acks: Vec<SensorAck>,
     /// Averages following the lowest cursor of the batch's sensors, in
     /// sequence order; each sensor applies those after its own cursor.
@@ -99,6 +138,17 @@ pub struct BatchReply {
     /// retention, or on a branch abandoned after a split), and where they
     /// continue; applied before `averages`.
     pub repositions: Vec<Reposition>,
+    /// Readings not accepted (not acked, not counted), one entry per sensor
+    /// and reason: the host logs them and keeps the readings.
+    pub refused: Vec<RefusedReadings>,
+}
+
+/// Readings of one sensor a server did not accept, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedReadings {
+    pub sensor_id: u32,
+    pub reason: Refusal,
+    pub count: u32,
 }
 
 /// The server has counted every reading of `(sensor_id, incarnation)` with
@@ -317,6 +367,8 @@ pub enum DecodeError {
     Malformed(String),
     #[error("batch of {0} readings exceeds the {MAX_READINGS_PER_BATCH}-reading limit")]
     TooManyReadings(usize),
+    #[error("batch of {0} sensors exceeds the {MAX_SENSORS_PER_BATCH}-sensor limit")]
+    TooManySensors(usize),
 }
 
 /// Why a message could not be encoded.
@@ -359,6 +411,9 @@ pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError>
 pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
     let req: Request = decode(frame)?;
     if let Request::Batch { sensors, .. } = &req {
+        if sensors.len() > MAX_SENSORS_PER_BATCH {
+            return Err(DecodeError::TooManySensors(sensors.len()));
+        }
         let n: usize = sensors.iter().map(|s| s.readings.len()).sum();
         if n > MAX_READINGS_PER_BATCH {
             return Err(DecodeError::TooManyReadings(n));
@@ -375,6 +430,7 @@ mod tests {
         Request::Batch {
             batch_id: 7,
             epoch: 3,
+            seal: [7; 16],
             sensors: vec![SensorBatch {
                 sensor_id: 3,
                 incarnation: 0xdead_beef,

@@ -496,7 +496,7 @@ impl Node {
                 let accepted = step.accepted;
                 self.after_step(now, step);
                 if !accepted {
-                    let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch };
+                    let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch, seal: [0; 16] };
                     self.out.push_back(Output::Reply { to, reply });
                     return;
                 }
@@ -523,7 +523,7 @@ impl Node {
             .collect();
         let cursors: Vec<_> = sensors.iter().map(|s| (s.sensor_id, s.average_cursor)).collect();
         let (averages, repositions) = self.replica.windows.reply_for(&cursors);
-        BatchReply { batch_id, epoch: self.known_epoch, acks, averages, repositions }
+        BatchReply { batch_id, epoch: self.known_epoch, seal: [0; 16], acks, averages, repositions, refused: Vec::new() }
     }
 
     /// The part of `sensors` that changes the state, if any, and how many

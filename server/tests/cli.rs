@@ -174,6 +174,7 @@ fn batch(batch_id: u64, sensor_id: u32, seqs: std::ops::Range<u64>) -> Request {
     Request::Batch {
         batch_id,
         epoch: 0,
+        seal: [0; 16],
         sensors: vec![SensorBatch {
             sensor_id,
             incarnation: 77,

@@ -83,6 +83,7 @@ struct Host {
     in_flight: Option<(u64, Request, u64)>,
     send_at: u64,
     epoch: u64,
+    seal: fog_protocol::Seal,
     next_batch: u64,
     sensors: Vec<Sensor>,
 }
@@ -139,6 +140,7 @@ impl World {
                 in_flight: None,
                 send_at: T0,
                 epoch: 0,
+                seal: [0; 16],
                 next_batch: 1,
                 sensors: (0..SENSORS)
                     .map(|i| Sensor { id: i as u32, next_seq: 0, unacked: BTreeMap::new(), stream: AverageStream::new(0), count: 0, sum: 0 })
@@ -371,7 +373,10 @@ impl World {
                         continue;
                     }
                     self.host.in_flight = None;
-                    self.host.epoch = self.host.epoch.max(b.epoch);
+                    if b.epoch > self.host.epoch {
+                        self.host.epoch = b.epoch;
+                        self.host.seal = b.seal;
+                    }
                     for ack in &b.acks {
                         let s = &mut self.host.sensors[ack.sensor_id as usize];
                         let before: Vec<u64> = s.unacked.keys().copied().collect();
@@ -389,13 +394,16 @@ impl World {
                     }
                     self.host.send_at = now;
                 }
-                Reply::NotActive { epoch, .. } => {
-                    self.host.epoch = self.host.epoch.max(epoch);
+                Reply::NotActive { epoch, seal, .. } => {
+                    if epoch > self.host.epoch {
+                        self.host.epoch = epoch;
+                        self.host.seal = seal;
+                    }
                     if self.host.in_flight.is_some() {
                         self.failover(50);
                     }
                 }
-                Reply::Status(_) => {}
+                Reply::Status(_) | Reply::Refused { .. } => {}
             }
         }
         if let Some((_, _, deadline)) = &self.host.in_flight {
@@ -429,7 +437,7 @@ impl World {
                 SensorBatch { sensor_id: s.id, incarnation: 7, segment: 0, readings, average_cursor }
             })
             .collect();
-        let req = Request::Batch { batch_id, epoch: self.host.epoch, sensors };
+        let req = Request::Batch { batch_id, epoch: self.host.epoch, seal: self.host.seal, sensors };
         self.host.in_flight = Some((batch_id, req, 0));
         self.send_in_flight();
     }
