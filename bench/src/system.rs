@@ -57,7 +57,7 @@ pub async fn recovery(readings: u64, shape: crate::load::LoadShape) -> anyhow::R
     let began = Instant::now();
     crate::load::run(&pair.primary_frontend, shape, crate::load::Target::Server, Duration::ZERO, Duration::from_secs(600)).await?;
     let write_s = began.elapsed().as_secs_f64();
-    let before = fog_server::query_status(&pair.primary_frontend, Duration::from_secs(5)).await?;
+    let before = fog_server::query_status(&pair.primary_frontend, Duration::from_secs(5), None).await?;
     if before.counted < readings {
         bail!("only {} of {readings} readings were counted before the restart", before.counted);
     }
@@ -71,7 +71,7 @@ pub async fn recovery(readings: u64, shape: crate::load::LoadShape) -> anyhow::R
     let restarted = Instant::now();
     let server = Proc::spawn("primary-restarted", &bin("fog-server"), &args, &dir)?;
     let ready = loop {
-        if let Ok(s) = fog_server::query_status(&pair.primary_frontend, Duration::from_millis(100)).await {
+        if let Ok(s) = fog_server::query_status(&pair.primary_frontend, Duration::from_millis(100), None).await {
             if s.counted >= before.counted {
                 break restarted.elapsed();
             }
@@ -190,7 +190,7 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
         let t0 = Instant::now();
         let active = 'found: loop {
             for (i, (_, endpoint)) in nodes.iter().enumerate() {
-                let s = fog_server::query_status(endpoint, Duration::from_secs(1)).await;
+                let s = fog_server::query_status(endpoint, Duration::from_secs(1), None).await;
                 if s.is_ok_and(|s| s.state == fog_protocol::NodeState::Active && s.batches >= 3) {
                     break 'found i;
                 }
@@ -201,11 +201,11 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let survivor = nodes[1 - active].1.clone();
-        let before = fog_server::query_status(&survivor, Duration::from_secs(1)).await?.batches;
+        let before = fog_server::query_status(&survivor, Duration::from_secs(1), None).await?.batches;
         let killed = Instant::now();
         nodes[active].0.kill();
         let taken_over = loop {
-            if let Ok(s) = fog_server::query_status(&survivor, Duration::from_millis(200)).await {
+            if let Ok(s) = fog_server::query_status(&survivor, Duration::from_millis(200), None).await {
                 if s.batches > before {
                     break killed.elapsed();
                 }
@@ -219,7 +219,7 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
         // Stop the host (it drains first) and compare histories.
         let _ = std::process::Command::new("kill").args(["-INT", &host.child.id().to_string()]).status();
         let (_, summary) = finish_host(host, Duration::from_secs(60)).context("host summary")?;
-        let status = fog_server::query_status(&survivor, Duration::from_secs(2)).await?;
+        let status = fog_server::query_status(&survivor, Duration::from_secs(2), None).await?;
         let server = history::server_side(&serde_json::to_value(&status)?);
         let verdict = history::check(&[history::host_side(&summary)], &server, &[]);
         lost += verdict.lost;

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::fleet::{Fleet, SensorSummary};
 use crate::runtime::{LoadError, SensorComponent};
-use crate::link::{Incoming, Link, LinkError, LinkEvent};
+use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
 
 /// How soon a server that answered "not active" is asked again.
 const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
@@ -37,6 +37,16 @@ pub struct SessionConfig {
     pub progress: Option<Duration>,
     /// The component file a hot swap reloads; `None` for the built-in sensor.
     pub component: Option<PathBuf>,
+    /// The host's keys and each server's public key (in `servers` order);
+    /// `None` talks to servers run without keys.
+    pub keys: Option<HostKeys>,
+}
+
+/// The keys a host authenticates with, and the servers' public keys.
+#[derive(Debug, Clone)]
+pub struct HostKeys {
+    pub keys: std::sync::Arc<fog_transport::Keypair>,
+    pub servers: Vec<fog_transport::PublicKey>,
 }
 
 /// Ticks of one interval are spread over this many slices (fewer with
@@ -345,14 +355,17 @@ impl Session<'_> {
         self.generation += 1;
         let endpoint = self.endpoint().to_string();
         let generation = self.generation;
-        let timeout = self.cfg.timeout;
         let tx = self.incoming_tx.clone();
+        let keys = self.cfg.keys.as_ref().map(|k| LinkKeys {
+            keys: k.keys.clone(),
+            server: k.servers.get(self.current).or(k.servers.last()).copied().unwrap_or(fog_transport::PublicKey([0; 32])),
+        });
         if let Some(old) = self.connecting.take() {
             old.abort();
         }
         self.connecting = Some(tokio::spawn(async move {
             tokio::time::sleep(pause).await;
-            Link::connect(endpoint, generation, timeout, tx).await
+            Link::connect(endpoint, generation, tx, keys).await
         }));
     }
 

@@ -8,9 +8,11 @@
 //! them and the replication protocol behind one interface of events in and
 //! outputs out. [`wal`] keeps the log and snapshots on disk. [`driver`] is
 //! the thin tokio + ZeroMQ shell that runs a node as a process, and
-//! [`status`] is the client behind `fog-server status`.
+//! [`status`] is the client behind `fog-server status`; [`edge`] decides
+//! what an authenticated client may ask.
 
 pub mod driver;
+pub mod edge;
 pub mod fsm;
 pub mod ingest;
 pub mod node;
@@ -23,5 +25,6 @@ pub use driver::{ServerConfig, ServerError, run};
 pub use fsm::{BinaryStar, Role};
 pub use node::{ClientToken, Node, NodeConfig, Output};
 pub use wal::FsyncPolicy;
-pub use status::{StatusError, human_summary, query_status};
+pub use edge::Security;
+pub use status::{ClientKeys, StatusError, human_summary, query_status, query_status_blocking};
 pub use windows::WindowConfig;

@@ -149,6 +149,23 @@ pub fn connect(
     Ok(socket)
 }
 
+/// Checks the form of an endpoint a client connects to: `tcp://HOST:PORT`
+/// or `ipc://PATH`.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if let Some(path) = endpoint.strip_prefix("ipc://") {
+        return if path.is_empty() { Err("an ipc endpoint needs a path".into()) } else { Ok(()) };
+    }
+    let rest = endpoint.strip_prefix("tcp://").ok_or("the transport must be tcp:// or ipc://")?;
+    let (host, port) = rest.rsplit_once(':').ok_or("no :PORT")?;
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{port:?} is not a port number")),
+    }
+}
+
 /// Whether an endpoint can only be reached from this machine
 /// (`tcp://127.x.x.x:…`, `tcp://localhost:…`, `tcp://[::1]:…`, `ipc://`,
 /// `inproc://`).
@@ -168,6 +185,15 @@ pub fn is_local(endpoint: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_endpoints() {
+        assert!(check_endpoint("tcp://127.0.0.1:5001").is_ok());
+        assert!(check_endpoint("tcp://server-a:5001").is_ok());
+        for bad in ["127.0.0.1:5001", "tcp://127.0.0.1", "tcp://:5001", "tcp://h:0", "tcp://h:99999", "udp://h:1"] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn tells_local_endpoints() {

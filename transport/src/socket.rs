@@ -14,7 +14,7 @@
 //!   behind, the thread stops reading, so libzmq's own queue fills to its
 //!   high-water mark and TCP pushes back on the sender.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
