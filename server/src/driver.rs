@@ -241,6 +241,10 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             heartbeat_ms,
             windows: cfg.windows,
             snapshot_every: cfg.snapshot_every.max(1),
+            // The transport derives the pair's seal key from the two
+            // servers' keys and supplies it here; until it does, every
+            // pair shares this fixed one.
+            seal_key: *b"fog pair epoch seal key (fixed) ",
         },
     )?;
     let (mut replies, requests_rx) = router.split();

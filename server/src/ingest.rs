@@ -15,18 +15,31 @@
 //! - a ledger whose newest reading is older than the horizon can only see
 //!   expired readings from now on, so it is *retired*: dropped, its count
 //!   and sum kept in the totals ([`Ingest::retired`]);
-//! - a sensor stamps its readings in seq order, so an expired reading means
-//!   every lower seq of its incarnation is expired too: the watermark moves
-//!   past it, and a gap above the watermark whose next reading is older
-//!   than the horizon is closed the same way.
+//! - a sensor stamps its readings in seq order, so a gap above the
+//!   watermark whose next counted reading is older than the horizon can
+//!   only be filled by expired readings: compaction closes it.
 //! So the ledgers hold at most the incarnations heard from within the
 //! horizon, each with at most a horizon's worth of seqs above its
 //! watermark. Compaction runs with the record time of every published
 //! average, so every replica compacts at the same log positions.
+//!
+//! **Readings from outside are bounded.** Anyone who can send a batch can
+//! claim any seq and timestamp for a sensor, so what a reading may do to a
+//! ledger is limited:
+//! - an expired reading is acked and counted as expired but never moves a
+//!   watermark (one reading stamped 0 with seq 2^62 would otherwise make
+//!   every later reading of the sensor a "duplicate");
+//! - [`Ingest::refusal`] refuses, before anything is logged, a seq at or
+//!   above [`MAX_SEQ`], a seq further than [`MAX_SEQ_AHEAD`] above an
+//!   incarnation's watermark (compaction would otherwise move the
+//!   watermark over the whole range once the reading ages), and a
+//!   timestamp further ahead of the server's clock than the allowed skew
+//!   (such a reading would sit in a ledger, never expire, and keep it from
+//!   being retired).
 
 use std::collections::{BTreeMap, HashMap};
 
-use fog_protocol::{Reading, SensorAck, SensorCount};
+use fog_protocol::{MAX_SEQ, Reading, Refusal, SensorAck, SensorCount};
 use serde::{Deserialize, Serialize};
 
 /// Identifies one run of one sensor: its seqs start again when this changes.
@@ -35,6 +48,18 @@ pub type SensorKey = (u32, u64);
 /// The default dedup horizon: far beyond any resend horizon of a host (see
 /// the README's *Durability and failover*).
 pub const DEFAULT_DEDUP_HORIZON_MS: u64 = 60 * 60 * 1_000;
+
+/// How far above an incarnation's watermark a reading's seq may be.
+///
+/// A sensor keeps every reading no server has acked in its resend buffer,
+/// and every seq below the oldest one it keeps is counted, so while nothing
+/// overflows a legit reading is at most the buffer bound above the
+/// watermark: fog-host's `--max-buffered` defaults to 100 000. This is 40
+/// times that, for operators who raise it and sensors that overflowed. A
+/// forged seq within it can at worst, once compaction closes the gap below
+/// it, make this many of the sensor's later readings look like duplicates;
+/// beyond it the reading is refused ([`Refusal::SeqOutOfRange`]).
+pub const MAX_SEQ_AHEAD: u64 = 4_000_000;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Ledger {
@@ -54,7 +79,7 @@ impl Ledger {
 
     fn insert(&mut self, seq: u64, timestamp_ms: u64) {
         if seq == self.next_seq {
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.saturating_add(1);
             self.fold();
         } else {
             self.above.insert(seq, timestamp_ms);
@@ -64,14 +89,15 @@ impl Ledger {
     /// Moves the watermark over the seqs above it that are now contiguous.
     fn fold(&mut self) {
         while self.above.remove(&self.next_seq).is_some() {
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.saturating_add(1);
         }
     }
 
     /// Every seq up to `seq` is expired: nothing below it can count again.
+    /// Only compaction calls it, with a seq this ledger counted.
     fn expire_through(&mut self, seq: u64) {
         if seq >= self.next_seq {
-            self.next_seq = seq + 1;
+            self.next_seq = seq.saturating_add(1);
             self.above = self.above.split_off(&self.next_seq);
             self.fold();
         }
@@ -141,27 +167,52 @@ impl Ingest {
         self.horizon_ms = horizon_ms;
     }
 
+    /// Why `reading` of `key`, arriving at `now_ms`, must not be accepted
+    /// at all (not acked, not counted, not logged), if it must not: a seq
+    /// out of range, or a timestamp more than `max_clock_skew_ms` ahead.
+    pub fn refusal(&self, now_ms: u64, max_clock_skew_ms: u64, key: SensorKey, reading: &Reading) -> Option<Refusal> {
+        if reading.seq >= MAX_SEQ {
+            return Some(Refusal::SeqOutOfRange);
+        }
+        if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
+            // Expired: acked, and harmless whatever its seq.
+            return None;
+        }
+        if let Some(ledger) = self.ledgers.get(&key) {
+            if reading.seq.saturating_sub(ledger.next_seq) > MAX_SEQ_AHEAD {
+                return Some(Refusal::SeqOutOfRange);
+            }
+        }
+        if reading.timestamp_ms > now_ms.saturating_add(max_clock_skew_ms) {
+            return Some(Refusal::FromTheFuture);
+        }
+        None
+    }
+
     /// Counts `reading`, arrived at `now_ms`, unless it was counted before
     /// or is expired; returns whether it is new (and so belongs in the
-    /// averages).
+    /// averages). An expired reading is acked but changes no ledger: its
+    /// seq and timestamp say nothing anyone can rely on.
     pub fn admit(&mut self, now_ms: u64, key: SensorKey, reading: &Reading) -> bool {
+        if reading.seq >= MAX_SEQ {
+            // Refused before it was logged; never here but from a log
+            // written by a server that did not refuse it.
+            return false;
+        }
         if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
-            if let Some(ledger) = self.ledgers.get_mut(&key) {
-                ledger.expire_through(reading.seq);
-            }
-            self.expired += 1;
+            self.expired = self.expired.saturating_add(1);
             return false;
         }
         let ledger = self.ledgers.entry(key).or_default();
         if ledger.contains(reading.seq) {
-            self.duplicates += 1;
+            self.duplicates = self.duplicates.saturating_add(1);
             return false;
         }
         ledger.insert(reading.seq, reading.timestamp_ms);
-        ledger.count += 1;
-        ledger.sum_kmh += u64::from(reading.speed_kmh);
+        ledger.count = ledger.count.saturating_add(1);
+        ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
         ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
-        self.counted += 1;
+        self.counted = self.counted.saturating_add(1);
         true
     }
 
@@ -172,9 +223,9 @@ impl Ingest {
         let retired = &mut self.retired;
         self.ledgers.retain(|_, ledger| {
             if ledger.newest_ms < oldest {
-                retired.incarnations += 1;
-                retired.count += ledger.count;
-                retired.sum_kmh += ledger.sum_kmh;
+                retired.incarnations = retired.incarnations.saturating_add(1);
+                retired.count = retired.count.saturating_add(ledger.count);
+                retired.sum_kmh = retired.sum_kmh.saturating_add(ledger.sum_kmh);
                 return false;
             }
             ledger.close_expired_gaps(oldest);
@@ -189,7 +240,7 @@ impl Ingest {
 
     /// Counts `n` readings that arrived again and were not counted again.
     pub fn note_duplicates(&mut self, n: u64) {
-        self.duplicates += n;
+        self.duplicates = self.duplicates.saturating_add(n);
     }
 
     /// The ack for a batch of `key` that carried `seqs`: the watermark, plus

@@ -58,6 +58,15 @@ pub struct WindowConfig {
     /// dedup state of sensor incarnations silent for this long is compacted
     /// (see [`crate::ingest`]). At least `horizon_ms`.
     pub dedup_horizon_ms: u64,
+    /// Readings stamped further ahead of the server's clock are refused
+    /// ([`fog_protocol::Refusal::FromTheFuture`]): not acked, not counted.
+    /// Sensors stamp readings with their host's clock, which NTP keeps
+    /// within a second or so of the servers'; a minute tolerates a badly
+    /// kept clock, while a reading from further ahead would sit in a ledger
+    /// without ever expiring (and keep it from being retired) and fall into
+    /// no window anyway. The sensor keeps a refused reading and resends it,
+    /// so once the clocks agree again nothing is lost.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for WindowConfig {
@@ -68,6 +77,7 @@ impl Default for WindowConfig {
             retain_averages: 10_000,
             retain_age_ms: 10 * 60 * 1_000,
             dedup_horizon_ms: crate::ingest::DEFAULT_DEDUP_HORIZON_MS,
+            max_clock_skew_ms: 60 * 1_000,
         }
     }
 }

@@ -43,6 +43,7 @@ const RUN_UNTIL: u64 = 24_000;
 const HOST_TIMEOUT: u64 = 200;
 const RESEND_AFTER: u64 = 300;
 const TICK: u64 = 100;
+const SEAL_KEY: [u8; 32] = [0x5e; 32];
 
 #[derive(Default, Clone)]
 struct Disk {
@@ -116,6 +117,7 @@ fn config(role: Role) -> NodeConfig {
         heartbeat_ms: HB,
         windows: WindowConfig { lateness_ms: 200, ..WindowConfig::default() },
         snapshot_every: 50,
+        seal_key: SEAL_KEY,
     }
 }
 

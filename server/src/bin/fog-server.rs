@@ -190,6 +190,7 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             retain_averages: cli.retain_averages,
             retain_age_ms: ms(cli.retain_age),
             dedup_horizon_ms: ms(cli.dedup_horizon),
+            ..WindowConfig::default()
         },
         data_dir: cli.data_dir.clone().unwrap_or(reference.data_dir),
         fsync: cli.fsync,
