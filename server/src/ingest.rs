@@ -487,4 +487,50 @@ mod tests {
         assert_eq!(held + ing.retired().count, generated, "nothing lost by compaction");
         assert_eq!(ing.retired().incarnations as usize + ing.incarnations(), 100 * 24 * 6);
     }
+
+    #[test]
+    fn an_expired_reading_moves_no_watermark_whatever_its_seq() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        let now = T0 + 2 * HOUR;
+        for seq in 0..3 {
+            assert!(ing.admit(now, key, &at(seq, now)));
+        }
+        for poison in [at(1 << 40, 0), at(MAX_SEQ - 1, 0), at(u64::MAX, 0), at(1 << 62, now - HOUR - 1)] {
+            assert!(!ing.admit(now, key, &poison));
+        }
+        assert_eq!(ing.ack(key, []).next_seq, 3, "the watermark stayed");
+        assert!(ing.admit(now, key, &at(3, now)), "the sensor's next reading counts");
+        // Seqs at or above MAX_SEQ are not even expired: refused before a
+        // log, ignored in one.
+        assert_eq!((ing.counted(), ing.duplicates(), ing.expired()), (4, 0, 2));
+    }
+
+    #[test]
+    fn seqs_out_of_range_and_readings_from_the_future_are_refused() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        let now = T0 + 2 * HOUR;
+        const SKEW: u64 = 60_000;
+        for seq in 0..3 {
+            ing.admit(now, key, &at(seq, now));
+        }
+        let refusal = |r: Reading| ing.refusal(now, SKEW, key, &r);
+        assert_eq!(refusal(at(MAX_SEQ, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(u64::MAX, 0)), Some(Refusal::SeqOutOfRange), "even expired");
+        assert_eq!(refusal(at(1 << 62, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD + 1, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD, now)), None);
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD + 1, 0)), None, "expired: acked, harmless");
+        assert_eq!(refusal(at(3, now + SKEW + 1)), Some(Refusal::FromTheFuture));
+        assert_eq!(refusal(at(3, u64::MAX)), Some(Refusal::FromTheFuture));
+        assert_eq!(refusal(at(3, now + SKEW)), None);
+        // An incarnation without a ledger (new, or retired) may start
+        // anywhere below MAX_SEQ: a sensor restored from its state resumes
+        // its seqs.
+        assert_eq!(ing.refusal(now, SKEW, (2, 1), &at(MAX_SEQ - 1, now)), None);
+        // A seq at the very top would wrap `seq + 1`; never counted.
+        assert!(!ing.admit(now, (3, 1), &at(u64::MAX, now)));
+        assert_eq!(ing.ack((3, 1), []).next_seq, 0);
+    }
 }
