@@ -1352,7 +1352,9 @@ mod tests {
         // the watermark over it and every later reading would be a
         // duplicate. It is refused instead.
         let (mut node, mut now) = serving_alone(3);
-        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], vec![Reading { seq: 1 << 62, speed_kmh: 1, timestamp_ms: now }], None));
+        let far = [1 << 62, 3 + crate::ingest::MAX_SEQ_AHEAD + 1];
+        let readings = far.iter().map(|&seq| Reading { seq, speed_kmh: 1, timestamp_ms: now }).collect();
+        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
         let _ = replies(&mut node, now);
         let late = now + HOUR + 10_000;
         while now < late {
