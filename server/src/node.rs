@@ -324,7 +324,7 @@ impl Node {
         if self.last_now_ms != 0 && now > self.last_now_ms.saturating_add(limit) {
             self.fsm.restart_peer_expiry(now);
             if self.fsm.state() == NodeState::Active {
-                let paused = now - self.last_now_ms;
+                let paused = now.saturating_sub(self.last_now_ms);
                 self.step_down(now, true, &format!("this node was paused for {paused} ms: stepping down until it hears its peer"));
             }
         }
@@ -868,7 +868,7 @@ impl Node {
     fn rejoin(&mut self, now: u64) {
         let retry = RETRY_HEARTBEATS * self.cfg.heartbeat_ms;
         if !self.unconfirmed.is_empty() {
-            if self.merging.is_some_and(|(_, at, _)| now < at + retry) {
+            if self.merging.is_some_and(|(_, at, _)| now < at.saturating_add(retry)) {
                 return;
             }
             let id = self.next_merge_id;
@@ -887,7 +887,7 @@ impl Node {
             self.send_peer(PeerMessage::Merge { epoch: self.known_epoch, id, sensors });
             return;
         }
-        if self.caught_up || self.last_join_ms.is_some_and(|at| now < at + retry) {
+        if self.caught_up || self.last_join_ms.is_some_and(|at| now < at.saturating_add(retry)) {
             return;
         }
         self.last_join_ms = Some(now);
@@ -949,7 +949,7 @@ impl Node {
                 self.go_solo();
             }
             if let Some(p) = self.passive.as_mut() {
-                if p.durable < self.replica.lsn && now >= p.last_progress_ms + 2 * hb {
+                if p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
                     p.last_progress_ms = now;
                     let entries: Vec<LogEntry> = self.tail.iter().cloned().collect();
                     if !entries.is_empty() {
@@ -958,7 +958,7 @@ impl Node {
                 }
             }
             let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= now);
-            let prune = now >= self.last_publish_ms + PRUNE_EVERY_MS && !self.replica.windows.is_idle();
+            let prune = now >= self.last_publish_ms.saturating_add(PRUNE_EVERY_MS) && !self.replica.windows.is_idle();
             if due || prune {
                 self.append(now, Record::AveragesPublished { now_ms: now, next_seq: UNKNOWN_SEQ });
                 self.maybe_snapshot();
@@ -970,7 +970,7 @@ impl Node {
             self.rejoin(now);
         }
         if now >= self.next_heartbeat_ms {
-            self.next_heartbeat_ms = now + hb;
+            self.next_heartbeat_ms = now.saturating_add(hb);
             self.send_peer(PeerMessage::Heartbeat(self.heartbeat()));
         }
     }

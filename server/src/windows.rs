@@ -216,11 +216,11 @@ impl Windows {
         }
         let bucket = ts - ts % HOP_MS;
         let tally = self.buckets.entry((segment, bucket)).or_default();
-        tally.count += 1;
-        tally.sum_kmh += u64::from(reading.speed_kmh);
+        tally.count = tally.count.saturating_add(1);
+        tally.sum_kmh = tally.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
         if self.last_touched.get(&segment) != Some(&bucket) {
             for k in 1..=WINDOW_MS / HOP_MS {
-                self.due.insert((bucket + k * HOP_MS, segment));
+                self.due.insert((bucket.saturating_add(k * HOP_MS), segment));
             }
             self.last_touched.insert(segment, bucket);
         }
@@ -247,7 +247,7 @@ impl Windows {
             let tally = self.window_tally(segment, end);
             let revision = match self.published.get(&(segment, end)) {
                 None if tally.count > 0 => 0,
-                Some(p) if p.tally != tally => p.revision + 1,
+                Some(p) if p.tally != tally => p.revision.saturating_add(1),
                 _ => continue,
             };
             self.published
@@ -264,8 +264,8 @@ impl Windows {
         let mut b = end.saturating_sub(WINDOW_MS);
         while b < end {
             if let Some(x) = self.buckets.get(&(segment, b)) {
-                t.count += x.count;
-                t.sum_kmh += x.sum_kmh;
+                t.count = t.count.saturating_add(x.count);
+                t.sum_kmh = t.sum_kmh.saturating_add(x.sum_kmh);
             }
             b += HOP_MS;
         }
@@ -322,7 +322,7 @@ impl Windows {
         // to 5 s later, which need buckets up to 5 s before them.
         self.published.retain(|&(_, end), _| end >= horizon);
         self.buckets
-            .retain(|&(_, b), _| b + WINDOW_MS + HOP_MS >= horizon);
+            .retain(|&(_, b), _| b.saturating_add(WINDOW_MS + HOP_MS) >= horizon);
     }
 
     /// Records the cursor a sensor reported.
@@ -389,9 +389,9 @@ impl Windows {
                 return repo(None, self.base);
             }
         } else if self.position(c.seq) == Some(c) {
-            return (c.seq + 1, None);
+            return (c.seq.saturating_add(1), None);
         }
-        let keep = self.fork_point(c) - 1;
+        let keep = self.fork_point(c).saturating_sub(1);
         let to = self.position(keep).unwrap_or(self.base);
         // Once per abandoned branch, not once per sensor on it.
         if self.fork_logged.get() != Some(c.epoch) {
