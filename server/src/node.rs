@@ -27,6 +27,13 @@
 //! counts from no one. Readings that would poison a ledger (a seq out of
 //! range, a timestamp from the future) are refused before they are logged
 //! and reported in the reply ([`BatchReply::refused`]).
+//!
+//! A known limit: a node with an empty log that has not heard its peer
+//! serves on the first client request (that is how a fresh pair starts).
+//! A node that lost its disk is stopped by the first request carrying a
+//! sealed epoch; any client whose request comes first without one (a new
+//! host, or a rogue with a host's key) lets it serve, with the epochs it
+//! used before its disk was lost.
 
 use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
