@@ -124,6 +124,9 @@ struct World {
     acked_by: HashMap<(u32, u64), (usize, u64, u64)>,
     has_probe: [Option<bool>; 2],
     rogue: Rogue,
+    /// The highest epoch a node has served in: no node may believe in a
+    /// newer one (it would have taken a forged epoch as evidence).
+    served_epoch: u64,
 }
 
 /// What the rogue client did, and what came back to it.
@@ -189,6 +192,7 @@ impl World {
             acked_by: HashMap::new(),
             has_probe: [None, None],
             rogue: Rogue { next_batch: 1 << 60, ..Rogue::default() },
+            served_epoch: 0,
         }
     }
 
@@ -293,7 +297,19 @@ impl World {
         }
     }
 
+    /// Checked after every step: every epoch a node knows of was served
+    /// by a node.
+    fn check_epochs(&mut self) {
+        let nodes = || self.servers.iter().filter_map(|s| s.node.as_ref());
+        let served = nodes().filter(|n| n.state() == NodeState::Active).map(Node::epoch).max().unwrap_or(0);
+        self.served_epoch = self.served_epoch.max(served);
+        for n in nodes() {
+            assert!(n.epoch() <= self.served_epoch, "a node believes in epoch {} that no node served (highest {})", n.epoch(), self.served_epoch);
+        }
+    }
+
     fn step_servers(&mut self) {
+        self.check_epochs();
         for i in 0..2 {
             if std::env::var("FOG_SIM_SEED").is_ok() {
                 if let Some(n) = self.servers[i].node.as_ref() {
