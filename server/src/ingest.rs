@@ -18,6 +18,7 @@
 //! - a sensor stamps its readings in seq order, so a gap above the
 //!   watermark whose next counted reading is older than the horizon can
 //!   only be filled by expired readings: compaction closes it.
+//!
 //! So the ledgers hold at most the incarnations heard from within the
 //! horizon, each with at most a horizon's worth of seqs above its
 //! watermark. Compaction runs with the record time of every published
@@ -178,10 +179,8 @@ impl Ingest {
             // Expired: acked, and harmless whatever its seq.
             return None;
         }
-        if let Some(ledger) = self.ledgers.get(&key) {
-            if reading.seq.saturating_sub(ledger.next_seq) > MAX_SEQ_AHEAD {
-                return Some(Refusal::SeqOutOfRange);
-            }
+        if self.ledgers.get(&key).is_some_and(|l| reading.seq.saturating_sub(l.next_seq) > MAX_SEQ_AHEAD) {
+            return Some(Refusal::SeqOutOfRange);
         }
         if reading.timestamp_ms > now_ms.saturating_add(max_clock_skew_ms) {
             return Some(Refusal::FromTheFuture);
