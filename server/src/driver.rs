@@ -207,6 +207,10 @@ struct Edge {
     /// The authorized keys; `None` without security.
     access: Option<SharedAccess>,
     access_path: Option<PathBuf>,
+    /// The key epochs are sealed with: derived from the two servers' keys
+    /// (their X25519 shared secret), so only the pair can make it. Without
+    /// keys, a fixed one: on loopback there is nobody to keep out.
+    seal_key: [u8; 32],
     _zap: Option<ZapHandler>,
     _ctx: fog_transport::Context,
 }
@@ -267,6 +271,10 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
         peer: Socket::spawn("peer", &ctx, peer, false).map_err(socket_err)?,
         access,
         access_path,
+        seal_key: match (&curve, &peer_key) {
+            (Some(keys), Some(peer)) => blake3::derive_key("fog 2026-12 pair epoch seal", &keys.shared_secret(peer)),
+            _ => blake3::derive_key("fog 2026-12 pair epoch seal, no keys", b""),
+        },
         _zap: zap,
         _ctx: ctx,
     })
@@ -307,6 +315,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             heartbeat_ms,
             windows: cfg.windows,
             snapshot_every: cfg.snapshot_every.max(1),
+            seal_key: edge.seal_key,
         },
     )?;
     let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
@@ -486,7 +495,7 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
     let request = match decoded {
         Ok(r) => r,
         Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_))) => {
-            node.record_malformed();
+            node.record_refusal(Refusal::TooLarge, 1);
             if gate.log_once(&identity) {
                 warn!(peer = %hex(&identity), key = ?user.map(|k| k.to_z85()), "refused a batch: {e}; further ones from this peer are only counted");
             }
@@ -508,6 +517,7 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
     };
     match admit(rights.as_ref(), request) {
         Admission::Refuse(reason) => {
+            node.record_refusal(reason, 1);
             if gate.log_once(&identity) {
                 let who = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
                 warn!(key = %who, "refused a request: {reason}; further ones from this client are only counted");
@@ -517,6 +527,7 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
         Admission::Serve { request, refused } => {
             if !refused.is_empty() {
                 let n: u64 = refused.iter().map(|r| u64::from(r.count)).sum();
+                node.record_refusal(Refusal::ForeignSensor, n);
                 if let Some(key) = user {
                     let count = gate.foreign.entry(key).or_insert(0);
                     if *count == 0 {

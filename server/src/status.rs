@@ -82,7 +82,7 @@ pub fn human_summary(r: &StatusReport) -> String {
         "{} node, state {}, peer {}\n\
          counted {} readings ({} duplicates dropped, {} outside the windows, {} expired) in {} batches\n\
          averages published {} ({} revisions), last seq {}\n\
-         malformed frames {}\n",
+         malformed frames {}; refused: {} from the future, {} seq out of range, {} too large, {} not authorized, {} foreign sensor, {} busy; forged epochs {}\n",
         r.role,
         r.state.as_str(),
         if r.peer_alive { "alive" } else { "not heard" },
@@ -96,6 +96,13 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.last_average
             .map_or_else(|| "-".to_string(), |c| format!("{} (epoch {}, chain {:016x})", c.seq, c.epoch, c.chain)),
         r.malformed_frames,
+        r.refused.from_the_future,
+        r.refused.seq_out_of_range,
+        r.refused.too_large,
+        r.refused.not_authorized,
+        r.refused.foreign_sensor,
+        r.refused.busy,
+        r.forged_epochs,
     );
     out.push_str(&format!(
         "{} sensor incarnations ({} more retired after the dedup horizon)",

@@ -112,6 +112,11 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     dedup_horizon: Duration,
 
+    /// Readings stamped further ahead of this node's clock are refused (not
+    /// acked, not counted) until the clock catches up.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    max_clock_skew: Duration,
+
     /// This node's CurveZMQ secret key file (from `fog-server keygen`).
     /// With it, every socket is encrypted and authenticated.
     #[arg(long, value_name = "FILE", requires = "authorized_keys")]
@@ -245,6 +250,7 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             retain_averages: cli.retain_averages,
             retain_age_ms: ms(cli.retain_age),
             dedup_horizon_ms: ms(cli.dedup_horizon),
+            max_clock_skew_ms: ms(cli.max_clock_skew),
         },
         data_dir: cli.data_dir.clone().unwrap_or(reference.data_dir),
         fsync: cli.fsync,
