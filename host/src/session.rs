@@ -40,6 +40,8 @@ pub struct SessionConfig {
     /// The host's keys and each server's public key (in `servers` order);
     /// `None` talks to servers run without keys.
     pub keys: Option<HostKeys>,
+    /// The highest server epoch seen before a restart, and its seal.
+    pub epoch: Option<(u64, fog_protocol::Seal)>,
 }
 
 /// The keys a host authenticates with, and the servers' public keys.
@@ -172,8 +174,8 @@ pub async fn run(
         refused_batches: 0,
         latest: BTreeMap::new(),
         started,
-        epoch: 0,
-        seal: [0; 16],
+        epoch: cfg.epoch.map_or(0, |e| e.0),
+        seal: cfg.epoch.map_or([0; 16], |e| e.1),
         batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
         next_batch_at: started,
         commit_failing: false,
@@ -495,6 +497,9 @@ impl Session<'_> {
         if epoch > self.epoch {
             self.epoch = epoch;
             self.seal = seal;
+            if let Err(e) = self.fleet.save_epoch(epoch, &seal) {
+                tracing::warn!("cannot save the server epoch in the state directory: {e}");
+            }
         }
     }
 

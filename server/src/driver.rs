@@ -113,7 +113,7 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error("cannot recover from {}: {why}", dir.display())]
     Recover { dir: PathBuf, why: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] fog_transport::TransportError),
     #[error("keys: {0}")]
     Access(#[from] fog_transport::AccessError),
@@ -204,6 +204,8 @@ struct Edge {
     frontend: Socket,
     publisher: Socket,
     peer: Socket,
+    /// How to connect to the peer again (after a pause of this process).
+    peer_connect: PeerConnect,
     /// The authorized keys; `None` without security.
     access: Option<SharedAccess>,
     access_path: Option<PathBuf>,
@@ -234,11 +236,6 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
                     remote.join(" and ")
                 )));
             }
-            if remote.is_empty() {
-                warn!("no keys: serving without authentication or encryption, on loopback only");
-            } else {
-                warn!("--insecure: serving without authentication or encryption on {}", remote.join(" and "));
-            }
             (None, None, None, None, None)
         }
         Security::Curve { keys, access: path } => {
@@ -256,8 +253,21 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
             (Some(keys.clone()), Some(peer), Some(shared), Some(path.clone()), Some(zap))
         }
     };
-    let frontend = fog_transport::bind(&ctx, fog_transport::SocketType::ROUTER, &cfg.frontend, curve.as_ref(), fog_transport::FRONTEND_DOMAIN, &limits)?;
-    let publisher = fog_transport::bind(&ctx, fog_transport::SocketType::PUB, &cfg.state_bind, curve.as_ref(), fog_transport::STATE_DOMAIN, &limits)?;
+    fn bind_err<'a>(what: &'static str, endpoint: &'a str) -> impl FnOnce(fog_transport::TransportError) -> ServerError + 'a {
+        move |e| match e {
+            fog_transport::TransportError::Endpoint { reason, .. } => ServerError::Bind { what, endpoint: endpoint.to_string(), reason },
+            other => other.into(),
+        }
+    }
+    let frontend = fog_transport::bind(&ctx, fog_transport::SocketType::ROUTER, &cfg.frontend, curve.as_ref(), fog_transport::FRONTEND_DOMAIN, &limits)
+        .map_err(bind_err("frontend", &cfg.frontend))?;
+    let publisher = fog_transport::bind(&ctx, fog_transport::SocketType::PUB, &cfg.state_bind, curve.as_ref(), fog_transport::STATE_DOMAIN, &limits)
+        .map_err(bind_err("state", &cfg.state_bind))?;
+    match &cfg.security {
+        Security::Curve { .. } => {}
+        Security::None { allow_remote: false } => warn!("no keys: serving without authentication or encryption, on loopback only"),
+        Security::None { allow_remote: true } => warn!("--insecure: serving without authentication or encryption to anyone who can reach these ports"),
+    }
     let peer = fog_transport::connect(
         &ctx,
         fog_transport::SocketType::SUB,
@@ -265,10 +275,12 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
         curve.as_ref().zip(peer_key.as_ref()),
         &limits,
     )?;
+    let peer_connect = PeerConnect { endpoint: cfg.state_connect.clone(), curve: curve.clone().zip(peer_key), limits };
     Ok(Edge {
         frontend: Socket::spawn("frontend", &ctx, frontend, false).map_err(socket_err)?,
         publisher: Socket::spawn("state", &ctx, publisher, false).map_err(socket_err)?,
         peer: Socket::spawn("peer", &ctx, peer, false).map_err(socket_err)?,
+        peer_connect,
         access,
         access_path,
         seal_key: match (&curve, &peer_key) {
@@ -278,6 +290,28 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
         _zap: zap,
         _ctx: ctx,
     })
+}
+
+/// The peer's state endpoint and the keys to reach it with.
+struct PeerConnect {
+    endpoint: String,
+    curve: Option<(fog_transport::Keypair, PublicKey)>,
+    limits: Limits,
+}
+
+impl Edge {
+    /// Replaces the connection to the peer's state channel, dropping every
+    /// message queued on it. After this process was paused (SIGSTOP, a VM
+    /// freeze), what is queued is the peer's past: heartbeats from before
+    /// it took over would make this node act on a world that is gone.
+    fn reconnect_peer(&mut self) -> Result<(), ServerError> {
+        let c = &self.peer_connect;
+        let curve = c.curve.as_ref().map(|(k, p)| (k, p));
+        let sub = fog_transport::connect(&self._ctx, fog_transport::SocketType::SUB, &c.endpoint, curve, &c.limits)?;
+        self.peer = Socket::spawn("peer", &self._ctx, sub, false)
+            .map_err(|e| ServerError::Config(format!("cannot start a socket thread: {e}")))?;
+        Ok(())
+    }
 }
 
 /// Re-reads the authorized-keys file (SIGHUP); a file that does not parse
@@ -344,15 +378,29 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut failure: Option<ServerError> = None;
     let mut peer_heard_at: Option<std::time::Instant> = None;
     let silence = cfg.heartbeat * 2;
+    // A wake this late means the process was paused (the node's own pause
+    // detection uses the same four heartbeats).
+    let paused_after = cfg.heartbeat * 4;
     tokio::pin!(shutdown);
 
     node.handle_timeout(now_ms());
+    let mut last_wake: Option<Instant> = None;
     loop {
         if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate) {
             failure = Some(e);
             break;
         }
+        // Whichever event woke the loop after a pause, the peer's queued
+        // past must not reach the node.
+        if last_wake.is_some_and(|w| Instant::now() > w + paused_after) {
+            warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
+            if let Err(e) = edge.reconnect_peer() {
+                failure = Some(e);
+                break;
+            }
+        }
         let wake = Instant::now() + Duration::from_millis(node.poll_timeout().saturating_sub(now_ms()));
+        last_wake = Some(wake);
         tokio::select! {
             () = &mut shutdown => break,
             Some(event) = edge.frontend.recv() => {
@@ -367,6 +415,15 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             }
             Some(event) = edge.peer.recv() => {
+                if Instant::now() > wake + paused_after {
+                    warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
+                    if let Err(e) = edge.reconnect_peer() {
+                        failure = Some(e);
+                        break;
+                    }
+                    node.handle_timeout(now_ms());
+                    continue;
+                }
                 let mut next = Some(event);
                 while let Some(event) = next.take() {
                     if let Event::Message(m) = event {

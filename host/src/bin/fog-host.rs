@@ -244,6 +244,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Arc::new(SensorEngine::new(limits)?);
     let component = engine.load(args.component.as_deref())?;
     let origin = component.origin.clone();
+    let mut saved_epoch = None;
     let store = match &args.state_dir {
         None => None,
         Some(dir) => {
@@ -256,6 +257,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
             tracing::info!("{}: saved state of {} sensors", dir.display(), opened.saved.len());
+            saved_epoch = opened.epoch;
             Some((opened.store, opened.saved))
         }
     };
@@ -292,6 +294,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         progress: (!args.quiet).then_some(args.progress),
         component: args.component.clone(),
         keys,
+        epoch: saved_epoch,
     };
     let summary = tokio.block_on(async {
         let shutdown = async {
