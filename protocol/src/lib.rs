@@ -57,14 +57,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// One speed reading of one sensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reading {
-    pub seq: u64,
-    pub speed_kmh: u16,
-    /// Event time, milliseconds since the Unix epoch.
-    pub timestamp_ms: u64,
-}
+pub use fog_core::{Average, AverageCursor, Reading};
 
 /// What one sensor has to say in a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,44 +160,6 @@ pub struct SensorAck {
     pub incarnation: u64,
     pub next_seq: u64,
     pub also: Vec<u64>,
-}
-
-/// The average speed of one road segment over the 5 s window ending at
-/// `window_end_ms` (exclusive), in event time.
-///
-/// The published averages form a hash chain: `chain` is the hash of the
-/// chain value before this average and of its other fields (computed by
-/// `fog_sensor::Average::link`, the function sensors check it with).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Average {
-    /// Global, gap-free average sequence number.
-    pub seq: u64,
-    /// The epoch of the active server that published it.
-    pub epoch: u64,
-    pub segment: u32,
-    pub window_end_ms: u64,
-    pub count: u32,
-    pub sum_kmh: u64,
-    /// 0 for the first publication of a window, n for its n-th revision
-    /// (late readings arrived after it was published).
-    pub revision: u32,
-    pub chain: u64,
-}
-
-/// A position in the average stream: the last average applied, with its
-/// epoch and the chain value after it. `seq` 0 with chain 0 is the position
-/// before the first average.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct AverageCursor {
-    pub seq: u64,
-    pub epoch: u64,
-    pub chain: u64,
-}
-
-impl Average {
-    pub fn mean_kmh(&self) -> f32 {
-        if self.count == 0 { 0.0 } else { self.sum_kmh as f32 / self.count as f32 }
-    }
 }
 
 /// Moves a sensor to `to` in the server's average stream.

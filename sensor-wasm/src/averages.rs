@@ -4,7 +4,7 @@
 //!
 //! The server's published averages form a hash chain: every average carries
 //! `chain`, the hash of the chain value before it and its own fields
-//! ([`Average::link`]). A sensor applies an average only if it continues
+//! ([`fog_core::Average::link`]). A sensor applies an average only if it continues
 //! both its sequence (`last + 1`) and its chain, so its digest (the chain
 //! value of the last average applied) names the whole stream it applied:
 //! two sensors with the same cursor have applied the same averages.
@@ -23,55 +23,7 @@
 //! counted as superseded and the sensor then applies the surviving ones).
 
 use crate::limit::AdvisoryLimit;
-use crate::rng::mix64;
-
-/// A published (or revised) average of one road segment over the 5 s window
-/// ending at `window_end_ms`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Average {
-    /// The server's global, gap-free average sequence number.
-    pub seq: u64,
-    /// The epoch of the server that published it.
-    pub epoch: u64,
-    pub segment: u32,
-    pub window_end_ms: u64,
-    pub count: u32,
-    pub sum_kmh: u64,
-    pub mean_kmh: f32,
-    /// 0 for the first publication of a window, n for its n-th revision.
-    pub revision: u32,
-    /// The server's chain value after this average.
-    pub chain: u64,
-}
-
-impl Average {
-    /// The chain value that follows `prev` when this average is appended:
-    /// a hash of `prev` and every field but the chain itself (the mean is
-    /// derived from count and sum). Server and sensor both use it.
-    pub fn link(&self, prev: u64) -> u64 {
-        [
-            self.seq,
-            self.epoch,
-            u64::from(self.segment),
-            self.window_end_ms,
-            u64::from(self.count),
-            self.sum_kmh,
-            u64::from(self.revision),
-        ]
-        .into_iter()
-        .fold(prev, |h, field| mix64(h ^ field))
-    }
-}
-
-/// A position in the average stream: the last average applied, and the
-/// chain value after it. Sequence 0 with chain 0 is the position before the
-/// first average a server ever publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cursor {
-    pub seq: u64,
-    pub epoch: u64,
-    pub chain: u64,
-}
+pub use fog_core::{Average, AverageCursor};
 
 /// Which window of its own segment the limit currently reflects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +35,7 @@ pub(crate) struct WindowVersion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AverageStream {
     pub(crate) segment: u32,
-    pub(crate) last: Option<Cursor>,
+    pub(crate) last: Option<AverageCursor>,
     pub(crate) applied: u64,
     pub(crate) missed: u64,
     pub(crate) superseded: u64,
@@ -105,7 +57,7 @@ impl AverageStream {
     }
 
     /// The last average applied (or repositioned to): what to ack.
-    pub fn cursor(&self) -> Option<Cursor> {
+    pub fn cursor(&self) -> Option<AverageCursor> {
         self.last
     }
 
@@ -140,7 +92,7 @@ impl AverageStream {
     /// order; a fresh sensor starts wherever the server's stream starts and
     /// takes its chain value from there. Stops at the first average that
     /// does not continue. Returns the position to ack.
-    pub fn apply(&mut self, averages: &[Average]) -> Option<Cursor> {
+    pub fn apply(&mut self, averages: &[Average]) -> Option<AverageCursor> {
         for avg in averages {
             match self.last {
                 None => {}
@@ -157,7 +109,7 @@ impl AverageStream {
     }
 
     fn apply_one(&mut self, avg: &Average) {
-        self.last = Some(Cursor {
+        self.last = Some(AverageCursor {
             seq: avg.seq,
             epoch: avg.epoch,
             chain: avg.chain,
@@ -178,7 +130,7 @@ impl AverageStream {
             self.newest_own = Some(version);
             // An empty window says nothing about speed: keep the sign as is.
             if avg.count > 0 {
-                self.limit.update(avg.mean_kmh);
+                self.limit.update(avg.mean_kmh());
             }
         }
     }
@@ -189,7 +141,7 @@ impl AverageStream {
     /// position and `to` is no longer held by the server: counted as missed.
     /// A notice that would move a sensor backwards without a rewind is stale
     /// and changes nothing.
-    pub fn reposition(&mut self, rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
+    pub fn reposition(&mut self, rewind_to: Option<u64>, to: AverageCursor) -> Option<AverageCursor> {
         let Some(last) = self.last else {
             self.last = Some(to);
             return self.last;
@@ -223,7 +175,6 @@ mod tests {
             window_end_ms,
             count: 10,
             sum_kmh: (mean_kmh * 10.0) as u64,
-            mean_kmh,
             revision,
             chain: 0,
         }
@@ -249,9 +200,9 @@ mod tests {
         chained(raw, 0)
     }
 
-    fn at(log: &[Average], seq: u64) -> Cursor {
+    fn at(log: &[Average], seq: u64) -> AverageCursor {
         let a = log[(seq - 1) as usize];
-        Cursor { seq, epoch: a.epoch, chain: a.chain }
+        AverageCursor { seq, epoch: a.epoch, chain: a.chain }
     }
 
     fn span(log: &[Average], seqs: std::ops::RangeInclusive<u64>) -> Vec<Average> {

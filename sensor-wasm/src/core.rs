@@ -6,7 +6,7 @@
 //! unacked), and the average stream (cursor, digest, advisory limit), and
 //! owns the sensor's identity: id, segment and incarnation.
 
-use crate::averages::{Average, AverageStream, Cursor};
+use crate::averages::{Average, AverageStream, AverageCursor};
 use crate::resend::{Reading, ResendBuffer};
 use crate::rng::mix64;
 use crate::traffic::{SpeedRange, TrafficModel};
@@ -36,7 +36,7 @@ pub struct Status {
     pub sum_kmh: u64,
     pub averages_applied: u64,
     /// The last average applied (or repositioned to).
-    pub last_average: Option<Cursor>,
+    pub last_average: Option<AverageCursor>,
     pub averages_missed: u64,
     /// Averages applied from a branch the servers abandoned after a split.
     pub averages_superseded: u64,
@@ -158,13 +158,13 @@ impl SensorCore {
     }
 
     /// Applies averages in server order; returns the position to ack.
-    pub fn on_averages(&mut self, averages: &[Average]) -> Option<Cursor> {
+    pub fn on_averages(&mut self, averages: &[Average]) -> Option<AverageCursor> {
         self.averages.apply(averages)
     }
 
     /// Moves the average cursor where the server says (see
     /// [`AverageStream::reposition`]).
-    pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
+    pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: AverageCursor) -> Option<AverageCursor> {
         self.averages.reposition(rewind_to, to)
     }
 

@@ -92,7 +92,7 @@ macro_rules! export_sensor {
                 })
             }
 
-            fn to_wit(c: $crate::Cursor) -> Cursor {
+            fn to_wit(c: $crate::AverageCursor) -> Cursor {
                 Cursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
             }
 
@@ -136,7 +136,6 @@ macro_rules! export_sensor {
                             window_end_ms: a.window_end_ms,
                             count: a.count,
                             sum_kmh: a.sum_kmh,
-                            mean_kmh: a.mean_kmh,
                             revision: a.revision,
                             chain: a.chain,
                         })
@@ -145,7 +144,7 @@ macro_rules! export_sensor {
                 }
 
                 fn on_reposition(rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
-                    let to = $crate::Cursor { seq: to.seq, epoch: to.epoch, chain: to.chain };
+                    let to = $crate::AverageCursor { seq: to.seq, epoch: to.epoch, chain: to.chain };
                     with_logic(|l| l.core().on_reposition(rewind_to, to)).map(to_wit)
                 }
 

@@ -20,8 +20,7 @@ pub mod traffic;
 #[cfg(all(target_arch = "wasm32", feature = "component"))]
 mod component;
 
-pub use crate::averages::{Average, Cursor};
+pub use fog_core::{Average, AverageCursor, Reading};
 pub use crate::core::{SensorConfig, SensorCore, Status, incarnation};
-pub use crate::resend::Reading;
 pub use crate::snapshot::{RestoreError, SNAPSHOT_VERSION};
 pub use crate::traffic::{SettingsError, SpeedRange, TrafficModel};

@@ -9,14 +9,7 @@
 
 use std::collections::VecDeque;
 
-/// One speed reading. `seq` counts from 0 within an incarnation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reading {
-    pub seq: u64,
-    pub speed_kmh: u16,
-    /// Event time, milliseconds since the Unix epoch.
-    pub timestamp_ms: u64,
-}
+pub use fog_core::Reading;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pending {

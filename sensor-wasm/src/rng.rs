@@ -9,15 +9,7 @@
 /// The splitmix64 increment (2^64 / golden ratio).
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// splitmix64 of `x`: a bijective, well-avalanching 64-bit mix. Adding the
-/// increment first keeps 0 from being a fixed point, so chaining it over
-/// zeros still moves.
-pub fn mix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(GAMMA);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use fog_core::mix64;
 
 /// A splitmix64 stream. Its state is a plain counter, so any value (even 0)
 /// is a valid state and it round-trips through a snapshot as one `u64`.

@@ -22,7 +22,7 @@
 //! and returns an error rather than panicking or adopting a state the rest
 //! of the code would trip over.
 
-use crate::averages::{AverageStream, Cursor, WindowVersion};
+use crate::averages::{AverageStream, AverageCursor, WindowVersion};
 use crate::core::SensorCore;
 use crate::limit::AdvisoryLimit;
 use crate::resend::{Pending, Reading, ResendBuffer};
@@ -341,7 +341,7 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
 
     let mut averages = AverageStream::new(segment);
     averages.last = if r.flag()? {
-        Some(Cursor {
+        Some(AverageCursor {
             seq: r.u64()?,
             epoch: r.u64()?,
             chain: r.u64()?,
@@ -405,13 +405,12 @@ mod tests {
             window_end_ms: T0,
             count: 3,
             sum_kmh: 241,
-            mean_kmh: 80.5,
             revision: 1,
             chain: 0,
         };
         avg.chain = avg.link(77);
         core.on_averages(&[avg]);
-        core.on_reposition(None, Cursor { seq: 6, epoch: 2, chain: 99 });
+        core.on_reposition(None, AverageCursor { seq: 6, epoch: 2, chain: 99 });
         core
     }
 

@@ -101,28 +101,7 @@ struct Logged {
 }
 
 fn cursor_of(a: &Average) -> AverageCursor {
-    AverageCursor { seq: a.seq, epoch: a.epoch, chain: a.chain }
-}
-
-/// An average as the sensor core sees it.
-pub fn sensor_average(a: &Average) -> fog_sensor::Average {
-    fog_sensor::Average {
-        seq: a.seq,
-        epoch: a.epoch,
-        segment: a.segment,
-        window_end_ms: a.window_end_ms,
-        count: a.count,
-        sum_kmh: a.sum_kmh,
-        mean_kmh: a.mean_kmh(),
-        revision: a.revision,
-        chain: a.chain,
-    }
-}
-
-/// The chain value after `a`, following `prev`: the sensors' own function,
-/// so that they can check every average they apply.
-pub fn link(a: &Average, prev: u64) -> u64 {
-    sensor_average(a).link(prev)
+    a.cursor()
 }
 
 /// Buckets, windows and the average log of all segments.
@@ -283,7 +262,7 @@ impl Windows {
             revision,
             chain: 0,
         };
-        average.chain = link(&average, self.last_position().chain);
+        average.chain = average.link(self.last_position().chain);
         if self.branches.back().is_none_or(|b| b.0 != epoch) {
             self.branches.push_back((epoch, average.seq));
         }
@@ -647,9 +626,9 @@ mod tests {
         let chain: Vec<AverageCursor> = w.chain().collect();
         assert_eq!(chain[0], AverageCursor::default());
         let mut sensor = fog_sensor::averages::AverageStream::new(0);
-        let wit: Vec<fog_sensor::Average> = w.retained().map(sensor_average).collect();
+        let wit: Vec<Average> = w.retained().copied().collect();
         let mut from_start = fog_sensor::averages::AverageStream::new(0);
-        from_start.reposition(None, fog_sensor::Cursor::default());
+        from_start.reposition(None, AverageCursor::default());
         let end = from_start.apply(&wit).expect("applies the whole log");
         assert_eq!(end.seq, w.last_seq().unwrap());
         assert_eq!(end.chain, w.last_position().chain);
@@ -746,20 +725,17 @@ mod tests {
     #[test]
     fn a_sensor_on_the_abandoned_branch_ends_on_the_survivors_stream() {
         let (loser, winner) = split(20, 15, 30);
-        let to_sensor = sensor_average;
         let mut on_loser = fog_sensor::averages::AverageStream::new(0);
         let mut on_winner = on_loser.clone();
-        on_loser.apply(&loser.retained().map(to_sensor).collect::<Vec<_>>());
-        on_winner.apply(&winner.retained().map(to_sensor).collect::<Vec<_>>());
+        on_loser.apply(&loser.retained().copied().collect::<Vec<_>>());
+        on_winner.apply(&winner.retained().copied().collect::<Vec<_>>());
         // The winner's averages do not continue the loser's chain.
         let stuck = on_loser.cursor();
-        assert_eq!(on_loser.apply(&winner.retained().map(to_sensor).collect::<Vec<_>>()), stuck);
-        let c = stuck.map(|c| AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain });
-        let (avg, repos) = winner.reply_for(&[(1, c)]);
+        assert_eq!(on_loser.apply(&winner.retained().copied().collect::<Vec<_>>()), stuck);
+        let (avg, repos) = winner.reply_for(&[(1, stuck)]);
         let r = repos[0];
-        let to = fog_sensor::Cursor { seq: r.to.seq, epoch: r.to.epoch, chain: r.to.chain };
-        on_loser.reposition(r.rewind_to, to);
-        on_loser.apply(&avg.iter().map(to_sensor).collect::<Vec<_>>());
+        on_loser.reposition(r.rewind_to, r.to);
+        on_loser.apply(&avg);
         assert_eq!(on_loser.cursor(), on_winner.cursor());
         assert_eq!(on_loser.superseded(), 15);
         assert_eq!(on_loser.missed(), 0);

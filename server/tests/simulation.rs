@@ -36,8 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fog_protocol::{AverageCursor, LogEntry, MAX_EPOCH, NodeState, PeerMessage, Reading, Reply, Request, SensorBatch};
-use fog_sensor::averages::{AverageStream, Cursor};
-use fog_server::windows::sensor_average;
+use fog_sensor::averages::AverageStream;
 use fog_server::{Node, NodeConfig, Output, Role, WindowConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -441,10 +440,10 @@ impl World {
                             self.acked_by.insert((ack.sensor_id, q), (from, b.epoch, now - T0));
                         }
                     }
-                    let averages: Vec<fog_sensor::Average> = b.averages.iter().map(sensor_average).collect();
+                    let averages: Vec<fog_core::Average> = b.averages.clone();
                     for s in &mut self.host.sensors {
                         for r in b.repositions.iter().filter(|r| r.sensor_id == s.id) {
-                            s.stream.reposition(r.rewind_to, Cursor { seq: r.to.seq, epoch: r.to.epoch, chain: r.to.chain });
+                            s.stream.reposition(r.rewind_to, r.to);
                         }
                         s.stream.apply(&averages);
                     }
@@ -489,7 +488,7 @@ impl World {
                         *r
                     })
                     .collect();
-                let average_cursor = s.stream.cursor().map(|c| AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain });
+                let average_cursor = s.stream.cursor();
                 SensorBatch { sensor_id: s.id, incarnation: INCARNATION, segment: 0, readings, average_cursor }
             })
             .collect();
@@ -696,7 +695,7 @@ impl World {
         let end = node.replica().windows.last_position();
         assert!(end.seq > 0, "no average was published");
         for s in &self.host.sensors {
-            let at = s.stream.cursor().map(|c| AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain });
+            let at = s.stream.cursor();
             assert_eq!(at, Some(end), "sensor {} did not end at the active node's newest average", s.id);
             assert_eq!(s.stream.missed(), 0, "sensor {} missed averages", s.id);
             assert!(s.stream.applied() > 0, "sensor {} applied no average", s.id);
