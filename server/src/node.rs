@@ -483,7 +483,7 @@ impl Node {
                 let reply = Reply::Status(Box::new(self.status(now)));
                 self.out.push_back(Output::Reply { to, reply });
             }
-            Request::Batch { batch_id, epoch, sensors } => {
+            Request::Batch { batch_id, epoch, sensors, seal: _ } => {
                 self.newer_epoch(now, *epoch, "a host has seen");
                 // A sensor's cursor names the epoch that published its last
                 // average: proof of that epoch even from a host that
