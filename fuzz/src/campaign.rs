@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once, mpsc};
 use std::time::{Duration, Instant};
 
 use fog_protocol::{NodeState, PeerMessage, Record, Request, decode, decode_request};
@@ -116,6 +116,60 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, Violation>) -> Result<T, Violation> 
 /// Runs seed `seed`; with `stop_after: Some(k)` stops after case `k` and
 /// prints every case (the replay).
 pub fn run_seed(seed: u64, opts: &Options, stop_after: Option<u64>) -> RunReport {
+    run_seed_with(seed, opts, stop_after, None)
+}
+
+/// The case a run is at, its input and when it started, for a watchdog.
+#[derive(Debug)]
+pub struct Progress(Mutex<(u64, Vec<u8>, Instant)>);
+
+impl Progress {
+    fn at(&self, case: u64, bytes: &[u8]) {
+        if let Ok(mut p) = self.0.lock() {
+            *p = (case, bytes.to_vec(), Instant::now());
+        }
+    }
+}
+
+/// Runs seed `seed` on a thread of its own and lets no single input (nor
+/// the setup, nor the final settling) run longer than `hang`. One that does
+/// is reported as a `hang` at its case (with its bytes) and abandoned: its
+/// thread spins on, so the caller should end the process soon (`hung`).
+pub fn run_seed_watched(seed: u64, opts: &Options, hang: Duration) -> (RunReport, bool) {
+    let progress = Arc::new(Progress(Mutex::new((0, Vec::new(), Instant::now()))));
+    let (done, finished) = mpsc::channel();
+    let (opts_copy, watched) = (*opts, Arc::clone(&progress));
+    let spawned = std::thread::Builder::new().name(format!("fuzz-seed-{seed}")).spawn(move || {
+        let _ = done.send(run_seed_with(seed, &opts_copy, None, Some(&watched)));
+    });
+    if spawned.is_err() {
+        return (run_seed(seed, opts, None), false);
+    }
+    loop {
+        match finished.recv_timeout(Duration::from_millis(20)) {
+            Ok(report) => return (report, false),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let Ok(p) = progress.0.lock() else { continue };
+                let (case, bytes, since) = (p.0, p.1.clone(), p.2);
+                drop(p);
+                if since.elapsed() < hang {
+                    continue;
+                }
+                let finding = Finding {
+                    sig: "hang".to_string(),
+                    detail: format!("case {case} ({} bytes) did not finish within {} ms", bytes.len(), hang.as_millis()),
+                    seed,
+                    case,
+                    bytes,
+                };
+                return (RunReport { executions: case + 1, finding: Some(finding), ..RunReport::default() }, true);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return (RunReport::default(), false),
+        }
+    }
+}
+
+fn run_seed_with(seed: u64, opts: &Options, stop_after: Option<u64>, progress: Option<&Progress>) -> RunReport {
     let verbose = stop_after.is_some();
     let mut rng = StdRng::seed_from_u64(seed);
     let swarm = Swarm::draw(&mut rng);
@@ -145,6 +199,9 @@ pub fn run_seed(seed: u64, opts: &Options, stop_after: Option<u64>) -> RunReport
         }
         let cx = Context { now: cluster.now, epoch: cluster.max_epoch(), lsn: cluster.max_lsn() };
         let input = generator.input(&mut rng, &cx);
+        if let Some(p) = progress {
+            p.at(case, &input.bytes);
+        }
         let started = Instant::now();
         let outcome = guarded(|| feed(&mut cluster, &input, verbose.then_some(case)));
         let took = started.elapsed();
@@ -163,7 +220,14 @@ pub fn run_seed(seed: u64, opts: &Options, stop_after: Option<u64>) -> RunReport
             if took > opts.slow {
                 return Err(Violation::new(
                     "slow-input",
-                    format!("one {:?} {:?} input of {} bytes took {} ms", input.kind, input.channel, input.bytes.len(), took.as_millis()),
+                    format!(
+                        "one {:?} {:?} input of {} bytes ({}) took {} ms",
+                        input.kind,
+                        input.channel,
+                        input.bytes.len(),
+                        shape(&input.bytes),
+                        took.as_millis()
+                    ),
                 ));
             }
             Ok(())
@@ -175,6 +239,9 @@ pub fn run_seed(seed: u64, opts: &Options, stop_after: Option<u64>) -> RunReport
     }
     if stop_after.is_some_and(|k| k < opts.cases) {
         return report;
+    }
+    if let Some(p) = progress {
+        p.at(opts.cases, &decoded_frames);
     }
     if let Err(v) = guarded(|| cluster.settle_and_check(30_000, !peer_input)) {
         report.finding = Some(found(opts.cases, decoded_frames, v));
@@ -235,6 +302,18 @@ fn feed(cluster: &mut Cluster, input: &Input, trace: Option<u64>) -> Result<bool
         }
     }
     Ok(true)
+}
+
+/// The size of a frame's request: sensors, readings, distinct seqs of
+/// the largest sensor (what a slow input is slow at).
+fn shape(frame: &[u8]) -> String {
+    let Ok(Request::Batch { sensors, .. }) = decode_request(frame) else {
+        return "not a batch".to_string();
+    };
+    let readings: usize = sensors.iter().map(|s| s.readings.len()).sum();
+    let largest = sensors.iter().max_by_key(|s| s.readings.len());
+    let distinct = largest.map_or(0, |s| s.readings.iter().map(|r| r.seq).collect::<std::collections::HashSet<_>>().len());
+    format!("{} sensors, {readings} readings, {distinct} distinct seqs in the largest sensor", sensors.len())
 }
 
 /// A request in one line: ids, epoch, and the sizes (not every reading).

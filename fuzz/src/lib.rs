@@ -14,4 +14,4 @@ pub mod campaign;
 pub mod cluster;
 pub mod inputs;
 
-pub use campaign::{Campaign, Finding, Options, RunReport, run_seed};
+pub use campaign::{Campaign, Finding, Options, RunReport, run_seed, run_seed_watched};

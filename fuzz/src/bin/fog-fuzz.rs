@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use fog_fuzz::{Campaign, Finding, Options, run_seed};
+use fog_fuzz::{Campaign, Finding, Options, run_seed, run_seed_watched};
 
 /// Feeds hostile frames into real fog-server Nodes, checking after every
 /// input that nothing panics and that legit sensors are still acked and
@@ -21,6 +21,9 @@ struct Args {
     /// Run for this many seconds.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Stop after this many executions instead (whichever comes first).
+    #[arg(long)]
+    executions: Option<u64>,
     /// The first run's seed; run k uses seed + k.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -37,6 +40,10 @@ struct Args {
     /// An input slower than this many milliseconds is a finding.
     #[arg(long, default_value_t = 250)]
     slow_ms: u64,
+    /// An input still running after this many milliseconds is a hang: it
+    /// is reported and the campaign ends (`next_seed` in the JSON resumes).
+    #[arg(long, default_value_t = 5_000)]
+    hang_ms: u64,
     /// Where findings are written.
     #[arg(long, default_value = "fuzz-findings")]
     out: PathBuf,
@@ -74,8 +81,11 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let deadline = started + Duration::from_secs(args.seconds);
     let mut campaign = Campaign::default();
     let mut seed = args.seed;
-    while Instant::now() < deadline {
-        let report = run_seed(seed, &opts, None);
+    let hang = Duration::from_millis(args.hang_ms);
+    let mut hung = false;
+    while !hung && Instant::now() < deadline && args.executions.is_none_or(|n| campaign.executions < n) {
+        let (report, stuck) = run_seed_watched(seed, &opts, hang);
+        hung = stuck;
         if let Some(f) = campaign.add(report, started.elapsed(), seed).cloned() {
             let f = &f;
             let path = write_finding(&args.out, f)?;
@@ -112,6 +122,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             "slowest_input_us": campaign.slowest_us,
             "slowest_input": format!("{}:{}", campaign.slowest_at.0, campaign.slowest_at.1),
             "findings": findings,
+            "stopped_by_hang": hung, "next_seed": seed,
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -120,6 +131,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             campaign.executions, campaign.runs, campaign.slowest_us, campaign.slowest_at.0, campaign.slowest_at.1
         );
         println!("{} distinct failure signatures", campaign.findings.len());
+        if hung {
+            println!("stopped by a hang (its thread cannot be stopped); resume with --seed {seed}");
+        }
         for (sig, (f, execs, at, runs)) in &campaign.findings {
             println!("  {sig}: {runs} runs; first after {execs} executions ({:.1} s), replay {}:{}", at.as_secs_f64(), f.seed, f.case);
         }
