@@ -30,11 +30,13 @@ pub struct Options {
     pub slow: Duration,
     /// Most batches at the caps per run (each takes up to seconds).
     pub max_huge: u32,
+    /// Use this swarm in every run instead of drawing one per seed.
+    pub swarm: Option<Swarm>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { cases: 64, slow: Duration::from_millis(250), max_huge: 1 }
+        Options { cases: 64, slow: Duration::from_millis(250), max_huge: 1, swarm: None }
     }
 }
 
@@ -172,7 +174,8 @@ pub fn run_seed_watched(seed: u64, opts: &Options, hang: Duration) -> (RunReport
 fn run_seed_with(seed: u64, opts: &Options, stop_after: Option<u64>, progress: Option<&Progress>) -> RunReport {
     let verbose = stop_after.is_some();
     let mut rng = StdRng::seed_from_u64(seed);
-    let swarm = Swarm::draw(&mut rng);
+    let drawn = Swarm::draw(&mut rng);
+    let swarm = opts.swarm.unwrap_or(drawn);
     let mut report = RunReport { swarm: Some(swarm), ..RunReport::default() };
     if verbose {
         println!("seed {seed}: {swarm:?}");

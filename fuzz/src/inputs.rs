@@ -74,6 +74,25 @@ pub struct Swarm {
 }
 
 impl Swarm {
+    /// Nothing hostile: values a well-behaved host could send (random
+    /// sensors, batch ids and incarnations; epochs no newer than the
+    /// pair's; timestamps of the last few seconds). What the oracle must
+    /// pass: a finding here is a false alarm of the harness or a bug
+    /// that needs no attacker.
+    pub fn tame(pair: bool) -> Swarm {
+        Swarm {
+            forged_epochs: false,
+            hostile_cursors: false,
+            hostile_timestamps: false,
+            hostile_seqs: false,
+            huge_batches: false,
+            raw: false,
+            mutations: false,
+            peer_messages: false,
+            pair,
+        }
+    }
+
     pub fn draw(rng: &mut StdRng) -> Swarm {
         let mut on = |p: f64| rng.random_bool(p);
         Swarm {
@@ -145,6 +164,7 @@ impl Generator {
     }
 
     pub fn request(&mut self, rng: &mut StdRng, cx: &Context, may_be_huge: bool) -> Request {
+        let batch_id = if self.tame() { rng.random() } else { hostile_u64(rng, cx) };
         if rng.random_bool(0.03) {
             return Request::Status;
         }
@@ -159,7 +179,7 @@ impl Generator {
         } else {
             (0..rng.random_range(0..=6)).map(|_| self.sensor(rng, cx, 8)).collect()
         };
-        Request::Batch { batch_id: hostile_u64(rng, cx), epoch, seal, sensors }
+        Request::Batch { batch_id, epoch, seal, sensors }
     }
 
     /// Up to (and sometimes one past) the caps: many readings of one
@@ -189,7 +209,13 @@ impl Generator {
         } else {
             [0, 1, u32::MAX, rng.random()][rng.random_range(0..4)]
         };
-        let incarnation = if legit && rng.random_bool(0.7) { LEGIT_INCARNATION } else { hostile_u64(rng, cx) };
+        let incarnation = if legit && rng.random_bool(0.7) {
+            LEGIT_INCARNATION
+        } else if self.tame() {
+            rng.random()
+        } else {
+            hostile_u64(rng, cx)
+        };
         let base_seq = if self.swarm.hostile_seqs { hostile_u64(rng, cx) } else { rng.random_range(0..1_000) };
         let readings = (0..readings as u64)
             .map(|i| Reading {
@@ -204,6 +230,11 @@ impl Generator {
             _ => Some(AverageCursor { seq: hostile_u64(rng, cx), epoch: self.epoch(rng, cx), chain: hostile_u64(rng, cx) }),
         };
         SensorBatch { sensor_id, incarnation, segment: [0, 1, u32::MAX, rng.random()][rng.random_range(0..4)], readings, average_cursor }
+    }
+
+    fn tame(&self) -> bool {
+        let s = &self.swarm;
+        !(s.forged_epochs || s.hostile_cursors || s.hostile_timestamps || s.hostile_seqs || s.huge_batches)
     }
 
     /// An epoch a request or message claims: forged (ahead of the pair's)

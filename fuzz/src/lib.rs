@@ -14,4 +14,5 @@ pub mod campaign;
 pub mod cluster;
 pub mod inputs;
 
+pub use inputs::Swarm;
 pub use campaign::{Campaign, Finding, Options, RunReport, run_seed, run_seed_watched};
