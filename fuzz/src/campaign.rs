@@ -200,7 +200,7 @@ fn run_seed_with(seed: u64, opts: &Options, stop_after: Option<u64>, progress: O
             report.finding = Some(found(case, Vec::new(), v));
             return report;
         }
-        let cx = Context { now: cluster.now, epoch: cluster.max_epoch(), lsn: cluster.max_lsn() };
+        let cx = Context { now: cluster.now, epoch: cluster.max_epoch(), lsn: cluster.max_lsn(), sealed: cluster.sealed() };
         let input = generator.input(&mut rng, &cx);
         if let Some(p) = progress {
             p.at(case, &input.bytes);

@@ -141,6 +141,11 @@ impl Cluster {
         self.nodes.iter().map(Node::epoch).max().unwrap_or(0)
     }
 
+    /// The newest epoch a reply showed the legit host, and its seal.
+    pub fn sealed(&self) -> (u64, Seal) {
+        (self.host.epoch, self.host.seal)
+    }
+
     pub fn max_lsn(&self) -> u64 {
         self.nodes.iter().map(|n| n.lsn()).max().unwrap_or(0)
     }

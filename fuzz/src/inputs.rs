@@ -17,7 +17,7 @@
 
 use fog_protocol::{
     AverageCursor, LogEntry, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, NodeState, PeerHeartbeat, PeerMessage,
-    Reading, Record, Request, SensorBatch, encode,
+    Reading, Record, Request, Seal, SensorBatch, encode,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -117,6 +117,8 @@ pub struct Context {
     pub epoch: u64,
     /// The newest lsn of the nodes under test.
     pub lsn: u64,
+    /// The newest epoch a reply showed the legit host, with its seal.
+    pub sealed: (u64, Seal),
 }
 
 /// Draws hostile inputs for one run.
@@ -168,11 +170,7 @@ impl Generator {
         if rng.random_bool(0.03) {
             return Request::Status;
         }
-        let epoch = self.epoch(rng, cx);
-        let mut seal = [0u8; 16];
-        if rng.random_bool(0.5) {
-            rng.fill(&mut seal[..]);
-        }
+        let (epoch, seal) = self.epoch_and_seal(rng, cx);
         let sensors = if may_be_huge && self.swarm.huge_batches && self.huge < self.max_huge && rng.random_bool(0.05) {
             self.huge += 1;
             self.huge_sensors(rng, cx)
@@ -235,6 +233,27 @@ impl Generator {
     fn tame(&self) -> bool {
         let s = &self.swarm;
         !(s.forged_epochs || s.hostile_cursors || s.hostile_timestamps || s.hostile_seqs || s.huge_batches)
+    }
+
+    /// The epoch a batch claims and its seal: the genuine pair a reply
+    /// showed, an epoch with no seal or a random one, or (forging) a
+    /// genuine seal under another epoch.
+    fn epoch_and_seal(&self, rng: &mut StdRng, cx: &Context) -> (u64, Seal) {
+        let (sealed_epoch, genuine) = cx.sealed;
+        match rng.random_range(0..10) {
+            0..3 => (sealed_epoch, genuine),
+            3..5 if self.swarm.forged_epochs => {
+                let forged = [sealed_epoch.saturating_add(1), sealed_epoch.saturating_add(2), u64::MAX, hostile_u64(rng, cx)];
+                (forged[rng.random_range(0..forged.len())], genuine)
+            }
+            _ => {
+                let mut seal = [0u8; 16];
+                if rng.random_bool(0.5) {
+                    rng.fill(&mut seal[..]);
+                }
+                (self.epoch(rng, cx), seal)
+            }
+        }
     }
 
     /// An epoch a request or message claims: forged (ahead of the pair's)
