@@ -1,7 +1,12 @@
 //! `fog-bench`: measures the fog system with its real binaries on loopback
 //! and prints figures (no pass/fail: speed is measured, not asserted).
 //!
-//! - `transport`: the ceiling — a bare zmq.rs DEALER→ROUTER echo of the
+//! Every benchmark runs twice by default, once without keys and once with
+//! CurveZMQ on every socket ([`pair`]), one right after the other, so the
+//! cost of the security is read off two rows measured on the same machine
+//! in the same minute:
+//!
+//! - `transport`: the ceiling — a bare libzmq DEALER→ROUTER echo of the
 //!   same frames the ingest benchmark sends, in its own process;
 //! - `ingest`: acked readings per second from a native load generator into
 //!   a primary with its backup running;
@@ -17,15 +22,17 @@
 
 mod echo;
 mod load;
+mod pair;
 mod system;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use fog_e2e::{Pair, free_port, scratch_dir, start_server};
+use clap::{Parser, Subcommand, ValueEnum};
+use fog_e2e::{free_port, rss_mib, scratch_dir};
 use load::{LoadResult, LoadShape, Target};
-use fog_e2e::rss_mib;
+use pair::{Endpoint, Keys, Security, ServerPair};
 use serde::Serialize;
 
 /// Measure the fog system with its real binaries on loopback.
@@ -47,9 +54,15 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = parse_duration, global = true)]
     warmup: Duration,
 
-    /// Print the figures as one JSON object on stdout.
+    /// Print the figures as one JSON object on stdout: {"none": {...},
+    /// "curve": {...}}, one set of figures per security mode.
     #[arg(long, global = true)]
     json: bool,
+
+    /// Run each benchmark without keys (`none`), with CurveZMQ on every
+    /// socket (`curve`), or both, one right after the other.
+    #[arg(long, value_enum, default_value_t = Modes::Both, global = true)]
+    security: Modes,
 
     /// Load-generator connections (simulated hosts).
     #[arg(long, default_value_t = 2, global = true)]
@@ -59,7 +72,9 @@ struct Args {
     #[arg(long, default_value_t = 4, global = true)]
     in_flight: usize,
 
-    /// Simulated sensors per connection in the throughput benchmarks.
+    /// Simulated sensors per connection in the throughput benchmarks; each
+    /// batch carries all of them. A batch may carry at most 65 536 sensors
+    /// and 65 536 readings (the protocol's caps).
     #[arg(long, default_value_t = 1000, global = true)]
     sensors: u32,
 
@@ -106,11 +121,56 @@ enum What {
     Recovery,
     /// Run the bare echo server (used by `transport`).
     #[command(hide = true)]
-    EchoServer { endpoint: String },
+    EchoServer {
+        endpoint: String,
+        #[arg(long, requires = "authorized_keys")]
+        key: Option<PathBuf>,
+        #[arg(long, requires = "key")]
+        authorized_keys: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Modes {
+    None,
+    Curve,
+    Both,
+}
+
+impl Modes {
+    fn list(self) -> &'static [Security] {
+        match self {
+            Modes::None => &[Security::None],
+            Modes::Curve => &[Security::Curve],
+            Modes::Both => &[Security::None, Security::Curve],
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s)"))
+}
+
+/// The figures of each security mode that ran.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    none: Option<Figures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    curve: Option<Figures>,
+}
+
+impl Report {
+    fn of(&mut self, security: Security) -> &mut Figures {
+        match security {
+            Security::None => self.none.get_or_insert_default(),
+            Security::Curve => self.curve.get_or_insert_default(),
+        }
+    }
+
+    fn modes(&self) -> impl Iterator<Item = (Security, &Figures)> {
+        [(Security::None, &self.none), (Security::Curve, &self.curve)].into_iter().filter_map(|(s, f)| f.as_ref().map(|f| (s, f)))
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -135,7 +195,7 @@ struct Figures {
 struct Throughput {
     readings_per_s: f64,
     batches_per_s: f64,
-    readings_per_batch: u32,
+    readings_per_batch: u64,
     frame_bytes: usize,
     batch_rtt_p50_ms: f64,
     batch_rtt_p99_ms: f64,
@@ -174,40 +234,59 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let what = args.what.as_ref().unwrap_or(&What::All);
-    if let What::EchoServer { endpoint } = what {
-        return echo::serve(endpoint).await;
+    if let What::EchoServer { endpoint, key, authorized_keys } = what {
+        return echo::serve(endpoint, key.as_deref().zip(authorized_keys.as_deref())).await;
     }
-    let mut figures = Figures::default();
+    shape(&args).check().context("the throughput load (--sensors, --readings-per-sensor, --in-flight)")?;
+    let modes = args.security.list();
+    let mut report = Report::default();
     let all = matches!(what, What::All);
+    // Each benchmark runs in every mode before the next one starts, so the
+    // rows compared were measured close together.
     if all || matches!(what, What::Transport) {
-        figures.transport = Some(transport(&args).await?);
+        for &s in modes {
+            report.of(s).transport = Some(transport(&args, s).await?);
+        }
     }
     if all || matches!(what, What::Ingest) {
-        figures.ingest = Some(ingest(&args).await?);
+        for &s in modes {
+            report.of(s).ingest = Some(ingest(&args, s).await?);
+        }
     }
-    if let (Some(t), Some(i)) = (&figures.transport, &figures.ingest) {
-        figures.ingest_fraction_of_transport = Some(i.readings_per_s / t.readings_per_s);
+    for &s in modes {
+        let f = report.of(s);
+        if let (Some(t), Some(i)) = (&f.transport, &f.ingest) {
+            f.ingest_fraction_of_transport = Some(i.readings_per_s / t.readings_per_s);
+        }
     }
     if all || matches!(what, What::Latency) {
-        figures.latency = Some(latency(&args).await?);
+        for &s in modes {
+            report.of(s).latency = Some(latency(&args, s).await?);
+        }
     }
     if all || matches!(what, What::E2e) {
-        eprintln!("e2e: fog-host with {} sensors every {:?} for {:?} ...", args.host_sensors, args.host_interval, args.measure);
-        let (sensors, interval, measure) = (args.host_sensors, args.host_interval, args.measure);
-        figures.e2e = Some(tokio::task::spawn_blocking(move || system::end_to_end(sensors, interval, measure)).await??);
+        for &s in modes {
+            eprintln!("e2e [{}]: fog-host with {} sensors every {:?} for {:?} ...", s.name(), args.host_sensors, args.host_interval, args.measure);
+            let (sensors, interval, measure) = (args.host_sensors, args.host_interval, args.measure);
+            report.of(s).e2e = Some(tokio::task::spawn_blocking(move || system::end_to_end(s, sensors, interval, measure)).await??);
+        }
     }
     if all || matches!(what, What::Failover) {
-        eprintln!("failover: kill -9 the active server under {} sensors, {} runs ...", args.failover_sensors, args.failover_runs);
-        figures.failover = Some(system::failover(args.failover_sensors, args.failover_runs).await?);
+        for &s in modes {
+            eprintln!("failover [{}]: kill -9 the active server under {} sensors, {} runs ...", s.name(), args.failover_sensors, args.failover_runs);
+            report.of(s).failover = Some(system::failover(s, args.failover_sensors, args.failover_runs).await?);
+        }
     }
     if all || matches!(what, What::Recovery) {
-        eprintln!("recovery: restart a server whose log holds {} readings ...", args.recovery_readings);
-        figures.recovery = Some(system::recovery(args.recovery_readings, shape(&args)).await?);
+        for &s in modes {
+            eprintln!("recovery [{}]: restart a server whose log holds {} readings ...", s.name(), args.recovery_readings);
+            report.of(s).recovery = Some(system::recovery(s, args.recovery_readings, shape(&args)).await?);
+        }
     }
     if args.json {
-        println!("{}", serde_json::to_string(&figures)?);
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        print_table(&figures);
+        print_table(&report);
     }
     Ok(())
 }
@@ -227,7 +306,7 @@ fn throughput(r: &LoadResult, shape: LoadShape, rss: Option<f64>) -> Throughput 
     Throughput {
         readings_per_s: r.per_second(),
         batches_per_s: r.batches as f64 / r.elapsed.as_secs_f64(),
-        readings_per_batch: shape.sensors * shape.readings_per_sensor,
+        readings_per_batch: shape.readings_per_batch(),
         frame_bytes: r.frame_bytes,
         batch_rtt_p50_ms: r.rtt_us.value_at_quantile(0.5) as f64 / 1000.0,
         batch_rtt_p99_ms: r.rtt_us.value_at_quantile(0.99) as f64 / 1000.0,
@@ -235,40 +314,52 @@ fn throughput(r: &LoadResult, shape: LoadShape, rss: Option<f64>) -> Throughput 
     }
 }
 
-async fn transport(args: &Args) -> anyhow::Result<Throughput> {
-    eprintln!("transport: bare echo of the ingest frames for {:?} ...", args.measure);
+async fn transport(args: &Args, security: Security) -> anyhow::Result<Throughput> {
+    eprintln!("transport [{}]: bare echo of the ingest frames for {:?} ...", security.name(), args.measure);
     let dir = scratch_dir("bench-transport");
     let _cleanup = system::RemoveOnDrop(dir.clone());
-    let endpoint = format!("tcp://127.0.0.1:{}", free_port());
+    let address = format!("tcp://127.0.0.1:{}", free_port());
     let exe = std::env::current_exe().context("own path")?;
-    let echo = fog_e2e::Proc::spawn("echo", &exe, &["echo-server".into(), endpoint.clone()], &dir)?;
+    let mut echo_args = vec!["echo-server".to_string(), address.clone()];
+    // The echo takes the primary's keys and authorized-keys file.
+    let keys = match security {
+        Security::None => None,
+        Security::Curve => Some(Keys::generate(&dir)?),
+    };
+    if let Some(keys) = &keys {
+        echo_args.extend(keys.server_args(true));
+    }
+    let echo = fog_e2e::Proc::spawn("echo", &exe, &echo_args, &dir)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let shape = shape(args);
-    let r = load::run(&endpoint, shape, Target::Echo, args.warmup, args.measure).await?;
+    let endpoint = Endpoint { address, curve: keys.as_ref().map(|k| k.client(true)) };
+    let r = load::run(&endpoint, shape, Target::Echo, args.warmup, args.measure)
+        .await
+        .with_context(|| format!("echo log:\n{}", echo.log_tail(10)))?;
     drop(echo);
     Ok(throughput(&r, shape, None))
 }
 
-async fn ingest(args: &Args) -> anyhow::Result<Throughput> {
-    eprintln!("ingest: load generator into primary + backup for {:?} ...", args.measure);
+async fn ingest(args: &Args, security: Security) -> anyhow::Result<Throughput> {
+    eprintln!("ingest [{}]: load generator into primary + backup for {:?} ...", security.name(), args.measure);
     let dir = scratch_dir("bench-ingest");
     let _cleanup = system::RemoveOnDrop(dir.clone());
-    let pair = Pair::on_free_ports();
-    let primary = start_server(&pair, true, &[], &dir)?;
-    let _backup = start_server(&pair, false, &[], &dir)?;
+    let pair = ServerPair::new(security, &dir)?;
+    let primary = pair.start(true)?;
+    let _backup = pair.start(false)?;
     let shape = shape(args);
-    let r = load::run(&pair.primary_frontend, shape, Target::Server, args.warmup, args.measure).await?;
+    let r = load::run(&pair.frontend(true), shape, Target::Server, args.warmup, args.measure).await?;
     let rss = rss_mib(primary.child.id());
     Ok(throughput(&r, shape, rss))
 }
 
-async fn latency(args: &Args) -> anyhow::Result<Latency> {
-    eprintln!("latency: 10 000 sensors x 1 reading/s for {:?} ...", args.measure);
+async fn latency(args: &Args, security: Security) -> anyhow::Result<Latency> {
+    eprintln!("latency [{}]: 10 000 sensors x 1 reading/s for {:?} ...", security.name(), args.measure);
     let dir = scratch_dir("bench-latency");
     let _cleanup = system::RemoveOnDrop(dir.clone());
-    let pair = Pair::on_free_ports();
-    let primary = start_server(&pair, true, &[], &dir)?;
-    let _backup = start_server(&pair, false, &[], &dir)?;
+    let pair = ServerPair::new(security, &dir)?;
+    let primary = pair.start(true)?;
+    let _backup = pair.start(false)?;
     // A host ticks its sensors spread over the second: 100 batches/s of
     // 100 readings each make 10 000 readings/s.
     let shape = LoadShape {
@@ -279,7 +370,7 @@ async fn latency(args: &Args) -> anyhow::Result<Latency> {
         rate: Some(100.0),
         max_readings: None,
     };
-    let r = load::run(&pair.primary_frontend, shape, Target::Server, args.warmup, args.measure).await?;
+    let r = load::run(&pair.frontend(true), shape, Target::Server, args.warmup, args.measure).await?;
     let ms = |q: f64| r.rtt_us.value_at_quantile(q) as f64 / 1000.0;
     Ok(Latency {
         sensors: 10_000,
@@ -292,62 +383,76 @@ async fn latency(args: &Args) -> anyhow::Result<Latency> {
     })
 }
 
-
-fn print_table(f: &Figures) {
-    println!("{:<28} {:>16}  notes", "figure", "value");
-    let t_line = |name: &str, t: &Throughput, extra: String| {
-        println!(
-            "{:<28} {:>12.0} r/s  {:.0} batches/s of {} readings ({} B), batch RTT p50 {:.2} ms p99 {:.2} ms{}",
-            name, t.readings_per_s, t.batches_per_s, t.readings_per_batch, t.frame_bytes, t.batch_rtt_p50_ms, t.batch_rtt_p99_ms, extra
-        );
+/// One line per figure and security mode; the modes of a figure are
+/// adjacent so they read side by side.
+fn print_table(report: &Report) {
+    println!("{:<28} {:<8} {:>16}  notes", "figure", "security", "value");
+    let rows = |name: &str, row: &dyn Fn(&Figures) -> Option<(String, String)>| {
+        for (security, figures) in report.modes() {
+            if let Some((value, notes)) = row(figures) {
+                println!("{name:<28} {:<8} {value:>16}  {notes}", security.name());
+            }
+        }
     };
-    if let Some(t) = &f.transport {
-        t_line("transport ceiling", t, String::new());
-    }
-    if let Some(i) = &f.ingest {
-        let mut extra = String::new();
-        if let Some(frac) = f.ingest_fraction_of_transport {
-            extra.push_str(&format!(", {:.0}% of transport", frac * 100.0));
-        }
-        if let Some(rss) = i.server_rss_mib {
-            extra.push_str(&format!(", server RSS {rss:.0} MiB"));
-        }
-        t_line("ingest throughput", i, extra);
-    }
-    if let Some(l) = &f.latency {
-        println!(
-            "{:<28} {:>12.2} ms   p50 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms over {} readings{}",
-            "ack latency p99 (10k x 1/s)",
-            l.p99_ms,
-            l.p50_ms,
-            l.p999_ms,
-            l.max_ms,
-            l.readings_acked,
-            l.server_rss_mib.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default()
-        );
-    }
-    if let Some(e) = &f.e2e {
-        println!(
-            "{:<28} {:>12.0} r/s  {} sensors every {} ms through fog-host; host RSS {:.0} MiB ({:.0} KiB/sensor){}",
-            "end-to-end throughput",
-            e.acked_per_s,
-            e.sensors,
-            e.interval_ms,
-            e.host_rss_mib,
-            e.host_rss_kib_per_sensor,
-            e.server_rss_mib.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default()
-        );
-    }
-    if let Some(r) = &f.recovery {
-        println!(
-            "{:<28} {:>12.0} ms   until a restarted server answers with all {} readings counted; data dir {:.0} MiB, {} readings written in {:.1} s",
-            "recovery", r.ready_ms, r.counted, r.data_dir_mib, r.readings, r.write_s
-        );
-    }
-    if let Some(fo) = &f.failover {
-        println!(
-            "{:<28} {:>12.0} ms   median of {} runs under {} sensors, max {:.0} ms; lost {}, duplicated {}",
-            "failover", fo.median_ms, fo.runs, fo.sensors, fo.max_ms, fo.lost, fo.duplicated
-        );
-    }
+    let throughput_notes = |t: &Throughput| {
+        format!(
+            "{:.0} batches/s of {} readings ({} B), batch RTT p50 {:.2} ms p99 {:.2} ms",
+            t.batches_per_s, t.readings_per_batch, t.frame_bytes, t.batch_rtt_p50_ms, t.batch_rtt_p99_ms
+        )
+    };
+    let rss = |r: Option<f64>| r.map(|r| format!(", server RSS {r:.0} MiB")).unwrap_or_default();
+    rows("transport ceiling", &|f| f.transport.as_ref().map(|t| (format!("{:.0} r/s", t.readings_per_s), throughput_notes(t))));
+    rows("ingest throughput", &|f| {
+        let i = f.ingest.as_ref()?;
+        let fraction = f.ingest_fraction_of_transport.map(|x| format!(", {:.0}% of transport", x * 100.0)).unwrap_or_default();
+        Some((format!("{:.0} r/s", i.readings_per_s), format!("{}{fraction}{}", throughput_notes(i), rss(i.server_rss_mib))))
+    });
+    rows("ack latency p99 (10k x 1/s)", &|f| {
+        let l = f.latency.as_ref()?;
+        Some((
+            format!("{:.2} ms", l.p99_ms),
+            format!(
+                "p50 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms over {} readings{}",
+                l.p50_ms,
+                l.p999_ms,
+                l.max_ms,
+                l.readings_acked,
+                rss(l.server_rss_mib)
+            ),
+        ))
+    });
+    rows("end-to-end throughput", &|f| {
+        let e = f.e2e.as_ref()?;
+        Some((
+            format!("{:.0} r/s", e.acked_per_s),
+            format!(
+                "{} sensors every {} ms through fog-host; host RSS {:.0} MiB ({:.0} KiB/sensor){}",
+                e.sensors,
+                e.interval_ms,
+                e.host_rss_mib,
+                e.host_rss_kib_per_sensor,
+                rss(e.server_rss_mib)
+            ),
+        ))
+    });
+    rows("recovery", &|f| {
+        let r = f.recovery.as_ref()?;
+        Some((
+            format!("{:.0} ms", r.ready_ms),
+            format!(
+                "until a restarted server answers with all {} readings counted; data dir {:.0} MiB, {} readings written in {:.1} s",
+                r.counted, r.data_dir_mib, r.readings, r.write_s
+            ),
+        ))
+    });
+    rows("failover", &|f| {
+        let fo = f.failover.as_ref()?;
+        Some((
+            format!("{:.0} ms", fo.median_ms),
+            format!(
+                "median of {} runs under {} sensors, max {:.0} ms; lost {}, duplicated {}",
+                fo.runs, fo.sensors, fo.max_ms, fo.lost, fo.duplicated
+            ),
+        ))
+    });
 }

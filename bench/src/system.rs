@@ -1,12 +1,16 @@
 //! Benchmarks of the whole system: `fog-host` running the real sensor
-//! component against a real server pair (end-to-end throughput), and the
-//! failover time when the active server is killed under load.
+//! component against a real server pair (end-to-end throughput), the
+//! failover time when the active server is killed under load, and the
+//! restart of a server with a long log. Each runs in the security mode of
+//! its [`ServerPair`].
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fog_e2e::{Pair, Proc, bin, finish_host, history, rss_mib, scratch_dir, start_server};
+use fog_e2e::{Proc, bin, finish_host, history, rss_mib, scratch_dir};
 use serde::Serialize;
+
+use crate::pair::{Security, ServerPair};
 
 #[derive(Debug, Serialize)]
 pub struct EndToEnd {
@@ -47,34 +51,30 @@ pub struct Recovery {
 
 /// Fills a lone primary's log with `readings`, kills it with SIGKILL and
 /// times its restart from the data dir.
-pub async fn recovery(readings: u64, shape: crate::load::LoadShape) -> anyhow::Result<Recovery> {
+pub async fn recovery(security: Security, readings: u64, shape: crate::load::LoadShape) -> anyhow::Result<Recovery> {
     let dir = scratch_dir("bench-recovery");
     let _cleanup = RemoveOnDrop(dir.clone());
-    let pair = Pair::on_free_ports();
-    let mut primary = start_server(&pair, true, &[], &dir)?;
+    let pair = ServerPair::new(security, &dir)?;
+    let mut primary = pair.start(true)?;
     let per_connection = readings.div_ceil(shape.connections as u64);
     let shape = crate::load::LoadShape { max_readings: Some(per_connection), ..shape };
     let began = Instant::now();
-    crate::load::run(&pair.primary_frontend, shape, crate::load::Target::Server, Duration::ZERO, Duration::from_secs(600)).await?;
+    crate::load::run(&pair.frontend(true), shape, crate::load::Target::Server, Duration::ZERO, Duration::from_secs(600)).await?;
     let write_s = began.elapsed().as_secs_f64();
-    let before = fog_server::query_status(&pair.primary_frontend, Duration::from_secs(5)).await?;
+    let before = pair.status(true, Duration::from_secs(5)).await?;
     if before.counted < readings {
         bail!("only {} of {readings} readings were counted before the restart", before.counted);
     }
     primary.kill();
     let data_dir_mib = dir_bytes(&dir.join("primary-data")) as f64 / (1 << 20) as f64;
-    let args = {
-        let mut a = pair.server_args(true);
-        a.extend(["--data-dir".to_string(), dir.join("primary-data").display().to_string()]);
-        a
-    };
+    // The same data dir: the restarted server recovers the killed one's log.
     let restarted = Instant::now();
-    let server = Proc::spawn("primary-restarted", &bin("fog-server"), &args, &dir)?;
+    let server = pair.spawn(true)?;
     let ready = loop {
-        if let Ok(s) = fog_server::query_status(&pair.primary_frontend, Duration::from_millis(100)).await {
-            if s.counted >= before.counted {
-                break restarted.elapsed();
-            }
+        if let Ok(s) = pair.status(true, Duration::from_millis(100)).await
+            && s.counted >= before.counted
+        {
+            break restarted.elapsed();
         }
         if restarted.elapsed() > Duration::from_secs(120) {
             bail!("the restarted server did not recover within 120 s:\n{}", server.log_tail(10));
@@ -115,17 +115,16 @@ impl Drop for RemoveOnDrop {
 }
 
 
-fn host_args(pair: &Pair, sensors: u32, interval: Duration, duration: Option<Duration>) -> Vec<String> {
+fn host_args(pair: &ServerPair, sensors: u32, interval: Duration, duration: Option<Duration>) -> Vec<String> {
     let mut a = vec![
         "--sensors".to_string(),
         sensors.to_string(),
         "--interval".into(),
         format!("{}ms", interval.as_millis()),
-        "--servers".into(),
-        pair.servers(),
         "--quiet".into(),
         "--json".into(),
     ];
+    a.extend(pair.host_args());
     if let Some(d) = duration {
         a.push("--duration".into());
         a.push(format!("{}ms", d.as_millis()));
@@ -134,12 +133,12 @@ fn host_args(pair: &Pair, sensors: u32, interval: Duration, duration: Option<Dur
 }
 
 /// Acked readings per second through fog-host and the real component.
-pub fn end_to_end(sensors: u32, interval: Duration, measure: Duration) -> anyhow::Result<EndToEnd> {
+pub fn end_to_end(security: Security, sensors: u32, interval: Duration, measure: Duration) -> anyhow::Result<EndToEnd> {
     let dir = scratch_dir("bench-e2e");
     let _cleanup = RemoveOnDrop(dir.clone());
-    let pair = Pair::on_free_ports();
-    let primary = start_server(&pair, true, &[], &dir)?;
-    let _backup = start_server(&pair, false, &[], &dir)?;
+    let pair = ServerPair::new(security, &dir)?;
+    let primary = pair.start(true)?;
+    let _backup = pair.start(false)?;
     let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, interval, Some(measure)), &dir)?;
     let pid = host.child.id();
     // Sample the host's memory while it runs; it is largest near the end.
@@ -173,24 +172,22 @@ pub fn end_to_end(sensors: u32, interval: Duration, measure: Duration) -> anyhow
 }
 
 /// Kills the active server under load `runs` times and times the takeover.
-pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
+pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::Result<Failover> {
     let mut times = Vec::new();
     let mut lost = 0;
     let mut duplicated = 0;
     for run in 0..runs {
         let dir = scratch_dir("bench-failover");
         let _cleanup = RemoveOnDrop(dir.clone());
-        let pair = Pair::on_free_ports();
-        let mut nodes = [
-            (start_server(&pair, true, &[], &dir)?, pair.primary_frontend.clone()),
-            (start_server(&pair, false, &[], &dir)?, pair.backup_frontend.clone()),
-        ];
+        let pair = ServerPair::new(security, &dir)?;
+        // Index 0 is the primary, 1 the backup.
+        let mut nodes = [pair.start(true)?, pair.start(false)?];
         let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
         // Wait until one server serves the host and the other stands by.
         let t0 = Instant::now();
         let active = 'found: loop {
-            for (i, (_, endpoint)) in nodes.iter().enumerate() {
-                let s = fog_server::query_status(endpoint, Duration::from_secs(1)).await;
+            for i in 0..nodes.len() {
+                let s = pair.status(i == 0, Duration::from_secs(1)).await;
                 if s.is_ok_and(|s| s.state == fog_protocol::NodeState::Active && s.batches >= 3) {
                     break 'found i;
                 }
@@ -200,18 +197,18 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let survivor = nodes[1 - active].1.clone();
-        let before = fog_server::query_status(&survivor, Duration::from_secs(1)).await?.batches;
+        let survivor = active == 1;
+        let before = pair.status(survivor, Duration::from_secs(1)).await?.batches;
         let killed = Instant::now();
-        nodes[active].0.kill();
+        nodes[active].kill();
         let taken_over = loop {
-            if let Ok(s) = fog_server::query_status(&survivor, Duration::from_millis(200)).await {
-                if s.batches > before {
-                    break killed.elapsed();
-                }
+            if let Ok(s) = pair.status(survivor, Duration::from_millis(200)).await
+                && s.batches > before
+            {
+                break killed.elapsed();
             }
             if killed.elapsed() > Duration::from_secs(30) {
-                bail!("run {run}: the surviving server did not serve within 30 s:\n{}", nodes[1 - active].0.log_tail(10));
+                bail!("run {run}: the surviving server did not serve within 30 s:\n{}", nodes[1 - active].log_tail(10));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
@@ -219,7 +216,7 @@ pub async fn failover(sensors: u32, runs: usize) -> anyhow::Result<Failover> {
         // Stop the host (it drains first) and compare histories.
         let _ = std::process::Command::new("kill").args(["-INT", &host.child.id().to_string()]).status();
         let (_, summary) = finish_host(host, Duration::from_secs(60)).context("host summary")?;
-        let status = fog_server::query_status(&survivor, Duration::from_secs(2)).await?;
+        let status = pair.status(survivor, Duration::from_secs(2)).await?;
         let server = history::server_side(&serde_json::to_value(&status)?);
         let verdict = history::check(&[history::host_side(&summary)], &server, &[]);
         lost += verdict.lost;

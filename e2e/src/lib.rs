@@ -8,7 +8,8 @@
 //! Each process writes its stderr to a log file; when a test fails, the tail
 //! of every log is printed so the failure can be understood. [`netns`]
 //! builds network namespaces for tests that cut links; [`history`] checks
-//! what hosts saw acked against what servers counted.
+//! what hosts saw acked against what servers counted; [`keys`] makes the
+//! CurveZMQ keys and authorized-keys files of a keyed pair.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,10 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 pub mod history;
+pub mod keys;
 pub mod netns;
+
+pub use keys::{PairKeys, StatusAuth};
 
 /// Path of a workspace binary built beside the running program: a test
 /// (`target/<profile>/deps/<test>`) or a binary (`target/<profile>/<bin>`).
@@ -168,12 +172,32 @@ pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> a
     wait_until_serving(proc, endpoint)
 }
 
+/// Starts one server node with its keys from `keys` (CurveZMQ on every
+/// socket) and waits until it answers `status` to the admin key.
+pub fn start_keyed_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path, keys: &PairKeys) -> anyhow::Result<Proc> {
+    let key_args = keys.server_args(primary);
+    let mut all: Vec<&str> = extra.to_vec();
+    all.extend(key_args.iter().map(String::as_str));
+    let (name, args) = server_args(pair, primary, &all, dir);
+    let proc = Proc::spawn(name, &bin("fog-server"), &args, dir)?;
+    let endpoint = if primary { &pair.primary_frontend } else { &pair.backup_frontend };
+    wait_until_serving_as(proc, endpoint, Some(&keys.admin_status(primary)))
+}
+
 /// Waits until the server `proc` answers `status` at `endpoint`, at most 20 s.
 pub fn wait_until_serving(proc: Proc, endpoint: &str) -> anyhow::Result<Proc> {
+    wait_until_serving_as(proc, endpoint, None)
+}
+
+/// [`wait_until_serving`] for a server run with keys: `status` asks with `auth`.
+pub fn wait_until_serving_as(mut proc: Proc, endpoint: &str, auth: Option<&StatusAuth>) -> anyhow::Result<Proc> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if server_status(endpoint).is_ok() {
+        if server_status_as(endpoint, auth).is_ok() {
             return Ok(proc);
+        }
+        if let Some(exit) = proc.child.try_wait()? {
+            bail!("{} exited ({exit}) before it answered status:\n{}", proc.name, proc.log_tail(20));
         }
         if Instant::now() > deadline {
             bail!("{} did not answer status within 20 s:\n{}", proc.name, proc.log_tail(20));
@@ -184,10 +208,15 @@ pub fn wait_until_serving(proc: Proc, endpoint: &str) -> anyhow::Result<Proc> {
 
 /// `fog-server status ENDPOINT --json`, parsed.
 pub fn server_status(endpoint: &str) -> anyhow::Result<Value> {
-    let out = Command::new(bin("fog-server"))
-        .args(["status", endpoint, "--json", "--timeout", "1s"])
-        .output()
-        .context("cannot run fog-server status")?;
+    server_status_as(endpoint, None)
+}
+
+/// `fog-server status ENDPOINT --json`, parsed, authenticated with `auth`
+/// when the server runs with keys.
+pub fn server_status_as(endpoint: &str, auth: Option<&StatusAuth>) -> anyhow::Result<Value> {
+    let mut args: Vec<String> = ["status", endpoint, "--json", "--timeout", "1s"].iter().map(|s| s.to_string()).collect();
+    args.extend(auth.map(StatusAuth::args).unwrap_or_default());
+    let out = Command::new(bin("fog-server")).args(&args).output().context("cannot run fog-server status")?;
     if !out.status.success() {
         bail!("status of {endpoint} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

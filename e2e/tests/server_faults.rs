@@ -325,7 +325,10 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
 /// Starts one node of `pair` inside namespace `ns` and waits until it
 /// answers `status` from the root namespace.
 fn start_server_in(lab: &Lab, ns: &str, pair: &Pair, primary: bool, dir: &std::path::Path) -> Proc {
-    let (name, args) = fog_e2e::server_args(pair, primary, SERVER_FLAGS, dir);
+    // The veth addresses are not loopback: a server without keys needs
+    // --insecure there (the namespaces are this test's own).
+    let flags: Vec<&str> = SERVER_FLAGS.iter().copied().chain(["--insecure"]).collect();
+    let (name, args) = fog_e2e::server_args(pair, primary, &flags, dir);
     let proc = lab.spawn(ns, name, &fog_e2e::bin("fog-server"), &args, dir).unwrap();
     fog_e2e::wait_until_serving(proc, if primary { &pair.primary_frontend } else { &pair.backup_frontend }).unwrap()
 }

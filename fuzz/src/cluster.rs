@@ -26,10 +26,14 @@ const RESEND_AFTER_MS: u64 = 300;
 /// Most outputs one input may cause before it counts as a storm.
 const MAX_OUTPUTS_PER_INPUT: usize = 200_000;
 
+/// The pair's key for sealing epochs (both nodes share it; hosts never
+/// see it).
+const SEAL_KEY: [u8; 32] = [0x5e; 32];
+
 /// The one place a [`NodeConfig`] is built: a field the Node gains (a seal
 /// key) is one line here.
 pub fn node_config(role: Role) -> NodeConfig {
-    NodeConfig { role, heartbeat_ms: HEARTBEAT_MS, windows: WindowConfig::default(), snapshot_every: 200 }
+    NodeConfig { role, heartbeat_ms: HEARTBEAT_MS, windows: WindowConfig::default(), snapshot_every: 200, seal_key: SEAL_KEY }
 }
 
 /// A broken invariant: `sig` names the kind (stable across runs, no

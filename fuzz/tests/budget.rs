@@ -1,6 +1,6 @@
-//! A fixed budget of seeded fuzz inputs (20 000) against today's Node, run
-//! through the real `fog-fuzz` binary; fails on any finding not known on
-//! main.
+//! A fixed budget of seeded fuzz inputs (20 000) against the Node, run
+//! through the real `fog-fuzz` binary; fails on any finding not in
+//! [`KNOWN`].
 //!
 //! `cargo test --release -p fog-fuzz`, or `--profile fuzz`, which turns
 //! integer overflow into panics (in release a wrapped seq can loop
@@ -14,20 +14,23 @@ use std::time::Instant;
 
 const BUDGET: u64 = 20_000;
 
-/// Signatures main is known to produce, each with the bug behind it. The
-/// hardening on branch `edge-node` (sealed epochs, refusing readings out of
-/// range, linear dedup) removes them: after that merge this list must be
-/// emptied, and the test then fails on any finding at all.
-const KNOWN_ON_MAIN: &[(&str, &str)] = &[
-    ("active-stepped-down-on-request", "a forged epoch in a batch (or a sensor's cursor) makes the active step down"),
-    ("legit-unacked", "the active that stepped down on a forged epoch never serves again"),
-    ("panic: attempt to add with overflow @ server/src/node.rs", "a u64::MAX epoch wraps epoch + 1 at the next takeover"),
-    ("epoch-went-down", "the same wrap, without overflow checks (release)"),
-    ("legit-miscounted", "a reading stamped 0 with seq 2^62 on a sensor's key expires all its lower seqs: its next readings are acked, never counted"),
-    ("panic: attempt to add with overflow @ server/src/ingest.rs", "the same with seq u64::MAX: seq + 1 overflows"),
-    ("hang", "the same without overflow checks (release): the watermark wraps to 0 and compaction loops forever"),
-    ("slow-input", "dedup within a batch is quadratic: 65 536 new readings of one sensor take about a second"),
-];
+/// Signatures the Node is known to produce, each with the bug behind it:
+/// a finding listed here is reported but does not fail the test.
+///
+/// Empty since main merged the hardened node (sealed epochs, refusing
+/// readings out of range, linear dedup). Before it (e57f783) this list
+/// held, in the order the harness found them:
+/// - `panic: attempt to add with overflow @ server/src/ingest.rs`, `hang`
+///   (release), `legit-miscounted`: a reading stamped 0 with seq 2^62 or
+///   u64::MAX on a legit sensor's key expired all lower seqs (or wrapped
+///   the watermark): the sensor's next readings were acked, never counted;
+/// - `active-stepped-down-on-request`, `legit-unacked`: a forged epoch in a
+///   batch or a sensor's cursor made the active step down for good;
+/// - `panic: attempt to add with overflow @ server/src/node.rs`,
+///   `epoch-went-down` (release): a u64::MAX epoch wrapped `epoch + 1`;
+/// - `slow-input`: dedup within a batch was quadratic (65 536 new readings
+///   of one sensor: 0.6 to 1.5 s).
+const KNOWN: &[(&str, &str)] = &[];
 
 #[derive(Default)]
 struct Seen {
@@ -79,11 +82,11 @@ fn a_fixed_budget_of_hostile_inputs_finds_nothing_unknown() {
     println!("{executions} executions, seeds 0..{seed}, {secs:.1} s ({:.0}/s); slowest input {slowest_us} µs (replay {slowest_at})", executions as f64 / secs);
     let mut unknown = Vec::new();
     for (sig, s) in &seen {
-        let known = KNOWN_ON_MAIN.iter().any(|(k, _)| k == sig);
+        let known = KNOWN.iter().any(|(k, _)| k == sig);
         println!("{} {sig}: {} runs, first after {} executions, replay {}", if known { "known" } else { "NEW" }, s.runs, s.first_after, s.replay);
         if !known {
             unknown.push(format!("{sig} (replay {}): {}", s.replay, s.detail));
         }
     }
-    assert!(unknown.is_empty(), "findings not known on main:\n{}", unknown.join("\n"));
+    assert!(unknown.is_empty(), "findings not known:\n{}", unknown.join("\n"));
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use fog_protocol::{Average, AverageCursor, BatchReply, Reading, SensorBatch};
+use fog_protocol::{Average, AverageCursor, BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, Reading, SensorBatch};
 use serde::Serialize;
 
 use crate::runtime::{
@@ -221,6 +221,13 @@ pub struct Fleet {
     newest_average: u64,
     /// When a batch last carried every running sensor.
     last_full_batch: Option<Instant>,
+    /// Where the next batch starts looking for sensors, so that when the
+    /// protocol's caps leave some out, the next batch takes them first.
+    batch_start: usize,
+    /// Sensors of the current once-a-second pass not yet in a batch.
+    full_pass_left: usize,
+    /// Readings refused by a server, per reason (logged once per reason).
+    refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// How often a batch carries every running sensor, news or not: so that a
@@ -300,6 +307,9 @@ impl Fleet {
             swaps: 0,
             newest_average: 0,
             last_full_batch: None,
+            batch_start: 0,
+            full_pass_left: 0,
+            refused: std::collections::BTreeMap::new(),
         })
     }
 
@@ -318,6 +328,15 @@ impl Fleet {
     /// Whether committed snapshots go to a state directory.
     pub fn has_state_dir(&self) -> bool {
         self.store.is_some()
+    }
+
+    /// Saves a newer server epoch and its seal in the state directory, if
+    /// there is one.
+    pub fn save_epoch(&self, epoch: u64, seal: &fog_protocol::Seal) -> std::io::Result<()> {
+        match &self.store {
+            Some(store) => store.save_epoch(epoch, seal),
+            None => Ok(()),
+        }
     }
 
     /// Where the running component came from.
@@ -483,38 +502,68 @@ impl Fleet {
     /// on (a reply's averages reach every sensor, so one sensor that asks
     /// is enough for all), and every running sensor once a second (see
     /// [`FULL_BATCH_EVERY`]). Call [`Fleet::commit`] first.
+    ///
+    /// A batch holds at most [`MAX_SENSORS_PER_BATCH`] sensors and
+    /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
+    /// does not fit goes first in the next batch, which is sent as soon as
+    /// the reply comes (`pending` stays above zero).
     pub fn take_batch(&mut self) -> (Vec<SensorBatch>, usize) {
         let now = Instant::now();
-        let full = self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY);
-        if full {
+        if self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY) {
             self.last_full_batch = Some(now);
+            self.full_pass_left = self.sensors.len();
         }
+        let n = self.sensors.len();
         let newest = self.newest_average;
         let news = |s: &SensorSlot| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
-        let mut chosen: Vec<usize> = (0..self.sensors.len())
-            .filter(|&i| matches!(self.sensors[i].life, Life::Running(_)) && (full || news(&self.sensors[i])))
-            .collect();
-        if chosen.is_empty() {
+        let (mut sensors, mut readings) = (Vec::new(), 0usize);
+        let mut visited = 0;
+        while visited < n && sensors.len() < MAX_SENSORS_PER_BATCH && readings < MAX_READINGS_PER_BATCH {
+            let i = (self.batch_start + visited) % n;
+            visited += 1;
+            let in_full_pass = self.full_pass_left > 0;
+            self.full_pass_left = self.full_pass_left.saturating_sub(1);
+            let s = &mut self.sensors[i];
+            if !matches!(s.life, Life::Running(_)) || !(in_full_pass || news(s)) {
+                continue;
+            }
+            let take = s.pending.len().min(MAX_READINGS_PER_BATCH - readings);
+            readings += take;
+            sensors.push(SensorBatch {
+                sensor_id: s.id,
+                incarnation: s.incarnation,
+                segment: s.segment,
+                readings: s.pending.drain(..take).collect(),
+                average_cursor: s.cursor,
+            });
+        }
+        self.batch_start = (self.batch_start + visited) % n.max(1);
+        if sensors.is_empty() {
             // Nothing new anywhere: one sensor still asks for what follows
             // its cursor, so new averages keep coming.
-            chosen.extend(self.sensors.iter().position(|s| matches!(s.life, Life::Running(_))));
-        }
-        let mut readings = 0;
-        let sensors = chosen
-            .into_iter()
-            .map(|i| {
-                let s = &mut self.sensors[i];
-                readings += s.pending.len();
-                SensorBatch {
+            if let Some(s) = self.sensors.iter().find(|s| matches!(s.life, Life::Running(_))) {
+                sensors.push(SensorBatch {
                     sensor_id: s.id,
                     incarnation: s.incarnation,
                     segment: s.segment,
-                    readings: std::mem::take(&mut s.pending),
+                    readings: Vec::new(),
                     average_cursor: s.cursor,
-                }
-            })
-            .collect();
+                });
+            }
+        }
         (sensors, readings)
+    }
+
+    /// Notes readings a server refused (they stay with their sensors and
+    /// go again); each reason is logged once.
+    fn note_refused(&mut self, reply: &BatchReply) {
+        for r in &reply.refused {
+            let count = self.refused.entry(r.reason.to_string()).or_insert(0);
+            if *count == 0 {
+                tracing::warn!(sensor_id = r.sensor_id, "the server refused {} readings: {}; they are kept and sent again", r.count, r.reason);
+            }
+            *count = count.saturating_add(u64::from(r.count));
+        }
     }
 
     /// Makes the next batch carry every running sensor (after a failover:
@@ -527,6 +576,7 @@ impl Fleet {
     /// is not running misses it; once restarted it resends what was not
     /// acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, reply: &BatchReply) {
+        self.note_refused(reply);
         if let Some(last) = reply.averages.last() {
             self.newest_average = last.seq;
         }

@@ -1,21 +1,28 @@
-//! One DEALER connection to one server, with its receive side in a task of
-//! its own so a receive is always pending.
+//! One DEALER connection to one server, on a socket thread of its own (see
+//! `fog_transport::socket`), with its events forwarded by a task.
 //!
-//! zmq.rs DEALERs do not reconnect by themselves and a send to a dead peer
-//! may succeed silently, so a `Link` is disposable: the session drops it on
-//! silence and connects a fresh one, and only a reply counts as delivery.
-//! Frames arrive on a shared channel tagged with the link's generation, so
-//! late frames from a dropped link are recognised and ignored. The socket's
-//! monitor reports a closed connection on the same channel: a server that
-//! died is given up at once instead of after the reply timeout.
+//! A `Link` is disposable: the session drops it on silence and connects a
+//! fresh one, and only a reply counts as delivery. Frames arrive on a
+//! shared channel tagged with the link's generation, so late frames from a
+//! dropped link are recognised and ignored. The socket's monitor reports a
+//! closed connection, or a server that refused the host's key, on the same
+//! channel: a server that died is given up at once instead of after the
+//! reply timeout.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use futures_util::StreamExt;
-use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
+
+/// The keys a host connects with: its own, and each server's public key.
+#[derive(Debug, Clone)]
+pub struct LinkKeys {
+    pub keys: Arc<Keypair>,
+    pub server: PublicKey,
+}
 
 /// Something that happened on the link of the given generation.
 pub struct Incoming {
@@ -34,15 +41,13 @@ pub enum LinkEvent {
 pub struct Link {
     pub endpoint: String,
     pub generation: u64,
-    send: zeromq::DealerSendHalf,
-    recv_task: JoinHandle<()>,
-    monitor_task: JoinHandle<()>,
+    send: fog_transport::Sender,
+    events_task: JoinHandle<()>,
+    _ctx: fog_transport::Context,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("no connection to {0} within {1:?}")]
-    ConnectTimeout(String, Duration),
     #[error("cannot connect to {0}: {1}")]
     Connect(String, String),
     #[error("cannot send to {0}: {1}")]
@@ -53,52 +58,51 @@ impl Link {
     pub async fn connect(
         endpoint: String,
         generation: u64,
-        timeout: Duration,
         incoming: mpsc::UnboundedSender<Incoming>,
+        keys: Option<LinkKeys>,
     ) -> Result<Link, LinkError> {
-        let mut socket = DealerSocket::new();
-        let mut monitor = socket.monitor();
-        match tokio::time::timeout(timeout, socket.connect(&endpoint)).await {
-            Err(_) => return Err(LinkError::ConnectTimeout(endpoint, timeout)),
-            Ok(Err(e)) => return Err(LinkError::Connect(endpoint, e.to_string())),
-            Ok(Ok(())) => {}
-        }
-        let (send, mut recv) = socket.split();
-        let closed = incoming.clone();
-        let monitor_task = tokio::spawn(async move {
-            while let Some(event) = monitor.next().await {
-                if matches!(event, SocketEvent::Disconnected(_)) {
-                    let _ = closed.send(Incoming { generation, event: LinkEvent::Closed });
+        let ctx = fog_transport::Context::new();
+        let limits = Limits { max_message_bytes: fog_protocol::MAX_FRAME_BYTES + 1024, ..Limits::default() };
+        let curve = keys.as_ref().map(|k| (k.keys.as_ref(), &k.server));
+        let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, &endpoint, curve, &limits)
+            .map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
+        let mut socket = Socket::spawn("link", &ctx, dealer, true).map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
+        let send = socket.sender();
+        let name = endpoint.clone();
+        let events_task = tokio::spawn(async move {
+            while let Some(event) = socket.recv().await {
+                let event = match event {
+                    // A reply is a single frame; anything else is not ours.
+                    Event::Message(m) => match <[Vec<u8>; 1]>::try_from(m.frames) {
+                        Ok([frame]) => LinkEvent::Frame(Bytes::from(frame)),
+                        Err(_) => continue,
+                    },
+                    Event::Disconnected => LinkEvent::Closed,
+                    Event::HandshakeFailed(why) => {
+                        tracing::warn!(server = %name, "the server refused the connection: {why} (check --key and --server-keys)");
+                        LinkEvent::Closed
+                    }
+                    Event::Connected => continue,
+                };
+                let closed = matches!(event, LinkEvent::Closed);
+                if incoming.send(Incoming { generation, event }).is_err() || closed {
                     break;
                 }
             }
         });
-        let recv_task = tokio::spawn(async move {
-            while let Ok(msg) = recv.recv().await {
-                // A reply is a single frame; anything else is not ours.
-                let Some(frame) = msg.into_vec().pop() else { continue };
-                if incoming.send(Incoming { generation, event: LinkEvent::Frame(frame) }).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Link { endpoint, generation, send, recv_task, monitor_task })
+        Ok(Link { endpoint, generation, send, events_task, _ctx: ctx })
     }
 
-    /// Sends one frame; a send that cannot complete within `timeout` (no
-    /// peer to hand it to) is an error like any other.
-    pub async fn send(&mut self, frame: Vec<u8>, timeout: Duration) -> Result<(), LinkError> {
-        match tokio::time::timeout(timeout, self.send.send(ZmqMessage::from(frame))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(LinkError::Send(self.endpoint.clone(), e.to_string())),
-            Err(_) => Err(LinkError::Send(self.endpoint.clone(), format!("no peer within {timeout:?}"))),
-        }
+    /// Queues one frame; libzmq sends it once connected. A frame that
+    /// cannot be queued (the server has not taken the earlier ones) is an
+    /// error like any other.
+    pub async fn send(&mut self, frame: Vec<u8>, _timeout: Duration) -> Result<(), LinkError> {
+        self.send.send(vec![frame]).map_err(|e| LinkError::Send(self.endpoint.clone(), e.to_string()))
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.recv_task.abort();
-        self.monitor_task.abort();
+        self.events_task.abort();
     }
 }

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::fleet::{Fleet, SensorSummary};
 use crate::runtime::{LoadError, SensorComponent};
-use crate::link::{Incoming, Link, LinkError, LinkEvent};
+use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
 
 /// How soon a server that answered "not active" is asked again.
 const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
@@ -37,6 +37,18 @@ pub struct SessionConfig {
     pub progress: Option<Duration>,
     /// The component file a hot swap reloads; `None` for the built-in sensor.
     pub component: Option<PathBuf>,
+    /// The host's keys and each server's public key (in `servers` order);
+    /// `None` talks to servers run without keys.
+    pub keys: Option<HostKeys>,
+    /// The highest server epoch seen before a restart, and its seal.
+    pub epoch: Option<(u64, fog_protocol::Seal)>,
+}
+
+/// The keys a host authenticates with, and the servers' public keys.
+#[derive(Debug, Clone)]
+pub struct HostKeys {
+    pub keys: std::sync::Arc<fog_transport::Keypair>,
+    pub servers: Vec<fog_transport::PublicKey>,
 }
 
 /// Ticks of one interval are spread over this many slices (fewer with
@@ -162,8 +174,8 @@ pub async fn run(
         refused_batches: 0,
         latest: BTreeMap::new(),
         started,
-        epoch: 0,
-        seal: [0; 16],
+        epoch: cfg.epoch.map_or(0, |e| e.0),
+        seal: cfg.epoch.map_or([0; 16], |e| e.1),
         batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
         next_batch_at: started,
         commit_failing: false,
@@ -345,14 +357,17 @@ impl Session<'_> {
         self.generation += 1;
         let endpoint = self.endpoint().to_string();
         let generation = self.generation;
-        let timeout = self.cfg.timeout;
         let tx = self.incoming_tx.clone();
+        let keys = self.cfg.keys.as_ref().map(|k| LinkKeys {
+            keys: k.keys.clone(),
+            server: k.servers.get(self.current).or(k.servers.last()).copied().unwrap_or(fog_transport::PublicKey([0; 32])),
+        });
         if let Some(old) = self.connecting.take() {
             old.abort();
         }
         self.connecting = Some(tokio::spawn(async move {
             tokio::time::sleep(pause).await;
-            Link::connect(endpoint, generation, timeout, tx).await
+            Link::connect(endpoint, generation, tx, keys).await
         }));
     }
 
@@ -482,6 +497,9 @@ impl Session<'_> {
         if epoch > self.epoch {
             self.epoch = epoch;
             self.seal = seal;
+            if let Err(e) = self.fleet.save_epoch(epoch, &seal) {
+                tracing::warn!("cannot save the server epoch in the state directory: {e}");
+            }
         }
     }
 

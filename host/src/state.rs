@@ -14,7 +14,9 @@
 //! file, synced and renamed over the old one.
 //!
 //! A `LOCK` file held with an exclusive lock keeps two hosts from sharing
-//! one directory.
+//! one directory. The file `epoch` holds the highest server epoch the host
+//! has seen, with the pair's seal of it: a host restarted with its
+//! directory still tells a server that lost its data that it is behind.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +29,7 @@ const HEADER_LEN: u64 = 12;
 const FILE_NAME: &str = "sensors.state";
 /// Larger than any snapshot a sensor within its memory cap could hand over.
 const MAX_RECORD: u32 = 256 << 20;
+const EPOCH_FILE: &str = "epoch";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -55,6 +58,8 @@ pub struct Opened {
     pub saved: HashMap<u32, Vec<u8>>,
     /// Bytes of a torn tail that were cut off.
     pub torn_bytes: u64,
+    /// The highest server epoch seen, with its seal (none saved: `None`).
+    pub epoch: Option<(u64, [u8; 16])>,
 }
 
 impl StateStore {
@@ -101,7 +106,27 @@ impl StateStore {
             saved.insert(id, state.to_vec());
         }
         let store = StateStore { dir: dir.to_path_buf(), file, _lock: lock, log_bytes: good_len, live };
-        Ok(Opened { store, saved, torn_bytes })
+        // 8 bytes of epoch and 16 of seal; anything else (a torn write
+        // cannot happen: the file is renamed into place) is ignored.
+        let epoch = std::fs::read(dir.join(EPOCH_FILE)).ok().and_then(|b| {
+            let epoch = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+            let seal: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            Some((epoch, seal))
+        });
+        Ok(Opened { store, saved, torn_bytes, epoch })
+    }
+
+    /// Saves the highest server epoch seen and its seal: written to a
+    /// temporary file, synced and renamed into place.
+    pub fn save_epoch(&self, epoch: u64, seal: &[u8; 16]) -> std::io::Result<()> {
+        let tmp = self.dir.join("epoch.tmp");
+        let mut bytes = epoch.to_le_bytes().to_vec();
+        bytes.extend_from_slice(seal);
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(EPOCH_FILE))?;
+        sync_dir(&self.dir)
     }
 
     /// Appends snapshots and syncs them to disk with one fsync.

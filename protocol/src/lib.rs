@@ -37,6 +37,14 @@ pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_READINGS_PER_BATCH: usize = 65_536;
 /// Most sensors a single batch may carry.
 pub const MAX_SENSORS_PER_BATCH: usize = 65_536;
+/// Epochs at or above this are refused as evidence from anyone (host, sensor
+/// cursor or peer): a takeover adds one or two to the highest epoch known,
+/// which must not wrap, and no pair takes over 2^62 times.
+pub const MAX_EPOCH: u64 = 1 << 62;
+/// Seqs at or above this are refused from any sensor: `seq + 1` can never
+/// wrap, and 2^53 readings are 285 000 years of one reading a millisecond
+/// (it is also the largest integer a JSON number carries exactly).
+pub const MAX_SEQ: u64 = 1 << 53;
 /// Most averages a single reply carries; a sensor further behind gets the
 /// rest in following replies.
 pub const MAX_AVERAGES_PER_REPLY: usize = 4096;
@@ -339,10 +347,50 @@ pub struct StatusReport {
     /// dedup state was compacted away; their readings stay in `counted`
     /// but no longer appear in `per_sensor`.
     pub retired_incarnations: u64,
+    /// Frames dropped undecodable (the same count as `refused.malformed`).
     pub malformed_frames: u64,
+    /// Requests and readings refused, per reason.
+    pub refused: RefusedCounts,
+    /// Epochs claimed by hosts or sensor cursors without a valid seal (or
+    /// at or above [`MAX_EPOCH`]): ignored, never a reason to step down.
+    pub forged_epochs: u64,
     pub batches: u64,
     pub peer_alive: bool,
     pub per_sensor: Vec<SensorCount>,
+}
+
+/// How many requests or readings a server refused, per [`Refusal`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedCounts {
+    pub malformed: u64,
+    pub too_large: u64,
+    pub not_authorized: u64,
+    pub foreign_sensor: u64,
+    pub from_the_future: u64,
+    pub seq_out_of_range: u64,
+    pub busy: u64,
+}
+
+impl RefusedCounts {
+    /// The counter of `reason`.
+    pub fn of(&mut self, reason: Refusal) -> &mut u64 {
+        match reason {
+            Refusal::Malformed => &mut self.malformed,
+            Refusal::TooLarge => &mut self.too_large,
+            Refusal::NotAuthorized => &mut self.not_authorized,
+            Refusal::ForeignSensor => &mut self.foreign_sensor,
+            Refusal::FromTheFuture => &mut self.from_the_future,
+            Refusal::SeqOutOfRange => &mut self.seq_out_of_range,
+            Refusal::Busy => &mut self.busy,
+        }
+    }
+
+    /// Adds `n` refusals for `reason` (saturating: a counter, not a sum
+    /// anyone relies on past 2^64).
+    pub fn add(&mut self, reason: Refusal, n: u64) {
+        let c = self.of(reason);
+        *c = c.saturating_add(n);
+    }
 }
 
 /// What a server counted for one `(sensor_id, incarnation)`.

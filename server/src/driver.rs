@@ -1,38 +1,43 @@
-//! The tokio + ZeroMQ shell around a [`Node`]: sockets, the wall clock,
-//! the disk, logging and shutdown. No protocol decision is made here.
+//! The tokio + ZeroMQ shell around a [`Node`]: sockets, keys, the wall
+//! clock, the disk, logging and shutdown. No protocol decision is made here.
 //!
-//! - Frontend: a ROUTER; a request is exactly `[identity, payload]` and the
-//!   reply goes back as `[identity, payload]`. Anything else is dropped and
-//!   counted, and logged once per peer identity.
+//! - Frontend: a ROUTER (CurveZMQ server, every client key checked by the
+//!   ZAP handler); a request is exactly `[identity, payload]` and the reply
+//!   goes back as `[identity, payload]`. What a client may ask is checked
+//!   against its key's rights ([`crate::edge`]) before the node sees it.
+//!   Anything malformed is dropped and counted, and logged once per peer.
+//!   Replies a client does not take (it stopped reading) are dropped and
+//!   counted: the client resends, nothing acked is lost.
 //! - State channel: a PUB bound locally carries every [`PeerMessage`] of this
-//!   node (heartbeats, log entries, snapshots, acks); a SUB connected to the
-//!   peer's PUB feeds the peer's messages to the node. zmq.rs does not
-//!   reliably reconnect, so the SUB is recreated whenever the peer is silent
-//!   for two heartbeats; what is lost meanwhile, the replication protocol
-//!   sends again.
+//!   node (heartbeats, log entries, snapshots, acks) to the peer only (the
+//!   ZAP handler admits the `peer` key alone); a SUB connected to the peer's
+//!   PUB, authenticating the peer by its server key, feeds the peer's
+//!   messages to the node. libzmq reconnects by itself.
+//! - Keys: the node's own keypair, and the authorized-keys file, reloaded on
+//!   SIGHUP. The pair's seal key (for epochs) is derived from the two
+//!   servers' keys, so only they can make it.
 //! - Disk: one thread owns the write-ahead log. It takes every group of
 //!   entries queued while it was busy, writes them at once and syncs once
 //!   (group commit), then reports "durable up to" back to the node.
-//! - One task owns the node; socket receivers run in their own tasks so a
-//!   receive is always pending, and hand frames over through channels.
+//! - Every socket lives on a thread of its own (`fog_transport::Socket`);
+//!   one task owns the node.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use fog_protocol::now_ms;
 
-use bytes::Bytes;
-use fog_protocol::{LogEntry, PeerMessage, decode, decode_request, encode};
+use fog_protocol::{DecodeError, LogEntry, PeerMessage, Refusal, RefusedReadings, Reply, decode, decode_request, encode};
+use fog_transport::{AccessList, Event, Limits, PublicKey, SharedAccess, Socket, ZapHandler};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
-use zeromq::{
-    PubSocket, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqError,
-    ZmqMessage,
-};
 
+use crate::edge::{Admission, Security, admit, rights_of};
 use crate::fsm::Role;
 use crate::node::{ClientToken, Node, NodeConfig, Output};
 use crate::wal::{FsyncPolicy, Wal, WalError};
@@ -40,13 +45,13 @@ use crate::windows::WindowConfig;
 
 /// How often the driver logs progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Distinct peers whose malformed frames are logged; beyond that, only counted.
-const MALFORMED_LOG_PEERS: usize = 1024;
-/// A reply that cannot be queued within this time is dropped (the client
-/// resends); one stuck client must not stall the others.
-const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Distinct peers whose malformed frames or refused requests are logged;
+/// beyond that, only counted.
+const LOGGED_PEERS: usize = 1024;
 /// Requests taken in one go before their entries go to the disk together.
 const MAX_REQUESTS_PER_ROUND: usize = 256;
+/// Messages queued per peer and direction on every socket.
+const HWM: i32 = 1000;
 
 /// Everything a server process is started with.
 #[derive(Debug, Clone)]
@@ -65,6 +70,8 @@ pub struct ServerConfig {
     pub fsync: FsyncPolicy,
     /// A local snapshot after this many log entries.
     pub snapshot_every: u64,
+    /// Keys, or none (loopback only unless explicitly allowed).
+    pub security: Security,
 }
 
 impl ServerConfig {
@@ -86,6 +93,7 @@ impl ServerConfig {
             data_dir: PathBuf::from("fog-data").join(role.as_str()),
             fsync: FsyncPolicy::Batch,
             snapshot_every: 10_000,
+            security: Security::None { allow_remote: false },
         }
     }
 }
@@ -105,24 +113,12 @@ pub enum ServerError {
     Wal(#[from] WalError),
     #[error("cannot recover from {}: {why}", dir.display())]
     Recover { dir: PathBuf, why: String },
-}
-
-/// The innermost cause of a ZeroMQ error, without zmq.rs's wrapper text
-/// (its wrappers repeat their source in their own message).
-pub(crate) fn zmq_reason(e: &ZmqError) -> String {
-    match e {
-        ZmqError::Network(io) => io.to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// Accepts the libzmq spelling `tcp://*:PORT` for "all interfaces", which
-/// zmq.rs does not.
-pub fn bind_endpoint(endpoint: &str) -> String {
-    match endpoint.strip_prefix("tcp://*:") {
-        Some(port) => format!("tcp://0.0.0.0:{port}"),
-        None => endpoint.to_string(),
-    }
+    #[error(transparent)]
+    Transport(#[from] fog_transport::TransportError),
+    #[error("keys: {0}")]
+    Access(#[from] fog_transport::AccessError),
+    #[error("{0}")]
+    Insecure(String),
 }
 
 /// A job for the disk thread.
@@ -203,6 +199,138 @@ fn recover_node(cfg: &ServerConfig, node_cfg: NodeConfig) -> Result<(Node, Wal),
     Ok((node, wal))
 }
 
+/// The sockets and keys of a running node.
+struct Edge {
+    frontend: Socket,
+    publisher: Socket,
+    peer: Socket,
+    /// How to connect to the peer again (after a pause of this process).
+    peer_connect: PeerConnect,
+    /// The authorized keys; `None` without security.
+    access: Option<SharedAccess>,
+    access_path: Option<PathBuf>,
+    /// The key epochs are sealed with: derived from the two servers' keys
+    /// (their X25519 shared secret), so only the pair can make it. Without
+    /// keys, a fixed one: on loopback there is nobody to keep out.
+    seal_key: [u8; 32],
+    _zap: Option<ZapHandler>,
+    _ctx: fog_transport::Context,
+}
+
+/// Binds the frontend and the state channel and connects to the peer, with
+/// the node's keys (or, without keys, on loopback only).
+fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
+    let ctx = fog_transport::Context::new();
+    let limits = Limits { max_message_bytes: fog_protocol::MAX_FRAME_BYTES + 1024, hwm: HWM, ..Limits::default() };
+    let socket_err = |e: std::io::Error| ServerError::Config(format!("cannot start a socket thread: {e}"));
+    let (curve, peer_key, access, access_path, zap) = match &cfg.security {
+        Security::None { allow_remote } => {
+            let remote: Vec<&str> = [&cfg.frontend, &cfg.state_bind]
+                .into_iter()
+                .map(String::as_str)
+                .filter(|e| !fog_transport::is_local(e))
+                .collect();
+            if !remote.is_empty() && !allow_remote {
+                return Err(ServerError::Insecure(format!(
+                    "refusing to listen on {} without keys: give --key and --authorized-keys (see `fog-server keygen`), or --insecure to serve anyone who can reach it",
+                    remote.join(" and ")
+                )));
+            }
+            (None, None, None, None, None)
+        }
+        Security::Curve { keys, access: path } => {
+            let list = AccessList::read(path)?;
+            let Some(peer) = list.peer().map(|c| c.key) else {
+                return Err(ServerError::Config(format!(
+                    "{} lists no key with the `peer` right: the other server's public key must be there",
+                    path.display()
+                )));
+            };
+            info!(keys = list.len(), file = %path.display(), key = %keys.public, "CurveZMQ on every socket; clients checked against the authorized keys");
+            let shared: SharedAccess = Arc::new(RwLock::new(Arc::new(list)));
+            let zap = ZapHandler::start(&ctx, shared.clone())
+                .map_err(|e| ServerError::Config(format!("cannot start the ZAP handler: {e}")))?;
+            (Some(keys.clone()), Some(peer), Some(shared), Some(path.clone()), Some(zap))
+        }
+    };
+    fn bind_err<'a>(what: &'static str, endpoint: &'a str) -> impl FnOnce(fog_transport::TransportError) -> ServerError + 'a {
+        move |e| match e {
+            fog_transport::TransportError::Endpoint { reason, .. } => ServerError::Bind { what, endpoint: endpoint.to_string(), reason },
+            other => other.into(),
+        }
+    }
+    let frontend = fog_transport::bind(&ctx, fog_transport::SocketType::ROUTER, &cfg.frontend, curve.as_ref(), fog_transport::FRONTEND_DOMAIN, &limits)
+        .map_err(bind_err("frontend", &cfg.frontend))?;
+    let publisher = fog_transport::bind(&ctx, fog_transport::SocketType::PUB, &cfg.state_bind, curve.as_ref(), fog_transport::STATE_DOMAIN, &limits)
+        .map_err(bind_err("state", &cfg.state_bind))?;
+    match &cfg.security {
+        Security::Curve { .. } => {}
+        Security::None { allow_remote: false } => warn!("no keys: serving without authentication or encryption, on loopback only"),
+        Security::None { allow_remote: true } => warn!("--insecure: serving without authentication or encryption to anyone who can reach these ports"),
+    }
+    let peer = fog_transport::connect(
+        &ctx,
+        fog_transport::SocketType::SUB,
+        &cfg.state_connect,
+        curve.as_ref().zip(peer_key.as_ref()),
+        &limits,
+    )?;
+    let peer_connect = PeerConnect { endpoint: cfg.state_connect.clone(), curve: curve.clone().zip(peer_key), limits };
+    Ok(Edge {
+        frontend: Socket::spawn("frontend", &ctx, frontend, false).map_err(socket_err)?,
+        publisher: Socket::spawn("state", &ctx, publisher, false).map_err(socket_err)?,
+        peer: Socket::spawn("peer", &ctx, peer, false).map_err(socket_err)?,
+        peer_connect,
+        access,
+        access_path,
+        seal_key: match (&curve, &peer_key) {
+            (Some(keys), Some(peer)) => blake3::derive_key("fog 2026-12 pair epoch seal", &keys.shared_secret(peer)),
+            _ => blake3::derive_key("fog 2026-12 pair epoch seal, no keys", b""),
+        },
+        _zap: zap,
+        _ctx: ctx,
+    })
+}
+
+/// The peer's state endpoint and the keys to reach it with.
+struct PeerConnect {
+    endpoint: String,
+    curve: Option<(fog_transport::Keypair, PublicKey)>,
+    limits: Limits,
+}
+
+impl Edge {
+    /// Replaces the connection to the peer's state channel, dropping every
+    /// message queued on it. After this process was paused (SIGSTOP, a VM
+    /// freeze), what is queued is the peer's past: heartbeats from before
+    /// it took over would make this node act on a world that is gone.
+    fn reconnect_peer(&mut self) -> Result<(), ServerError> {
+        let c = &self.peer_connect;
+        let curve = c.curve.as_ref().map(|(k, p)| (k, p));
+        let sub = fog_transport::connect(&self._ctx, fog_transport::SocketType::SUB, &c.endpoint, curve, &c.limits)?;
+        self.peer = Socket::spawn("peer", &self._ctx, sub, false)
+            .map_err(|e| ServerError::Config(format!("cannot start a socket thread: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Re-reads the authorized-keys file (SIGHUP); a file that does not parse
+/// leaves the old keys in force.
+fn reload_keys(edge: &Edge) {
+    let (Some(shared), Some(path)) = (&edge.access, &edge.access_path) else {
+        info!("SIGHUP: no authorized-keys file to reload (running without keys)");
+        return;
+    };
+    match AccessList::read(path) {
+        Ok(list) => {
+            let n = list.len();
+            fog_transport::zap::replace(shared, list);
+            info!(keys = n, file = %path.display(), "reloaded the authorized keys; connections of keys still listed carry on");
+        }
+        Err(e) => warn!("kept the authorized keys in force: the new file is refused: {e}"),
+    }
+}
+
 /// Runs a server until `shutdown` completes.
 pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let heartbeat_ms = u64::try_from(cfg.heartbeat.as_millis()).unwrap_or(u64::MAX);
@@ -211,27 +339,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             "the heartbeat must be at least 1 ms".into(),
         ));
     }
-
-    let frontend = bind_endpoint(&cfg.frontend);
-    let mut router = RouterSocket::new();
-    router
-        .bind(&frontend)
-        .await
-        .map_err(|e| ServerError::Bind {
-            what: "frontend",
-            endpoint: cfg.frontend.clone(),
-            reason: zmq_reason(&e),
-        })?;
-    let state_bind = bind_endpoint(&cfg.state_bind);
-    let mut publisher = PubSocket::new();
-    publisher
-        .bind(&state_bind)
-        .await
-        .map_err(|e| ServerError::Bind {
-            what: "state",
-            endpoint: cfg.state_bind.clone(),
-            reason: zmq_reason(&e),
-        })?;
+    let mut edge = open_edge(&cfg)?;
     // Recovery comes after binding, so that a second server started on the
     // same ports fails before it touches the data directory.
     let (mut node, wal) = recover_node(
@@ -241,24 +349,17 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             heartbeat_ms,
             windows: cfg.windows,
             snapshot_every: cfg.snapshot_every.max(1),
+            seal_key: edge.seal_key,
         },
     )?;
-    let (mut replies, requests_rx) = router.split();
-
-    let (request_tx, mut requests) = mpsc::channel::<ZmqMessage>(4096);
-    let reader = tokio::spawn(read_frontend(requests_rx, request_tx));
-    let (peer_tx, mut peer_rx) = mpsc::channel::<PeerMessage>(1024);
-    let watcher = tokio::spawn(watch_peer(
-        cfg.state_connect.clone(),
-        cfg.heartbeat,
-        peer_tx,
-    ));
     let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
     let (done_tx, mut disk_done) = mpsc::unbounded_channel::<DiskDone>();
     let disk = std::thread::Builder::new()
         .name("fog-wal".into())
         .spawn(move || disk_thread(wal, disk_jobs, done_tx))
         .map_err(|e| ServerError::Config(format!("cannot start the log thread: {e}")))?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| ServerError::Config(format!("cannot listen for SIGHUP: {e}")))?;
 
     info!(
         role = cfg.role.as_str(),
@@ -273,35 +374,74 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut report = Progress::default();
-    let mut malformed_peers: HashSet<Bytes> = HashSet::new();
-    let mut clients = Clients::default();
+    let mut gate = Gate::default();
     let mut failure: Option<ServerError> = None;
+    let mut peer_heard_at: Option<std::time::Instant> = None;
+    let silence = cfg.heartbeat * 2;
+    // A wake this late means the process was paused (the node's own pause
+    // detection uses the same four heartbeats).
+    let paused_after = cfg.heartbeat * 4;
     tokio::pin!(shutdown);
 
     node.handle_timeout(now_ms());
+    let mut last_wake: Option<Instant> = None;
     loop {
-        let io = Io { replies: &mut replies, publisher: &mut publisher, disk: &disk_tx, clients: &mut clients };
-        if let Err(e) = flush(&mut node, io).await {
+        if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate) {
             failure = Some(e);
             break;
         }
+        // Whichever event woke the loop after a pause, the peer's queued
+        // past must not reach the node.
+        if last_wake.is_some_and(|w| Instant::now() > w + paused_after) {
+            warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
+            if let Err(e) = edge.reconnect_peer() {
+                failure = Some(e);
+                break;
+            }
+        }
         let wake = Instant::now() + Duration::from_millis(node.poll_timeout().saturating_sub(now_ms()));
+        last_wake = Some(wake);
         tokio::select! {
             () = &mut shutdown => break,
-            Some(frame) = requests.recv() => {
-                handle_frame(&mut node, now_ms(), frame, &mut malformed_peers, &mut clients);
+            Some(event) = edge.frontend.recv() => {
+                let access = edge.access.as_ref().map(fog_transport::zap::current);
+                handle_event(&mut node, now_ms(), event, access.as_deref(), &edge.frontend, &mut gate);
                 // Take what else is waiting, so its entries share one sync.
                 for _ in 1..MAX_REQUESTS_PER_ROUND {
-                    match requests.try_recv() {
-                        Ok(frame) => handle_frame(&mut node, now_ms(), frame, &mut malformed_peers, &mut clients),
-                        Err(_) => break,
+                    match edge.frontend.try_recv() {
+                        Some(event) => handle_event(&mut node, now_ms(), event, access.as_deref(), &edge.frontend, &mut gate),
+                        None => break,
                     }
                 }
             }
-            Some(msg) = peer_rx.recv() => {
-                node.handle_peer(now_ms(), msg);
-                while let Ok(msg) = peer_rx.try_recv() {
-                    node.handle_peer(now_ms(), msg);
+            Some(event) = edge.peer.recv() => {
+                if Instant::now() > wake + paused_after {
+                    warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
+                    if let Err(e) = edge.reconnect_peer() {
+                        failure = Some(e);
+                        break;
+                    }
+                    node.handle_timeout(now_ms());
+                    continue;
+                }
+                let mut next = Some(event);
+                while let Some(event) = next.take() {
+                    if let Event::Message(m) = event {
+                        match m.frames.as_slice() {
+                            [frame] => match decode::<PeerMessage>(frame) {
+                                Ok(msg) => {
+                                    if peer_heard_at.is_none_or(|at| at.elapsed() > silence) {
+                                        info!(peer = %cfg.state_connect, "hearing the peer");
+                                    }
+                                    peer_heard_at = Some(std::time::Instant::now());
+                                    node.handle_peer(now_ms(), msg);
+                                }
+                                Err(e) => debug!("ignored a bad frame from the peer: {e}"),
+                            },
+                            _ => debug!("ignored a message of {} frames from the peer", m.frames.len()),
+                        }
+                    }
+                    next = edge.peer.try_recv();
                 }
             }
             Some(done) = disk_done.recv() => match done {
@@ -312,8 +452,9 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     break;
                 }
             },
+            _ = hangup.recv() => reload_keys(&edge),
             () = tokio::time::sleep_until(wake) => node.handle_timeout(now_ms()),
-            _ = progress.tick() => report.log(&node, now_ms()),
+            _ = progress.tick() => report.log(&node, now_ms(), &edge, &gate),
         }
     }
 
@@ -323,8 +464,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         lsn = node.lsn(),
         "shutting down"
     );
-    reader.abort();
-    watcher.abort();
     drop(disk_tx);
     let _ = tokio::task::spawn_blocking(move || disk.join()).await;
     match failure {
@@ -333,23 +472,30 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
 }
 
-/// Frontend identities of the clients with a reply outstanding.
+/// What the frontend keeps between a request and its reply, and what it
+/// has refused.
 #[derive(Default)]
-struct Clients {
+struct Gate {
     next: ClientToken,
-    identities: HashMap<ClientToken, Bytes>,
+    /// Frontend identities of the clients with a reply outstanding, and
+    /// the sensors taken out of their batch.
+    pending: HashMap<ClientToken, (Vec<u8>, Vec<RefusedReadings>)>,
+    /// Peers already named in a log line.
+    logged: HashSet<Vec<u8>>,
+    /// Readings refused for sensors outside a key's rights, per key.
+    foreign: HashMap<PublicKey, u64>,
 }
 
-struct Io<'a> {
-    replies: &'a mut zeromq::RouterSendHalf,
-    publisher: &'a mut PubSocket,
-    disk: &'a std::sync::mpsc::Sender<DiskJob>,
-    clients: &'a mut Clients,
+impl Gate {
+    fn log_once(&mut self, who: &[u8]) -> bool {
+        self.logged.len() < LOGGED_PEERS && self.logged.insert(who.to_vec())
+    }
 }
 
 /// Carries out what the node asked for: log entries go to the disk thread
-/// as one group, replies to their clients, messages to the peer.
-async fn flush(node: &mut Node, io: Io<'_>) -> Result<(), ServerError> {
+/// as one group, replies to their clients, messages to the peer. Never
+/// waits on a socket.
+fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, gate: &mut Gate) -> Result<(), ServerError> {
     let mut appends = Vec::new();
     let disk_gone = || ServerError::Config("the log thread stopped".into());
     while let Some(output) = node.poll_output() {
@@ -357,156 +503,107 @@ async fn flush(node: &mut Node, io: Io<'_>) -> Result<(), ServerError> {
             Output::Append(entry) => appends.push(entry),
             Output::SaveSnapshot { lsn, bytes } => {
                 if !appends.is_empty() {
-                    io.disk.send(DiskJob::Append(std::mem::take(&mut appends))).map_err(|_| disk_gone())?;
+                    disk.send(DiskJob::Append(std::mem::take(&mut appends))).map_err(|_| disk_gone())?;
                 }
-                io.disk.send(DiskJob::Snapshot { lsn, bytes }).map_err(|_| disk_gone())?;
+                disk.send(DiskJob::Snapshot { lsn, bytes }).map_err(|_| disk_gone())?;
             }
-            Output::Reply { to, reply } => {
-                let Some(identity) = io.clients.identities.remove(&to) else { continue };
-                match encode(&reply) {
-                    Ok(payload) => {
-                        let mut out = ZmqMessage::from(identity);
-                        out.push_back(Bytes::from(payload));
-                        send_reply(io.replies, out).await;
-                    }
-                    Err(e) => error!("cannot encode a reply: {e}"),
+            Output::Reply { to, mut reply } => {
+                let Some((identity, refused)) = gate.pending.remove(&to) else { continue };
+                if let Reply::Batch(batch) = &mut reply {
+                    batch.refused.extend(refused);
                 }
+                send_reply(&edge.frontend, identity, &reply);
             }
             Output::Peer(msg) => match encode(&msg) {
+                // The PUB drops what the peer cannot take; replication resends.
                 Ok(frame) => {
-                    if let Err(e) = io.publisher.send(ZmqMessage::from(frame)).await {
-                        debug!("peer message not sent: {e}");
-                    }
+                    let _ = edge.publisher.send(vec![frame]);
                 }
                 Err(e) => error!("cannot encode a message to the peer: {e}"),
             },
         }
     }
     if !appends.is_empty() {
-        io.disk.send(DiskJob::Append(appends)).map_err(|_| disk_gone())?;
+        disk.send(DiskJob::Append(appends)).map_err(|_| disk_gone())?;
     }
     Ok(())
 }
 
-/// Hands one frontend message to the node, or drops it as malformed.
-fn handle_frame(
-    node: &mut Node,
-    now: u64,
-    message: ZmqMessage,
-    malformed_peers: &mut HashSet<Bytes>,
-    clients: &mut Clients,
-) {
-    let mut frames = message.into_vec();
-    let identity = if frames.is_empty() {
-        Bytes::new()
-    } else {
-        frames.remove(0)
-    };
+/// Queues a reply; one the client cannot take is dropped and counted.
+fn send_reply(frontend: &Socket, identity: Vec<u8>, reply: &Reply) {
+    match encode(reply) {
+        Ok(payload) => {
+            let _ = frontend.send(vec![identity, payload]);
+        }
+        Err(e) => error!("cannot encode a reply: {e}"),
+    }
+}
+
+/// Checks one frontend message and hands it to the node, or refuses it.
+fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessList>, frontend: &Socket, gate: &mut Gate) {
+    let Event::Message(message) = event else { return };
+    let user = message.user;
+    let mut frames = message.frames;
+    let identity = if frames.is_empty() { Vec::new() } else { frames.remove(0) };
     let decoded = match frames.as_slice() {
-        [payload] => decode_request(payload).map_err(|e| e.to_string()),
-        other => Err(format!(
-            "{} payload frames, expected exactly 1",
-            other.len()
-        )),
+        [payload] => decode_request(payload),
+        other => Err(DecodeError::Malformed(format!("{} payload frames, expected exactly 1", other.len()))),
     };
     let request = match decoded {
         Ok(r) => r,
+        Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_))) => {
+            node.record_refusal(Refusal::TooLarge, 1);
+            if gate.log_once(&identity) {
+                warn!(peer = %hex(&identity), key = ?user.map(|k| k.to_z85()), "refused a batch: {e}; further ones from this peer are only counted");
+            }
+            send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::TooLarge });
+            return;
+        }
         Err(why) => {
             node.record_malformed();
-            if malformed_peers.len() < MALFORMED_LOG_PEERS
-                && malformed_peers.insert(identity.clone())
-            {
-                warn!(
-                    peer = %hex(&identity),
-                    "dropped a malformed frame ({why}); further ones from this peer are only counted"
-                );
+            if gate.log_once(&identity) {
+                warn!(peer = %hex(&identity), "dropped a malformed frame ({why}); further ones from this peer are only counted");
             }
             return;
         }
     };
-    clients.next += 1;
-    let token = clients.next;
-    clients.identities.insert(token, identity);
-    node.handle_request(now, token, &request);
-}
-
-async fn send_reply(replies: &mut zeromq::RouterSendHalf, reply: ZmqMessage) {
-    match tokio::time::timeout(REPLY_SEND_TIMEOUT, replies.send(reply)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("reply not sent (client gone?): {e}"),
-        Err(_) => warn!("reply dropped: the client did not take it within {REPLY_SEND_TIMEOUT:?}"),
+    let rights = rights_of(access, user.as_ref());
+    let batch_id = match &request {
+        fog_protocol::Request::Batch { batch_id, .. } => *batch_id,
+        fog_protocol::Request::Status => 0,
+    };
+    match admit(rights.as_ref(), request) {
+        Admission::Refuse(reason) => {
+            node.record_refusal(reason, 1);
+            if gate.log_once(&identity) {
+                let who = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
+                warn!(key = %who, "refused a request: {reason}; further ones from this client are only counted");
+            }
+            send_reply(frontend, identity, &Reply::Refused { batch_id, reason });
+        }
+        Admission::Serve { request, refused } => {
+            if !refused.is_empty() {
+                let n: u64 = refused.iter().map(|r| u64::from(r.count)).sum();
+                node.record_refusal(Refusal::ForeignSensor, n);
+                if let Some(key) = user {
+                    let count = gate.foreign.entry(key).or_insert(0);
+                    if *count == 0 {
+                        let name = access.and_then(|a| a.get(&key)).map_or("?", |c| c.name.as_str());
+                        warn!(host = name, key = %key, sensor_id = refused[0].sensor_id, "refused readings for sensors outside this key's rights; further ones are only counted");
+                    }
+                    *count = count.saturating_add(n);
+                }
+            }
+            gate.next = gate.next.wrapping_add(1);
+            let token = gate.next;
+            gate.pending.insert(token, (identity, refused));
+            node.handle_request(now, token, &request);
+        }
     }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Keeps one receive pending on the frontend and hands messages to the node.
-async fn read_frontend(mut socket: zeromq::RouterRecvHalf, out: mpsc::Sender<ZmqMessage>) {
-    loop {
-        match socket.recv().await {
-            Ok(message) => {
-                if out.send(message).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                debug!("frontend receive failed: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-/// Subscribes to the peer's messages, recreating the SUB socket whenever
-/// the connection fails or the peer is silent for two heartbeats.
-async fn watch_peer(endpoint: String, heartbeat: Duration, out: mpsc::Sender<PeerMessage>) {
-    let silence = heartbeat * 2;
-    let mut connected = false;
-    loop {
-        let mut options = SocketOptions::default();
-        options.connect_timeout(silence);
-        let mut sub = SubSocket::with_options(options);
-        let ready = tokio::time::timeout(silence, async {
-            sub.connect(&endpoint).await?;
-            sub.subscribe("").await
-        })
-        .await;
-        if !matches!(ready, Ok(Ok(()))) {
-            drop(sub);
-            tokio::time::sleep(heartbeat).await;
-            continue;
-        }
-        loop {
-            match tokio::time::timeout(silence, sub.recv()).await {
-                Ok(Ok(message)) => {
-                    let Some(frame) = message.get(0) else {
-                        continue;
-                    };
-                    match decode::<PeerMessage>(frame) {
-                        Ok(hb) => {
-                            if !connected {
-                                info!(peer = %endpoint, "hearing the peer");
-                                connected = true;
-                            }
-                            if out.send(hb).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => debug!("ignored a bad frame from the peer: {e}"),
-                    }
-                }
-                Ok(Err(_)) | Err(_) => {
-                    if connected {
-                        info!(peer = %endpoint, "peer silent for two heartbeats; reconnecting");
-                        connected = false;
-                    }
-                    break;
-                }
-            }
-        }
-    }
 }
 
 /// The periodic progress line.
@@ -517,7 +614,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn log(&mut self, node: &Node, now: u64) {
+    fn log(&mut self, node: &Node, now: u64, edge: &Edge, gate: &Gate) {
         let counted = node.replica().ingest.counted();
         let secs = self.last_at_ms.map_or(PROGRESS_EVERY.as_secs_f64(), |t| {
             (now.saturating_sub(t) as f64 / 1000.0).max(0.001)
@@ -535,6 +632,8 @@ impl Progress {
             replication = %status.replication,
             lag = status.lag,
             malformed = node.malformed_frames(),
+            replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed),
+            foreign_readings_refused = gate.foreign.values().sum::<u64>(),
             "progress"
         );
         self.last_counted = counted;

@@ -15,18 +15,32 @@
 //! - a ledger whose newest reading is older than the horizon can only see
 //!   expired readings from now on, so it is *retired*: dropped, its count
 //!   and sum kept in the totals ([`Ingest::retired`]);
-//! - a sensor stamps its readings in seq order, so an expired reading means
-//!   every lower seq of its incarnation is expired too: the watermark moves
-//!   past it, and a gap above the watermark whose next reading is older
-//!   than the horizon is closed the same way.
+//! - a sensor stamps its readings in seq order, so a gap above the
+//!   watermark whose next counted reading is older than the horizon can
+//!   only be filled by expired readings: compaction closes it.
+//!
 //! So the ledgers hold at most the incarnations heard from within the
 //! horizon, each with at most a horizon's worth of seqs above its
 //! watermark. Compaction runs with the record time of every published
 //! average, so every replica compacts at the same log positions.
+//!
+//! **Readings from outside are bounded.** Anyone who can send a batch can
+//! claim any seq and timestamp for a sensor, so what a reading may do to a
+//! ledger is limited:
+//! - an expired reading is acked and counted as expired but never moves a
+//!   watermark (one reading stamped 0 with seq 2^62 would otherwise make
+//!   every later reading of the sensor a "duplicate");
+//! - [`Ingest::refusal`] refuses, before anything is logged, a seq at or
+//!   above [`MAX_SEQ`], a seq further than [`MAX_SEQ_AHEAD`] above an
+//!   incarnation's watermark (compaction would otherwise move the
+//!   watermark over the whole range once the reading ages), and a
+//!   timestamp further ahead of the server's clock than the allowed skew
+//!   (such a reading would sit in a ledger, never expire, and keep it from
+//!   being retired).
 
 use std::collections::{BTreeMap, HashMap};
 
-use fog_protocol::{Reading, SensorAck, SensorCount};
+use fog_protocol::{MAX_SEQ, Reading, Refusal, SensorAck, SensorCount};
 use serde::{Deserialize, Serialize};
 
 /// Identifies one run of one sensor: its seqs start again when this changes.
@@ -35,6 +49,18 @@ pub type SensorKey = (u32, u64);
 /// The default dedup horizon: far beyond any resend horizon of a host (see
 /// the README's *Durability and failover*).
 pub const DEFAULT_DEDUP_HORIZON_MS: u64 = 60 * 60 * 1_000;
+
+/// How far above an incarnation's watermark a reading's seq may be.
+///
+/// A sensor keeps every reading no server has acked in its resend buffer,
+/// and every seq below the oldest one it keeps is counted, so while nothing
+/// overflows a legit reading is at most the buffer bound above the
+/// watermark: fog-host's `--max-buffered` defaults to 100 000. This is 40
+/// times that, for operators who raise it and sensors that overflowed. A
+/// forged seq within it can at worst, once compaction closes the gap below
+/// it, make this many of the sensor's later readings look like duplicates;
+/// beyond it the reading is refused ([`Refusal::SeqOutOfRange`]).
+pub const MAX_SEQ_AHEAD: u64 = 4_000_000;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Ledger {
@@ -54,7 +80,7 @@ impl Ledger {
 
     fn insert(&mut self, seq: u64, timestamp_ms: u64) {
         if seq == self.next_seq {
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.saturating_add(1);
             self.fold();
         } else {
             self.above.insert(seq, timestamp_ms);
@@ -64,14 +90,15 @@ impl Ledger {
     /// Moves the watermark over the seqs above it that are now contiguous.
     fn fold(&mut self) {
         while self.above.remove(&self.next_seq).is_some() {
-            self.next_seq += 1;
+            self.next_seq = self.next_seq.saturating_add(1);
         }
     }
 
     /// Every seq up to `seq` is expired: nothing below it can count again.
+    /// Only compaction calls it, with a seq this ledger counted.
     fn expire_through(&mut self, seq: u64) {
         if seq >= self.next_seq {
-            self.next_seq = seq + 1;
+            self.next_seq = seq.saturating_add(1);
             self.above = self.above.split_off(&self.next_seq);
             self.fold();
         }
@@ -141,27 +168,50 @@ impl Ingest {
         self.horizon_ms = horizon_ms;
     }
 
+    /// Why `reading` of `key`, arriving at `now_ms`, must not be accepted
+    /// at all (not acked, not counted, not logged), if it must not: a seq
+    /// out of range, or a timestamp more than `max_clock_skew_ms` ahead.
+    pub fn refusal(&self, now_ms: u64, max_clock_skew_ms: u64, key: SensorKey, reading: &Reading) -> Option<Refusal> {
+        if reading.seq >= MAX_SEQ {
+            return Some(Refusal::SeqOutOfRange);
+        }
+        if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
+            // Expired: acked, and harmless whatever its seq.
+            return None;
+        }
+        if self.ledgers.get(&key).is_some_and(|l| reading.seq.saturating_sub(l.next_seq) > MAX_SEQ_AHEAD) {
+            return Some(Refusal::SeqOutOfRange);
+        }
+        if reading.timestamp_ms > now_ms.saturating_add(max_clock_skew_ms) {
+            return Some(Refusal::FromTheFuture);
+        }
+        None
+    }
+
     /// Counts `reading`, arrived at `now_ms`, unless it was counted before
     /// or is expired; returns whether it is new (and so belongs in the
-    /// averages).
+    /// averages). An expired reading is acked but changes no ledger: its
+    /// seq and timestamp say nothing anyone can rely on.
     pub fn admit(&mut self, now_ms: u64, key: SensorKey, reading: &Reading) -> bool {
+        if reading.seq >= MAX_SEQ {
+            // Refused before it was logged; never here but from a log
+            // written by a server that did not refuse it.
+            return false;
+        }
         if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
-            if let Some(ledger) = self.ledgers.get_mut(&key) {
-                ledger.expire_through(reading.seq);
-            }
-            self.expired += 1;
+            self.expired = self.expired.saturating_add(1);
             return false;
         }
         let ledger = self.ledgers.entry(key).or_default();
         if ledger.contains(reading.seq) {
-            self.duplicates += 1;
+            self.duplicates = self.duplicates.saturating_add(1);
             return false;
         }
         ledger.insert(reading.seq, reading.timestamp_ms);
-        ledger.count += 1;
-        ledger.sum_kmh += u64::from(reading.speed_kmh);
+        ledger.count = ledger.count.saturating_add(1);
+        ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
         ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
-        self.counted += 1;
+        self.counted = self.counted.saturating_add(1);
         true
     }
 
@@ -172,9 +222,9 @@ impl Ingest {
         let retired = &mut self.retired;
         self.ledgers.retain(|_, ledger| {
             if ledger.newest_ms < oldest {
-                retired.incarnations += 1;
-                retired.count += ledger.count;
-                retired.sum_kmh += ledger.sum_kmh;
+                retired.incarnations = retired.incarnations.saturating_add(1);
+                retired.count = retired.count.saturating_add(ledger.count);
+                retired.sum_kmh = retired.sum_kmh.saturating_add(ledger.sum_kmh);
                 return false;
             }
             ledger.close_expired_gaps(oldest);
@@ -189,7 +239,7 @@ impl Ingest {
 
     /// Counts `n` readings that arrived again and were not counted again.
     pub fn note_duplicates(&mut self, n: u64) {
-        self.duplicates += n;
+        self.duplicates = self.duplicates.saturating_add(n);
     }
 
     /// The ack for a batch of `key` that carried `seqs`: the watermark, plus
@@ -435,5 +485,51 @@ mod tests {
         let held: u64 = ing.per_sensor().iter().map(|c| c.count).sum();
         assert_eq!(held + ing.retired().count, generated, "nothing lost by compaction");
         assert_eq!(ing.retired().incarnations as usize + ing.incarnations(), 100 * 24 * 6);
+    }
+
+    #[test]
+    fn an_expired_reading_moves_no_watermark_whatever_its_seq() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        let now = T0 + 2 * HOUR;
+        for seq in 0..3 {
+            assert!(ing.admit(now, key, &at(seq, now)));
+        }
+        for poison in [at(1 << 40, 0), at(MAX_SEQ - 1, 0), at(u64::MAX, 0), at(1 << 62, now - HOUR - 1)] {
+            assert!(!ing.admit(now, key, &poison));
+        }
+        assert_eq!(ing.ack(key, []).next_seq, 3, "the watermark stayed");
+        assert!(ing.admit(now, key, &at(3, now)), "the sensor's next reading counts");
+        // Seqs at or above MAX_SEQ are not even expired: refused before a
+        // log, ignored in one.
+        assert_eq!((ing.counted(), ing.duplicates(), ing.expired()), (4, 0, 2));
+    }
+
+    #[test]
+    fn seqs_out_of_range_and_readings_from_the_future_are_refused() {
+        let mut ing = Ingest::new(HOUR);
+        let key = (1, 7);
+        let now = T0 + 2 * HOUR;
+        const SKEW: u64 = 60_000;
+        for seq in 0..3 {
+            ing.admit(now, key, &at(seq, now));
+        }
+        let refusal = |r: Reading| ing.refusal(now, SKEW, key, &r);
+        assert_eq!(refusal(at(MAX_SEQ, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(u64::MAX, 0)), Some(Refusal::SeqOutOfRange), "even expired");
+        assert_eq!(refusal(at(1 << 62, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD + 1, now)), Some(Refusal::SeqOutOfRange));
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD, now)), None);
+        assert_eq!(refusal(at(3 + MAX_SEQ_AHEAD + 1, 0)), None, "expired: acked, harmless");
+        assert_eq!(refusal(at(3, now + SKEW + 1)), Some(Refusal::FromTheFuture));
+        assert_eq!(refusal(at(3, u64::MAX)), Some(Refusal::FromTheFuture));
+        assert_eq!(refusal(at(3, now + SKEW)), None);
+        // An incarnation without a ledger (new, or retired) may start
+        // anywhere below MAX_SEQ: a sensor restored from its state resumes
+        // its seqs.
+        assert_eq!(ing.refusal(now, SKEW, (2, 1), &at(MAX_SEQ - 1, now)), None);
+        // A seq at the very top would wrap `seq + 1`; never counted.
+        assert!(!ing.admit(now, (3, 1), &at(u64::MAX, now)));
+        assert_eq!(ing.ack((3, 1), []).next_seq, 0);
     }
 }

@@ -6,15 +6,18 @@
 //! [`windows`] (event-time averages and the average log), [`replica`] (the
 //! replicated state, changed only by log entries) and [`node`], which puts
 //! them and the replication protocol behind one interface of events in and
-//! outputs out. [`wal`] keeps the log and snapshots on disk. [`driver`] is
+//! outputs out. [`seal`] seals the epochs a node hands hosts. [`wal`] keeps the log and snapshots on disk. [`driver`] is
 //! the thin tokio + ZeroMQ shell that runs a node as a process, and
-//! [`status`] is the client behind `fog-server status`.
+//! [`status`] is the client behind `fog-server status`; [`edge`] decides
+//! what an authenticated client may ask.
 
 pub mod driver;
+pub mod edge;
 pub mod fsm;
 pub mod ingest;
 pub mod node;
 pub mod replica;
+pub mod seal;
 pub mod status;
 pub mod wal;
 pub mod windows;
@@ -23,5 +26,6 @@ pub use driver::{ServerConfig, ServerError, run};
 pub use fsm::{BinaryStar, Role};
 pub use node::{ClientToken, Node, NodeConfig, Output};
 pub use wal::FsyncPolicy;
-pub use status::{StatusError, human_summary, query_status};
+pub use edge::Security;
+pub use status::{ClientKeys, StatusError, human_summary, query_status, query_status_blocking};
 pub use windows::WindowConfig;

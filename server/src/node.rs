@@ -20,18 +20,34 @@
 //! at once, and so does a node that notices it was paused (its own clock
 //! jumped by more than four heartbeats), so that a node frozen and resumed
 //! never acks as active before it has heard its peer again.
+//!
+//! Hosts are not trusted with epochs: a host's epoch counts only with the
+//! pair's seal of it ([`crate::seal`]), and a sensor's cursor only up to
+//! what the host's seal vouches for; an epoch at or above [`MAX_EPOCH`]
+//! counts from no one. Readings that would poison a ledger (a seq out of
+//! range, a timestamp from the future) are refused before they are logged
+//! and reported in the reply ([`BatchReply::refused`]).
+//!
+//! A known limit: a node with an empty log that has not heard its peer
+//! serves on the first client request (that is how a fresh pair starts).
+//! A node that lost its disk is stopped by the first request carrying a
+//! sealed epoch; any client whose request comes first without one (a new
+//! host, or a rogue with a host's key) lets it serve, with the epochs it
+//! used before its disk was lost.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
 
 use fog_protocol::{
-    BatchReply, LogEntry, NodeState, PeerHeartbeat, PeerMessage, Reading, Record, Reply, Request,
-    SensorBatch, StatusReport,
+    BatchReply, LogEntry, MAX_EPOCH, NodeState, PeerHeartbeat, PeerMessage, Reading, Record, Refusal,
+    RefusedCounts, RefusedReadings, Reply, Request, Seal, SensorBatch, StatusReport,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::fsm::{BinaryStar, Event, Role, Step};
 use crate::replica::{Replica, SnapshotError, UNKNOWN_SEQ};
+use crate::seal::EpochSeal;
 use crate::windows::WindowConfig;
 
 /// A clock jump of this many heartbeats means the node was paused.
@@ -47,13 +63,28 @@ const MAX_TAIL_ENTRIES: usize = 100_000;
 const PRUNE_EVERY_MS: u64 = 1_000;
 
 /// What a node needs to know at start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct NodeConfig {
     pub role: Role,
     pub heartbeat_ms: u64,
     pub windows: WindowConfig,
     /// Write a local snapshot after this many log entries.
     pub snapshot_every: u64,
+    /// The key both servers of the pair seal epochs with
+    /// ([`crate::seal::EpochSeal`]); the driver supplies it.
+    pub seal_key: [u8; 32],
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("role", &self.role)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("windows", &self.windows)
+            .field("snapshot_every", &self.snapshot_every)
+            .field("seal_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Identifies the client a reply goes to; chosen by the driver.
@@ -114,6 +145,7 @@ pub enum RecoverError {
 #[derive(Debug)]
 pub struct Node {
     cfg: NodeConfig,
+    seal: EpochSeal,
     fsm: BinaryStar,
     replica: Replica,
     /// The highest epoch heard of, from anyone.
@@ -141,7 +173,8 @@ pub struct Node {
     last_publish_ms: u64,
     last_now_ms: u64,
     entries_since_snapshot: u64,
-    malformed_frames: u64,
+    refused: RefusedCounts,
+    forged_epochs: u64,
     batches: u64,
     divergences: u64,
 }
@@ -150,6 +183,7 @@ impl Node {
     pub fn new(cfg: NodeConfig) -> Self {
         Node {
             cfg,
+            seal: EpochSeal::new(cfg.seal_key),
             fsm: BinaryStar::new(cfg.role, cfg.heartbeat_ms),
             replica: Replica::new(cfg.windows),
             known_epoch: 0,
@@ -169,7 +203,8 @@ impl Node {
             last_publish_ms: 0,
             last_now_ms: 0,
             entries_since_snapshot: 0,
-            malformed_frames: 0,
+            refused: RefusedCounts::default(),
+            forged_epochs: 0,
             batches: 0,
             divergences: 0,
         }
@@ -293,10 +328,10 @@ impl Node {
     /// over meanwhile.
     fn observe_time(&mut self, now: u64) {
         let limit = PAUSE_HEARTBEATS * self.cfg.heartbeat_ms;
-        if self.last_now_ms != 0 && now > self.last_now_ms + limit {
+        if self.last_now_ms != 0 && now > self.last_now_ms.saturating_add(limit) {
             self.fsm.restart_peer_expiry(now);
             if self.fsm.state() == NodeState::Active {
-                let paused = now - self.last_now_ms;
+                let paused = now.saturating_sub(self.last_now_ms);
                 self.step_down(now, true, &format!("this node was paused for {paused} ms: stepping down until it hears its peer"));
             }
         }
@@ -328,10 +363,18 @@ impl Node {
         // nodes that take over from the same epoch (cut off from each
         // other) never share one: an epoch names one node's reign.
         let parity = u64::from(self.role() == Role::Primary);
-        let mut epoch = self.known_epoch + 1;
-        if epoch % 2 != parity {
-            epoch += 1;
-        }
+        let next = self
+            .known_epoch
+            .checked_add(1)
+            .and_then(|e| if e % 2 == parity { Some(e) } else { e.checked_add(1) })
+            .filter(|&e| e < MAX_EPOCH);
+        let Some(epoch) = next else {
+            // Unreachable while every epoch heard is below MAX_EPOCH; were
+            // it reached, serving under a wrapped epoch would be worse.
+            error!(epoch = self.known_epoch, "no epoch left to take over with");
+            self.step_down(now, true, "no epoch left to take over with: stepping down");
+            return;
+        };
         self.known_epoch = epoch;
         self.passive = None;
         self.tail.clear();
@@ -483,25 +526,31 @@ impl Node {
                 let reply = Reply::Status(Box::new(self.status(now)));
                 self.out.push_back(Output::Reply { to, reply });
             }
-            Request::Batch { batch_id, epoch, sensors, seal: _ } => {
-                self.newer_epoch(now, *epoch, "a host has seen");
+            Request::Batch { batch_id, epoch, seal, sensors } => {
+                self.host_epoch(now, *epoch, seal);
                 // A sensor's cursor names the epoch that published its last
-                // average: proof of that epoch even from a host that
-                // restarted and has seen no reply yet (say, to a node that
-                // restarted with its data lost, which must not serve).
-                if let Some(seen) = sensors.iter().filter_map(|s| s.average_cursor.map(|c| c.epoch)).max() {
-                    self.newer_epoch(now, seen, "a sensor has applied an average of");
-                }
+                // average, but a cursor carries no seal: it is evidence only
+                // up to the epoch the host's seal vouches for, and that one
+                // was taken as evidence just above. A cursor from a newer
+                // epoch is unverifiable: the node neither steps down for it
+                // nor moves that sensor (a forger could otherwise stop the
+                // pair, or rewind sensors off the stream).
+                let placeable: Vec<bool> = sensors
+                    .iter()
+                    .map(|s| s.average_cursor.is_none_or(|c| c.epoch <= self.known_epoch))
+                    .collect();
+                let unverifiable = placeable.iter().filter(|&&ok| !ok).count();
+                self.forged_epochs = self.forged_epochs.saturating_add(unverifiable as u64);
                 let step = self.fsm.handle(now, Event::ClientRequest { complete: self.complete() });
                 let accepted = step.accepted;
                 self.after_step(now, step);
                 if !accepted {
-                    let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch, seal: [0; 16] };
+                    let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch, seal: self.seal_of_known_epoch() };
                     self.out.push_back(Output::Reply { to, reply });
                     return;
                 }
-                self.batches += 1;
-                let reply = self.accept(now, *batch_id, sensors);
+                self.batches = self.batches.saturating_add(1);
+                let reply = self.accept(now, *batch_id, sensors, &placeable);
                 self.held.push_back((self.replica.lsn, Held::Client(to, Reply::Batch(reply))));
                 self.release();
                 self.maybe_snapshot();
@@ -510,9 +559,11 @@ impl Node {
     }
 
     /// Writes the readings not counted before (and changed cursors) as one
-    /// entry, and builds the reply.
-    fn accept(&mut self, now: u64, batch_id: u64, sensors: &[SensorBatch]) -> BatchReply {
-        let (record, duplicates) = self.new_readings(sensors, true);
+    /// entry, and builds the reply. `placeable[i]`: whether sensor `i`'s
+    /// cursor may be noted and answered (its epoch is verified).
+    fn accept(&mut self, now: u64, batch_id: u64, sensors: &[SensorBatch], placeable: &[bool]) -> BatchReply {
+        let (sensors, refused) = self.screen(now, sensors);
+        let (record, duplicates) = self.new_readings(&sensors, Some(placeable));
         self.replica.ingest.note_duplicates(duplicates);
         if let Some(sensors) = record {
             self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
@@ -521,34 +572,107 @@ impl Node {
             .iter()
             .map(|s| self.replica.ingest.ack((s.sensor_id, s.incarnation), s.readings.iter().map(|r| r.seq)))
             .collect();
-        let cursors: Vec<_> = sensors.iter().map(|s| (s.sensor_id, s.average_cursor)).collect();
+        let cursors: Vec<_> = sensors
+            .iter()
+            .zip(placeable)
+            .filter(|&(_, &ok)| ok)
+            .map(|(s, _)| (s.sensor_id, s.average_cursor))
+            .collect();
         let (averages, repositions) = self.replica.windows.reply_for(&cursors);
-        BatchReply { batch_id, epoch: self.known_epoch, seal: [0; 16], acks, averages, repositions, refused: Vec::new() }
+        let seal = self.seal_of_known_epoch();
+        BatchReply { batch_id, epoch: self.known_epoch, seal, acks, averages, repositions, refused }
+    }
+
+    /// Takes out the readings that must not be accepted at all (see
+    /// [`crate::ingest::Ingest::refusal`]), counts them per reason, and says
+    /// which they were; borrows the batch when nothing is refused.
+    fn screen<'a>(&mut self, now: u64, sensors: &'a [SensorBatch]) -> (Cow<'a, [SensorBatch]>, Vec<RefusedReadings>) {
+        let skew = self.cfg.windows.max_clock_skew_ms;
+        let ingest = &self.replica.ingest;
+        let mut refused: Vec<RefusedReadings> = Vec::new();
+        let mut kept: Option<Vec<SensorBatch>> = None;
+        for (i, s) in sensors.iter().enumerate() {
+            let key = (s.sensor_id, s.incarnation);
+            if s.readings.iter().all(|r| ingest.refusal(now, skew, key, r).is_none()) {
+                if let Some(kept) = kept.as_mut() {
+                    kept.push(s.clone());
+                }
+                continue;
+            }
+            let kept = kept.get_or_insert_with(|| sensors[..i].to_vec());
+            let mut readings = Vec::with_capacity(s.readings.len());
+            let first_refusal = refused.len();
+            for r in &s.readings {
+                let Some(reason) = ingest.refusal(now, skew, key, r) else {
+                    readings.push(*r);
+                    continue;
+                };
+                match refused[first_refusal..].iter_mut().find(|x| x.reason == reason) {
+                    Some(x) => x.count = x.count.saturating_add(1),
+                    None => refused.push(RefusedReadings { sensor_id: s.sensor_id, reason, count: 1 }),
+                }
+            }
+            kept.push(SensorBatch {
+                sensor_id: s.sensor_id,
+                incarnation: s.incarnation,
+                segment: s.segment,
+                readings,
+                average_cursor: s.average_cursor,
+            });
+        }
+        for r in &refused {
+            self.refused.add(r.reason, u64::from(r.count));
+        }
+        (kept.map_or(Cow::Borrowed(sensors), Cow::Owned), refused)
     }
 
     /// The part of `sensors` that changes the state, if any, and how many
-    /// readings were duplicates.
-    fn new_readings(&self, sensors: &[SensorBatch], with_cursors: bool) -> (Option<Vec<SensorBatch>>, u64) {
+    /// readings were duplicates. Cursors are taken only where `placeable`
+    /// allows (none without it). Linear in the readings: a batch of 65 536
+    /// readings of one sensor costs what 65 536 sensors of one reading do.
+    fn new_readings(&self, sensors: &[SensorBatch], placeable: Option<&[bool]>) -> (Option<Vec<SensorBatch>>, u64) {
         let mut out = Vec::new();
-        let mut duplicates = 0;
-        for s in sensors {
+        let mut duplicates = 0u64;
+        let mut in_batch: HashSet<u64> = HashSet::new();
+        for (i, s) in sensors.iter().enumerate() {
             let key = (s.sensor_id, s.incarnation);
             let mut readings: Vec<Reading> = Vec::new();
+            in_batch.clear();
             for r in &s.readings {
-                if self.replica.ingest.contains(key, r.seq) || readings.iter().any(|x| x.seq == r.seq) {
-                    duplicates += 1;
+                if self.replica.ingest.contains(key, r.seq) || !in_batch.insert(r.seq) {
+                    duplicates = duplicates.saturating_add(1);
                 } else {
                     readings.push(*r);
                 }
             }
+            let with_cursor = placeable.is_some_and(|p| p.get(i).copied().unwrap_or(false));
             let cursor = s
                 .average_cursor
-                .filter(|&c| with_cursors && self.replica.windows.cursor(s.sensor_id) != Some(c));
+                .filter(|&c| with_cursor && self.replica.windows.cursor(s.sensor_id) != Some(c));
             if !readings.is_empty() || cursor.is_some() {
                 out.push(SensorBatch { readings, average_cursor: cursor, ..s.clone() });
             }
         }
         ((!out.is_empty()).then_some(out), duplicates)
+    }
+
+    /// The pair's seal of the epoch this node names in its replies.
+    fn seal_of_known_epoch(&self) -> Seal {
+        self.seal.seal(self.known_epoch)
+    }
+
+    /// A host's epoch: evidence (and a reason to step down) only with the
+    /// pair's seal of it; otherwise ignored and counted. Epoch 0 is a host
+    /// that has seen no reply yet, and needs no seal.
+    fn host_epoch(&mut self, now: u64, epoch: u64, seal: &Seal) {
+        if epoch == 0 {
+            return;
+        }
+        if !self.seal.verify(epoch, seal) {
+            self.forged_epochs = self.forged_epochs.saturating_add(1);
+            return;
+        }
+        self.newer_epoch(now, epoch, "a host has seen");
     }
 
     /// The disk reports entries up to `lsn` durable (`snapshot`: the report
@@ -580,6 +704,24 @@ impl Node {
     /// Handles one message of the peer received at `now`.
     pub fn handle_peer(&mut self, now: u64, msg: PeerMessage) {
         self.observe_time(now);
+        let epoch = match &msg {
+            PeerMessage::Heartbeat(hb) => Some(hb.epoch),
+            PeerMessage::Records { epoch, .. }
+            | PeerMessage::Ack { epoch, .. }
+            | PeerMessage::Join { epoch }
+            | PeerMessage::Snapshot { epoch, .. }
+            | PeerMessage::Merge { epoch, .. } => Some(*epoch),
+            PeerMessage::MergeAck { .. } => None,
+        };
+        if epoch.is_some_and(|e| e >= MAX_EPOCH) {
+            // No pair gets there: whatever sent it is not a sane peer, and
+            // the epoch would be taken over (and wrap) in a heartbeat.
+            if self.forged_epochs == 0 {
+                warn!(epoch, "dropped a peer message with an epoch past the limit; further ones are only counted");
+            }
+            self.forged_epochs = self.forged_epochs.saturating_add(1);
+            return;
+        }
         // A passive's join and acks show it is alive even before its first
         // heartbeat comes through. (An active's records do not count: the
         // passive takes over on two silent heartbeats, not on the last
@@ -659,7 +801,7 @@ impl Node {
                     warn!("the passive restarted: carrying on alone until it has joined again");
                     self.go_solo();
                 }
-                let (record, _) = self.new_readings(&sensors, false);
+                let (record, _) = self.new_readings(&sensors, None);
                 let n: usize = record.iter().flatten().map(|s| s.readings.len()).sum();
                 if let Some(sensors) = record {
                     info!(readings = n, "merging readings the peer accepted alone");
@@ -693,8 +835,14 @@ impl Node {
 
     /// Steps down (if active) when `epoch` is newer than any known.
     /// `source` says who showed it ("the peer is in", "a host has seen" ...).
+    /// An epoch at or above [`MAX_EPOCH`] is evidence from no one: counted,
+    /// and ignored.
     fn newer_epoch(&mut self, now: u64, epoch: u64, source: &str) -> bool {
         if epoch <= self.known_epoch {
+            return false;
+        }
+        if epoch >= MAX_EPOCH {
+            self.forged_epochs = self.forged_epochs.saturating_add(1);
             return false;
         }
         self.known_epoch = epoch;
@@ -727,7 +875,7 @@ impl Node {
     fn rejoin(&mut self, now: u64) {
         let retry = RETRY_HEARTBEATS * self.cfg.heartbeat_ms;
         if !self.unconfirmed.is_empty() {
-            if self.merging.is_some_and(|(_, at, _)| now < at + retry) {
+            if self.merging.is_some_and(|(_, at, _)| now < at.saturating_add(retry)) {
                 return;
             }
             let id = self.next_merge_id;
@@ -746,7 +894,7 @@ impl Node {
             self.send_peer(PeerMessage::Merge { epoch: self.known_epoch, id, sensors });
             return;
         }
-        if self.caught_up || self.last_join_ms.is_some_and(|at| now < at + retry) {
+        if self.caught_up || self.last_join_ms.is_some_and(|at| now < at.saturating_add(retry)) {
             return;
         }
         self.last_join_ms = Some(now);
@@ -808,7 +956,7 @@ impl Node {
                 self.go_solo();
             }
             if let Some(p) = self.passive.as_mut() {
-                if p.durable < self.replica.lsn && now >= p.last_progress_ms + 2 * hb {
+                if p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
                     p.last_progress_ms = now;
                     let entries: Vec<LogEntry> = self.tail.iter().cloned().collect();
                     if !entries.is_empty() {
@@ -817,7 +965,7 @@ impl Node {
                 }
             }
             let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= now);
-            let prune = now >= self.last_publish_ms + PRUNE_EVERY_MS && !self.replica.windows.is_idle();
+            let prune = now >= self.last_publish_ms.saturating_add(PRUNE_EVERY_MS) && !self.replica.windows.is_idle();
             if due || prune {
                 self.append(now, Record::AveragesPublished { now_ms: now, next_seq: UNKNOWN_SEQ });
                 self.maybe_snapshot();
@@ -829,18 +977,35 @@ impl Node {
             self.rejoin(now);
         }
         if now >= self.next_heartbeat_ms {
-            self.next_heartbeat_ms = now + hb;
+            self.next_heartbeat_ms = now.saturating_add(hb);
             self.send_peer(PeerMessage::Heartbeat(self.heartbeat()));
         }
     }
 
     /// Counts a frame that was dropped before it became a request.
     pub fn record_malformed(&mut self) {
-        self.malformed_frames += 1;
+        self.record_refusal(Refusal::Malformed, 1);
+    }
+
+    /// Counts `n` refusals the driver made itself (a frame too large or
+    /// undecodable, a key without the rights for a request or a sensor),
+    /// so that the status shows every refusal in one place.
+    pub fn record_refusal(&mut self, reason: Refusal, n: u64) {
+        self.refused.add(reason, n);
     }
 
     pub fn malformed_frames(&self) -> u64 {
-        self.malformed_frames
+        self.refused.malformed
+    }
+
+    /// Refusals so far, per reason.
+    pub fn refused(&self) -> RefusedCounts {
+        self.refused
+    }
+
+    /// Epochs claimed without a valid seal, or past [`MAX_EPOCH`].
+    pub fn forged_epochs(&self) -> u64 {
+        self.forged_epochs
     }
 
     pub fn batches(&self) -> u64 {
@@ -889,7 +1054,9 @@ impl Node {
             too_late: w.too_late(),
             expired: self.replica.ingest.expired(),
             retired_incarnations: self.replica.ingest.retired().incarnations,
-            malformed_frames: self.malformed_frames,
+            malformed_frames: self.refused.malformed,
+            refused: self.refused,
+            forged_epochs: self.forged_epochs,
             batches: self.batches,
             peer_alive: self.fsm.peer_alive(now),
             per_sensor: self.replica.ingest.per_sensor(),
@@ -910,6 +1077,7 @@ mod tests {
         Request::Batch {
             batch_id: id,
             epoch: 0,
+            seal: [0; 16],
             sensors: vec![SensorBatch {
                 sensor_id: 1,
                 incarnation: 7,
@@ -918,6 +1086,12 @@ mod tests {
                 average_cursor: None,
             }],
         }
+    }
+
+    const KEY: [u8; 32] = [9; 32];
+
+    fn config() -> NodeConfig {
+        NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000, seal_key: KEY }
     }
 
     /// Drives a lone primary: every write is made durable at once.
@@ -934,7 +1108,7 @@ mod tests {
     /// A primary that never heard its peer, active after `n` batches of one
     /// reading a second; and the time after them.
     fn serving_alone(n: u64) -> (Node, u64) {
-        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
+        let cfg = config();
         let mut node = Node::new(cfg);
         let mut now = T0 + 10_000;
         for seq in 0..n {
@@ -1005,28 +1179,216 @@ mod tests {
         assert!(replication.contains("passive joining"), "still waiting for the passive: {replication}");
     }
 
+    /// Every reply the node has for clients, drained.
+    fn replies(node: &mut Node, now: u64) -> Vec<Reply> {
+        let mut out = Vec::new();
+        while let Some(o) = node.poll_output() {
+            match o {
+                Output::Append(entry) => node.handle_durable(now, entry.lsn, false),
+                Output::SaveSnapshot { lsn, .. } => node.handle_durable(now, lsn, true),
+                Output::Reply { reply, .. } => out.push(reply),
+                Output::Peer(_) => {}
+            }
+        }
+        out
+    }
+
+    /// A batch of one sensor (1, incarnation 7) with these readings, the
+    /// host's `epoch` and `seal`, and the sensor's `cursor`.
+    fn sealed_batch(id: u64, epoch: u64, seal: Seal, readings: Vec<Reading>, cursor: Option<fog_protocol::AverageCursor>) -> Request {
+        Request::Batch {
+            batch_id: id,
+            epoch,
+            seal,
+            sensors: vec![SensorBatch { sensor_id: 1, incarnation: 7, segment: 0, readings, average_cursor: cursor }],
+        }
+    }
+
+    fn batch_reply(replies: &[Reply]) -> &BatchReply {
+        match replies {
+            [Reply::Batch(b)] => b,
+            other => panic!("expected one batch reply: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_averages() {
-        let cfg = NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000 };
+        let cfg = config();
+        let seal = EpochSeal::new(KEY);
         // A primary restarted with an empty data dir, its peer out of reach,
-        // and a host that restarted too (its requests carry epoch 0), whose
-        // sensors resumed from their state with averages of epoch 7.
-        let mut node = Node::new(cfg.clone());
+        // and a host whose sensors applied averages of epoch 7; the host has
+        // the pair's seal of epoch 7 from a reply.
         let now = T0 + 10_000;
-        let Request::Batch { batch_id, sensors, .. } = batch(1, 0, now) else { unreachable!() };
-        let sensors: Vec<SensorBatch> = sensors
-            .into_iter()
-            .map(|s| SensorBatch { average_cursor: Some(fog_protocol::AverageCursor { seq: 2_000, epoch: 7, chain: 42 }), ..s })
-            .collect();
-        node.handle_request(now, 1, &Request::Batch { batch_id, epoch: 0, sensors });
-        let replies: Vec<Reply> = std::iter::from_fn(|| node.poll_output())
-            .filter_map(|o| if let Output::Reply { reply, .. } = o { Some(reply) } else { None })
-            .collect();
-        assert!(matches!(replies.as_slice(), [Reply::NotActive { epoch: 7, .. }]), "{replies:?}");
+        let cursor = Some(fog_protocol::AverageCursor { seq: 2_000, epoch: 7, chain: 42 });
+        let mut node = Node::new(cfg);
+        node.handle_request(now, 1, &sealed_batch(1, 7, seal.seal(7), vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+        let got = replies(&mut node, now);
+        assert!(matches!(got.as_slice(), [Reply::NotActive { epoch: 7, seal: s, .. }] if *s == seal.seal(7)), "{got:?}");
         assert_ne!(node.state(), NodeState::Active);
-        // A fresh pair, though, starts serving on the first request.
-        let mut fresh = Node::new(cfg);
-        fresh.handle_request(now, 1, &batch(1, 0, now));
-        assert_eq!(fresh.state(), NodeState::Active);
+        // A host that cannot show a seal of epoch 7 (it restarted, or it
+        // forges): the cursors alone prove nothing. The node serves, and
+        // neither steps down nor moves (rewinds) those sensors.
+        for (epoch, host_seal) in [(0, [0; 16]), (7, [0; 16]), (7, seal.seal(6))] {
+            let mut node = Node::new(cfg);
+            node.handle_request(now, 1, &sealed_batch(1, epoch, host_seal, vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+            let got = replies(&mut node, now);
+            let reply = batch_reply(&got);
+            assert_eq!(node.state(), NodeState::Active, "host epoch {epoch}");
+            assert!(reply.repositions.is_empty() && reply.averages.is_empty(), "an unverifiable cursor was moved: {reply:?}");
+            assert_eq!(reply.acks[0].next_seq, 1, "its readings are still acked");
+            assert_eq!((reply.epoch, reply.seal), (1, seal.seal(1)), "the reply names its own epoch, sealed");
+            let forged = if epoch == 0 { 1 } else { 2 };
+            assert_eq!(node.status(now).forged_epochs, forged, "the host's and the cursor's epochs are counted");
+        }
+    }
+
+    #[test]
+    fn a_forged_host_epoch_does_not_make_the_active_step_down() {
+        let (mut node, now) = serving_alone(2);
+        let epoch = node.epoch();
+        for (i, claimed) in [epoch + 1, epoch + 2, 1 << 40, MAX_EPOCH - 1, MAX_EPOCH, u64::MAX].into_iter().enumerate() {
+            for forged in [[0; 16], [0xab; 16]] {
+                node.handle_request(now, 10, &sealed_batch(10 + i as u64, claimed, forged, Vec::new(), None));
+                let got = replies(&mut node, now);
+                assert!(matches!(got.as_slice(), [Reply::Batch(_)]), "epoch {claimed}: {got:?}");
+                assert_eq!((node.state(), node.epoch()), (NodeState::Active, epoch), "epoch {claimed}");
+            }
+        }
+        assert_eq!(node.status(now).forged_epochs, 12);
+        // The pair's own seal of a newer epoch still counts.
+        let seal = EpochSeal::new(KEY);
+        node.handle_request(now, 11, &sealed_batch(99, epoch + 1, seal.seal(epoch + 1), Vec::new(), None));
+        assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
+        assert_ne!(node.state(), NodeState::Active);
+    }
+
+    #[test]
+    fn an_epoch_past_the_limit_counts_from_no_one_and_takeovers_never_wrap() {
+        // Sealed by the pair itself (say, a key that leaked), or heard from
+        // the peer: at or above MAX_EPOCH it is not evidence.
+        let seal = EpochSeal::new(KEY);
+        for claimed in [MAX_EPOCH, u64::MAX] {
+            let (mut node, now) = serving_alone(2);
+            node.handle_request(now, 10, &sealed_batch(10, claimed, seal.seal(claimed), Vec::new(), None));
+            assert!(matches!(replies(&mut node, now).as_slice(), [Reply::Batch(_)]), "host epoch {claimed}");
+            let hb = PeerHeartbeat { state: NodeState::Backup, epoch: claimed, lsn: 0, complete: true, peer_in_sync: false };
+            node.handle_peer(now, PeerMessage::Heartbeat(hb));
+            node.handle_peer(now, PeerMessage::Join { epoch: claimed });
+            assert_eq!((node.state(), node.epoch()), (NodeState::Active, 1), "peer epoch {claimed}");
+            assert_eq!(node.status(now).forged_epochs, 3);
+        }
+        // The highest epoch a node can hear of still leaves room to take
+        // over with (MAX_EPOCH - 1 is odd: the primary's next is MAX_EPOCH,
+        // which it must not take).
+        let mut node = Node::new(config());
+        let now = T0 + 10_000;
+        node.handle_request(now, 1, &sealed_batch(1, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+        assert_eq!(node.epoch(), MAX_EPOCH - 1);
+        assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
+        node.handle_request(now, 2, &sealed_batch(2, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+        let _ = replies(&mut node, now);
+        assert!(node.epoch() < MAX_EPOCH, "took epoch {}", node.epoch());
+        assert_ne!(node.state(), NodeState::Active, "no epoch left: it must not serve");
+    }
+
+    #[test]
+    fn an_expired_reading_with_a_far_seq_is_acked_but_moves_no_ledger() {
+        let (mut node, now) = serving_alone(3);
+        let poison = Reading { seq: 1_000_000, speed_kmh: 1, timestamp_ms: 0 };
+        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], vec![poison], None));
+        let got = replies(&mut node, now);
+        let reply = batch_reply(&got);
+        assert_eq!(reply.acks[0].next_seq, 3);
+        assert_eq!(reply.acks[0].also, vec![1_000_000], "the expired reading is acked");
+        assert!(reply.refused.is_empty());
+        // The sensor's next reading still counts.
+        node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+        let got = replies(&mut node, now);
+        assert_eq!(batch_reply(&got).acks[0].next_seq, 4);
+        let status = node.status(now);
+        assert_eq!((status.counted, status.expired, status.duplicates), (4, 1, 0));
+    }
+
+    #[test]
+    fn readings_with_seqs_out_of_range_or_from_the_future_are_refused_and_counted() {
+        let (mut node, now) = serving_alone(3);
+        let skew = WindowConfig::default().max_clock_skew_ms;
+        let hostile = vec![
+            Reading { seq: 1 << 62, speed_kmh: 1, timestamp_ms: 0 },
+            Reading { seq: u64::MAX, speed_kmh: 1, timestamp_ms: now },
+            Reading { seq: fog_protocol::MAX_SEQ, speed_kmh: 1, timestamp_ms: now },
+            Reading { seq: 3 + crate::ingest::MAX_SEQ_AHEAD + 1, speed_kmh: 1, timestamp_ms: now },
+            Reading { seq: 3, speed_kmh: 1, timestamp_ms: now + skew + 1 },
+            Reading { seq: 4, speed_kmh: 1, timestamp_ms: u64::MAX },
+            Reading { seq: 5, speed_kmh: 100, timestamp_ms: now + skew },
+        ];
+        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], hostile, None));
+        let got = replies(&mut node, now);
+        let reply = batch_reply(&got);
+        assert_eq!(reply.acks[0].next_seq, 3);
+        assert_eq!(reply.acks[0].also, vec![5], "only the reading within the skew is acked");
+        let mut refused = reply.refused.clone();
+        refused.sort_by_key(|r| r.count);
+        assert_eq!(
+            refused,
+            vec![
+                RefusedReadings { sensor_id: 1, reason: Refusal::FromTheFuture, count: 2 },
+                RefusedReadings { sensor_id: 1, reason: Refusal::SeqOutOfRange, count: 4 },
+            ]
+        );
+        let status = node.status(now);
+        assert_eq!((status.refused.seq_out_of_range, status.refused.from_the_future), (4, 2));
+        assert_eq!(status.counted, 4, "refused readings are not counted");
+        // Nothing refused reached the log or the ledger: the sensor's own
+        // readings 3 and 4 still count.
+        let readings = (3..5).map(|seq| Reading { seq, speed_kmh: 100, timestamp_ms: now }).collect();
+        node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], readings, None));
+        let got = replies(&mut node, now);
+        assert_eq!(batch_reply(&got).acks[0].next_seq, 6);
+        assert_eq!(node.status(now).counted, 6);
+        node.record_refusal(Refusal::ForeignSensor, 3);
+        node.record_malformed();
+        let status = node.status(now);
+        assert_eq!((status.refused.foreign_sensor, status.refused.malformed, status.malformed_frames), (3, 1, 1));
+    }
+
+    #[test]
+    fn a_reading_far_above_the_watermark_cannot_close_the_gap_below_it_later() {
+        // A current reading with a seq far ahead would be counted above the
+        // watermark; once it aged past the horizon, compaction would move
+        // the watermark over it and every later reading would be a
+        // duplicate. It is refused instead.
+        let (mut node, mut now) = serving_alone(3);
+        let far = [1 << 62, 3 + crate::ingest::MAX_SEQ_AHEAD + 1];
+        let readings = far.iter().map(|&seq| Reading { seq, speed_kmh: 1, timestamp_ms: now }).collect();
+        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+        let _ = replies(&mut node, now);
+        let late = now + HOUR + 10_000;
+        while now < late {
+            node.handle_timeout(now);
+            let _ = replies(&mut node, now);
+            now += 500;
+        }
+        node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+        let _ = replies(&mut node, now);
+        let status = node.status(now);
+        assert_eq!((status.counted, status.duplicates), (4, 0), "{status:?}");
+    }
+
+    #[test]
+    fn a_batch_of_65536_readings_of_one_sensor_is_counted_and_acked_once_each() {
+        let (mut node, now) = serving_alone(1);
+        let n = fog_protocol::MAX_READINGS_PER_BATCH as u64;
+        // Seqs 1.. in reverse order, the last 100 of them twice.
+        let mut readings: Vec<Reading> = (1..n - 99).rev().map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }).collect();
+        readings.extend((n - 199..n - 99).map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }));
+        assert_eq!(readings.len() as u64, n);
+        node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+        let got = replies(&mut node, now);
+        let ack = &batch_reply(&got).acks[0];
+        assert_eq!((ack.next_seq, ack.also.len()), (n - 99, 0));
+        let status = node.status(now);
+        assert_eq!((status.counted, status.duplicates), (n - 99, 100));
+        assert_eq!(status.per_sensor[0].sum_kmh, 100 + (n - 100) * 90);
     }
 }

@@ -4,11 +4,18 @@
 //! Any server answers a status request, whatever its Binary Star state, so
 //! this also tells an operator which node of a pair is active.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use fog_protocol::{DecodeError, EncodeError, Reply, Request, StatusReport, decode, encode};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqError, ZmqMessage};
+use fog_protocol::{DecodeError, EncodeError, Refusal, Reply, Request, StatusReport, decode, encode};
+use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
+
+/// The keys a status client authenticates with: its own (a key with the
+/// `admin` right) and the server's public key.
+#[derive(Debug, Clone)]
+pub struct ClientKeys {
+    pub keys: Keypair,
+    pub server: PublicKey,
+}
 
 /// Why a status query failed.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +24,10 @@ pub enum StatusError {
     Timeout { endpoint: String, after: Duration },
     #[error("cannot talk to {endpoint}: {reason}")]
     Socket { endpoint: String, reason: String },
+    #[error("{endpoint} refused the connection: {why} (check --key and --server-key)")]
+    Handshake { endpoint: String, why: &'static str },
+    #[error("{endpoint} refused the request: {reason} (status needs a key with the `admin` right)")]
+    Refused { endpoint: String, reason: Refusal },
     #[error("cannot encode the status request")]
     Encode(#[from] EncodeError),
     #[error("{endpoint} sent an undecodable reply")]
@@ -30,39 +41,39 @@ pub enum StatusError {
 }
 
 /// Asks the server at `endpoint` for its status, giving up after `timeout`.
-pub async fn query_status(endpoint: &str, timeout: Duration) -> Result<StatusReport, StatusError> {
+pub async fn query_status(endpoint: &str, timeout: Duration, keys: Option<&ClientKeys>) -> Result<StatusReport, StatusError> {
+    let (endpoint, keys) = (endpoint.to_string(), keys.cloned());
+    tokio::task::spawn_blocking(move || query_status_blocking(&endpoint, timeout, keys.as_ref()))
+        .await
+        .map_err(|e| StatusError::Socket { endpoint: String::new(), reason: e.to_string() })?
+}
+
+/// [`query_status`] for callers without an async runtime.
+pub fn query_status_blocking(endpoint: &str, timeout: Duration, keys: Option<&ClientKeys>) -> Result<StatusReport, StatusError> {
     let request = encode(&Request::Status)?;
-    let socket_err = |e: ZmqError| StatusError::Socket {
-        endpoint: endpoint.to_string(),
-        reason: crate::driver::zmq_reason(&e),
-    };
-    let exchange = async {
-        let mut dealer = DealerSocket::new();
-        dealer.connect(endpoint).await.map_err(socket_err)?;
-        dealer
-            .send(ZmqMessage::from(Bytes::from(request)))
-            .await
-            .map_err(socket_err)?;
-        let message = dealer.recv().await.map_err(socket_err)?;
-        let frame = message.into_vec().pop().unwrap_or_default();
-        let reply: Reply = decode(&frame).map_err(|source| StatusError::Decode {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
-        match reply {
-            Reply::Status(report) => Ok(*report),
-            other => Err(StatusError::Unexpected {
-                endpoint: endpoint.to_string(),
-                reply: format!("{other:?}"),
-            }),
+    let socket_err = |reason: String| StatusError::Socket { endpoint: endpoint.to_string(), reason };
+    let ctx = fog_transport::Context::new();
+    let curve = keys.map(|k| (&k.keys, &k.server));
+    let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, endpoint, curve, &Limits::default())
+        .map_err(|e| socket_err(e.to_string()))?;
+    let mut socket = Socket::spawn("status", &ctx, dealer, true).map_err(|e| socket_err(e.to_string()))?;
+    socket.send(vec![request]).map_err(|e| socket_err(e.to_string()))?;
+    let deadline = Instant::now() + timeout;
+    let frame = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match socket.recv_blocking(left) {
+            Some(Event::Message(m)) => break m.frames.into_iter().last().unwrap_or_default(),
+            Some(Event::HandshakeFailed(why)) => return Err(StatusError::Handshake { endpoint: endpoint.to_string(), why }),
+            Some(_) => continue,
+            None => return Err(StatusError::Timeout { endpoint: endpoint.to_string(), after: timeout }),
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| StatusError::Timeout {
-            endpoint: endpoint.to_string(),
-            after: timeout,
-        })?
+    let reply: Reply = decode(&frame).map_err(|source| StatusError::Decode { endpoint: endpoint.to_string(), source })?;
+    match reply {
+        Reply::Status(report) => Ok(*report),
+        Reply::Refused { reason, .. } => Err(StatusError::Refused { endpoint: endpoint.to_string(), reason }),
+        other => Err(StatusError::Unexpected { endpoint: endpoint.to_string(), reply: format!("{other:?}") }),
+    }
 }
 
 /// A few lines an operator can read at a glance.
@@ -71,7 +82,7 @@ pub fn human_summary(r: &StatusReport) -> String {
         "{} node, state {}, peer {}\n\
          counted {} readings ({} duplicates dropped, {} outside the windows, {} expired) in {} batches\n\
          averages published {} ({} revisions), last seq {}\n\
-         malformed frames {}\n",
+         malformed frames {}; refused: {} from the future, {} seq out of range, {} too large, {} not authorized, {} foreign sensor, {} busy; forged epochs {}\n",
         r.role,
         r.state.as_str(),
         if r.peer_alive { "alive" } else { "not heard" },
@@ -85,6 +96,13 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.last_average
             .map_or_else(|| "-".to_string(), |c| format!("{} (epoch {}, chain {:016x})", c.seq, c.epoch, c.chain)),
         r.malformed_frames,
+        r.refused.from_the_future,
+        r.refused.seq_out_of_range,
+        r.refused.too_large,
+        r.refused.not_authorized,
+        r.refused.foreign_sensor,
+        r.refused.busy,
+        r.forged_epochs,
     );
     out.push_str(&format!(
         "{} sensor incarnations ({} more retired after the dedup horizon)",

@@ -14,6 +14,10 @@
 //! it is corruption in the middle: recovery stops with an error that names
 //! the file and the offset, because skipping it would silently lose data.
 //!
+//! A `LOCK` file held with an exclusive lock, from [`recover`] for as long
+//! as the [`Wal`] lives, keeps two servers from sharing one data directory
+//! (both would append to the same log).
+//!
 //! `--fsync always` syncs after every entry, `batch` once per group of
 //! entries handed over together (group commit), `never` leaves it to the
 //! operating system (a power loss may lose acked readings; a process crash
@@ -65,6 +69,8 @@ pub enum WalError {
     BadSnapshot { path: PathBuf, why: String },
     #[error("cannot encode a log entry: {0}")]
     Encode(String),
+    #[error("data directory {} is in use by another fog-server (its LOCK file is held)", dir.display())]
+    Locked { dir: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
@@ -83,6 +89,19 @@ pub struct Recovered {
     pub truncated: Option<(PathBuf, u64, u64)>,
     /// Byte length of the valid log.
     pub wal_len: u64,
+    /// The directory's `LOCK` file, locked; [`Wal::open`] keeps it.
+    lock: Option<File>,
+}
+
+/// Locks `dir` for this process (see the module doc).
+fn lock_dir(dir: &Path) -> Result<File, WalError> {
+    let path = dir.join("LOCK");
+    let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(WalError::Locked { dir: dir.to_path_buf() }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
 }
 
 fn snapshot_path(dir: &Path, generation: u64) -> PathBuf {
@@ -110,6 +129,7 @@ fn generations(dir: &Path, prefix: &str) -> Result<Vec<u64>, WalError> {
 /// torn tail of its log.
 pub fn recover(dir: &Path) -> Result<Recovered, WalError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let lock = lock_dir(dir)?;
     let generation = generations(dir, "snapshot.")?.last().copied().unwrap_or(0);
     let snapshot = if generation > 0 { Some(read_snapshot(&snapshot_path(dir, generation))?) } else { None };
     // Older generations and unfinished snapshots are leftovers of a crash
@@ -141,7 +161,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, WalError> {
         tracing::warn!(file = %path.display(), offset = valid, bytes = cut, "torn write at the end of the log: truncated");
         truncated = Some((path.clone(), valid as u64, cut));
     }
-    Ok(Recovered { generation, snapshot, entries, truncated, wal_len: valid as u64 })
+    Ok(Recovered { generation, snapshot, entries, truncated, wal_len: valid as u64, lock: Some(lock) })
 }
 
 /// Parses records; returns the entries and the length of the valid prefix.
@@ -232,15 +252,22 @@ pub struct Wal {
     path: PathBuf,
     policy: FsyncPolicy,
     buf: Vec<u8>,
+    _lock: File,
 }
 
 impl Wal {
     /// Opens the log found by [`recover`] for appending.
+    /// Keeps the directory's lock that [`recover`] took.
     pub fn open(dir: &Path, recovered: &Recovered, policy: FsyncPolicy) -> Result<Wal, WalError> {
+        let lock = match &recovered.lock {
+            // The same open file: the lock lasts while either handle does.
+            Some(lock) => lock.try_clone().map_err(io_err(&dir.join("LOCK")))?,
+            None => lock_dir(dir)?,
+        };
         let path = wal_path(dir, recovered.generation);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         sync_dir(dir)?;
-        Ok(Wal { dir: dir.to_path_buf(), generation: recovered.generation, file, path, policy, buf: Vec::new() })
+        Ok(Wal { dir: dir.to_path_buf(), generation: recovered.generation, file, path, policy, buf: Vec::new(), _lock: lock })
     }
 
     /// Appends entries and makes them durable per the policy: one write and
@@ -336,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn a_second_server_cannot_share_the_data_directory() {
+        let dir = temp_dir("lock");
+        let rec = recover(&dir).unwrap();
+        let wal = Wal::open(&dir, &rec, FsyncPolicy::Batch).unwrap();
+        let second = recover(&dir).unwrap_err();
+        assert!(matches!(second, WalError::Locked { .. }), "{second}");
+        assert!(second.to_string().contains(&dir.display().to_string()), "the error names the directory: {second}");
+        drop(rec);
+        assert!(matches!(recover(&dir), Err(WalError::Locked { .. })), "the open log keeps the lock");
+        drop(wal);
+        recover(&dir).expect("free once the log is closed");
+    }
+
+    #[test]
     fn entries_survive_a_reopen_under_every_policy() {
         for policy in [FsyncPolicy::Always, FsyncPolicy::Batch, FsyncPolicy::Never] {
             let dir = temp_dir(&format!("reopen-{policy:?}"));
@@ -403,13 +444,14 @@ mod tests {
         wal.append(&[entry(1), entry(2)]).unwrap();
         wal.write_snapshot(b"state at 2").unwrap();
         wal.append(&[entry(3)]).unwrap();
-        drop(wal);
+        drop((wal, rec));
         let rec = recover(&dir).unwrap();
         assert_eq!(rec.generation, 1);
         assert_eq!(rec.snapshot.as_deref(), Some(&b"state at 2"[..]));
         assert_eq!(rec.entries, vec![entry(3)]);
+        drop(rec);
         let names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        assert_eq!(names.len(), 2, "old generation removed: {names:?}");
+        assert_eq!(names.len(), 3, "old generation removed (the LOCK file stays): {names:?}");
         // A corrupt snapshot is an error naming it.
         let snap = snapshot_path(&dir, 1);
         let mut bytes = fs::read(&snap).unwrap();

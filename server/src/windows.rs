@@ -58,6 +58,15 @@ pub struct WindowConfig {
     /// dedup state of sensor incarnations silent for this long is compacted
     /// (see [`crate::ingest`]). At least `horizon_ms`.
     pub dedup_horizon_ms: u64,
+    /// Readings stamped further ahead of the server's clock are refused
+    /// ([`fog_protocol::Refusal::FromTheFuture`]): not acked, not counted.
+    /// Sensors stamp readings with their host's clock, which NTP keeps
+    /// within a second or so of the servers'; a minute tolerates a badly
+    /// kept clock, while a reading from further ahead would sit in a ledger
+    /// without ever expiring (and keep it from being retired) and fall into
+    /// no window anyway. The sensor keeps a refused reading and resends it,
+    /// so once the clocks agree again nothing is lost.
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for WindowConfig {
@@ -68,6 +77,7 @@ impl Default for WindowConfig {
             retain_averages: 10_000,
             retain_age_ms: 10 * 60 * 1_000,
             dedup_horizon_ms: crate::ingest::DEFAULT_DEDUP_HORIZON_MS,
+            max_clock_skew_ms: 60 * 1_000,
         }
     }
 }
@@ -206,11 +216,11 @@ impl Windows {
         }
         let bucket = ts - ts % HOP_MS;
         let tally = self.buckets.entry((segment, bucket)).or_default();
-        tally.count += 1;
-        tally.sum_kmh += u64::from(reading.speed_kmh);
+        tally.count = tally.count.saturating_add(1);
+        tally.sum_kmh = tally.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
         if self.last_touched.get(&segment) != Some(&bucket) {
             for k in 1..=WINDOW_MS / HOP_MS {
-                self.due.insert((bucket + k * HOP_MS, segment));
+                self.due.insert((bucket.saturating_add(k * HOP_MS), segment));
             }
             self.last_touched.insert(segment, bucket);
         }
@@ -237,7 +247,7 @@ impl Windows {
             let tally = self.window_tally(segment, end);
             let revision = match self.published.get(&(segment, end)) {
                 None if tally.count > 0 => 0,
-                Some(p) if p.tally != tally => p.revision + 1,
+                Some(p) if p.tally != tally => p.revision.saturating_add(1),
                 _ => continue,
             };
             self.published
@@ -254,8 +264,8 @@ impl Windows {
         let mut b = end.saturating_sub(WINDOW_MS);
         while b < end {
             if let Some(x) = self.buckets.get(&(segment, b)) {
-                t.count += x.count;
-                t.sum_kmh += x.sum_kmh;
+                t.count = t.count.saturating_add(x.count);
+                t.sum_kmh = t.sum_kmh.saturating_add(x.sum_kmh);
             }
             b += HOP_MS;
         }
@@ -312,7 +322,7 @@ impl Windows {
         // to 5 s later, which need buckets up to 5 s before them.
         self.published.retain(|&(_, end), _| end >= horizon);
         self.buckets
-            .retain(|&(_, b), _| b + WINDOW_MS + HOP_MS >= horizon);
+            .retain(|&(_, b), _| b.saturating_add(WINDOW_MS + HOP_MS) >= horizon);
     }
 
     /// Records the cursor a sensor reported.
@@ -379,9 +389,9 @@ impl Windows {
                 return repo(None, self.base);
             }
         } else if self.position(c.seq) == Some(c) {
-            return (c.seq + 1, None);
+            return (c.seq.saturating_add(1), None);
         }
-        let keep = self.fork_point(c) - 1;
+        let keep = self.fork_point(c).saturating_sub(1);
         let to = self.position(keep).unwrap_or(self.base);
         // Once per abandoned branch, not once per sensor on it.
         if self.fork_logged.get() != Some(c.epoch) {

@@ -503,7 +503,12 @@ fn build_net() -> Option<Net> {
 /// is false (its link to the hosts is cut right now).
 fn start_node(lab: Option<&Lab>, pair: &Pair, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
     node.starts += 1;
-    let extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
+    let mut extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
+    if lab.is_some() {
+        // Veth addresses are not loopback: without keys a server needs
+        // --insecure there (the namespaces are the verifier's own).
+        extra.push("--insecure");
+    }
     let (_, args) = server_args(pair, node.primary, &extra, dir);
     // Every incarnation keeps its own log.
     let name = format!("{}-{}", node.name, node.starts);

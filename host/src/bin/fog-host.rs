@@ -135,6 +135,16 @@ struct Args {
     /// it saves).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
+
+    /// This host's CurveZMQ secret key file (from `fog-server keygen`); the
+    /// servers must list its public key with rights for these sensor ids.
+    #[arg(long, value_name = "FILE", requires = "server_keys")]
+    key: Option<PathBuf>,
+
+    /// The servers' public keys (.pub files or 40 Z85 characters), in the
+    /// order of --servers; one key serves for all if both use it.
+    #[arg(long, value_name = "KEY,KEY", value_delimiter = ',', requires = "key")]
+    server_keys: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -172,10 +182,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--servers needs at least one endpoint");
     }
     for server in &args.servers {
-        server
-            .parse::<zeromq::Endpoint>()
+        fog_transport::check_endpoint(server)
             .map_err(|e| anyhow::anyhow!("bad server endpoint `{server}`: {e} (expected e.g. tcp://127.0.0.1:5001)"))?;
     }
+    let keys = match &args.key {
+        None => None,
+        Some(path) => {
+            let keys = fog_transport::Keypair::read(path).context("--key")?;
+            let servers = args
+                .server_keys
+                .iter()
+                .map(|k| fog_transport::PublicKey::from_arg(k))
+                .collect::<Result<Vec<_>, _>>()
+                .context("--server-keys")?;
+            if servers.len() != 1 && servers.len() != args.servers.len() {
+                bail!("--server-keys has {} keys for {} servers: give one per server, or one for all", servers.len(), args.servers.len());
+            }
+            Some(session::HostKeys { keys: Arc::new(keys), servers })
+        }
+    };
     if args.interval.is_zero() {
         bail!("--interval must be greater than zero");
     }
@@ -219,6 +244,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Arc::new(SensorEngine::new(limits)?);
     let component = engine.load(args.component.as_deref())?;
     let origin = component.origin.clone();
+    let mut saved_epoch = None;
     let store = match &args.state_dir {
         None => None,
         Some(dir) => {
@@ -231,6 +257,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
             tracing::info!("{}: saved state of {} sensors", dir.display(), opened.saved.len());
+            saved_epoch = opened.epoch;
             Some((opened.store, opened.saved))
         }
     };
@@ -266,6 +293,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         progress: (!args.quiet).then_some(args.progress),
         component: args.component.clone(),
+        keys,
+        epoch: saved_epoch,
     };
     let summary = tokio.block_on(async {
         let shutdown = async {

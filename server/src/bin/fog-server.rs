@@ -24,6 +24,11 @@ use tracing_subscriber::EnvFilter;
 /// The active node acks a reading only once it is in its write-ahead log
 /// and, while the passive is in sync, in the passive's too: an acked reading
 /// survives the death of either node, or of both.
+///
+/// With --key and --authorized-keys every socket uses CurveZMQ: traffic is
+/// encrypted and only listed keys get in, each with the rights the file
+/// gives it (`fog-server keygen` makes keys). Without keys the node listens
+/// on loopback only.
 #[derive(Parser, Debug)]
 #[command(name = "fog-server", version)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -31,7 +36,10 @@ use tracing_subscriber::EnvFilter;
 #[command(after_help = "Examples:\n  \
     fog-server --primary\n  \
     fog-server --backup\n  \
-    fog-server status --json tcp://127.0.0.1:5002\n\n\
+    fog-server status --json tcp://127.0.0.1:5002\n  \
+    fog-server keygen keys/primary\n  \
+    fog-server --primary --key keys/primary.secret --authorized-keys keys/authorized\n  \
+    fog-server status --key keys/ops.secret --server-key keys/primary.pub\n\n\
     Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level.")]
 struct Cli {
     /// Run as the primary node (reference ports: frontend 5001, state 5003).
@@ -104,6 +112,27 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     dedup_horizon: Duration,
 
+    /// Readings stamped further ahead of this node's clock are refused (not
+    /// acked, not counted) until the clock catches up.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    max_clock_skew: Duration,
+
+    /// This node's CurveZMQ secret key file (from `fog-server keygen`).
+    /// With it, every socket is encrypted and authenticated.
+    #[arg(long, value_name = "FILE", requires = "authorized_keys")]
+    key: Option<std::path::PathBuf>,
+
+    /// The keys allowed in, one a line: `PUBLIC-KEY NAME RIGHTS`, with
+    /// rights `sensors=FIRST-LAST,…`, `admin` (status) or `peer` (the other
+    /// server). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    authorized_keys: Option<std::path::PathBuf>,
+
+    /// Serve without keys on addresses other than loopback: anyone who can
+    /// reach them can send readings and read the status.
+    #[arg(long, conflicts_with = "key")]
+    insecure: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -112,6 +141,16 @@ struct Cli {
 enum Command {
     /// Ask a running server for its state and counts.
     Status(StatusArgs),
+    /// Write a new CurveZMQ keypair: BASE.secret (mode 0600, for the
+    /// machine that uses it) and BASE.pub (to hand out), as Z85 text.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeygenArgs {
+    /// Path and name of the key files, without suffix (e.g. keys/host-a).
+    #[arg(value_name = "BASE")]
+    base: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +166,15 @@ struct StatusArgs {
     /// Give up when the server has not answered within this time.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// Secret key file of a key with the `admin` right (for a server run
+    /// with keys).
+    #[arg(long, value_name = "FILE", requires = "server_key")]
+    key: Option<std::path::PathBuf>,
+
+    /// The server's public key: its .pub file, or the 40 Z85 characters.
+    #[arg(long, value_name = "KEY", requires = "key")]
+    server_key: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -134,7 +182,7 @@ fn main() -> ExitCode {
     // zmq.rs logs every reconnection attempt to a dead peer as a warning;
     // the driver already says when the peer goes silent and comes back.
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,zeromq=error"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -154,10 +202,22 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    match cli.command {
+    match &cli.command {
         Some(Command::Status(args)) => runtime.block_on(status(args)),
+        Some(Command::Keygen(args)) => keygen(args),
         None => runtime.block_on(serve(server_config(&cli)?)),
     }
+}
+
+fn keygen(args: &KeygenArgs) -> Result<()> {
+    if let Some(dir) = args.base.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let pair = fog_transport::Keypair::generate()?;
+    let (secret, public) = pair.write(&args.base)?;
+    println!("{}", pair.public);
+    eprintln!("wrote {} (keep it private) and {}", secret.display(), public.display());
+    Ok(())
 }
 
 fn server_config(cli: &Cli) -> Result<ServerConfig> {
@@ -190,10 +250,18 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             retain_averages: cli.retain_averages,
             retain_age_ms: ms(cli.retain_age),
             dedup_horizon_ms: ms(cli.dedup_horizon),
+            max_clock_skew_ms: ms(cli.max_clock_skew),
         },
         data_dir: cli.data_dir.clone().unwrap_or(reference.data_dir),
         fsync: cli.fsync,
         snapshot_every: cli.snapshot_every.max(1),
+        security: match (&cli.key, &cli.authorized_keys) {
+            (Some(key), Some(access)) => fog_server::Security::Curve {
+                keys: fog_transport::Keypair::read(key).context("--key")?,
+                access: access.clone(),
+            },
+            _ => fog_server::Security::None { allow_remote: cli.insecure },
+        },
     })
 }
 
@@ -228,8 +296,15 @@ async fn shutdown_signal() {
     }
 }
 
-async fn status(args: StatusArgs) -> Result<()> {
-    let report = fog_server::query_status(&args.endpoint, args.timeout).await?;
+async fn status(args: &StatusArgs) -> Result<()> {
+    let keys = match (&args.key, &args.server_key) {
+        (Some(key), Some(server)) => Some(fog_server::ClientKeys {
+            keys: fog_transport::Keypair::read(key).context("--key")?,
+            server: fog_transport::PublicKey::from_arg(server).context("--server-key")?,
+        }),
+        _ => None,
+    };
+    let report = fog_server::query_status(&args.endpoint, args.timeout, keys.as_ref()).await?;
     if args.json {
         println!(
             "{}",
