@@ -57,6 +57,8 @@ pub struct Finding {
 #[derive(Debug, Default)]
 pub struct RunReport {
     pub executions: u64,
+    /// Inputs that decoded and reached a node.
+    pub reached: u64,
     pub finding: Option<Finding>,
     /// The slowest input: microseconds, and its case.
     pub slowest_us: u64,
@@ -219,6 +221,7 @@ fn run_seed_with(seed: u64, opts: &Options, stop_after: Option<u64>, progress: O
                 decoded_frames.extend_from_slice(&(input.bytes.len() as u32).to_le_bytes());
                 decoded_frames.extend_from_slice(&input.bytes);
                 peer_input |= input.channel == Channel::Peer;
+                report.reached += 1;
             }
             if took > opts.slow {
                 return Err(Violation::new(
@@ -344,6 +347,8 @@ fn clip(s: &str) -> String {
 pub struct Campaign {
     pub runs: u64,
     pub executions: u64,
+    /// Inputs that decoded and reached a node.
+    pub reached: u64,
     pub slowest_us: u64,
     /// `seed:case` of the slowest input.
     pub slowest_at: (u64, u64),
@@ -357,6 +362,7 @@ impl Campaign {
     pub fn add(&mut self, report: RunReport, elapsed: Duration, seed: u64) -> Option<&Finding> {
         self.runs += 1;
         self.executions += report.executions;
+        self.reached += report.reached;
         if report.slowest_us > self.slowest_us {
             self.slowest_us = report.slowest_us;
             self.slowest_at = (seed, report.slowest_case);

@@ -118,7 +118,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
             })
             .collect();
         let summary = serde_json::json!({
-            "executions": campaign.executions, "runs": campaign.runs, "seconds": secs, "executions_per_second": rate,
+            "executions": campaign.executions, "reached_a_node": campaign.reached, "runs": campaign.runs, "seconds": secs, "executions_per_second": rate,
             "slowest_input_us": campaign.slowest_us,
             "slowest_input": format!("{}:{}", campaign.slowest_at.0, campaign.slowest_at.1),
             "findings": findings,
@@ -127,8 +127,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "{} executions in {} runs, {secs:.1} s: {rate:.0} executions/s; slowest input {} µs (replay {}:{})",
-            campaign.executions, campaign.runs, campaign.slowest_us, campaign.slowest_at.0, campaign.slowest_at.1
+            "{} executions ({} decoded and reached a node) in {} runs, {secs:.1} s: {rate:.0} executions/s; slowest input {} µs (replay {}:{})",
+            campaign.executions, campaign.reached, campaign.runs, campaign.slowest_us, campaign.slowest_at.0, campaign.slowest_at.1
         );
         println!("{} distinct failure signatures", campaign.findings.len());
         if hung {
