@@ -8,7 +8,7 @@
 //! changes of the Node's internals. [`Cluster::pump`] runs every output
 //! to completion and checks each reply as it goes out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use fog_protocol::{
     MAX_AVERAGES_PER_REPLY, MAX_FRAME_BYTES, NodeState, PeerMessage, Reading, Reply, Request, Seal, SensorBatch, encode,
@@ -88,6 +88,9 @@ pub struct Cluster {
     next_token: u64,
     host: LegitHost,
     epochs: Vec<u64>,
+    /// Every `(epoch, seal)` a node showed in a reply: evidence a host may
+    /// carry, unlike an epoch it made up.
+    genuine: HashSet<(u64, Seal)>,
 }
 
 impl Cluster {
@@ -110,7 +113,7 @@ impl Cluster {
             seal: [0; 16],
         };
         let epochs = vec![0; nodes.len()];
-        let mut c = Cluster { nodes, now: T0, links: VecDeque::new(), sent: HashMap::new(), next_token: 1, host, epochs };
+        let mut c = Cluster { nodes, now: T0, links: VecDeque::new(), sent: HashMap::new(), next_token: 1, host, epochs, genuine: HashSet::new() };
         let deadline = T0 + 5_000;
         while !c.ready() {
             if c.now > deadline {
@@ -143,6 +146,13 @@ impl Cluster {
 
     pub fn max_epoch(&self) -> u64 {
         self.nodes.iter().map(Node::epoch).max().unwrap_or(0)
+    }
+
+    /// Whether a node showed `(epoch, seal)` in a reply: a request that
+    /// carries it proves a takeover, and an active that has it from
+    /// neither itself nor its peer rightly steps down.
+    pub fn is_genuine(&self, epoch: u64, seal: Seal) -> bool {
+        self.genuine.contains(&(epoch, seal))
     }
 
     /// The newest epoch a reply showed the legit host, and its seal.
@@ -306,6 +316,15 @@ impl Cluster {
         sent.replies += 1;
         if sent.replies > 1 {
             return Err(Violation::new("reply-twice", format!("token {to} answered {} times", sent.replies)));
+        }
+        match &reply {
+            Reply::Batch(b) => {
+                self.genuine.insert((b.epoch, b.seal));
+            }
+            Reply::NotActive { epoch, seal, .. } => {
+                self.genuine.insert((*epoch, *seal));
+            }
+            _ => {}
         }
         if let Reply::Batch(b) = &reply {
             if b.averages.len() > MAX_AVERAGES_PER_REPLY {
