@@ -37,7 +37,8 @@ struct Args {
     /// Hostile inputs per run.
     #[arg(long, default_value_t = 64)]
     cases: u64,
-    /// An input slower than this many milliseconds is a finding.
+    /// An input that takes more CPU time than this many milliseconds is a
+    /// finding (CPU time: other load on the machine does not count).
     #[arg(long, default_value_t = 250)]
     slow_ms: u64,
     /// An input still running after this many milliseconds is a hang: it
