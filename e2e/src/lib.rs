@@ -9,7 +9,8 @@
 //! of every log is printed so the failure can be understood. [`netns`]
 //! builds network namespaces for tests that cut links; [`history`] checks
 //! what hosts saw acked against what servers counted; [`keys`] makes the
-//! CurveZMQ keys and authorized-keys files of a keyed pair.
+//! CurveZMQ keys and authorized-keys files of a keyed pair; [`rogue`]
+//! builds hostile clients and the batches they send.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use serde_json::Value;
 pub mod history;
 pub mod keys;
 pub mod netns;
+pub mod rogue;
 
 pub use keys::{PairKeys, StatusAuth};
 

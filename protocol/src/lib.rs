@@ -349,6 +349,9 @@ pub struct StatusReport {
     pub retired_incarnations: u64,
     /// Frames dropped undecodable (the same count as `refused.malformed`).
     pub malformed_frames: u64,
+    /// Replies dropped because the client did not take them (it stopped
+    /// reading, or went away); it resends, nothing acked is lost.
+    pub replies_dropped: u64,
     /// Requests and readings refused, per reason.
     pub refused: RefusedCounts,
     /// Epochs claimed by hosts or sensor cursors without a valid seal (or

@@ -52,6 +52,12 @@ const LOGGED_PEERS: usize = 1024;
 const MAX_REQUESTS_PER_ROUND: usize = 256;
 /// Messages queued per peer and direction on every socket.
 const HWM: i32 = 1000;
+/// Status reports built per second at most, over all clients: one report
+/// lists every sensor, so it costs milliseconds at tens of thousands of
+/// sensors; beyond this, requests get `Refused(Busy)` and ask again.
+const STATUS_PER_SECOND: u32 = 20;
+/// Least time between two status reports to one client (one connection).
+const STATUS_GAP_PER_CLIENT: Duration = Duration::from_millis(200);
 
 /// Everything a server process is started with.
 #[derive(Debug, Clone)]
@@ -109,7 +115,7 @@ pub enum ServerError {
         endpoint: String,
         reason: String,
     },
-    #[error("data directory: {0}")]
+    #[error(transparent)]
     Wal(#[from] WalError),
     #[error("cannot recover from {}: {why}", dir.display())]
     Recover { dir: PathBuf, why: String },
@@ -484,11 +490,41 @@ struct Gate {
     logged: HashSet<Vec<u8>>,
     /// Readings refused for sensors outside a key's rights, per key.
     foreign: HashMap<PublicKey, u64>,
+    /// Status reports built in the current second, and when it began.
+    status_window: (Option<std::time::Instant>, u32),
+    /// When each client last got a status report.
+    status_last: HashMap<Vec<u8>, std::time::Instant>,
 }
 
 impl Gate {
-    fn log_once(&mut self, who: &[u8]) -> bool {
-        self.logged.len() < LOGGED_PEERS && self.logged.insert(who.to_vec())
+    /// Whether `who` (a key, or a connection without one) and `what` are
+    /// logged for the first time; after [`LOGGED_PEERS`], nothing more is.
+    fn log_once(&mut self, who: &[u8], what: &str) -> bool {
+        let mut id = who.to_vec();
+        id.extend_from_slice(what.as_bytes());
+        self.logged.len() < LOGGED_PEERS && self.logged.insert(id)
+    }
+
+    /// Whether a status report may be built for `identity` now.
+    fn status_allowed(&mut self, identity: &[u8]) -> bool {
+        let now = std::time::Instant::now();
+        if self.status_last.get(identity).is_some_and(|at| now.duration_since(*at) < STATUS_GAP_PER_CLIENT) {
+            return false;
+        }
+        let (start, built) = &mut self.status_window;
+        if start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
+            *start = Some(now);
+            *built = 0;
+        }
+        if *built >= STATUS_PER_SECOND {
+            return false;
+        }
+        *built += 1;
+        if self.status_last.len() >= 4096 {
+            self.status_last.retain(|_, at| now.duration_since(*at) < STATUS_GAP_PER_CLIENT);
+        }
+        self.status_last.insert(identity.to_vec(), now);
+        true
     }
 }
 
@@ -509,8 +545,10 @@ fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, 
             }
             Output::Reply { to, mut reply } => {
                 let Some((identity, refused)) = gate.pending.remove(&to) else { continue };
-                if let Reply::Batch(batch) = &mut reply {
-                    batch.refused.extend(refused);
+                match &mut reply {
+                    Reply::Batch(batch) => batch.refused.extend(refused),
+                    Reply::Status(status) => status.replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed),
+                    _ => {}
                 }
                 send_reply(&edge.frontend, identity, &reply);
             }
@@ -549,11 +587,13 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
         [payload] => decode_request(payload),
         other => Err(DecodeError::Malformed(format!("{} payload frames, expected exactly 1", other.len()))),
     };
+    // Log lines name the key; a client without one, its connection.
+    let who: Vec<u8> = user.map_or_else(|| identity.clone(), |k| k.0.to_vec());
     let request = match decoded {
         Ok(r) => r,
         Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_))) => {
             node.record_refusal(Refusal::TooLarge, 1);
-            if gate.log_once(&identity) {
+            if gate.log_once(&who, "too large") {
                 warn!(peer = %hex(&identity), key = ?user.map(|k| k.to_z85()), "refused a batch: {e}; further ones from this peer are only counted");
             }
             send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::TooLarge });
@@ -561,7 +601,7 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
         }
         Err(why) => {
             node.record_malformed();
-            if gate.log_once(&identity) {
+            if gate.log_once(&who, "malformed") {
                 warn!(peer = %hex(&identity), "dropped a malformed frame ({why}); further ones from this peer are only counted");
             }
             return;
@@ -575,7 +615,7 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
     match admit(rights.as_ref(), request) {
         Admission::Refuse(reason) => {
             node.record_refusal(reason, 1);
-            if gate.log_once(&identity) {
+            if gate.log_once(&who, "refused") {
                 let who = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
                 warn!(key = %who, "refused a request: {reason}; further ones from this client are only counted");
             }
@@ -594,10 +634,34 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
                     *count = count.saturating_add(n);
                 }
             }
+            if matches!(request, fog_protocol::Request::Status) && !gate.status_allowed(&identity) {
+                node.record_refusal(Refusal::Busy, 1);
+                send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::Busy });
+                return;
+            }
             gate.next = gate.next.wrapping_add(1);
             let token = gate.next;
             gate.pending.insert(token, (identity, refused));
+            let (refused_before, forged_before) = (node.refused(), node.forged_epochs());
             node.handle_request(now, token, &request);
+            // The node refuses forged epochs and readings out of range; the
+            // log names the key they came from, once per key and kind.
+            let name = || {
+                let key = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
+                let host = user.and_then(|k| access.and_then(|a| a.get(&k)).map(|c| c.name.clone())).unwrap_or_default();
+                (key, host)
+            };
+            if node.forged_epochs() > forged_before && gate.log_once(&who, "forged epoch") {
+                let (key, host) = name();
+                warn!(key = %key, host = %host, "a batch claimed an epoch without a valid seal (ignored, counted in forged_epochs); further ones from this key are only counted");
+            }
+            let after = node.refused();
+            if (after.seq_out_of_range, after.from_the_future) != (refused_before.seq_out_of_range, refused_before.from_the_future)
+                && gate.log_once(&who, "readings out of range")
+            {
+                let (key, host) = name();
+                warn!(key = %key, host = %host, "refused readings with a seq or timestamp out of range (counted in refused); further ones from this key are only counted");
+            }
         }
     }
 }

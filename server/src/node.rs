@@ -1055,6 +1055,7 @@ impl Node {
             expired: self.replica.ingest.expired(),
             retired_incarnations: self.replica.ingest.retired().incarnations,
             malformed_frames: self.refused.malformed,
+            replies_dropped: 0,
             refused: self.refused,
             forged_epochs: self.forged_epochs,
             batches: self.batches,

@@ -57,24 +57,31 @@ pub fn query_status_blocking(endpoint: &str, timeout: Duration, keys: Option<&Cl
     let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, endpoint, curve, &Limits::default())
         .map_err(|e| socket_err(e.to_string()))?;
     let mut socket = Socket::spawn("status", &ctx, dealer, true).map_err(|e| socket_err(e.to_string()))?;
-    socket.send(vec![request]).map_err(|e| socket_err(e.to_string()))?;
     let deadline = Instant::now() + timeout;
-    let frame = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match socket.recv_blocking(left) {
-            Some(Event::Message(m)) => break m.frames.into_iter().last().unwrap_or_default(),
-            Some(Event::HandshakeFailed(why)) => return Err(StatusError::Handshake { endpoint: endpoint.to_string(), why }),
-            Some(_) => continue,
-            None => return Err(StatusError::Timeout { endpoint: endpoint.to_string(), after: timeout }),
+    loop {
+        socket.send(vec![request.clone()]).map_err(|e| socket_err(e.to_string()))?;
+        let frame = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match socket.recv_blocking(left) {
+                Some(Event::Message(m)) => break m.frames.into_iter().last().unwrap_or_default(),
+                Some(Event::HandshakeFailed(why)) => return Err(StatusError::Handshake { endpoint: endpoint.to_string(), why }),
+                Some(_) => continue,
+                None => return Err(StatusError::Timeout { endpoint: endpoint.to_string(), after: timeout }),
+            }
+        };
+        let reply: Reply = decode(&frame).map_err(|source| StatusError::Decode { endpoint: endpoint.to_string(), source })?;
+        match reply {
+            Reply::Status(report) => return Ok(*report),
+            // The server builds a few reports a second at most: ask again.
+            Reply::Refused { reason: Refusal::Busy, .. } if Instant::now() + BUSY_RETRY < deadline => std::thread::sleep(BUSY_RETRY),
+            Reply::Refused { reason, .. } => return Err(StatusError::Refused { endpoint: endpoint.to_string(), reason }),
+            other => return Err(StatusError::Unexpected { endpoint: endpoint.to_string(), reply: format!("{other:?}") }),
         }
-    };
-    let reply: Reply = decode(&frame).map_err(|source| StatusError::Decode { endpoint: endpoint.to_string(), source })?;
-    match reply {
-        Reply::Status(report) => Ok(*report),
-        Reply::Refused { reason, .. } => Err(StatusError::Refused { endpoint: endpoint.to_string(), reason }),
-        other => Err(StatusError::Unexpected { endpoint: endpoint.to_string(), reply: format!("{other:?}") }),
     }
 }
+
+/// How long a status client waits before asking a busy server again.
+const BUSY_RETRY: Duration = Duration::from_millis(250);
 
 /// A few lines an operator can read at a glance.
 pub fn human_summary(r: &StatusReport) -> String {

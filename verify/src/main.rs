@@ -3,9 +3,14 @@
 //! schedule of faults while the sensors produce, then heals everything,
 //! lets the hosts drain, and checks every history (see [`check`]).
 //!
+//! The servers, hosts and status queries use CurveZMQ keys made for the
+//! run (see [`Cluster`]); the `rogue` fault (see [`rogue`]) plays a
+//! compromised host key.
+//!
 //! Exit codes: 0 no violation, 1 violations found, 2 bad flags, 3 the run
 //! itself could not be carried out (a process would not start ...).
 
+mod rogue;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -14,7 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use fog_e2e::netns::{Lab, Link, ROOT};
-use fog_e2e::{Pair, Proc, bin, rss_mib, finish_host, free_port, scratch_dir, server_args, server_status, wait_until_serving};
+use fog_e2e::{
+    Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, rss_mib, scratch_dir, server_args, server_status_as,
+    wait_until_serving_as,
+};
 use serde::Serialize;
 
 use fog_e2e::history::{self as check, Observation};
@@ -23,6 +31,10 @@ use fog_e2e::history::{self as check, Observation};
 /// acked reading was lost, none counted twice, every sensor ended on the
 /// server's average stream (same seq, same chain value), and at most one
 /// server was active per epoch.
+///
+/// Every process runs with CurveZMQ keys made for the run in its dir (one
+/// key per host with rights for exactly its sensors, an admin key for
+/// status, one key for the rogue fault); --no-keys runs without.
 ///
 /// Build first with `cargo build --release`. The same --seed replays the same
 /// schedule of faults.
@@ -53,15 +65,29 @@ struct Args {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     fault_every: Duration,
 
-    /// Faults to choose from: kill (kill -9 a server, restart it later),
+    /// Faults to choose from (each comes once, in a seeded order, then they
+    /// are drawn at random): kill (kill -9 a server, restart it later),
     /// stop (SIGSTOP a server, SIGCONT later), host (kill -9 a host, restart
     /// it with its state dir), wipe (while the active is in sync, stall the
     /// passive for 200 ms and meanwhile kill -9 the active and erase its data
     /// dir: a lost disk, which sync replication must survive), split (cut the
     /// link between the two servers), isolate (cut the hosts' link to one
-    /// server). split, isolate and the wipe's stall use network namespaces.
-    #[arg(long, value_delimiter = ',', default_value = "kill,stop,host,wipe,split,isolate")]
+    /// server), rogue (for 1-4 s a client holding a valid host key, with
+    /// rights for sensors of its own and for half of the first host's,
+    /// sends both servers forged epochs, readings for sensors outside its
+    /// rights, poison readings for the first host's live sensors: seqs 2^62
+    /// and 2^64-1, timestamps an hour ahead or long expired, and a batch of
+    /// 65 536 of them; every check must still pass, and the run fails if
+    /// the servers counted no refusal). split, isolate and the wipe's stall
+    /// use network namespaces; rogue needs keys.
+    #[arg(long, value_delimiter = ',', default_value = "kill,stop,host,wipe,split,isolate,rogue")]
     faults: Vec<Fault>,
+
+    /// Run without keys: servers without --key (with --insecure in
+    /// namespaces), hosts without --key, status without the admin key, and
+    /// no rogue fault.
+    #[arg(long)]
+    no_keys: bool,
 
     /// The fog-server binary to run (default: the one built beside fog-verify).
     #[arg(long, value_name = "PATH")]
@@ -85,6 +111,7 @@ enum Fault {
     Wipe,
     Split,
     Isolate,
+    Rogue,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -141,6 +168,7 @@ enum Pending {
     Cont(usize),
     RestartHost(usize),
     Heal(Link, &'static str),
+    CalmRogue,
 }
 
 #[derive(Serialize)]
@@ -152,7 +180,15 @@ struct Report {
     /// "namespaces" (servers in network namespaces of their own, links that
     /// can be cut) or "loopback" (no link faults).
     network: &'static str,
+    /// "curve" (every process with keys made for the run) or "none" (--no-keys).
+    security: &'static str,
     schedule: Vec<String>,
+    /// What the rogue fault sent and was told (all zero when it never ran).
+    rogue: rogue::Tally,
+    /// What the servers counted against hostile clients, summed over every
+    /// server life (as last seen in a status read during the run):
+    /// forged_epochs, expired, refused.*.
+    server_counted: std::collections::BTreeMap<&'static str, u64>,
     /// Resident memory of every process over the run, to show it stays flat.
     memory: Vec<MemoryTrace>,
     verdict: check::Verdict,
@@ -182,6 +218,20 @@ fn main() -> ExitCode {
             for note in &v.notes {
                 eprintln!("note: {note}");
             }
+            let counted: Vec<String> =
+                report.server_counted.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+            let counted = if counted.is_empty() { "nothing".to_string() } else { counted.join(", ") };
+            let r = &report.rogue;
+            if r.activations > 0 {
+                eprintln!(
+                    "rogue: {} times active, {} batches sent ({} forged epochs, {} with {} readings for foreign sensors, \
+                     {} with {} poison readings of which {} to expire, {} of 65 536 readings, {} past that); {} replies",
+                    r.activations, r.batches_sent, r.forged_epoch_batches, r.foreign_batches, r.foreign_readings,
+                    r.poison_batches, r.poison_readings, r.poison_expected_expired, r.limit_batches,
+                    r.over_limit_batches, r.replies
+                );
+            }
+            eprintln!("the servers counted (over all their lives): {counted}");
             for m in report.memory.iter().filter(|m| m.samples >= 8) {
                 eprintln!(
                     "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
@@ -241,6 +291,10 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         eprintln!("note: fog-server has no --data-dir: a restarted server starts empty");
     }
     let mut faults = args.faults.clone();
+    if args.no_keys && faults.contains(&Fault::Rogue) {
+        eprintln!("note: --no-keys: the rogue fault needs keys and is left out");
+        faults.retain(|f| *f != Fault::Rogue);
+    }
     if !durable_hosts && faults.contains(&Fault::Host) {
         eprintln!("note: fog-host has no --state-dir: host faults are left out");
         faults.retain(|f| *f != Fault::Host);
@@ -263,6 +317,19 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         }
         None => Pair::on_free_ports(),
     };
+    let plan = rogue::Plan::new(args.hosts, args.sensors);
+    let keys = if args.no_keys {
+        None
+    } else {
+        let mut clients: Vec<(String, String)> = (0..args.hosts)
+            .map(|i| (format!("host{i}"), format!("sensors={}-{}", 1 + i * args.sensors, (i + 1) * args.sensors)))
+            .collect();
+        clients.push((rogue::KEY_NAME.to_string(), plan.rights()));
+        let clients: Vec<(&str, &str)> = clients.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
+        Some(PairKeys::generate(&dir, &clients).context("cannot make the run's keys")?)
+    };
+    let cluster = Cluster { pair, keys };
+    let pair = &cluster.pair;
     let mut servers = Vec::new();
     for primary in [true, false] {
         let name = if primary { "primary" } else { "backup" };
@@ -282,7 +349,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     }
     let lab = net.as_ref().map(|n| &n.lab);
     for i in 0..servers.len() {
-        start_node(lab, &pair, &mut servers[i], &dir, true)?;
+        start_node(lab, &cluster, &mut servers[i], &dir, true)?;
     }
     // Devices (host side) of the links cut right now.
     let mut cut: Vec<String> = Vec::new();
@@ -304,7 +371,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         })
         .collect();
     for h in hosts.iter_mut() {
-        start_host_node(args, &pair, h, &dir, args.duration)?;
+        start_host_node(args, &cluster, h, &dir, args.duration)?;
     }
 
     let mut schedule = Vec::new();
@@ -314,15 +381,24 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         schedule.push(line);
     };
     let mut observations = Vec::new();
+    let mut counters = rogue::ServerCounters::default();
+    let targets = rogue::Targets::default();
+    let mut watch = Watch { plan: &plan, targets: &targets, counters: &mut counters, observations: &mut observations };
+    let mut rogue_run: Option<rogue::RogueRun> = None;
+    let mut rogue_tally = rogue::Tally::default();
     let mut memory = Memory::default();
     let mut pending: Vec<(Instant, Pending)> = Vec::new();
     let mut next_fault = started + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
+    let mut unplayed = faults.clone();
+    for i in (1..unplayed.len()).rev() {
+        unplayed.swap(i, rng.below(i as u64 + 1) as usize);
+    }
     let mut next_poll = started;
     while Instant::now() < end {
         let now = Instant::now();
         if now >= next_poll {
             next_poll = now + Duration::from_millis(250);
-            observe(&pair, &servers, started, &mut observations);
+            observe(&cluster, &servers, started, &mut watch);
             memory.sample(servers.iter().filter_map(|s| s.proc.as_ref()).chain(hosts.iter().filter_map(|h| h.proc.as_ref())));
         }
         let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
@@ -331,7 +407,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             match action {
                 Pending::Restart(i) => {
                     let reachable = !host_link_cut(&cut, servers[i].primary);
-                    start_node(lab, &pair, &mut servers[i], &dir, reachable)?;
+                    start_node(lab, &cluster, &mut servers[i], &dir, reachable)?;
                     log(started, format!("restarted {}", servers[i].name));
                 }
                 Pending::Heal(link, what) => {
@@ -348,14 +424,26 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                 }
                 Pending::RestartHost(h) => {
                     let remaining = end.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    start_host_node(args, &pair, &mut hosts[h], &dir, remaining)?;
+                    start_host_node(args, &cluster, &mut hosts[h], &dir, remaining)?;
                     log(started, format!("restarted host {h} with its state dir"));
+                }
+                Pending::CalmRogue => {
+                    if let Some(run) = rogue_run.take() {
+                        let t = run.stop();
+                        log(started, format!("the rogue stops ({} batches sent, {} replies)", t.batches_sent, t.replies));
+                        rogue_tally.add(&t);
+                    }
                 }
             }
         }
         if now >= next_fault && !faults.is_empty() {
             next_fault = now + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
-            let fault = faults[rng.below(faults.len() as u64) as usize];
+            // Every fault asked for comes once, in a seeded order, before
+            // the draws: a short run covers them all.
+            let fault = match unplayed.pop() {
+                Some(f) => f,
+                None => faults[rng.below(faults.len() as u64) as usize],
+            };
             match fault {
                 Fault::Kill | Fault::Stop => {
                     let up: Vec<usize> = (0..servers.len()).filter(|&i| servers[i].proc.is_some() && !servers[i].stopped).collect();
@@ -396,7 +484,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     pending.push((now + back_in, Pending::Heal(link, what)));
                 }
                 Fault::Wipe => {
-                    match wipe(&pair, &mut servers, net.as_ref()) {
+                    match wipe(&cluster, &mut servers, net.as_ref()) {
                         Ok(Some((victim, what))) => {
                             let mut back_in = rng.between(Duration::from_millis(500), Duration::from_secs(3));
                             if let Some(n) = &net {
@@ -428,6 +516,23 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     log(started, format!("kill -9 host {h} (restart in {:.1}s)", back_in.as_secs_f64()));
                     pending.push((now + back_in, Pending::RestartHost(h)));
                 }
+                Fault::Rogue => {
+                    let Some(keys) = &cluster.keys else { continue };
+                    if rogue_run.is_some() {
+                        continue;
+                    }
+                    let calm_in = rng.between(Duration::from_secs(1), Duration::from_secs(4));
+                    let frontends = [pair.primary_frontend.clone(), pair.backup_frontend.clone()];
+                    rogue_run = Some(rogue::RogueRun::start(keys, frontends, plan.clone(), targets.clone()));
+                    log(
+                        started,
+                        format!(
+                            "a rogue with a host key sends forged epochs, foreign sensors and poison readings (for {:.1}s)",
+                            calm_in.as_secs_f64()
+                        ),
+                    );
+                    pending.push((now + calm_in, Pending::CalmRogue));
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -444,12 +549,17 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     n.lab.heal(&link)?;
                 }
             }
-            Pending::Restart(i) => start_node(lab, &pair, &mut servers[i], &dir, true)?,
+            Pending::Restart(i) => start_node(lab, &cluster, &mut servers[i], &dir, true)?,
             Pending::Cont(i) => {
                 signal(&servers[i], "CONT");
                 servers[i].stopped = false;
             }
-            Pending::RestartHost(h) => start_host_node(args, &pair, &mut hosts[h], &dir, Duration::from_secs(1))?,
+            Pending::RestartHost(h) => start_host_node(args, &cluster, &mut hosts[h], &dir, Duration::from_secs(1))?,
+            Pending::CalmRogue => {
+                if let Some(run) = rogue_run.take() {
+                    rogue_tally.add(&run.stop());
+                }
+            }
         }
     }
     let mut summaries = Vec::new();
@@ -461,16 +571,21 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         }
         summaries.push(check::host_side(&summary));
     }
-    observe(&pair, &servers, started, &mut observations);
-    let final_status = final_counts(&pair)?;
-    let verdict = check::check(&summaries, &check::server_side(&final_status), &observations);
+    observe(&cluster, &servers, started, &mut watch);
+    let final_status = final_counts(&cluster)?;
+    let mut verdict = check::check(&summaries, &check::server_side(&final_status), &observations);
+    let server_counted = counters.totals();
+    judge_rogue(&rogue_tally, &server_counted, &mut verdict);
     Ok(Report {
         seed,
         duration_s: args.duration.as_secs_f64(),
         hosts: args.hosts,
         sensors_per_host: args.sensors,
         network: if net.is_some() { "namespaces" } else { "loopback" },
+        security: if cluster.keys.is_some() { "curve" } else { "none" },
         schedule,
+        rogue: rogue_tally,
+        server_counted,
         memory: memory.traces(),
         ok: verdict.ok(),
         verdict,
@@ -499,30 +614,55 @@ fn build_net() -> Option<Net> {
     }
 }
 
+/// The pair's endpoints and, unless --no-keys, the run's keys: how every
+/// process is started and every status asked for.
+struct Cluster {
+    pair: Pair,
+    keys: Option<PairKeys>,
+}
+
+impl Cluster {
+    fn frontend(&self, primary: bool) -> &str {
+        if primary { &self.pair.primary_frontend } else { &self.pair.backup_frontend }
+    }
+
+    /// The admin's credentials for one server's status (none without keys).
+    fn auth(&self, primary: bool) -> Option<StatusAuth> {
+        self.keys.as_ref().map(|k| k.admin_status(primary))
+    }
+
+    fn status(&self, primary: bool) -> anyhow::Result<serde_json::Value> {
+        server_status_as(self.frontend(primary), self.auth(primary).as_ref())
+    }
+}
+
 /// Starts (or restarts) a server; waits until it answers unless `reachable`
 /// is false (its link to the hosts is cut right now).
-fn start_node(lab: Option<&Lab>, pair: &Pair, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
+fn start_node(lab: Option<&Lab>, cluster: &Cluster, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
     node.starts += 1;
     let mut extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
-    if lab.is_some() {
+    let key_args = cluster.keys.as_ref().map(|k| k.server_args(node.primary)).unwrap_or_default();
+    extra.extend(key_args.iter().map(String::as_str));
+    if lab.is_some() && cluster.keys.is_none() {
         // Veth addresses are not loopback: without keys a server needs
         // --insecure there (the namespaces are the verifier's own).
         extra.push("--insecure");
     }
-    let (_, args) = server_args(pair, node.primary, &extra, dir);
+    let (_, args) = server_args(&cluster.pair, node.primary, &extra, dir);
     // Every incarnation keeps its own log.
     let name = format!("{}-{}", node.name, node.starts);
     let proc = match lab {
         Some(lab) => lab.spawn(&node.ns, &name, &node.program, &args, dir)?,
         None => Proc::spawn(&name, &node.program, &args, dir)?,
     };
-    let endpoint = if node.primary { &pair.primary_frontend } else { &pair.backup_frontend };
-    node.proc = Some(if reachable { wait_until_serving(proc, endpoint)? } else { proc });
+    let endpoint = cluster.frontend(node.primary);
+    let auth = cluster.auth(node.primary);
+    node.proc = Some(if reachable { wait_until_serving_as(proc, endpoint, auth.as_ref())? } else { proc });
     node.stopped = false;
     Ok(())
 }
 
-fn start_host_node(args: &Args, pair: &Pair, h: &mut HostNode, dir: &std::path::Path, duration: Duration) -> anyhow::Result<()> {
+fn start_host_node(args: &Args, cluster: &Cluster, h: &mut HostNode, dir: &std::path::Path, duration: Duration) -> anyhow::Result<()> {
     h.starts += 1;
     let mut a: Vec<String> = [
         "--sensors".to_string(),
@@ -538,7 +678,7 @@ fn start_host_node(args: &Args, pair: &Pair, h: &mut HostNode, dir: &std::path::
         "--timeout".into(),
         "500ms".into(),
         "--servers".into(),
-        pair.servers(),
+        cluster.pair.servers(),
         "--quiet".into(),
         "--json".into(),
     ]
@@ -546,6 +686,9 @@ fn start_host_node(args: &Args, pair: &Pair, h: &mut HostNode, dir: &std::path::
     if let Some(state) = &h.state_dir {
         a.push("--state-dir".into());
         a.push(state.display().to_string());
+    }
+    if let Some(keys) = &cluster.keys {
+        a.extend(keys.host_args(&format!("host{}", h.index))?);
     }
     h.proc = Some(Proc::spawn(&format!("host{}-{}", h.index, h.starts), &bin("fog-host"), &a, dir)?);
     Ok(())
@@ -557,14 +700,13 @@ fn start_host_node(args: &Args, pair: &Pair, h: &mut HostNode, dir: &std::path::
 /// a machine lost with its disk. Done only while the active says it is in
 /// sync, so every reading it acked is on the passive: losing its disk must
 /// lose nothing. Returns the erased node and what was done.
-fn wipe(pair: &Pair, servers: &mut [ServerNode], net: Option<&Net>) -> anyhow::Result<Option<(usize, String)>> {
+fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> anyhow::Result<Option<(usize, String)>> {
     let mut active = None;
     for (i, s) in servers.iter().enumerate() {
         if s.proc.is_none() || s.stopped {
             continue;
         }
-        let endpoint = if s.primary { &pair.primary_frontend } else { &pair.backup_frontend };
-        if let Ok(st) = server_status(endpoint) {
+        if let Ok(st) = cluster.status(s.primary) {
             let in_sync = st["replication"].as_str().is_some_and(|r| r.contains("in sync"));
             if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
                 active = Some(i);
@@ -647,27 +789,71 @@ impl Memory {
     }
 }
 
-fn observe(pair: &Pair, servers: &[ServerNode], started: Instant, out: &mut Vec<Observation>) {
+/// What the verifier takes from every status it reads during the run.
+struct Watch<'a> {
+    plan: &'a rogue::Plan,
+    /// The rogue's poison targets, from the active's sensors.
+    targets: &'a rogue::Targets,
+    counters: &'a mut rogue::ServerCounters,
+    /// Which node was in which state and epoch, for the one-active check.
+    observations: &'a mut Vec<Observation>,
+}
+
+fn observe(cluster: &Cluster, servers: &[ServerNode], started: Instant, watch: &mut Watch) {
     for s in servers.iter().filter(|s| s.proc.is_some() && !s.stopped) {
-        let endpoint = if s.primary { &pair.primary_frontend } else { &pair.backup_frontend };
-        if let Ok(status) = server_status(endpoint) {
-            out.push(Observation {
+        if let Ok(status) = cluster.status(s.primary) {
+            watch.observations.push(Observation {
                 at_s: started.elapsed().as_secs_f64(),
                 node: s.name,
                 state: status["state"].as_str().unwrap_or("").to_string(),
                 epoch: status["epoch"].as_u64(),
             });
+            watch.counters.record(&format!("{}-{}", s.name, s.starts), &status);
+            watch.targets.update(watch.plan, &status);
+        }
+    }
+}
+
+/// Adds to `verdict` what the rogue fault shows: a rogue that sent batches
+/// the servers counted no refusal for did nothing the run can vouch for;
+/// a poisoned sensor whose watermark jumped took a poison seq.
+fn judge_rogue(tally: &rogue::Tally, counted: &std::collections::BTreeMap<&'static str, u64>, verdict: &mut check::Verdict) {
+    if tally.activations == 0 {
+        return;
+    }
+    let refusals: u64 = rogue::REFUSALS.iter().map(|c| counted.get(c).copied().unwrap_or(0)).sum();
+    if tally.batches_sent > 0 && refusals == 0 {
+        verdict.violations.push(format!(
+            "the rogue sent {} batches but the servers counted no refusal and no forged epoch: the fault did nothing checkable",
+            tally.batches_sent
+        ));
+    }
+    if tally.watermark_jumps > 0 {
+        verdict.violations.push(format!(
+            "{} acks of poisoned sensors carried a watermark at or above 2^52: a poison seq was taken",
+            tally.watermark_jumps
+        ));
+    }
+    for (sent, counter, what) in [
+        (tally.forged_epoch_batches, "forged_epochs", "forged epochs"),
+        (tally.foreign_readings, "refused.foreign_sensor", "readings for foreign sensors"),
+        (tally.poison_readings, "refused.seq_out_of_range", "poison readings"),
+        (tally.poison_readings, "refused.from_the_future", "poison readings"),
+        (tally.over_limit_batches, "refused.too_large", "batches past the reading limit"),
+    ] {
+        if sent > 0 && counted.get(counter).copied().unwrap_or(0) == 0 {
+            verdict.notes.push(format!("the rogue sent {sent} {what}, but no status read showed {counter} above 0"));
         }
     }
 }
 
 /// The counts to check: the active server's, once both servers agree (with
 /// replication they converge); the larger one if they never do.
-fn final_counts(pair: &Pair) -> anyhow::Result<serde_json::Value> {
+fn final_counts(cluster: &Cluster) -> anyhow::Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let p = server_status(&pair.primary_frontend).ok();
-        let b = server_status(&pair.backup_frontend).ok();
+        let p = cluster.status(true).ok();
+        let b = cluster.status(false).ok();
         let counted = |s: &Option<serde_json::Value>| s.as_ref().and_then(|s| s["counted"].as_u64());
         let active = [&p, &b].into_iter().flatten().find(|s| s["state"] == "active").cloned();
         if counted(&p).is_some() && counted(&p) == counted(&b) {

@@ -1,7 +1,8 @@
 //! The fault verifier run for real: a short run of two hosts under every
-//! fault (server, host, disk and network) finds no violation, and a server
-//! built with a planted bug (it acks a reading before the passive has it)
-//! is caught losing acked readings.
+//! fault (server, host, disk, network and a rogue host key) finds no
+//! violation, a rogue alone is refused and counted for every attack it
+//! makes, and a server built with a planted bug (it acks a reading before
+//! the passive has it) is caught losing acked readings.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,13 +21,45 @@ fn verify(args: &[&str]) -> (i32, Value, String) {
 fn a_short_run_of_two_hosts_under_every_fault_finds_no_violation() {
     let (code, report, stderr) = verify(&[
         "--duration", "40s", "--seed", "20261125", "--hosts", "2", "--sensors", "50", "--interval", "50ms",
-        "--fault-every", "2s", "--faults", "kill,stop,host,wipe,split,isolate",
+        "--fault-every", "2s", "--faults", "kill,stop,host,wipe,split,isolate,rogue",
     ]);
     eprintln!("{stderr}");
     assert_eq!(code, 0, "violations: {}", report["verdict"]["violations"]);
     assert_eq!(report["ok"], true);
+    assert_eq!(report["security"], "curve", "keys by default");
+    assert!(n(&report["rogue"]["batches_sent"]) > 0, "the rogue never ran: {}", report["schedule"]);
     assert!(report["verdict"]["readings_checked"].as_u64().unwrap_or(0) > 10_000, "{report}");
     assert!(report["schedule"].as_array().is_some_and(|s| s.len() >= 10), "too few faults applied: {report}");
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn a_rogue_host_key_is_refused_and_counted_for_every_attack_and_changes_no_count() {
+    let (code, report, stderr) = verify(&[
+        "--duration", "15s", "--seed", "7", "--hosts", "2", "--sensors", "40", "--interval", "50ms",
+        "--fault-every", "2s", "--faults", "rogue",
+    ]);
+    eprintln!("{stderr}");
+    assert_eq!(code, 0, "violations: {}", report["verdict"]["violations"]);
+    let rogue = &report["rogue"];
+    let counted = &report["server_counted"];
+    assert!(n(&rogue["activations"]) >= 2, "{}", report["schedule"]);
+    // Both servers refuse (and count) what is refused before the node looks
+    // at its state: forged epochs, foreign sensors, oversized batches. With
+    // no other fault, every one sent arrives.
+    assert_eq!(n(&counted["forged_epochs"]), n(&rogue["forged_epoch_batches"]), "{report}");
+    assert_eq!(n(&counted["refused.foreign_sensor"]), n(&rogue["foreign_readings"]), "{report}");
+    assert_eq!(n(&counted["refused.too_large"]), n(&rogue["over_limit_batches"]), "{report}");
+    assert!(n(&rogue["limit_batches"]) > 0 && n(&rogue["poison_readings"]) > 65_536, "{rogue}");
+    // Poison reaches the active only (the passive answers NotActive).
+    for counter in ["refused.seq_out_of_range", "refused.from_the_future", "expired"] {
+        assert!(n(&counted[counter]) > 0, "{counter}: {report}");
+    }
+    assert_eq!(n(&rogue["watermark_jumps"]), 0);
+    assert_eq!(n(&report["verdict"]["unchecked_incarnations"]), 0, "the rogue got nothing counted");
 }
 
 /// Builds fog-server with the `unsafe-early-ack` feature in a target dir of
