@@ -187,7 +187,7 @@ struct Report {
     rogue: rogue::Tally,
     /// What the servers counted against hostile clients, summed over every
     /// server life (as last seen in a status read during the run):
-    /// forged_epochs, expired, refused.*.
+    /// forged_epochs and refused.*; expired: the most any one life showed.
     server_counted: std::collections::BTreeMap<&'static str, u64>,
     /// Resident memory of every process over the run, to show it stays flat.
     memory: Vec<MemoryTrace>,
@@ -231,7 +231,7 @@ fn main() -> ExitCode {
                     r.over_limit_batches, r.replies
                 );
             }
-            eprintln!("the servers counted (over all their lives): {counted}");
+            eprintln!("the servers counted (summed over their lives; expired: the most one life showed): {counted}");
             for m in report.memory.iter().filter(|m| m.samples >= 8) {
                 eprintln!(
                     "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",

@@ -341,8 +341,9 @@ fn drain(v: &mut Victim, live: &[Target], window: Duration, tally: &mut Tally) {
 /// lower bound when a server is killed between two reads. Both servers
 /// count forged epochs, foreign sensors and oversized batches (refused
 /// before the node looks at its state); only the active refuses readings
-/// out of range; `expired` is counted by the active and again by the
-/// passive that applies its log.
+/// out of range. Expired readings are in the log: every node that applies
+/// it (the passive, a node recovering or catching up) counts them again,
+/// so `expired` is the largest any one life showed, not a sum.
 #[derive(Debug, Default)]
 pub struct ServerCounters {
     /// Per server life (`primary-3`), per counter, the largest value seen.
@@ -388,12 +389,13 @@ impl ServerCounters {
         }
     }
 
-    /// Every counter summed over the lives.
+    /// Every counter summed over the lives (`expired`: the largest).
     pub fn totals(&self) -> BTreeMap<&'static str, u64> {
         let mut out: BTreeMap<&'static str, u64> = COUNTERS.iter().map(|&c| (c, 0)).collect();
         for counters in self.lives.values() {
             for (name, value) in counters {
-                *out.entry(name).or_default() += value;
+                let total = out.entry(name).or_default();
+                *total = if *name == "expired" { (*total).max(*value) } else { *total + value };
             }
         }
         out
