@@ -296,7 +296,9 @@ pub struct StatusReport {
     pub average_chain: Vec<AverageCursor>,
     /// Readings older than the window horizon: counted, in no average.
     pub too_late: u64,
-    /// Readings older than the dedup horizon: acked, never counted.
+    /// Readings older than the dedup horizon: acked, never counted. Per
+    /// node: every node that applies the log entry carrying one (a passive
+    /// replicating it, a node recovering or catching up) counts it again.
     pub expired: u64,
     /// Sensor incarnations silent for longer than the dedup horizon, whose
     /// dedup state was compacted away; their readings stay in `counted`

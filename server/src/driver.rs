@@ -589,12 +589,19 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
     };
     // Log lines name the key; a client without one, its connection.
     let who: Vec<u8> = user.map_or_else(|| identity.clone(), |k| k.0.to_vec());
+    // The key and the name the authorized-keys file gives it, for log lines.
+    let name = || {
+        let key = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
+        let host = user.and_then(|k| access.and_then(|a| a.get(&k)).map(|c| c.name.clone())).unwrap_or_default();
+        (key, host)
+    };
     let request = match decoded {
         Ok(r) => r,
         Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_))) => {
             node.record_refusal(Refusal::TooLarge, 1);
             if gate.log_once(&who, "too large") {
-                warn!(peer = %hex(&identity), key = ?user.map(|k| k.to_z85()), "refused a batch: {e}; further ones from this peer are only counted");
+                let (key, host) = name();
+                warn!(peer = %hex(&identity), key = %key, host = %host, "refused a batch: {e}; further ones from this client are only counted");
             }
             send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::TooLarge });
             return;
@@ -602,7 +609,8 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
         Err(why) => {
             node.record_malformed();
             if gate.log_once(&who, "malformed") {
-                warn!(peer = %hex(&identity), "dropped a malformed frame ({why}); further ones from this peer are only counted");
+                let (key, host) = name();
+                warn!(peer = %hex(&identity), key = %key, host = %host, "dropped a malformed frame ({why}); further ones from this client are only counted");
             }
             return;
         }
@@ -616,8 +624,8 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
         Admission::Refuse(reason) => {
             node.record_refusal(reason, 1);
             if gate.log_once(&who, "refused") {
-                let who = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
-                warn!(key = %who, "refused a request: {reason}; further ones from this client are only counted");
+                let (key, host) = name();
+                warn!(key = %key, host = %host, "refused a request: {reason}; further ones from this client are only counted");
             }
             send_reply(frontend, identity, &Reply::Refused { batch_id, reason });
         }
@@ -628,8 +636,8 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
                 if let Some(key) = user {
                     let count = gate.foreign.entry(key).or_insert(0);
                     if *count == 0 {
-                        let name = access.and_then(|a| a.get(&key)).map_or("?", |c| c.name.as_str());
-                        warn!(host = name, key = %key, sensor_id = refused[0].sensor_id, "refused readings for sensors outside this key's rights; further ones are only counted");
+                        let (key, host) = name();
+                        warn!(key = %key, host = %host, sensor_id = refused[0].sensor_id, "refused readings for sensors outside this key's rights; further ones from this key are only counted");
                     }
                     *count = count.saturating_add(n);
                 }
@@ -646,11 +654,6 @@ fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessL
             node.handle_request(now, token, &request);
             // The node refuses forged epochs and readings out of range; the
             // log names the key they came from, once per key and kind.
-            let name = || {
-                let key = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
-                let host = user.and_then(|k| access.and_then(|a| a.get(&k)).map(|c| c.name.clone())).unwrap_or_default();
-                (key, host)
-            };
             if node.forged_epochs() > forged_before && gate.log_once(&who, "forged epoch") {
                 let (key, host) = name();
                 warn!(key = %key, host = %host, "a batch claimed an epoch without a valid seal (ignored, counted in forged_epochs); further ones from this key are only counted");
