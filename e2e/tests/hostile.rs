@@ -28,10 +28,9 @@ use fog_e2e::{
     Pair, PairKeys, Proc, StatusAuth, finish_host, log_lines_with, rss_mib, scratch_dir, server_counts,
     server_status_as, start_host, start_keyed_server, start_server,
 };
-use fog_protocol::{
-    AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, decode, encode, now_ms,
-};
-use fog_transport::{Context as ZmqContext, Event, Keypair, Limits, PublicKey, Socket, SocketType};
+use fog_e2e::rogue::{Rogue, batch, batch_reply, forged_claims, named_epoch, readings, refused_count, sensor};
+use fog_protocol::{AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, encode, now_ms};
+use fog_transport::{Context as ZmqContext, Keypair, Limits, PublicKey, SocketType};
 use serde_json::Value;
 
 /// Server flags of every test: short lateness so averages flow in a short run.
@@ -259,87 +258,6 @@ fn is_caught_up(s: &Value) -> bool {
     s["state"] == "passive" && s["replication"] == "passive, caught up" && s["lag"] == 0
 }
 
-/// A client of a frontend that speaks libzmq through `fog_transport`, with
-/// a key (CurveZMQ) or without (NULL), and reads its replies.
-struct Rogue {
-    socket: Socket,
-    _ctx: ZmqContext,
-}
-
-impl Rogue {
-    fn connect(endpoint: &str, curve: Option<(&Keypair, &PublicKey)>) -> anyhow::Result<Rogue> {
-        let ctx = ZmqContext::new();
-        let dealer = fog_transport::connect(&ctx, SocketType::DEALER, endpoint, curve, &Limits::default())?;
-        let socket = Socket::spawn("rogue", &ctx, dealer, true)?;
-        Ok(Rogue { socket, _ctx: ctx })
-    }
-
-    fn send(&self, request: &Request) -> anyhow::Result<()> {
-        self.socket.send(vec![encode(request)?])?;
-        Ok(())
-    }
-
-    /// The next reply within `timeout`, or `None`; a failed handshake is an
-    /// error naming it.
-    fn reply(&mut self, timeout: Duration) -> anyhow::Result<Option<Reply>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.socket.recv_blocking(left) {
-                Some(Event::Message(m)) => {
-                    let frame = m.frames.last().context("an empty message")?;
-                    return Ok(Some(decode(frame).context("a reply that does not decode")?));
-                }
-                Some(Event::HandshakeFailed(why)) => bail!("handshake failed: {why}"),
-                Some(_) => continue,
-                None => return Ok(None),
-            }
-        }
-    }
-
-    fn ask(&mut self, request: &Request) -> anyhow::Result<Reply> {
-        self.send(request)?;
-        self.reply(REPLY_TIMEOUT)?.with_context(|| format!("no reply within {REPLY_TIMEOUT:?}"))
-    }
-
-    /// Everything the socket reports within `window`: what a client the
-    /// server does not let in sees.
-    fn events(&mut self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut seen = Vec::new();
-        while let Some(event) = self.socket.recv_blocking(deadline.saturating_duration_since(Instant::now())) {
-            seen.push(match event {
-                Event::Message(m) => format!("a message of {} frames", m.frames.len()),
-                other => format!("{other:?}"),
-            });
-        }
-        seen
-    }
-}
-
-fn readings(first_seq: u64, n: u64, timestamp_ms: u64) -> Vec<Reading> {
-    (first_seq..first_seq + n).map(|seq| Reading { seq, speed_kmh: 88, timestamp_ms }).collect()
-}
-
-fn sensor(sensor_id: u32, incarnation: u64, segment: u32, readings: Vec<Reading>) -> SensorBatch {
-    SensorBatch { sensor_id, incarnation, segment, readings, average_cursor: None }
-}
-
-fn batch(batch_id: u64, sensors: Vec<SensorBatch>) -> Request {
-    Request::Batch { batch_id, epoch: 0, seal: [0; 16], sensors }
-}
-
-fn batch_reply(reply: Reply) -> anyhow::Result<fog_protocol::BatchReply> {
-    match reply {
-        Reply::Batch(b) => Ok(b),
-        other => bail!("expected a batch reply, got {other:?}"),
-    }
-}
-
-fn refused_count(reply: &fog_protocol::BatchReply, reason: Refusal) -> u64 {
-    reply.refused.iter().filter(|r| r.reason == reason).map(|r| u64::from(r.count)).sum()
-}
-
 fn counter(status: &Value, name: &str) -> u64 {
     status["refused"][name].as_u64().unwrap_or_else(|| panic!("no refused.{name} in {status}"))
 }
@@ -520,7 +438,7 @@ fn readings_for_sensors_outside_the_keys_rights_are_refused_and_counted() {
         refused_sent += 5 * sensors.len() as u64;
         sensors.push(sensor(9000, 0xbeef, ROGUE_SEGMENT, readings(round * 3, 3, now_ms())));
         own += 3;
-        let reply = batch_reply(rogue.ask(&batch(round + 1, sensors)).unwrap()).unwrap();
+        let reply = batch_reply(rogue.ask(&batch(round + 1, sensors), REPLY_TIMEOUT).unwrap()).unwrap();
         assert_eq!(refused_count(&reply, Refusal::ForeignSensor), 5 * HOST_SENSORS, "round {round}: {:?}", reply.refused);
         assert!(reply.acks.iter().all(|a| a.sensor_id == 9000), "a foreign sensor was acked: {:?}", reply.acks);
         assert_eq!(reply.acks.len(), 1, "its own sensor is acked: {:?}", reply.acks);
@@ -545,21 +463,13 @@ fn forged_epochs_are_counted_and_never_make_the_active_step_down() {
     for primary in [true, false] {
         let mut rogue = stage.rogue("forger", primary).unwrap();
         // A real seal, of the epoch the server names in its replies.
-        let real = match rogue.ask(&batch(1, Vec::new())).unwrap() {
-            Reply::Batch(b) => (b.epoch, b.seal),
-            Reply::NotActive { epoch, seal, .. } => (epoch, seal),
-            other => panic!("unexpected reply {other:?}"),
-        };
+        let reply = rogue.ask(&batch(1, Vec::new()), REPLY_TIMEOUT).unwrap();
+        let real = named_epoch(&reply).unwrap_or_else(|| panic!("unexpected reply {reply:?}"));
         assert_eq!(real.0, epoch, "the server names its epoch");
-        let mut claims = vec![(epoch + 1, real.1), (epoch + 1, [0; 16]), (u64::MAX, [0xff; 16]), (1 << 62, real.1), (epoch, [0xab; 16])];
-        for _ in 0..20 {
-            let mut seal = [0u8; 16];
-            rand::fill(&mut seal);
-            claims.push((epoch + 1 + rand::random_range(0..1000u64), seal));
-        }
+        let claims = forged_claims(epoch, real.1, 20);
         for (i, (claimed, seal)) in claims.iter().enumerate() {
             let request = Request::Batch { batch_id: 10 + i as u64, epoch: *claimed, seal: *seal, sensors: Vec::new() };
-            let reply = rogue.ask(&request).unwrap();
+            let reply = rogue.ask(&request, REPLY_TIMEOUT).unwrap();
             if primary {
                 let b = batch_reply(reply).unwrap();
                 assert_eq!(b.epoch, epoch, "the active answers in its own epoch after a claim of {claimed}");
@@ -571,7 +481,7 @@ fn forged_epochs_are_counted_and_never_make_the_active_step_down() {
         let mut s = sensor(9001, 3, ROGUE_SEGMENT, readings(0, 1, now_ms()));
         s.average_cursor = Some(AverageCursor { seq: 1, epoch: epoch + 7, chain: 0xdead });
         let cursor_batch = Request::Batch { batch_id: 99, epoch: real.0, seal: real.1, sensors: vec![s] };
-        rogue.ask(&cursor_batch).unwrap();
+        rogue.ask(&cursor_batch, REPLY_TIMEOUT).unwrap();
         *forged_sent.get_mut(&primary).unwrap() += claims.len() as u64 + 1;
         let now = stage.status(primary).unwrap();
         assert_eq!(now["state"], if primary { "active" } else { "passive" }, "right after the claims: {now}");
@@ -616,7 +526,7 @@ fn poison_readings_from_a_compromised_host_key_do_not_stop_the_sensors_being_cou
             }
         }
         let readings = poison.iter().map(|(r, _)| *r).collect();
-        let reply = batch_reply(rogue.ask(&batch(round as u64 + 1, vec![sensor(id, inc, 0, readings)])).unwrap()).unwrap();
+        let reply = batch_reply(rogue.ask(&batch(round as u64 + 1, vec![sensor(id, inc, 0, readings)]), REPLY_TIMEOUT).unwrap()).unwrap();
         assert_eq!(refused_count(&reply, Refusal::SeqOutOfRange), 3, "sensor {id}: {:?}", reply.refused);
         assert_eq!(refused_count(&reply, Refusal::FromTheFuture), 1, "sensor {id}: {:?}", reply.refused);
         let ack = reply.acks.iter().find(|a| a.sensor_id == id).expect("the expired readings are acked");
@@ -650,19 +560,19 @@ fn a_batch_at_the_reading_limit_is_served_and_one_past_it_refused() {
     let now = now_ms();
     let at_limit = batch(1, vec![sensor(9100, 5, ROGUE_SEGMENT, readings(0, limit, now))]);
     let asked = Instant::now();
-    let reply = batch_reply(rogue.ask(&at_limit).unwrap()).unwrap();
+    let reply = batch_reply(rogue.ask(&at_limit, REPLY_TIMEOUT).unwrap()).unwrap();
     eprintln!("[huge-batch] {limit} readings acked after {:?} ({} bytes)", asked.elapsed(), encode(&at_limit).unwrap().len());
     assert_eq!(reply.acks.len(), 1);
     assert_eq!(reply.acks[0].next_seq, limit, "every reading of the batch is acked: {:?}", reply.acks[0]);
     assert!(reply.refused.is_empty(), "{:?}", reply.refused);
     let past = batch(2, vec![sensor(9101, 5, ROGUE_SEGMENT, readings(0, limit + 1, now))]);
-    let reply = rogue.ask(&past).unwrap();
+    let reply = rogue.ask(&past, REPLY_TIMEOUT).unwrap();
     assert_eq!(reply, Reply::Refused { batch_id: 0, reason: Refusal::TooLarge });
     let split = batch(3, vec![
         sensor(9102, 5, ROGUE_SEGMENT, readings(0, limit / 2, now)),
         sensor(9103, 5, ROGUE_SEGMENT, readings(0, limit / 2 + 1, now)),
     ]);
-    let reply = rogue.ask(&split).unwrap();
+    let reply = rogue.ask(&split, REPLY_TIMEOUT).unwrap();
     assert_eq!(reply, Reply::Refused { batch_id: 0, reason: Refusal::TooLarge }, "the limit is per batch");
     let end = stage.finish();
     let counts = server_counts(&end.active);
@@ -711,7 +621,7 @@ fn clients_that_never_read_their_replies_cannot_grow_the_server() {
     let mut reader = stage.rogue("flood", true).unwrap();
     for incarnation in 1..=2u64 {
         let sensors = (9000..9500).map(|id| sensor(id, incarnation, ROGUE_SEGMENT, readings(0, 1, now_ms()))).collect();
-        batch_reply(reader.ask(&batch(incarnation, sensors)).unwrap()).unwrap();
+        batch_reply(reader.ask(&batch(incarnation, sensors), REPLY_TIMEOUT).unwrap()).unwrap();
     }
     let pid = stage.primary.child.id();
     let rss_before = rss_mib(pid).unwrap_or(0.0);
@@ -766,12 +676,12 @@ fn status_needs_the_admin_key() {
     eprintln!("[status-rights] fog-server status with the host's key: {err:#}");
     assert!(format!("{err:#}").contains("may not"), "the refusal says why: {err:#}");
     let mut host_key = stage.rogue("host", true).unwrap();
-    assert_eq!(host_key.ask(&Request::Status).unwrap(), Reply::Refused { batch_id: 0, reason: Refusal::NotAuthorized });
+    assert_eq!(host_key.ask(&Request::Status, REPLY_TIMEOUT).unwrap(), Reply::Refused { batch_id: 0, reason: Refusal::NotAuthorized });
     let mut admin = Rogue::connect(&stage.pair.primary_frontend, Some((&stage.keys.admin.pair, &stage.keys.server_public(true)))).unwrap();
-    let Reply::Status(report) = admin.ask(&Request::Status).unwrap() else { panic!("the admin key got no status") };
+    let Reply::Status(report) = admin.ask(&Request::Status, REPLY_TIMEOUT).unwrap() else { panic!("the admin key got no status") };
     assert_eq!(report.role, "primary");
     // An admin key has no sensors: its batches are refused.
-    let reply = admin.ask(&batch(5, vec![sensor(1, 1, 0, readings(0, 1, now_ms()))])).unwrap();
+    let reply = admin.ask(&batch(5, vec![sensor(1, 1, 0, readings(0, 1, now_ms()))]), REPLY_TIMEOUT).unwrap();
     assert_eq!(reply, Reply::Refused { batch_id: 5, reason: Refusal::NotAuthorized });
     let end = stage.finish();
     let refused = counter(&end.active, "not_authorized") - counter(&before, "not_authorized");
@@ -813,7 +723,7 @@ fn a_status_flood_with_a_long_sensor_list_neither_grows_nor_stalls_the_active() 
     let mut reader = stage.rogue("flood", true).unwrap();
     for incarnation in 1..=40u64 {
         let sensors = (9000..10000).map(|id| sensor(id, incarnation, ROGUE_SEGMENT, readings(0, 1, now_ms()))).collect();
-        batch_reply(reader.ask(&batch(incarnation, sensors)).unwrap()).unwrap();
+        batch_reply(reader.ask(&batch(incarnation, sensors), REPLY_TIMEOUT).unwrap()).unwrap();
     }
     let epoch = u(&stage.status(true).unwrap()["epoch"]);
     let pid = stage.primary.child.id();

@@ -350,7 +350,8 @@ pub struct ServerCounters {
     lives: BTreeMap<String, BTreeMap<&'static str, u64>>,
 }
 
-/// The counters reported: `forged_epochs`, `expired` and `refused.*`.
+/// The counters reported: `forged_epochs`, `expired` and `refused.*`;
+/// first the [`REFUSALS`], then the rest.
 pub const COUNTERS: [&str; 9] = [
     "forged_epochs",
     "refused.foreign_sensor",
@@ -363,16 +364,10 @@ pub const COUNTERS: [&str; 9] = [
     "expired",
 ];
 
-/// Those a rogue's batches raise (`busy` comes from status polling and
-/// `expired` is no refusal).
-pub const REFUSALS: [&str; 6] = [
-    "forged_epochs",
-    "refused.foreign_sensor",
-    "refused.seq_out_of_range",
-    "refused.from_the_future",
-    "refused.too_large",
-    "refused.not_authorized",
-];
+/// The counters a rogue's batches raise: the first six [`COUNTERS`] (not
+/// `malformed`, `busy`, which comes from status polling, or `expired`,
+/// which is no refusal).
+pub const REFUSALS: &[&str] = COUNTERS.split_at(6).0;
 
 impl ServerCounters {
     pub fn record(&mut self, life: &str, status: &Value) {
