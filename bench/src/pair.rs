@@ -171,11 +171,12 @@ impl ServerPair {
     pub fn host_args(&self) -> Vec<String> {
         let mut args = vec!["--servers".to_string(), self.endpoints.servers()];
         if let Some(keys) = &self.keys {
+            // The .pub files rather than the keys' text: a Z85 key may
+            // start with `-`, which a command line takes for a flag.
             args.extend([
                 "--key".to_string(),
                 keys.dir.join("client.secret").display().to_string(),
-                "--server-keys".into(),
-                format!("{},{}", keys.primary.public, keys.backup.public),
+                format!("--server-keys={},{}", keys.dir.join("primary.pub").display(), keys.dir.join("backup.pub").display()),
             ]);
         }
         args

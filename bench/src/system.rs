@@ -196,7 +196,7 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
         let pair = ServerPair::new(security, &dir)?;
         // Index 0 is the primary, 1 the backup.
         let mut nodes = [pair.start(true)?, pair.start(false)?];
-        let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
+        let mut host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
         // Wait until one server serves the host and the other stands by.
         let t0 = Instant::now();
         let active = 'found: loop {
@@ -206,8 +206,11 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
                     break 'found i;
                 }
             }
+            if let Ok(Some(exit)) = host.child.try_wait() {
+                bail!("run {}: fog-host exited ({exit}) before a server served it:\n{}", run + 1, host.log_tail(10));
+            }
             if t0.elapsed() > Duration::from_secs(60) {
-                bail!("run {run}: no server served the host within 60 s:\n{}", host.log_tail(10));
+                bail!("run {}: no server served the host within 60 s:\n{}", run + 1, host.log_tail(10));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -224,7 +227,7 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
                 break killed.elapsed();
             }
             if killed.elapsed() > Duration::from_secs(30) {
-                bail!("run {run}: the surviving server did not serve within 30 s:\n{}", nodes[1 - active].log_tail(10));
+                bail!("run {}: the surviving server did not serve within 30 s:\n{}", run + 1, nodes[1 - active].log_tail(10));
             }
         };
         times.push(taken_over.as_secs_f64() * 1000.0);
