@@ -47,13 +47,31 @@ const NAME_PREFIX: &str = "fog-";
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     /// Network namespaces cannot be used here (not root, no `ip`, no
-    /// kernel support): a test should skip with this reason.
+    /// kernel support): a test should skip with this reason (see
+    /// [`skip_or_fail`]).
     #[error("network namespaces are unavailable: {0}")]
     Unavailable(String),
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("a lab holds at most 64 links")]
     TooManyLinks,
+}
+
+
+/// Set (to 1) where network namespaces must be available, as in CI: a test
+/// that needs them then fails instead of skipping.
+pub const REQUIRE_ENV: &str = "FOG_REQUIRE_NETNS";
+
+/// Whether namespaces are required here (see [`REQUIRE_ENV`]).
+pub fn required() -> bool {
+    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
+}
+
+/// What a test does when namespaces are unavailable: says it is skipped,
+/// or fails when [`REQUIRE_ENV`] says they must be there.
+pub fn skip_or_fail(test: &str, why: &str) {
+    assert!(!required(), "{test}: network namespaces are required ({REQUIRE_ENV}=1) but unavailable: {why}");
+    eprintln!("[{test}] SKIPPED: {why}; this test needs root and `ip netns` ({REQUIRE_ENV}=1 makes it fail instead)");
 }
 
 /// One veth link between two namespaces (either may be [`ROOT`]).
@@ -249,7 +267,7 @@ mod tests {
         let mut lab = match Lab::new("unit") {
             Ok(lab) => lab,
             Err(LabError::Unavailable(why)) => {
-                eprintln!("skipped: {why}");
+                skip_or_fail("netns unit", &why);
                 return;
             }
             Err(e) => panic!("{e}"),

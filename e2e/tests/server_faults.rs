@@ -340,7 +340,7 @@ fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() 
     let mut lab = match Lab::new("split") {
         Ok(lab) => lab,
         Err(LabError::Unavailable(why)) => {
-            eprintln!("[{label}] SKIPPED: {why}; this test needs root and `ip netns`");
+            fog_e2e::netns::skip_or_fail(label, &why);
             return;
         }
         Err(e) => panic!("{label}: {e}"),

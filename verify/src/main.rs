@@ -301,7 +301,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     }
 
     let wants_net = faults.iter().any(|f| matches!(f, Fault::Split | Fault::Isolate | Fault::Wipe));
-    let net = if wants_net { build_net() } else { None };
+    let net = if wants_net { build_net()? } else { None };
     if net.is_none() && wants_net {
         faults.retain(|f| !matches!(f, Fault::Split | Fault::Isolate));
     }
@@ -594,8 +594,8 @@ fn run(args: &Args) -> anyhow::Result<Report> {
 }
 
 /// Namespaces for the two servers and links to them, or `None` (with a
-/// note) where namespaces cannot be used.
-fn build_net() -> Option<Net> {
+/// note) where namespaces cannot be used; an error where they are required.
+fn build_net() -> anyhow::Result<Option<Net>> {
     let attempt = || -> Result<Net, fog_e2e::netns::LabError> {
         let mut lab = Lab::new("verify")?;
         let p = lab.namespace("primary")?;
@@ -606,10 +606,13 @@ fn build_net() -> Option<Net> {
         Ok(Net { lab, to_primary, to_backup, peer })
     };
     match attempt() {
-        Ok(net) => Some(net),
+        Ok(net) => Ok(Some(net)),
+        Err(e) if fog_e2e::netns::required() => {
+            anyhow::bail!("{e}, and {}=1 requires network namespaces", fog_e2e::netns::REQUIRE_ENV)
+        }
         Err(e) => {
             eprintln!("note: {e}: link faults are left out and the wipe stalls the passive with SIGSTOP instead");
-            None
+            Ok(None)
         }
     }
 }
