@@ -80,3 +80,23 @@ fn help_explains_the_common_flags() {
     }
     assert!(help.contains("lost"), "--help says what is lost without a state directory");
 }
+
+#[test]
+fn key_flags_are_checked_before_anything_starts() {
+    let dir = std::env::temp_dir().join(format!("fog-host-cli-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret = dir.join("host.secret");
+    std::fs::write(&secret, "public-key = \"x\"\n").expect("write");
+    // A Z85 key may start with '-': it is taken as a value, and here the
+    // secret file is what is wrong.
+    let out = host(&["--key", secret.to_str().unwrap(), "--server-keys", "-a3f0000000000000000000000000000000000000"]);
+    assert_one_line_error(&out, "readable by its owner only");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = host(&["--key", secret.to_str().unwrap(), "--server-keys", "k1"]);
+    assert_one_line_error(&out, "not a CurveZMQ key");
+    let out = host(&["--key", secret.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "--key needs --server-keys");
+    let _ = std::fs::remove_dir_all(&dir);
+}

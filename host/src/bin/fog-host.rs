@@ -143,7 +143,8 @@ struct Args {
 
     /// The servers' public keys (.pub files or 40 Z85 characters), in the
     /// order of --servers; one key serves for all if both use it.
-    #[arg(long, value_name = "KEY,KEY", value_delimiter = ',', requires = "key")]
+    // A Z85 key may start with '-': it is a value, not a flag.
+    #[arg(long, value_name = "KEY,KEY", value_delimiter = ',', requires = "key", allow_hyphen_values = true)]
     server_keys: Vec<String>,
 }
 

@@ -173,7 +173,8 @@ struct StatusArgs {
     key: Option<std::path::PathBuf>,
 
     /// The server's public key: its .pub file, or the 40 Z85 characters.
-    #[arg(long, value_name = "KEY", requires = "key")]
+    // A Z85 key may start with '-': it is a value, not a flag.
+    #[arg(long, value_name = "KEY", requires = "key", allow_hyphen_values = true)]
     server_key: Option<String>,
 }
 
