@@ -36,6 +36,10 @@ pub enum LinkEvent {
     /// The connection closed (the server process died or closed it): no
     /// reply will come on this link, so there is no point waiting for one.
     Closed,
+    /// The server refused the handshake (it does not list this host's key,
+    /// or the host does not hold the server's key): asking again at once
+    /// would be refused again.
+    Refused(&'static str),
 }
 
 pub struct Link {
@@ -68,7 +72,6 @@ impl Link {
             .map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
         let mut socket = Socket::spawn("link", &ctx, dealer, true).map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
         let send = socket.sender();
-        let name = endpoint.clone();
         let events_task = tokio::spawn(async move {
             while let Some(event) = socket.recv().await {
                 let event = match event {
@@ -78,13 +81,10 @@ impl Link {
                         Err(_) => continue,
                     },
                     Event::Disconnected => LinkEvent::Closed,
-                    Event::HandshakeFailed(why) => {
-                        tracing::warn!(server = %name, "the server refused the connection: {why} (check --key and --server-keys)");
-                        LinkEvent::Closed
-                    }
+                    Event::HandshakeFailed(why) => LinkEvent::Refused(why),
                     Event::Connected => continue,
                 };
-                let closed = matches!(event, LinkEvent::Closed);
+                let closed = matches!(event, LinkEvent::Closed | LinkEvent::Refused(_));
                 if incoming.send(Incoming { generation, event }).is_err() || closed {
                     break;
                 }

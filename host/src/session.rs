@@ -24,6 +24,9 @@ use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
 
 /// How soon a server that answered "not active" is asked again.
 const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
+/// How long the host waits before connecting again after a server refused
+/// its handshake (a key problem an operator has to fix).
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -127,6 +130,8 @@ struct Session<'a> {
     batches_acked: u64,
     bad_replies: u64,
     refused_batches: u64,
+    /// Servers (by index) that refused the handshake; each is logged once.
+    refused_by: std::collections::HashSet<usize>,
     latest: BTreeMap<u32, Average>,
     started: Instant,
     /// The highest server epoch seen in a reply, with its seal; sent with
@@ -172,6 +177,7 @@ pub async fn run(
         batches_acked: 0,
         bad_replies: 0,
         refused_batches: 0,
+        refused_by: std::collections::HashSet::new(),
         latest: BTreeMap::new(),
         started,
         epoch: cfg.epoch.map_or(0, |e| e.0),
@@ -237,6 +243,13 @@ pub async fn run(
                             s.give_up();
                         }
                         LinkEvent::Closed => {}
+                        LinkEvent::Refused(why) => {
+                            if s.refused_by.insert(s.current) {
+                                tracing::warn!(server = %s.endpoint(), "the server refused the connection: {why} (check --key and --server-keys); asking every {:?}", REFUSED_RETRY);
+                            }
+                            s.lost_at[s.current] = Some(Instant::now());
+                            s.failover(REFUSED_RETRY);
+                        }
                     }
                 }
             }
