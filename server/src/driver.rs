@@ -50,8 +50,13 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const LOGGED_PEERS: usize = 1024;
 /// Requests taken in one go before their entries go to the disk together.
 const MAX_REQUESTS_PER_ROUND: usize = 256;
-/// Messages queued per peer and direction on every socket.
+/// Messages queued per peer and direction on the state channel.
 const HWM: i32 = 1000;
+/// Messages queued per client and direction on the frontend. A host has
+/// one batch in flight, a load generator a few: 64 is ample, and it bounds
+/// what a client that stops reading can make the server hold for it
+/// (64 replies; a batch reply is at most a few hundred KiB).
+const CLIENT_HWM: i32 = 64;
 /// Status reports built per second at most, over all clients: one report
 /// lists every sensor, so it costs milliseconds at tens of thousands of
 /// sensors; beyond this, requests get `Refused(Busy)` and ask again.
@@ -265,7 +270,8 @@ fn open_edge(cfg: &ServerConfig) -> Result<Edge, ServerError> {
             other => other.into(),
         }
     }
-    let frontend = fog_transport::bind(&ctx, fog_transport::SocketType::ROUTER, &cfg.frontend, curve.as_ref(), fog_transport::FRONTEND_DOMAIN, &limits)
+    let client_limits = Limits { hwm: CLIENT_HWM, ..limits };
+    let frontend = fog_transport::bind(&ctx, fog_transport::SocketType::ROUTER, &cfg.frontend, curve.as_ref(), fog_transport::FRONTEND_DOMAIN, &client_limits)
         .map_err(bind_err("frontend", &cfg.frontend))?;
     let publisher = fog_transport::bind(&ctx, fog_transport::SocketType::PUB, &cfg.state_bind, curve.as_ref(), fog_transport::STATE_DOMAIN, &limits)
         .map_err(bind_err("state", &cfg.state_bind))?;
