@@ -3,7 +3,8 @@
 //!
 //! The protocol logic is sans-IO and driven with explicit time:
 //! [`fsm`] (Binary Star states), [`ingest`] (exactly-once counting and acks),
-//! [`windows`] (event-time averages and the average log), [`replica`] (the
+//! [`windows`] (event-time averages), [`average_log`] (the published
+//! averages that sensors follow with their cursors), [`replica`] (the
 //! replicated state, changed only by log entries) and [`node`], which puts
 //! them and the replication protocol behind one interface of events in and
 //! outputs out. [`seal`] seals the epochs a node hands hosts. [`wal`] keeps the log and snapshots on disk. [`driver`] is
@@ -11,6 +12,7 @@
 //! [`status`] is the client behind `fog-server status`; [`edge`] decides
 //! what an authenticated client may ask.
 
+pub mod average_log;
 pub mod driver;
 pub mod edge;
 pub mod fsm;

@@ -147,6 +147,88 @@ mod tests {
         assert_eq!(b.lsn, 2);
     }
 
+    /// A small history that leaves something in every part of the state:
+    /// buckets and windows of two segments, a revision, a reading outside
+    /// the windows, averages of two epochs, and sensors' cursors.
+    fn history() -> Vec<LogEntry> {
+        let batch = |lsn, now_ms, sensors| LogEntry { lsn, epoch: if lsn < 4 { 1 } else { 2 }, solo: false, record: Record::ReadingsAccepted { now_ms, sensors } };
+        // Seqs derive from the stamps, so each reading has its own.
+        let sensor = |sensor_id, segment, stamps: &[u64], average_cursor| SensorBatch {
+            sensor_id,
+            incarnation: 7,
+            segment,
+            readings: stamps.iter().enumerate().map(|(i, &ts)| Reading { seq: ts % 1_000 + i as u64, speed_kmh: 80 + i as u16, timestamp_ms: ts }).collect(),
+            average_cursor,
+        };
+        let publish = |lsn, epoch, now_ms| LogEntry { lsn, epoch, solo: false, record: Record::AveragesPublished { now_ms, next_seq: UNKNOWN_SEQ } };
+        let cursor = fog_protocol::AverageCursor { seq: 2, epoch: 1, chain: 0x9e37_79b9_7f4a_7c15 };
+        vec![
+            batch(1, T0, vec![sensor(1, 0, &[T0 + 100, T0 + 600, T0 + 1_200], None), sensor(2, 1, &[T0 + 300, T0 - 11 * 60 * 1_000], None)]),
+            publish(2, 1, T0 + 3_000),
+            LogEntry { lsn: 3, epoch: 2, solo: false, record: Record::EpochChanged { epoch: 2 } },
+            batch(4, T0 + 3_100, vec![sensor(1, 0, &[T0 + 200], Some(cursor)), sensor(2, 1, &[T0 + 3_050], None)]),
+            publish(5, 2, T0 + 4_000),
+        ]
+    }
+
+    /// The snapshot of [`history`] as fog-server wrote it before the average
+    /// log was a struct of its own (hex, in lines).
+    const HISTORY_SNAPSHOT: &str = concat!(
+        "020107000464e4d095ffbc31c801c8d195ffbc31ca01b0d995ffbc31d904d8d495ffbc3104c302b0d995ffbc31020700",
+        "0301e0abedfebc3132eae795ffbc31ac02acd295ffbc3103f101eae795ffbc310700000000040180d095ffbc31015000",
+        "e8d795ffbc3101520080d095ffbc3103f10101b8e795ffbc3101500601e8d795ffbc3101500001d0df95ffbc31015000",
+        "00d0df95ffbc3104c3020100b8e795ffbc3104c3020000e8d795ffbc3103f1010101b8e795ffbc3101500008a0ef95ff",
+        "bc3100a0ef95ffbc310188f795ffbc310088f795ffbc3101f0fe95ffbc3100f0fe95ffbc3101d88696ffbc3101c08e96",
+        "ffbc310108b8e795ffbc31010100e8d795ffbc3102a10100fcdbf2e19283a4af9901b8e795ffbc31020101e8d795ffbc",
+        "31015000ada5bcbba9b2c1af66b8e795ffbc31030100d0df95ffbc3103f30100c485d3e3b4a7878ea901b8e795ffbc31",
+        "040101d0df95ffbc31015000e495ae99c3ad92f636a0ef95ffbc31050200e8d795ffbc3103f10101b4deb3d9fdd4d9ca",
+        "63a0ef95ffbc31060200d0df95ffbc3104c30201c4bf86ffe08483f1b801a0ef95ffbc31070200b8e795ffbc3104c302",
+        "00eeede8c7c7be8ebb7ca0ef95ffbc31080201b8e795ffbc3101500096a8c2fdcedd8dc3400000000201010205090101",
+        "020195f8a9fa97b7de9b9e01010802a0ef95ffbc310205",
+    );
+
+    /// A node reads the snapshots of the version before it (its peer's,
+    /// during a rolling upgrade, or its own on disk) and goes on from them
+    /// exactly as a node that applied the history itself. Postcard encodes
+    /// by position, so a field moved, added or dropped shows here.
+    #[test]
+    fn a_snapshot_of_the_previous_version_loads_and_goes_on_alike() {
+        let bytes: Vec<u8> = (0..HISTORY_SNAPSHOT.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&HISTORY_SNAPSHOT[i..i + 2], 16).unwrap())
+            .collect();
+        let (mut loaded, rest) = postcard::take_from_bytes::<Replica>(&bytes).unwrap();
+        assert!(rest.is_empty(), "{} bytes left over", rest.len());
+        loaded.set_config(WindowConfig::default());
+        let mut replayed = Replica::new(WindowConfig::default());
+        for e in history() {
+            replayed.apply(&e).unwrap();
+        }
+        // The maps come out in any order, so compare lengths, not bytes.
+        assert_eq!(replayed.encode().unwrap().len(), bytes.len());
+        let seen = |r: &Replica| {
+            let w = &r.windows;
+            (
+                (r.lsn, r.epoch, r.ingest.counted(), w.next_seq(), w.poll_timeout()),
+                (w.averages_published(), w.revisions_published(), w.too_late(), w.cursor(1), w.cursor(2)),
+                w.chain().collect::<Vec<_>>(),
+                w.retained().copied().collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(seen(&loaded), seen(&replayed));
+        assert_eq!(loaded.windows.revisions_published(), 2, "the history revises windows");
+        // A straggler and the next publications revise the same windows alike.
+        let more = [
+            LogEntry { lsn: 6, epoch: 2, solo: false, record: Record::ReadingsAccepted { now_ms: T0 + 4_100, sensors: vec![SensorBatch { sensor_id: 2, incarnation: 7, segment: 1, readings: vec![Reading { seq: 900, speed_kmh: 60, timestamp_ms: T0 + 900 }], average_cursor: None }] } },
+            LogEntry { lsn: 7, epoch: 2, solo: false, record: Record::AveragesPublished { now_ms: T0 + 20_000, next_seq: UNKNOWN_SEQ } },
+        ];
+        for e in &more {
+            loaded.apply(e).unwrap();
+            replayed.apply(e).unwrap();
+        }
+        assert_eq!(seen(&loaded), seen(&replayed));
+    }
+
     #[test]
     fn gaps_and_divergence_are_reported() {
         let mut a = Replica::new(WindowConfig::default());

@@ -1,5 +1,10 @@
-//! Sliding averages in event time, and the log of published averages that
-//! sensors read from with their cursors.
+//! Sliding averages in event time: readings into windows, and windows into
+//! published averages.
+//!
+//! [`Windows`] owns the buckets, the record of what each window last
+//! published, and the schedule of windows still due; every publication goes
+//! into the [`AverageLog`] it holds, which numbers, chains, retains and
+//! serves the averages to sensors (see [`crate::average_log`]).
 //!
 //! Readings fall into 1 s buckets per road segment by their own timestamp.
 //! The window ending at `t` (a whole second) covers `[t - 5 s, t)` and is
@@ -9,31 +14,16 @@
 //! count or sum changed. Every publication, first or revision, of any
 //! segment takes the next number of one global, gap-free sequence.
 //!
-//! The published averages form a log of bounded length and age, and a hash
-//! chain: each average carries the epoch that published it and the chain
-//! value after it, which sensors check. A reply to a batch carries the log
-//! from the lowest position any of its sensors wants (each sensor applies
-//! what follows its own cursor).
-//!
-//! A sensor's cursor `(seq, epoch, chain)` either is a position of this log,
-//! or it is not, and then the reply repositions the sensor:
-//! - behind the retained range: forward to the oldest retained position,
-//!   telling it how many averages it missed;
-//! - on a branch this log does not hold (a node cut off from its peer served
-//!   the sensor and published averages the surviving log never had): back to
-//!   the last position both share, found from the epochs as Kafka truncates
-//!   a replica to its leader's epoch history. The averages beyond it are
-//!   superseded, and the sensor then applies this log's. All sensors thus
-//!   end on one stream.
-//!
 //! Readings outside `[now - horizon, now + 1 h]` are counted by the ingest
 //! but go into no window; they are reported together as `too_late` (a
 //! reading from the far future is as unusable as one from the far past).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
-use fog_protocol::{Average, AverageCursor, MAX_AVERAGES_PER_REPLY, Reading, Reposition};
+use fog_protocol::{Average, AverageCursor, Reading, Reposition};
 use serde::{Deserialize, Serialize};
+
+use crate::average_log::{AverageLog, Retention};
 
 /// Length of one averaging window.
 pub const WINDOW_MS: u64 = 5_000;
@@ -69,13 +59,21 @@ pub struct WindowConfig {
     pub max_clock_skew_ms: u64,
 }
 
+impl WindowConfig {
+    /// What the average log keeps.
+    pub fn retention(&self) -> Retention {
+        Retention { averages: self.retain_averages, age_ms: self.retain_age_ms }
+    }
+}
+
 impl Default for WindowConfig {
     fn default() -> Self {
+        let retention = Retention::default();
         WindowConfig {
             lateness_ms: 1_000,
             horizon_ms: 10 * 60 * 1_000,
-            retain_averages: 10_000,
-            retain_age_ms: 10 * 60 * 1_000,
+            retain_averages: retention.averages,
+            retain_age_ms: retention.age_ms,
             dedup_horizon_ms: crate::ingest::DEFAULT_DEDUP_HORIZON_MS,
             max_clock_skew_ms: 60 * 1_000,
         }
@@ -94,21 +92,13 @@ struct Published {
     revision: u32,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct Logged {
-    published_at_ms: u64,
-    average: Average,
-}
-
-fn cursor_of(a: &Average) -> AverageCursor {
-    a.cursor()
-}
-
-/// Buckets, windows and the average log of all segments.
+/// Buckets and windows of all segments, and the log they publish into.
 ///
 /// Part of the replicated state: every field that decides a later
 /// publication is serialized; the configuration comes from the flags of the
-/// node that loads it.
+/// node that loads it. The log sits between `due` and `too_late` because
+/// its fields were serialized there before it was a struct of its own:
+/// snapshots keep the same bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Windows {
     #[serde(skip)]
@@ -125,21 +115,10 @@ pub struct Windows {
     /// `due` shrinks.
     #[serde(skip)]
     last_touched: HashMap<u32, u64>,
-    /// Contiguous in seq, oldest first; a hash chain that starts at `base`.
-    log: VecDeque<Logged>,
-    /// The position just before the oldest retained average (the last one
-    /// pruned; seq 0 and chain 0 before any).
-    base: AverageCursor,
-    /// `(epoch, first seq it published)`, oldest first, from the branch that
-    /// holds `base` on: where each epoch's part of the log begins.
-    branches: VecDeque<(u64, u64)>,
-    next_seq: u64,
-    cursors: HashMap<u32, AverageCursor>,
+    log: AverageLog,
     too_late: u64,
     averages_published: u64,
     revisions_published: u64,
-    #[serde(skip)]
-    fork_logged: std::cell::Cell<Option<u64>>,
     last_prune_ms: u64,
 }
 
@@ -151,15 +130,10 @@ impl Windows {
             published: HashMap::new(),
             due: BTreeSet::new(),
             last_touched: HashMap::new(),
-            log: VecDeque::new(),
-            base: AverageCursor::default(),
-            branches: VecDeque::new(),
-            next_seq: 1,
-            cursors: HashMap::new(),
+            log: AverageLog::new(cfg.retention()),
             too_late: 0,
             averages_published: 0,
             revisions_published: 0,
-            fork_logged: std::cell::Cell::new(None),
             last_prune_ms: 0,
         }
     }
@@ -171,16 +145,12 @@ impl Windows {
     /// Puts a configuration on windows loaded from a snapshot.
     pub fn set_config(&mut self, cfg: WindowConfig) {
         self.cfg = cfg;
+        self.log.set_retention(cfg.retention());
     }
 
     /// Whether nothing is left to publish or prune.
     pub fn is_idle(&self) -> bool {
         self.due.is_empty() && self.buckets.is_empty() && self.published.is_empty() && self.log.is_empty()
-    }
-
-    /// The seq the next publication will take.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
     }
 
     /// Adds a newly counted reading of `segment`; returns false if it lies
@@ -234,6 +204,7 @@ impl Windows {
             out.push(self.publish(now_ms, epoch, (segment, end), tally, revision));
         }
         self.last_touched.clear();
+        self.log.prune(now_ms);
         self.prune(now_ms);
         out
     }
@@ -252,46 +223,27 @@ impl Windows {
     }
 
     fn publish(&mut self, now_ms: u64, epoch: u64, (segment, end): (u32, u64), t: Tally, revision: u32) -> Average {
-        let mut average = Average {
-            seq: self.next_seq,
+        let average = Average {
+            // The log numbers and chains it.
+            seq: 0,
+            chain: 0,
             epoch,
             segment,
             window_end_ms: end,
             count: u32::try_from(t.count).unwrap_or(u32::MAX),
             sum_kmh: t.sum_kmh,
             revision,
-            chain: 0,
         };
-        average.chain = average.link(self.last_position().chain);
-        if self.branches.back().is_none_or(|b| b.0 != epoch) {
-            self.branches.push_back((epoch, average.seq));
-        }
-        self.next_seq += 1;
         self.averages_published += 1;
         if revision > 0 {
             self.revisions_published += 1;
         }
-        self.log.push_back(Logged {
-            published_at_ms: now_ms,
-            average,
-        });
-        average
+        self.log.append(now_ms, average)
     }
 
+    /// Drops buckets and window records that fell out of the horizon, in
+    /// sweeps, once a second.
     fn prune(&mut self, now_ms: u64) {
-        let cutoff = now_ms.saturating_sub(self.cfg.retain_age_ms);
-        while self.log.len() > self.cfg.retain_averages
-            || self.log.front().is_some_and(|l| l.published_at_ms < cutoff)
-        {
-            if let Some(l) = self.log.pop_front() {
-                self.base = cursor_of(&l.average);
-            }
-        }
-        // Keep the branch that holds the base and every later one.
-        while self.branches.get(1).is_some_and(|b| b.1 <= self.base.seq) {
-            self.branches.pop_front();
-        }
-        // Buckets and window records are pruned in sweeps, once a second.
         if now_ms < self.last_prune_ms.saturating_add(HOP_MS) {
             return;
         }
@@ -304,132 +256,6 @@ impl Windows {
             .retain(|&(_, b), _| b.saturating_add(WINDOW_MS + HOP_MS) >= horizon);
     }
 
-    /// Records the cursor a sensor reported.
-    pub fn note_cursor(&mut self, sensor_id: u32, cursor: Option<AverageCursor>) {
-        if let Some(c) = cursor {
-            self.cursors.insert(sensor_id, c);
-        }
-    }
-
-    /// The position just after the newest average (or the base if none is
-    /// retained).
-    pub fn last_position(&self) -> AverageCursor {
-        self.log.back().map_or(self.base, |l| cursor_of(&l.average))
-    }
-
-    /// The position at `seq`, for `base.seq <= seq < next_seq`.
-    fn position(&self, seq: u64) -> Option<AverageCursor> {
-        if seq == self.base.seq {
-            return Some(self.base);
-        }
-        let i = usize::try_from(seq.checked_sub(self.base.seq + 1)?).ok()?;
-        self.log.get(i).map(|l| cursor_of(&l.average))
-    }
-
-    /// The epoch that published `seq`, as far as the branch history reaches.
-    fn epoch_at(&self, seq: u64) -> Option<u64> {
-        self.branches.iter().rev().find(|b| b.1 <= seq).map(|b| b.0)
-    }
-
-    /// The first seq of a cursor's stream that this log does not share: the
-    /// end of the newest epoch not after the cursor's, in this log's branch
-    /// history (the rule Kafka's leader epochs use to truncate replicas).
-    fn fork_point(&self, c: AverageCursor) -> u64 {
-        let newest_not_after = self.branches.iter().rposition(|b| b.0 <= c.epoch);
-        let end = match newest_not_after {
-            Some(i) => self.branches.get(i + 1).map_or(self.next_seq, |b| b.1),
-            None => self.branches.front().map_or(self.next_seq, |b| b.1),
-        };
-        let fork = c.seq.saturating_add(1).min(end);
-        if fork <= c.seq {
-            return fork;
-        }
-        // The epochs do not place the fork: the cursor's epoch is missing
-        // from this log's history (another node published it after taking
-        // over from this log's newest branch), or the chain differs where
-        // the epochs agree. That branch of this log began before the fork:
-        // go back to its start.
-        newest_not_after.map_or(1, |i| self.branches[i].1).max(self.base.seq + 1)
-    }
-
-    /// Where a sensor with `cursor` continues: the first seq it needs, and a
-    /// reposition when its cursor is not a retained position of this log.
-    fn place(&self, sensor_id: u32, cursor: Option<AverageCursor>) -> (u64, Option<Reposition>) {
-        let Some(c) = cursor else {
-            // A sensor that has applied nothing starts with the newest
-            // average, so it has a current one at once.
-            return (self.log.back().map_or(self.next_seq, |l| l.average.seq), None);
-        };
-        let repo = |rewind_to, to: AverageCursor| (to.seq + 1, Some(Reposition { sensor_id, rewind_to, to }));
-        if c.seq < self.base.seq {
-            // Behind retention: only the epoch can be compared.
-            let shared = c == AverageCursor::default() || self.epoch_at(c.seq).is_none_or(|e| e == c.epoch);
-            if shared {
-                return repo(None, self.base);
-            }
-        } else if self.position(c.seq) == Some(c) {
-            return (c.seq.saturating_add(1), None);
-        }
-        let keep = self.fork_point(c).saturating_sub(1);
-        let to = self.position(keep).unwrap_or(self.base);
-        // Once per abandoned branch, not once per sensor on it.
-        if self.fork_logged.get() != Some(c.epoch) {
-            tracing::warn!(
-                sensor_id,
-                cursor_seq = c.seq,
-                cursor_epoch = c.epoch,
-                kept = keep,
-                "a sensor has applied averages that this log does not hold (published by a node \
-                 cut off from its peer); it continues from the last average both streams share"
-            );
-            self.fork_logged.set(Some(c.epoch));
-        }
-        repo(Some(keep), to)
-    }
-
-    /// The averages and repositions for a reply to sensors with these
-    /// `(sensor_id, cursor)`s: the log from the lowest seq any of them
-    /// needs, at most [`MAX_AVERAGES_PER_REPLY`] of it.
-    pub fn reply_for(&self, sensors: &[(u32, Option<AverageCursor>)]) -> (Vec<Average>, Vec<Reposition>) {
-        let mut repositions = Vec::new();
-        let mut min_wanted = u64::MAX;
-        for &(sensor_id, cursor) in sensors {
-            let (wanted, repo) = self.place(sensor_id, cursor);
-            repositions.extend(repo);
-            min_wanted = min_wanted.min(wanted);
-        }
-        let start = min_wanted.max(self.base.seq + 1);
-        let skip = usize::try_from(start - self.base.seq - 1).unwrap_or(usize::MAX);
-        let averages = self
-            .log
-            .iter()
-            .skip(skip)
-            .take(MAX_AVERAGES_PER_REPLY)
-            .map(|l| l.average)
-            .collect();
-        (averages, repositions)
-    }
-
-    /// The seq of the newest average, if any was published.
-    pub fn last_seq(&self) -> Option<u64> {
-        (self.next_seq > 1).then(|| self.next_seq - 1)
-    }
-
-    /// The last cursor `sensor_id` reported.
-    pub fn cursor(&self, sensor_id: u32) -> Option<AverageCursor> {
-        self.cursors.get(&sensor_id).copied()
-    }
-
-    /// Published averages still retained, oldest first.
-    pub fn retained(&self) -> impl Iterator<Item = &Average> {
-        self.log.iter().map(|l| &l.average)
-    }
-
-    /// The position before the retained averages, then each of theirs.
-    pub fn chain(&self) -> impl Iterator<Item = AverageCursor> + '_ {
-        std::iter::once(self.base).chain(self.retained().map(cursor_of))
-    }
-
     pub fn averages_published(&self) -> u64 {
         self.averages_published
     }
@@ -440,6 +266,49 @@ impl Windows {
 
     pub fn too_late(&self) -> u64 {
         self.too_late
+    }
+
+    // The log's own calls, for the callers that hold the windows (the node,
+    // the replica, the tests): the log changes only through the windows.
+
+    /// See [`AverageLog::next_seq`].
+    pub fn next_seq(&self) -> u64 {
+        self.log.next_seq()
+    }
+
+    /// See [`AverageLog::note_cursor`].
+    pub fn note_cursor(&mut self, sensor_id: u32, cursor: Option<AverageCursor>) {
+        self.log.note_cursor(sensor_id, cursor);
+    }
+
+    /// See [`AverageLog::reply_for`].
+    pub fn reply_for(&self, sensors: &[(u32, Option<AverageCursor>)]) -> (Vec<Average>, Vec<Reposition>) {
+        self.log.reply_for(sensors)
+    }
+
+    /// See [`AverageLog::cursor`].
+    pub fn cursor(&self, sensor_id: u32) -> Option<AverageCursor> {
+        self.log.cursor(sensor_id)
+    }
+
+    /// See [`AverageLog::last_seq`].
+    pub fn last_seq(&self) -> Option<u64> {
+        self.log.last_seq()
+    }
+
+    /// See [`AverageLog::last_position`].
+    pub fn last_position(&self) -> AverageCursor {
+        self.log.last_position()
+    }
+
+    /// See [`AverageLog::retained`].
+    pub fn retained(&self) -> impl Iterator<Item = &Average> {
+        self.log.retained()
+    }
+
+    /// See [`AverageLog::chain`].
+    pub fn chain(&self) -> impl Iterator<Item = AverageCursor> + '_ {
+        self.log.chain()
     }
 }
 
@@ -580,164 +449,5 @@ mod tests {
         assert_eq!(w.too_late(), 2);
         assert_eq!(w.poll_timeout(), None);
         assert!(w.add(T0, 0, &reading(T0 - 9 * 60 * 1_000, 100)));
-    }
-
-    /// A log of at least `n` averages, one reading per second, with nothing
-    /// left pending.
-    fn published(n: u64) -> Windows {
-        let mut w = Windows::new(WindowConfig {
-            retain_averages: 100,
-            ..cfg()
-        });
-        let mut now = T0;
-        while w.averages_published() < n {
-            w.add(now, 0, &reading(now, 100));
-            now += 1_000;
-            w.handle_timeout(now, 1);
-        }
-        w.handle_timeout(now + 10_000, 1);
-        assert_eq!(w.poll_timeout(), None);
-        w
-    }
-
-    fn at(w: &Windows, seq: u64) -> Option<AverageCursor> {
-        w.chain().find(|c| c.seq == seq)
-    }
-
-    #[test]
-    fn replies_start_at_the_lowest_cursor_and_new_sensors_get_the_newest() {
-        let w = published(10);
-        let last = w.last_seq().unwrap();
-        let (avg, repos) = w.reply_for(&[(1, at(&w, last - 3)), (2, None)]);
-        assert!(repos.is_empty());
-        let seqs: Vec<u64> = avg.iter().map(|a| a.seq).collect();
-        assert_eq!(seqs, vec![last - 2, last - 1, last]);
-        let (avg, _) = w.reply_for(&[(2, None)]);
-        assert_eq!(avg.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![last]);
-        let (avg, _) = w.reply_for(&[(1, at(&w, last))]);
-        assert!(avg.is_empty());
-        let (avg, repos) = w.reply_for(&[]);
-        assert!(avg.is_empty() && repos.is_empty());
-    }
-
-    #[test]
-    fn the_log_is_a_hash_chain_the_sensors_can_follow() {
-        let w = published(10);
-        let chain: Vec<AverageCursor> = w.chain().collect();
-        assert_eq!(chain[0], AverageCursor::default());
-        let mut sensor = fog_sensor::averages::AverageStream::new(0);
-        let wit: Vec<Average> = w.retained().copied().collect();
-        let mut from_start = fog_sensor::averages::AverageStream::new(0);
-        from_start.reposition(None, AverageCursor::default());
-        let end = from_start.apply(&wit).expect("applies the whole log");
-        assert_eq!(end.seq, w.last_seq().unwrap());
-        assert_eq!(end.chain, w.last_position().chain);
-        sensor.apply(&wit[3..]);
-        assert_eq!(sensor.digest(), end.chain, "a late joiner ends on the same chain value");
-    }
-
-    #[test]
-    fn a_new_sensor_before_any_average_waits_for_the_first() {
-        let w = Windows::new(cfg());
-        let (avg, repos) = w.reply_for(&[(1, None)]);
-        assert!(avg.is_empty() && repos.is_empty());
-    }
-
-    #[test]
-    fn retention_by_count_moves_lagging_sensors_forward() {
-        let mut w = published(150);
-        let last = w.last_seq().unwrap();
-        let retained: Vec<u64> = w.retained().map(|a| a.seq).collect();
-        assert_eq!(retained.len(), 100);
-        let oldest = retained[0];
-        assert_eq!(*retained.last().unwrap(), last);
-        let base = w.chain().next().unwrap();
-        assert_eq!(base.seq, oldest - 1);
-        // Sensor 7 applied seq 3 (epoch 1), long pruned.
-        let old = AverageCursor { seq: 3, epoch: 1, chain: 12345 };
-        let (avg, repos) = w.reply_for(&[(7, Some(old)), (8, at(&w, last - 1))]);
-        assert_eq!(repos, vec![Reposition { sensor_id: 7, rewind_to: None, to: base }]);
-        assert_eq!(avg.first().map(|a| a.seq), Some(oldest));
-        assert_eq!(avg.len(), 100);
-        // Retention by age: nothing is newer than ten minutes later.
-        let before = at(&w, last - 5).unwrap();
-        w.handle_timeout(T0 + 60 * 60 * 1_000, 1);
-        assert_eq!(w.retained().count(), 0);
-        assert_eq!(w.last_position().seq, last);
-        let (avg, repos) = w.reply_for(&[(7, Some(before)), (9, None)]);
-        assert!(avg.is_empty());
-        assert_eq!(repos, vec![Reposition { sensor_id: 7, rewind_to: None, to: w.last_position() }]);
-    }
-
-    /// Two logs that share `shared` averages of epoch 1, then went on in
-    /// epochs 3 (cut off) and 4 (the survivor).
-    fn split(shared: u64, loser: u64, winner: u64) -> (Windows, Windows) {
-        let mut a = Windows::new(WindowConfig { retain_averages: 100, ..cfg() });
-        let mut now = T0;
-        while a.averages_published() < shared {
-            a.add(now, 0, &reading(now, 100));
-            now += 1_000;
-            a.handle_timeout(now, 1);
-        }
-        let mut b = a.clone();
-        for (w, epoch, n, speed) in [(&mut a, 3, loser, 90), (&mut b, 4, winner, 110)] {
-            let mut t = now;
-            while w.averages_published() < shared + n {
-                w.add(t, 0, &reading(t, speed));
-                t += 1_000;
-                w.handle_timeout(t, epoch);
-            }
-        }
-        (a, b)
-    }
-
-    #[test]
-    fn a_cursor_on_an_abandoned_branch_is_rewound_to_the_fork() {
-        let (loser, winner) = split(20, 15, 30);
-        let fork = loser.branches.iter().find(|b| b.0 == 3).unwrap().1;
-        assert_eq!(fork, winner.branches.iter().find(|b| b.0 == 4).unwrap().1);
-        let shared = at(&winner, fork - 1).unwrap();
-        assert_eq!(at(&loser, fork - 1), Some(shared));
-        // A sensor served by the loser, at its newest average and at one
-        // just past the fork, is brought back to the last shared position.
-        for seq in [loser.last_seq().unwrap(), fork] {
-            let c = at(&loser, seq).unwrap();
-            let (avg, repos) = winner.reply_for(&[(5, Some(c))]);
-            assert_eq!(repos, vec![Reposition { sensor_id: 5, rewind_to: Some(fork - 1), to: shared }]);
-            assert_eq!(avg.first().map(|a| a.seq), Some(fork));
-            assert_eq!(avg.first().map(|a| a.epoch), Some(4));
-        }
-        // A sensor that only applied the shared part needs nothing.
-        let (_, repos) = winner.reply_for(&[(5, Some(shared))]);
-        assert!(repos.is_empty());
-        // A cursor in the winner's own epoch but on another chain goes back
-        // to where that epoch began; one of an epoch the winner never
-        // published in (newer than its newest branch) likewise.
-        let mut forged = winner.last_position();
-        forged.chain ^= 1;
-        let (_, repos) = winner.reply_for(&[(5, Some(forged))]);
-        assert_eq!(repos[0].rewind_to, Some(fork - 1));
-        let unknown = AverageCursor { epoch: 6, ..at(&winner, fork + 3).unwrap() };
-        let (_, repos) = winner.reply_for(&[(5, Some(unknown))]);
-        assert_eq!(repos[0].rewind_to, Some(fork - 1));
-    }
-
-    #[test]
-    fn a_sensor_on_the_abandoned_branch_ends_on_the_survivors_stream() {
-        let (loser, winner) = split(20, 15, 30);
-        let mut on_loser = fog_sensor::averages::AverageStream::new(0);
-        let mut on_winner = on_loser.clone();
-        on_loser.apply(&loser.retained().copied().collect::<Vec<_>>());
-        on_winner.apply(&winner.retained().copied().collect::<Vec<_>>());
-        // The winner's averages do not continue the loser's chain.
-        let stuck = on_loser.cursor();
-        assert_eq!(on_loser.apply(&winner.retained().copied().collect::<Vec<_>>()), stuck);
-        let (avg, repos) = winner.reply_for(&[(1, stuck)]);
-        let r = repos[0];
-        on_loser.reposition(r.rewind_to, r.to);
-        on_loser.apply(&avg);
-        assert_eq!(on_loser.cursor(), on_winner.cursor());
-        assert_eq!(on_loser.superseded(), 15);
-        assert_eq!(on_loser.missed(), 0);
     }
 }
