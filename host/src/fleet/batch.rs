@@ -1,0 +1,275 @@
+//! Batches out, replies in. Choosing the sensors of the next batch within
+//! the protocol's caps (sensors with news, and every running sensor once a
+//! second, each batch starting where the last one stopped), and delivering a
+//! reply back to the sensors: its acks (merged, and given at a pace, not one
+//! call per reading), its averages (to every sensor) and its repositions,
+//! grouped by sensor in [`Routes`] so a pass over threads finds them.
+
+use std::time::{Duration, Instant};
+
+use fog_protocol::{BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
+
+use crate::runtime::WitAverage;
+
+use super::pool::each_sensor;
+use super::{Fleet, Life, SensorSlot, from_wit, to_wit, to_wit_cursor};
+
+/// How often a batch carries every running sensor, news or not: so that a
+/// server can reposition a sensor whose cursor it does not hold (after a
+/// split) and a sensor that is idle still hears of new averages.
+const FULL_BATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// An ack as a sensor takes it: `(incarnation, next_seq, also)`.
+pub(super) type AckView = (u64, u64, Vec<u64>);
+
+/// Folds `ack` into `into`: acks of one incarnation are cumulative, so the
+/// higher watermark wins and the selective acks above it are kept.
+fn merge_ack(into: &mut Option<AckView>, ack: &fog_protocol::SensorAck) {
+    match into {
+        Some((incarnation, next_seq, also)) if *incarnation == ack.incarnation => {
+            *next_seq = (*next_seq).max(ack.next_seq);
+            also.extend_from_slice(&ack.also);
+            let watermark = *next_seq;
+            also.retain(|&s| s >= watermark);
+            also.sort_unstable();
+            also.dedup();
+        }
+        _ => *into = Some((ack.incarnation, ack.next_seq, ack.also.clone())),
+    }
+}
+
+impl SensorSlot {
+    /// Takes the acks of a reply: drops those the sensor already has and
+    /// merges the rest into the unsent one.
+    fn note_acks<'a>(&mut self, acks: impl Iterator<Item = &'a fog_protocol::SensorAck>) {
+        for ack in acks {
+            let known = self.last_ack.as_ref().is_some_and(|(incarnation, next_seq, also)| {
+                *incarnation == ack.incarnation && *next_seq == ack.next_seq && *also == ack.also
+            });
+            if !known {
+                merge_ack(&mut self.unsent_ack, ack);
+            }
+        }
+    }
+
+    /// Gives the running instance its unsent ack, if any, when the last one
+    /// was given at least `every` ago (or `every` is zero).
+    pub(super) fn give_ack(&mut self, now: Instant, every: Duration) -> wasmtime::Result<()> {
+        let due = self.ack_given_at.is_none_or(|at| now >= at + every);
+        let Life::Running(inst) = &mut self.life else { return Ok(()) };
+        if !due {
+            return Ok(());
+        }
+        let Some(ack) = self.unsent_ack.take() else { return Ok(()) };
+        inst.on_ack(ack.0, ack.1, &ack.2)?;
+        self.last_ack = Some(ack);
+        self.ack_given_at = Some(now);
+        Ok(())
+    }
+}
+
+impl Fleet {
+    /// Readings waiting to be put into a batch.
+    pub fn pending(&self) -> usize {
+        self.sensors.iter().map(|s| s.pending.len()).sum()
+    }
+
+    /// The sensors with news for one batch, and how many readings that is:
+    /// every running sensor with readings to send or averages to catch up
+    /// on (a reply's averages reach every sensor, so one sensor that asks
+    /// is enough for all), and every running sensor once a second (see
+    /// [`FULL_BATCH_EVERY`]). Call [`Fleet::commit`] first.
+    ///
+    /// A batch holds at most [`MAX_SENSORS_PER_BATCH`] sensors and
+    /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
+    /// does not fit goes first in the next batch, which is sent as soon as
+    /// the reply comes (`pending` stays above zero).
+    pub fn take_batch(&mut self) -> (Vec<SensorBatch>, usize) {
+        let now = Instant::now();
+        if self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY) {
+            self.last_full_batch = Some(now);
+            self.full_pass_left = self.sensors.len();
+        }
+        let n = self.sensors.len();
+        let newest = self.newest_average;
+        let news = |s: &SensorSlot| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
+        let (mut sensors, mut readings) = (Vec::new(), 0usize);
+        let mut visited = 0;
+        while visited < n && sensors.len() < MAX_SENSORS_PER_BATCH && readings < MAX_READINGS_PER_BATCH {
+            let i = (self.batch_start + visited) % n;
+            visited += 1;
+            let in_full_pass = self.full_pass_left > 0;
+            self.full_pass_left = self.full_pass_left.saturating_sub(1);
+            let s = &mut self.sensors[i];
+            if !matches!(s.life, Life::Running(_)) || !(in_full_pass || news(s)) {
+                continue;
+            }
+            let take = s.pending.len().min(MAX_READINGS_PER_BATCH - readings);
+            readings += take;
+            sensors.push(SensorBatch {
+                sensor_id: s.id,
+                incarnation: s.incarnation,
+                segment: s.segment,
+                readings: s.pending.drain(..take).collect(),
+                average_cursor: s.cursor,
+            });
+        }
+        self.batch_start = (self.batch_start + visited) % n.max(1);
+        if sensors.is_empty() {
+            // Nothing new anywhere: one sensor still asks for what follows
+            // its cursor, so new averages keep coming.
+            if let Some(s) = self.sensors.iter().find(|s| matches!(s.life, Life::Running(_))) {
+                sensors.push(SensorBatch {
+                    sensor_id: s.id,
+                    incarnation: s.incarnation,
+                    segment: s.segment,
+                    readings: Vec::new(),
+                    average_cursor: s.cursor,
+                });
+            }
+        }
+        (sensors, readings)
+    }
+
+    /// Notes readings a server refused (they stay with their sensors and
+    /// go again); each reason is logged once.
+    fn note_refused(&mut self, reply: &BatchReply) {
+        for r in &reply.refused {
+            let count = self.refused.entry(r.reason.to_string()).or_insert(0);
+            if *count == 0 {
+                tracing::warn!(sensor_id = r.sensor_id, "the server refused {} readings: {}; they are kept and sent again", r.count, r.reason);
+            }
+            *count = count.saturating_add(u64::from(r.count));
+        }
+    }
+
+    /// Makes the next batch carry every running sensor (after a failover:
+    /// the new server checks every cursor).
+    pub fn force_full_batch(&mut self) {
+        self.last_full_batch = None;
+    }
+
+    /// Delivers a server's reply to the sensors it concerns. A sensor that
+    /// is not running misses it; once restarted it resends what was not
+    /// acked in its saved state, and the server acks it again.
+    pub fn apply(&mut self, reply: &BatchReply) {
+        self.note_refused(reply);
+        if let Some(last) = reply.averages.last() {
+            self.newest_average = last.seq;
+        }
+        let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
+        let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
+        let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();
+        // Without averages only the sensors named in the reply are called.
+        let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
+        let workers = self.workers(calls);
+        let (now, every) = (Instant::now(), self.ack_every());
+        let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
+            if let Err(error) = slot.give_ack(now, every) {
+                // A stopped sensor gets no further calls.
+                return pass.failed_at((0, i), i, "on-ack", error);
+            }
+            let Life::Running(inst) = &mut slot.life else { return };
+            for &k in repositions.of(i) {
+                let r = &reply.repositions[k];
+                match inst.on_reposition(r.rewind_to, to_wit_cursor(r.to)) {
+                    Ok(cursor) => slot.cursor = cursor.map(from_wit),
+                    Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
+                }
+            }
+            if averages.is_empty() {
+                return;
+            }
+            match inst.on_averages(&averages) {
+                Ok(cursor) => slot.cursor = cursor.map(from_wit),
+                Err(error) => pass.failed_at((2, i), i, "on-averages", error),
+            }
+        });
+        // As one thread reports them: every failed ack, then every
+        // reposition, then the averages, each in sensor order.
+        pass.failures.sort_by_key(|f| f.order);
+        self.handle_failures(pass.failures);
+    }
+
+    /// How long acks may wait before a sensor is given them: every ack a
+    /// reply carries would be one call per reading, while a sensor only
+    /// needs its acks before it would resend (`--resend-after`), so they are
+    /// merged and given at most four times per resend timeout and per
+    /// 250 ms. Statuses and snapshots give every unsent ack first.
+    fn ack_every(&self) -> Duration {
+        Duration::from_millis((self.config.resend_after_ms / 4).min(250))
+    }
+}
+
+/// The entries of a reply (acks, or repositions) grouped by the sensor
+/// they concern, each group in reply order.
+struct Routes {
+    /// Sensor `i`'s entries are `positions[starts[i]..starts[i + 1]]`;
+    /// empty when the reply has none.
+    starts: Vec<usize>,
+    positions: Vec<usize>,
+}
+
+impl Routes {
+    /// `targets`: the sensor index of each entry, `None` for a sensor this
+    /// fleet does not run.
+    fn new(sensors: usize, targets: impl ExactSizeIterator<Item = Option<usize>>) -> Self {
+        if targets.len() == 0 {
+            return Routes { starts: Vec::new(), positions: Vec::new() };
+        }
+        let targets: Vec<Option<usize>> = targets.collect();
+        // A counting sort: linear, and stable, so each group keeps reply order.
+        let mut starts = vec![0; sensors + 1];
+        for &i in targets.iter().flatten() {
+            starts[i + 1] += 1;
+        }
+        for i in 0..sensors {
+            starts[i + 1] += starts[i];
+        }
+        let mut next = starts.clone();
+        let mut positions = vec![0; starts[sensors]];
+        for (k, target) in targets.into_iter().enumerate() {
+            if let Some(i) = target {
+                positions[next[i]] = k;
+                next[i] += 1;
+            }
+        }
+        Routes { starts, positions }
+    }
+
+    fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    fn of(&self, i: usize) -> &[usize] {
+        match self.starts.get(i..i + 2) {
+            Some(&[start, end]) => &self.positions[start..end],
+            _ => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fog_protocol::SensorAck;
+
+    fn ack(incarnation: u64, next_seq: u64, also: &[u64]) -> SensorAck {
+        SensorAck { sensor_id: 1, incarnation, next_seq, also: also.to_vec() }
+    }
+
+    #[test]
+    fn acks_merge_into_the_highest_watermark_with_the_selective_acks_above_it() {
+        let mut unsent = None;
+        merge_ack(&mut unsent, &ack(7, 10, &[12, 15]));
+        merge_ack(&mut unsent, &ack(7, 13, &[15, 16]));
+        assert_eq!(unsent, Some((7, 13, vec![15, 16])));
+        // An older ack that arrives late takes nothing back.
+        merge_ack(&mut unsent, &ack(7, 11, &[20]));
+        assert_eq!(unsent, Some((7, 13, vec![15, 16, 20])));
+        // Another incarnation (the sensor restarted): its ack replaces it.
+        merge_ack(&mut unsent, &ack(8, 2, &[]));
+        assert_eq!(unsent, Some((8, 2, vec![])));
+    }
+}

@@ -1,0 +1,422 @@
+//! The sensors of one host: instantiates them, ticks them, gathers their
+//! readings into batches for the server, and routes the server's acks,
+//! averages and repositions back to the right instance.
+//!
+//! It is also where a sensor's life is managed. Every tick returns the
+//! sensor's state after it, and before any reading goes out in a batch,
+//! [`Fleet::commit`] makes the states of the sensors ticked since the last
+//! commit the ones to restart from (with a state directory, writing them
+//! all with one fsync). That is the sensor's last good state: a sensor
+//! whose call traps, runs past its deadline or grows past its memory cap is
+//! stopped, reported once, and after a backoff restarted from it, so its
+//! sequence continues and every reading it produced is still in its resend
+//! buffer, to go out when due. A sensor that keeps failing is quarantined;
+//! the others never notice.
+//!
+//! Sensors are independent stores, so the calls of one pass (a tick slice,
+//! a commit's snapshots, a reply's acks and averages, a status refresh) are
+//! spread over worker threads, each taking chunks of neighbouring sensors.
+//! A failure found on a worker is only noted there; it is handled on the
+//! fleet's own thread once the pass is over, in the order a single thread
+//! would have met it.
+//!
+//! This file holds the [`Fleet`], its configuration, one sensor's slot, and
+//! the calls that start, tick and read the sensors. The rest of the fleet's
+//! work is one file per responsibility, each an `impl Fleet` of its own:
+//!
+//! - `batch`: which sensors go into a batch within the protocol's caps, and
+//!   a reply's acks, averages and repositions delivered back to them;
+//! - `persist`: committing the sensors' states, to the state directory if
+//!   there is one, before any of their readings leaves the host;
+//! - `supervisor`: a failed sensor stopped, restarted after a backoff from
+//!   its last good state, or quarantined;
+//! - `swap`: every running sensor moved onto a new component, all or
+//!   nothing;
+//! - `pool`: one pass of sensor calls spread over threads, its failures
+//!   gathered for the supervisor.
+
+mod batch;
+mod persist;
+mod pool;
+mod supervisor;
+mod swap;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fog_protocol::{Average, AverageCursor, Reading};
+use serde::Serialize;
+
+use crate::runtime::{
+    SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, WitAverage, WitCursor, describe_failure,
+    describe_instantiate_failure,
+};
+use crate::state::StateStore;
+
+use self::batch::AckView;
+use self::pool::each_sensor;
+pub use self::swap::SwapError;
+
+/// How every sensor of the fleet is configured.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub first_id: u32,
+    pub count: u32,
+    pub segments: u32,
+    pub resend_after_ms: u64,
+    pub max_buffered: u32,
+    pub settings: Vec<(String, String)>,
+    /// Fresh for every start of the host; sensors derive their incarnation
+    /// from it, so a sensor started afresh never reuses a reading id.
+    pub seed: u64,
+    /// Wait before the first restart of a failed sensor; doubles with each
+    /// further failure.
+    pub restart_backoff: Duration,
+    /// Failures in a row after which a sensor is quarantined (not restarted).
+    pub max_restarts: u32,
+    /// Threads that call into sensors at once (at least 1: the caller's own).
+    pub threads: usize,
+}
+
+enum Life {
+    Running(Box<SensorInstance>),
+    /// Stopped after a failure; restarted from its last good state at `at`.
+    Restarting { at: Instant },
+    /// Failed too often; not restarted.
+    Quarantined,
+}
+
+struct SensorSlot {
+    id: u32,
+    segment: u32,
+    incarnation: u64,
+    life: Life,
+    /// Failures since the last quiet period.
+    failures: u32,
+    running_since: Instant,
+    /// Readings returned by `tick` and not yet put into a batch.
+    pending: Vec<Reading>,
+    /// The sensor's position in the average stream (its average ack).
+    cursor: Option<AverageCursor>,
+    /// Last status read from the sensor.
+    status: Option<SensorStatus>,
+    /// The sensor's state after its last tick (or last full commit): the
+    /// state to restart from.
+    saved: Option<Vec<u8>>,
+    /// `saved` changed since the last commit wrote it.
+    dirty: bool,
+    /// The last ack the running instance took. Replies often ack a sensor
+    /// again with what it already knows; within one instance sequence
+    /// numbers only grow, so the same ack again would change nothing and
+    /// is dropped. Cleared whenever a new instance takes over.
+    last_ack: Option<AckView>,
+    /// Acks from replies not yet given to the sensor, merged into one (see
+    /// [`Fleet::ack_every`]).
+    unsent_ack: Option<AckView>,
+    /// When the running instance last took an ack.
+    ack_given_at: Option<Instant>,
+}
+
+/// Why the fleet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot instantiate sensor {id}: {reason}")]
+    Instantiate { id: u32, reason: String },
+    #[error("sensor {id} failed in init: {reason}")]
+    Init { id: u32, reason: String },
+    #[error(
+        "cannot resume sensor {id} from its saved state: {reason} (start with another --state-dir, or move the old one away, to start every sensor afresh)"
+    )]
+    Resume { id: u32, reason: String },
+}
+
+/// Per-sensor figures of the host's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct SensorSummary {
+    pub sensor_id: u32,
+    pub segment: u32,
+    pub incarnation: u64,
+    pub generated: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    pub resent: u64,
+    pub overflowed: u64,
+    pub sum_kmh: u64,
+    pub averages_applied: u64,
+    pub averages_missed: u64,
+    pub averages_superseded: u64,
+    /// The chain value at `last_average_seq`.
+    pub averages_digest: String,
+    pub last_average_seq: Option<u64>,
+    pub limit_kmh: u32,
+    /// Not running at the end (restarting or quarantined).
+    pub failed: bool,
+    pub quarantined: bool,
+    /// Failures since the sensor last ran quietly for a minute.
+    pub failures: u32,
+}
+
+/// The sensors of one host, and what the host keeps about each of them.
+pub struct Fleet {
+    engine: Arc<SensorEngine>,
+    component: SensorComponent,
+    config: FleetConfig,
+    /// Sensor `i` has id `config.first_id + i` (wrapping).
+    sensors: Vec<SensorSlot>,
+    store: Option<StateStore>,
+    /// Sensor failures (traps, deadlines, memory) over the run.
+    pub failures: u64,
+    pub restarts: u64,
+    /// Hot swaps done.
+    pub swaps: u64,
+    /// The newest average seq the last reply with averages carried: a
+    /// sensor whose cursor is there has nothing to catch up on.
+    newest_average: u64,
+    /// When a batch last carried every running sensor.
+    last_full_batch: Option<Instant>,
+    /// Where the next batch starts looking for sensors, so that when the
+    /// protocol's caps leave some out, the next batch takes them first.
+    batch_start: usize,
+    /// Sensors of the current once-a-second pass not yet in a batch.
+    full_pass_left: usize,
+    /// Readings refused by a server, per reason (logged once per reason).
+    refused: std::collections::BTreeMap<String, u64>,
+}
+
+impl Fleet {
+    /// Starts every sensor: from its saved state when `store` holds one,
+    /// afresh otherwise.
+    pub fn start(
+        engine: Arc<SensorEngine>,
+        component: SensorComponent,
+        config: FleetConfig,
+        store: Option<(StateStore, HashMap<u32, Vec<u8>>)>,
+    ) -> Result<Self, StartError> {
+        let (store, mut saved) = match store {
+            Some((store, saved)) => (Some(store), saved),
+            None => (None, HashMap::new()),
+        };
+        let now = Instant::now();
+        let mut sensors = Vec::with_capacity(config.count as usize);
+        let mut fleet_limits = engine.limits();
+        fleet_limits.max_instances = config.count;
+        for i in 0..config.count {
+            let id = config.first_id.wrapping_add(i);
+            let segment = if config.segments == 0 { 0 } else { i % config.segments };
+            let sensor_config = sensor_config(&config, id, segment);
+            // One seed for the whole fleet: sensors mix in their id for the
+            // incarnation, and share traffic events (jams) per segment.
+            let mut instance = engine.instantiate(&component, sensor_config, config.seed).map_err(|e| {
+                StartError::Instantiate { id, reason: describe_instantiate_failure(&e, &fleet_limits, config.count) }
+            })?;
+            let saved = saved.remove(&id);
+            if let Some(state) = &saved {
+                match instance.restore(state) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
+                    Err(e) => {
+                        return Err(StartError::Resume { id, reason: describe_failure(&e, &engine.limits()) });
+                    }
+                }
+            }
+            let incarnation = instance
+                .init()
+                .map_err(|e| StartError::Init { id, reason: describe_failure(&e, &engine.limits()) })?;
+            // A resumed sensor reports where its average stream stands.
+            let status = if saved.is_some() { instance.status().ok() } else { None };
+            sensors.push(SensorSlot {
+                id,
+                segment,
+                incarnation,
+                life: Life::Running(Box::new(instance)),
+                failures: 0,
+                running_since: now,
+                pending: Vec::new(),
+                cursor: status.as_ref().and_then(|s| s.last_average).map(from_wit),
+                status,
+                saved,
+                dirty: false,
+                last_ack: None,
+                unsent_ack: None,
+                ack_given_at: None,
+            });
+        }
+        if !saved.is_empty() {
+            tracing::info!("the state directory also holds {} sensors this host does not run; kept as they are", saved.len());
+        }
+        Ok(Self {
+            engine,
+            component,
+            config,
+            sensors,
+            store,
+            failures: 0,
+            restarts: 0,
+            swaps: 0,
+            newest_average: 0,
+            last_full_batch: None,
+            batch_start: 0,
+            full_pass_left: 0,
+            refused: std::collections::BTreeMap::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sensors.is_empty()
+    }
+
+    pub fn engine(&self) -> &Arc<SensorEngine> {
+        &self.engine
+    }
+
+    /// Where the running component came from.
+    pub fn component_origin(&self) -> &str {
+        &self.component.origin
+    }
+
+    /// The sensors of tick slice `k` of `slices`: contiguous, so a slice's
+    /// stores sit together in memory.
+    pub fn slice(&self, k: usize, slices: usize) -> Range<usize> {
+        let n = self.sensors.len();
+        let slices = slices.max(1);
+        (n * k / slices)..(n * (k + 1) / slices)
+    }
+
+    /// Ticks the sensors in `range` once; returns how many readings they
+    /// handed over.
+    pub fn tick(&mut self, range: Range<usize>, produce: bool) -> usize {
+        let workers = self.workers(range.len());
+        let first = range.start;
+        let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
+            let Life::Running(inst) = &mut slot.life else { return };
+            match inst.tick(produce) {
+                Ok(result) => {
+                    pass.readings += result.readings.len();
+                    slot.pending.extend(result.readings.into_iter().map(|r| Reading {
+                        seq: r.seq,
+                        speed_kmh: r.speed_kmh,
+                        timestamp_ms: r.timestamp_ms,
+                    }));
+                    // The status goes with the state: if the sensor fails
+                    // later, its figures in the summary are those of the
+                    // state it restarts from.
+                    slot.saved = Some(result.state);
+                    slot.status = Some(result.status);
+                    slot.dirty = true;
+                }
+                Err(error) => pass.failed(i, "tick", error),
+            }
+        });
+        self.handle_failures(pass.failures);
+        pass.readings
+    }
+
+    /// Ticks every sensor once.
+    pub fn tick_all(&mut self, produce: bool) -> usize {
+        self.tick(0..self.sensors.len(), produce)
+    }
+
+    /// Gives every running sensor its unsent ack, then reads its status;
+    /// returns whether all their readings are acked and no sensor waits for
+    /// a restart (a quarantined sensor is not waited for).
+    pub fn refresh_status(&mut self) -> bool {
+        let workers = self.workers(self.sensors.len());
+        let now = Instant::now();
+        let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            if let Err(error) = slot.give_ack(now, Duration::ZERO) {
+                pass.unacked = true;
+                return pass.failed(i, "on-ack", error);
+            }
+            match &mut slot.life {
+                Life::Running(inst) => match inst.status() {
+                    Ok(status) => {
+                        pass.unacked |= status.buffered > 0 || !slot.pending.is_empty();
+                        slot.status = Some(status);
+                    }
+                    Err(error) => {
+                        pass.unacked = true;
+                        pass.failed(i, "status", error);
+                    }
+                },
+                Life::Restarting { .. } => pass.unacked = true,
+                Life::Quarantined => {}
+            }
+        });
+        self.handle_failures(pass.failures);
+        !pass.unacked
+    }
+
+    /// Per-sensor figures from the last status refresh.
+    pub fn summaries(&self) -> Vec<SensorSummary> {
+        self.sensors
+            .iter()
+            .map(|s| {
+                let st = s.status.as_ref();
+                SensorSummary {
+                    sensor_id: s.id,
+                    segment: s.segment,
+                    incarnation: s.incarnation,
+                    generated: st.map_or(0, |x| x.generated),
+                    acked: st.map_or(0, |x| x.acked),
+                    unacked: st.map_or(0, |x| x.generated.saturating_sub(x.acked)),
+                    resent: st.map_or(0, |x| x.resent),
+                    overflowed: st.map_or(0, |x| x.overflowed),
+                    sum_kmh: st.map_or(0, |x| x.sum_kmh),
+                    averages_applied: st.map_or(0, |x| x.averages_applied),
+                    averages_missed: st.map_or(0, |x| x.averages_missed),
+                    averages_superseded: st.map_or(0, |x| x.averages_superseded),
+                    averages_digest: format!("{:016x}", st.map_or(0, |x| x.averages_digest)),
+                    last_average_seq: st.and_then(|x| x.last_average.map(|c| c.seq)),
+                    limit_kmh: st.map_or(0, |x| x.limit_kmh),
+                    failed: !matches!(s.life, Life::Running(_)),
+                    quarantined: matches!(s.life, Life::Quarantined),
+                    failures: s.failures,
+                }
+            })
+            .collect()
+    }
+
+    /// Where the sensor with this id sits, if this fleet runs it.
+    fn index_of(&self, sensor_id: u32) -> Option<usize> {
+        let i = sensor_id.wrapping_sub(self.config.first_id) as usize;
+        self.sensors.get(i).filter(|s| s.id == sensor_id).map(|_| i)
+    }
+}
+
+fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {
+    SensorConfig {
+        sensor_id: id,
+        segment,
+        resend_after_ms: config.resend_after_ms,
+        max_buffered: config.max_buffered,
+        settings: config.settings.clone(),
+    }
+}
+
+fn to_wit(a: &Average) -> WitAverage {
+    WitAverage {
+        seq: a.seq,
+        epoch: a.epoch,
+        segment: a.segment,
+        window_end_ms: a.window_end_ms,
+        count: a.count,
+        sum_kmh: a.sum_kmh,
+        mean_kmh: a.mean_kmh(),
+        revision: a.revision,
+        chain: a.chain,
+    }
+}
+
+fn to_wit_cursor(c: AverageCursor) -> WitCursor {
+    WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+}
+
+fn from_wit(c: WitCursor) -> AverageCursor {
+    AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+}

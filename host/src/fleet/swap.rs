@@ -1,0 +1,93 @@
+//! Hot swap: every running sensor moved onto a new component by snapshot
+//! and restore, keeping its incarnation so readings in flight are still
+//! acked to it. All or nothing: if one sensor cannot move, the old component
+//! keeps running. Quarantined sensors get another chance on the new one.
+
+use std::time::Instant;
+
+use crate::runtime::{SensorComponent, SensorInstance, describe_failure, describe_instantiate_failure};
+
+use super::{Fleet, Life, sensor_config};
+
+/// Why a hot swap was refused; the old component keeps running.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("cannot instantiate {origin} for sensor {id}: {reason}")]
+    Instantiate { origin: String, id: u32, reason: String },
+    #[error("{origin} cannot take over sensor {id}: restore failed: {reason}")]
+    Restore { origin: String, id: u32, reason: String },
+}
+
+impl Fleet {
+    /// Moves every running sensor onto `component` through snapshot and
+    /// restore. All or nothing: if any sensor cannot be moved, the new
+    /// instances are dropped and the old component keeps running.
+    pub fn swap(&mut self, component: SensorComponent) -> Result<usize, SwapError> {
+        let limits = self.engine.limits();
+        let mut moved: Vec<(usize, SensorInstance, Vec<u8>)> = Vec::new();
+        for i in 0..self.sensors.len() {
+            let slot = &mut self.sensors[i];
+            let Life::Running(old) = &mut slot.life else { continue };
+            let state = match old.snapshot() {
+                Ok(state) => state,
+                Err(e) => {
+                    // The old sensor failed: it restarts, on the new component
+                    // if the swap goes through.
+                    self.fail(i, "snapshot", &e);
+                    continue;
+                }
+            };
+            let config = sensor_config(&self.config, slot.id, slot.segment);
+            let origin = component.origin.clone();
+            let mut new = self.engine.instantiate(&component, config, self.config.seed).map_err(|e| {
+                SwapError::Instantiate { origin: origin.clone(), id: slot.id, reason: describe_instantiate_failure(&e, &limits, self.config.count) }
+            })?;
+            match new.restore(&state) {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => return Err(SwapError::Restore { origin, id: slot.id, reason }),
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+            }
+            // The incarnation must survive the move, or the readings in
+            // flight would be acked to an identity the sensor no longer has.
+            match new.init() {
+                Ok(incarnation) if incarnation == slot.incarnation => {}
+                Ok(incarnation) => {
+                    return Err(SwapError::Restore {
+                        origin,
+                        id: slot.id,
+                        reason: format!("incarnation changed from {} to {incarnation}", slot.incarnation),
+                    });
+                }
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+            }
+            moved.push((i, new, state));
+        }
+        let count = moved.len();
+        for (i, new, state) in moved {
+            let slot = &mut self.sensors[i];
+            slot.life = Life::Running(Box::new(new));
+            slot.last_ack = None;
+            slot.saved = Some(state);
+            // The state directory holds an older snapshot; commit this one
+            // before the next batch.
+            slot.dirty = true;
+        }
+        self.component = component;
+        self.swaps += 1;
+        // The new component may be the fix: every quarantined sensor gets
+        // a fresh start on it, from its last good state.
+        let now = Instant::now();
+        let mut revived = 0;
+        for slot in &mut self.sensors {
+            if matches!(slot.life, Life::Quarantined) {
+                slot.failures = 0;
+                slot.life = Life::Restarting { at: now };
+                revived += 1;
+            }
+        }
+        if revived > 0 {
+            tracing::info!("hot swap: {revived} quarantined sensors get another chance on the new component");
+        }
+        Ok(count)
+    }
+}
