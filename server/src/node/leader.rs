@@ -1,0 +1,301 @@
+//! The active's side of replication: accepting a batch (screening it,
+//! dropping duplicates, writing one entry), appending entries and sending
+//! them to the passive, letting a passive join, and holding each reply
+//! until its entry is durable here and, with a passive in sync, there too.
+//! Without a passive the active carries on alone ("solo").
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use fog_protocol::{BatchReply, LogEntry, NodeState, PeerMessage, Reading, Record, RefusedReadings, Reply, Seal, SensorBatch};
+use tracing::{error, info, warn};
+
+use super::{ClientToken, Held, Node, Output, PassiveView};
+use crate::fsm::Event;
+use crate::replica::UNKNOWN_SEQ;
+
+/// Most entries kept for a passive that has not acked them; beyond this it
+/// is dropped and must join again.
+const MAX_TAIL_ENTRIES: usize = 100_000;
+/// An idle active still publishes (and so prunes) this often.
+const PRUNE_EVERY_MS: u64 = 1_000;
+
+impl Node {
+    /// A batch from a host: its epoch and its sensors' cursors as evidence,
+    /// then (if this node serves) its readings, with the reply held until
+    /// they are committed.
+    pub(super) fn handle_batch(&mut self, now: u64, to: ClientToken, batch_id: u64, epoch: u64, seal: &Seal, sensors: &[SensorBatch]) {
+        self.host_epoch(now, epoch, seal);
+        // A sensor's cursor names the epoch that published its last
+        // average, but a cursor carries no seal: it is evidence only
+        // up to the epoch the host's seal vouches for, and that one
+        // was taken as evidence just above. A cursor from a newer
+        // epoch is unverifiable: the node neither steps down for it
+        // nor moves that sensor (a forger could otherwise stop the
+        // pair, or rewind sensors off the stream).
+        let placeable: Vec<bool> = sensors
+            .iter()
+            .map(|s| s.average_cursor.is_none_or(|c| c.epoch <= self.known_epoch))
+            .collect();
+        let unverifiable = placeable.iter().filter(|&&ok| !ok).count();
+        self.forged_epochs = self.forged_epochs.saturating_add(unverifiable as u64);
+        let step = self.fsm.handle(now, Event::ClientRequest { complete: self.complete() });
+        let accepted = step.accepted;
+        self.after_step(now, step);
+        if !accepted {
+            let reply = Reply::NotActive { state: self.fsm.state(), epoch: self.known_epoch, seal: self.seal_of_known_epoch() };
+            self.out.push_back(Output::Reply { to, reply });
+            return;
+        }
+        self.batches = self.batches.saturating_add(1);
+        let reply = self.accept(now, batch_id, sensors, &placeable);
+        self.held.push_back((self.replica.lsn, Held::Client(to, Reply::Batch(reply))));
+        self.release();
+        self.maybe_snapshot();
+    }
+
+    /// Writes the readings not counted before (and changed cursors) as one
+    /// entry, and builds the reply. `placeable[i]`: whether sensor `i`'s
+    /// cursor may be noted and answered (its epoch is verified).
+    fn accept(&mut self, now: u64, batch_id: u64, sensors: &[SensorBatch], placeable: &[bool]) -> BatchReply {
+        let (sensors, refused) = self.screen(now, sensors);
+        let (record, duplicates) = self.new_readings(&sensors, Some(placeable));
+        self.replica.ingest.note_duplicates(duplicates);
+        if let Some(sensors) = record {
+            self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
+        }
+        let acks = sensors
+            .iter()
+            .map(|s| self.replica.ingest.ack((s.sensor_id, s.incarnation), s.readings.iter().map(|r| r.seq)))
+            .collect();
+        let cursors: Vec<_> = sensors
+            .iter()
+            .zip(placeable)
+            .filter(|&(_, &ok)| ok)
+            .map(|(s, _)| (s.sensor_id, s.average_cursor))
+            .collect();
+        let (averages, repositions) = self.replica.windows.reply_for(&cursors);
+        let seal = self.seal_of_known_epoch();
+        BatchReply { batch_id, epoch: self.known_epoch, seal, acks, averages, repositions, refused }
+    }
+
+    /// Takes out the readings that must not be accepted at all (see
+    /// [`crate::ingest::Ingest::refusal`]), counts them per reason, and says
+    /// which they were; borrows the batch when nothing is refused.
+    fn screen<'a>(&mut self, now: u64, sensors: &'a [SensorBatch]) -> (Cow<'a, [SensorBatch]>, Vec<RefusedReadings>) {
+        let skew = self.cfg.windows.max_clock_skew_ms;
+        let ingest = &self.replica.ingest;
+        let mut refused: Vec<RefusedReadings> = Vec::new();
+        let mut kept: Option<Vec<SensorBatch>> = None;
+        for (i, s) in sensors.iter().enumerate() {
+            let key = (s.sensor_id, s.incarnation);
+            if s.readings.iter().all(|r| ingest.refusal(now, skew, key, r).is_none()) {
+                if let Some(kept) = kept.as_mut() {
+                    kept.push(s.clone());
+                }
+                continue;
+            }
+            let kept = kept.get_or_insert_with(|| sensors[..i].to_vec());
+            let mut readings = Vec::with_capacity(s.readings.len());
+            let first_refusal = refused.len();
+            for r in &s.readings {
+                let Some(reason) = ingest.refusal(now, skew, key, r) else {
+                    readings.push(*r);
+                    continue;
+                };
+                match refused[first_refusal..].iter_mut().find(|x| x.reason == reason) {
+                    Some(x) => x.count = x.count.saturating_add(1),
+                    None => refused.push(RefusedReadings { sensor_id: s.sensor_id, reason, count: 1 }),
+                }
+            }
+            kept.push(SensorBatch {
+                sensor_id: s.sensor_id,
+                incarnation: s.incarnation,
+                segment: s.segment,
+                readings,
+                average_cursor: s.average_cursor,
+            });
+        }
+        for r in &refused {
+            self.refused.add(r.reason, u64::from(r.count));
+        }
+        (kept.map_or(Cow::Borrowed(sensors), Cow::Owned), refused)
+    }
+
+    /// The part of `sensors` that changes the state, if any, and how many
+    /// readings were duplicates. Cursors are taken only where `placeable`
+    /// allows (none without it). Linear in the readings: a batch of 65 536
+    /// readings of one sensor costs what 65 536 sensors of one reading do.
+    pub(super) fn new_readings(&self, sensors: &[SensorBatch], placeable: Option<&[bool]>) -> (Option<Vec<SensorBatch>>, u64) {
+        let mut out = Vec::new();
+        let mut duplicates = 0u64;
+        let mut in_batch: HashSet<u64> = HashSet::new();
+        for (i, s) in sensors.iter().enumerate() {
+            let key = (s.sensor_id, s.incarnation);
+            let mut readings: Vec<Reading> = Vec::new();
+            in_batch.clear();
+            for r in &s.readings {
+                if self.replica.ingest.contains(key, r.seq) || !in_batch.insert(r.seq) {
+                    duplicates = duplicates.saturating_add(1);
+                } else {
+                    readings.push(*r);
+                }
+            }
+            let with_cursor = placeable.is_some_and(|p| p.get(i).copied().unwrap_or(false));
+            let cursor = s
+                .average_cursor
+                .filter(|&c| with_cursor && self.replica.windows.cursor(s.sensor_id) != Some(c));
+            if !readings.is_empty() || cursor.is_some() {
+                out.push(SensorBatch { readings, average_cursor: cursor, ..s.clone() });
+            }
+        }
+        ((!out.is_empty()).then_some(out), duplicates)
+    }
+
+    /// Writes one entry as the active: applies it, logs it, replicates it.
+    pub(super) fn append(&mut self, now: u64, record: Record) {
+        let epoch = match record {
+            Record::EpochChanged { epoch } => epoch,
+            _ => self.replica.epoch,
+        };
+        let mut entry = LogEntry { lsn: self.replica.lsn + 1, epoch, solo: self.passive.is_none(), record };
+        if let Err(e) = self.replica.apply(&entry) {
+            error!("cannot apply an entry this node wrote: {e}");
+            self.divergences += 1;
+            return;
+        }
+        if let Record::AveragesPublished { next_seq, .. } = &mut entry.record {
+            *next_seq = self.replica.windows.next_seq();
+            self.last_publish_ms = now;
+            self.trim_unconfirmed(now);
+        }
+        if entry.solo {
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                self.push_unconfirmed(entry.lsn, sensors);
+            }
+        }
+        if self.passive.is_some() {
+            self.tail.push_back(entry.clone());
+            self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: vec![entry.clone()] }));
+        }
+        self.out.push_back(Output::Append(entry));
+        self.entries_since_snapshot += 1;
+    }
+
+    /// Drops the passive. What it has not acked becomes unconfirmed (it is
+    /// acked from now on without the passive), and that is made durable in
+    /// a snapshot before any held reply is released.
+    pub(super) fn go_solo(&mut self) {
+        self.passive = None;
+        let tail = std::mem::take(&mut self.tail);
+        let mut any = false;
+        for entry in &tail {
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                any |= sensors.iter().any(|s| !s.readings.is_empty());
+                self.push_unconfirmed(entry.lsn, sensors);
+            }
+        }
+        if any {
+            self.entries_since_snapshot = self.cfg.snapshot_every;
+            self.maybe_snapshot();
+            self.awaiting_snapshot_durable = Some(self.replica.lsn);
+        }
+        self.release();
+    }
+
+    /// The highest entry a reply may be released at.
+    fn commit_lsn(&self) -> u64 {
+        if cfg!(feature = "unsafe-early-ack") {
+            return u64::MAX;
+        }
+        if self.awaiting_snapshot_durable.is_some() {
+            return 0;
+        }
+        match &self.passive {
+            Some(p) => self.durable_lsn.min(p.durable),
+            None => self.durable_lsn,
+        }
+    }
+
+    pub(super) fn release(&mut self) {
+        let commit = self.commit_lsn();
+        while self.held.front().is_some_and(|(lsn, _)| *lsn <= commit) {
+            let Some((_, held)) = self.held.pop_front() else { break };
+            self.out.push_back(match held {
+                Held::Client(to, reply) => Output::Reply { to, reply },
+                Held::MergeAck(id) => Output::Peer(PeerMessage::MergeAck { id }),
+            });
+        }
+    }
+
+    /// The passive made entries up to `durable` durable.
+    pub(super) fn handle_ack(&mut self, now: u64, epoch: u64, durable: u64) {
+        if self.fsm.state() != NodeState::Active || epoch > self.known_epoch {
+            return;
+        }
+        if let Some(p) = self.passive.as_mut() {
+            if durable > p.durable {
+                p.durable = durable.min(self.replica.lsn);
+                p.last_progress_ms = now;
+            }
+            let d = p.durable;
+            while self.tail.front().is_some_and(|e| e.lsn <= d) {
+                self.tail.pop_front();
+            }
+            while self.unconfirmed.front().is_some_and(|(lsn, _)| *lsn <= d) {
+                self.unconfirmed.pop_front();
+            }
+            self.release();
+        }
+    }
+
+    /// The passive asks for a snapshot to start from.
+    pub(super) fn handle_join(&mut self, now: u64, epoch: u64) {
+        if self.newer_epoch(now, epoch, "the peer is in") || self.fsm.state() != NodeState::Active {
+            return;
+        }
+        if self.passive.is_some() {
+            // It lost what it had (restarted, or missed entries).
+            self.go_solo();
+        }
+        match self.replica.encode() {
+            Ok(state) => {
+                info!(lsn = self.replica.lsn, bytes = state.len(), "the passive joins: sending a snapshot");
+                self.send_peer(PeerMessage::Snapshot { epoch: self.known_epoch, lsn: self.replica.lsn, state });
+                self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn });
+                self.tail.clear();
+            }
+            Err(e) => error!("cannot encode a snapshot for the passive: {e}"),
+        }
+    }
+
+    /// The active's timeout: drops a passive that is gone or too far
+    /// behind, resends what the passive has not acked, and publishes due
+    /// averages.
+    pub(super) fn active_timeout(&mut self, now: u64) {
+        let hb = self.cfg.heartbeat_ms;
+        if self.passive.is_some() && !self.fsm.peer_alive(now) {
+            warn!(lsn = self.replica.lsn, "the passive is gone: carrying on alone");
+            self.go_solo();
+        }
+        if self.tail.len() > MAX_TAIL_ENTRIES {
+            warn!("the passive fell {} entries behind: carrying on alone until it joins again", self.tail.len());
+            self.go_solo();
+        }
+        if let Some(p) = self.passive.as_mut() {
+            if p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
+                p.last_progress_ms = now;
+                let entries: Vec<LogEntry> = self.tail.iter().cloned().collect();
+                if !entries.is_empty() {
+                    self.send_peer(PeerMessage::Records { epoch: self.known_epoch, entries });
+                }
+            }
+        }
+        let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= now);
+        let prune = now >= self.last_publish_ms.saturating_add(PRUNE_EVERY_MS) && !self.replica.windows.is_idle();
+        if due || prune {
+            self.append(now, Record::AveragesPublished { now_ms: now, next_seq: UNKNOWN_SEQ });
+            self.maybe_snapshot();
+        }
+    }
+}

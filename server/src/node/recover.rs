@@ -1,0 +1,90 @@
+//! The local snapshot and recovery: what a snapshot file holds (the
+//! replicated state and the readings accepted alone), when the node writes
+//! one, and how a node is rebuilt from it and the log entries after it.
+
+use fog_protocol::{LogEntry, Record, SensorBatch};
+use serde::{Deserialize, Serialize};
+use tracing::{error, warn};
+
+use super::{Node, NodeConfig, Output};
+use crate::replica::{Replica, SnapshotError};
+
+/// What a local snapshot file holds: the replicated state, and the readings
+/// this node accepted alone that its peer may not have.
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalSnapshot {
+    replica: Replica,
+    unconfirmed: Vec<SensorBatch>,
+}
+
+/// Why a node could not be rebuilt from its data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("log entry {lsn}: {why}")]
+    Entry { lsn: u64, why: String },
+}
+
+impl Node {
+    /// Rebuilds a node from a local snapshot (as written by
+    /// [`Output::SaveSnapshot`]) and the log entries that follow it. The
+    /// readings of those entries count as unconfirmed: the node offers them
+    /// to its peer when it rejoins.
+    pub fn recover(cfg: NodeConfig, snapshot: Option<&[u8]>, entries: &[LogEntry]) -> Result<Self, RecoverError> {
+        let mut node = Node::new(cfg);
+        if let Some(bytes) = snapshot {
+            let local: LocalSnapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+            node.replica = local.replica;
+            node.replica.set_config(cfg.windows);
+            let lsn = node.replica.lsn;
+            node.unconfirmed = local.unconfirmed.into_iter().map(|b| (lsn, b)).collect();
+        }
+        for entry in entries {
+            if entry.lsn <= node.replica.lsn {
+                continue;
+            }
+            if let Err(e) = node.replica.apply(entry) {
+                match e {
+                    crate::replica::ApplyError::OutOfOrder { .. } => {
+                        return Err(RecoverError::Entry { lsn: entry.lsn, why: e.to_string() });
+                    }
+                    crate::replica::ApplyError::Diverged { .. } => {
+                        warn!("while replaying the log: {e}");
+                        node.divergences += 1;
+                    }
+                }
+            }
+            // Whether the peer has an entry is not recorded; merging one it
+            // has is harmless (readings are idempotent by id).
+            if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                node.push_unconfirmed(entry.lsn, sensors);
+            }
+            node.entries_since_snapshot += 1;
+        }
+        node.known_epoch = node.replica.epoch;
+        node.durable_lsn = node.replica.lsn;
+        Ok(node)
+    }
+
+    pub(super) fn maybe_snapshot(&mut self) {
+        if self.entries_since_snapshot < self.cfg.snapshot_every {
+            return;
+        }
+        match self.local_snapshot() {
+            Ok(bytes) => {
+                self.entries_since_snapshot = 0;
+                self.out.push_back(Output::SaveSnapshot { lsn: self.replica.lsn, bytes });
+            }
+            Err(e) => error!("cannot encode a snapshot: {e}"),
+        }
+    }
+
+    pub(super) fn local_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let local = LocalSnapshot {
+            replica: self.replica.clone(),
+            unconfirmed: self.unconfirmed.iter().map(|(_, b)| b.clone()).collect(),
+        };
+        postcard::to_allocvec(&local).map_err(|e| SnapshotError(e.to_string()))
+    }
+}

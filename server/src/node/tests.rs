@@ -1,0 +1,335 @@
+//! Unit tests of the node alone: a primary that serves without its peer,
+//! screening and deduplicating batches, and which epochs it takes as
+//! evidence. The pair together is tested in `tests/simulation.rs`.
+
+use fog_protocol::{
+    BatchReply, MAX_EPOCH, NodeState, PeerHeartbeat, PeerMessage, Reading, Refusal, RefusedReadings, Reply, Request, Seal,
+    SensorBatch,
+};
+
+use super::{Node, NodeConfig, Output};
+use crate::fsm::Role;
+use crate::seal::EpochSeal;
+use crate::windows::WindowConfig;
+
+const T0: u64 = 1_700_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+fn batch(id: u64, seq: u64, ts: u64) -> Request {
+    Request::Batch {
+        batch_id: id,
+        epoch: 0,
+        seal: [0; 16],
+        sensors: vec![SensorBatch {
+            sensor_id: 1,
+            incarnation: 7,
+            segment: 0,
+            readings: vec![Reading { seq, speed_kmh: 100, timestamp_ms: ts }],
+            average_cursor: None,
+        }],
+    }
+}
+
+const KEY: [u8; 32] = [9; 32];
+
+fn config() -> NodeConfig {
+    NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000, seal_key: KEY }
+}
+
+/// Drives a lone primary: every write is made durable at once.
+fn settle(node: &mut Node, now: u64) {
+    while let Some(out) = node.poll_output() {
+        if let Output::Append(entry) = out {
+            node.handle_durable(now, entry.lsn, false);
+        } else if let Output::SaveSnapshot { lsn, .. } = out {
+            node.handle_durable(now, lsn, true);
+        }
+    }
+}
+
+/// A primary that never heard its peer, active after `n` batches of one
+/// reading a second; and the time after them.
+fn serving_alone(n: u64) -> (Node, u64) {
+    let cfg = config();
+    let mut node = Node::new(cfg);
+    let mut now = T0 + 10_000;
+    for seq in 0..n {
+        node.handle_request(now, seq, &batch(seq, seq, now));
+        settle(&mut node, now);
+        node.handle_timeout(now);
+        settle(&mut node, now);
+        now += 1_000;
+    }
+    assert_eq!(node.state(), NodeState::Active);
+    (node, now)
+}
+
+#[test]
+fn readings_accepted_alone_are_kept_for_a_merge_only_within_the_dedup_horizon() {
+    // Alone from the start: the peer never appeared.
+    let (mut node, mut now) = serving_alone(50);
+    assert_eq!(node.status(now).unconfirmed, 50, "readings accepted alone wait for a merge");
+    // Serving alone for more than the horizon (time passes in steps, as
+    // a running node sees it: a jump would look like a pause): the old
+    // ones are let go, the recent ones are still kept.
+    let late = now + HOUR;
+    while now < late {
+        node.handle_timeout(now);
+        settle(&mut node, now);
+        now += 500;
+    }
+    for seq in 50..60 {
+        node.handle_request(late + seq, seq, &batch(seq, seq, late + seq));
+        settle(&mut node, late + seq);
+    }
+    let mut now = late + 100;
+    while now < late + 10_000 {
+        node.handle_timeout(now);
+        settle(&mut node, now);
+        now += 500;
+    }
+    assert_eq!(node.state(), NodeState::Active, "still serving alone");
+    let status = node.status(now);
+    assert_eq!(status.unconfirmed, 10, "only the readings within the horizon are kept: {status:?}");
+    assert_eq!(status.counted, 60, "trimming forgets nothing that was counted");
+}
+
+#[test]
+fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_timeout() {
+    let (mut node, now) = serving_alone(3);
+    // A restarted backup joins; its heartbeats have not come through
+    // (its first went out before this node's subscription was up).
+    node.handle_peer(now, PeerMessage::Join { epoch: 0 });
+    settle(&mut node, now);
+    node.handle_request(now + 10, 99, &batch(99, 3, now + 10));
+    let mut replied = false;
+    let mut t = now + 10;
+    while t < now + 400 {
+        node.handle_timeout(t);
+        while let Some(out) = node.poll_output() {
+            match out {
+                Output::Append(entry) => node.handle_durable(t, entry.lsn, false),
+                Output::SaveSnapshot { lsn, .. } => node.handle_durable(t, lsn, true),
+                Output::Reply { .. } => replied = true,
+                _ => {}
+            }
+        }
+        t += 50;
+    }
+    assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
+    let replication = node.status(t).replication;
+    assert!(replication.contains("passive joining"), "still waiting for the passive: {replication}");
+}
+
+/// Every reply the node has for clients, drained.
+fn replies(node: &mut Node, now: u64) -> Vec<Reply> {
+    let mut out = Vec::new();
+    while let Some(o) = node.poll_output() {
+        match o {
+            Output::Append(entry) => node.handle_durable(now, entry.lsn, false),
+            Output::SaveSnapshot { lsn, .. } => node.handle_durable(now, lsn, true),
+            Output::Reply { reply, .. } => out.push(reply),
+            Output::Peer(_) => {}
+        }
+    }
+    out
+}
+
+/// A batch of one sensor (1, incarnation 7) with these readings, the
+/// host's `epoch` and `seal`, and the sensor's `cursor`.
+fn sealed_batch(id: u64, epoch: u64, seal: Seal, readings: Vec<Reading>, cursor: Option<fog_protocol::AverageCursor>) -> Request {
+    Request::Batch {
+        batch_id: id,
+        epoch,
+        seal,
+        sensors: vec![SensorBatch { sensor_id: 1, incarnation: 7, segment: 0, readings, average_cursor: cursor }],
+    }
+}
+
+fn batch_reply(replies: &[Reply]) -> &BatchReply {
+    match replies {
+        [Reply::Batch(b)] => b,
+        other => panic!("expected one batch reply: {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_averages() {
+    let cfg = config();
+    let seal = EpochSeal::new(KEY);
+    // A primary restarted with an empty data dir, its peer out of reach,
+    // and a host whose sensors applied averages of epoch 7; the host has
+    // the pair's seal of epoch 7 from a reply.
+    let now = T0 + 10_000;
+    let cursor = Some(fog_protocol::AverageCursor { seq: 2_000, epoch: 7, chain: 42 });
+    let mut node = Node::new(cfg);
+    node.handle_request(now, 1, &sealed_batch(1, 7, seal.seal(7), vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+    let got = replies(&mut node, now);
+    assert!(matches!(got.as_slice(), [Reply::NotActive { epoch: 7, seal: s, .. }] if *s == seal.seal(7)), "{got:?}");
+    assert_ne!(node.state(), NodeState::Active);
+    // A host that cannot show a seal of epoch 7 (it restarted, or it
+    // forges): the cursors alone prove nothing. The node serves, and
+    // neither steps down nor moves (rewinds) those sensors.
+    for (epoch, host_seal) in [(0, [0; 16]), (7, [0; 16]), (7, seal.seal(6))] {
+        let mut node = Node::new(cfg);
+        node.handle_request(now, 1, &sealed_batch(1, epoch, host_seal, vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+        let got = replies(&mut node, now);
+        let reply = batch_reply(&got);
+        assert_eq!(node.state(), NodeState::Active, "host epoch {epoch}");
+        assert!(reply.repositions.is_empty() && reply.averages.is_empty(), "an unverifiable cursor was moved: {reply:?}");
+        assert_eq!(reply.acks[0].next_seq, 1, "its readings are still acked");
+        assert_eq!((reply.epoch, reply.seal), (1, seal.seal(1)), "the reply names its own epoch, sealed");
+        let forged = if epoch == 0 { 1 } else { 2 };
+        assert_eq!(node.status(now).forged_epochs, forged, "the host's and the cursor's epochs are counted");
+    }
+}
+
+#[test]
+fn a_forged_host_epoch_does_not_make_the_active_step_down() {
+    let (mut node, now) = serving_alone(2);
+    let epoch = node.epoch();
+    for (i, claimed) in [epoch + 1, epoch + 2, 1 << 40, MAX_EPOCH - 1, MAX_EPOCH, u64::MAX].into_iter().enumerate() {
+        for forged in [[0; 16], [0xab; 16]] {
+            node.handle_request(now, 10, &sealed_batch(10 + i as u64, claimed, forged, Vec::new(), None));
+            let got = replies(&mut node, now);
+            assert!(matches!(got.as_slice(), [Reply::Batch(_)]), "epoch {claimed}: {got:?}");
+            assert_eq!((node.state(), node.epoch()), (NodeState::Active, epoch), "epoch {claimed}");
+        }
+    }
+    assert_eq!(node.status(now).forged_epochs, 12);
+    // The pair's own seal of a newer epoch still counts.
+    let seal = EpochSeal::new(KEY);
+    node.handle_request(now, 11, &sealed_batch(99, epoch + 1, seal.seal(epoch + 1), Vec::new(), None));
+    assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
+    assert_ne!(node.state(), NodeState::Active);
+}
+
+#[test]
+fn an_epoch_past_the_limit_counts_from_no_one_and_takeovers_never_wrap() {
+    // Sealed by the pair itself (say, a key that leaked), or heard from
+    // the peer: at or above MAX_EPOCH it is not evidence.
+    let seal = EpochSeal::new(KEY);
+    for claimed in [MAX_EPOCH, u64::MAX] {
+        let (mut node, now) = serving_alone(2);
+        node.handle_request(now, 10, &sealed_batch(10, claimed, seal.seal(claimed), Vec::new(), None));
+        assert!(matches!(replies(&mut node, now).as_slice(), [Reply::Batch(_)]), "host epoch {claimed}");
+        let hb = PeerHeartbeat { state: NodeState::Backup, epoch: claimed, lsn: 0, complete: true, peer_in_sync: false };
+        node.handle_peer(now, PeerMessage::Heartbeat(hb));
+        node.handle_peer(now, PeerMessage::Join { epoch: claimed });
+        assert_eq!((node.state(), node.epoch()), (NodeState::Active, 1), "peer epoch {claimed}");
+        assert_eq!(node.status(now).forged_epochs, 3);
+    }
+    // The highest epoch a node can hear of still leaves room to take
+    // over with (MAX_EPOCH - 1 is odd: the primary's next is MAX_EPOCH,
+    // which it must not take).
+    let mut node = Node::new(config());
+    let now = T0 + 10_000;
+    node.handle_request(now, 1, &sealed_batch(1, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+    assert_eq!(node.epoch(), MAX_EPOCH - 1);
+    assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
+    node.handle_request(now, 2, &sealed_batch(2, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+    let _ = replies(&mut node, now);
+    assert!(node.epoch() < MAX_EPOCH, "took epoch {}", node.epoch());
+    assert_ne!(node.state(), NodeState::Active, "no epoch left: it must not serve");
+}
+
+#[test]
+fn an_expired_reading_with_a_far_seq_is_acked_but_moves_no_ledger() {
+    let (mut node, now) = serving_alone(3);
+    let poison = Reading { seq: 1_000_000, speed_kmh: 1, timestamp_ms: 0 };
+    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], vec![poison], None));
+    let got = replies(&mut node, now);
+    let reply = batch_reply(&got);
+    assert_eq!(reply.acks[0].next_seq, 3);
+    assert_eq!(reply.acks[0].also, vec![1_000_000], "the expired reading is acked");
+    assert!(reply.refused.is_empty());
+    // The sensor's next reading still counts.
+    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+    let got = replies(&mut node, now);
+    assert_eq!(batch_reply(&got).acks[0].next_seq, 4);
+    let status = node.status(now);
+    assert_eq!((status.counted, status.expired, status.duplicates), (4, 1, 0));
+}
+
+#[test]
+fn readings_with_seqs_out_of_range_or_from_the_future_are_refused_and_counted() {
+    let (mut node, now) = serving_alone(3);
+    let skew = WindowConfig::default().max_clock_skew_ms;
+    let hostile = vec![
+        Reading { seq: 1 << 62, speed_kmh: 1, timestamp_ms: 0 },
+        Reading { seq: u64::MAX, speed_kmh: 1, timestamp_ms: now },
+        Reading { seq: fog_protocol::MAX_SEQ, speed_kmh: 1, timestamp_ms: now },
+        Reading { seq: 3 + crate::ingest::MAX_SEQ_AHEAD + 1, speed_kmh: 1, timestamp_ms: now },
+        Reading { seq: 3, speed_kmh: 1, timestamp_ms: now + skew + 1 },
+        Reading { seq: 4, speed_kmh: 1, timestamp_ms: u64::MAX },
+        Reading { seq: 5, speed_kmh: 100, timestamp_ms: now + skew },
+    ];
+    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], hostile, None));
+    let got = replies(&mut node, now);
+    let reply = batch_reply(&got);
+    assert_eq!(reply.acks[0].next_seq, 3);
+    assert_eq!(reply.acks[0].also, vec![5], "only the reading within the skew is acked");
+    let mut refused = reply.refused.clone();
+    refused.sort_by_key(|r| r.count);
+    assert_eq!(
+        refused,
+        vec![
+            RefusedReadings { sensor_id: 1, reason: Refusal::FromTheFuture, count: 2 },
+            RefusedReadings { sensor_id: 1, reason: Refusal::SeqOutOfRange, count: 4 },
+        ]
+    );
+    let status = node.status(now);
+    assert_eq!((status.refused.seq_out_of_range, status.refused.from_the_future), (4, 2));
+    assert_eq!(status.counted, 4, "refused readings are not counted");
+    // Nothing refused reached the log or the ledger: the sensor's own
+    // readings 3 and 4 still count.
+    let readings = (3..5).map(|seq| Reading { seq, speed_kmh: 100, timestamp_ms: now }).collect();
+    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], readings, None));
+    let got = replies(&mut node, now);
+    assert_eq!(batch_reply(&got).acks[0].next_seq, 6);
+    assert_eq!(node.status(now).counted, 6);
+    node.record_refusal(Refusal::ForeignSensor, 3);
+    node.record_malformed();
+    let status = node.status(now);
+    assert_eq!((status.refused.foreign_sensor, status.refused.malformed, status.malformed_frames), (3, 1, 1));
+}
+
+#[test]
+fn a_reading_far_above_the_watermark_cannot_close_the_gap_below_it_later() {
+    // A current reading with a seq far ahead would be counted above the
+    // watermark; once it aged past the horizon, compaction would move
+    // the watermark over it and every later reading would be a
+    // duplicate. It is refused instead.
+    let (mut node, mut now) = serving_alone(3);
+    let far = [1 << 62, 3 + crate::ingest::MAX_SEQ_AHEAD + 1];
+    let readings = far.iter().map(|&seq| Reading { seq, speed_kmh: 1, timestamp_ms: now }).collect();
+    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+    let _ = replies(&mut node, now);
+    let late = now + HOUR + 10_000;
+    while now < late {
+        node.handle_timeout(now);
+        let _ = replies(&mut node, now);
+        now += 500;
+    }
+    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+    let _ = replies(&mut node, now);
+    let status = node.status(now);
+    assert_eq!((status.counted, status.duplicates), (4, 0), "{status:?}");
+}
+
+#[test]
+fn a_batch_of_65536_readings_of_one_sensor_is_counted_and_acked_once_each() {
+    let (mut node, now) = serving_alone(1);
+    let n = fog_protocol::MAX_READINGS_PER_BATCH as u64;
+    // Seqs 1.. in reverse order, the last 100 of them twice.
+    let mut readings: Vec<Reading> = (1..n - 99).rev().map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }).collect();
+    readings.extend((n - 199..n - 99).map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }));
+    assert_eq!(readings.len() as u64, n);
+    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+    let got = replies(&mut node, now);
+    let ack = &batch_reply(&got).acks[0];
+    assert_eq!((ack.next_seq, ack.also.len()), (n - 99, 0));
+    let status = node.status(now);
+    assert_eq!((status.counted, status.duplicates), (n - 99, 100));
+    assert_eq!(status.per_sensor[0].sum_kmh, 100 + (n - 100) * 90);
+}
