@@ -8,8 +8,11 @@
 //!   restarts or quarantines sensors that fail, and swaps the component;
 //! - [`state`] keeps the sensors' snapshots in `--state-dir` (group commit);
 //! - [`link`] is one DEALER connection to one server;
-//! - [`session`] drives it all: ticks, batches, timeouts and failover.
+//! - [`core`] decides the conversation with the server pair without I/O:
+//!   pacing, resends, failover, epochs, draining;
+//! - [`session`] drives it: the core's actions against the link and the fleet.
 
+pub mod core;
 pub mod fleet;
 pub mod link;
 pub mod runtime;

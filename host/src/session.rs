@@ -1,32 +1,27 @@
-//! The host's conversation with the server pair: ticks the fleet every
-//! interval, sends one batch at a time to the active server, routes replies,
-//! and fails over to the other server on silence or a "not active" reply.
-//!
-//! Delivery is judged only by replies. A batch that got no reply within the
-//! timeout is sent again, unchanged, to the other server; the server's
-//! exactly-once counting makes that safe. The sensors' own resend buffers
-//! cover everything else, so a lost batch never loses a reading.
+//! The tokio + ZeroMQ driver of the host's conversation with the server
+//! pair: turns the link's events, the timers and interrupts into events of
+//! the [`HostCore`], which makes every protocol decision (which server,
+//! when a batch goes and goes again, failover, epochs, pacing, draining),
+//! and carries out its actions against the [`Link`] and the [`Fleet`]. It
+//! also loads a new component off the loop and swaps it in (fleet
+//! management, not part of the conversation), and builds the progress line
+//! and the summary.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fog_protocol::{Average, Reply};
+use fog_protocol::Average;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
+use crate::core::{Action, CoreConfig, HostCore};
 use crate::fleet::{Fleet, SensorSummary};
-use crate::runtime::{LoadError, SensorComponent};
 use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
-
-/// How soon a server that answered "not active" is asked again.
-const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
-/// How long the host waits before connecting again after a server refused
-/// its handshake (a key problem an operator has to fix).
-const REFUSED_RETRY: Duration = Duration::from_secs(1);
+use crate::runtime::{LoadError, SensorComponent};
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -53,13 +48,6 @@ pub struct HostKeys {
     pub keys: std::sync::Arc<fog_transport::Keypair>,
     pub servers: Vec<fog_transport::PublicKey>,
 }
-
-/// Ticks of one interval are spread over this many slices (fewer with
-/// fewer sensors), so a large fleet does not produce every reading at the
-/// same instant.
-const TICK_SLICES: usize = 10;
-/// Batches per interval at most: readings of several slices travel together.
-const BATCHES_PER_INTERVAL: u32 = 4;
 
 /// The newest average the host has seen for one road segment.
 #[derive(Debug, Clone, Serialize)]
@@ -110,49 +98,23 @@ pub struct Summary {
     pub per_sensor: Vec<SensorSummary>,
 }
 
-struct InFlight {
-    batch_id: u64,
-    frame: Vec<u8>,
-    deadline: Instant,
-}
-
-struct Session<'a> {
+/// The driver's side: the fleet, the link and what only it can see.
+struct Driver<'a> {
     fleet: &'a mut Fleet,
     cfg: &'a SessionConfig,
-    current: usize,
     generation: u64,
     link: Option<Link>,
     connecting: Option<JoinHandle<Result<Link, LinkError>>>,
     incoming_tx: mpsc::UnboundedSender<Incoming>,
-    in_flight: Option<InFlight>,
-    next_batch_id: u64,
-    failovers: u64,
-    batches_acked: u64,
-    bad_replies: u64,
-    refused_batches: u64,
-    /// Servers (by index) that refused the handshake; each is logged once.
-    refused_by: std::collections::HashSet<usize>,
     latest: BTreeMap<u32, Average>,
     started: Instant,
-    /// The highest server epoch seen in a reply, with its seal; sent with
-    /// every batch so a server that was replaced while it was paused or cut
-    /// off steps down.
-    epoch: u64,
-    seal: fog_protocol::Seal,
-    /// Least time between two batches, and when the next may go.
-    batch_gap: Duration,
-    next_batch_at: Instant,
     /// The last commit failed (already reported).
     commit_failing: bool,
-    /// When each server was last given up for silence or a closed
-    /// connection; cleared by its next reply.
-    lost_at: Vec<Option<Instant>>,
-    /// Send the batch in flight again to the current server at this time.
-    retry_at: Option<Instant>,
 }
 
 /// Runs the fleet against the servers until the duration has passed and
-/// every reading is acked (or the drain timeout), or `shutdown` fires twice.
+/// every reading is acked (or the drain timeout). `shutdown` stops
+/// generating and drains, or ends the run at once when already draining.
 /// Each message on `reload` asks for a hot swap of the component file.
 pub async fn run(
     fleet: &mut Fleet,
@@ -162,105 +124,69 @@ pub async fn run(
 ) -> Summary {
     let (incoming_tx, mut incoming_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
-    let slices = fleet.len().clamp(1, TICK_SLICES);
-    let mut s = Session {
+    let core_config = CoreConfig {
+        servers: cfg.servers.clone(),
+        sensors: fleet.len(),
+        interval: cfg.interval,
+        timeout: cfg.timeout,
+        duration: cfg.duration,
+        drain_timeout: cfg.drain_timeout,
+        progress: cfg.progress,
+        epoch: cfg.epoch,
+    };
+    let mut core = HostCore::new(core_config, started.into_std());
+    let mut d = Driver {
         fleet,
         cfg,
-        current: 0,
         generation: 0,
         link: None,
         connecting: None,
         incoming_tx,
-        in_flight: None,
-        next_batch_id: 1,
-        failovers: 0,
-        batches_acked: 0,
-        bad_replies: 0,
-        refused_batches: 0,
-        refused_by: std::collections::HashSet::new(),
         latest: BTreeMap::new(),
         started,
-        epoch: cfg.epoch.map_or(0, |e| e.0),
-        seal: cfg.epoch.map_or([0; 16], |e| e.1),
-        batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
-        next_batch_at: started,
         commit_failing: false,
-        lost_at: vec![None; cfg.servers.len()],
-        retry_at: None,
     };
-    s.start_connect(Duration::ZERO);
-
-    let generate_until = cfg.duration.map(|d| started + d);
-    let mut drain_deadline: Option<Instant> = None;
-    let slice_every = cfg.interval / slices as u32;
-    let mut slice = 0usize;
-    let mut next_tick = started;
-    let mut next_progress = cfg.progress.map(|p| started + p);
     let mut loading: Option<JoinHandle<Result<SensorComponent, LoadError>>> = None;
     let mut reload_open = true;
     tokio::pin!(shutdown);
     let mut interrupted = false;
     let drained = loop {
-        let reply_deadline = s.in_flight.as_ref().filter(|_| s.link.is_some()).map(|f| f.deadline);
+        if let Some(drained) = d.carry_out(&mut core).await {
+            break drained;
+        }
+        let wake = core.poll_timeout().map(Instant::from_std);
         tokio::select! {
             () = &mut shutdown, if !interrupted => {
                 interrupted = true;
-                if drain_deadline.is_none() {
-                    tracing::info!("interrupted: no new readings; draining unacked ones (up to {:?})", cfg.drain_timeout);
-                    drain_deadline = Some(Instant::now() + cfg.drain_timeout);
-                } else {
-                    break false;
-                }
+                core.handle_shutdown(now());
             }
-            res = async { s.connecting.as_mut().expect("guarded").await }, if s.connecting.is_some() => {
-                s.connecting = None;
+            res = async { d.connecting.as_mut().expect("guarded").await }, if d.connecting.is_some() => {
+                d.connecting = None;
                 match res {
                     Ok(Ok(link)) => {
-                        tracing::info!(server = %link.endpoint, "connected");
-                        s.link = Some(link);
-                        if s.in_flight.is_some() {
-                            s.resend_in_flight().await;
-                        } else if s.fleet.pending() > 0 {
-                            s.send_batch().await;
-                        }
+                        d.link = Some(link);
+                        core.handle_connected(now(), d.fleet.pending());
                     }
                     Ok(Err(e)) => {
                         tracing::warn!("{e}");
-                        s.give_up();
+                        core.handle_link_failed(now());
                     }
                     Err(e) => {
                         tracing::warn!("connection attempt failed: {e}");
-                        s.give_up();
+                        core.handle_link_failed(now());
                     }
                 }
             }
             Some(incoming) = incoming_rx.recv() => {
-                if incoming.generation == s.generation {
+                if incoming.generation == d.generation {
                     match incoming.event {
-                        LinkEvent::Frame(frame) => s.handle_frame(&frame).await,
-                        LinkEvent::Closed if s.link.is_some() => {
-                            tracing::warn!(server = %s.endpoint(), "connection closed: failing over");
-                            s.give_up();
-                        }
-                        LinkEvent::Closed => {}
-                        LinkEvent::Refused(why) => {
-                            if s.refused_by.insert(s.current) {
-                                tracing::warn!(server = %s.endpoint(), "the server refused the connection: {why} (check --key and --server-keys); asking every {:?}", REFUSED_RETRY);
-                            }
-                            s.lost_at[s.current] = Some(Instant::now());
-                            s.failover(REFUSED_RETRY);
-                        }
+                        LinkEvent::Frame(frame) => core.handle_frame(now(), &frame),
+                        LinkEvent::Closed => core.handle_closed(now()),
+                        LinkEvent::Refused(why) => core.handle_refused(now(), why),
                     }
                 }
             }
-            () = sleep_until(reply_deadline.unwrap_or(started)), if reply_deadline.is_some() => {
-                tracing::warn!(server = %s.endpoint(), "no reply within {:?}: failing over", cfg.timeout);
-                s.give_up();
-            }
-            () = sleep_until(s.retry_at.unwrap_or(started)), if s.retry_at.is_some() => {
-                s.retry_at = None;
-                s.resend_in_flight().await;
-            }
+            () = sleep_until(wake.unwrap_or(started)), if wake.is_some() => core.handle_timeout(now()),
             request = reload.recv(), if reload_open => {
                 match (request, &cfg.component) {
                     (None, _) => reload_open = false,
@@ -269,87 +195,32 @@ pub async fn run(
                     (Some(()), Some(path)) => {
                         tracing::info!("loading {} to swap it in", path.display());
                         // Compiling takes a while: off the loop, so sensors keep ticking.
-                        let (engine, path) = (s.fleet.engine().clone(), path.clone());
+                        let (engine, path) = (d.fleet.engine().clone(), path.clone());
                         loading = Some(tokio::task::spawn_blocking(move || engine.load(Some(&path))));
                     }
                 }
             }
             res = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
                 loading = None;
-                let from = s.fleet.component_origin().to_string();
-                match res {
-                    Ok(Ok(component)) => {
-                        let to = component.origin.clone();
-                        let began = std::time::Instant::now();
-                        match sandboxed(|| s.fleet.swap(component)) {
-                            Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
-                            Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
-                        }
-                    }
-                    Ok(Err(e)) => tracing::error!("hot swap refused, still running {from}: {e}"),
-                    Err(e) => tracing::error!("hot swap refused, still running {from}: loading failed: {e}"),
-                }
-            }
-            () = sleep_until(next_tick) => {
-                let now = Instant::now();
-                next_tick += slice_every;
-                if next_tick < now {
-                    next_tick = now + slice_every;
-                }
-                let first_slice = slice == 0;
-                let range = s.fleet.slice(slice, slices);
-                slice = (slice + 1) % slices;
-                if first_slice && drain_deadline.is_none() && generate_until.is_some_and(|t| now >= t) {
-                    tracing::info!("generation stopped after {:?}; draining unacked readings (up to {:?})", cfg.duration.unwrap_or_default(), cfg.drain_timeout);
-                    drain_deadline = Some(now + cfg.drain_timeout);
-                }
-                let produce = drain_deadline.is_none();
-                sandboxed(|| {
-                    s.fleet.restart_due(now.into_std());
-                    s.fleet.tick(range, produce);
-                });
-                // Every interval a batch goes out even without readings, so
-                // every sensor keeps receiving averages.
-                if s.link.is_some() && s.in_flight.is_none() && now >= s.next_batch_at && (first_slice || s.fleet.pending() > 0) {
-                    s.send_batch().await;
-                }
-                if !first_slice {
-                    continue;
-                }
-                // While draining the statuses are read anyway; the progress
-                // line uses the same reading.
-                let mut refreshed = false;
-                if let Some(deadline) = drain_deadline {
-                    if sandboxed(|| s.fleet.refresh_status()) {
-                        break true;
-                    }
-                    refreshed = true;
-                    if now >= deadline {
-                        tracing::warn!("drain timeout: some readings were never acked");
-                        break false;
-                    }
-                }
-                if let (Some(at), Some(every)) = (next_progress, cfg.progress) {
-                    if now >= at {
-                        next_progress = Some(at + every);
-                        if !refreshed {
-                            sandboxed(|| s.fleet.refresh_status());
-                        }
-                        eprintln!("{}", s.progress_line());
-                    }
-                }
+                d.swap(res);
             }
         }
     };
-    sandboxed(|| s.fleet.refresh_status());
-    if s.fleet.has_state_dir() {
+    sandboxed(|| d.fleet.refresh_status());
+    if d.fleet.has_state_dir() {
         // Acks that arrived since the last batch: on disk, so a restart
         // does not resend what the server already counted.
-        if let Err(e) = sandboxed(|| s.fleet.commit_all()) {
+        if let Err(e) = sandboxed(|| d.fleet.commit_all()) {
             tracing::error!("cannot write the final sensor state: {e}");
         }
     }
-    s.summary(drained)
+    d.summary(&core, drained)
+}
+
+/// The time an event happened at, as the core takes it: tokio's clock, so
+/// the core's deadlines and the driver's timers agree.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 /// Runs calls into the sensors. WASI's synchronous streams (a guest
@@ -361,19 +232,74 @@ fn sandboxed<R>(f: impl FnOnce() -> R) -> R {
     tokio::task::block_in_place(f)
 }
 
-impl Session<'_> {
-    fn endpoint(&self) -> &str {
-        &self.cfg.servers[self.current]
+impl Driver<'_> {
+    /// Carries out what the core asks for, feeding back what each action
+    /// found, until it asks for nothing more; returns how the run ended
+    /// once the core finished it.
+    async fn carry_out(&mut self, core: &mut HostCore) -> Option<bool> {
+        let mut finished = None;
+        while let Some(action) = core.poll_action() {
+            match action {
+                Action::Connect { server, after } => {
+                    self.link = None;
+                    self.fleet.force_full_batch();
+                    self.start_connect(server, after);
+                }
+                Action::Send { frame } => {
+                    let Some(link) = self.link.as_mut() else { continue };
+                    if let Err(e) = link.send(frame, self.cfg.timeout).await {
+                        tracing::warn!("{e}");
+                        core.handle_link_failed(now());
+                    }
+                }
+                Action::Tick { slice, slices, produce, refresh } => {
+                    let range = self.fleet.slice(slice, slices);
+                    sandboxed(|| {
+                        self.fleet.restart_due(now());
+                        self.fleet.tick(range, produce);
+                    });
+                    let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status()));
+                    core.handle_ticked(now(), self.fleet.pending(), all_acked);
+                }
+                Action::TakeBatch => {
+                    if self.commit() {
+                        let (sensors, _) = self.fleet.take_batch();
+                        core.handle_batch(now(), sensors);
+                    }
+                }
+                Action::ApplyReply(reply) => {
+                    for avg in &reply.averages {
+                        let newer = self
+                            .latest
+                            .get(&avg.segment)
+                            .is_none_or(|cur| (avg.window_end_ms, avg.revision) > (cur.window_end_ms, cur.revision));
+                        if newer {
+                            self.latest.insert(avg.segment, *avg);
+                        }
+                    }
+                    sandboxed(|| self.fleet.apply(&reply));
+                    core.handle_applied(now(), self.fleet.pending());
+                }
+                Action::SaveEpoch { epoch, seal } => {
+                    if let Err(e) = self.fleet.save_epoch(epoch, &seal) {
+                        tracing::warn!("cannot save the server epoch in the state directory: {e}");
+                    }
+                }
+                Action::Progress => eprintln!("{}", self.progress_line(core)),
+                Action::Finish { drained } => finished = Some(drained),
+            }
+        }
+        finished
     }
 
-    fn start_connect(&mut self, pause: Duration) {
+    fn start_connect(&mut self, server: usize, pause: Duration) {
         self.generation += 1;
-        let endpoint = self.endpoint().to_string();
+        let endpoint = self.cfg.servers[server].clone();
         let generation = self.generation;
         let tx = self.incoming_tx.clone();
         let keys = self.cfg.keys.as_ref().map(|k| LinkKeys {
             keys: k.keys.clone(),
-            server: k.servers.get(self.current).or(k.servers.last()).copied().unwrap_or(fog_transport::PublicKey([0; 32])),
+            server: k.servers.get(server).or(k.servers.last()).copied().unwrap_or(fog_transport::PublicKey([0; 32])),
         });
         if let Some(old) = self.connecting.take() {
             old.abort();
@@ -384,135 +310,40 @@ impl Session<'_> {
         }));
     }
 
-    /// The current server is gone (silent, closed, unreachable): remember
-    /// when, and fail over.
-    fn give_up(&mut self) {
-        self.lost_at[self.current] = Some(Instant::now());
-        self.failover(Duration::ZERO);
-    }
-
-    /// Drops the current server and starts connecting to the next one. The
-    /// batch in flight, if any, is sent there once connected.
-    fn failover(&mut self, pause: Duration) {
-        self.link = None;
-        self.retry_at = None;
-        self.current = (self.current + 1) % self.cfg.servers.len();
-        self.failovers += 1;
-        self.fleet.force_full_batch();
-        tracing::info!(server = %self.endpoint(), "failing over");
-        self.start_connect(pause);
-    }
-
-    /// Commits the sensors' state, then sends one batch with every pending
-    /// reading. When the commit fails nothing is sent: a reading may only
-    /// leave once a restart would resume after it.
-    async fn send_batch(&mut self) {
-        self.next_batch_at = Instant::now() + self.batch_gap;
+    /// Commits the sensors' state before a batch; false holds the batch
+    /// back: a reading may only leave once a restart would resume after it.
+    fn commit(&mut self) -> bool {
         match sandboxed(|| self.fleet.commit()) {
             Ok(_) if self.commit_failing => {
                 self.commit_failing = false;
                 tracing::info!("sensor state written again; sending resumes");
+                true
             }
-            Ok(_) => {}
+            Ok(_) => true,
             Err(e) => {
                 if !self.commit_failing {
                     tracing::error!("cannot write the sensor state: {e}; holding readings back until it can be written");
                 }
                 self.commit_failing = true;
-                return;
-            }
-        }
-        let batch_id = self.next_batch_id;
-        self.next_batch_id += 1;
-        let (sensors, _) = self.fleet.take_batch();
-        let request = fog_protocol::Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
-        match fog_protocol::encode(&request) {
-            Ok(frame) => {
-                self.in_flight = Some(InFlight { batch_id, frame, deadline: Instant::now() });
-                self.resend_in_flight().await;
-            }
-            // The readings are still in the sensors' resend buffers.
-            Err(e) => tracing::error!("cannot encode batch {batch_id}: {e}"),
-        }
-    }
-
-    async fn resend_in_flight(&mut self) {
-        let (Some(link), Some(flight)) = (self.link.as_mut(), self.in_flight.as_mut()) else { return };
-        flight.deadline = Instant::now() + self.cfg.timeout;
-        if let Err(e) = link.send(flight.frame.clone(), self.cfg.timeout).await {
-            tracing::warn!("{e}");
-            self.give_up();
-        }
-    }
-
-    async fn handle_frame(&mut self, frame: &[u8]) {
-        match fog_protocol::decode::<Reply>(frame) {
-            Ok(Reply::Batch(reply)) => {
-                if self.in_flight.as_ref().is_none_or(|f| f.batch_id != reply.batch_id) {
-                    return; // a late answer to a batch already resent elsewhere
-                }
-                self.in_flight = None;
-                self.lost_at[self.current] = None;
-                self.batches_acked += 1;
-                self.note_epoch(reply.epoch, reply.seal);
-                for avg in &reply.averages {
-                    let newer = self
-                        .latest
-                        .get(&avg.segment)
-                        .is_none_or(|cur| (avg.window_end_ms, avg.revision) > (cur.window_end_ms, cur.revision));
-                    if newer {
-                        self.latest.insert(avg.segment, *avg);
-                    }
-                }
-                sandboxed(|| self.fleet.apply(&reply));
-                if self.fleet.pending() > 0 && Instant::now() >= self.next_batch_at {
-                    self.send_batch().await;
-                }
-            }
-            Ok(Reply::NotActive { state, epoch, seal }) => {
-                self.note_epoch(epoch, seal);
-                let next = (self.current + 1) % self.cfg.servers.len();
-                let next_lost_recently =
-                    self.lost_at[next].is_some_and(|at| at.elapsed() < self.cfg.timeout * 3);
-                if next_lost_recently && next != self.current {
-                    // The other server was just lost: this one is taking
-                    // over (it needs its peer to expire first). Ask it again
-                    // shortly instead of waiting on a dead server.
-                    tracing::debug!(server = %self.endpoint(), "server is {}: asking again", state.as_str());
-                    self.retry_at = Some(Instant::now() + NOT_ACTIVE_RETRY);
-                } else {
-                    tracing::info!(server = %self.endpoint(), "server is {}: failing over", state.as_str());
-                    // Both servers may be passive for a moment (a takeover
-                    // in progress): do not bounce between them at full speed.
-                    self.failover(NOT_ACTIVE_RETRY);
-                }
-            }
-            Ok(Reply::Refused { batch_id, reason }) => {
-                // The batch stays in flight and goes again at its deadline;
-                // its readings stay in the sensors until acked.
-                self.refused_batches += 1;
-                if self.refused_batches == 1 {
-                    tracing::warn!(server = %self.endpoint(), batch_id, "batch refused: {reason}; it will be sent again");
-                }
-            }
-            Ok(Reply::Status(_)) => {}
-            Err(e) => {
-                self.bad_replies += 1;
-                if self.bad_replies == 1 {
-                    tracing::warn!(server = %self.endpoint(), "dropped a reply that cannot be decoded: {e}");
-                }
+                false
             }
         }
     }
 
-    /// Keeps the highest epoch a server has shown, with its seal.
-    fn note_epoch(&mut self, epoch: u64, seal: fog_protocol::Seal) {
-        if epoch > self.epoch {
-            self.epoch = epoch;
-            self.seal = seal;
-            if let Err(e) = self.fleet.save_epoch(epoch, &seal) {
-                tracing::warn!("cannot save the server epoch in the state directory: {e}");
+    /// Swaps in the component loaded off the loop, or says why not.
+    fn swap(&mut self, loaded: Result<Result<SensorComponent, LoadError>, tokio::task::JoinError>) {
+        let from = self.fleet.component_origin().to_string();
+        match loaded {
+            Ok(Ok(component)) => {
+                let to = component.origin.clone();
+                let began = std::time::Instant::now();
+                match sandboxed(|| self.fleet.swap(component)) {
+                    Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
+                    Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
+                }
             }
+            Ok(Err(e)) => tracing::error!("hot swap refused, still running {from}: {e}"),
+            Err(e) => tracing::error!("hot swap refused, still running {from}: loading failed: {e}"),
         }
     }
 
@@ -537,7 +368,7 @@ impl Session<'_> {
             .collect()
     }
 
-    fn progress_line(&self) -> String {
+    fn progress_line(&self, core: &HostCore) -> String {
         // One pass over the fleet serves the totals and the segments.
         let sensors = self.fleet.summaries();
         let t = Totals::of(&sensors);
@@ -551,7 +382,7 @@ impl Session<'_> {
             t.acked,
             t.generated - t.acked.min(t.generated),
             t.resent,
-            self.failovers,
+            core.failovers(),
         );
         for seg in self.segments(&sensors) {
             let limits: Vec<String> = seg.limits.iter().map(|(l, n)| format!("{l} km/h x{n}")).collect();
@@ -578,7 +409,7 @@ impl Session<'_> {
         }
     }
 
-    fn summary(&self, drained: bool) -> Summary {
+    fn summary(&self, core: &HostCore, drained: bool) -> Summary {
         let sensors = self.fleet.summaries();
         let t = Totals::of(&sensors);
         Summary {
@@ -591,17 +422,17 @@ impl Session<'_> {
             averages_received: t.averages,
             averages_missed: t.missed,
             averages_superseded: t.superseded,
-            failovers: self.failovers,
+            failovers: core.failovers(),
             failed_sensors: self.fleet.failures,
             restarts: self.fleet.restarts,
             quarantined: self.fleet.quarantined(),
             swaps: self.fleet.swaps,
             component: self.fleet.component_origin().to_string(),
-            batches_acked: self.batches_acked,
-            bad_replies: self.bad_replies,
+            batches_acked: core.batches_acked(),
+            bad_replies: core.bad_replies(),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             drained,
-            server: self.endpoint().to_string(),
+            server: core.server().to_string(),
             segments: self.segments(&sensors),
             per_sensor: sensors,
         }

@@ -1,0 +1,456 @@
+//! The host's side of the conversation with a Binary Star pair, without
+//! I/O: which server to talk to, when a batch goes, when the batch in flight
+//! is sent again and where, how the highest sealed epoch is kept, and when
+//! the run ends. The driver ([`crate::session`]) feeds it what happened, each
+//! with the time it happened at (`handle_*`), carries out the [`Action`]s it
+//! asks for ([`HostCore::poll_action`]) against the link and the fleet, and
+//! wakes it at [`HostCore::poll_timeout`]. It reads no clock, no socket and
+//! no sensor, so its tests run on simulated time.
+//!
+//! Time is a [`std::time::Instant`] handed in by the driver, not a count of
+//! milliseconds: the pacing works in fractions of the interval (a slice of a
+//! 100 ms interval over 10 slices is 10 ms, a batch gap 25 ms) that
+//! milliseconds would round, the fleet's own clock ([`Fleet::restart_due`])
+//! takes an `Instant`, and tokio's converts to it without loss. Tests start
+//! from any `Instant` and add durations to it.
+//!
+//! Delivery is judged only by replies. A batch that got no reply within the
+//! timeout is sent again, unchanged, to the other server; the server's
+//! exactly-once counting makes that safe. The sensors' own resend buffers
+//! cover everything else, so a lost batch never loses a reading.
+//!
+//! [`Fleet::restart_due`]: crate::fleet::Fleet::restart_due
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use fog_protocol::{BatchReply, Reply, Request, Seal, SensorBatch};
+
+/// How soon a server that answered "not active" is asked again.
+pub const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
+/// How long the host waits before connecting again after a server refused
+/// its handshake (a key problem an operator has to fix).
+pub const REFUSED_RETRY: Duration = Duration::from_secs(1);
+/// Ticks of one interval are spread over this many slices (fewer with
+/// fewer sensors), so a large fleet does not produce every reading at the
+/// same instant.
+pub const TICK_SLICES: usize = 10;
+/// Batches per interval at most: readings of several slices travel together.
+pub const BATCHES_PER_INTERVAL: u32 = 4;
+
+/// What the core needs to know at start.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The servers' endpoints, in the order they are tried (for log lines).
+    pub servers: Vec<String>,
+    /// How many sensors the fleet runs (decides the tick slices).
+    pub sensors: usize,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Stop generating after this long; `None` runs until shut down.
+    pub duration: Option<Duration>,
+    pub drain_timeout: Duration,
+    /// How often to print a progress line; `None` prints none.
+    pub progress: Option<Duration>,
+    /// The highest server epoch seen before a restart, and its seal.
+    pub epoch: Option<(u64, Seal)>,
+}
+
+/// Something the core wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Drop the current link (and any attempt under way) and connect to
+    /// `servers[server]` after `after`; report with
+    /// [`HostCore::handle_connected`], [`HostCore::handle_link_failed`] or
+    /// [`HostCore::handle_refused`]. The next batch carries every sensor:
+    /// a new server checks every cursor.
+    Connect { server: usize, after: Duration },
+    /// Send this frame on the current link.
+    Send { frame: Vec<u8> },
+    /// Tick the sensors of slice `slice` of `slices` (producing readings
+    /// unless draining), restart the sensors due, and, with `refresh`, read
+    /// every sensor's status; report with [`HostCore::handle_ticked`].
+    Tick { slice: usize, slices: usize, produce: bool, refresh: bool },
+    /// Commit the sensors' state and take a batch; report it with
+    /// [`HostCore::handle_batch`], or report nothing when the commit fails
+    /// (a reading may only leave once a restart would resume after it).
+    TakeBatch,
+    /// Hand the reply to the sensors; report with [`HostCore::handle_applied`].
+    ApplyReply(BatchReply),
+    /// Keep this epoch and seal across a restart of the host.
+    SaveEpoch { epoch: u64, seal: Seal },
+    /// Print a progress line.
+    Progress,
+    /// The run is over: every reading acked (`drained`), or not.
+    Finish { drained: bool },
+}
+
+struct InFlight {
+    batch_id: u64,
+    frame: Vec<u8>,
+    /// When the current server is given up; set when the frame is sent.
+    deadline: Option<Instant>,
+}
+
+/// The host's protocol state.
+pub struct HostCore {
+    cfg: CoreConfig,
+    out: VecDeque<Action>,
+    current: usize,
+    connected: bool,
+    in_flight: Option<InFlight>,
+    next_batch_id: u64,
+    /// Send the batch in flight again to the current server at this time.
+    retry_at: Option<Instant>,
+    /// When each server was last given up for silence or a closed
+    /// connection; cleared by its next reply.
+    lost_at: Vec<Option<Instant>>,
+    /// Servers (by index) that refused the handshake; each is logged once.
+    refused_by: HashSet<usize>,
+    /// The highest server epoch seen in a reply, with its seal; sent with
+    /// every batch so a server that was replaced while it was paused or cut
+    /// off steps down.
+    epoch: u64,
+    seal: Seal,
+    /// Least time between two batches, and when the next may go.
+    batch_gap: Duration,
+    next_batch_at: Instant,
+    slices: usize,
+    slice: usize,
+    slice_every: Duration,
+    next_tick: Instant,
+    /// The tick reported next began an interval (its first slice).
+    ticking_first_slice: bool,
+    generate_until: Option<Instant>,
+    drain_deadline: Option<Instant>,
+    next_progress: Option<Instant>,
+    finished: bool,
+    failovers: u64,
+    batches_acked: u64,
+    bad_replies: u64,
+    refused_batches: u64,
+}
+
+impl HostCore {
+    /// A core that starts at `now` by connecting to the first server.
+    pub fn new(cfg: CoreConfig, now: Instant) -> Self {
+        assert!(!cfg.servers.is_empty(), "a host needs at least one server");
+        let slices = cfg.sensors.clamp(1, TICK_SLICES);
+        let mut core = HostCore {
+            out: VecDeque::new(),
+            current: 0,
+            connected: false,
+            in_flight: None,
+            next_batch_id: 1,
+            retry_at: None,
+            lost_at: vec![None; cfg.servers.len()],
+            refused_by: HashSet::new(),
+            epoch: cfg.epoch.map_or(0, |e| e.0),
+            seal: cfg.epoch.map_or([0; 16], |e| e.1),
+            batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
+            next_batch_at: now,
+            slices,
+            slice: 0,
+            slice_every: cfg.interval / slices as u32,
+            next_tick: now,
+            ticking_first_slice: false,
+            generate_until: cfg.duration.map(|d| now + d),
+            drain_deadline: None,
+            next_progress: cfg.progress.map(|p| now + p),
+            finished: false,
+            failovers: 0,
+            batches_acked: 0,
+            bad_replies: 0,
+            refused_batches: 0,
+            cfg,
+        };
+        core.out.push_back(Action::Connect { server: 0, after: Duration::ZERO });
+        core
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When [`HostCore::handle_timeout`] is due next; `None` once finished.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        [self.reply_deadline(), self.retry_at, Some(self.next_tick)].into_iter().flatten().min()
+    }
+
+    /// The server talked to (or being connected to).
+    pub fn server(&self) -> &str {
+        &self.cfg.servers[self.current]
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    pub fn batches_acked(&self) -> u64 {
+        self.batches_acked
+    }
+
+    pub fn bad_replies(&self) -> u64 {
+        self.bad_replies
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn reply_deadline(&self) -> Option<Instant> {
+        self.in_flight.as_ref().filter(|_| self.connected).and_then(|f| f.deadline)
+    }
+
+    /// Silence past the reply deadline, a retry due, a tick due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        if self.reply_deadline().is_some_and(|d| now >= d) {
+            tracing::warn!(server = %self.server(), "no reply within {:?}: failing over", self.cfg.timeout);
+            self.give_up(now);
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.send_in_flight(now);
+        }
+        if now >= self.next_tick {
+            self.tick(now);
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.next_tick += self.slice_every;
+        if self.next_tick < now {
+            self.next_tick = now + self.slice_every;
+        }
+        let first_slice = self.slice == 0;
+        let slice = self.slice;
+        self.slice = (self.slice + 1) % self.slices;
+        if first_slice && self.drain_deadline.is_none() && self.generate_until.is_some_and(|t| now >= t) {
+            tracing::info!(
+                "generation stopped after {:?}; draining unacked readings (up to {:?})",
+                self.cfg.duration.unwrap_or_default(),
+                self.cfg.drain_timeout
+            );
+            self.drain_deadline = Some(now + self.cfg.drain_timeout);
+        }
+        // While draining the statuses are read anyway; the progress line
+        // uses the same reading.
+        let progress_due = self.next_progress.is_some_and(|at| now >= at);
+        let refresh = first_slice && (self.drain_deadline.is_some() || progress_due);
+        self.ticking_first_slice = first_slice;
+        let produce = self.drain_deadline.is_none();
+        self.out.push_back(Action::Tick { slice, slices: self.slices, produce, refresh });
+    }
+
+    /// The tick asked for is done: `pending` readings wait in the sensors,
+    /// and, when the tick refreshed the statuses, `all_acked` says whether
+    /// every reading is acked.
+    pub fn handle_ticked(&mut self, now: Instant, pending: usize, all_acked: Option<bool>) {
+        if self.finished {
+            return;
+        }
+        let first_slice = std::mem::take(&mut self.ticking_first_slice);
+        // Every interval a batch goes out even without readings, so every
+        // sensor keeps receiving averages.
+        if self.connected && self.in_flight.is_none() && now >= self.next_batch_at && (first_slice || pending > 0) {
+            self.take_batch(now);
+        }
+        if !first_slice {
+            return;
+        }
+        if let Some(deadline) = self.drain_deadline {
+            if all_acked == Some(true) {
+                return self.finish(true);
+            }
+            if now >= deadline {
+                tracing::warn!("drain timeout: some readings were never acked");
+                return self.finish(false);
+            }
+        }
+        if let (Some(at), Some(every)) = (self.next_progress, self.cfg.progress) {
+            if now >= at {
+                self.next_progress = Some(at + every);
+                self.out.push_back(Action::Progress);
+            }
+        }
+    }
+
+    /// An interrupt: stops generating and drains; while draining already,
+    /// ends the run at once.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        if self.drain_deadline.is_none() {
+            tracing::info!("interrupted: no new readings; draining unacked ones (up to {:?})", self.cfg.drain_timeout);
+            self.drain_deadline = Some(now + self.cfg.drain_timeout);
+        } else {
+            self.finish(false);
+        }
+    }
+
+    fn finish(&mut self, drained: bool) {
+        self.finished = true;
+        self.out.push_back(Action::Finish { drained });
+    }
+
+    /// The connection asked for is up; `pending` readings wait in the sensors.
+    pub fn handle_connected(&mut self, now: Instant, pending: usize) {
+        tracing::info!(server = %self.server(), "connected");
+        self.connected = true;
+        if self.in_flight.is_some() {
+            self.send_in_flight(now);
+        } else if pending > 0 {
+            self.take_batch(now);
+        }
+    }
+
+    /// The connection closed (the server process died or closed it).
+    pub fn handle_closed(&mut self, now: Instant) {
+        if self.connected {
+            tracing::warn!(server = %self.server(), "connection closed: failing over");
+            self.give_up(now);
+        }
+    }
+
+    /// Connecting or sending failed (the driver logged why).
+    pub fn handle_link_failed(&mut self, now: Instant) {
+        self.give_up(now);
+    }
+
+    /// The server refused the handshake: asking again at once would be
+    /// refused again.
+    pub fn handle_refused(&mut self, now: Instant, why: &str) {
+        if self.refused_by.insert(self.current) {
+            tracing::warn!(server = %self.server(), "the server refused the connection: {why} (check --key and --server-keys); asking every {:?}", REFUSED_RETRY);
+        }
+        self.lost_at[self.current] = Some(now);
+        self.failover(REFUSED_RETRY);
+    }
+
+    /// The current server is gone (silent, closed, unreachable): remember
+    /// when, and fail over.
+    fn give_up(&mut self, now: Instant) {
+        self.lost_at[self.current] = Some(now);
+        self.failover(Duration::ZERO);
+    }
+
+    /// Drops the current server and connects to the next one. The batch in
+    /// flight, if any, is sent there once connected.
+    fn failover(&mut self, pause: Duration) {
+        self.connected = false;
+        self.retry_at = None;
+        self.current = (self.current + 1) % self.cfg.servers.len();
+        self.failovers += 1;
+        tracing::info!(server = %self.server(), "failing over");
+        self.out.push_back(Action::Connect { server: self.current, after: pause });
+    }
+
+    fn take_batch(&mut self, now: Instant) {
+        self.next_batch_at = now + self.batch_gap;
+        self.out.push_back(Action::TakeBatch);
+    }
+
+    /// The batch asked for: it goes out with the highest epoch seen.
+    pub fn handle_batch(&mut self, now: Instant, sensors: Vec<SensorBatch>) {
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let request = Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
+        match fog_protocol::encode(&request) {
+            Ok(frame) => {
+                self.in_flight = Some(InFlight { batch_id, frame, deadline: None });
+                self.send_in_flight(now);
+            }
+            // The readings are still in the sensors' resend buffers.
+            Err(e) => tracing::error!("cannot encode batch {batch_id}: {e}"),
+        }
+    }
+
+    fn send_in_flight(&mut self, now: Instant) {
+        let Some(flight) = self.in_flight.as_mut().filter(|_| self.connected) else { return };
+        flight.deadline = Some(now + self.cfg.timeout);
+        self.out.push_back(Action::Send { frame: flight.frame.clone() });
+    }
+
+    /// A frame from the current server.
+    pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
+        match fog_protocol::decode::<Reply>(frame) {
+            Ok(reply) => self.handle_reply(now, reply),
+            Err(e) => {
+                self.bad_replies += 1;
+                if self.bad_replies == 1 {
+                    tracing::warn!(server = %self.server(), "dropped a reply that cannot be decoded: {e}");
+                }
+            }
+        }
+    }
+
+    /// A decoded reply from the current server.
+    pub fn handle_reply(&mut self, now: Instant, reply: Reply) {
+        match reply {
+            Reply::Batch(reply) => {
+                if self.in_flight.as_ref().is_none_or(|f| f.batch_id != reply.batch_id) {
+                    return; // a late answer to a batch already resent elsewhere
+                }
+                self.in_flight = None;
+                self.lost_at[self.current] = None;
+                self.batches_acked += 1;
+                self.note_epoch(reply.epoch, reply.seal);
+                self.out.push_back(Action::ApplyReply(reply));
+            }
+            Reply::NotActive { state, epoch, seal } => {
+                self.note_epoch(epoch, seal);
+                let next = (self.current + 1) % self.cfg.servers.len();
+                let next_lost_recently =
+                    self.lost_at[next].is_some_and(|at| now.saturating_duration_since(at) < self.cfg.timeout * 3);
+                if next_lost_recently && next != self.current {
+                    // The other server was just lost: this one is taking
+                    // over (it needs its peer to expire first). Ask it again
+                    // shortly instead of waiting on a dead server.
+                    tracing::debug!(server = %self.server(), "server is {}: asking again", state.as_str());
+                    self.retry_at = Some(now + NOT_ACTIVE_RETRY);
+                } else {
+                    tracing::info!(server = %self.server(), "server is {}: failing over", state.as_str());
+                    // Both servers may be passive for a moment (a takeover
+                    // in progress): do not bounce between them at full speed.
+                    self.failover(NOT_ACTIVE_RETRY);
+                }
+            }
+            Reply::Refused { batch_id, reason } => {
+                // The batch stays in flight and goes again at its deadline;
+                // its readings stay in the sensors until acked.
+                self.refused_batches += 1;
+                if self.refused_batches == 1 {
+                    tracing::warn!(server = %self.server(), batch_id, "batch refused: {reason}; it will be sent again");
+                }
+            }
+            Reply::Status(_) => {}
+        }
+    }
+
+    /// The reply was applied; `pending` readings wait in the sensors (more
+    /// than one batch held, or produced since).
+    pub fn handle_applied(&mut self, now: Instant, pending: usize) {
+        if self.connected && self.in_flight.is_none() && pending > 0 && now >= self.next_batch_at {
+            self.take_batch(now);
+        }
+    }
+
+    /// Keeps the highest epoch a server has shown, with its seal.
+    fn note_epoch(&mut self, epoch: u64, seal: Seal) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.seal = seal;
+            self.out.push_back(Action::SaveEpoch { epoch, seal });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,373 @@
+//! The host core on simulated time, without tokio, a socket or sensors: a
+//! [`Sim`] plays the driver and a fleet that holds a count of pending
+//! readings, and records what the core asked of the link.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use fog_protocol::{NodeState, Refusal};
+
+use super::*;
+
+const INTERVAL: Duration = Duration::from_millis(100);
+const TIMEOUT: Duration = Duration::from_millis(200);
+
+fn config(sensors: usize) -> CoreConfig {
+    CoreConfig {
+        servers: vec!["tcp://primary".into(), "tcp://backup".into()],
+        sensors,
+        interval: INTERVAL,
+        timeout: TIMEOUT,
+        duration: None,
+        drain_timeout: Duration::from_secs(2),
+        progress: None,
+        epoch: None,
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A batch as the core encoded it.
+fn request(frame: &[u8]) -> (u64, u64, Seal) {
+    match fog_protocol::decode_request(frame).expect("the core sends valid frames") {
+        Request::Batch { batch_id, epoch, seal, .. } => (batch_id, epoch, seal),
+        other => panic!("not a batch: {other:?}"),
+    }
+}
+
+fn ack(batch_id: u64, epoch: u64, seal: Seal) -> Reply {
+    Reply::Batch(BatchReply { batch_id, epoch, seal, ..BatchReply::default() })
+}
+
+/// The driver and the fleet, simulated: ticks, batches and applied replies
+/// are reported back at once; everything else the core asks is recorded.
+struct Sim {
+    core: HostCore,
+    t0: Instant,
+    now: Instant,
+    /// Readings waiting in the sensors; each tick adds `produce_per_tick`.
+    pending: usize,
+    produce_per_tick: usize,
+    /// What `refresh_status` answers.
+    all_acked: bool,
+    /// Every connected server answers every batch at once.
+    auto_ack: bool,
+    log: Vec<(Instant, Action)>,
+}
+
+impl Sim {
+    fn new(cfg: CoreConfig) -> Sim {
+        let t0 = Instant::now();
+        let mut sim = Sim {
+            core: HostCore::new(cfg, t0),
+            t0,
+            now: t0,
+            pending: 0,
+            produce_per_tick: 0,
+            all_acked: false,
+            auto_ack: false,
+            log: Vec::new(),
+        };
+        sim.step();
+        sim
+    }
+
+    /// Carries out the core's actions as a driver would.
+    fn step(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match &action {
+                Action::Tick { produce, refresh, .. } => {
+                    if *produce {
+                        self.pending += self.produce_per_tick;
+                    }
+                    let all_acked = refresh.then_some(self.all_acked);
+                    self.core.handle_ticked(self.now, self.pending, all_acked);
+                }
+                Action::TakeBatch => {
+                    self.pending = 0;
+                    self.core.handle_batch(self.now, Vec::new());
+                }
+                Action::ApplyReply(_) => self.core.handle_applied(self.now, self.pending),
+                Action::Send { frame } if self.auto_ack => {
+                    let (batch_id, epoch, seal) = request(frame);
+                    self.core.handle_reply(self.now, ack(batch_id, epoch, seal));
+                }
+                _ => {}
+            }
+            self.log.push((self.now, action));
+        }
+    }
+
+    /// Moves simulated time to `t0 + at`, waking the core whenever it asked.
+    fn run_until(&mut self, at: Duration) {
+        let target = self.t0 + at;
+        while let Some(wake) = self.core.poll_timeout().filter(|&w| w <= target) {
+            self.now = self.now.max(wake);
+            self.core.handle_timeout(self.now);
+            self.step();
+        }
+        self.now = target;
+    }
+
+    fn connected(&mut self) {
+        self.core.handle_connected(self.now, self.pending);
+        self.step();
+    }
+
+    fn reply(&mut self, reply: Reply) {
+        self.core.handle_reply(self.now, reply);
+        self.step();
+    }
+
+    /// What was asked since the last call, ticks and their follow-ups left out.
+    fn asked(&mut self) -> Vec<Action> {
+        let log = std::mem::take(&mut self.log);
+        log.into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| !matches!(a, Action::Tick { .. } | Action::TakeBatch | Action::ApplyReply(_)))
+            .collect()
+    }
+
+    fn sent(&mut self) -> Vec<Vec<u8>> {
+        self.asked()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send { frame } => Some(frame),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Connected to the primary with one batch (id 1) in flight, sent at t0.
+fn batch_in_flight() -> (Sim, Vec<u8>) {
+    let mut sim = Sim::new(config(1));
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 0, after: Duration::ZERO }]);
+    sim.pending = 5;
+    sim.connected();
+    let sent = sim.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(request(&sent[0]).0, 1);
+    (sim, sent[0].clone())
+}
+
+#[test]
+fn silence_sends_the_batch_again_to_the_other_server_after_the_timeout() {
+    let (mut sim, frame) = batch_in_flight();
+    sim.run_until(TIMEOUT - ms(1));
+    assert_eq!(sim.asked(), vec![], "nothing before the timeout");
+    sim.run_until(TIMEOUT);
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
+    assert_eq!(sim.core.server(), "tcp://backup");
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame], "the same batch, unchanged");
+    assert_eq!(sim.core.failovers(), 1);
+}
+
+#[test]
+fn not_active_moves_to_the_other_server_after_a_pause() {
+    let (mut sim, frame) = batch_in_flight();
+    sim.reply(Reply::NotActive { state: NodeState::Passive, epoch: 0, seal: [0; 16] });
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: NOT_ACTIVE_RETRY }]);
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame]);
+}
+
+#[test]
+fn not_active_right_after_losing_the_other_server_asks_again_there() {
+    let (mut sim, frame) = batch_in_flight();
+    sim.run_until(TIMEOUT);
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame.clone()]);
+    // The backup has not yet noticed that the primary is gone.
+    sim.reply(Reply::NotActive { state: NodeState::Backup, epoch: 0, seal: [0; 16] });
+    assert_eq!(sim.asked(), vec![], "no failover back to the server just lost");
+    sim.run_until(TIMEOUT + NOT_ACTIVE_RETRY - ms(1));
+    assert_eq!(sim.asked(), vec![]);
+    sim.run_until(TIMEOUT + NOT_ACTIVE_RETRY);
+    assert_eq!(sim.asked(), vec![Action::Send { frame }], "asked again after the retry pause");
+    assert_eq!(sim.core.server(), "tcp://backup");
+}
+
+#[test]
+fn a_closed_connection_fails_over_at_once() {
+    let (mut sim, frame) = batch_in_flight();
+    sim.run_until(ms(10));
+    sim.asked();
+    sim.core.handle_closed(sim.now);
+    sim.step();
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
+    // A close reported while connecting (the old link) changes nothing.
+    sim.core.handle_closed(sim.now);
+    sim.step();
+    assert_eq!(sim.asked(), vec![]);
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame]);
+}
+
+/// Collects what the core logs while `f` runs.
+fn logged(f: impl FnOnce()) -> String {
+    #[derive(Clone)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture(Arc::new(Mutex::new(Vec::new())));
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = capture.0.lock().expect("not poisoned").clone();
+    String::from_utf8(bytes).expect("log lines are text")
+}
+
+#[test]
+fn a_refused_handshake_waits_before_asking_again_and_is_logged_once_per_server() {
+    let mut sim = Sim::new(config(1));
+    sim.asked();
+    let log = logged(|| {
+        for _ in 0..3 {
+            sim.core.handle_refused(sim.now, "the key is not authorized");
+            sim.step();
+        }
+    });
+    assert_eq!(
+        sim.asked(),
+        vec![
+            Action::Connect { server: 1, after: REFUSED_RETRY },
+            Action::Connect { server: 0, after: REFUSED_RETRY },
+            Action::Connect { server: 1, after: REFUSED_RETRY },
+        ]
+    );
+    assert_eq!(log.matches("refused the connection").count(), 2, "once per server:\n{log}");
+    assert!(log.contains("tcp://primary") && log.contains("tcp://backup"), "{log}");
+}
+
+#[test]
+fn a_late_reply_to_an_old_batch_is_ignored() {
+    let (mut sim, _) = batch_in_flight();
+    sim.reply(ack(1, 0, [0; 16]));
+    assert_eq!(sim.core.batches_acked(), 1);
+    // Batch 2 goes at the next interval.
+    sim.pending = 1;
+    sim.run_until(INTERVAL);
+    let sent = sim.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(request(&sent[0]).0, 2);
+    // Batch 1 again (an answer to a copy sent to the other server).
+    sim.core.handle_reply(sim.now, ack(1, 0, [0; 16]));
+    assert_eq!(sim.core.poll_action(), None, "nothing applied");
+    assert_eq!(sim.core.batches_acked(), 1);
+    // Batch 2 is still in flight: its own reply counts.
+    sim.reply(ack(2, 0, [0; 16]));
+    assert_eq!(sim.core.batches_acked(), 2);
+}
+
+#[test]
+fn the_highest_sealed_epoch_is_kept_and_sent_with_every_batch() {
+    let mut sim = Sim::new(CoreConfig { epoch: Some((3, [3; 16])), ..config(1) });
+    sim.pending = 1;
+    sim.connected();
+    assert_eq!(request(&sim.sent()[0]), (1, 3, [3; 16]), "the epoch saved before a restart");
+    sim.reply(ack(1, 5, [5; 16]));
+    assert_eq!(sim.asked(), vec![Action::SaveEpoch { epoch: 5, seal: [5; 16] }]);
+    sim.pending = 1;
+    sim.run_until(INTERVAL);
+    let sent = sim.sent();
+    assert_eq!(request(&sent[0]), (2, 5, [5; 16]));
+    // A lower epoch, from a stale server: neither saved nor sent.
+    sim.reply(Reply::NotActive { state: NodeState::Passive, epoch: 4, seal: [4; 16] });
+    assert!(!sim.asked().iter().any(|a| matches!(a, Action::SaveEpoch { .. })));
+    sim.connected();
+    assert_eq!(request(&sim.sent()[0]), (2, 5, [5; 16]));
+}
+
+#[test]
+fn pacing_sends_at_most_four_batches_per_interval() {
+    let mut sim = Sim::new(config(1000));
+    sim.produce_per_tick = 100;
+    sim.auto_ack = true;
+    sim.connected();
+    sim.run_until(INTERVAL * 10 - ms(1));
+    let sends: Vec<Instant> =
+        sim.log.iter().filter(|(_, a)| matches!(a, Action::Send { .. })).map(|&(at, _)| at).collect();
+    for k in 0..10u32 {
+        let (from, to) = (sim.t0 + INTERVAL * k, sim.t0 + INTERVAL * (k + 1));
+        let n = sends.iter().filter(|&&at| at >= from && at < to).count();
+        assert!(n <= BATCHES_PER_INTERVAL as usize, "{n} batches in interval {k}");
+    }
+    assert!(sends.len() >= 30, "only {} batches in 10 intervals", sends.len());
+    // And every batch goes to the server it is connected to, one at a time.
+    assert_eq!(sim.core.batches_acked(), sends.len() as u64);
+}
+
+#[test]
+fn an_idle_fleet_still_sends_one_batch_per_interval() {
+    let mut sim = Sim::new(config(1000));
+    sim.auto_ack = true;
+    sim.connected();
+    sim.run_until(INTERVAL * 5 - ms(1));
+    assert_eq!(sim.sent().len(), 5, "one at each interval's first slice");
+}
+
+#[test]
+fn draining_ends_once_every_reading_is_acked() {
+    let mut sim = Sim::new(CoreConfig { duration: Some(INTERVAL * 3), ..config(10) });
+    sim.produce_per_tick = 1;
+    sim.auto_ack = true;
+    sim.connected();
+    sim.run_until(INTERVAL * 3 - ms(1));
+    assert!(!sim.core.is_finished());
+    sim.all_acked = true;
+    sim.run_until(INTERVAL * 3);
+    assert!(sim.asked().contains(&Action::Finish { drained: true }));
+    assert_eq!(sim.core.poll_timeout(), None);
+}
+
+#[test]
+fn draining_stops_producing_and_ends_at_the_drain_deadline() {
+    let drain = Duration::from_secs(2);
+    let mut sim = Sim::new(CoreConfig { duration: Some(INTERVAL), drain_timeout: drain, ..config(10) });
+    sim.produce_per_tick = 1;
+    sim.auto_ack = true;
+    sim.connected();
+    sim.run_until(INTERVAL + drain - ms(1));
+    let log = std::mem::take(&mut sim.log);
+    assert!(!log.iter().any(|(_, a)| matches!(a, Action::Finish { .. })), "not before the deadline");
+    let producing_after = log.iter().any(|(at, a)| *at >= sim.t0 + INTERVAL && matches!(a, Action::Tick { produce: true, .. }));
+    assert!(!producing_after, "no readings produced while draining");
+    sim.run_until(INTERVAL + drain);
+    assert!(sim.asked().contains(&Action::Finish { drained: false }));
+}
+
+#[test]
+fn an_interrupt_while_draining_ends_the_run_at_once() {
+    let mut sim = Sim::new(config(10));
+    sim.run_until(ms(150));
+    sim.core.handle_shutdown(sim.now);
+    sim.step();
+    assert!(!sim.core.is_finished(), "the first drains");
+    sim.run_until(ms(180));
+    sim.core.handle_shutdown(sim.now);
+    sim.step();
+    assert_eq!(sim.asked().last(), Some(&Action::Finish { drained: false }));
+}
+
+#[test]
+fn a_refused_batch_stays_in_flight_until_its_deadline() {
+    let (mut sim, frame) = batch_in_flight();
+    sim.reply(Reply::Refused { batch_id: 1, reason: Refusal::Busy });
+    assert_eq!(sim.asked(), vec![]);
+    sim.run_until(TIMEOUT);
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame]);
+}
