@@ -12,9 +12,10 @@
 //! CurveZMQ keys and authorized-keys files of a keyed pair; [`rogue`]
 //! builds hostile clients and the batches they send.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,9 +51,55 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port on 127.0.0.1 that no other user of this harness will be handed
+/// while this process runs, and that nothing else held a moment ago.
+///
+/// The servers bind their ports themselves, so the harness cannot hold a
+/// port for them; asking the kernel for port 0 and letting it go (what
+/// this did before) races with every process on the machine, and worst
+/// with the kernel itself, which hands out the same ephemeral range as the
+/// local ports of outgoing connections (each `fog-server status` and each
+/// host makes some). So ports come from below the ephemeral range, each
+/// handed out once per process, and each claimed across processes: a UDP
+/// socket bound to the same number is held until the process exits. TCP
+/// and UDP ports are separate, so the claim does not stop the server
+/// binding its TCP port, but every other test process (of this or another
+/// checkout) sees the claim and moves on. A TCP bind test skips ports that
+/// something else holds. What remains is a program outside this harness
+/// binding a fixed port in this range between the test and the server.
+///
+/// Retrying a server start on another port when it fails to bind is not
+/// done: a pair's ports are known to its peer and to the host, and a node
+/// restarted in a test must come back on the same ones.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static CLAIMS: Mutex<Vec<UdpSocket>> = Mutex::new(Vec::new());
+    let pool = claimable_ports();
+    let span = u32::from(pool.end - pool.start);
+    // Processes start at different places, so that they rarely meet.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = pool.start + ((start + n) % span) as u16;
+        let Ok(claim) = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) else { continue };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            CLAIMS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(claim);
+            return port;
+        }
+    }
+    panic!("no free port left in {pool:?}");
+}
+
+/// Ports [`free_port`] hands out: from 10 000 up to where the kernel's
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`) begins.
+fn claimable_ports() -> std::ops::Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // A machine whose ephemeral range starts very low still gets a pool;
+    // there the claims and the bind test are all that keep ports apart.
+    10_000..ephemeral_start.max(12_000)
 }
 
 /// A fresh scratch directory for one test.
