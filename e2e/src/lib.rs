@@ -12,9 +12,10 @@
 //! CurveZMQ keys and authorized-keys files of a keyed pair; [`rogue`]
 //! builds hostile clients and the batches they send.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,9 +51,55 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port on 127.0.0.1 that no other user of this harness will be handed
+/// while this process runs, and that nothing else held a moment ago.
+///
+/// The servers bind their ports themselves, so the harness cannot hold a
+/// port for them; asking the kernel for port 0 and letting it go (what
+/// this did before) races with every process on the machine, and worst
+/// with the kernel itself, which hands out the same ephemeral range as the
+/// local ports of outgoing connections (each `fog-server status` and each
+/// host makes some). So ports come from below the ephemeral range, each
+/// handed out once per process, and each claimed across processes: a UDP
+/// socket bound to the same number is held until the process exits. TCP
+/// and UDP ports are separate, so the claim does not stop the server
+/// binding its TCP port, but every other test process (of this or another
+/// checkout) sees the claim and moves on. A TCP bind test skips ports that
+/// something else holds. What remains is a program outside this harness
+/// binding a fixed port in this range between the test and the server.
+///
+/// Retrying a server start on another port when it fails to bind is not
+/// done: a pair's ports are known to its peer and to the host, and a node
+/// restarted in a test must come back on the same ones.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static CLAIMS: Mutex<Vec<UdpSocket>> = Mutex::new(Vec::new());
+    let pool = claimable_ports();
+    let span = u32::from(pool.end - pool.start);
+    // Processes start at different places, so that they rarely meet.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = pool.start + ((start + n) % span) as u16;
+        let Ok(claim) = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) else { continue };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            CLAIMS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(claim);
+            return port;
+        }
+    }
+    panic!("no free port left in {pool:?}");
+}
+
+/// Ports [`free_port`] hands out: from 10 000 up to where the kernel's
+/// ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`) begins.
+fn claimable_ports() -> std::ops::Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // A machine whose ephemeral range starts very low still gets a pool;
+    // there the claims and the bind test are all that keep ports apart.
+    10_000..ephemeral_start.max(12_000)
 }
 
 /// A fresh scratch directory for one test.
@@ -277,6 +324,136 @@ pub fn server_counts(status: &Value) -> std::collections::BTreeMap<(u64, u64), (
         .collect()
 }
 
+/// Polls `probe` every 100 ms until it returns `Some`, for at most
+/// `timeout`; the error names `what` was awaited. Tests wait with this
+/// instead of sleeping a fixed time and hoping the state has arrived: a
+/// slow machine then costs time, not a false failure, and a state that
+/// never comes fails with its name.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The status of the server at `endpoint` once it satisfies `pred`, at
+/// most `timeout`; the error names `what` and gives the last status seen.
+pub fn status_when(endpoint: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    status_when_as(endpoint, None, what, timeout, pred)
+}
+
+/// [`status_when`] for a server run with keys: `status` asks with `auth`.
+pub fn status_when_as(
+    endpoint: &str,
+    auth: Option<&StatusAuth>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let mut last = Value::Null;
+    wait_for(what, timeout, || match server_status_as(endpoint, auth) {
+        Ok(s) if pred(&s) => Some(s),
+        Ok(s) => {
+            last = s;
+            None
+        }
+        Err(e) => {
+            last = Value::String(format!("{e:#}"));
+            None
+        }
+    })
+    .with_context(|| format!("{endpoint} was not {what}; last status {last}"))
+}
+
+/// A node that serves.
+pub fn is_active(status: &Value) -> bool {
+    status["state"] == "active"
+}
+
+/// A passive that has the active's whole log.
+pub fn is_caught_up(status: &Value) -> bool {
+    status["state"] == "passive" && status["replication"] == "passive, caught up" && status["lag"] == 0
+}
+
+/// How what a server counted (its `status`) differs from what hosts
+/// generated (their JSON summaries): every sensor incarnation the hosts ran
+/// must have exactly the count and speed sum they generated, every reading
+/// must have been acked, and the server must count nothing else. Empty
+/// when they agree. A reading counted twice, lost, or counted for a sensor
+/// no host ran shows here; a lower bound (`count >= generated`) would let
+/// a double count through.
+pub fn count_mismatches(status: &Value, summaries: &[&Value]) -> Vec<String> {
+    let counts = server_counts(status);
+    let mut wrong = Vec::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for summary in summaries {
+        for s in summary["per_sensor"].as_array().into_iter().flatten() {
+            let number = |field: &str| s[field].as_u64().unwrap_or(0);
+            let key = (number("sensor_id"), number("incarnation"));
+            if number("generated") != number("acked") {
+                wrong.push(format!("sensor {key:?}: the host generated {} readings and got {} acked", number("generated"), number("acked")));
+            }
+            expected.insert(key, (number("generated"), number("sum_kmh")));
+        }
+    }
+    if expected.is_empty() {
+        wrong.push("the hosts' summaries list no sensor".to_string());
+    }
+    for (key, want) in &expected {
+        let got = counts.get(key).copied().unwrap_or_default();
+        if got != *want {
+            wrong.push(format!("sensor {key:?}: server (count, sum) {got:?}, host (generated, sum) {want:?}"));
+        }
+    }
+    for key in counts.keys().filter(|k| !expected.contains_key(k)) {
+        wrong.push(format!("sensor {key:?}: counted by the server, unknown to the hosts"));
+    }
+    let generated: u64 = expected.values().map(|(count, _)| count).sum();
+    if status["counted"].as_u64() != Some(generated) {
+        wrong.push(format!("counted in total: server {}, hosts generated {generated}", status["counted"]));
+    }
+    wrong
+}
+
+/// [`count_mismatches`] as a check that says what it found: `Ok` when the
+/// server at `label` counted exactly what the hosts generated.
+pub fn check_counts(label: &str, status: &Value, summaries: &[&Value]) -> anyhow::Result<()> {
+    let wrong = count_mismatches(status, summaries);
+    eprintln!(
+        "[{label}] {} server (state {}, epoch {}): counted {} readings of {} sensor incarnations; {} mismatches with the hosts' summaries",
+        status["role"].as_str().unwrap_or("?"),
+        status["state"].as_str().unwrap_or("?"),
+        status["epoch"],
+        status["counted"],
+        server_counts(status).len(),
+        wrong.len()
+    );
+    if !wrong.is_empty() {
+        bail!("{label}: server counts differ from the hosts' summaries:\n{}", wrong.join("\n"));
+    }
+    Ok(())
+}
+
+/// The active at `active` and, once it has caught up, the passive at
+/// `passive` each count exactly what the hosts generated (replication makes
+/// both exact), and they agree on the epoch.
+pub fn check_pair(label: &str, active: &str, passive: &str, summaries: &[&Value]) -> anyhow::Result<()> {
+    let a = status_when(active, "active", Duration::from_secs(10), is_active)?;
+    check_counts(&format!("{label}, active"), &a, summaries)?;
+    let p = status_when(passive, "a caught-up passive", Duration::from_secs(15), is_caught_up)?;
+    check_counts(&format!("{label}, passive"), &p, summaries)?;
+    if a["epoch"] != p["epoch"] {
+        bail!("{label}: the active is in epoch {} and its passive in epoch {}", a["epoch"], p["epoch"]);
+    }
+    Ok(())
+}
+
 impl Proc {
     /// Sends a signal by name (`HUP`, `TERM` ...), as `kill -s NAME` would.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
@@ -299,4 +476,11 @@ pub fn log_lines_with(log: &Path, needles: &[&str]) -> usize {
         .lines()
         .filter(|line| needles.iter().all(|n| line.contains(n)))
         .count()
+}
+
+/// Waits until a line of `log` contains every one of `needles`, at most
+/// `timeout`.
+pub fn wait_for_log_line(log: &Path, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    let what = format!("a line with {needles:?} in {}", log.display());
+    wait_for(&what, timeout, || (log_lines_with(log, needles) > 0).then_some(()))
 }

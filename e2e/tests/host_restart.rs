@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fog_e2e::{Pair, finish_host, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_e2e::{
+    Pair, finish_host, scratch_dir, server_counts, server_status, start_host, start_server, status_when, wait_for_log_line,
+};
 use serde_json::Value;
 
 fn u(v: &Value) -> u64 {
@@ -27,9 +29,14 @@ fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
     ];
 
     let mut first = start_host(&common, &dir).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    let before = server_counts(&server_status(&pair.primary_frontend).unwrap());
-    assert_eq!(before.len(), 50, "every sensor was counted before the kill");
+    // The first life lasts until every sensor has 20 readings counted (about
+    // 2 s), so that the second life's ~20 cannot reach 30 on their own.
+    let status = status_when(&pair.primary_frontend, "counting 20 readings of every one of 50 sensors", Duration::from_secs(20), |s| {
+        let counts = server_counts(s);
+        counts.len() == 50 && counts.values().all(|(count, _)| *count >= 20)
+    })
+    .unwrap();
+    let before = server_counts(&status);
     first.kill();
 
     let mut args = common.to_vec();
@@ -63,8 +70,9 @@ fn a_second_host_cannot_use_a_state_dir_in_use() {
     let pair = Pair::on_free_ports();
     let servers = pair.servers();
     let args = ["--sensors", "2", "--servers", servers.as_str(), "--state-dir", state.to_str().unwrap()];
-    let _first = start_host(&args, &dir).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let first = start_host(&args, &dir).unwrap();
+    // The host logs its saved state once it holds the directory's lock.
+    wait_for_log_line(&first.log, &["saved state of"], Duration::from_secs(10)).unwrap();
     let out = std::process::Command::new(fog_e2e::bin("fog-host"))
         .args(args)
         .env("RUST_LOG", "off")

@@ -9,7 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fog_e2e::{Pair, Proc, bin, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_e2e::{
+    Pair, Proc, bin, check_counts, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host,
+    start_server, status_when, wait_for_log_line,
+};
 use serde_json::Value;
 
 fn u(v: &Value) -> u64 {
@@ -36,13 +39,16 @@ impl Stage {
 }
 
 /// Every sensor of the host's summary is counted by the primary exactly as
-/// it generated: same count, same speed sum.
+/// it generated: same count, same speed sum, and nothing else counted.
 fn assert_counted_as_generated(pair: &Pair, summary: &Value) {
-    let counts = server_counts(&server_status(&pair.primary_frontend).unwrap());
-    for s in summary["per_sensor"].as_array().expect("per_sensor") {
-        let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
-        assert_eq!(counts.get(&key).copied(), Some((u(&s["generated"]), u(&s["sum_kmh"]))), "sensor {key:?}");
-    }
+    check_counts("primary", &server_status(&pair.primary_frontend).unwrap(), &[summary]).unwrap();
+}
+
+/// The primary's status once it counts readings of all `sensors` of the
+/// host: the host's session, and with it `--watch`, is running.
+fn counting_every_sensor(pair: &Pair, sensors: usize) -> Value {
+    let what = format!("counting readings of all {sensors} sensors");
+    status_when(&pair.primary_frontend, &what, Duration::from_secs(15), |s| server_counts(s).len() == sensors).unwrap()
 }
 
 /// Replaces `to` with a copy of `from` in one rename, as a deploy would.
@@ -68,17 +74,16 @@ fn sighup_swaps_the_component_without_losing_or_repeating_a_reading() {
     )
     .unwrap();
     let log = host.log.clone();
-    std::thread::sleep(Duration::from_millis(1500));
-    let before = server_counts(&server_status(&pair.primary_frontend).unwrap());
+    let before = server_counts(&counting_every_sensor(&pair, 20));
     install(&bin("fog_scenario_sensor.wasm"), &sensor);
     host.signal("HUP").unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(log_lines_with(&log, &["hot swap: 20 sensors moved"]), 1, "the swap is logged once");
+    wait_for_log_line(&log, &["hot swap: 20 sensors moved"], Duration::from_secs(10)).unwrap();
 
     install(&bin("fog_sensor.wasm"), &sensor);
     host.signal("HUP").unwrap();
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "host exit code; summary {summary}");
+    assert_eq!(log_lines_with(&log, &["hot swap: 20 sensors moved"]), 1, "the swap is logged once");
     assert_eq!(u(&summary["swaps"]), 1, "the swap back was refused: {summary}");
     assert_eq!(log_lines_with(&log, &["hot swap refused, still running", "restore failed"]), 1);
     assert_eq!(u(&summary["failed_sensors"]), 0);
@@ -112,20 +117,21 @@ fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
     )
     .unwrap();
     let log = host.log.clone();
-    std::thread::sleep(Duration::from_millis(1000));
+    // Readings arrive once the session runs, and with it the watch.
+    counting_every_sensor(&pair, 10);
     // A broken deploy first: not a component at all.
     let junk = dir.join("junk.wasm");
     std::fs::write(&junk, b"not a component").unwrap();
     install(&junk, &sensor);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(log_lines_with(&log, &["hot swap refused, still running"]), 1, "the bad file is refused once");
+    wait_for_log_line(&log, &["hot swap refused, still running"], Duration::from_secs(10)).unwrap();
     // Then the real one.
     install(&bin("fog_scenario_sensor.wasm"), &sensor);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(log_lines_with(&log, &["hot swap: 10 sensors moved"]), 1, "the new file is swapped in once");
+    wait_for_log_line(&log, &["hot swap: 10 sensors moved"], Duration::from_secs(10)).unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "host exit code; summary {summary}");
+    assert_eq!(log_lines_with(&log, &["hot swap refused, still running"]), 1, "the bad file is refused once");
+    assert_eq!(log_lines_with(&log, &["hot swap: 10 sensors moved"]), 1, "the new file is swapped in once");
     assert_eq!(u(&summary["swaps"]), 1);
     assert_counted_as_generated(&pair, &summary);
 }
@@ -148,16 +154,16 @@ fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
     )
     .unwrap();
     let log = host.log.clone();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(log_lines_with(&log, &["sensor quarantined"]), 1, "sensor 3 is quarantined before the swap");
+    wait_for_log_line(&log, &["sensor quarantined"], Duration::from_secs(10)).unwrap();
+    assert_eq!(log_lines_with(&log, &["sensor quarantined"]), 1, "sensor 3 alone is quarantined before the swap");
     // The fixed sensor: the built-in one, which reads the faulty sensor's
     // snapshots (both are the core's).
     install(&bin("fog_sensor.wasm"), &sensor);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(log_lines_with(&log, &["1 quarantined sensors get another chance"]), 1);
+    wait_for_log_line(&log, &["1 quarantined sensors get another chance"], Duration::from_secs(10)).unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "every reading acked, sensor 3's included: {summary}");
+    assert_eq!(log_lines_with(&log, &["1 quarantined sensors get another chance"]), 1);
     assert_eq!(u(&summary["quarantined"]), 0, "{summary}");
     assert_eq!(u(&summary["swaps"]), 1);
     assert_counted_as_generated(&pair, &summary);

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fog_e2e::history::{Observation, check, host_side, server_side};
 use fog_e2e::{
-    Pair, PairKeys, Proc, StatusAuth, finish_host, log_lines_with, rss_mib, scratch_dir, server_counts,
-    server_status_as, start_host, start_keyed_server, start_server,
+    Pair, PairKeys, Proc, StatusAuth, finish_host, is_caught_up, log_lines_with, rss_mib, scratch_dir, server_counts,
+    server_status_as, start_host, start_keyed_server, start_server, wait_for,
 };
 use fog_e2e::rogue::{Rogue, batch, batch_reply, forged_claims, named_epoch, readings, refused_count, sensor};
 use fog_protocol::{AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, encode, now_ms};
@@ -251,11 +251,6 @@ impl Stage {
         );
         Ending { summary, active, passive }
     }
-}
-
-/// A passive that has the active's whole log.
-fn is_caught_up(s: &Value) -> bool {
-    s["state"] == "passive" && s["replication"] == "passive, caught up" && s["lag"] == 0
 }
 
 fn counter(status: &Value, name: &str) -> u64 {
@@ -650,16 +645,11 @@ fn clients_that_never_read_their_replies_cannot_grow_the_server() {
     assert!(max_rss < MAX_SERVER_RSS_MIB, "the primary grew to {max_rss:.0} MiB");
     // The replies that found no room were dropped and counted (the
     // progress line, every 5 s).
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let dropped = loop {
-        let d = last_progress_field(&stage.primary, "replies_dropped").unwrap_or(0);
-        if d > 0 || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let dropped = wait_for("replies_dropped > 0 on the primary's progress line", Duration::from_secs(8), || {
+        last_progress_field(&stage.primary, "replies_dropped").filter(|&d| d > 0)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: no reply was dropped:\n{}", stage.primary.log_tail(10)));
     eprintln!("[never-reads] the primary's progress line shows replies_dropped={dropped}");
-    assert!(dropped > 0, "no reply was dropped:\n{}", stage.primary.log_tail(10));
     let end = stage.finish();
     let flood_count = server_counts(&end.active).get(&(9999, 77)).map_or(0, |c| c.0);
     assert_eq!(flood_count, 10 * batches_sent as u64, "every batch sent was counted once, read or not");

@@ -11,12 +11,14 @@
 //! what it found. The tests of this file run one at a time, so that two
 //! pairs of servers do not compete for the CPU and miss heartbeats.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fog_e2e::netns::{Lab, LabError, ROOT};
-use fog_e2e::{Pair, Proc, finish_host, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_e2e::{
+    Pair, Proc, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_status, start_host, start_server,
+    status_when, wait_for,
+};
 use serde_json::Value;
 
 /// Server flags shared by every test: short lateness so averages flow in a
@@ -32,43 +34,6 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-/// Polls `probe` until it returns `Some`, at most `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The status of `endpoint` once it satisfies `pred`.
-fn status_when(endpoint: &str, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(s) = server_status(endpoint) {
-            if pred(&s) {
-                return s;
-            }
-            last = s;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {endpoint} to be {what}; last status {last}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn is_active(s: &Value) -> bool {
-    s["state"] == "active"
-}
-
-/// A passive that has the active's whole log.
-fn is_caught_up(s: &Value) -> bool {
-    s["state"] == "passive" && s["replication"] == "passive, caught up" && s["lag"] == 0
-}
-
 /// Checks that a host exited after acking everything it generated.
 fn host_done(label: &str, code: i32, summary: &Value) {
     assert_eq!(code, 0, "{label}: host exit code; summary {summary}");
@@ -76,59 +41,12 @@ fn host_done(label: &str, code: i32, summary: &Value) {
     assert_eq!(summary["generated"], summary["acked"], "{label}: {summary}");
 }
 
-/// Compares what a server counted with the hosts' summaries: every sensor
-/// incarnation the hosts ran has exactly the count and speed sum they
-/// generated, and the server counted nothing else.
-fn check_counts(label: &str, status: &Value, summaries: &[&Value]) {
-    let counts = server_counts(status);
-    let mut expected: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
-    for summary in summaries {
-        for s in summary["per_sensor"].as_array().expect("per_sensor list") {
-            let key = (u(&s["sensor_id"]), u(&s["incarnation"]));
-            assert_eq!(u(&s["generated"]), u(&s["acked"]), "{label}: host did not get every ack of {key:?}: {s}");
-            expected.insert(key, (u(&s["generated"]), u(&s["sum_kmh"])));
-        }
-    }
-    let mut wrong = Vec::new();
-    for (key, want) in &expected {
-        let got = counts.get(key).copied().unwrap_or_default();
-        if got != *want {
-            wrong.push(format!("sensor {key:?}: server (count, sum) {got:?}, host {want:?}"));
-        }
-    }
-    for key in counts.keys().filter(|k| !expected.contains_key(k)) {
-        wrong.push(format!("sensor {key:?}: counted by the server, unknown to the hosts"));
-    }
-    let generated: u64 = expected.values().map(|(c, _)| c).sum();
-    eprintln!(
-        "[{label}] {} server (state {}, epoch {}): counted {} readings of {} sensor incarnations; the hosts generated and got acks for {generated}; {} mismatches",
-        status["role"].as_str().unwrap_or("?"),
-        status["state"].as_str().unwrap_or("?"),
-        status["epoch"],
-        status["counted"],
-        counts.len(),
-        wrong.len()
-    );
-    assert!(wrong.is_empty(), "{label}: server counts differ from the hosts' summaries:\n{}", wrong.join("\n"));
-    assert_eq!(u(&status["counted"]), generated, "{label}: counted in total");
-}
-
-/// The active's and, once caught up, the passive's counts against the
-/// hosts' summaries.
-fn check_pair(label: &str, active: &str, passive: &str, summaries: &[&Value]) {
-    let a = status_when(active, "active", Duration::from_secs(10), is_active);
-    check_counts(label, &a, summaries);
-    let p = status_when(passive, "a caught-up passive", Duration::from_secs(15), is_caught_up);
-    check_counts(label, &p, summaries);
-    assert_eq!(a["epoch"], p["epoch"], "{label}: active and passive agree on the epoch");
-}
-
 /// Time from `since` until the server at `endpoint` is active and has
 /// counted more than `counted_before` readings: the first acks it gives.
 fn time_to_first_ack(endpoint: &str, since: Instant, counted_before: u64) -> Duration {
     status_when(endpoint, "active and counting", Duration::from_secs(15), |s| {
         is_active(s) && u(&s["counted"]) > counted_before
-    });
+    }).unwrap();
     since.elapsed()
 }
 
@@ -152,7 +70,7 @@ fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
 
     let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
         is_caught_up(s) && u(&s["counted"]) > 0
-    });
+    }).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let at_kill = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
     let killed = Instant::now();
@@ -168,7 +86,7 @@ fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
 
     // The old primary comes back from its data dir as passive and catches up.
     let _primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
-    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]).unwrap();
     drop(backup);
 }
 
@@ -185,7 +103,7 @@ fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
 
     status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
         is_caught_up(s) && u(&s["counted"]) > 0
-    });
+    }).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let counted = u(&server_status(&pair.primary_frontend).unwrap()["counted"]);
     primary.kill();
@@ -206,14 +124,14 @@ fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
             .into_iter()
             .find(|e| server_status(e).is_ok_and(|s| is_active(&s) && u(&s["counted"]) > recovered))
             .cloned()
-    });
+    }).unwrap();
     eprintln!("[{label}] {active} acks again {} ms after the restart began", restarted.elapsed().as_millis());
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     host_done(label, code, &summary);
     eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
     let passive = if active == pair.primary_frontend { &pair.backup_frontend } else { &pair.primary_frontend };
-    check_pair(label, &active, passive, &[&summary]);
+    check_pair(label, &active, passive, &[&summary]).unwrap();
     drop((primary, backup));
 }
 
@@ -233,13 +151,13 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
     eprintln!("[{label}] killed the backup (kill -9); the primary goes on alone");
     let alone = status_when(&pair.primary_frontend, "active alone", Duration::from_secs(10), |s| {
         is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone"))
-    });
+    }).unwrap();
     eprintln!("[{label}] primary: {}", alone["replication"]);
     std::thread::sleep(Duration::from_secs(1));
 
     let restarted = Instant::now();
     let _backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
-    let caught_up = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(15), is_caught_up);
+    let caught_up = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(15), is_caught_up).unwrap();
     eprintln!(
         "[{label}] restarted the backup; caught up (lsn {}, lag {}) {} ms later",
         caught_up["lsn"],
@@ -248,7 +166,7 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
     );
     let in_sync = status_when(&pair.primary_frontend, "in sync with its passive", Duration::from_secs(10), |s| {
         s["replication"].as_str().is_some_and(|r| r.contains("in sync"))
-    });
+    }).unwrap();
     eprintln!("[{label}] primary: {}", in_sync["replication"]);
     std::thread::sleep(Duration::from_secs(1));
 
@@ -263,7 +181,7 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
     host_done(label, code, &summary);
     eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
     let _primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
-    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]).unwrap();
 }
 
 #[test]
@@ -279,7 +197,7 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
 
     let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
         is_caught_up(s) && u(&s["counted"]) > 0
-    });
+    }).unwrap();
     let first_epoch = u(&before["epoch"]);
     std::thread::sleep(Duration::from_secs(1));
     primary.signal("STOP").unwrap();
@@ -297,7 +215,7 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
     eprintln!("[{label}] resumed the primary (SIGCONT) after {} ms", stopped.elapsed().as_millis());
 
     // The resumed primary must step down, never serve as active again.
-    let resumed = status_when(&pair.primary_frontend, "passive", Duration::from_secs(10), |s| s["state"] == "passive");
+    let resumed = status_when(&pair.primary_frontend, "passive", Duration::from_secs(10), |s| s["state"] == "passive").unwrap();
     let backup_now = server_status(&pair.backup_frontend).unwrap();
     eprintln!(
         "[{label}] after the resume: primary {} in epoch {}, backup {} in epoch {}; primary log: {} pause lines, {} step-down lines",
@@ -318,7 +236,7 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     host_done(label, code, &summary);
     eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
-    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]);
+    check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]).unwrap();
     drop(primary);
 }
 
@@ -366,21 +284,21 @@ fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() 
     let first = start_host(&[&host_args(&servers, "10", "14s")[..], &["--first-id", "1"]].concat(), &dir).unwrap();
     let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
         is_caught_up(s) && u(&s["counted"]) > 0
-    });
+    }).unwrap();
     std::thread::sleep(Duration::from_secs(1));
 
     lab.cut(&peer).unwrap();
     eprintln!("[{label}] cut the link between the servers in epoch {}; the host still reaches both", before["epoch"]);
     let alone = status_when(&pair.primary_frontend, "active alone", Duration::from_secs(10), |s| {
         is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone"))
-    });
+    }).unwrap();
     eprintln!("[{label}] primary: {} in epoch {}", alone["replication"], alone["epoch"]);
 
     // A second host asks the backup first: cut off from its peer, the
     // backup takes over, and both sides accept readings.
     let backup_first = format!("{},{}", pair.backup_frontend, pair.primary_frontend);
     let second = start_host(&[&host_args(&backup_first, "10", "4s")[..], &["--first-id", "101"]].concat(), &dir).unwrap();
-    let b_active = status_when(&pair.backup_frontend, "active", Duration::from_secs(10), is_active);
+    let b_active = status_when(&pair.backup_frontend, "active", Duration::from_secs(10), is_active).unwrap();
     let p_active = server_status(&pair.primary_frontend).unwrap();
     eprintln!(
         "[{label}] split brain: primary {} in epoch {} (counted {}), backup {} in epoch {} (counted {})",
@@ -402,12 +320,12 @@ fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() 
             (false, true) if is_caught_up(&p) => Some(pair.backup_frontend.clone()),
             _ => None,
         }
-    });
+    }).unwrap();
     eprintln!("[{label}] {} ms after the heal: {active} is active and its peer has caught up", healed.elapsed().as_millis());
 
     let (code, first_summary) = finish_host(first, Duration::from_secs(60)).unwrap();
     host_done(&format!("{label} (first host)"), code, &first_summary);
     eprintln!("[{label}] first host: generated {}, acked {}, failovers {}", first_summary["generated"], first_summary["acked"], first_summary["failovers"]);
     let passive = if active == pair.primary_frontend { &pair.backup_frontend } else { &pair.primary_frontend };
-    check_pair(label, &active, passive, &[&first_summary, &second_summary]);
+    check_pair(label, &active, passive, &[&first_summary, &second_summary]).unwrap();
 }

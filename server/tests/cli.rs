@@ -8,14 +8,12 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+// Ports come from the end-to-end harness: handed out once, claimed across
+// test processes, outside the kernel's ephemeral range (see its docs).
+use fog_e2e::free_port;
 use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fog-server");
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
-}
 
 fn endpoint(port: u16) -> String {
     format!("tcp://127.0.0.1:{port}")

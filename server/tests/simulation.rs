@@ -29,9 +29,15 @@
 //! none (the rogue's sensors aside). Averages a sensor applied from a branch abandoned after a split
 //! are superseded and replaced; the sweep checks that this happens in some
 //! seeds, so the path is exercised. A failure names its
-//! seed; `FOG_SIM_SEED=n cargo test --release -p fog-server --test
-//! simulation one_seed -- --nocapture` replays it, and `FOG_SIM_SEEDS=n`
-//! changes how many seeds the sweep runs.
+//! seed, and two environment variables steer the runs:
+//!
+//! - `FOG_SIM_SEED=n`: the seed `one_seed` runs, with a trace of every
+//!   state change and fault (`cargo test --release -p fog-server --test
+//!   simulation one_seed -- --nocapture` replays a failure). Unset, it runs
+//!   [`DEFAULT_SEED`], so the test always checks a run; a value that is not
+//!   a number fails the test rather than being ignored.
+//! - `FOG_SIM_SEEDS=n`: how many seeds the sweep runs (1 000 unset); below
+//!   500 the sweep skips its checks that rare paths were exercised.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -57,6 +63,17 @@ const INCARNATION: u64 = 7;
 const ROGUE: u64 = 1 << 63;
 /// The rogue's own sensors have ids from here on.
 const ROGUE_SENSORS: u32 = 1_000;
+/// The seed `one_seed` runs when `FOG_SIM_SEED` is unset.
+const DEFAULT_SEED: u64 = 0;
+
+/// A number from environment variable `name`; `None` when it is unset. A
+/// value that is set but not a number panics: a typo must not quietly run
+/// something else than what was asked for.
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    let parsed = value.trim().parse();
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={value:?} is not a number: {e}")))
+}
 
 #[derive(Default, Clone)]
 struct Disk {
@@ -126,6 +143,8 @@ struct World {
     /// The highest epoch a node has served in: no node may believe in a
     /// newer one (it would have taken a forged epoch as evidence).
     served_epoch: u64,
+    /// Print every state change of a node as it happens (`one_seed`).
+    trace: bool,
 }
 
 /// What the rogue client did, and what came back to it.
@@ -192,6 +211,7 @@ impl World {
             has_probe: [None, None],
             rogue: Rogue { next_batch: 1 << 60, ..Rogue::default() },
             served_epoch: 0,
+            trace: false,
         }
     }
 
@@ -310,7 +330,7 @@ impl World {
     fn step_servers(&mut self) {
         self.check_epochs();
         for i in 0..2 {
-            if std::env::var("FOG_SIM_SEED").is_ok() {
+            if self.trace {
                 if let Some(n) = self.servers[i].node.as_ref() {
                     let has = n.replica().ingest.contains((0, INCARNATION), 1);
                     if self.has_probe[i] != Some(has) {
@@ -663,12 +683,13 @@ impl World {
         }
         let truth: Vec<(u64, u64)> = self.host.sensors.iter().map(|s| (s.count, s.sum)).collect();
         for i in 0..2 {
-            let Some(node) = self.servers[i].node.as_ref() else { continue };
+            // Every down time ends before the quiet end: both nodes are up.
+            let node = self.servers[i].node.as_ref().unwrap_or_else(|| panic!("{:?} is still down at the end", self.servers[i].role));
             assert_eq!(node.divergences(), 0, "{:?} diverged from its active", self.servers[i].role);
+            // The last 15 s are quiet (no faults, no loss): a passive that
+            // is up has caught up by then, so its counts are always checked.
             let in_sync = i == active[0] || node.caught_up() && node.lsn() == self.servers[active[0]].node.as_ref().map_or(0, |n| n.lsn());
-            if !in_sync {
-                continue;
-            }
+            assert!(in_sync, "{:?} is up but not caught up with the active at the end of a quiet run (lsn {})", self.servers[i].role, node.lsn());
             let per: Vec<(u64, u64)> = node
                 .replica()
                 .ingest
@@ -691,7 +712,7 @@ impl World {
             }
             assert_eq!(per, truth, "{:?}: per-sensor (count, sum) differ from what the sensors generated", self.servers[i].role);
         }
-        let Some(node) = self.servers[active[0]].node.as_ref() else { return };
+        let node = self.servers[active[0]].node.as_ref().expect("the active node is up");
         let end = node.replica().windows.last_position();
         assert!(end.seq > 0, "no average was published");
         for s in &self.host.sensors {
@@ -740,7 +761,7 @@ fn panic_text(e: &Box<dyn std::any::Any + Send>) -> String {
 
 #[test]
 fn thousands_of_seeded_runs_lose_nothing_and_count_nothing_twice() {
-    let seeds: u64 = std::env::var("FOG_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000);
+    let seeds = env_u64("FOG_SIM_SEEDS").unwrap_or(1_000);
     std::panic::set_hook(Box::new(|_| {}));
     let mut failed = Vec::new();
     let mut forked = 0;
@@ -775,11 +796,14 @@ fn thousands_of_seeded_runs_lose_nothing_and_count_nothing_twice() {
     }
 }
 
+/// One seed with a trace: `FOG_SIM_SEED`, or [`DEFAULT_SEED`] when unset.
 #[test]
 fn one_seed() {
-    let Some(seed) = std::env::var("FOG_SIM_SEED").ok().and_then(|s| s.parse().ok()) else { return };
+    let seed = env_u64("FOG_SIM_SEED").unwrap_or(DEFAULT_SEED);
+    println!("seed {seed}");
     let _ = tracing_subscriber::fmt().with_env_filter("info").without_time().with_test_writer().try_init();
     let mut w = World::new(seed);
+    w.trace = true;
     w.run();
     println!("{}", w.log.join("\n"));
     println!("rogue: {:?}", w.rogue);
