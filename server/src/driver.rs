@@ -4,7 +4,8 @@
 //! - Frontend: a ROUTER (CurveZMQ server, every client key checked by the
 //!   ZAP handler); a request is exactly `[identity, payload]` and the reply
 //!   goes back as `[identity, payload]`. What a client may ask is checked
-//!   against its key's rights ([`crate::edge`]) before the node sees it.
+//!   against its key's rights ([`crate::edge`]) before the node sees it,
+//!   by the frontend's bookkeeping (`frontend.rs`).
 //!   Anything malformed is dropped and counted, and logged once per peer.
 //!   Replies a client does not take (it stopped reading) are dropped and
 //!   counted: the client resends, nothing acked is lost.
@@ -22,7 +23,6 @@
 //! - Every socket lives on a thread of its own (`fog_transport::Socket`);
 //!   one task owns the node.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -31,23 +31,21 @@ use std::time::Duration;
 
 pub use fog_protocol::now_ms;
 
-use fog_protocol::{DecodeError, LogEntry, PeerMessage, Refusal, RefusedReadings, Reply, decode, decode_request, encode};
+use fog_protocol::{LogEntry, PeerMessage, Reply, decode, encode};
 use fog_transport::{AccessList, Event, Limits, PublicKey, SharedAccess, Socket, ZapHandler};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
-use crate::edge::{Admission, Security, admit, rights_of};
+use crate::edge::Security;
+use crate::frontend::{Gate, handle_event, send_reply};
 use crate::fsm::Role;
-use crate::node::{ClientToken, Node, NodeConfig, Output};
+use crate::node::{Node, NodeConfig, Output};
 use crate::wal::{FsyncPolicy, Wal, WalError};
 use crate::windows::WindowConfig;
 
 /// How often the driver logs progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-/// Distinct peers whose malformed frames or refused requests are logged;
-/// beyond that, only counted.
-const LOGGED_PEERS: usize = 1024;
 /// Requests taken in one go before their entries go to the disk together.
 const MAX_REQUESTS_PER_ROUND: usize = 256;
 /// Messages queued per peer and direction on the state channel.
@@ -57,12 +55,6 @@ const HWM: i32 = 1000;
 /// what a client that stops reading can make the server hold for it
 /// (64 replies; a batch reply is at most a few hundred KiB).
 const CLIENT_HWM: i32 = 64;
-/// Status reports built per second at most, over all clients: one report
-/// lists every sensor, so it costs milliseconds at tens of thousands of
-/// sensors; beyond this, requests get `Refused(Busy)` and ask again.
-const STATUS_PER_SECOND: u32 = 20;
-/// Least time between two status reports to one client (one connection).
-const STATUS_GAP_PER_CLIENT: Duration = Duration::from_millis(200);
 
 /// Everything a server process is started with.
 #[derive(Debug, Clone)]
@@ -484,56 +476,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
 }
 
-/// What the frontend keeps between a request and its reply, and what it
-/// has refused.
-#[derive(Default)]
-struct Gate {
-    next: ClientToken,
-    /// Frontend identities of the clients with a reply outstanding, and
-    /// the sensors taken out of their batch.
-    pending: HashMap<ClientToken, (Vec<u8>, Vec<RefusedReadings>)>,
-    /// Peers already named in a log line.
-    logged: HashSet<Vec<u8>>,
-    /// Readings refused for sensors outside a key's rights, per key.
-    foreign: HashMap<PublicKey, u64>,
-    /// Status reports built in the current second, and when it began.
-    status_window: (Option<std::time::Instant>, u32),
-    /// When each client last got a status report.
-    status_last: HashMap<Vec<u8>, std::time::Instant>,
-}
-
-impl Gate {
-    /// Whether `who` (a key, or a connection without one) and `what` are
-    /// logged for the first time; after [`LOGGED_PEERS`], nothing more is.
-    fn log_once(&mut self, who: &[u8], what: &str) -> bool {
-        let mut id = who.to_vec();
-        id.extend_from_slice(what.as_bytes());
-        self.logged.len() < LOGGED_PEERS && self.logged.insert(id)
-    }
-
-    /// Whether a status report may be built for `identity` now.
-    fn status_allowed(&mut self, identity: &[u8]) -> bool {
-        let now = std::time::Instant::now();
-        if self.status_last.get(identity).is_some_and(|at| now.duration_since(*at) < STATUS_GAP_PER_CLIENT) {
-            return false;
-        }
-        let (start, built) = &mut self.status_window;
-        if start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
-            *start = Some(now);
-            *built = 0;
-        }
-        if *built >= STATUS_PER_SECOND {
-            return false;
-        }
-        *built += 1;
-        if self.status_last.len() >= 4096 {
-            self.status_last.retain(|_, at| now.duration_since(*at) < STATUS_GAP_PER_CLIENT);
-        }
-        self.status_last.insert(identity.to_vec(), now);
-        true
-    }
-}
-
 /// Carries out what the node asked for: log entries go to the disk thread
 /// as one group, replies to their clients, messages to the peer. Never
 /// waits on a socket.
@@ -571,112 +513,6 @@ fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, 
         disk.send(DiskJob::Append(appends)).map_err(|_| disk_gone())?;
     }
     Ok(())
-}
-
-/// Queues a reply; one the client cannot take is dropped and counted.
-fn send_reply(frontend: &Socket, identity: Vec<u8>, reply: &Reply) {
-    match encode(reply) {
-        Ok(payload) => {
-            let _ = frontend.send(vec![identity, payload]);
-        }
-        Err(e) => error!("cannot encode a reply: {e}"),
-    }
-}
-
-/// Checks one frontend message and hands it to the node, or refuses it.
-fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessList>, frontend: &Socket, gate: &mut Gate) {
-    let Event::Message(message) = event else { return };
-    let user = message.user;
-    let mut frames = message.frames;
-    let identity = if frames.is_empty() { Vec::new() } else { frames.remove(0) };
-    let decoded = match frames.as_slice() {
-        [payload] => decode_request(payload),
-        other => Err(DecodeError::Malformed(format!("{} payload frames, expected exactly 1", other.len()))),
-    };
-    // Log lines name the key; a client without one, its connection.
-    let who: Vec<u8> = user.map_or_else(|| identity.clone(), |k| k.0.to_vec());
-    // The key and the name the authorized-keys file gives it, for log lines.
-    let name = || {
-        let key = user.map_or_else(|| "-".to_string(), |k| k.to_z85());
-        let host = user.and_then(|k| access.and_then(|a| a.get(&k)).map(|c| c.name.clone())).unwrap_or_default();
-        (key, host)
-    };
-    let request = match decoded {
-        Ok(r) => r,
-        Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_))) => {
-            node.record_refusal(Refusal::TooLarge, 1);
-            if gate.log_once(&who, "too large") {
-                let (key, host) = name();
-                warn!(peer = %hex(&identity), key = %key, host = %host, "refused a batch: {e}; further ones from this client are only counted");
-            }
-            send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::TooLarge });
-            return;
-        }
-        Err(why) => {
-            node.record_malformed();
-            if gate.log_once(&who, "malformed") {
-                let (key, host) = name();
-                warn!(peer = %hex(&identity), key = %key, host = %host, "dropped a malformed frame ({why}); further ones from this client are only counted");
-            }
-            return;
-        }
-    };
-    let rights = rights_of(access, user.as_ref());
-    let batch_id = match &request {
-        fog_protocol::Request::Batch { batch_id, .. } => *batch_id,
-        fog_protocol::Request::Status => 0,
-    };
-    match admit(rights.as_ref(), request) {
-        Admission::Refuse(reason) => {
-            node.record_refusal(reason, 1);
-            if gate.log_once(&who, "refused") {
-                let (key, host) = name();
-                warn!(key = %key, host = %host, "refused a request: {reason}; further ones from this client are only counted");
-            }
-            send_reply(frontend, identity, &Reply::Refused { batch_id, reason });
-        }
-        Admission::Serve { request, refused } => {
-            if !refused.is_empty() {
-                let n: u64 = refused.iter().map(|r| u64::from(r.count)).sum();
-                node.record_refusal(Refusal::ForeignSensor, n);
-                if let Some(key) = user {
-                    let count = gate.foreign.entry(key).or_insert(0);
-                    if *count == 0 {
-                        let (key, host) = name();
-                        warn!(key = %key, host = %host, sensor_id = refused[0].sensor_id, "refused readings for sensors outside this key's rights; further ones from this key are only counted");
-                    }
-                    *count = count.saturating_add(n);
-                }
-            }
-            if matches!(request, fog_protocol::Request::Status) && !gate.status_allowed(&identity) {
-                node.record_refusal(Refusal::Busy, 1);
-                send_reply(frontend, identity, &Reply::Refused { batch_id: 0, reason: Refusal::Busy });
-                return;
-            }
-            gate.next = gate.next.wrapping_add(1);
-            let token = gate.next;
-            gate.pending.insert(token, (identity, refused));
-            let (refused_before, forged_before) = (node.refused(), node.forged_epochs());
-            node.handle_request(now, token, &request);
-            // The node refuses forged epochs and readings out of range; the
-            // log names the key they came from, once per key and kind.
-            if node.forged_epochs() > forged_before && gate.log_once(&who, "forged epoch") {
-                let (key, host) = name();
-                warn!(key = %key, host = %host, "a batch claimed an epoch without a valid seal (ignored, counted in forged_epochs); further ones from this key are only counted");
-            }
-            let after = node.refused();
-            if (after.seq_out_of_range, after.from_the_future) != (refused_before.seq_out_of_range, refused_before.from_the_future)
-                && gate.log_once(&who, "readings out of range")
-            {
-                let (key, host) = name();
-                warn!(key = %key, host = %host, "refused readings with a seq or timestamp out of range (counted in refused); further ones from this key are only counted");
-            }
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The periodic progress line.

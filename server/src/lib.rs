@@ -15,6 +15,7 @@
 pub mod average_log;
 pub mod driver;
 pub mod edge;
+mod frontend;
 pub mod fsm;
 pub mod ingest;
 pub mod node;
