@@ -378,7 +378,7 @@ pub fn is_active(status: &Value) -> bool {
 
 /// A passive that has the active's whole log.
 pub fn is_caught_up(status: &Value) -> bool {
-    status["state"] == "passive" && status["replication"] == "passive, caught up" && status["lag"] == 0
+    status["state"] == "passive" && status["replication"] == "caught-up" && status["lag"] == 0
 }
 
 /// How what a server counted (its `status`) differs from what hosts

@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The version byte that leads every frame.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest frame accepted or produced, in bytes. The transport refuses a
 /// longer message before it allocates for it (ZeroMQ's `ZMQ_MAXMSGSIZE`).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -273,9 +273,8 @@ pub struct StatusReport {
     /// The last log entry applied, and the last one durable on disk.
     pub lsn: u64,
     pub durable_lsn: u64,
-    /// How this node replicates, in words: "in sync with the passive",
-    /// "alone (no passive)", "passive, caught up", "passive, catching up" …
-    pub replication: String,
+    /// How this node replicates right now.
+    pub replication: Replication,
     /// For an active node: entries its passive has not yet made durable; for
     /// a passive: entries behind the active's last heartbeat.
     pub lag: u64,
@@ -351,6 +350,29 @@ impl RefusedCounts {
         let c = self.of(reason);
         *c = c.saturating_add(n);
     }
+}
+
+/// How a server replicates right now, as its status reports it (JSON:
+/// `in-sync`, `passive-joining`, `alone`, `merging`, `caught-up`,
+/// `catching-up`, `waiting-for-peer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replication {
+    /// Active, and the passive has made the state durable: every ack waits
+    /// for the passive's disk too.
+    InSync,
+    /// Active; a passive joined and its snapshot is not yet durable.
+    PassiveJoining,
+    /// Active without a passive in sync: acks are durable on this node only.
+    Alone,
+    /// Passive, handing the readings it accepted alone to the active.
+    Merging,
+    /// Passive with every entry of the active: may take over.
+    CaughtUp,
+    /// Passive, still receiving the active's state: may not take over.
+    CatchingUp,
+    /// Neither active nor passive: has not heard its peer yet.
+    WaitingForPeer,
 }
 
 /// What a server counted for one `(sensor_id, incarnation)`.

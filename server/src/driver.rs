@@ -538,7 +538,7 @@ impl Progress {
             averages = status.averages_published,
             last_average = ?status.last_average.map(|c| c.seq),
             lsn = status.lsn,
-            replication = %status.replication,
+            replication = crate::status::describe_replication(status.replication),
             lag = status.lag,
             malformed = node.malformed_frames(),
             replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed),

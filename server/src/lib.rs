@@ -30,5 +30,5 @@ pub use fsm::{BinaryStar, Role};
 pub use node::{ClientToken, Node, NodeConfig, Output};
 pub use wal::FsyncPolicy;
 pub use edge::Security;
-pub use status::{ClientKeys, StatusError, human_summary, query_status, query_status_blocking};
+pub use status::{ClientKeys, StatusError, describe_replication, human_summary, query_status, query_status_blocking};
 pub use windows::WindowConfig;

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use fog_protocol::{DecodeError, EncodeError, Refusal, Reply, Request, StatusReport, decode, encode};
+use fog_protocol::{DecodeError, EncodeError, Refusal, Replication, Reply, Request, StatusReport, decode, encode};
 use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
 
 /// The keys a status client authenticates with: its own (a key with the
@@ -83,16 +83,32 @@ pub fn query_status_blocking(endpoint: &str, timeout: Duration, keys: Option<&Cl
 /// How long a status client waits before asking a busy server again.
 const BUSY_RETRY: Duration = Duration::from_millis(250);
 
+/// How a node replicates, in words for people (logs, `fog-server status`).
+pub fn describe_replication(r: Replication) -> &'static str {
+    match r {
+        Replication::InSync => "active, in sync with the passive",
+        Replication::PassiveJoining => "active, passive joining (its snapshot is not yet durable)",
+        Replication::Alone => "active, alone (no passive in sync)",
+        Replication::Merging => "passive, merging readings it accepted alone into the active",
+        Replication::CaughtUp => "passive, caught up",
+        Replication::CatchingUp => "passive, catching up (may not take over)",
+        Replication::WaitingForPeer => "waiting for the peer",
+    }
+}
+
 /// A few lines an operator can read at a glance.
 pub fn human_summary(r: &StatusReport) -> String {
     let mut out = format!(
         "{} node, state {}, peer {}\n\
+         replication: {} (lag {} entries)\n\
          counted {} readings ({} duplicates dropped, {} outside the windows, {} expired) in {} batches\n\
          averages published {} ({} revisions), last seq {}\n\
          malformed frames {}; refused: {} from the future, {} seq out of range, {} too large, {} not authorized, {} foreign sensor, {} busy; forged epochs {}\n",
         r.role,
         r.state.as_str(),
         if r.peer_alive { "alive" } else { "not heard" },
+        describe_replication(r.replication),
+        r.lag,
         r.counted,
         r.duplicates,
         r.too_late,

@@ -710,7 +710,7 @@ fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> any
             continue;
         }
         if let Ok(st) = cluster.status(s.primary) {
-            let in_sync = st["replication"].as_str().is_some_and(|r| r.contains("in sync"));
+            let in_sync = st["replication"] == "in-sync";
             if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
                 active = Some(i);
             }

@@ -3,7 +3,7 @@
 //! and the status report (`fog-server status`, whose client is
 //! [`crate::status`]).
 
-use fog_protocol::{NodeState, Refusal, RefusedCounts, StatusReport};
+use fog_protocol::{NodeState, Refusal, RefusedCounts, Replication, StatusReport};
 
 use super::Node;
 
@@ -38,24 +38,24 @@ impl Node {
         self.batches
     }
 
-    fn replication(&self) -> (String, u64) {
+    fn replication(&self) -> (Replication, u64) {
         match self.fsm.state() {
             NodeState::Active => match &self.passive {
-                Some(p) if p.in_sync() => ("active, in sync with the passive".into(), self.replica.lsn.saturating_sub(p.durable)),
-                Some(p) => ("active, passive joining (its snapshot is not yet durable)".into(), self.replica.lsn.saturating_sub(p.durable)),
-                None => ("active, alone (no passive in sync)".into(), 0),
+                Some(p) if p.in_sync() => (Replication::InSync, self.replica.lsn.saturating_sub(p.durable)),
+                Some(p) => (Replication::PassiveJoining, self.replica.lsn.saturating_sub(p.durable)),
+                None => (Replication::Alone, 0),
             },
             NodeState::Passive => {
                 let behind = self.peer.map_or(0, |p| p.lsn.saturating_sub(self.replica.lsn));
                 if self.merging.is_some() {
-                    ("passive, merging readings it accepted alone into the active".into(), behind)
+                    (Replication::Merging, behind)
                 } else if self.caught_up {
-                    ("passive, caught up".into(), behind)
+                    (Replication::CaughtUp, behind)
                 } else {
-                    ("passive, catching up (may not take over)".into(), behind)
+                    (Replication::CatchingUp, behind)
                 }
             }
-            _ => ("waiting for the peer".into(), 0),
+            _ => (Replication::WaitingForPeer, 0),
         }
     }
 

@@ -118,7 +118,7 @@ fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_ti
     }
     assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
     let replication = node.status(t).replication;
-    assert!(replication.contains("passive joining"), "still waiting for the passive: {replication}");
+    assert_eq!(replication, fog_protocol::Replication::PassiveJoining, "still waiting for the passive");
 }
 
 /// Every reply the node has for clients, drained.
