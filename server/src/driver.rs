@@ -309,6 +309,7 @@ impl Edge {
     /// freeze), what is queued is the peer's past: heartbeats from before
     /// it took over would make this node act on a world that is gone.
     fn reconnect_peer(&mut self) -> Result<(), ServerError> {
+        warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
         let c = &self.peer_connect;
         let curve = c.curve.as_ref().map(|(k, p)| (k, p));
         let sub = fog_transport::connect(&self._ctx, fog_transport::SocketType::SUB, &c.endpoint, curve, &c.limits)?;
@@ -397,7 +398,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         // Whichever event woke the loop after a pause, the peer's queued
         // past must not reach the node.
         if last_wake.is_some_and(|w| Instant::now() > w + paused_after) {
-            warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
             if let Err(e) = edge.reconnect_peer() {
                 failure = Some(e);
                 break;
@@ -420,7 +420,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             }
             Some(event) = edge.peer.recv() => {
                 if Instant::now() > wake + paused_after {
-                    warn!("this process was paused: dropping the peer's messages queued meanwhile and reconnecting");
                     if let Err(e) = edge.reconnect_peer() {
                         failure = Some(e);
                         break;

@@ -83,8 +83,8 @@ fn configure(socket: &zmq::Socket, limits: &Limits) -> Result<(), TransportError
     Ok(())
 }
 
-/// Accepts the libzmq spelling of the command line (`tcp://*:PORT`) and
-/// the plain one; libzmq binds both.
+/// An endpoint that cannot be bound or connected, with a reason a person
+/// can act on.
 fn endpoint_err(action: &'static str, endpoint: &str, e: zmq::Error) -> TransportError {
     let reason = match e {
         zmq::Error::EADDRINUSE => "the address is in use (another server on this port?)".to_string(),

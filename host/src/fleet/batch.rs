@@ -106,26 +106,14 @@ impl Fleet {
             }
             let take = s.pending.len().min(MAX_READINGS_PER_BATCH - readings);
             readings += take;
-            sensors.push(SensorBatch {
-                sensor_id: s.id,
-                incarnation: s.incarnation,
-                segment: s.segment,
-                readings: s.pending.drain(..take).collect(),
-                average_cursor: s.cursor,
-            });
+            sensors.push(batch_entry(s, take));
         }
         self.batch_start = (self.batch_start + visited) % n.max(1);
         if sensors.is_empty() {
             // Nothing new anywhere: one sensor still asks for what follows
             // its cursor, so new averages keep coming.
-            if let Some(s) = self.sensors.iter().find(|s| matches!(s.life, Life::Running(_))) {
-                sensors.push(SensorBatch {
-                    sensor_id: s.id,
-                    incarnation: s.incarnation,
-                    segment: s.segment,
-                    readings: Vec::new(),
-                    average_cursor: s.cursor,
-                });
+            if let Some(s) = self.sensors.iter_mut().find(|s| matches!(s.life, Life::Running(_))) {
+                sensors.push(batch_entry(s, 0));
             }
         }
         (sensors, readings)
@@ -247,6 +235,18 @@ impl Routes {
             Some(&[start, end]) => &self.positions[start..end],
             _ => &[],
         }
+    }
+}
+
+/// What one sensor says in a batch: its first `take` pending readings and
+/// its cursor.
+fn batch_entry(s: &mut SensorSlot, take: usize) -> SensorBatch {
+    SensorBatch {
+        sensor_id: s.id,
+        incarnation: s.incarnation,
+        segment: s.segment,
+        readings: s.pending.drain(..take).collect(),
+        average_cursor: s.cursor,
     }
 }
 
