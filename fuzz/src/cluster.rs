@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use fog_protocol::{
     MAX_AVERAGES_PER_REPLY, MAX_FRAME_BYTES, NodeState, PeerMessage, Reading, Reply, Request, Seal, SensorBatch, encode,
 };
-use fog_server::{Node, NodeConfig, Output, Role, WindowConfig};
+use fog_server::{Node, NodeConfig, Now, Output, Role, WindowConfig};
 
 use crate::inputs::{LEGIT_INCARNATION, LEGIT_SENSORS};
 
@@ -172,7 +172,7 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             if self.nodes[i].poll_timeout() <= self.now {
                 let now = self.now;
-                self.nodes[i].handle_timeout(now);
+                self.nodes[i].handle_timeout(Now::both(now));
                 self.pump()?;
             }
         }
@@ -183,14 +183,14 @@ impl Cluster {
     pub fn hostile_request(&mut self, i: usize, request: &Request) -> Result<(), Violation> {
         let token = self.token(request);
         let now = self.now;
-        self.nodes[i].handle_request(now, token, request);
+        self.nodes[i].handle_request(Now::both(now), token, request);
         self.pump()
     }
 
     /// A hostile peer message into node `i`.
     pub fn hostile_peer(&mut self, i: usize, msg: PeerMessage) -> Result<(), Violation> {
         let now = self.now;
-        self.nodes[i].handle_peer(now, msg);
+        self.nodes[i].handle_peer(Now::both(now), msg);
         self.pump()
     }
 
@@ -217,7 +217,7 @@ impl Cluster {
         let Some(active) = self.nodes.iter().position(|n| n.state() == NodeState::Active) else {
             return Ok(());
         };
-        let status = self.nodes[active].status(self.now);
+        let status = self.nodes[active].status();
         for s in &self.host.sensors {
             let (count, sum) = status
                 .per_sensor
@@ -286,8 +286,8 @@ impl Cluster {
                     }
                     let now = self.now;
                     match out {
-                        Output::Append(entry) => self.nodes[i].handle_durable(now, entry.lsn, false),
-                        Output::SaveSnapshot { lsn, .. } => self.nodes[i].handle_durable(now, lsn, true),
+                        Output::Append(entry) => self.nodes[i].handle_durable(Now::both(now), entry.lsn, false),
+                        Output::SaveSnapshot { lsn, .. } => self.nodes[i].handle_durable(Now::both(now), lsn, true),
                         Output::Peer(msg) => {
                             if self.nodes.len() == 2 {
                                 self.links.push_back((1 - i, msg));
@@ -300,7 +300,7 @@ impl Cluster {
             while let Some((to, msg)) = self.links.pop_front() {
                 any = true;
                 let now = self.now;
-                self.nodes[to].handle_peer(now, msg);
+                self.nodes[to].handle_peer(Now::both(now), msg);
             }
             self.check_epochs()?;
             if !any {
@@ -433,7 +433,7 @@ impl Cluster {
         let to = h.current;
         let token = self.token(&request);
         self.host.in_flight = Some((batch_id, request.clone(), now, token));
-        self.nodes[to].handle_request(now, token, &request);
+        self.nodes[to].handle_request(Now::both(now), token, &request);
         self.pump()
     }
 }

@@ -1,5 +1,5 @@
-//! The tokio + ZeroMQ shell around a [`Node`]: sockets, keys, the wall
-//! clock, the disk, logging and shutdown. No protocol decision is made here.
+//! The tokio + ZeroMQ shell around a [`Node`]: sockets, keys, the clocks,
+//! the disk, logging and shutdown. No protocol decision is made here.
 //!
 //! - Frontend: a ROUTER (CurveZMQ server, every client key checked by the
 //!   ZAP handler); a request is exactly `[identity, payload]` and the reply
@@ -29,14 +29,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use fog_protocol::now_ms;
-
 use fog_protocol::{LogEntry, PeerMessage, Reply, decode, encode};
 use fog_transport::{AccessList, Event, Limits, PublicKey, SharedAccess, Socket, ZapHandler};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
+use crate::clock::{Clock, Now};
 use crate::edge::Security;
 use crate::frontend::{Gate, handle_event, send_reply};
 use crate::fsm::Role;
@@ -388,7 +387,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let paused_after = cfg.heartbeat * 4;
     tokio::pin!(shutdown);
 
-    node.handle_timeout(now_ms());
+    let clock = Clock::new();
+    node.handle_timeout(clock.now());
     let mut last_wake: Option<Instant> = None;
     loop {
         if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate) {
@@ -403,17 +403,17 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 break;
             }
         }
-        let wake = Instant::now() + Duration::from_millis(node.poll_timeout().saturating_sub(now_ms()));
+        let wake = Instant::from_std(clock.instant_of(node.poll_timeout()));
         last_wake = Some(wake);
         tokio::select! {
             () = &mut shutdown => break,
             Some(event) = edge.frontend.recv() => {
                 let access = edge.access.as_ref().map(fog_transport::zap::current);
-                handle_event(&mut node, now_ms(), event, access.as_deref(), &edge.frontend, &mut gate);
+                handle_event(&mut node, clock.now(), event, access.as_deref(), &edge.frontend, &mut gate);
                 // Take what else is waiting, so its entries share one sync.
                 for _ in 1..MAX_REQUESTS_PER_ROUND {
                     match edge.frontend.try_recv() {
-                        Some(event) => handle_event(&mut node, now_ms(), event, access.as_deref(), &edge.frontend, &mut gate),
+                        Some(event) => handle_event(&mut node, clock.now(), event, access.as_deref(), &edge.frontend, &mut gate),
                         None => break,
                     }
                 }
@@ -424,7 +424,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         failure = Some(e);
                         break;
                     }
-                    node.handle_timeout(now_ms());
+                    node.handle_timeout(clock.now());
                     continue;
                 }
                 let mut next = Some(event);
@@ -437,7 +437,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                                         info!(peer = %cfg.state_connect, "hearing the peer");
                                     }
                                     peer_heard_at = Some(std::time::Instant::now());
-                                    node.handle_peer(now_ms(), msg);
+                                    node.handle_peer(clock.now(), msg);
                                 }
                                 Err(e) => debug!("ignored a bad frame from the peer: {e}"),
                             },
@@ -448,7 +448,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             }
             Some(done) = disk_done.recv() => match done {
-                DiskDone::Durable { lsn, snapshot } => node.handle_durable(now_ms(), lsn, snapshot),
+                DiskDone::Durable { lsn, snapshot } => node.handle_durable(clock.now(), lsn, snapshot),
                 DiskDone::Failed(e) => {
                     error!("the write-ahead log failed; stopping rather than acking what is not durable: {e}");
                     failure = Some(e.into());
@@ -456,8 +456,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             },
             _ = hangup.recv() => reload_keys(&edge),
-            () = tokio::time::sleep_until(wake) => node.handle_timeout(now_ms()),
-            _ = progress.tick() => report.log(&node, now_ms(), &edge, &gate),
+            () = tokio::time::sleep_until(wake) => node.handle_timeout(clock.now()),
+            _ = progress.tick() => report.log(&node, clock.now(), &edge, &gate),
         }
     }
 
@@ -522,13 +522,13 @@ struct Progress {
 }
 
 impl Progress {
-    fn log(&mut self, node: &Node, now: u64, edge: &Edge, gate: &Gate) {
+    fn log(&mut self, node: &Node, now: Now, edge: &Edge, gate: &Gate) {
         let counted = node.replica().ingest.counted();
         let secs = self.last_at_ms.map_or(PROGRESS_EVERY.as_secs_f64(), |t| {
-            (now.saturating_sub(t) as f64 / 1000.0).max(0.001)
+            (now.mono_ms.saturating_sub(t) as f64 / 1000.0).max(0.001)
         });
         let rate = (counted - self.last_counted) as f64 / secs;
-        let status = node.status(now);
+        let status = node.status();
         info!(
             state = node.state().as_str(),
             epoch = status.epoch,
@@ -545,6 +545,6 @@ impl Progress {
             "progress"
         );
         self.last_counted = counted;
-        self.last_at_ms = Some(now);
+        self.last_at_ms = Some(now.mono_ms);
     }
 }

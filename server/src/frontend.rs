@@ -12,6 +12,7 @@ use fog_protocol::{DecodeError, Refusal, RefusedReadings, Reply, decode_request,
 use fog_transport::{AccessList, Event, PublicKey, Socket};
 use tracing::{error, warn};
 
+use crate::clock::Now;
 use crate::edge::{Admission, admit, rights_of};
 use crate::node::{ClientToken, Node};
 
@@ -86,7 +87,7 @@ pub(crate) fn send_reply(frontend: &Socket, identity: Vec<u8>, reply: &Reply) {
 }
 
 /// Checks one frontend message and hands it to the node, or refuses it.
-pub(crate) fn handle_event(node: &mut Node, now: u64, event: Event, access: Option<&AccessList>, frontend: &Socket, gate: &mut Gate) {
+pub(crate) fn handle_event(node: &mut Node, now: Now, event: Event, access: Option<&AccessList>, frontend: &Socket, gate: &mut Gate) {
     let Event::Message(message) = event else { return };
     let user = message.user;
     let mut frames = message.frames;

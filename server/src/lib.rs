@@ -1,7 +1,8 @@
 //! `fog-server`: one node of a Binary Star pair that acks, deduplicates and
 //! averages the readings of roadside speed sensors.
 //!
-//! The protocol logic is sans-IO and driven with explicit time:
+//! The protocol logic is sans-IO and driven with explicit time, on two
+//! clocks ([`clock`]: monotonic for liveness, wall for event time):
 //! [`fsm`] (Binary Star states), [`ingest`] (exactly-once counting and acks),
 //! [`windows`] (event-time averages), [`average_log`] (the published
 //! averages that sensors follow with their cursors), [`replica`] (the
@@ -13,6 +14,7 @@
 //! what an authenticated client may ask.
 
 pub mod average_log;
+pub mod clock;
 pub mod driver;
 pub mod edge;
 mod frontend;
@@ -25,6 +27,7 @@ pub mod status;
 pub mod wal;
 pub mod windows;
 
+pub use clock::{Clock, Now};
 pub use driver::{ServerConfig, ServerError, run};
 pub use fsm::{BinaryStar, Role};
 pub use node::{ClientToken, Node, NodeConfig, Output};

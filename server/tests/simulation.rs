@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use fog_protocol::{AverageCursor, LogEntry, MAX_EPOCH, NodeState, PeerMessage, Reading, Reply, Request, SensorBatch};
 use fog_sensor::averages::AverageStream;
-use fog_server::{Node, NodeConfig, Output, Role, WindowConfig};
+use fog_server::{Node, NodeConfig, Now, Output, Role, WindowConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -372,7 +372,7 @@ impl World {
                     }
                 };
                 if let Some(n) = s.node.as_mut() {
-                    n.handle_durable(now, lsn, snapshot);
+                    n.handle_durable(Now::both(now), lsn, snapshot);
                 }
                 self.drain(i);
             }
@@ -381,21 +381,21 @@ impl World {
             while self.links[from].queue.front().is_some_and(|(at, _)| *at <= now) {
                 let Some((_, msg)) = self.links[from].queue.pop_front() else { break };
                 if let Some(n) = self.servers[i].node.as_mut() {
-                    n.handle_peer(now, msg);
+                    n.handle_peer(Now::both(now), msg);
                 }
                 self.drain(i);
             }
             while self.to_server[i].front().is_some_and(|(at, _, _)| *at <= now) {
                 let Some((_, token, req)) = self.to_server[i].pop_front() else { break };
                 if let Some(n) = self.servers[i].node.as_mut() {
-                    n.handle_request(now, token, &req);
+                    n.handle_request(Now::both(now), token, &req);
                 }
                 self.drain(i);
             }
             let due = self.servers[i].node.as_ref().is_some_and(|n| n.poll_timeout() <= now);
             if due {
                 if let Some(n) = self.servers[i].node.as_mut() {
-                    n.handle_timeout(now);
+                    n.handle_timeout(Now::both(now));
                 }
                 self.drain(i);
             }

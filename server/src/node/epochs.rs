@@ -8,6 +8,7 @@ use fog_protocol::{MAX_EPOCH, NodeState, PeerHeartbeat, Record, Seal};
 use tracing::{error, info, warn};
 
 use super::Node;
+use crate::clock::Now;
 use crate::fsm::{Event, Role, Step};
 
 /// A clock jump of this many heartbeats means the node was paused.
@@ -37,19 +38,24 @@ impl Node {
         theirs > mine
     }
 
-    /// Notices a pause: a clock jump of several heartbeats between two
-    /// events means this process was stopped, and the peer may have taken
-    /// over meanwhile.
-    pub(super) fn observe_time(&mut self, now: u64) {
+    /// Takes the time of an event: notices a pause (a jump of the
+    /// monotonic clock by several heartbeats between two events means this
+    /// process was stopped, and the peer may have taken over meanwhile),
+    /// keeps the wall-clock time for event time, and returns the monotonic
+    /// time, which is what the node's liveness runs on.
+    pub(super) fn observe_time(&mut self, now: Now) -> u64 {
+        self.wall_ms = now.wall_ms;
+        let mono = now.mono_ms;
         let limit = PAUSE_HEARTBEATS * self.cfg.heartbeat_ms;
-        if self.last_now_ms != 0 && now > self.last_now_ms.saturating_add(limit) {
-            self.fsm.restart_peer_expiry(now);
+        if self.mono_ms != 0 && mono > self.mono_ms.saturating_add(limit) {
+            self.fsm.restart_peer_expiry(mono);
             if self.fsm.state() == NodeState::Active {
-                let paused = now.saturating_sub(self.last_now_ms);
-                self.step_down(now, true, &format!("this node was paused for {paused} ms: stepping down until it hears its peer"));
+                let paused = mono.saturating_sub(self.mono_ms);
+                self.step_down(mono, true, &format!("this node was paused for {paused} ms: stepping down until it hears its peer"));
             }
         }
-        self.last_now_ms = self.last_now_ms.max(now);
+        self.mono_ms = self.mono_ms.max(mono);
+        self.mono_ms
     }
 
     fn log_step(&self, step: &Step) {

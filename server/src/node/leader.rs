@@ -58,11 +58,11 @@ impl Node {
     /// entry, and builds the reply. `placeable[i]`: whether sensor `i`'s
     /// cursor may be noted and answered (its epoch is verified).
     fn accept(&mut self, now: u64, batch_id: u64, sensors: &[SensorBatch], placeable: &[bool]) -> BatchReply {
-        let (sensors, refused) = self.screen(now, sensors);
+        let (sensors, refused) = self.screen(sensors);
         let (record, duplicates) = self.new_readings(&sensors, Some(placeable));
         self.replica.ingest.note_duplicates(duplicates);
         if let Some(sensors) = record {
-            self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
+            self.append(now, Record::ReadingsAccepted { now_ms: self.wall_ms, sensors });
         }
         let acks = sensors
             .iter()
@@ -82,7 +82,9 @@ impl Node {
     /// Takes out the readings that must not be accepted at all (see
     /// [`crate::ingest::Ingest::refusal`]), counts them per reason, and says
     /// which they were; borrows the batch when nothing is refused.
-    fn screen<'a>(&mut self, now: u64, sensors: &'a [SensorBatch]) -> (Cow<'a, [SensorBatch]>, Vec<RefusedReadings>) {
+    /// A reading is from the future by the wall clock.
+    fn screen<'a>(&mut self, sensors: &'a [SensorBatch]) -> (Cow<'a, [SensorBatch]>, Vec<RefusedReadings>) {
+        let now = self.wall_ms;
         let skew = self.cfg.windows.max_clock_skew_ms;
         let ingest = &self.replica.ingest;
         let mut refused: Vec<RefusedReadings> = Vec::new();
@@ -167,7 +169,7 @@ impl Node {
         if let Record::AveragesPublished { next_seq, .. } = &mut entry.record {
             *next_seq = self.replica.windows.next_seq();
             self.last_publish_ms = now;
-            self.trim_unconfirmed(now);
+            self.trim_unconfirmed(self.wall_ms);
         }
         if entry.solo {
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
@@ -291,10 +293,10 @@ impl Node {
                 }
             }
         }
-        let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= now);
+        let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= self.wall_ms);
         let prune = now >= self.last_publish_ms.saturating_add(PRUNE_EVERY_MS) && !self.replica.windows.is_idle();
         if due || prune {
-            self.append(now, Record::AveragesPublished { now_ms: now, next_seq: UNKNOWN_SEQ });
+            self.append(now, Record::AveragesPublished { now_ms: self.wall_ms, next_seq: UNKNOWN_SEQ });
             self.maybe_snapshot();
         }
     }

@@ -17,8 +17,8 @@ impl Node {
     /// a peer would not count them any more (they are expired there), so
     /// they need not wait for a merge, and a node that serves alone for days
     /// keeps memory bounded.
-    pub(super) fn trim_unconfirmed(&mut self, now: u64) {
-        let oldest = now.saturating_sub(self.cfg.windows.dedup_horizon_ms);
+    pub(super) fn trim_unconfirmed(&mut self, wall_ms: u64) {
+        let oldest = wall_ms.saturating_sub(self.cfg.windows.dedup_horizon_ms);
         while self.unconfirmed.front().is_some_and(|(_, b)| b.readings.iter().all(|r| r.timestamp_ms < oldest)) {
             self.unconfirmed.pop_front();
         }
@@ -65,7 +65,7 @@ impl Node {
         let n: usize = record.iter().flatten().map(|s| s.readings.len()).sum();
         if let Some(sensors) = record {
             info!(readings = n, "merging readings the peer accepted alone");
-            self.append(now, Record::ReadingsAccepted { now_ms: now, sensors });
+            self.append(now, Record::ReadingsAccepted { now_ms: self.wall_ms, sensors });
         }
         self.held.push_back((self.replica.lsn, Held::MergeAck(id)));
         self.release();

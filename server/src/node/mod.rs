@@ -62,6 +62,7 @@ use fog_protocol::{
 };
 use tracing::warn;
 
+use crate::clock::Now;
 use crate::fsm::{BinaryStar, Role};
 use crate::replica::Replica;
 use crate::seal::EpochSeal;
@@ -161,7 +162,10 @@ pub struct Node {
     peer: Option<PeerHeartbeat>,
     next_heartbeat_ms: u64,
     last_publish_ms: u64,
-    last_now_ms: u64,
+    /// The latest monotonic time seen (0: none yet), and the wall-clock
+    /// time of the latest event: see [`crate::clock`].
+    mono_ms: u64,
+    wall_ms: u64,
     entries_since_snapshot: u64,
     refused: RefusedCounts,
     forged_epochs: u64,
@@ -191,7 +195,8 @@ impl Node {
             peer: None,
             next_heartbeat_ms: 0,
             last_publish_ms: 0,
-            last_now_ms: 0,
+            mono_ms: 0,
+            wall_ms: 0,
             entries_since_snapshot: 0,
             refused: RefusedCounts::default(),
             forged_epochs: 0,
@@ -239,23 +244,25 @@ impl Node {
         self.out.pop_front()
     }
 
-    /// The next time [`Node::handle_timeout`] has work.
+    /// The next time [`Node::handle_timeout`] has work, on the monotonic
+    /// clock. (Windows are due by the wall clock; the wait until then is
+    /// counted from the latest event.)
     pub fn poll_timeout(&self) -> u64 {
         let mut t = self.next_heartbeat_ms;
         if self.fsm.state() == NodeState::Active {
             if let Some(w) = self.replica.windows.poll_timeout() {
-                t = t.min(w);
+                t = t.min(self.mono_ms.saturating_add(w.saturating_sub(self.wall_ms)));
             }
         }
         t
     }
 
     /// Handles one client request received at `now`.
-    pub fn handle_request(&mut self, now: u64, to: ClientToken, request: &Request) {
-        self.observe_time(now);
+    pub fn handle_request(&mut self, now: Now, to: ClientToken, request: &Request) {
+        let now = self.observe_time(now);
         match request {
             Request::Status => {
-                let reply = Reply::Status(Box::new(self.status(now)));
+                let reply = Reply::Status(Box::new(self.status()));
                 self.out.push_back(Output::Reply { to, reply });
             }
             Request::Batch { batch_id, epoch, seal, sensors } => self.handle_batch(now, to, *batch_id, *epoch, seal, sensors),
@@ -264,7 +271,7 @@ impl Node {
 
     /// The disk reports entries up to `lsn` durable (`snapshot`: the report
     /// is for a snapshot).
-    pub fn handle_durable(&mut self, now: u64, lsn: u64, snapshot: bool) {
+    pub fn handle_durable(&mut self, now: Now, lsn: u64, snapshot: bool) {
         self.observe_time(now);
         if let Some(want) = self.awaiting_snapshot_durable {
             if !(snapshot && lsn == want) {
@@ -289,8 +296,8 @@ impl Node {
     }
 
     /// Handles one message of the peer received at `now`.
-    pub fn handle_peer(&mut self, now: u64, msg: PeerMessage) {
-        self.observe_time(now);
+    pub fn handle_peer(&mut self, now: Now, msg: PeerMessage) {
+        let now = self.observe_time(now);
         let epoch = match &msg {
             PeerMessage::Heartbeat(hb) => Some(hb.epoch),
             PeerMessage::Records { epoch, .. }
@@ -329,8 +336,8 @@ impl Node {
 
     /// Heartbeats, the peer's expiry, resends to the passive, publication of
     /// due averages, retries of joins and merges.
-    pub fn handle_timeout(&mut self, now: u64) {
-        self.observe_time(now);
+    pub fn handle_timeout(&mut self, now: Now) {
+        let now = self.observe_time(now);
         if self.fsm.state() == NodeState::Active {
             self.active_timeout(now);
         } else if self.fsm.state() == NodeState::Passive

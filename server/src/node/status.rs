@@ -59,7 +59,7 @@ impl Node {
         }
     }
 
-    pub fn status(&self, now: u64) -> StatusReport {
+    pub fn status(&self) -> StatusReport {
         let (replication, lag) = self.replication();
         let w = &self.replica.windows;
         StatusReport {
@@ -85,7 +85,7 @@ impl Node {
             refused: self.refused,
             forged_epochs: self.forged_epochs,
             batches: self.batches,
-            peer_alive: self.fsm.peer_alive(now),
+            peer_alive: self.fsm.peer_alive(self.mono_ms),
             per_sensor: self.replica.ingest.per_sensor(),
         }
     }

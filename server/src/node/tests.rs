@@ -8,6 +8,7 @@ use fog_protocol::{
 };
 
 use super::{Node, NodeConfig, Output};
+use crate::clock::Now;
 use crate::fsm::Role;
 use crate::seal::EpochSeal;
 use crate::windows::WindowConfig;
@@ -40,9 +41,9 @@ fn config() -> NodeConfig {
 fn settle(node: &mut Node, now: u64) {
     while let Some(out) = node.poll_output() {
         if let Output::Append(entry) = out {
-            node.handle_durable(now, entry.lsn, false);
+            node.handle_durable(Now::both(now), entry.lsn, false);
         } else if let Output::SaveSnapshot { lsn, .. } = out {
-            node.handle_durable(now, lsn, true);
+            node.handle_durable(Now::both(now), lsn, true);
         }
     }
 }
@@ -54,9 +55,9 @@ fn serving_alone(n: u64) -> (Node, u64) {
     let mut node = Node::new(cfg);
     let mut now = T0 + 10_000;
     for seq in 0..n {
-        node.handle_request(now, seq, &batch(seq, seq, now));
+        node.handle_request(Now::both(now), seq, &batch(seq, seq, now));
         settle(&mut node, now);
-        node.handle_timeout(now);
+        node.handle_timeout(Now::both(now));
         settle(&mut node, now);
         now += 1_000;
     }
@@ -68,28 +69,28 @@ fn serving_alone(n: u64) -> (Node, u64) {
 fn readings_accepted_alone_are_kept_for_a_merge_only_within_the_dedup_horizon() {
     // Alone from the start: the peer never appeared.
     let (mut node, mut now) = serving_alone(50);
-    assert_eq!(node.status(now).unconfirmed, 50, "readings accepted alone wait for a merge");
+    assert_eq!(node.status().unconfirmed, 50, "readings accepted alone wait for a merge");
     // Serving alone for more than the horizon (time passes in steps, as
     // a running node sees it: a jump would look like a pause): the old
     // ones are let go, the recent ones are still kept.
     let late = now + HOUR;
     while now < late {
-        node.handle_timeout(now);
+        node.handle_timeout(Now::both(now));
         settle(&mut node, now);
         now += 500;
     }
     for seq in 50..60 {
-        node.handle_request(late + seq, seq, &batch(seq, seq, late + seq));
+        node.handle_request(Now::both(late + seq), seq, &batch(seq, seq, late + seq));
         settle(&mut node, late + seq);
     }
     let mut now = late + 100;
     while now < late + 10_000 {
-        node.handle_timeout(now);
+        node.handle_timeout(Now::both(now));
         settle(&mut node, now);
         now += 500;
     }
     assert_eq!(node.state(), NodeState::Active, "still serving alone");
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!(status.unconfirmed, 10, "only the readings within the horizon are kept: {status:?}");
     assert_eq!(status.counted, 60, "trimming forgets nothing that was counted");
 }
@@ -99,17 +100,17 @@ fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_ti
     let (mut node, now) = serving_alone(3);
     // A restarted backup joins; its heartbeats have not come through
     // (its first went out before this node's subscription was up).
-    node.handle_peer(now, PeerMessage::Join { epoch: 0 });
+    node.handle_peer(Now::both(now), PeerMessage::Join { epoch: 0 });
     settle(&mut node, now);
-    node.handle_request(now + 10, 99, &batch(99, 3, now + 10));
+    node.handle_request(Now::both(now + 10), 99, &batch(99, 3, now + 10));
     let mut replied = false;
     let mut t = now + 10;
     while t < now + 400 {
-        node.handle_timeout(t);
+        node.handle_timeout(Now::both(t));
         while let Some(out) = node.poll_output() {
             match out {
-                Output::Append(entry) => node.handle_durable(t, entry.lsn, false),
-                Output::SaveSnapshot { lsn, .. } => node.handle_durable(t, lsn, true),
+                Output::Append(entry) => node.handle_durable(Now::both(t), entry.lsn, false),
+                Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(t), lsn, true),
                 Output::Reply { .. } => replied = true,
                 _ => {}
             }
@@ -117,7 +118,7 @@ fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_ti
         t += 50;
     }
     assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
-    let replication = node.status(t).replication;
+    let replication = node.status().replication;
     assert_eq!(replication, fog_protocol::Replication::PassiveJoining, "still waiting for the passive");
 }
 
@@ -126,8 +127,8 @@ fn replies(node: &mut Node, now: u64) -> Vec<Reply> {
     let mut out = Vec::new();
     while let Some(o) = node.poll_output() {
         match o {
-            Output::Append(entry) => node.handle_durable(now, entry.lsn, false),
-            Output::SaveSnapshot { lsn, .. } => node.handle_durable(now, lsn, true),
+            Output::Append(entry) => node.handle_durable(Now::both(now), entry.lsn, false),
+            Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(now), lsn, true),
             Output::Reply { reply, .. } => out.push(reply),
             Output::Peer(_) => {}
         }
@@ -163,7 +164,7 @@ fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_
     let now = T0 + 10_000;
     let cursor = Some(fog_protocol::AverageCursor { seq: 2_000, epoch: 7, chain: 42 });
     let mut node = Node::new(cfg);
-    node.handle_request(now, 1, &sealed_batch(1, 7, seal.seal(7), vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+    node.handle_request(Now::both(now), 1, &sealed_batch(1, 7, seal.seal(7), vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
     let got = replies(&mut node, now);
     assert!(matches!(got.as_slice(), [Reply::NotActive { epoch: 7, seal: s, .. }] if *s == seal.seal(7)), "{got:?}");
     assert_ne!(node.state(), NodeState::Active);
@@ -172,7 +173,7 @@ fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_
     // neither steps down nor moves (rewinds) those sensors.
     for (epoch, host_seal) in [(0, [0; 16]), (7, [0; 16]), (7, seal.seal(6))] {
         let mut node = Node::new(cfg);
-        node.handle_request(now, 1, &sealed_batch(1, epoch, host_seal, vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
+        node.handle_request(Now::both(now), 1, &sealed_batch(1, epoch, host_seal, vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }], cursor));
         let got = replies(&mut node, now);
         let reply = batch_reply(&got);
         assert_eq!(node.state(), NodeState::Active, "host epoch {epoch}");
@@ -180,7 +181,7 @@ fn a_node_that_lost_its_data_does_not_serve_sensors_that_applied_a_newer_epochs_
         assert_eq!(reply.acks[0].next_seq, 1, "its readings are still acked");
         assert_eq!((reply.epoch, reply.seal), (1, seal.seal(1)), "the reply names its own epoch, sealed");
         let forged = if epoch == 0 { 1 } else { 2 };
-        assert_eq!(node.status(now).forged_epochs, forged, "the host's and the cursor's epochs are counted");
+        assert_eq!(node.status().forged_epochs, forged, "the host's and the cursor's epochs are counted");
     }
 }
 
@@ -190,16 +191,16 @@ fn a_forged_host_epoch_does_not_make_the_active_step_down() {
     let epoch = node.epoch();
     for (i, claimed) in [epoch + 1, epoch + 2, 1 << 40, MAX_EPOCH - 1, MAX_EPOCH, u64::MAX].into_iter().enumerate() {
         for forged in [[0; 16], [0xab; 16]] {
-            node.handle_request(now, 10, &sealed_batch(10 + i as u64, claimed, forged, Vec::new(), None));
+            node.handle_request(Now::both(now), 10, &sealed_batch(10 + i as u64, claimed, forged, Vec::new(), None));
             let got = replies(&mut node, now);
             assert!(matches!(got.as_slice(), [Reply::Batch(_)]), "epoch {claimed}: {got:?}");
             assert_eq!((node.state(), node.epoch()), (NodeState::Active, epoch), "epoch {claimed}");
         }
     }
-    assert_eq!(node.status(now).forged_epochs, 12);
+    assert_eq!(node.status().forged_epochs, 12);
     // The pair's own seal of a newer epoch still counts.
     let seal = EpochSeal::new(KEY);
-    node.handle_request(now, 11, &sealed_batch(99, epoch + 1, seal.seal(epoch + 1), Vec::new(), None));
+    node.handle_request(Now::both(now), 11, &sealed_batch(99, epoch + 1, seal.seal(epoch + 1), Vec::new(), None));
     assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
     assert_ne!(node.state(), NodeState::Active);
 }
@@ -211,23 +212,23 @@ fn an_epoch_past_the_limit_counts_from_no_one_and_takeovers_never_wrap() {
     let seal = EpochSeal::new(KEY);
     for claimed in [MAX_EPOCH, u64::MAX] {
         let (mut node, now) = serving_alone(2);
-        node.handle_request(now, 10, &sealed_batch(10, claimed, seal.seal(claimed), Vec::new(), None));
+        node.handle_request(Now::both(now), 10, &sealed_batch(10, claimed, seal.seal(claimed), Vec::new(), None));
         assert!(matches!(replies(&mut node, now).as_slice(), [Reply::Batch(_)]), "host epoch {claimed}");
         let hb = PeerHeartbeat { state: NodeState::Backup, epoch: claimed, lsn: 0, complete: true, peer_in_sync: false };
-        node.handle_peer(now, PeerMessage::Heartbeat(hb));
-        node.handle_peer(now, PeerMessage::Join { epoch: claimed });
+        node.handle_peer(Now::both(now), PeerMessage::Heartbeat(hb));
+        node.handle_peer(Now::both(now), PeerMessage::Join { epoch: claimed });
         assert_eq!((node.state(), node.epoch()), (NodeState::Active, 1), "peer epoch {claimed}");
-        assert_eq!(node.status(now).forged_epochs, 3);
+        assert_eq!(node.status().forged_epochs, 3);
     }
     // The highest epoch a node can hear of still leaves room to take
     // over with (MAX_EPOCH - 1 is odd: the primary's next is MAX_EPOCH,
     // which it must not take).
     let mut node = Node::new(config());
     let now = T0 + 10_000;
-    node.handle_request(now, 1, &sealed_batch(1, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+    node.handle_request(Now::both(now), 1, &sealed_batch(1, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
     assert_eq!(node.epoch(), MAX_EPOCH - 1);
     assert!(matches!(replies(&mut node, now).as_slice(), [Reply::NotActive { .. }]));
-    node.handle_request(now, 2, &sealed_batch(2, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
+    node.handle_request(Now::both(now), 2, &sealed_batch(2, MAX_EPOCH - 1, seal.seal(MAX_EPOCH - 1), Vec::new(), None));
     let _ = replies(&mut node, now);
     assert!(node.epoch() < MAX_EPOCH, "took epoch {}", node.epoch());
     assert_ne!(node.state(), NodeState::Active, "no epoch left: it must not serve");
@@ -237,17 +238,17 @@ fn an_epoch_past_the_limit_counts_from_no_one_and_takeovers_never_wrap() {
 fn an_expired_reading_with_a_far_seq_is_acked_but_moves_no_ledger() {
     let (mut node, now) = serving_alone(3);
     let poison = Reading { seq: 1_000_000, speed_kmh: 1, timestamp_ms: 0 };
-    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], vec![poison], None));
+    node.handle_request(Now::both(now), 10, &sealed_batch(10, 0, [0; 16], vec![poison], None));
     let got = replies(&mut node, now);
     let reply = batch_reply(&got);
     assert_eq!(reply.acks[0].next_seq, 3);
     assert_eq!(reply.acks[0].also, vec![1_000_000], "the expired reading is acked");
     assert!(reply.refused.is_empty());
     // The sensor's next reading still counts.
-    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+    node.handle_request(Now::both(now), 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
     let got = replies(&mut node, now);
     assert_eq!(batch_reply(&got).acks[0].next_seq, 4);
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!((status.counted, status.expired, status.duplicates), (4, 1, 0));
 }
 
@@ -264,7 +265,7 @@ fn readings_with_seqs_out_of_range_or_from_the_future_are_refused_and_counted() 
         Reading { seq: 4, speed_kmh: 1, timestamp_ms: u64::MAX },
         Reading { seq: 5, speed_kmh: 100, timestamp_ms: now + skew },
     ];
-    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], hostile, None));
+    node.handle_request(Now::both(now), 10, &sealed_batch(10, 0, [0; 16], hostile, None));
     let got = replies(&mut node, now);
     let reply = batch_reply(&got);
     assert_eq!(reply.acks[0].next_seq, 3);
@@ -278,19 +279,19 @@ fn readings_with_seqs_out_of_range_or_from_the_future_are_refused_and_counted() 
             RefusedReadings { sensor_id: 1, reason: Refusal::SeqOutOfRange, count: 4 },
         ]
     );
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!((status.refused.seq_out_of_range, status.refused.from_the_future), (4, 2));
     assert_eq!(status.counted, 4, "refused readings are not counted");
     // Nothing refused reached the log or the ledger: the sensor's own
     // readings 3 and 4 still count.
     let readings = (3..5).map(|seq| Reading { seq, speed_kmh: 100, timestamp_ms: now }).collect();
-    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], readings, None));
+    node.handle_request(Now::both(now), 11, &sealed_batch(11, 0, [0; 16], readings, None));
     let got = replies(&mut node, now);
     assert_eq!(batch_reply(&got).acks[0].next_seq, 6);
-    assert_eq!(node.status(now).counted, 6);
+    assert_eq!(node.status().counted, 6);
     node.record_refusal(Refusal::ForeignSensor, 3);
     node.record_malformed();
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!((status.refused.foreign_sensor, status.refused.malformed, status.malformed_frames), (3, 1, 1));
 }
 
@@ -303,17 +304,17 @@ fn a_reading_far_above_the_watermark_cannot_close_the_gap_below_it_later() {
     let (mut node, mut now) = serving_alone(3);
     let far = [1 << 62, 3 + crate::ingest::MAX_SEQ_AHEAD + 1];
     let readings = far.iter().map(|&seq| Reading { seq, speed_kmh: 1, timestamp_ms: now }).collect();
-    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+    node.handle_request(Now::both(now), 10, &sealed_batch(10, 0, [0; 16], readings, None));
     let _ = replies(&mut node, now);
     let late = now + HOUR + 10_000;
     while now < late {
-        node.handle_timeout(now);
+        node.handle_timeout(Now::both(now));
         let _ = replies(&mut node, now);
         now += 500;
     }
-    node.handle_request(now, 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
+    node.handle_request(Now::both(now), 11, &sealed_batch(11, 0, [0; 16], vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }], None));
     let _ = replies(&mut node, now);
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!((status.counted, status.duplicates), (4, 0), "{status:?}");
 }
 
@@ -325,11 +326,78 @@ fn a_batch_of_65536_readings_of_one_sensor_is_counted_and_acked_once_each() {
     let mut readings: Vec<Reading> = (1..n - 99).rev().map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }).collect();
     readings.extend((n - 199..n - 99).map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }));
     assert_eq!(readings.len() as u64, n);
-    node.handle_request(now, 10, &sealed_batch(10, 0, [0; 16], readings, None));
+    node.handle_request(Now::both(now), 10, &sealed_batch(10, 0, [0; 16], readings, None));
     let got = replies(&mut node, now);
     let ack = &batch_reply(&got).acks[0];
     assert_eq!((ack.next_seq, ack.also.len()), (n - 99, 0));
-    let status = node.status(now);
+    let status = node.status();
     assert_eq!((status.counted, status.duplicates), (n - 99, 100));
     assert_eq!(status.per_sensor[0].sum_kmh, 100 + (n - 100) * 90);
+}
+
+/// Drives a lone active through `steps` timeouts 100 ms apart on the
+/// monotonic clock, the wall clock reading `wall(mono)`; returns whether it
+/// stayed active all along.
+fn stays_active(node: &mut Node, mono0: u64, steps: u64, wall: impl Fn(u64) -> u64) -> bool {
+    (0..steps).all(|i| {
+        let mono = mono0 + i * 100;
+        let now = Now {
+            mono_ms: mono,
+            wall_ms: wall(mono),
+        };
+        node.handle_timeout(now);
+        while let Some(out) = node.poll_output() {
+            match out {
+                Output::Append(entry) => node.handle_durable(now, entry.lsn, false),
+                Output::SaveSnapshot { lsn, .. } => node.handle_durable(now, lsn, true),
+                _ => {}
+            }
+        }
+        node.state() == NodeState::Active
+    })
+}
+
+#[test]
+fn a_step_of_the_wall_clock_is_not_a_pause_but_a_jump_of_the_monotonic_one_is() {
+    // An NTP step forward by a minute, then back by two: event time moves,
+    // liveness does not notice.
+    let (mut node, now) = serving_alone(5);
+    let epoch = node.epoch();
+    let steps = |mono: u64| {
+        if mono < now + 2_000 {
+            mono
+        } else if mono < now + 4_000 {
+            mono + 60_000
+        } else {
+            mono - 60_000
+        }
+    };
+    assert!(
+        stays_active(&mut node, now, 60, steps),
+        "a wall-clock step made the active step down"
+    );
+    assert_eq!(node.epoch(), epoch);
+    // Averages are still published, by the wall clock as it now reads.
+    let published = node.status().averages_published;
+    let (mono, wall) = (now + 6_000, now - 54_000);
+    node.handle_request(
+        Now {
+            mono_ms: mono,
+            wall_ms: wall,
+        },
+        50,
+        &batch(50, 5, wall),
+    );
+    assert!(stays_active(&mut node, mono, 100, |m| m - 60_000));
+    assert!(
+        node.status().averages_published > published,
+        "the reading's window was not published"
+    );
+    assert_eq!(node.status().counted, 6);
+    // The process was frozen for two seconds: the monotonic clock jumps
+    // and the node steps down until it hears its peer.
+    assert!(
+        !stays_active(&mut node, now + 20_000, 1, |mono| mono - 60_000),
+        "a pause went unnoticed"
+    );
 }
