@@ -6,6 +6,8 @@
 //!   instantiates one Store per sensor;
 //! - [`fleet`] ticks the sensors, batches their readings, routes replies,
 //!   restarts or quarantines sensors that fail, and swaps the component;
+//! - [`sensor`] is what the fleet asks of a sensor and of the runtime that
+//!   makes sensors, as traits (so the fleet also runs native sensors);
 //! - [`state`] keeps the sensors' snapshots in `--state-dir` (group commit);
 //! - [`link`] is one DEALER connection to one server;
 //! - [`core`] decides the conversation with the server pair without I/O:
@@ -16,5 +18,6 @@ pub mod core;
 pub mod fleet;
 pub mod link;
 pub mod runtime;
+pub mod sensor;
 pub mod session;
 pub mod state;

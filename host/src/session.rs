@@ -206,11 +206,11 @@ pub async fn run(
             }
         }
     };
-    sandboxed(|| d.fleet.refresh_status());
+    sandboxed(|| d.fleet.refresh_status(now()));
     if d.fleet.has_state_dir() {
         // Acks that arrived since the last batch: on disk, so a restart
         // does not resend what the server already counted.
-        if let Err(e) = sandboxed(|| d.fleet.commit_all()) {
+        if let Err(e) = sandboxed(|| d.fleet.commit_all(now())) {
             tracing::error!("cannot write the final sensor state: {e}");
         }
     }
@@ -256,14 +256,14 @@ impl Driver<'_> {
                     let range = self.fleet.slice(slice, slices);
                     sandboxed(|| {
                         self.fleet.restart_due(now());
-                        self.fleet.tick(range, produce);
+                        self.fleet.tick(now(), range, produce);
                     });
-                    let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status()));
+                    let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status(now())));
                     core.handle_ticked(now(), self.fleet.pending(), all_acked);
                 }
                 Action::TakeBatch => {
                     if self.commit() {
-                        let (sensors, _) = self.fleet.take_batch();
+                        let (sensors, _) = self.fleet.take_batch(now());
                         core.handle_batch(now(), sensors);
                     }
                 }
@@ -277,7 +277,7 @@ impl Driver<'_> {
                             self.latest.insert(avg.segment, *avg);
                         }
                     }
-                    sandboxed(|| self.fleet.apply(&reply));
+                    sandboxed(|| self.fleet.apply(now(), &reply));
                     core.handle_applied(now(), self.fleet.pending());
                 }
                 Action::SaveEpoch { epoch, seal } => {
@@ -337,7 +337,7 @@ impl Driver<'_> {
             Ok(Ok(component)) => {
                 let to = component.origin.clone();
                 let began = std::time::Instant::now();
-                match sandboxed(|| self.fleet.swap(component)) {
+                match sandboxed(|| self.fleet.swap(now(), component)) {
                     Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
                     Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
                 }

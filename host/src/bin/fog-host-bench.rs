@@ -160,7 +160,7 @@ fn start(args: &Args, n: u32) -> anyhow::Result<(Fleet, Duration)> {
         // One thread: the figures are the CPU cost of a sensor.
         threads: 1,
     };
-    let fleet = Fleet::start(engine, component, config, None).context("cannot start the fleet")?;
+    let fleet = Fleet::start(engine, component, config, None, Instant::now()).context("cannot start the fleet")?;
     Ok((fleet, compile))
 }
 
@@ -175,14 +175,14 @@ fn measure(args: &Args, n: u32) -> anyhow::Result<FleetFigures> {
     let (mut tick, mut snapshot) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
         let t = Instant::now();
-        fleet.tick_all(true);
+        fleet.tick_all(Instant::now(), true);
         fleet.commit()?;
         tick += t.elapsed();
         let t = Instant::now();
-        fleet.commit_all()?;
+        fleet.commit_all(Instant::now())?;
         snapshot += t.elapsed();
         // Drop what a batch would have taken, so memory stays flat.
-        let _ = fleet.take_batch();
+        let _ = fleet.take_batch(Instant::now());
     }
     let per = |d: Duration| d.as_secs_f64() * 1e6 / (f64::from(n) * f64::from(rounds));
     Ok(FleetFigures {

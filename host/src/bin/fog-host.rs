@@ -278,7 +278,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
     };
     let started = std::time::Instant::now();
-    let mut fleet = Fleet::start(engine, component, fleet_config, store).context("cannot start sensors")?;
+    let mut fleet = Fleet::start(engine, component, fleet_config, store, std::time::Instant::now()).context("cannot start sensors")?;
     tracing::info!(
         "started {} sensors of {} in {:.1?}; servers {}",
         fleet.len(),

@@ -11,6 +11,8 @@ use fog_protocol::{BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, Se
 
 use crate::runtime::WitAverage;
 
+use crate::sensor::{SensorCalls, SensorRuntime};
+
 use super::pool::each_sensor;
 use super::{Fleet, Life, SensorSlot, from_wit, to_wit, to_wit_cursor};
 
@@ -38,7 +40,7 @@ fn merge_ack(into: &mut Option<AckView>, ack: &fog_protocol::SensorAck) {
     }
 }
 
-impl SensorSlot {
+impl<S: SensorCalls> SensorSlot<S> {
     /// Takes the acks of a reply: drops those the sensor already has and
     /// merges the rest into the unsent one.
     fn note_acks<'a>(&mut self, acks: impl Iterator<Item = &'a fog_protocol::SensorAck>) {
@@ -68,7 +70,7 @@ impl SensorSlot {
     }
 }
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Readings waiting to be put into a batch.
     pub fn pending(&self) -> usize {
         self.sensors.iter().map(|s| s.pending.len()).sum()
@@ -84,15 +86,15 @@ impl Fleet {
     /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
     /// does not fit goes first in the next batch, which is sent as soon as
     /// the reply comes (`pending` stays above zero).
-    pub fn take_batch(&mut self) -> (Vec<SensorBatch>, usize) {
-        let now = Instant::now();
+    pub fn take_batch(&mut self, now: Instant) -> (Vec<SensorBatch>, usize) {
+        self.now = now;
         if self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY) {
             self.last_full_batch = Some(now);
             self.full_pass_left = self.sensors.len();
         }
         let n = self.sensors.len();
         let newest = self.newest_average;
-        let news = |s: &SensorSlot| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
+        let news = |s: &SensorSlot<R::Sensor>| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
         let (mut sensors, mut readings) = (Vec::new(), 0usize);
         let mut visited = 0;
         while visited < n && sensors.len() < MAX_SENSORS_PER_BATCH && readings < MAX_READINGS_PER_BATCH {
@@ -140,7 +142,8 @@ impl Fleet {
     /// Delivers a server's reply to the sensors it concerns. A sensor that
     /// is not running misses it; once restarted it resends what was not
     /// acked in its saved state, and the server acks it again.
-    pub fn apply(&mut self, reply: &BatchReply) {
+    pub fn apply(&mut self, now: Instant, reply: &BatchReply) {
+        self.now = now;
         self.note_refused(reply);
         if let Some(last) = reply.averages.last() {
             self.newest_average = last.seq;
@@ -151,7 +154,7 @@ impl Fleet {
         // Without averages only the sensors named in the reply are called.
         let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
         let workers = self.workers(calls);
-        let (now, every) = (Instant::now(), self.ack_every());
+        let every = self.ack_every();
         let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
             if let Err(error) = slot.give_ack(now, every) {
@@ -240,7 +243,7 @@ impl Routes {
 
 /// What one sensor says in a batch: its first `take` pending readings and
 /// its cursor.
-fn batch_entry(s: &mut SensorSlot, take: usize) -> SensorBatch {
+fn batch_entry<S>(s: &mut SensorSlot<S>, take: usize) -> SensorBatch {
     SensorBatch {
         sensor_id: s.id,
         incarnation: s.incarnation,

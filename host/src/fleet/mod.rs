@@ -49,10 +49,8 @@ use std::time::{Duration, Instant};
 use fog_protocol::{Average, AverageCursor, Reading};
 use serde::Serialize;
 
-use crate::runtime::{
-    SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, WitAverage, WitCursor, describe_failure,
-    describe_instantiate_failure,
-};
+use crate::runtime::{SensorConfig, SensorEngine, SensorStatus, WitAverage, WitCursor};
+use crate::sensor::{SensorCalls, SensorRuntime};
 use crate::state::StateStore;
 
 use self::batch::AckView;
@@ -80,19 +78,19 @@ pub struct FleetConfig {
     pub threads: usize,
 }
 
-enum Life {
-    Running(Box<SensorInstance>),
+enum Life<S> {
+    Running(Box<S>),
     /// Stopped after a failure; restarted from its last good state at `at`.
     Restarting { at: Instant },
     /// Failed too often; not restarted.
     Quarantined,
 }
 
-struct SensorSlot {
+struct SensorSlot<S> {
     id: u32,
     segment: u32,
     incarnation: u64,
-    life: Life,
+    life: Life<S>,
     /// Failures since the last quiet period.
     failures: u32,
     running_since: Instant,
@@ -159,12 +157,15 @@ pub struct SensorSummary {
 }
 
 /// The sensors of one host, and what the host keeps about each of them.
-pub struct Fleet {
-    engine: Arc<SensorEngine>,
-    component: SensorComponent,
+///
+/// Generic over what makes the sensors ([`SensorRuntime`]): wasmtime
+/// components in `fog-host`, sensor code compiled in for the simulation.
+pub struct Fleet<R: SensorRuntime = SensorEngine> {
+    engine: Arc<R>,
+    component: R::Component,
     config: FleetConfig,
     /// Sensor `i` has id `config.first_id + i` (wrapping).
-    sensors: Vec<SensorSlot>,
+    sensors: Vec<SensorSlot<R::Sensor>>,
     store: Option<StateStore>,
     /// Sensor failures (traps, deadlines, memory) over the run.
     pub failures: u64,
@@ -183,25 +184,26 @@ pub struct Fleet {
     full_pass_left: usize,
     /// Readings refused by a server, per reason (logged once per reason).
     refused: std::collections::BTreeMap<String, u64>,
+    /// The time of the call under way: the fleet reads no clock, its
+    /// caller hands it the time with every call that needs one.
+    now: Instant,
 }
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Starts every sensor: from its saved state when `store` holds one,
     /// afresh otherwise.
     pub fn start(
-        engine: Arc<SensorEngine>,
-        component: SensorComponent,
+        engine: Arc<R>,
+        component: R::Component,
         config: FleetConfig,
         store: Option<(StateStore, HashMap<u32, Vec<u8>>)>,
+        now: Instant,
     ) -> Result<Self, StartError> {
         let (store, mut saved) = match store {
             Some((store, saved)) => (Some(store), saved),
             None => (None, HashMap::new()),
         };
-        let now = Instant::now();
         let mut sensors = Vec::with_capacity(config.count as usize);
-        let mut fleet_limits = engine.limits();
-        fleet_limits.max_instances = config.count;
         for i in 0..config.count {
             let id = config.first_id.wrapping_add(i);
             let segment = if config.segments == 0 { 0 } else { i % config.segments };
@@ -209,7 +211,7 @@ impl Fleet {
             // One seed for the whole fleet: sensors mix in their id for the
             // incarnation, and share traffic events (jams) per segment.
             let mut instance = engine.instantiate(&component, sensor_config, config.seed).map_err(|e| {
-                StartError::Instantiate { id, reason: describe_instantiate_failure(&e, &fleet_limits, config.count) }
+                StartError::Instantiate { id, reason: engine.describe_instantiate_failure(&e, config.count) }
             })?;
             let saved = saved.remove(&id);
             if let Some(state) = &saved {
@@ -217,13 +219,13 @@ impl Fleet {
                     Ok(Ok(())) => {}
                     Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
                     Err(e) => {
-                        return Err(StartError::Resume { id, reason: describe_failure(&e, &engine.limits()) });
+                        return Err(StartError::Resume { id, reason: engine.describe_failure(&e) });
                     }
                 }
             }
             let incarnation = instance
                 .init()
-                .map_err(|e| StartError::Init { id, reason: describe_failure(&e, &engine.limits()) })?;
+                .map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
             // A resumed sensor reports where its average stream stands.
             let status = if saved.is_some() { instance.status().ok() } else { None };
             sensors.push(SensorSlot {
@@ -260,6 +262,7 @@ impl Fleet {
             batch_start: 0,
             full_pass_left: 0,
             refused: std::collections::BTreeMap::new(),
+            now,
         })
     }
 
@@ -271,13 +274,13 @@ impl Fleet {
         self.sensors.is_empty()
     }
 
-    pub fn engine(&self) -> &Arc<SensorEngine> {
+    pub fn engine(&self) -> &Arc<R> {
         &self.engine
     }
 
     /// Where the running component came from.
     pub fn component_origin(&self) -> &str {
-        &self.component.origin
+        self.engine.origin(&self.component)
     }
 
     /// The sensors of tick slice `k` of `slices`: contiguous, so a slice's
@@ -288,9 +291,10 @@ impl Fleet {
         (n * k / slices)..(n * (k + 1) / slices)
     }
 
-    /// Ticks the sensors in `range` once; returns how many readings they
-    /// handed over.
-    pub fn tick(&mut self, range: Range<usize>, produce: bool) -> usize {
+    /// Ticks the sensors in `range` once at `now`; returns how many
+    /// readings they handed over.
+    pub fn tick(&mut self, now: Instant, range: Range<usize>, produce: bool) -> usize {
+        self.now = now;
         let workers = self.workers(range.len());
         let first = range.start;
         let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
@@ -318,16 +322,16 @@ impl Fleet {
     }
 
     /// Ticks every sensor once.
-    pub fn tick_all(&mut self, produce: bool) -> usize {
-        self.tick(0..self.sensors.len(), produce)
+    pub fn tick_all(&mut self, now: Instant, produce: bool) -> usize {
+        self.tick(now, 0..self.sensors.len(), produce)
     }
 
     /// Gives every running sensor its unsent ack, then reads its status;
     /// returns whether all their readings are acked and no sensor waits for
     /// a restart (a quarantined sensor is not waited for).
-    pub fn refresh_status(&mut self) -> bool {
+    pub fn refresh_status(&mut self, now: Instant) -> bool {
+        self.now = now;
         let workers = self.workers(self.sensors.len());
-        let now = Instant::now();
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             if let Err(error) = slot.give_ack(now, Duration::ZERO) {
                 pass.unacked = true;
@@ -389,7 +393,7 @@ impl Fleet {
     }
 }
 
-fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {
+pub(crate) fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {
     SensorConfig {
         sensor_id: id,
         segment,

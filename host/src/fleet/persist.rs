@@ -7,10 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::sensor::{SensorCalls, SensorRuntime};
+
 use super::pool::each_sensor;
 use super::{Fleet, Life};
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Whether committed snapshots go to a state directory.
     pub fn has_state_dir(&self) -> bool {
         self.store.is_some()
@@ -57,9 +59,9 @@ impl Fleet {
 
     /// Snapshots and commits every running sensor: the state on disk then
     /// reflects every ack applied, so a restart resends nothing.
-    pub fn commit_all(&mut self) -> std::io::Result<usize> {
+    pub fn commit_all(&mut self, now: Instant) -> std::io::Result<usize> {
+        self.now = now;
         let workers = self.workers(self.sensors.len());
-        let now = Instant::now();
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             if let Err(error) = slot.give_ack(now, Duration::ZERO) {
                 return pass.failed(i, "on-ack", error);

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use crate::sensor::SensorRuntime;
+
 use super::{Fleet, SensorSlot};
 
 /// A pass over fewer sensors than this per thread stays on fewer threads:
@@ -17,7 +19,7 @@ const MIN_SENSORS_PER_THREAD: usize = 256;
 /// into its deadline) leaves the remaining chunks to the others.
 const CHUNKS_PER_THREAD: usize = 4;
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Threads for a pass that makes `calls` sensor calls.
     pub(super) fn workers(&self, calls: usize) -> usize {
         self.config.threads.min(calls / MIN_SENSORS_PER_THREAD).max(1)
@@ -63,11 +65,11 @@ impl Pass {
 /// being sensor `first`), on up to `workers` threads, the caller's included.
 /// The threads take chunks of neighbouring sensors from a shared queue until
 /// none is left.
-pub(super) fn each_sensor<F>(slots: &mut [SensorSlot], first: usize, workers: usize, visit: F) -> Pass
+pub(super) fn each_sensor<S: Send, F>(slots: &mut [SensorSlot<S>], first: usize, workers: usize, visit: F) -> Pass
 where
-    F: Fn(&mut Pass, usize, &mut SensorSlot) + Sync,
+    F: Fn(&mut Pass, usize, &mut SensorSlot<S>) + Sync,
 {
-    let visit_chunk = |pass: &mut Pass, start: usize, chunk: &mut [SensorSlot]| {
+    let visit_chunk = |pass: &mut Pass, start: usize, chunk: &mut [SensorSlot<S>]| {
         for (k, slot) in chunk.iter_mut().enumerate() {
             visit(pass, start + k, slot);
         }

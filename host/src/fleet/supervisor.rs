@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::runtime::{describe_failure, describe_instantiate_failure};
+use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::Failure;
 use super::{Fleet, Life, from_wit, sensor_config};
@@ -19,9 +19,10 @@ use super::{Fleet, Life, from_wit, sensor_config};
 const QUIET_PERIOD: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Restarts the failed sensors whose backoff has passed.
     pub fn restart_due(&mut self, now: Instant) {
+        self.now = now;
         for i in 0..self.sensors.len() {
             if matches!(self.sensors[i].life, Life::Restarting { at } if at <= now) {
                 self.restart(i, now);
@@ -31,14 +32,13 @@ impl Fleet {
 
     fn restart(&mut self, i: usize, now: Instant) {
         let slot = &self.sensors[i];
-        let limits = self.engine.limits();
         let config = sensor_config(&self.config, slot.id, slot.segment);
         let mut instance = match self.engine.instantiate(&self.component, config, self.config.seed) {
             Ok(instance) => instance,
             Err(e) => {
                 // The pool or the kernel said no: not the sensor's fault, but
                 // retried with the same backoff.
-                let reason = describe_instantiate_failure(&e, &limits, self.config.count);
+                let reason = self.engine.describe_instantiate_failure(&e, self.config.count);
                 return self.fail_with(i, "instantiate", reason);
             }
         };
@@ -90,14 +90,14 @@ impl Fleet {
     }
 
     pub(super) fn fail(&mut self, i: usize, call: &str, e: &wasmtime::Error) {
-        let reason = describe_failure(e, &self.engine.limits());
+        let reason = self.engine.describe_failure(e);
         self.fail_with(i, call, reason);
     }
 
     /// Stops sensor `i`, reports it once, and schedules its restart or
     /// quarantines it.
     fn fail_with(&mut self, i: usize, call: &str, reason: String) {
-        let now = Instant::now();
+        let now = self.now;
         let (backoff, max_restarts) = (self.config.restart_backoff, self.config.max_restarts);
         let slot = &mut self.sensors[i];
         if matches!(slot.life, Life::Running(_)) && now.duration_since(slot.running_since) >= QUIET_PERIOD {

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::runtime::{SensorComponent, SensorInstance, describe_failure, describe_instantiate_failure};
+use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::{Fleet, Life, sensor_config};
 
@@ -18,13 +18,13 @@ pub enum SwapError {
     Restore { origin: String, id: u32, reason: String },
 }
 
-impl Fleet {
+impl<R: SensorRuntime> Fleet<R> {
     /// Moves every running sensor onto `component` through snapshot and
     /// restore. All or nothing: if any sensor cannot be moved, the new
     /// instances are dropped and the old component keeps running.
-    pub fn swap(&mut self, component: SensorComponent) -> Result<usize, SwapError> {
-        let limits = self.engine.limits();
-        let mut moved: Vec<(usize, SensorInstance, Vec<u8>)> = Vec::new();
+    pub fn swap(&mut self, now: Instant, component: R::Component) -> Result<usize, SwapError> {
+        self.now = now;
+        let mut moved: Vec<(usize, R::Sensor, Vec<u8>)> = Vec::new();
         for i in 0..self.sensors.len() {
             let slot = &mut self.sensors[i];
             let Life::Running(old) = &mut slot.life else { continue };
@@ -38,14 +38,14 @@ impl Fleet {
                 }
             };
             let config = sensor_config(&self.config, slot.id, slot.segment);
-            let origin = component.origin.clone();
+            let origin = self.engine.origin(&component).to_string();
             let mut new = self.engine.instantiate(&component, config, self.config.seed).map_err(|e| {
-                SwapError::Instantiate { origin: origin.clone(), id: slot.id, reason: describe_instantiate_failure(&e, &limits, self.config.count) }
+                SwapError::Instantiate { origin: origin.clone(), id: slot.id, reason: self.engine.describe_instantiate_failure(&e, self.config.count) }
             })?;
             match new.restore(&state) {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => return Err(SwapError::Restore { origin, id: slot.id, reason }),
-                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: self.engine.describe_failure(&e) }),
             }
             // The incarnation must survive the move, or the readings in
             // flight would be acked to an identity the sensor no longer has.
@@ -58,7 +58,7 @@ impl Fleet {
                         reason: format!("incarnation changed from {} to {incarnation}", slot.incarnation),
                     });
                 }
-                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: describe_failure(&e, &limits) }),
+                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: self.engine.describe_failure(&e) }),
             }
             moved.push((i, new, state));
         }
@@ -76,7 +76,6 @@ impl Fleet {
         self.swaps += 1;
         // The new component may be the fix: every quarantined sensor gets
         // a fresh start on it, from its last good state.
-        let now = Instant::now();
         let mut revived = 0;
         for slot in &mut self.sensors {
             if matches!(slot.life, Life::Quarantined) {

@@ -1,0 +1,95 @@
+//! What the fleet asks of a sensor, and of the runtime that makes sensors:
+//! the calls of the `fog:sensor` world (`wit/sensor.wit`) as two traits.
+//!
+//! [`crate::runtime`] implements them with wasmtime: a [`SensorEngine`]
+//! instantiates a loaded component, one sandboxed store per sensor. The
+//! fleet (supervision, batches, reply routing, persistence, hot swap) is
+//! written against the traits alone, so it runs just as well against
+//! sensors compiled into the process: the whole-system simulation drives
+//! the real fleet and the real sensor code natively, on simulated time.
+//!
+//! Errors are `wasmtime::Error` (an `anyhow::Error`): a failed call, which
+//! the fleet's supervisor turns into a stop and a restart.
+
+use crate::runtime::{SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, TickResult, WitAverage, WitCursor};
+
+/// One running sensor: every export of the `fog:sensor` world.
+pub trait SensorCalls: Send {
+    /// The sensor's incarnation; idempotent, and after `restore` the
+    /// restored one.
+    fn init(&mut self) -> wasmtime::Result<u64>;
+    /// One tick: its readings, the state after it, and the status.
+    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult>;
+    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()>;
+    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>>;
+    fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>>;
+    fn status(&mut self) -> wasmtime::Result<SensorStatus>;
+    fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>>;
+    /// `Ok(Err(reason))` when the sensor refused the snapshot.
+    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>>;
+}
+
+/// What makes sensors: a loaded program instantiated once per sensor.
+pub trait SensorRuntime: Send + Sync + 'static {
+    /// A loaded sensor program.
+    type Component;
+    /// One sensor made from it.
+    type Sensor: SensorCalls;
+
+    /// A new sensor; the caller then calls `init`, or `restore` and `init`.
+    fn instantiate(&self, component: &Self::Component, config: SensorConfig, seed: u64) -> wasmtime::Result<Self::Sensor>;
+    /// Where the component came from, for messages.
+    fn origin<'a>(&self, component: &'a Self::Component) -> &'a str;
+    /// A failed call, in words an operator can act on.
+    fn describe_failure(&self, e: &wasmtime::Error) -> String;
+    /// A failed instantiation in a fleet of `sensors`, with the remedy
+    /// when the cause is a known limit.
+    fn describe_instantiate_failure(&self, e: &wasmtime::Error, sensors: u32) -> String;
+}
+
+impl SensorCalls for SensorInstance {
+    fn init(&mut self) -> wasmtime::Result<u64> {
+        SensorInstance::init(self)
+    }
+    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
+        SensorInstance::tick(self, produce)
+    }
+    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
+        SensorInstance::on_ack(self, incarnation, next_seq, also)
+    }
+    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
+        SensorInstance::on_averages(self, averages)
+    }
+    fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
+        SensorInstance::on_reposition(self, rewind_to, to)
+    }
+    fn status(&mut self) -> wasmtime::Result<SensorStatus> {
+        SensorInstance::status(self)
+    }
+    fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>> {
+        SensorInstance::snapshot(self)
+    }
+    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>> {
+        SensorInstance::restore(self, state)
+    }
+}
+
+impl SensorRuntime for SensorEngine {
+    type Component = SensorComponent;
+    type Sensor = SensorInstance;
+
+    fn instantiate(&self, component: &SensorComponent, config: SensorConfig, seed: u64) -> wasmtime::Result<SensorInstance> {
+        SensorEngine::instantiate(self, component, config, seed)
+    }
+    fn origin<'a>(&self, component: &'a SensorComponent) -> &'a str {
+        &component.origin
+    }
+    fn describe_failure(&self, e: &wasmtime::Error) -> String {
+        crate::runtime::describe_failure(e, &self.limits())
+    }
+    fn describe_instantiate_failure(&self, e: &wasmtime::Error, sensors: u32) -> String {
+        let mut limits = self.limits();
+        limits.max_instances = sensors;
+        crate::runtime::describe_instantiate_failure(e, &limits, sensors)
+    }
+}
