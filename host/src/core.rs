@@ -129,6 +129,8 @@ pub struct HostCore {
     batches_acked: u64,
     bad_replies: u64,
     refused_batches: u64,
+    /// A deliberate bug, planted by [`HostCore::plant_forgotten_resend`].
+    forgets_resend: bool,
 }
 
 impl HostCore {
@@ -162,6 +164,7 @@ impl HostCore {
             batches_acked: 0,
             bad_replies: 0,
             refused_batches: 0,
+            forgets_resend: false,
             cfg,
         };
         core.out.push_back(Action::Connect { server: 0, after: Duration::ZERO });
@@ -300,11 +303,22 @@ impl HostCore {
         self.out.push_back(Action::Finish { drained });
     }
 
+    /// Plants a bug: after a failover the batch in flight is kept but never
+    /// sent again, so the host waits for a reply that cannot come. It
+    /// exists so that the whole-system simulation (`fog-sim`) can show it
+    /// catches a host that forgets to resend; nothing else calls it.
+    #[doc(hidden)]
+    pub fn plant_forgotten_resend(&mut self) {
+        self.forgets_resend = true;
+    }
+
     /// The connection asked for is up; `pending` readings wait in the sensors.
     pub fn handle_connected(&mut self, now: Instant, pending: usize) {
         tracing::info!(server = %self.server(), "connected");
         self.connected = true;
-        if self.in_flight.is_some() {
+        if let Some(flight) = self.in_flight.as_mut().filter(|_| self.forgets_resend) {
+            flight.deadline = None;
+        } else if self.in_flight.is_some() {
             self.send_in_flight(now);
         } else if pending > 0 {
             self.take_batch(now);

@@ -329,22 +329,6 @@ mod tests {
     }
 
     #[test]
-    fn the_log_is_a_hash_chain_the_sensors_can_follow() {
-        let log = published(10);
-        let chain: Vec<AverageCursor> = log.chain().collect();
-        assert_eq!(chain[0], AverageCursor::default());
-        let mut sensor = fog_sensor::averages::AverageStream::new(0);
-        let wit: Vec<Average> = log.retained().copied().collect();
-        let mut from_start = fog_sensor::averages::AverageStream::new(0);
-        from_start.reposition(None, AverageCursor::default());
-        let end = from_start.apply(&wit).expect("applies the whole log");
-        assert_eq!(end.seq, log.last_seq().unwrap());
-        assert_eq!(end.chain, log.last_position().chain);
-        sensor.apply(&wit[3..]);
-        assert_eq!(sensor.digest(), end.chain, "a late joiner ends on the same chain value");
-    }
-
-    #[test]
     fn a_new_sensor_before_any_average_waits_for_the_first() {
         let log = AverageLog::new(Retention::default());
         let (avg, repos) = log.reply_for(&[(1, None)]);
@@ -418,24 +402,5 @@ mod tests {
         let unknown = AverageCursor { epoch: 6, ..at(&winner, fork + 3).unwrap() };
         let (_, repos) = winner.reply_for(&[(5, Some(unknown))]);
         assert_eq!(repos[0].rewind_to, Some(fork - 1));
-    }
-
-    #[test]
-    fn a_sensor_on_the_abandoned_branch_ends_on_the_survivors_stream() {
-        let (loser, winner) = split(20, 15, 30);
-        let mut on_loser = fog_sensor::averages::AverageStream::new(0);
-        let mut on_winner = on_loser.clone();
-        on_loser.apply(&loser.retained().copied().collect::<Vec<_>>());
-        on_winner.apply(&winner.retained().copied().collect::<Vec<_>>());
-        // The winner's averages do not continue the loser's chain.
-        let stuck = on_loser.cursor();
-        assert_eq!(on_loser.apply(&winner.retained().copied().collect::<Vec<_>>()), stuck);
-        let (avg, repos) = winner.reply_for(&[(1, stuck)]);
-        let r = repos[0];
-        on_loser.reposition(r.rewind_to, r.to);
-        on_loser.apply(&avg);
-        assert_eq!(on_loser.cursor(), on_winner.cursor());
-        assert_eq!(on_loser.superseded(), 15);
-        assert_eq!(on_loser.missed(), 0);
     }
 }

@@ -25,18 +25,7 @@ impl Now {
     /// Both clocks read `ms` (tests and simulations that do not step one
     /// clock against the other).
     pub fn both(ms: u64) -> Now {
-        Now {
-            mono_ms: ms,
-            wall_ms: ms,
-        }
-    }
-
-    /// Both clocks moved on by `ms` (as in a simulation without clock steps).
-    pub fn plus(self, ms: u64) -> Now {
-        Now {
-            mono_ms: self.mono_ms.saturating_add(ms),
-            wall_ms: self.wall_ms.saturating_add(ms),
-        }
+        Now { mono_ms: ms, wall_ms: ms }
     }
 }
 
@@ -56,41 +45,28 @@ impl Default for Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock {
-            origin: Instant::now(),
-        }
+        Clock { origin: Instant::now() }
     }
 
     pub fn now(&self) -> Now {
-        Now {
-            mono_ms: self.mono_ms(Instant::now()),
-            wall_ms: wall_ms(),
-        }
+        Now { mono_ms: self.mono_ms(Instant::now()), wall_ms: wall_ms() }
     }
 
     fn mono_ms(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.origin).as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1)
+        u64::try_from(at.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX).saturating_add(1)
     }
 
     /// The instant of a monotonic time this clock handed out (or a later
     /// one): when to wake for a node's [`poll_timeout`](crate::Node::poll_timeout).
     pub fn instant_of(&self, mono_ms: u64) -> Instant {
         let now = Instant::now();
-        now + Duration::from_millis(
-            mono_ms
-                .saturating_sub(self.mono_ms(now))
-                .min(u64::from(u32::MAX)),
-        )
+        now + Duration::from_millis(mono_ms.saturating_sub(self.mono_ms(now)).min(u64::from(u32::MAX)))
     }
 }
 
 /// Milliseconds since the Unix epoch on the wall clock (0 before 1970).
 pub fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -109,11 +85,7 @@ mod tests {
         // (give or take the millisecond the clock rounds to).
         let wake = clock.instant_of(now.mono_ms + 250);
         let ms = Duration::from_millis;
-        assert!(
-            wake + ms(2) >= before + ms(250) && wake <= after + ms(252),
-            "{:?}",
-            wake - before
-        );
+        assert!(wake + ms(2) >= before + ms(250) && wake <= after + ms(252), "{:?}", wake - before);
         // A time already past wakes at once.
         assert!(clock.instant_of(0) <= Instant::now());
     }

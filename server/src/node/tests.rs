@@ -1,6 +1,7 @@
 //! Unit tests of the node alone: a primary that serves without its peer,
 //! screening and deduplicating batches, and which epochs it takes as
-//! evidence. The pair together is tested in `tests/simulation.rs`.
+//! evidence. The pair together, with a host and its sensors, is tested by the
+//! whole-system simulation (the `fog-sim` crate).
 
 use fog_protocol::{
     BatchReply, MAX_EPOCH, NodeState, PeerHeartbeat, PeerMessage, Reading, Refusal, RefusedReadings, Reply, Request, Seal,

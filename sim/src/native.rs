@@ -1,0 +1,170 @@
+//! Sensors compiled into the process: the sensor component's own code
+//! ([`SensorCore`], what `sensor-wasm` exports through the WIT glue) behind
+//! the fleet's [`SensorRuntime`] traits, so the real fleet runs it without
+//! wasmtime. Its clock import is the simulated host's wall clock, read
+//! from a shared cell the world sets; a road can go quiet (no more cars
+//! pass) from a given wall-clock time on.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fog_host::runtime::{SensorConfig, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
+use fog_host::sensor::{SensorCalls, SensorRuntime};
+use fog_sensor::{Average, AverageCursor, SensorCore, Status};
+
+/// The simulated host's wall clock, shared by its sensors.
+#[derive(Debug, Clone, Default)]
+pub struct WallClock(Arc<AtomicU64>);
+
+impl WallClock {
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Makes native sensors.
+pub struct NativeRuntime {
+    pub clock: WallClock,
+    /// No car passes at or after this many ms of simulated time (by the
+    /// monotonic clock: a step of the host's wall clock does not move it).
+    pub quiet_from: Arc<AtomicU64>,
+    pub sim_ms: Arc<AtomicU64>,
+}
+
+/// The one program native sensors run.
+pub struct BuiltIn;
+
+pub struct NativeSensor {
+    config: fog_sensor::SensorConfig,
+    seed: u64,
+    core: Option<SensorCore>,
+    clock: WallClock,
+    quiet_from: Arc<AtomicU64>,
+    sim_ms: Arc<AtomicU64>,
+}
+
+impl SensorRuntime for NativeRuntime {
+    type Component = BuiltIn;
+    type Sensor = NativeSensor;
+
+    fn instantiate(&self, _: &BuiltIn, config: SensorConfig, seed: u64) -> wasmtime::Result<NativeSensor> {
+        let config = fog_sensor::SensorConfig {
+            sensor_id: config.sensor_id,
+            segment: config.segment,
+            resend_after_ms: config.resend_after_ms,
+            max_buffered: config.max_buffered,
+            settings: config.settings,
+        };
+        Ok(NativeSensor {
+            config,
+            seed,
+            core: None,
+            clock: self.clock.clone(),
+            quiet_from: self.quiet_from.clone(),
+            sim_ms: self.sim_ms.clone(),
+        })
+    }
+
+    fn origin<'a>(&self, _: &'a BuiltIn) -> &'a str {
+        "the built-in sensor, compiled in"
+    }
+
+    fn describe_failure(&self, e: &wasmtime::Error) -> String {
+        format!("failed: {e:#}")
+    }
+
+    fn describe_instantiate_failure(&self, e: &wasmtime::Error, _: u32) -> String {
+        format!("{e:#}")
+    }
+}
+
+impl NativeSensor {
+    /// As the component glue does: the sensor starts on the first call.
+    fn core(&mut self) -> &mut SensorCore {
+        let (config, seed, now) = (&self.config, self.seed, self.clock.get());
+        self.core.get_or_insert_with(|| SensorCore::new(config, seed, now))
+    }
+}
+
+impl SensorCalls for NativeSensor {
+    fn init(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.core().incarnation())
+    }
+
+    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
+        let now = self.clock.get();
+        let cars = self.sim_ms.load(Ordering::Relaxed) < self.quiet_from.load(Ordering::Relaxed);
+        let core = self.core();
+        let readings = core.tick(now, produce && cars);
+        Ok(TickResult {
+            readings: readings.into_iter().map(|r| WitReading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms }).collect(),
+            state: core.snapshot(),
+            status: to_wit_status(core.status()),
+        })
+    }
+
+    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
+        self.core().on_ack(incarnation, next_seq, also);
+        Ok(())
+    }
+
+    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
+        let averages: Vec<Average> = averages
+            .iter()
+            .map(|a| Average {
+                seq: a.seq,
+                epoch: a.epoch,
+                segment: a.segment,
+                window_end_ms: a.window_end_ms,
+                count: a.count,
+                sum_kmh: a.sum_kmh,
+                revision: a.revision,
+                chain: a.chain,
+            })
+            .collect();
+        Ok(self.core().on_averages(&averages).map(to_wit))
+    }
+
+    fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
+        let to = AverageCursor { seq: to.seq, epoch: to.epoch, chain: to.chain };
+        Ok(self.core().on_reposition(rewind_to, to).map(to_wit))
+    }
+
+    fn status(&mut self) -> wasmtime::Result<SensorStatus> {
+        Ok(to_wit_status(self.core().status()))
+    }
+
+    fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.core().snapshot())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>> {
+        Ok(fog_sensor::glue::restore_core(state, &self.config).map(|core| self.core = Some(core)))
+    }
+}
+
+fn to_wit(c: AverageCursor) -> WitCursor {
+    WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+}
+
+fn to_wit_status(s: Status) -> SensorStatus {
+    SensorStatus {
+        incarnation: s.incarnation,
+        generated: s.generated,
+        acked: s.acked,
+        buffered: s.buffered,
+        resent: s.resent,
+        overflowed: s.overflowed,
+        sum_kmh: s.sum_kmh,
+        averages_applied: s.averages_applied,
+        last_average: s.last_average.map(to_wit),
+        averages_missed: s.averages_missed,
+        averages_superseded: s.averages_superseded,
+        averages_digest: s.averages_digest,
+        limit_kmh: s.limit_kmh,
+    }
+}
