@@ -48,6 +48,51 @@ const CORE_INSTANCES_PER_SENSOR: u32 = 6;
 const MEMORIES_PER_SENSOR: u32 = 3;
 const TABLES_PER_SENSOR: u32 = 6;
 
+// The WIT records and the domain's plain types carry the same fields.
+
+impl From<&fog_protocol::Average> for WitAverage {
+    fn from(a: &fog_protocol::Average) -> WitAverage {
+        WitAverage {
+            seq: a.seq,
+            epoch: a.epoch,
+            segment: a.segment,
+            window_end_ms: a.window_end_ms,
+            count: a.count,
+            sum_kmh: a.sum_kmh,
+            mean_kmh: a.mean_kmh(),
+            revision: a.revision,
+            chain: a.chain,
+        }
+    }
+}
+
+impl From<&WitAverage> for fog_protocol::Average {
+    fn from(a: &WitAverage) -> fog_protocol::Average {
+        fog_protocol::Average {
+            seq: a.seq,
+            epoch: a.epoch,
+            segment: a.segment,
+            window_end_ms: a.window_end_ms,
+            count: a.count,
+            sum_kmh: a.sum_kmh,
+            revision: a.revision,
+            chain: a.chain,
+        }
+    }
+}
+
+impl From<fog_protocol::AverageCursor> for WitCursor {
+    fn from(c: fog_protocol::AverageCursor) -> WitCursor {
+        WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+    }
+}
+
+impl From<WitCursor> for fog_protocol::AverageCursor {
+    fn from(c: WitCursor) -> fog_protocol::AverageCursor {
+        fog_protocol::AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
+    }
+}
+
 /// Why a component cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

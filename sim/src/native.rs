@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fog_host::runtime::{SensorConfig, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
 use fog_host::sensor::{SensorCalls, SensorRuntime};
-use fog_sensor::{Average, AverageCursor, SensorCore, Status};
+use fog_sensor::{Average, SensorCore, Status};
 
 /// The simulated host's wall clock, shared by its sensors.
 #[derive(Debug, Clone, Default)]
@@ -113,25 +113,12 @@ impl SensorCalls for NativeSensor {
     }
 
     fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
-        let averages: Vec<Average> = averages
-            .iter()
-            .map(|a| Average {
-                seq: a.seq,
-                epoch: a.epoch,
-                segment: a.segment,
-                window_end_ms: a.window_end_ms,
-                count: a.count,
-                sum_kmh: a.sum_kmh,
-                revision: a.revision,
-                chain: a.chain,
-            })
-            .collect();
-        Ok(self.core().on_averages(&averages).map(to_wit))
+        let averages: Vec<Average> = averages.iter().map(Average::from).collect();
+        Ok(self.core().on_averages(&averages).map(WitCursor::from))
     }
 
     fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
-        let to = AverageCursor { seq: to.seq, epoch: to.epoch, chain: to.chain };
-        Ok(self.core().on_reposition(rewind_to, to).map(to_wit))
+        Ok(self.core().on_reposition(rewind_to, to.into()).map(WitCursor::from))
     }
 
     fn status(&mut self) -> wasmtime::Result<SensorStatus> {
@@ -147,10 +134,6 @@ impl SensorCalls for NativeSensor {
     }
 }
 
-fn to_wit(c: AverageCursor) -> WitCursor {
-    WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
-}
-
 fn to_wit_status(s: Status) -> SensorStatus {
     SensorStatus {
         incarnation: s.incarnation,
@@ -161,7 +144,7 @@ fn to_wit_status(s: Status) -> SensorStatus {
         overflowed: s.overflowed,
         sum_kmh: s.sum_kmh,
         averages_applied: s.averages_applied,
-        last_average: s.last_average.map(to_wit),
+        last_average: s.last_average.map(WitCursor::from),
         averages_missed: s.averages_missed,
         averages_superseded: s.averages_superseded,
         averages_digest: s.averages_digest,

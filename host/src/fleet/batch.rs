@@ -7,14 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use fog_protocol::{BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
+use fog_protocol::{AverageCursor, BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
 
 use crate::runtime::WitAverage;
 
 use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::each_sensor;
-use super::{Fleet, Life, SensorSlot, from_wit, to_wit, to_wit_cursor};
+use super::{Fleet, Life, SensorSlot};
 
 /// How often a batch carries every running sensor, news or not: so that a
 /// server can reposition a sensor whose cursor it does not hold (after a
@@ -150,7 +150,7 @@ impl<R: SensorRuntime> Fleet<R> {
         }
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
-        let averages: Vec<WitAverage> = reply.averages.iter().map(to_wit).collect();
+        let averages: Vec<WitAverage> = reply.averages.iter().map(WitAverage::from).collect();
         // Without averages only the sensors named in the reply are called.
         let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
         let workers = self.workers(calls);
@@ -164,8 +164,8 @@ impl<R: SensorRuntime> Fleet<R> {
             let Life::Running(inst) = &mut slot.life else { return };
             for &k in repositions.of(i) {
                 let r = &reply.repositions[k];
-                match inst.on_reposition(r.rewind_to, to_wit_cursor(r.to)) {
-                    Ok(cursor) => slot.cursor = cursor.map(from_wit),
+                match inst.on_reposition(r.rewind_to, r.to.into()) {
+                    Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
                     Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
                 }
             }
@@ -173,7 +173,7 @@ impl<R: SensorRuntime> Fleet<R> {
                 return;
             }
             match inst.on_averages(&averages) {
-                Ok(cursor) => slot.cursor = cursor.map(from_wit),
+                Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
                 Err(error) => pass.failed_at((2, i), i, "on-averages", error),
             }
         });

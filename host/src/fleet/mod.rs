@@ -46,10 +46,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fog_protocol::{Average, AverageCursor, Reading};
+use fog_protocol::{AverageCursor, Reading};
 use serde::Serialize;
 
-use crate::runtime::{SensorConfig, SensorEngine, SensorStatus, WitAverage, WitCursor};
+use crate::runtime::{SensorConfig, SensorEngine, SensorStatus};
 use crate::sensor::{SensorCalls, SensorRuntime};
 use crate::state::StateStore;
 
@@ -236,7 +236,7 @@ impl<R: SensorRuntime> Fleet<R> {
                 failures: 0,
                 running_since: now,
                 pending: Vec::new(),
-                cursor: status.as_ref().and_then(|s| s.last_average).map(from_wit),
+                cursor: status.as_ref().and_then(|s| s.last_average).map(AverageCursor::from),
                 status,
                 saved,
                 dirty: false,
@@ -401,26 +401,4 @@ pub(crate) fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> Sens
         max_buffered: config.max_buffered,
         settings: config.settings.clone(),
     }
-}
-
-fn to_wit(a: &Average) -> WitAverage {
-    WitAverage {
-        seq: a.seq,
-        epoch: a.epoch,
-        segment: a.segment,
-        window_end_ms: a.window_end_ms,
-        count: a.count,
-        sum_kmh: a.sum_kmh,
-        mean_kmh: a.mean_kmh(),
-        revision: a.revision,
-        chain: a.chain,
-    }
-}
-
-fn to_wit_cursor(c: AverageCursor) -> WitCursor {
-    WitCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
-}
-
-fn from_wit(c: WitCursor) -> AverageCursor {
-    AverageCursor { seq: c.seq, epoch: c.epoch, chain: c.chain }
 }

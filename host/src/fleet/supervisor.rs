@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::Failure;
-use super::{Fleet, Life, from_wit, sensor_config};
+use fog_protocol::AverageCursor;
+
+use super::{Fleet, Life, sensor_config};
 
 /// A sensor that has run this long since its last restart has its failure
 /// count forgiven: an occasional fault does not add up to a quarantine.
@@ -65,7 +67,7 @@ impl<R: SensorRuntime> Fleet<R> {
             status.buffered
         );
         slot.incarnation = incarnation;
-        slot.cursor = status.last_average.map(from_wit);
+        slot.cursor = status.last_average.map(AverageCursor::from);
         slot.status = Some(status);
         slot.life = Life::Running(Box::new(instance));
         slot.last_ack = None;
