@@ -128,8 +128,9 @@ impl WasiView for SensorHost {
 impl fog::sensor::types::Host for SensorHost {}
 
 impl fog::sensor::environment::Host for SensorHost {
+    /// Wall-clock time: what readings are stamped with (event time).
     fn now_ms(&mut self) -> u64 {
-        fog_protocol::now_ms()
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
     fn seed(&mut self) -> u64 {
         self.seed
