@@ -8,9 +8,9 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-// Ports come from the end-to-end harness: handed out once, claimed across
+// Ports come from the test kit: handed out once, claimed across
 // test processes, outside the kernel's ephemeral range (see its docs).
-use fog_e2e::free_port;
+use fog_testkit::free_port;
 use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fog-server");
@@ -47,9 +47,9 @@ struct Ports {
 impl Ports {
     fn free() -> Self {
         Ports {
-            frontend: free_port(),
-            state_bind: free_port(),
-            state_connect: free_port(),
+            frontend: free_port().unwrap(),
+            state_bind: free_port().unwrap(),
+            state_connect: free_port().unwrap(),
         }
     }
 }
@@ -245,7 +245,7 @@ fn help_is_written_for_people() {
 
 #[test]
 fn status_of_a_missing_server_is_one_error_line() {
-    let out = run(&["status", &endpoint(free_port()), "--timeout", "300ms"]);
+    let out = run(&["status", &endpoint(free_port().unwrap()), "--timeout", "300ms"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -268,7 +268,7 @@ fn an_address_in_use_is_one_error_line() {
         "--frontend",
         &endpoint(port),
         "--state-bind",
-        &endpoint(free_port()),
+        &endpoint(free_port().unwrap()),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -346,7 +346,7 @@ async fn a_malformed_frame_is_counted_and_the_server_keeps_serving() {
 async fn the_backup_takes_over_when_the_primary_dies() {
     let primary_ports = Ports::free();
     let backup_ports = Ports {
-        frontend: free_port(),
+        frontend: free_port().unwrap(),
         state_bind: primary_ports.state_connect,
         state_connect: primary_ports.state_bind,
     };
@@ -459,7 +459,7 @@ async fn a_log_corrupt_in_the_middle_is_refused_with_its_file_and_offset() {
     // The first record's payload: corrupt, with good records after it.
     bytes[10] ^= 0xff;
     std::fs::write(&wal, &bytes).expect("write the log");
-    let out = run(&["--primary", "--data-dir", dir.to_str().expect("utf-8"), "--frontend", &endpoint(free_port()), "--state-bind", &endpoint(free_port())]);
+    let out = run(&["--primary", "--data-dir", dir.to_str().expect("utf-8"), "--frontend", &endpoint(free_port().unwrap()), "--state-bind", &endpoint(free_port().unwrap())]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
