@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fog_e2e::{free_port, rss_mib, scratch_dir};
+use fog_testkit::{Proc, bin, free_port, rss_mib, scratch_dir, wait_for};
 use load::{LoadResult, LoadShape, Target};
 use pair::{Endpoint, Keys, Security, ServerPair};
 use serde::Serialize;
@@ -38,8 +38,8 @@ use serde::Serialize;
 /// Measure the fog system with its real binaries on loopback.
 ///
 /// Build first with `cargo build --release`; fog-bench starts
-/// target/release/fog-server itself and prints one table (or with --json one
-/// JSON object) of figures.
+/// target/release/fog-server itself (and refuses one older than its source)
+/// and prints one table (or with --json one JSON object) of figures.
 #[derive(Debug, Parser)]
 #[command(name = "fog-bench", version, max_term_width = 100)]
 struct Args {
@@ -238,6 +238,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return echo::serve(endpoint, key.as_deref().zip(authorized_keys.as_deref())).await;
     }
     shape(&args).check().context("the throughput load (--sensors, --readings-per-sensor, --in-flight)")?;
+    // The binaries the benchmarks start, built from the current source: a
+    // stale or missing one is one error line that says what to build.
+    let needs_server = !matches!(what, What::Transport);
+    let needs_host = matches!(what, What::All | What::E2e | What::Failover);
+    for (name, needed) in [("fog-server", needs_server), ("fog-host", needs_host)] {
+        if needed {
+            bin(name)?;
+        }
+    }
     let modes = args.security.list();
     let mut report = Report::default();
     let all = matches!(what, What::All);
@@ -316,9 +325,10 @@ fn throughput(r: &LoadResult, shape: LoadShape, rss: Option<f64>) -> Throughput 
 
 async fn transport(args: &Args, security: Security) -> anyhow::Result<Throughput> {
     eprintln!("transport [{}]: bare echo of the ingest frames for {:?} ...", security.name(), args.measure);
-    let dir = scratch_dir("bench-transport");
+    let dir = scratch_dir("bench-transport")?;
     let _cleanup = system::RemoveOnDrop(dir.clone());
-    let address = format!("tcp://127.0.0.1:{}", free_port());
+    let port = free_port()?;
+    let address = format!("tcp://127.0.0.1:{port}");
     let exe = std::env::current_exe().context("own path")?;
     let mut echo_args = vec!["echo-server".to_string(), address.clone()];
     // The echo takes the primary's keys and authorized-keys file.
@@ -329,8 +339,14 @@ async fn transport(args: &Args, security: Security) -> anyhow::Result<Throughput
     if let Some(keys) = &keys {
         echo_args.extend(keys.server_args(true));
     }
-    let echo = fog_e2e::Proc::spawn("echo", &exe, &echo_args, &dir)?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut echo = Proc::spawn("echo", &exe, &echo_args, &dir)?;
+    wait_for("the echo server to listen", Duration::from_secs(10), || {
+        let exited = !matches!(echo.child.try_wait(), Ok(None));
+        (exited || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).then_some(())
+    })?;
+    if let Ok(Some(exit)) = echo.child.try_wait() {
+        anyhow::bail!("the echo server exited ({exit}):\n{}", echo.log_tail(10));
+    }
     let shape = shape(args);
     let endpoint = Endpoint { address, curve: keys.as_ref().map(|k| k.client(true)) };
     let r = load::run(&endpoint, shape, Target::Echo, args.warmup, args.measure)
@@ -342,7 +358,7 @@ async fn transport(args: &Args, security: Security) -> anyhow::Result<Throughput
 
 async fn ingest(args: &Args, security: Security) -> anyhow::Result<Throughput> {
     eprintln!("ingest [{}]: load generator into primary + backup for {:?} ...", security.name(), args.measure);
-    let dir = scratch_dir("bench-ingest");
+    let dir = scratch_dir("bench-ingest")?;
     let _cleanup = system::RemoveOnDrop(dir.clone());
     let pair = ServerPair::new(security, &dir)?;
     let primary = pair.start(true)?;
@@ -355,7 +371,7 @@ async fn ingest(args: &Args, security: Security) -> anyhow::Result<Throughput> {
 
 async fn latency(args: &Args, security: Security) -> anyhow::Result<Latency> {
     eprintln!("latency [{}]: 10 000 sensors x 1 reading/s for {:?} ...", security.name(), args.measure);
-    let dir = scratch_dir("bench-latency");
+    let dir = scratch_dir("bench-latency")?;
     let _cleanup = system::RemoveOnDrop(dir.clone());
     let pair = ServerPair::new(security, &dir)?;
     let primary = pair.start(true)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fog_e2e::{Proc, bin};
+use fog_testkit::{Proc, bin};
 use fog_protocol::StatusReport;
 use fog_server::ClientKeys;
 use fog_transport::{Keypair, PublicKey};
@@ -105,7 +105,7 @@ impl Keys {
 
 /// A primary and a backup on free loopback ports, in one security mode.
 pub struct ServerPair {
-    pub endpoints: fog_e2e::Pair,
+    pub endpoints: fog_testkit::Pair,
     keys: Option<Keys>,
     dir: PathBuf,
 }
@@ -118,16 +118,16 @@ impl ServerPair {
             Security::None => None,
             Security::Curve => Some(Keys::generate(dir)?),
         };
-        Ok(ServerPair { endpoints: fog_e2e::Pair::on_free_ports(), keys, dir: dir.to_path_buf() })
+        Ok(ServerPair { endpoints: fog_testkit::Pair::on_free_ports()?, keys, dir: dir.to_path_buf() })
     }
 
     /// Starts one server (its data dir in the scratch dir) without waiting.
     pub fn spawn(&self, primary: bool) -> anyhow::Result<Proc> {
-        let (name, mut args) = fog_e2e::server_args(&self.endpoints, primary, &[], &self.dir);
+        let (name, mut args) = fog_testkit::server_args(&self.endpoints, primary, &[], &self.dir);
         if let Some(keys) = &self.keys {
             args.extend(keys.server_args(primary));
         }
-        Proc::spawn(name, &bin("fog-server"), &args, &self.dir)
+        Proc::spawn(name, &bin("fog-server")?, &args, &self.dir)
     }
 
     /// Starts one server and waits until it answers a status query.
@@ -146,7 +146,7 @@ impl ServerPair {
     }
 
     pub fn frontend_address(&self, primary: bool) -> &str {
-        if primary { &self.endpoints.primary_frontend } else { &self.endpoints.backup_frontend }
+        self.endpoints.frontend(primary)
     }
 
     /// Where the load generator sends its batches.

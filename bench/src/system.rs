@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fog_e2e::{Proc, bin, finish_host, history, rss_mib, scratch_dir};
+use fog_testkit::{Proc, bin, finish_host, history, rss_mib, scratch_dir};
 use serde::Serialize;
 
 use crate::pair::{Security, ServerPair};
@@ -52,7 +52,7 @@ pub struct Recovery {
 /// Fills a lone primary's log with `readings`, kills it with SIGKILL and
 /// times its restart from the data dir.
 pub async fn recovery(security: Security, readings: u64, shape: crate::load::LoadShape) -> anyhow::Result<Recovery> {
-    let dir = scratch_dir("bench-recovery");
+    let dir = scratch_dir("bench-recovery")?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let pair = ServerPair::new(security, &dir)?;
     let mut primary = pair.start(true)?;
@@ -65,7 +65,7 @@ pub async fn recovery(security: Security, readings: u64, shape: crate::load::Loa
     if before.counted < readings {
         bail!("only {} of {readings} readings were counted before the restart", before.counted);
     }
-    primary.kill();
+    primary.kill()?;
     let data_dir_mib = dir_bytes(&dir.join("primary-data")) as f64 / (1 << 20) as f64;
     // The same data dir: the restarted server recovers the killed one's log.
     let restarted = Instant::now();
@@ -148,12 +148,12 @@ fn host_args(pair: &ServerPair, sensors: u32, interval: Duration, duration: Opti
 
 /// Acked readings per second through fog-host and the real component.
 pub fn end_to_end(security: Security, sensors: u32, interval: Duration, measure: Duration) -> anyhow::Result<EndToEnd> {
-    let dir = scratch_dir("bench-e2e");
+    let dir = scratch_dir("bench-e2e")?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let pair = ServerPair::new(security, &dir)?;
     let primary = pair.start(true)?;
     let _backup = pair.start(false)?;
-    let host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, interval, Some(measure)), &dir)?;
+    let host = Proc::spawn("host", &bin("fog-host")?, &host_args(&pair, sensors, interval, Some(measure)), &dir)?;
     let pid = host.child.id();
     // Sample the host's memory while it runs; it is largest near the end.
     let sampler = std::thread::spawn(move || {
@@ -191,12 +191,12 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
     let mut lost = 0;
     let mut duplicated = 0;
     for run in 0..runs {
-        let dir = scratch_dir("bench-failover");
+        let dir = scratch_dir("bench-failover")?;
         let _cleanup = RemoveOnDrop(dir.clone());
         let pair = ServerPair::new(security, &dir)?;
         // Index 0 is the primary, 1 the backup.
         let mut nodes = [pair.start(true)?, pair.start(false)?];
-        let mut host = Proc::spawn("host", &bin("fog-host"), &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
+        let mut host = Proc::spawn("host", &bin("fog-host")?, &host_args(&pair, sensors, Duration::from_secs(1), None), &dir)?;
         // Wait until one server serves the host and the other stands by.
         let t0 = Instant::now();
         let active = 'found: loop {
@@ -217,7 +217,7 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
         let survivor = active == 1;
         let before = pair.status(survivor, Duration::from_secs(1)).await?.batches;
         let killed = Instant::now();
-        nodes[active].kill();
+        nodes[active].kill()?;
         let mut poll = status_poll();
         let taken_over = loop {
             poll.tick().await;
@@ -232,7 +232,7 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
         };
         times.push(taken_over.as_secs_f64() * 1000.0);
         // Stop the host (it drains first) and compare histories.
-        let _ = std::process::Command::new("kill").args(["-INT", &host.child.id().to_string()]).status();
+        host.signal("INT")?;
         let (_, summary) = finish_host(host, Duration::from_secs(60)).context("host summary")?;
         let status = pair.status(survivor, Duration::from_secs(2)).await?;
         let server = history::server_side(&serde_json::to_value(&status)?);
@@ -240,6 +240,9 @@ pub async fn failover(security: Security, sensors: u32, runs: usize) -> anyhow::
         lost += verdict.lost;
         duplicated += verdict.duplicated;
         eprintln!("  run {}: {:.0} ms", run + 1, times[times.len() - 1]);
+    }
+    if times.is_empty() {
+        bail!("--failover-runs must be at least 1");
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);

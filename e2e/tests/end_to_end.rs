@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use fog_e2e::{
+use fog_testkit::{
     Pair, check_counts, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_counts, server_status, start_host,
     start_server, status_when,
 };
@@ -20,8 +20,8 @@ fn u(v: &Value) -> u64 {
 
 #[test]
 fn every_reading_is_acked_and_counted_once() {
-    let dir = scratch_dir("acked");
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir("acked").unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let host = start_host(
         &["--sensors", "10", "--interval", "100ms", "--duration", "4s", "--servers", &pair.servers()],
@@ -53,8 +53,8 @@ fn every_reading_is_acked_and_counted_once() {
 
 #[test]
 fn host_fails_over_when_the_primary_is_killed() {
-    let dir = scratch_dir("failover");
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir("failover").unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let mut primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let _backup = start_server(&pair, false, &["--lateness", "200ms"], &dir).unwrap();
     let host = start_host(
@@ -72,7 +72,7 @@ fn host_fails_over_when_the_primary_is_killed() {
     })
     .unwrap();
     status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(15), is_caught_up).unwrap();
-    primary.kill();
+    primary.kill().unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "host exit code; summary {summary}");

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fog_e2e::{Pair, bin, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host, start_server};
+use fog_testkit::{Pair, bin, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host, start_server};
 use serde_json::Value;
 
 fn u(v: &Value) -> u64 {
@@ -44,10 +44,10 @@ struct Faults {
 
 impl Faults {
     fn check(&self, extra: &[&str]) {
-        let dir = scratch_dir("isolation");
-        let pair = Pair::on_free_ports();
+        let dir = scratch_dir("isolation").unwrap();
+        let pair = Pair::on_free_ports().unwrap();
         let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
-        let faulty = bin("fog_faulty_sensor.wasm");
+        let faulty = bin("fog_faulty_sensor.wasm").unwrap();
         let sensors = self.sensors.to_string();
         let faults = format!("fault={}:trap,{}:loop,{}:hog", self.trap, self.looping, self.hog);
         let servers = pair.servers();

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fog_e2e::{
+use fog_testkit::{
     Pair, finish_host, scratch_dir, server_counts, server_status, start_host, start_server, status_when, wait_for_log_line,
 };
 use serde_json::Value;
@@ -18,9 +18,9 @@ fn u(v: &Value) -> u64 {
 
 #[test]
 fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
-    let dir = scratch_dir("restart");
+    let dir = scratch_dir("restart").unwrap();
     let state = dir.join("state");
-    let pair = Pair::on_free_ports();
+    let pair = Pair::on_free_ports().unwrap();
     let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let servers = pair.servers();
     let common = [
@@ -37,7 +37,7 @@ fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
     })
     .unwrap();
     let before = server_counts(&status);
-    first.kill();
+    first.kill().unwrap();
 
     let mut args = common.to_vec();
     args.extend(["--duration", "2s"]);
@@ -65,15 +65,15 @@ fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
 
 #[test]
 fn a_second_host_cannot_use_a_state_dir_in_use() {
-    let dir = scratch_dir("state-locked");
+    let dir = scratch_dir("state-locked").unwrap();
     let state = dir.join("state");
-    let pair = Pair::on_free_ports();
+    let pair = Pair::on_free_ports().unwrap();
     let servers = pair.servers();
     let args = ["--sensors", "2", "--servers", servers.as_str(), "--state-dir", state.to_str().unwrap()];
     let first = start_host(&args, &dir).unwrap();
     // The host logs its saved state once it holds the directory's lock.
     wait_for_log_line(&first.log, &["saved state of"], Duration::from_secs(10)).unwrap();
-    let out = std::process::Command::new(fog_e2e::bin("fog-host"))
+    let out = std::process::Command::new(fog_testkit::bin("fog-host").unwrap())
         .args(args)
         .env("RUST_LOG", "off")
         .output()

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fog_e2e::{
+use fog_testkit::{
     Pair, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_counts, start_host, start_server,
     status_when,
 };
@@ -18,8 +18,8 @@ fn u(v: &Value) -> u64 {
 
 #[test]
 fn killing_the_primary_costs_one_failover_for_thousands_of_sensors() {
-    let dir = scratch_dir("scale");
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir("scale").unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let mut primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let _backup = start_server(&pair, false, &["--lateness", "200ms"], &dir).unwrap();
     let host = start_host(
@@ -37,7 +37,7 @@ fn killing_the_primary_costs_one_failover_for_thousands_of_sensors() {
     })
     .unwrap();
     status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(15), is_caught_up).unwrap();
-    primary.kill();
+    primary.kill().unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(90)).unwrap();
     assert_eq!(code, 0, "host exit code; failovers {}, unacked {}", summary["failovers"], summary["unacked"]);

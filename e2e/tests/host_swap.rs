@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fog_e2e::{
+use fog_testkit::{
     Pair, Proc, bin, check_counts, finish_host, log_lines_with, scratch_dir, server_counts, server_status, start_host,
     start_server, status_when, wait_for_log_line,
 };
@@ -29,11 +29,11 @@ struct Stage {
 
 impl Stage {
     fn new(name: &str, component: &str) -> Stage {
-        let dir = scratch_dir(name);
-        let pair = Pair::on_free_ports();
+        let dir = scratch_dir(name).unwrap();
+        let pair = Pair::on_free_ports().unwrap();
         let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
         let sensor = dir.join("sensor.wasm");
-        install(&bin(component), &sensor);
+        install(&bin(component).unwrap(), &sensor);
         Stage { dir, pair, _primary, sensor }
     }
 }
@@ -75,11 +75,11 @@ fn sighup_swaps_the_component_without_losing_or_repeating_a_reading() {
     .unwrap();
     let log = host.log.clone();
     let before = server_counts(&counting_every_sensor(&pair, 20));
-    install(&bin("fog_scenario_sensor.wasm"), &sensor);
+    install(&bin("fog_scenario_sensor.wasm").unwrap(), &sensor);
     host.signal("HUP").unwrap();
     wait_for_log_line(&log, &["hot swap: 20 sensors moved"], Duration::from_secs(10)).unwrap();
 
-    install(&bin("fog_sensor.wasm"), &sensor);
+    install(&bin("fog_sensor.wasm").unwrap(), &sensor);
     host.signal("HUP").unwrap();
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "host exit code; summary {summary}");
@@ -125,7 +125,7 @@ fn watch_swaps_when_the_file_changes_and_keeps_running_on_a_bad_one() {
     install(&junk, &sensor);
     wait_for_log_line(&log, &["hot swap refused, still running"], Duration::from_secs(10)).unwrap();
     // Then the real one.
-    install(&bin("fog_scenario_sensor.wasm"), &sensor);
+    install(&bin("fog_scenario_sensor.wasm").unwrap(), &sensor);
     wait_for_log_line(&log, &["hot swap: 10 sensors moved"], Duration::from_secs(10)).unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
@@ -158,7 +158,7 @@ fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
     assert_eq!(log_lines_with(&log, &["sensor quarantined"]), 1, "sensor 3 alone is quarantined before the swap");
     // The fixed sensor: the built-in one, which reads the faulty sensor's
     // snapshots (both are the core's).
-    install(&bin("fog_sensor.wasm"), &sensor);
+    install(&bin("fog_sensor.wasm").unwrap(), &sensor);
     wait_for_log_line(&log, &["1 quarantined sensors get another chance"], Duration::from_secs(10)).unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();

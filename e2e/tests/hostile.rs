@@ -23,12 +23,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fog_e2e::history::{Observation, check, host_side, server_side};
-use fog_e2e::{
+use fog_testkit::history::{Observation, check, host_side, server_side};
+use fog_testkit::{
     Pair, PairKeys, Proc, StatusAuth, finish_host, is_caught_up, log_lines_with, rss_mib, scratch_dir, server_counts,
     server_status_as, start_host, start_keyed_server, start_server, wait_for,
 };
-use fog_e2e::rogue::{Rogue, batch, batch_reply, forged_claims, named_epoch, readings, refused_count, sensor};
+use fog_testkit::Client;
+use fog_testkit::rogue::{batch, batch_reply, forged_claims, named_epoch, readings, refused_count, sensor};
 use fog_protocol::{AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, encode, now_ms};
 use fog_transport::{Context as ZmqContext, Keypair, Limits, PublicKey, SocketType};
 use serde_json::Value;
@@ -85,8 +86,8 @@ impl Stage {
     /// until the primary is active with a caught-up passive, starts the host
     /// and waits until the active has counted some of its readings.
     fn start(label: &'static str, clients: &[(&str, &str)]) -> anyhow::Result<Stage> {
-        let dir = scratch_dir(label);
-        let pair = Pair::on_free_ports();
+        let dir = scratch_dir(label)?;
+        let pair = Pair::on_free_ports()?;
         let mut all_clients = vec![("host", HOST_RIGHTS)];
         all_clients.extend_from_slice(clients);
         let keys = PairKeys::generate(&dir, &all_clients)?;
@@ -167,9 +168,9 @@ impl Stage {
     }
 
     /// A client of one node's frontend with the key of client `name`.
-    fn rogue(&self, name: &str, primary: bool) -> anyhow::Result<Rogue> {
+    fn rogue(&self, name: &str, primary: bool) -> anyhow::Result<Client> {
         let (keys, server) = self.curve(name, primary)?;
-        Rogue::connect(self.endpoint(primary), Some((&keys, &server)))
+        Client::connect(self.endpoint(primary), Some((&keys, &server)))
     }
 
     /// The incarnation of each of the legit host's sensors, from the
@@ -318,7 +319,7 @@ fn garbage_and_huge_frame_headers_on_raw_connections_do_not_hurt_the_server() {
     let stage = Stage::start("raw-bytes", &[]).unwrap();
     // A server without keys too: only there does a NULL greeting get past
     // the handshake, to the frame a 2^40-byte header announces.
-    let lone = Pair::on_free_ports();
+    let lone = Pair::on_free_ports().unwrap();
     let lone_dir = stage.dir.join("keyless");
     std::fs::create_dir_all(&lone_dir).unwrap();
     let mut keyless = start_server(&lone, true, SERVER_FLAGS, &lone_dir).unwrap();
@@ -363,9 +364,9 @@ fn garbage_and_huge_frame_headers_on_raw_connections_do_not_hurt_the_server() {
     assert_eq!(log_lines_with(&keyless.log, &["memory allocation"]), 0, "{}", keyless.log_tail(30));
     let keyless_rss = rss_mib(keyless.child.id()).unwrap_or(f64::MAX);
     assert!(keyless_rss < MAX_SERVER_RSS_MIB, "the keyless server uses {keyless_rss:.0} MiB");
-    let lone_status = fog_e2e::server_status(&lone.primary_frontend).expect("the keyless server answers status");
+    let lone_status = fog_testkit::server_status(&lone.primary_frontend).expect("the keyless server answers status");
     eprintln!("[raw-bytes] keyless server after the attacks: {} MiB, malformed_frames {}", keyless_rss, lone_status["malformed_frames"]);
-    keyless.kill();
+    keyless.kill().unwrap();
 
     let end = stage.finish();
     // None of it reached the keyed nodes: nothing malformed, nothing but
@@ -384,8 +385,8 @@ fn clients_without_a_key_or_with_an_unknown_key_get_nothing_counted() {
     let incarnations = stage.host_incarnations().unwrap();
     for primary in [true, false] {
         let server = stage.keys.server_public(primary);
-        let mut null = Rogue::connect(stage.endpoint(primary), None).unwrap();
-        let mut unknown = Rogue::connect(stage.endpoint(primary), Some((&stranger, &server))).unwrap();
+        let mut null = Client::connect(stage.endpoint(primary), None).unwrap();
+        let mut unknown = Client::connect(stage.endpoint(primary), Some((&stranger, &server))).unwrap();
         for (i, rogue) in [&null, &unknown].into_iter().enumerate() {
             // Readings of sensors of their own, and of the host's sensors
             // far ahead of what it generated, and a status request.
@@ -667,7 +668,7 @@ fn status_needs_the_admin_key() {
     assert!(format!("{err:#}").contains("may not"), "the refusal says why: {err:#}");
     let mut host_key = stage.rogue("host", true).unwrap();
     assert_eq!(host_key.ask(&Request::Status, REPLY_TIMEOUT).unwrap(), Reply::Refused { batch_id: 0, reason: Refusal::NotAuthorized });
-    let mut admin = Rogue::connect(&stage.pair.primary_frontend, Some((&stage.keys.admin.pair, &stage.keys.server_public(true)))).unwrap();
+    let mut admin = Client::connect(&stage.pair.primary_frontend, Some((&stage.keys.admin.pair, &stage.keys.server_public(true)))).unwrap();
     let Reply::Status(report) = admin.ask(&Request::Status, REPLY_TIMEOUT).unwrap() else { panic!("the admin key got no status") };
     assert_eq!(report.role, "primary");
     // An admin key has no sensors: its batches are refused.
@@ -684,12 +685,12 @@ fn the_key_fixture_gives_a_pair_that_refuses_the_wrong_server_key() {
     // A host that trusts the wrong server key never gets in; with the right
     // ones the fixture's pair serves it (checked by every other test).
     let _serial = serial();
-    let dir = scratch_dir("wrong-server-key");
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir("wrong-server-key").unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let keys = PairKeys::generate(&dir, &[("host", HOST_RIGHTS)]).unwrap();
     let _primary = start_keyed_server(&pair, true, SERVER_FLAGS, &dir, &keys).unwrap();
     let impostor = Keypair::generate().unwrap();
-    let mut rogue = Rogue::connect(&pair.primary_frontend, Some((&keys.client("host").unwrap().pair, &impostor.public))).unwrap();
+    let mut rogue = Client::connect(&pair.primary_frontend, Some((&keys.client("host").unwrap().pair, &impostor.public))).unwrap();
     rogue.send(&batch(1, vec![sensor(1, 1, 0, readings(0, 1, now_ms()))])).unwrap();
     let saw = rogue.events(Duration::from_secs(2));
     assert!(!saw.iter().any(|e| e.starts_with("a message")), "a reply through the wrong server key: {saw:?}");

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use fog_e2e::{Pair, PairKeys, scratch_dir, server_status_as, start_keyed_server};
+use fog_testkit::{Pair, PairKeys, scratch_dir, server_status_as, start_keyed_server};
 use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode, now_ms};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop.py");
@@ -59,8 +59,8 @@ fn a_stock_libzmq_peer_with_a_host_key_gets_its_batch_acked_and_a_stranger_gets_
         eprintln!("SKIPPED interop (a stock libzmq peer): pyzmq is not installed ({why}); `pip install pyzmq` to run this test");
         return;
     }
-    let dir = scratch_dir("interop");
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir("interop").unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let keys = PairKeys::generate(&dir, &[("host", "sensors=1-20")]).unwrap();
     // A key no authorized-keys file lists.
     let (stranger_secret, _) = fog_transport::Keypair::generate().unwrap().write(&dir.join("stranger")).unwrap();
@@ -97,7 +97,7 @@ fn a_stock_libzmq_peer_with_a_host_key_gets_its_batch_acked_and_a_stranger_gets_
     assert_eq!((reply.acks[0].sensor_id, reply.acks[0].incarnation, reply.acks[0].next_seq), (3, incarnation, 5));
     assert!(reply.refused.is_empty(), "{reply:?}");
     let status = server_status_as(&pair.primary_frontend, Some(&keys.admin_status(true))).unwrap();
-    let counted = fog_e2e::server_counts(&status);
+    let counted = fog_testkit::server_counts(&status);
     assert_eq!(counted.get(&(3, incarnation)), Some(&(5, 70 + 71 + 72 + 73 + 74)), "{status}");
 
     // A key no server lists, and the host's key trusting the backup's key

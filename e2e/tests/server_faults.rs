@@ -2,7 +2,7 @@
 //! `fog-host` binaries, the real sensor component, and faults an operator
 //! meets — `kill -9` of one or both servers, a restart and catch-up, a
 //! frozen primary (SIGSTOP/SIGCONT), and a cut link between the two servers
-//! (network namespaces, see `fog_e2e::netns`).
+//! (network namespaces, see `fog_testkit::netns`).
 //!
 //! Every test ends the same way: the host's JSON summary (generated, acked
 //! and sum of speeds per sensor incarnation) must equal what the active
@@ -14,8 +14,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use fog_e2e::netns::{Lab, LabError, ROOT};
-use fog_e2e::{
+use fog_testkit::netns::{Lab, LabError, ROOT};
+use fog_testkit::{
     Pair, Proc, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_status, start_host, start_server,
     status_when, wait_for,
 };
@@ -61,8 +61,8 @@ fn host_args<'a>(servers: &'a str, sensors: &'a str, duration: &'a str) -> Vec<&
 fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
     let _serial = serial();
     let label = "kill-primary";
-    let dir = scratch_dir(label);
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
     let backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
     let servers = pair.servers();
@@ -74,7 +74,7 @@ fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
     std::thread::sleep(Duration::from_secs(2));
     let at_kill = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
     let killed = Instant::now();
-    primary.kill();
+    primary.kill().unwrap();
     eprintln!("[{label}] killed the primary (kill -9) under load; the backup had {at_kill} readings replicated (epoch {})", before["epoch"]);
     let failover = time_to_first_ack(&pair.backup_frontend, killed, at_kill);
     eprintln!("[{label}] failover: the backup counted new readings as active {} ms after the kill", failover.as_millis());
@@ -94,8 +94,8 @@ fn kill_9_of_the_primary_under_load_loses_no_acked_reading() {
 fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
     let _serial = serial();
     let label = "kill-both";
-    let dir = scratch_dir(label);
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
     let mut backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
     let servers = pair.servers();
@@ -106,8 +106,8 @@ fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
     }).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let counted = u(&server_status(&pair.primary_frontend).unwrap()["counted"]);
-    primary.kill();
-    backup.kill();
+    primary.kill().unwrap();
+    backup.kill().unwrap();
     eprintln!("[{label}] killed both servers (kill -9) after the primary counted at least {counted} readings; the host keeps generating");
     std::thread::sleep(Duration::from_secs(1));
 
@@ -139,15 +139,15 @@ fn kill_9_of_both_servers_and_a_restart_loses_no_acked_reading() {
 fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
     let _serial = serial();
     let label = "backup-catch-up";
-    let dir = scratch_dir(label);
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let mut primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
     let mut backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
     let servers = pair.servers();
     let host = start_host(&host_args(&servers, "20", "10s"), &dir).unwrap();
 
     std::thread::sleep(Duration::from_secs(2));
-    backup.kill();
+    backup.kill().unwrap();
     eprintln!("[{label}] killed the backup (kill -9); the primary goes on alone");
     let alone = status_when(&pair.primary_frontend, "active alone", Duration::from_secs(10), |s| {
         is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone"))
@@ -172,7 +172,7 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
 
     let at_kill = u(&server_status(&pair.backup_frontend).unwrap()["counted"]);
     let killed = Instant::now();
-    primary.kill();
+    primary.kill().unwrap();
     eprintln!("[{label}] killed the primary (kill -9); the backup had {at_kill} readings");
     let failover = time_to_first_ack(&pair.backup_frontend, killed, at_kill);
     eprintln!("[{label}] failover: the caught-up backup counted new readings as active {} ms after the kill", failover.as_millis());
@@ -188,8 +188,8 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
 fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
     let _serial = serial();
     let label = "sigstop";
-    let dir = scratch_dir(label);
-    let pair = Pair::on_free_ports();
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
     let primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
     let _backup = start_server(&pair, false, SERVER_FLAGS, &dir).unwrap();
     let servers = pair.servers();
@@ -223,8 +223,8 @@ fn a_primary_frozen_for_5_s_does_not_go_on_acking_as_active() {
         resumed["epoch"],
         backup_now["state"],
         backup_now["epoch"],
-        fog_e2e::log_lines_with(&primary.log, &["paused"]),
-        fog_e2e::log_lines_with(&primary.log, &["stepping down"]),
+        fog_testkit::log_lines_with(&primary.log, &["paused"]),
+        fog_testkit::log_lines_with(&primary.log, &["stepping down"]),
     );
     assert_eq!(backup_now["state"], "active", "{label}: the backup stays active: {backup_now}");
     for _ in 0..10 {
@@ -246,9 +246,9 @@ fn start_server_in(lab: &Lab, ns: &str, pair: &Pair, primary: bool, dir: &std::p
     // The veth addresses are not loopback: a server without keys needs
     // --insecure there (the namespaces are this test's own).
     let flags: Vec<&str> = SERVER_FLAGS.iter().copied().chain(["--insecure"]).collect();
-    let (name, args) = fog_e2e::server_args(pair, primary, &flags, dir);
-    let proc = lab.spawn(ns, name, &fog_e2e::bin("fog-server"), &args, dir).unwrap();
-    fog_e2e::wait_until_serving(proc, if primary { &pair.primary_frontend } else { &pair.backup_frontend }).unwrap()
+    let (name, args) = fog_testkit::server_args(pair, primary, &flags, dir);
+    let proc = lab.spawn(ns, name, &fog_testkit::bin("fog-server").unwrap(), &args, dir).unwrap();
+    fog_testkit::wait_until_serving(proc, pair.frontend(primary)).unwrap()
 }
 
 #[test]
@@ -258,12 +258,12 @@ fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() 
     let mut lab = match Lab::new("split") {
         Ok(lab) => lab,
         Err(LabError::Unavailable(why)) => {
-            fog_e2e::netns::skip_or_fail(label, &why);
+            fog_testkit::netns::skip_or_fail(label, &why).unwrap();
             return;
         }
         Err(e) => panic!("{label}: {e}"),
     };
-    let dir = scratch_dir(label);
+    let dir = scratch_dir(label).unwrap();
     // The host stays in the root namespace and reaches each server over a
     // link of its own; the servers replicate over a third link.
     let p = lab.namespace("primary").unwrap();

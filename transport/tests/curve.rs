@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use fog_transport::{AccessList, Event, Keypair, Limits, Socket, ZapHandler, bind, connect, zap};
 
+/// An endpoint on a port of the test kit's, claimed against other test
+/// processes and outside the kernel's ephemeral range.
 fn free_endpoint() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    format!("tcp://127.0.0.1:{port}")
+    format!("tcp://127.0.0.1:{}", fog_testkit::free_port().unwrap())
 }
 
 struct Server {

@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fog_e2e::netns::{Lab, Link, ROOT};
-use fog_e2e::{
+use fog_testkit::netns::{Lab, Link, ROOT};
+use fog_testkit::{
     Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, rss_mib, scratch_dir, server_args, server_status_as,
     wait_until_serving_as,
 };
 use serde::Serialize;
 
-use fog_e2e::history::{self as check, Observation};
+use fog_testkit::history::{self as check, Observation};
 
 /// Run the fog system under a random schedule of faults and check that no
 /// acked reading was lost, none counted twice, every sensor ended on the
@@ -36,8 +36,8 @@ use fog_e2e::history::{self as check, Observation};
 /// key per host with rights for exactly its sensors, an admin key for
 /// status, one key for the rogue fault); --no-keys runs without.
 ///
-/// Build first with `cargo build --release`. The same --seed replays the same
-/// schedule of faults.
+/// Build first with `cargo build --release` (binaries older than their source
+/// are refused). The same --seed replays the same schedule of faults.
 #[derive(Debug, Parser)]
 #[command(name = "fog-verify", version, max_term_width = 100)]
 struct Args {
@@ -258,15 +258,18 @@ fn main() -> ExitCode {
 
 /// Whether a binary's `--help` mentions a flag: lets the verifier use
 /// durability features where the binaries have them.
-fn supports(binary: &str, flag: &str) -> bool {
-    Command::new(bin(binary))
-        .arg("--help")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
-        .unwrap_or(false)
+fn supports(binary: &str, flag: &str) -> anyhow::Result<bool> {
+    let help = Command::new(bin(binary)?).arg("--help").output();
+    Ok(help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag)))
 }
 
 fn run(args: &Args) -> anyhow::Result<Report> {
+    // The binaries a run starts (and asks for status), built from the
+    // current source: a stale or missing one is one error line that says
+    // what to build, before anything starts.
+    for name in ["fog-server", "fog-host"] {
+        bin(name)?;
+    }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
@@ -276,7 +279,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             d.clone()
         }
-        None => scratch_dir("verify"),
+        None => scratch_dir("verify")?,
     };
     eprintln!("fog-verify: seed {seed}, {:?}, {} host(s) x {} sensors, faults {:?}, dir {}", args.duration, args.hosts, args.sensors, args.faults, dir.display());
 
@@ -285,8 +288,8 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             bail!("--server-bin {} does not exist", p.display());
         }
     }
-    let durable_servers = supports("fog-server", "--data-dir");
-    let durable_hosts = supports("fog-host", "--state-dir");
+    let durable_servers = supports("fog-server", "--data-dir")?;
+    let durable_hosts = supports("fog-host", "--state-dir")?;
     if !durable_servers {
         eprintln!("note: fog-server has no --data-dir: a restarted server starts empty");
     }
@@ -307,15 +310,15 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     }
     let pair = match &net {
         Some(n) => {
-            let ep = |addr: std::net::Ipv4Addr| format!("tcp://{addr}:{}", free_port());
+            let ep = |addr: std::net::Ipv4Addr| -> anyhow::Result<String> { Ok(format!("tcp://{addr}:{}", free_port()?)) };
             Pair {
-                primary_frontend: ep(n.to_primary.b_addr),
-                backup_frontend: ep(n.to_backup.b_addr),
-                primary_state: ep(n.peer.a_addr),
-                backup_state: ep(n.peer.b_addr),
+                primary_frontend: ep(n.to_primary.b_addr)?,
+                backup_frontend: ep(n.to_backup.b_addr)?,
+                primary_state: ep(n.peer.a_addr)?,
+                backup_state: ep(n.peer.b_addr)?,
             }
         }
-        None => Pair::on_free_ports(),
+        None => Pair::on_free_ports()?,
     };
     let plan = rogue::Plan::new(args.hosts, args.sensors);
     let keys = if args.no_keys {
@@ -339,7 +342,10 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             extra.push("--data-dir".into());
             extra.push(data_dir.display().to_string());
         }
-        let program = args.server_bin.clone().unwrap_or_else(|| bin("fog-server"));
+        let program = match &args.server_bin {
+            Some(p) => p.clone(),
+            None => bin("fog-server")?,
+        };
         let ns = match &net {
             Some(n) if primary => n.to_primary.b_ns.clone(),
             Some(n) => n.to_backup.b_ns.clone(),
@@ -454,7 +460,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
                     if fault == Fault::Kill {
                         if let Some(mut p) = servers[i].proc.take() {
-                            p.kill();
+                            p.kill()?;
                         }
                         log(started, format!("kill -9 {} (restart in {:.1}s)", servers[i].name, back_in.as_secs_f64()));
                         pending.push((now + back_in, Pending::Restart(i)));
@@ -511,7 +517,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     let h = up[rng.below(up.len() as u64) as usize];
                     let back_in = rng.between(Duration::from_millis(300), Duration::from_secs(2));
                     if let Some(mut p) = hosts[h].proc.take() {
-                        p.kill();
+                        p.kill()?;
                     }
                     log(started, format!("kill -9 host {h} (restart in {:.1}s)", back_in.as_secs_f64()));
                     pending.push((now + back_in, Pending::RestartHost(h)));
@@ -596,7 +602,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
 /// Namespaces for the two servers and links to them, or `None` (with a
 /// note) where namespaces cannot be used; an error where they are required.
 fn build_net() -> anyhow::Result<Option<Net>> {
-    let attempt = || -> Result<Net, fog_e2e::netns::LabError> {
+    let attempt = || -> Result<Net, fog_testkit::netns::LabError> {
         let mut lab = Lab::new("verify")?;
         let p = lab.namespace("primary")?;
         let b = lab.namespace("backup")?;
@@ -607,8 +613,8 @@ fn build_net() -> anyhow::Result<Option<Net>> {
     };
     match attempt() {
         Ok(net) => Ok(Some(net)),
-        Err(e) if fog_e2e::netns::required() => {
-            anyhow::bail!("{e}, and {}=1 requires network namespaces", fog_e2e::netns::REQUIRE_ENV)
+        Err(e) if fog_testkit::netns::required() => {
+            anyhow::bail!("{e}, and {}=1 requires network namespaces", fog_testkit::netns::REQUIRE_ENV)
         }
         Err(e) => {
             eprintln!("note: {e}: link faults are left out and the wipe stalls the passive with SIGSTOP instead");
@@ -626,7 +632,7 @@ struct Cluster {
 
 impl Cluster {
     fn frontend(&self, primary: bool) -> &str {
-        if primary { &self.pair.primary_frontend } else { &self.pair.backup_frontend }
+        self.pair.frontend(primary)
     }
 
     /// The admin's credentials for one server's status (none without keys).
@@ -693,7 +699,7 @@ fn start_host_node(args: &Args, cluster: &Cluster, h: &mut HostNode, dir: &std::
     if let Some(keys) = &cluster.keys {
         a.extend(keys.host_args(&format!("host{}", h.index))?);
     }
-    h.proc = Some(Proc::spawn(&format!("host{}-{}", h.index, h.starts), &bin("fog-host"), &a, dir)?);
+    h.proc = Some(Proc::spawn(&format!("host{}-{}", h.index, h.starts), &bin("fog-host")?, &a, dir)?);
     Ok(())
 }
 
@@ -727,7 +733,7 @@ fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> any
     }
     std::thread::sleep(Duration::from_millis(150));
     if let Some(mut proc) = servers[a].proc.take() {
-        proc.kill();
+        proc.kill()?;
     }
     let erased = std::fs::remove_dir_all(&servers[a].data_dir);
     if net.is_none() {

@@ -19,11 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fog_e2e::PairKeys;
-use fog_e2e::rogue::{
-    Expect, MAX_READINGS_PER_BATCH, Reading, Reply, Request, Rogue, SensorBatch, batch, forged_claims, named_epoch, now_ms,
-    poison, poison_bulk, readings, sensor,
+use fog_testkit::rogue::{
+    Expect, MAX_READINGS_PER_BATCH, Reading, Reply, Request, SensorBatch, batch, forged_claims, named_epoch, now_ms, poison,
+    poison_bulk, readings, sensor,
 };
+use fog_testkit::{Client, PairKeys};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -84,7 +84,7 @@ impl Targets {
             return;
         }
         let mut newest: BTreeMap<u32, Target> = BTreeMap::new();
-        for (&(id, incarnation), &(count, _)) in &fog_e2e::server_counts(status) {
+        for (&(id, incarnation), &(count, _)) in &fog_testkit::server_counts(status) {
             let Ok(sensor_id) = u32::try_from(id) else { continue };
             if !(plan.overlap.0..=plan.overlap.1).contains(&sensor_id) {
                 continue;
@@ -184,7 +184,7 @@ impl RogueRun {
 
 /// One server as the rogue sees it.
 struct Victim {
-    rogue: Rogue,
+    rogue: Client,
     /// The epoch and seal the server last named.
     epoch: Option<(u64, [u8; 16])>,
     limit_sent: bool,
@@ -198,7 +198,7 @@ fn attack(keys: &PairKeys, frontends: &[String; 2], plan: &Plan, targets: &Targe
     };
     let mut victims = Vec::new();
     for (primary, endpoint) in [true, false].into_iter().zip(frontends) {
-        match Rogue::connect(endpoint, Some((&key.pair, &keys.server_public(primary)))) {
+        match Client::connect(endpoint, Some((&key.pair, &keys.server_public(primary)))) {
             Ok(rogue) => victims.push(Victim { rogue, epoch: None, limit_sent: false }),
             Err(_) => tally.connect_errors += 1,
         }

@@ -90,7 +90,7 @@ fn a_server_that_acks_before_replicating_is_caught_losing_readings() {
     ]);
     eprintln!("{stderr}");
     if report["network"] != "namespaces" {
-        fog_e2e::netns::skip_or_fail("planted bug", "the planted bug is only exposed with network namespaces");
+        fog_testkit::netns::skip_or_fail("planted bug", "the planted bug is only exposed with network namespaces").unwrap();
         return;
     }
     assert_eq!(code, 1, "the planted bug went unnoticed: {report}");

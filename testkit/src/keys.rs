@@ -87,7 +87,7 @@ impl PairKeys {
             .iter()
             .map(|(name, rights)| Ok((KeyFiles::generate(&keys_dir, name)?, rights.to_string())))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut common = format!("# written by fog-e2e\n{} admin admin\n", admin.pair.public);
+        let mut common = format!("# written by fog-testkit\n{} admin admin\n", admin.pair.public);
         for (client, rights) in &clients {
             common.push_str(&format!("{} {} {rights}\n", client.pair.public, client.name));
         }
@@ -161,7 +161,7 @@ mod tests {
 
     #[test]
     fn writes_keys_and_authorized_files_the_transport_accepts() {
-        let dir = crate::scratch_dir("keys-fixture");
+        let dir = crate::scratch_dir("keys-fixture").unwrap();
         let keys = PairKeys::generate(&dir, &[("host", "sensors=1-20"), ("rogue", "sensors=9000-9999")]).unwrap();
         let list = fog_transport::AccessList::read(&keys.primary_authorized).unwrap();
         assert_eq!(list.len(), 4, "admin, two clients and the peer");
@@ -174,7 +174,7 @@ mod tests {
         let back = Keypair::read(&keys.client("rogue").unwrap().secret).unwrap();
         assert_eq!(back.public, keys.client("rogue").unwrap().pair.public);
         assert!(keys.client("nobody").is_err());
-        assert!(PairKeys::generate(&crate::scratch_dir("keys-fixture"), &[("admin", "admin")]).is_err());
+        assert!(PairKeys::generate(&crate::scratch_dir("keys-fixture").unwrap(), &[("admin", "admin")]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,8 +13,8 @@
 //! namespace reaches both:
 //!
 //! ```no_run
-//! # fn main() -> Result<(), fog_e2e::netns::LabError> {
-//! use fog_e2e::netns::{Lab, ROOT};
+//! # fn main() -> Result<(), fog_testkit::netns::LabError> {
+//! use fog_testkit::netns::{Lab, ROOT};
 //! let mut lab = Lab::new("split")?;
 //! let p = lab.namespace("primary")?;
 //! let b = lab.namespace("backup")?;
@@ -57,7 +57,6 @@ pub enum LabError {
     TooManyLinks,
 }
 
-
 /// Set (to 1) where network namespaces must be available, as in CI: a test
 /// that needs them then fails instead of skipping.
 pub const REQUIRE_ENV: &str = "FOG_REQUIRE_NETNS";
@@ -67,11 +66,14 @@ pub fn required() -> bool {
     std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
 }
 
-/// What a test does when namespaces are unavailable: says it is skipped,
-/// or fails when [`REQUIRE_ENV`] says they must be there.
-pub fn skip_or_fail(test: &str, why: &str) {
-    assert!(!required(), "{test}: network namespaces are required ({REQUIRE_ENV}=1) but unavailable: {why}");
+/// What a test does when namespaces are unavailable: says it is skipped
+/// (`Ok`), or fails (an error) when [`REQUIRE_ENV`] says they must be there.
+pub fn skip_or_fail(test: &str, why: &str) -> anyhow::Result<()> {
+    if required() {
+        anyhow::bail!("{test}: network namespaces are required ({REQUIRE_ENV}=1) but unavailable: {why}");
+    }
     eprintln!("[{test}] SKIPPED: {why}; this test needs root and `ip netns` ({REQUIRE_ENV}=1 makes it fail instead)");
+    Ok(())
 }
 
 /// One veth link between two namespaces (either may be [`ROOT`]).
@@ -267,7 +269,7 @@ mod tests {
         let mut lab = match Lab::new("unit") {
             Ok(lab) => lab,
             Err(LabError::Unavailable(why)) => {
-                skip_or_fail("netns unit", &why);
+                skip_or_fail("netns unit", &why).unwrap();
                 return;
             }
             Err(e) => panic!("{e}"),

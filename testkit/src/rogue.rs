@@ -1,82 +1,18 @@
-//! Hostile clients of a server's frontend: a [`Rogue`] speaks the frontend
-//! protocol over libzmq (`fog_transport`), with a key (CurveZMQ) or
-//! without (NULL), and sends what no well-behaved host sends. The batch
-//! builders here are the attacks: [`forged_claims`] (epochs without a
-//! valid seal) and [`poison`] (readings that must never move a sensor's
-//! ledger), plus plain [`readings`], [`sensor`] and [`batch`] for the rest.
+//! What hostile clients send a server's frontend (through a
+//! [`Client`](crate::Client)): the batch builders here are the attacks,
+//! [`forged_claims`] (epochs without a valid seal) and [`poison`]
+//! (readings that must never move a sensor's ledger), plus plain
+//! [`readings`], [`sensor`] and [`batch`] for the rest.
 //!
-//! Used by the hostile tests and by `fog-verify`'s `rogue` fault.
+//! Used by the hostile tests, the server's command-line tests and
+//! `fog-verify`'s `rogue` fault.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, bail};
-use fog_transport::{Context as ZmqContext, Event, Keypair, Limits, PublicKey, Socket, SocketType};
+use anyhow::bail;
 
 pub use fog_protocol::{
     BatchReply, MAX_READINGS_PER_BATCH, MAX_SEQ, Reading, Refusal, Reply, Request, Seal, SensorBatch, decode, encode,
     now_ms,
 };
-
-/// A client of one frontend that reads its replies.
-pub struct Rogue {
-    socket: Socket,
-    _ctx: ZmqContext,
-}
-
-impl Rogue {
-    /// Connects to `endpoint`; with `curve`, as the holder of that keypair
-    /// trusting that server key.
-    pub fn connect(endpoint: &str, curve: Option<(&Keypair, &PublicKey)>) -> anyhow::Result<Rogue> {
-        let ctx = ZmqContext::new();
-        let dealer = fog_transport::connect(&ctx, SocketType::DEALER, endpoint, curve, &Limits::default())?;
-        let socket = Socket::spawn("rogue", &ctx, dealer, true)?;
-        Ok(Rogue { socket, _ctx: ctx })
-    }
-
-    /// Queues `request` (never blocks; libzmq sends it once connected).
-    pub fn send(&self, request: &Request) -> anyhow::Result<()> {
-        self.socket.send(vec![encode(request)?])?;
-        Ok(())
-    }
-
-    /// The next reply within `timeout`, or `None`; a failed handshake is an
-    /// error naming it.
-    pub fn reply(&mut self, timeout: Duration) -> anyhow::Result<Option<Reply>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.socket.recv_blocking(left) {
-                Some(Event::Message(m)) => {
-                    let frame = m.frames.last().context("an empty message")?;
-                    return Ok(Some(decode(frame).context("a reply that does not decode")?));
-                }
-                Some(Event::HandshakeFailed(why)) => bail!("handshake failed: {why}"),
-                Some(_) => continue,
-                None => return Ok(None),
-            }
-        }
-    }
-
-    /// Sends `request` and returns the next reply, waiting at most `timeout`.
-    pub fn ask(&mut self, request: &Request, timeout: Duration) -> anyhow::Result<Reply> {
-        self.send(request)?;
-        self.reply(timeout)?.with_context(|| format!("no reply within {timeout:?}"))
-    }
-
-    /// Everything the socket reports within `window`: what a client the
-    /// server does not let in sees.
-    pub fn events(&mut self, window: Duration) -> Vec<String> {
-        let deadline = Instant::now() + window;
-        let mut seen = Vec::new();
-        while let Some(event) = self.socket.recv_blocking(deadline.saturating_duration_since(Instant::now())) {
-            seen.push(match event {
-                Event::Message(m) => format!("a message of {} frames", m.frames.len()),
-                other => format!("{other:?}"),
-            });
-        }
-        seen
-    }
-}
 
 /// `n` readings from `first_seq` on, all at `timestamp_ms`, 88 km/h.
 pub fn readings(first_seq: u64, n: u64, timestamp_ms: u64) -> Vec<Reading> {
