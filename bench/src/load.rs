@@ -289,7 +289,7 @@ fn record_rtt(h: &mut Histogram<u64>, start: Instant, sent_ns: u64, now: Instant
 }
 
 fn encode_batch(batch_id: u64, first_id: u32, shape: LoadShape, incarnation: u64, seqs: &mut [u64]) -> anyhow::Result<Vec<u8>> {
-    let now_ms = fog_protocol::now_ms();
+    let now_ms = fog_testkit::rogue::now_ms();
     let sensors = seqs
         .iter_mut()
         .enumerate()

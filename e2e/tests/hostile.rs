@@ -30,7 +30,8 @@ use fog_testkit::{
 };
 use fog_testkit::Client;
 use fog_testkit::rogue::{batch, batch_reply, forged_claims, named_epoch, readings, refused_count, sensor};
-use fog_protocol::{AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, encode, now_ms};
+use fog_protocol::{AverageCursor, MAX_READINGS_PER_BATCH, Reading, Refusal, Reply, Request, SensorBatch, encode};
+use fog_testkit::rogue::now_ms;
 use fog_transport::{Context as ZmqContext, Keypair, Limits, PublicKey, SocketType};
 use serde_json::Value;
 

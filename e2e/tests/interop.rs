@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use fog_testkit::{Pair, PairKeys, scratch_dir, server_status_as, start_keyed_server};
-use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode, now_ms};
+use fog_protocol::{Reading, Reply, Request, SensorBatch, decode, encode};
+use fog_testkit::rogue::now_ms;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop.py");
 

@@ -49,14 +49,6 @@ pub const MAX_SEQ: u64 = 1 << 53;
 /// rest in following replies.
 pub const MAX_AVERAGES_PER_REPLY: usize = 4096;
 
-/// The wall clock readings are stamped with and every server decision uses:
-/// milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 pub use fog_core::{Average, AverageCursor, Reading};
 
 /// What one sensor has to say in a batch.

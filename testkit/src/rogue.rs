@@ -11,8 +11,13 @@ use anyhow::bail;
 
 pub use fog_protocol::{
     BatchReply, MAX_READINGS_PER_BATCH, MAX_SEQ, Reading, Refusal, Reply, Request, Seal, SensorBatch, decode, encode,
-    now_ms,
 };
+
+/// Milliseconds since the Unix epoch on the wall clock: what readings are
+/// stamped with.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// `n` readings from `first_seq` on, all at `timestamp_ms`, 88 km/h.
 pub fn readings(first_seq: u64, n: u64, timestamp_ms: u64) -> Vec<Reading> {
