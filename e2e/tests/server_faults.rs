@@ -1,8 +1,9 @@
 //! Real-process fault tests of the server pair: the real `fog-server` and
 //! `fog-host` binaries, the real sensor component, and faults an operator
 //! meets — `kill -9` of one or both servers, a restart and catch-up, a
-//! frozen primary (SIGSTOP/SIGCONT), and a cut link between the two servers
-//! (network namespaces, see `fog_testkit::netns`).
+//! frozen primary (SIGSTOP/SIGCONT), steps of the servers' wall clocks
+//! (libfaketime, see `fog_testkit::faketime`), and a cut link between the
+//! two servers (network namespaces, see `fog_testkit::netns`).
 //!
 //! Every test ends the same way: the host's JSON summary (generated, acked
 //! and sum of speeds per sensor incarnation) must equal what the active
@@ -14,10 +15,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use fog_testkit::faketime::{self, FakeWallClock};
 use fog_testkit::netns::{Lab, LabError, ROOT};
 use fog_testkit::{
     Pair, Proc, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_status, start_host, start_server,
-    status_when, wait_for,
+    start_server_with_env, status_when, wait_for,
 };
 use serde_json::Value;
 
@@ -182,6 +184,48 @@ fn a_restarted_backup_catches_up_and_then_takes_over_without_loss() {
     eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
     let _primary = start_server(&pair, true, SERVER_FLAGS, &dir).unwrap();
     check_pair(label, &pair.backup_frontend, &pair.primary_frontend, &[&summary]).unwrap();
+}
+
+/// NTP steps of both servers' wall clocks, forward and back by up to a
+/// minute, while a host sends: nothing fails over (liveness runs on the
+/// monotonic clock), the first epoch serves to the end, nothing is lost or
+/// counted twice.
+#[test]
+fn steps_of_the_servers_wall_clocks_fail_nothing_over() {
+    let label = "clock-steps";
+    if let Some(why) = faketime::unavailable() {
+        return faketime::skip_or_fail(label, &why).unwrap();
+    }
+    let _serial = serial();
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
+    let clocks = [FakeWallClock::new(&dir, "primary").unwrap(), FakeWallClock::new(&dir, "backup").unwrap()];
+    let _primary = start_server_with_env(&pair, true, SERVER_FLAGS, &dir, &clocks[0].env()).unwrap();
+    let _backup = start_server_with_env(&pair, false, SERVER_FLAGS, &dir, &clocks[1].env()).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, "20", "12s"), &dir).unwrap();
+    let before = status_when(&pair.backup_frontend, "a caught-up passive", Duration::from_secs(10), |s| {
+        is_caught_up(s) && u(&s["counted"]) > 0
+    }).unwrap();
+    let epoch = u(&before["epoch"]);
+    // (primary offset, backup offset) in seconds, each held for 1.5 s.
+    for (p, b) in [(30, 0), (-30, 0), (-30, 20), (0, -20), (0, 0)] {
+        clocks[0].set_offset_s(p).unwrap();
+        clocks[1].set_offset_s(b).unwrap();
+        eprintln!("[{label}] wall clocks now {p:+} s (primary) and {b:+} s (backup)");
+        let hold = Instant::now();
+        while hold.elapsed() < Duration::from_millis(1_500) {
+            let (ps, bs) = (server_status(&pair.primary_frontend).unwrap(), server_status(&pair.backup_frontend).unwrap());
+            assert!(is_active(&ps) && u(&ps["epoch"]) == epoch, "{label}: the primary left epoch {epoch} as active: {ps}");
+            assert!(bs["state"] == "passive" && u(&bs["epoch"]) == epoch, "{label}: the backup changed: {bs}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
+    host_done(label, code, &summary);
+    eprintln!("[{label}] host: generated {}, acked {}, failovers {}", summary["generated"], summary["acked"], summary["failovers"]);
+    assert_eq!(u(&summary["failovers"]), 0, "{label}: the host failed over: {summary}");
+    check_pair(label, &pair.primary_frontend, &pair.backup_frontend, &[&summary]).unwrap();
 }
 
 #[test]

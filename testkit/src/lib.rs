@@ -30,6 +30,7 @@ use anyhow::{Context, bail};
 
 pub mod binaries;
 pub mod client;
+pub mod faketime;
 pub mod history;
 pub mod keys;
 pub mod netns;
@@ -45,7 +46,8 @@ pub use ports::free_port;
 pub use process::{Proc, log_lines_with, wait_for_log_line};
 pub use servers::{
     Pair, check_counts, check_pair, count_mismatches, data_dir, finish_host, is_active, is_caught_up, server_args,
-    server_counts, server_status, server_status_as, start_host, start_keyed_server, start_server, status_when,
+    server_counts, server_status, server_status_as, start_host, start_keyed_server, start_server, start_server_with_env,
+    status_when,
     status_when_as, wait_until_serving, wait_until_serving_as,
 };
 

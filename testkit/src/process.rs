@@ -22,10 +22,16 @@ impl Proc {
     /// [`Proc::child`]) and stderr in `dir/<name>.log`; `RUST_LOG` is
     /// passed on (`info` when unset).
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> anyhow::Result<Proc> {
+        Proc::spawn_with_env(name, program, args, dir, &[])
+    }
+
+    /// [`Proc::spawn`] with more environment variables.
+    pub fn spawn_with_env(name: &str, program: &Path, args: &[String], dir: &Path, env: &[(String, String)]) -> anyhow::Result<Proc> {
         let log = dir.join(format!("{name}.log"));
         let stderr = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

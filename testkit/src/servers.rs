@@ -76,8 +76,13 @@ pub fn data_dir(dir: &Path, primary: bool) -> PathBuf {
 
 /// Starts one server node and waits until it answers `status`.
 pub fn start_server(pair: &Pair, primary: bool, extra: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+    start_server_with_env(pair, primary, extra, dir, &[])
+}
+
+/// [`start_server`] with more environment variables (a fake clock).
+pub fn start_server_with_env(pair: &Pair, primary: bool, extra: &[&str], dir: &Path, env: &[(String, String)]) -> anyhow::Result<Proc> {
     let (name, args) = server_args(pair, primary, extra, dir);
-    let proc = Proc::spawn(name, &bin("fog-server")?, &args, dir)?;
+    let proc = Proc::spawn_with_env(name, &bin("fog-server")?, &args, dir, env)?;
     wait_until_serving(proc, pair.frontend(primary))
 }
 
