@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use fog_host::fleet::{Fleet, FleetConfig};
-use fog_host::runtime::{Limits, SensorEngine};
+use fog_host::runtime::{Limits, SensorEngine, needs_of, read_component};
 use serde::Serialize;
 
 /// Measure instantiation time, memory and tick cost per sensor, and the
@@ -138,14 +138,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
 /// A started fleet, and how long compiling the component took (excluded
 /// from the per-sensor figures: it is paid once per host).
 fn start(args: &Args, n: u32) -> anyhow::Result<(Fleet, Duration)> {
+    let (origin, bytes) = read_component(args.component.as_deref())?;
+    let needs = needs_of(&origin, &bytes)?;
     let limits = Limits {
         max_memory_bytes: (args.max_memory_mib as usize) << 20,
         call_deadline: Duration::from_millis(100),
         max_instances: n.saturating_mul(2).saturating_add(16),
+        per_instance: Limits::pool_for(&needs, 0),
     };
-    let engine = Arc::new(SensorEngine::new(limits)?);
+    // No cache: the compile time is one of the figures.
+    let engine = Arc::new(SensorEngine::new(limits, None)?);
     let t = Instant::now();
-    let component = engine.load(args.component.as_deref())?;
+    let component = engine.from_bytes(origin, &bytes)?;
     let compile = t.elapsed();
     let config = FleetConfig {
         first_id: 1,

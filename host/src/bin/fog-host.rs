@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use fog_host::fleet::{Fleet, FleetConfig};
-use fog_host::runtime::{Limits, SensorEngine};
+use fog_host::runtime::{Limits, SensorEngine, default_cache_dir, needs_of, read_component};
 use fog_host::session::{self, SessionConfig, Summary};
 use fog_host::state::StateStore;
 use tokio::signal::unix::{SignalKind, signal};
@@ -120,6 +120,23 @@ struct Args {
     /// Longest one call into a sensor may run before it is stopped.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     call_deadline: Duration,
+
+    /// Core instances the instance pool holds per sensor (with half as many
+    /// memories and as many tables). The component loaded at start gets what
+    /// it needs in any case; this is room for a component swapped in later
+    /// that needs more (a componentize-py sensor needs 14).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    core_instances_per_sensor: u32,
+
+    /// Keep compiled components in DIR, so a second start of the same
+    /// component does not compile it again [default: $XDG_CACHE_HOME/fog or
+    /// ~/.cache/fog].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile the component at every start; keep nothing.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
 
     /// Wait before restarting a failed sensor; doubles with each failure in a row.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -235,15 +252,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         tokio.spawn(watch(path, reload_tx));
     }
 
+    // The pool is sized for the component: read it first.
+    let (origin, bytes) = read_component(args.component.as_deref())?;
+    let needs = needs_of(&origin, &bytes)?;
     let limits = Limits {
         max_memory_bytes: (args.max_memory_mib as usize) << 20,
         call_deadline: args.call_deadline,
         // Twice the fleet: a hot swap holds the old and new instance of
         // every sensor for a moment. Unused slots cost address space only.
         max_instances: args.sensors.saturating_mul(2).saturating_add(16),
+        per_instance: Limits::pool_for(&needs, args.core_instances_per_sensor),
     };
-    let engine = Arc::new(SensorEngine::new(limits)?);
-    let component = engine.load(args.component.as_deref())?;
+    let cache_dir = if args.no_cache { None } else { args.cache_dir.clone().or_else(default_cache_dir) };
+    let engine = Arc::new(SensorEngine::new(limits, cache_dir.as_deref())?);
+    let component = engine.from_bytes(origin, &bytes)?;
     let origin = component.origin.clone();
     let mut saved_epoch = None;
     let store = match &args.state_dir {

@@ -15,16 +15,23 @@
 //! environment or stdin. Its clock, seed and configuration come through the
 //! `fog:sensor/environment` imports, served from the store's data.
 
-use std::path::Path;
+mod guest_log;
+mod needs;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder,
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use self::guest_log::GuestLog;
+pub use self::needs::Needs;
 
 wasmtime::component::bindgen!({ path: "../wit", world: "sensor" });
 
@@ -41,12 +48,12 @@ pub const BUILTIN_SENSOR: &[u8] = include_bytes!(env!("FOG_SENSOR_WASM"));
 /// How often the engine's epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// A wasm32-wasip2 component carries the WASI adapter: 3 core instances and
-/// 2 memories for one sensor. The pool is sized with room above that, since
-/// other toolchains nest a few more (it costs address space, not memory).
-const CORE_INSTANCES_PER_SENSOR: u32 = 6;
-const MEMORIES_PER_SENSOR: u32 = 3;
-const TABLES_PER_SENSOR: u32 = 6;
+/// Table elements the pool holds per table at least.
+const TABLE_ELEMENTS: u64 = 10_000;
+/// A component that takes longer than this to compile is reported, and
+/// then again at every further [`COMPILE_REPORT_EVERY`].
+const COMPILE_QUIET: Duration = Duration::from_secs(2);
+const COMPILE_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 // The WIT records and the domain's plain types carry the same fields.
 
@@ -106,6 +113,10 @@ pub enum LoadError {
     NotAComponent { path: String, reason: String },
     #[error("{path} does not implement the world {WORLD}: {reason}")]
     WrongWorld { path: String, reason: String },
+    #[error("{path} needs at least {needs_mib} MiB of linear memory per sensor, more than the {limit_mib} MiB limit: raise {} to {needs_mib} or more", Limits::MEMORY_FLAG)]
+    Memory { path: String, needs_mib: u64, limit_mib: u64 },
+    #[error("{path} needs {needs} {what} per sensor; the instance pool holds {holds} per sensor (sized when fog-host started, for the component it started with): start fog-host with {} {wanted} or more", Limits::INSTANCES_FLAG)]
+    Pool { path: String, what: &'static str, needs: u64, holds: u64, wanted: u32 },
     #[error("cannot set up the WebAssembly engine: {0}")]
     Engine(String),
 }
@@ -151,12 +162,95 @@ pub struct Limits {
     /// Sensor instances the pool holds at once. A hot swap briefly needs
     /// two instances per sensor, so the host asks for twice its fleet.
     pub max_instances: u32,
+    /// What the pool holds for each sensor instance: see [`Limits::pool_for`].
+    pub per_instance: Needs,
 }
 
 impl Limits {
     /// The flag that raises each limit, for error messages.
     pub const MEMORY_FLAG: &'static str = "--max-memory-mib";
     pub const DEADLINE_FLAG: &'static str = "--call-deadline";
+    pub const INSTANCES_FLAG: &'static str = "--core-instances-per-sensor";
+
+    /// What the pool holds per sensor instance for a component with
+    /// `needs`: what it needs, and room for a component swapped in later
+    /// with up to `core_instances` core instances (half as many memories,
+    /// as many tables). Unused room costs address space, not memory.
+    pub fn pool_for(needs: &Needs, core_instances: u32) -> Needs {
+        let core = needs.core_instances.max(core_instances).max(1);
+        Needs {
+            core_instances: core,
+            memories: needs.memories.max(core.div_ceil(2)),
+            tables: needs.tables.max(core),
+            min_memory_bytes: needs.min_memory_bytes,
+            min_table_elements: needs.min_table_elements.max(TABLE_ELEMENTS),
+        }
+    }
+
+    /// Whether the pool and the memory cap fit a component with `needs`.
+    fn check(&self, path: &str, needs: &Needs) -> Result<(), LoadError> {
+        let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+        if needs.min_memory_bytes > self.max_memory_bytes as u64 {
+            return Err(LoadError::Memory { path: path.into(), needs_mib: mib(needs.min_memory_bytes), limit_mib: mib(self.max_memory_bytes as u64) });
+        }
+        let holds = self.per_instance;
+        let short = [
+            ("core instances", needs.core_instances.into(), holds.core_instances.into()),
+            ("memories", needs.memories.into(), holds.memories.into()),
+            ("tables", needs.tables.into(), holds.tables.into()),
+            ("table elements", needs.min_table_elements, holds.min_table_elements),
+        ];
+        match short.into_iter().find(|(_, need, hold)| need > hold) {
+            // The core-instance budget that makes room for all of it
+            // (table elements grow with the component itself).
+            Some((what, need, hold)) => Err(LoadError::Pool {
+                path: path.into(),
+                what,
+                needs: need,
+                holds: hold,
+                wanted: needs.core_instances.max(needs.memories.saturating_mul(2)).max(needs.tables),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads the component at `path`, or the built-in sensor when `None`:
+/// where it came from (for messages) and its bytes.
+pub fn read_component(path: Option<&Path>) -> Result<(String, Vec<u8>), LoadError> {
+    match path {
+        None => Ok(("built-in sensor".to_string(), BUILTIN_SENSOR.to_vec())),
+        Some(p) => {
+            let origin = p.display().to_string();
+            let bytes = std::fs::read(p).map_err(|e| LoadError::Read { path: origin.clone(), reason: e.to_string() })?;
+            Ok((origin, bytes))
+        }
+    }
+}
+
+/// What a component's bytes need, or why they are not a component.
+pub fn needs_of(origin: &str, bytes: &[u8]) -> Result<Needs, LoadError> {
+    check_header(origin, bytes)?;
+    Needs::of(bytes).map_err(|reason| LoadError::NotAComponent { path: origin.to_string(), reason })
+}
+
+fn check_header(origin: &str, bytes: &[u8]) -> Result<(), LoadError> {
+    // A core module has version 1 in its preamble; a component has the
+    // component-model layer there.
+    if !bytes.starts_with(b"\0asm") {
+        return Err(LoadError::NotWasm { path: origin.to_string() });
+    }
+    if bytes.len() >= 8 && bytes[4..8] == [1, 0, 0, 0] {
+        return Err(LoadError::CoreModule { path: origin.to_string() });
+    }
+    Ok(())
+}
+
+/// Where compiled components are kept between starts, by default:
+/// `$XDG_CACHE_HOME/fog`, else `$HOME/.cache/fog`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from);
+    base.or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache"))).map(|dir| dir.join("fog"))
 }
 
 /// The process's one engine and linker, and the thread that advances the
@@ -167,6 +261,8 @@ pub struct SensorEngine {
     limits: Limits,
     deadline_ticks: u64,
     ticker_stop: Arc<AtomicBool>,
+    /// Where compiled components are cached, if anywhere.
+    cache_dir: Option<PathBuf>,
 }
 
 /// A compiled sensor component, ready to be instantiated many times.
@@ -184,16 +280,20 @@ pub struct SensorInstance {
 }
 
 impl SensorEngine {
-    pub fn new(limits: Limits) -> Result<Self, LoadError> {
+    /// An engine whose pool holds `limits.max_instances` sensors of
+    /// `limits.per_instance` each; compiled components are cached in
+    /// `cache_dir` (none: compiled at every start).
+    pub fn new(limits: Limits, cache_dir: Option<&Path>) -> Result<Self, LoadError> {
         let engine_err = |e: wasmtime::Error| LoadError::Engine(one_line(&e));
         let memory = limits.max_memory_bytes as u64;
         let mut pool = PoolingAllocationConfig::default();
         let instances = limits.max_instances.max(1);
+        let per = limits.per_instance;
         pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_SENSOR))
-            .total_memories(instances.saturating_mul(MEMORIES_PER_SENSOR))
-            .total_tables(instances.saturating_mul(TABLES_PER_SENSOR))
-            .table_elements(10_000)
+            .total_core_instances(instances.saturating_mul(per.core_instances))
+            .total_memories(instances.saturating_mul(per.memories))
+            .total_tables(instances.saturating_mul(per.tables))
+            .table_elements(usize::try_from(per.min_table_elements).unwrap_or(usize::MAX))
             .max_memory_size(limits.max_memory_bytes)
             // Calls are synchronous: guests run on the host thread's stack.
             .total_stacks(0);
@@ -208,6 +308,16 @@ impl SensorEngine {
             .memory_reservation(memory)
             .memory_guard_size(0)
             .memory_reservation_for_growth(0);
+        let mut cached_in = None;
+        if let Some(dir) = cache_dir {
+            match Cache::new(CacheConfig::new().with_directory(dir).clone()) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                    cached_in = Some(dir.to_path_buf());
+                }
+                Err(e) => tracing::warn!("cannot keep compiled components in {}: {}; compiling at every start", dir.display(), one_line(&e)),
+            }
+        }
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker: Linker<SensorHost> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
@@ -226,7 +336,7 @@ impl SensorEngine {
             .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker thread: {e}")))?;
         // One tick more than the deadline: the current tick may be about to end.
         let deadline_ticks = limits.call_deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1) as u64 + 1;
-        Ok(Self { engine, linker, limits, deadline_ticks, ticker_stop })
+        Ok(Self { engine, linker, limits, deadline_ticks, ticker_stop, cache_dir: cached_in })
     }
 
     pub fn limits(&self) -> Limits {
@@ -235,29 +345,17 @@ impl SensorEngine {
 
     /// Loads the component at `path`, or the built-in sensor when `None`.
     pub fn load(&self, path: Option<&Path>) -> Result<SensorComponent, LoadError> {
-        let (origin, bytes) = match path {
-            None => ("built-in sensor".to_string(), BUILTIN_SENSOR.to_vec()),
-            Some(p) => {
-                let origin = p.display().to_string();
-                let bytes = std::fs::read(p).map_err(|e| LoadError::Read { path: origin.clone(), reason: e.to_string() })?;
-                (origin, bytes)
-            }
-        };
+        let (origin, bytes) = read_component(path)?;
         self.from_bytes(origin, &bytes)
     }
 
-    /// Compiles a component and checks that it implements the sensor world.
+    /// Checks that a component fits the pool and the memory cap, compiles
+    /// it (or takes it from the cache), and checks that it implements the
+    /// sensor world.
     pub fn from_bytes(&self, origin: String, bytes: &[u8]) -> Result<SensorComponent, LoadError> {
-        // A core module has version 1 in its preamble; a component has the
-        // component-model layer there.
-        if !bytes.starts_with(b"\0asm") {
-            return Err(LoadError::NotWasm { path: origin });
-        }
-        if bytes.len() >= 8 && bytes[4..8] == [1, 0, 0, 0] {
-            return Err(LoadError::CoreModule { path: origin });
-        }
-        let component = Component::from_binary(&self.engine, bytes)
-            .map_err(|e| LoadError::NotAComponent { path: origin.clone(), reason: one_line(&e) })?;
+        let needs = needs_of(&origin, bytes)?;
+        self.limits.check(&origin, &needs)?;
+        let component = self.compile(&origin, bytes)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -274,9 +372,11 @@ impl SensorEngine {
         config: SensorConfig,
         seed: u64,
     ) -> wasmtime::Result<SensorInstance> {
+        let id = config.sensor_id;
         let host = SensorHost {
-            // Nothing granted: no preopens, env, args, sockets or stdio.
-            wasi: WasiCtx::builder().build(),
+            // Nothing granted: no preopens, env, args or sockets; stdout and
+            // stderr go to the host's log as lines with the sensor's id.
+            wasi: WasiCtx::builder().stdout(GuestLog::new(id, "stdout")).stderr(GuestLog::new(id, "stderr")).build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.limits.max_memory_bytes)
@@ -291,6 +391,40 @@ impl SensorEngine {
         store.set_epoch_deadline(self.deadline_ticks);
         let bindings = component.pre.instantiate(&mut store)?;
         Ok(SensorInstance { store, bindings, deadline_ticks: self.deadline_ticks })
+    }
+}
+
+impl SensorEngine {
+    /// Compiles on a thread of its own, saying so when it takes a while (a
+    /// componentize-py sensor takes tens of seconds the first time).
+    fn compile(&self, origin: &str, bytes: &[u8]) -> Result<Component, LoadError> {
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _ = tx.send(Component::from_binary(&self.engine, bytes));
+            });
+            let mut wait = COMPILE_QUIET;
+            loop {
+                match rx.recv_timeout(wait) {
+                    Ok(result) => return result.map_err(|e| LoadError::NotAComponent { path: origin.to_string(), reason: one_line(&e) }),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) if wait == COMPILE_QUIET => {
+                        let cache = match &self.cache_dir {
+                            Some(dir) => format!("the next start takes it from the cache in {}", dir.display()),
+                            None => "without a cache (--cache-dir) every start compiles it again".to_string(),
+                        };
+                        tracing::info!("compiling {origin} ({:.1} MB) to machine code; {cache}", bytes.len() as f64 / 1e6);
+                        wait = COMPILE_REPORT_EVERY;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        tracing::info!("still compiling {origin} ({:.0?} so far)", started.elapsed());
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(LoadError::Engine(format!("the compiler thread for {origin} stopped without an answer")));
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -361,6 +495,10 @@ pub fn describe_failure(e: &wasmtime::Error, limits: &Limits) -> String {
         }
         // The trap itself; the wasm backtrace around it names only
         // function indices, which tell an operator nothing.
+        if *trap == wasmtime::Trap::UnreachableCodeReached {
+            // How Python, JavaScript and Rust panics end a guest.
+            return format!("trapped: {trap} (an uncaught error in the sensor: its stderr lines just before this say which)");
+        }
         return format!("trapped: {trap}");
     }
     let text = one_line(e);
