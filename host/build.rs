@@ -28,7 +28,9 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target_dir = out_dir.join("wasm-target");
 
-    for watched in ["wit", "sensor-wasm/src", "sensor-wasm/Cargo.toml", "sensors"] {
+    // The Rust sensors only: sensors/python and sensors/js are built by
+    // scripts/build-sensors.
+    for watched in ["wit", "sensor-wasm/src", "sensor-wasm/Cargo.toml", "sensors/scenario", "sensors/faulty"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 

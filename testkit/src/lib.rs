@@ -33,6 +33,7 @@ pub mod client;
 pub mod faketime;
 pub mod history;
 pub mod keys;
+pub mod languages;
 pub mod netns;
 pub mod ports;
 pub mod process;
