@@ -158,6 +158,25 @@ fn a_hot_swap_moves_sensors_between_python_and_javascript_with_their_state() {
 }
 
 #[test]
+fn a_python_exception_reaches_the_log_with_its_traceback() {
+    let label = "traceback";
+    let Some((python, _)) = components(label) else { return };
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
+    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(
+        &[python.to_str().unwrap(), "--sensors", "1", "--interval", "100ms", "--duration", "2s", "--set", "raise-at=3", "--max-restarts", "0", "--max-memory-mib", MEMORY, "--servers", &servers],
+        &dir,
+    )
+    .unwrap();
+    wait_for_log_line(&host.log, &["sensor quarantined"], Duration::from_secs(120)).unwrap();
+    assert!(log_lines_with(&host.log, &["sensor_id=1", "sensor stderr: Traceback (most recent call last)"]) >= 1, "{}", host.log_tail(20));
+    assert!(log_lines_with(&host.log, &["sensor_id=1", "RuntimeError: raise-at=3: sensor 1 fails on purpose"]) >= 1, "{}", host.log_tail(20));
+    assert_eq!(log_lines_with(&host.log, &["an uncaught error in the sensor"]), 1, "{}", host.log_tail(20));
+}
+
+#[test]
 fn a_component_that_does_not_fit_is_refused_naming_the_flag() {
     let label = "fit";
     let Some((python, _)) = components(label) else { return };

@@ -61,6 +61,9 @@ class Sensor:
         self.superseded = 0
         self.newest_own = None  # (window_end_ms, revision) of this segment
         self.limit_step = 0
+        # `--set raise-at=N`: raise an exception when making reading N (to
+        # show how a Python error reaches the host's log).
+        self.raise_at = next((int(v) for k, v in config.settings if k == "raise-at"), None)
         self.policy(config)
 
     def policy(self, config):
@@ -81,6 +84,8 @@ class Sensor:
                 out.append(Reading(p[0], p[1], p[2]))
         if produce:
             seq = self.next_seq
+            if seq == self.raise_at:
+                raise RuntimeError(f"raise-at={seq}: sensor {self.sensor_id} fails on purpose")
             speed = self.speed(seq)
             self.next_seq += 1
             self.generated += 1
