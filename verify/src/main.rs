@@ -196,6 +196,53 @@ struct Report {
     dir: String,
 }
 
+impl Report {
+    /// The summary on stderr: the counts checked, the rogue's and the
+    /// servers' tallies, memory, then the verdict with every violation.
+    fn print(&self) {
+        let v = &self.verdict;
+        eprintln!(
+            "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, \
+             sensors off the server's average stream {}, sensors without averages {}, averages superseded {}, \
+             epochs with two actives {:?}, unchecked incarnations {}",
+            v.sensors_checked, v.readings_checked, v.lost, v.duplicated, v.sum_mismatches, v.unacked,
+            v.averages_missed, v.sensors_off_the_server_stream, v.sensors_without_averages, v.averages_superseded,
+            v.epochs_with_two_actives, v.unchecked_incarnations
+        );
+        for note in &v.notes {
+            eprintln!("note: {note}");
+        }
+        let counted: Vec<String> =
+            self.server_counted.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+        let counted = if counted.is_empty() { "nothing".to_string() } else { counted.join(", ") };
+        let r = &self.rogue;
+        if r.activations > 0 {
+            eprintln!(
+                "rogue: {} times active, {} batches sent ({} forged epochs, {} with {} readings for foreign sensors, \
+                 {} with {} poison readings of which {} to expire, {} of 65 536 readings, {} past that); {} replies",
+                r.activations, r.batches_sent, r.forged_epoch_batches, r.foreign_batches, r.foreign_readings,
+                r.poison_batches, r.poison_readings, r.poison_expected_expired, r.limit_batches,
+                r.over_limit_batches, r.replies
+            );
+        }
+        eprintln!("the servers counted (summed over their lives; expired: the most one life showed): {counted}");
+        for m in self.memory.iter().filter(|m| m.samples >= 8) {
+            eprintln!(
+                "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
+                m.process, m.first_mib, m.mid_mib, m.last_mib, m.peak_mib, m.samples
+            );
+        }
+        if self.ok {
+            eprintln!("verdict: OK (seed {}; data and logs in {})", self.seed, self.dir);
+        } else {
+            for violation in &v.violations {
+                eprintln!("violation: {violation}");
+            }
+            eprintln!("verdict: FAILED — replay with --seed {} (data and logs in {})", self.seed, self.dir);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -206,48 +253,8 @@ fn main() -> ExitCode {
                     Err(e) => eprintln!("error: cannot encode the report: {e}"),
                 }
             }
-            let v = &report.verdict;
-            eprintln!(
-                "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, \
-                 sensors off the server's average stream {}, sensors without averages {}, averages superseded {}, \
-                 epochs with two actives {:?}, unchecked incarnations {}",
-                v.sensors_checked, v.readings_checked, v.lost, v.duplicated, v.sum_mismatches, v.unacked,
-                v.averages_missed, v.sensors_off_the_server_stream, v.sensors_without_averages, v.averages_superseded,
-                v.epochs_with_two_actives, v.unchecked_incarnations
-            );
-            for note in &v.notes {
-                eprintln!("note: {note}");
-            }
-            let counted: Vec<String> =
-                report.server_counted.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
-            let counted = if counted.is_empty() { "nothing".to_string() } else { counted.join(", ") };
-            let r = &report.rogue;
-            if r.activations > 0 {
-                eprintln!(
-                    "rogue: {} times active, {} batches sent ({} forged epochs, {} with {} readings for foreign sensors, \
-                     {} with {} poison readings of which {} to expire, {} of 65 536 readings, {} past that); {} replies",
-                    r.activations, r.batches_sent, r.forged_epoch_batches, r.foreign_batches, r.foreign_readings,
-                    r.poison_batches, r.poison_readings, r.poison_expected_expired, r.limit_batches,
-                    r.over_limit_batches, r.replies
-                );
-            }
-            eprintln!("the servers counted (summed over their lives; expired: the most one life showed): {counted}");
-            for m in report.memory.iter().filter(|m| m.samples >= 8) {
-                eprintln!(
-                    "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
-                    m.process, m.first_mib, m.mid_mib, m.last_mib, m.peak_mib, m.samples
-                );
-            }
-            if report.ok {
-                eprintln!("verdict: OK (seed {}; data and logs in {})", report.seed, report.dir);
-                ExitCode::SUCCESS
-            } else {
-                for violation in &v.violations {
-                    eprintln!("violation: {violation}");
-                }
-                eprintln!("verdict: FAILED — replay with --seed {} (data and logs in {})", report.seed, report.dir);
-                ExitCode::from(1)
-            }
+            report.print();
+            if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Err(e) => {
             eprintln!("error: {e:#}");
