@@ -11,6 +11,7 @@
 //! itself could not be carried out (a process would not start ...).
 
 mod judge;
+mod observe;
 mod rogue;
 
 use std::path::PathBuf;
@@ -21,12 +22,14 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use fog_testkit::netns::{Lab, Link, ROOT};
 use fog_testkit::{
-    Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, rss_mib, scratch_dir, server_args, server_status_as,
+    Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, scratch_dir, server_args, server_status_as,
     wait_until_serving_as,
 };
 use serde::Serialize;
 
-use fog_testkit::history::{self as check, Observation};
+use fog_testkit::history as check;
+
+use observe::{Memory, MemoryTrace, Watch};
 
 /// Run the fog system under a random schedule of faults and check that no
 /// acked reading was lost, none counted twice, every sensor ended on the
@@ -394,10 +397,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         eprintln!("{line}");
         schedule.push(line);
     };
-    let mut observations = Vec::new();
-    let mut counters = rogue::ServerCounters::default();
-    let targets = rogue::Targets::default();
-    let mut watch = Watch { plan: &plan, targets: &targets, counters: &mut counters, observations: &mut observations };
+    let mut watch = Watch::new(started, plan.clone());
     let mut rogue_run: Option<rogue::RogueRun> = None;
     let mut rogue_tally = rogue::Tally::default();
     let mut memory = Memory::default();
@@ -412,7 +412,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         let now = Instant::now();
         if now >= next_poll {
             next_poll = now + Duration::from_millis(250);
-            observe(&cluster, &servers, started, &mut watch);
+            watch.observe(&cluster, &servers);
             memory.sample(servers.iter().filter_map(|s| s.proc.as_ref()).chain(hosts.iter().filter_map(|h| h.proc.as_ref())));
         }
         let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
@@ -537,7 +537,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
                     }
                     let calm_in = rng.between(Duration::from_secs(1), Duration::from_secs(4));
                     let frontends = [pair.primary_frontend.clone(), pair.backup_frontend.clone()];
-                    rogue_run = Some(rogue::RogueRun::start(keys, frontends, plan.clone(), targets.clone()));
+                    rogue_run = Some(rogue::RogueRun::start(keys, frontends, plan.clone(), watch.targets.clone()));
                     log(
                         started,
                         format!(
@@ -585,9 +585,9 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         }
         summaries.push(summary);
     }
-    observe(&cluster, &servers, started, &mut watch);
-    let server_counted = counters.totals();
-    let verdict = judge::verdict(&cluster, &summaries, &observations, &rogue_tally, &server_counted)?;
+    watch.observe(&cluster, &servers);
+    let server_counted = watch.counters.totals();
+    let verdict = judge::verdict(&cluster, &summaries, &watch.observations, &rogue_tally, &server_counted)?;
     Ok(Report {
         seed,
         duration_s: args.duration.as_secs_f64(),
@@ -758,73 +758,5 @@ fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> any
 fn signal(node: &ServerNode, sig: &str) {
     if let Some(p) = &node.proc {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(p.child.id().to_string()).status();
-    }
-}
-
-#[derive(Serialize)]
-struct MemoryTrace {
-    process: String,
-    samples: usize,
-    first_mib: f64,
-    /// Over the second half of the process's samples, so start-up does not
-    /// count as growth.
-    mid_mib: f64,
-    peak_mib: f64,
-    last_mib: f64,
-}
-
-/// Resident memory samples of every process incarnation, by name.
-#[derive(Default)]
-struct Memory {
-    samples: std::collections::BTreeMap<String, Vec<f64>>,
-}
-
-impl Memory {
-    fn sample<'a>(&mut self, procs: impl Iterator<Item = &'a Proc>) {
-        for p in procs {
-            if let Some(rss) = rss_mib(p.child.id()) {
-                self.samples.entry(p.name.clone()).or_default().push(rss);
-            }
-        }
-    }
-
-    fn traces(&self) -> Vec<MemoryTrace> {
-        self.samples
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(name, v)| MemoryTrace {
-                process: name.clone(),
-                samples: v.len(),
-                first_mib: v[0],
-                mid_mib: v[v.len() / 2],
-                peak_mib: v.iter().copied().fold(0.0, f64::max),
-                last_mib: v[v.len() - 1],
-            })
-            .collect()
-    }
-}
-
-/// What the verifier takes from every status it reads during the run.
-struct Watch<'a> {
-    plan: &'a rogue::Plan,
-    /// The rogue's poison targets, from the active's sensors.
-    targets: &'a rogue::Targets,
-    counters: &'a mut rogue::ServerCounters,
-    /// Which node was in which state and epoch, for the one-active check.
-    observations: &'a mut Vec<Observation>,
-}
-
-fn observe(cluster: &Cluster, servers: &[ServerNode], started: Instant, watch: &mut Watch) {
-    for s in servers.iter().filter(|s| s.proc.is_some() && !s.stopped) {
-        if let Ok(status) = cluster.status(s.primary) {
-            watch.observations.push(Observation {
-                at_s: started.elapsed().as_secs_f64(),
-                node: s.name,
-                state: status["state"].as_str().unwrap_or("").to_string(),
-                epoch: status["epoch"].as_u64(),
-            });
-            watch.counters.record(&format!("{}-{}", s.name, s.starts), &status);
-            watch.targets.update(watch.plan, &status);
-        }
     }
 }
