@@ -10,7 +10,7 @@ use anyhow::bail;
 use fog_testkit::history::{self as check, Observation};
 use serde_json::Value;
 
-use crate::Cluster;
+use crate::cluster::Cluster;
 use crate::rogue;
 
 /// Checks the hosts' `summaries` against the servers' final counts and

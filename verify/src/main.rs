@@ -10,25 +10,24 @@
 //! Exit codes: 0 no violation, 1 violations found, 2 bad flags, 3 the run
 //! itself could not be carried out (a process would not start ...).
 
+mod cluster;
 mod judge;
 mod observe;
 mod rogue;
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fog_testkit::netns::{Lab, Link, ROOT};
-use fog_testkit::{
-    Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, scratch_dir, server_args, server_status_as,
-    wait_until_serving_as,
-};
+use fog_testkit::netns::{Link, ROOT};
+use fog_testkit::{Pair, PairKeys, bin, finish_host, free_port, scratch_dir};
 use serde::Serialize;
 
 use fog_testkit::history as check;
 
+use cluster::{Cluster, HostNode, Net, ServerNode, build_net, signal, start_host_node, start_node, supports};
 use observe::{Memory, MemoryTrace, Watch};
 
 /// Run the fog system under a random schedule of faults and check that no
@@ -137,36 +136,6 @@ impl Rng {
     }
 }
 
-struct ServerNode {
-    name: &'static str,
-    primary: bool,
-    proc: Option<Proc>,
-    stopped: bool,
-    starts: u32,
-    extra: Vec<String>,
-    data_dir: PathBuf,
-    program: PathBuf,
-    /// The network namespace it runs in (`ROOT` without a lab).
-    ns: String,
-}
-
-/// The network the run uses when namespaces are available: each server in
-/// a namespace of its own, the hosts in the root namespace, three links.
-struct Net {
-    lab: Lab,
-    /// Host side to the primary, host side to the backup, primary to backup.
-    to_primary: Link,
-    to_backup: Link,
-    peer: Link,
-}
-
-struct HostNode {
-    index: u32,
-    proc: Option<Proc>,
-    starts: u32,
-    state_dir: Option<PathBuf>,
-}
-
 enum Pending {
     Restart(usize),
     Cont(usize),
@@ -265,13 +234,6 @@ fn main() -> ExitCode {
             ExitCode::from(3)
         }
     }
-}
-
-/// Whether a binary's `--help` mentions a flag: lets the verifier use
-/// durability features where the binaries have them.
-fn supports(binary: &str, flag: &str) -> anyhow::Result<bool> {
-    let help = Command::new(bin(binary)?).arg("--help").output();
-    Ok(help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag)))
 }
 
 fn run(args: &Args) -> anyhow::Result<Report> {
@@ -605,110 +567,6 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
-/// Namespaces for the two servers and links to them, or `None` (with a
-/// note) where namespaces cannot be used; an error where they are required.
-fn build_net() -> anyhow::Result<Option<Net>> {
-    let attempt = || -> Result<Net, fog_testkit::netns::LabError> {
-        let mut lab = Lab::new("verify")?;
-        let p = lab.namespace("primary")?;
-        let b = lab.namespace("backup")?;
-        let to_primary = lab.link(ROOT, &p)?;
-        let to_backup = lab.link(ROOT, &b)?;
-        let peer = lab.link(&p, &b)?;
-        Ok(Net { lab, to_primary, to_backup, peer })
-    };
-    match attempt() {
-        Ok(net) => Ok(Some(net)),
-        Err(e) if fog_testkit::netns::required() => {
-            anyhow::bail!("{e}, and {}=1 requires network namespaces", fog_testkit::netns::REQUIRE_ENV)
-        }
-        Err(e) => {
-            eprintln!("note: {e}: link faults are left out and the wipe stalls the passive with SIGSTOP instead");
-            Ok(None)
-        }
-    }
-}
-
-/// The pair's endpoints and, unless --no-keys, the run's keys: how every
-/// process is started and every status asked for.
-struct Cluster {
-    pair: Pair,
-    keys: Option<PairKeys>,
-}
-
-impl Cluster {
-    fn frontend(&self, primary: bool) -> &str {
-        self.pair.frontend(primary)
-    }
-
-    /// The admin's credentials for one server's status (none without keys).
-    fn auth(&self, primary: bool) -> Option<StatusAuth> {
-        self.keys.as_ref().map(|k| k.admin_status(primary))
-    }
-
-    fn status(&self, primary: bool) -> anyhow::Result<serde_json::Value> {
-        server_status_as(self.frontend(primary), self.auth(primary).as_ref())
-    }
-}
-
-/// Starts (or restarts) a server; waits until it answers unless `reachable`
-/// is false (its link to the hosts is cut right now).
-fn start_node(lab: Option<&Lab>, cluster: &Cluster, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
-    node.starts += 1;
-    let mut extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
-    let key_args = cluster.keys.as_ref().map(|k| k.server_args(node.primary)).unwrap_or_default();
-    extra.extend(key_args.iter().map(String::as_str));
-    if lab.is_some() && cluster.keys.is_none() {
-        // Veth addresses are not loopback: without keys a server needs
-        // --insecure there (the namespaces are the verifier's own).
-        extra.push("--insecure");
-    }
-    let (_, args) = server_args(&cluster.pair, node.primary, &extra, dir);
-    // Every incarnation keeps its own log.
-    let name = format!("{}-{}", node.name, node.starts);
-    let proc = match lab {
-        Some(lab) => lab.spawn(&node.ns, &name, &node.program, &args, dir)?,
-        None => Proc::spawn(&name, &node.program, &args, dir)?,
-    };
-    let endpoint = cluster.frontend(node.primary);
-    let auth = cluster.auth(node.primary);
-    node.proc = Some(if reachable { wait_until_serving_as(proc, endpoint, auth.as_ref())? } else { proc });
-    node.stopped = false;
-    Ok(())
-}
-
-fn start_host_node(args: &Args, cluster: &Cluster, h: &mut HostNode, dir: &std::path::Path, duration: Duration) -> anyhow::Result<()> {
-    h.starts += 1;
-    let mut a: Vec<String> = [
-        "--sensors".to_string(),
-        args.sensors.to_string(),
-        "--first-id".into(),
-        (1 + h.index * args.sensors).to_string(),
-        "--interval".into(),
-        humantime::format_duration(args.interval).to_string(),
-        "--duration".into(),
-        format!("{}ms", duration.as_millis()),
-        "--drain-timeout".into(),
-        "60s".into(),
-        "--timeout".into(),
-        "500ms".into(),
-        "--servers".into(),
-        cluster.pair.servers(),
-        "--quiet".into(),
-        "--json".into(),
-    ]
-    .into();
-    if let Some(state) = &h.state_dir {
-        a.push("--state-dir".into());
-        a.push(state.display().to_string());
-    }
-    if let Some(keys) = &cluster.keys {
-        a.extend(keys.host_args(&format!("host{}", h.index))?);
-    }
-    h.proc = Some(Proc::spawn(&format!("host{}-{}", h.index, h.starts), &bin("fog-host")?, &a, dir)?);
-    Ok(())
-}
-
 /// Cuts the passive off (the link between the servers; the caller heals it
 /// after the takeover. Without namespaces: a 200 ms SIGSTOP, well under the
 /// peer expiry), and 150 ms later kills the active and erases its data dir:
@@ -753,10 +611,4 @@ fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> any
     }
     let how = if net.is_some() { "cut the link between the servers" } else { "stalled the passive 200 ms" };
     Ok(Some((a, format!("{how}; meanwhile kill -9 {} (active) and erased its data dir", servers[a].name))))
-}
-
-fn signal(node: &ServerNode, sig: &str) {
-    if let Some(p) = &node.proc {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(p.child.id().to_string()).status();
-    }
 }

@@ -10,7 +10,7 @@ use fog_testkit::history::Observation;
 use fog_testkit::{Proc, rss_mib};
 use serde::Serialize;
 
-use crate::{Cluster, ServerNode};
+use crate::cluster::{Cluster, ServerNode};
 use crate::rogue;
 
 /// What the verifier takes from every status it reads during the run.
