@@ -7,10 +7,17 @@
 //! run (see [`Cluster`]); the `rogue` fault (see [`rogue`]) plays a
 //! compromised host key.
 //!
+//! Here: the flags, the run as a sequence of steps, the report and the
+//! exit codes. The steps live in [`cluster`] (the processes, keys and
+//! network namespaces), [`faults`] (the seeded schedule, applying and
+//! undoing each fault, healing), [`observe`] (statuses and memory read
+//! during the run) and [`judge`] (the verdict).
+//!
 //! Exit codes: 0 no violation, 1 violations found, 2 bad flags, 3 the run
 //! itself could not be carried out (a process would not start ...).
 
 mod cluster;
+mod faults;
 mod judge;
 mod observe;
 mod rogue;
@@ -21,13 +28,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fog_testkit::netns::{Link, ROOT};
-use fog_testkit::{Pair, PairKeys, bin, finish_host, free_port, scratch_dir};
+use fog_testkit::history as check;
+use fog_testkit::{bin, scratch_dir};
 use serde::Serialize;
 
-use fog_testkit::history as check;
-
-use cluster::{Cluster, HostNode, Net, ServerNode, build_net, signal, start_host_node, start_node, supports};
+use cluster::{Cluster, Durability};
+use faults::{Fault, Schedule};
 use observe::{Memory, MemoryTrace, Watch};
 
 /// Run the fog system under a random schedule of faults and check that no
@@ -105,44 +111,10 @@ struct Args {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Fault {
-    Kill,
-    Stop,
-    Host,
-    Wipe,
-    Split,
-    Isolate,
-    Rogue,
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 60s, 30m)"))
 }
 
-/// A small deterministic generator (splitmix64): the schedule depends on
-/// the seed alone.
-struct Rng(fog_sensor::rng::Rng);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0.next_u64() % n.max(1)
-    }
-    /// A duration uniformly in `[lo, hi]`.
-    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_millis() as u64;
-        lo + Duration::from_millis(self.below(span + 1))
-    }
-}
-
-enum Pending {
-    Restart(usize),
-    Cont(usize),
-    RestartHost(usize),
-    Heal(Link, &'static str),
-    CalmRogue,
-}
 
 #[derive(Serialize)]
 struct Report {
@@ -246,7 +218,6 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
-    let mut rng = Rng(fog_sensor::rng::Rng::new(seed));
     let dir = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -255,360 +226,56 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         None => scratch_dir("verify")?,
     };
     eprintln!("fog-verify: seed {seed}, {:?}, {} host(s) x {} sensors, faults {:?}, dir {}", args.duration, args.hosts, args.sensors, args.faults, dir.display());
-
     if let Some(p) = &args.server_bin {
         if !p.exists() {
             bail!("--server-bin {} does not exist", p.display());
         }
     }
-    let durable_servers = supports("fog-server", "--data-dir")?;
-    let durable_hosts = supports("fog-host", "--state-dir")?;
-    if !durable_servers {
-        eprintln!("note: fog-server has no --data-dir: a restarted server starts empty");
-    }
-    let mut faults = args.faults.clone();
-    if args.no_keys && faults.contains(&Fault::Rogue) {
-        eprintln!("note: --no-keys: the rogue fault needs keys and is left out");
-        faults.retain(|f| *f != Fault::Rogue);
-    }
-    if !durable_hosts && faults.contains(&Fault::Host) {
-        eprintln!("note: fog-host has no --state-dir: host faults are left out");
-        faults.retain(|f| *f != Fault::Host);
-    }
-
-    let wants_net = faults.iter().any(|f| matches!(f, Fault::Split | Fault::Isolate | Fault::Wipe));
-    let net = if wants_net { build_net()? } else { None };
-    if net.is_none() && wants_net {
-        faults.retain(|f| !matches!(f, Fault::Split | Fault::Isolate));
-    }
-    let pair = match &net {
-        Some(n) => {
-            let ep = |addr: std::net::Ipv4Addr| -> anyhow::Result<String> { Ok(format!("tcp://{addr}:{}", free_port()?)) };
-            Pair {
-                primary_frontend: ep(n.to_primary.b_addr)?,
-                backup_frontend: ep(n.to_backup.b_addr)?,
-                primary_state: ep(n.peer.a_addr)?,
-                backup_state: ep(n.peer.b_addr)?,
-            }
-        }
-        None => Pair::on_free_ports()?,
-    };
+    let durable = Durability::probe()?;
+    let (faults, net) = faults::usable(&args.faults, args.no_keys, durable.hosts)?;
     let plan = rogue::Plan::new(args.hosts, args.sensors);
-    let keys = if args.no_keys {
-        None
-    } else {
-        let mut clients: Vec<(String, String)> = (0..args.hosts)
-            .map(|i| (format!("host{i}"), format!("sensors={}-{}", 1 + i * args.sensors, (i + 1) * args.sensors)))
-            .collect();
-        clients.push((rogue::KEY_NAME.to_string(), plan.rights()));
-        let clients: Vec<(&str, &str)> = clients.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
-        Some(PairKeys::generate(&dir, &clients).context("cannot make the run's keys")?)
-    };
-    let cluster = Cluster { pair, keys };
-    let pair = &cluster.pair;
-    let mut servers = Vec::new();
-    for primary in [true, false] {
-        let name = if primary { "primary" } else { "backup" };
-        let data_dir = dir.join(format!("{name}-data"));
-        let mut extra = vec!["--lateness".to_string(), "500ms".to_string()];
-        if durable_servers {
-            extra.push("--data-dir".into());
-            extra.push(data_dir.display().to_string());
-        }
-        let program = match &args.server_bin {
-            Some(p) => p.clone(),
-            None => bin("fog-server")?,
-        };
-        let ns = match &net {
-            Some(n) if primary => n.to_primary.b_ns.clone(),
-            Some(n) => n.to_backup.b_ns.clone(),
-            None => ROOT.to_string(),
-        };
-        servers.push(ServerNode { name, primary, proc: None, stopped: false, starts: 0, extra, data_dir, program, ns });
-    }
-    let lab = net.as_ref().map(|n| &n.lab);
-    for i in 0..servers.len() {
-        start_node(lab, &cluster, &mut servers[i], &dir, true)?;
-    }
-    // Devices (host side) of the links cut right now.
-    let mut cut: Vec<String> = Vec::new();
-    let host_link_cut = |cut: &[String], primary: bool| {
-        net.as_ref().is_some_and(|n| {
-            let link = if primary { &n.to_primary } else { &n.to_backup };
-            cut.contains(&link.a_dev)
-        })
-    };
+    let mut cluster = Cluster::start_servers(args, &dir, net, durable, &plan)?;
 
     let started = Instant::now();
     let end = started + args.duration;
-    let mut hosts: Vec<HostNode> = (0..args.hosts)
-        .map(|index| HostNode {
-            index,
-            proc: None,
-            starts: 0,
-            state_dir: durable_hosts.then(|| dir.join(format!("host{index}-state"))),
-        })
-        .collect();
-    for h in hosts.iter_mut() {
-        start_host_node(args, &cluster, h, &dir, args.duration)?;
-    }
-
-    let mut schedule = Vec::new();
-    let mut log = |started: Instant, what: String| {
-        let line = format!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
-        eprintln!("{line}");
-        schedule.push(line);
-    };
+    cluster.start_hosts(args.duration)?;
     let mut watch = Watch::new(started, plan.clone());
-    let mut rogue_run: Option<rogue::RogueRun> = None;
-    let mut rogue_tally = rogue::Tally::default();
     let mut memory = Memory::default();
-    let mut pending: Vec<(Instant, Pending)> = Vec::new();
-    let mut next_fault = started + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
-    let mut unplayed = faults.clone();
-    for i in (1..unplayed.len()).rev() {
-        unplayed.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    let mut schedule = Schedule::new(seed, faults, args.fault_every, started, end, plan, watch.targets.clone());
+    // While the sensors produce: every 250 ms a look at every server and
+    // process, and faults applied and undone as the schedule says.
     let mut next_poll = started;
     while Instant::now() < end {
         let now = Instant::now();
         if now >= next_poll {
             next_poll = now + Duration::from_millis(250);
-            watch.observe(&cluster, &servers);
-            memory.sample(servers.iter().filter_map(|s| s.proc.as_ref()).chain(hosts.iter().filter_map(|h| h.proc.as_ref())));
+            watch.observe(&cluster);
+            memory.sample(cluster.procs());
         }
-        let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
-        pending = later;
-        for (_, action) in due {
-            match action {
-                Pending::Restart(i) => {
-                    let reachable = !host_link_cut(&cut, servers[i].primary);
-                    start_node(lab, &cluster, &mut servers[i], &dir, reachable)?;
-                    log(started, format!("restarted {}", servers[i].name));
-                }
-                Pending::Heal(link, what) => {
-                    if let Some(n) = &net {
-                        n.lab.heal(&link)?;
-                    }
-                    cut.retain(|d| *d != link.a_dev);
-                    log(started, format!("healed the link {what}"));
-                }
-                Pending::Cont(i) => {
-                    signal(&servers[i], "CONT");
-                    servers[i].stopped = false;
-                    log(started, format!("SIGCONT {}", servers[i].name));
-                }
-                Pending::RestartHost(h) => {
-                    let remaining = end.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    start_host_node(args, &cluster, &mut hosts[h], &dir, remaining)?;
-                    log(started, format!("restarted host {h} with its state dir"));
-                }
-                Pending::CalmRogue => {
-                    if let Some(run) = rogue_run.take() {
-                        let t = run.stop();
-                        log(started, format!("the rogue stops ({} batches sent, {} replies)", t.batches_sent, t.replies));
-                        rogue_tally.add(&t);
-                    }
-                }
-            }
-        }
-        if now >= next_fault && !faults.is_empty() {
-            next_fault = now + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
-            // Every fault asked for comes once, in a seeded order, before
-            // the draws: a short run covers them all.
-            let fault = match unplayed.pop() {
-                Some(f) => f,
-                None => faults[rng.below(faults.len() as u64) as usize],
-            };
-            match fault {
-                Fault::Kill | Fault::Stop => {
-                    let up: Vec<usize> = (0..servers.len()).filter(|&i| servers[i].proc.is_some() && !servers[i].stopped).collect();
-                    if up.is_empty() {
-                        continue;
-                    }
-                    let i = up[rng.below(up.len() as u64) as usize];
-                    let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
-                    if fault == Fault::Kill {
-                        if let Some(mut p) = servers[i].proc.take() {
-                            p.kill()?;
-                        }
-                        log(started, format!("kill -9 {} (restart in {:.1}s)", servers[i].name, back_in.as_secs_f64()));
-                        pending.push((now + back_in, Pending::Restart(i)));
-                    } else {
-                        signal(&servers[i], "STOP");
-                        servers[i].stopped = true;
-                        log(started, format!("SIGSTOP {} (SIGCONT in {:.1}s)", servers[i].name, back_in.as_secs_f64()));
-                        pending.push((now + back_in, Pending::Cont(i)));
-                    }
-                }
-                Fault::Split | Fault::Isolate => {
-                    let Some(n) = &net else { continue };
-                    let (link, what) = if fault == Fault::Split {
-                        (n.peer.clone(), "between the servers")
-                    } else if rng.below(2) == 0 {
-                        (n.to_primary.clone(), "from the hosts to the primary")
-                    } else {
-                        (n.to_backup.clone(), "from the hosts to the backup")
-                    };
-                    if pending.iter().any(|(_, p)| matches!(p, Pending::Heal(l, _) if l.a_dev == link.a_dev)) {
-                        continue;
-                    }
-                    let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
-                    n.lab.cut(&link)?;
-                    cut.push(link.a_dev.clone());
-                    log(started, format!("cut the link {what} (heal in {:.1}s)", back_in.as_secs_f64()));
-                    pending.push((now + back_in, Pending::Heal(link, what)));
-                }
-                Fault::Wipe => {
-                    match wipe(&cluster, &mut servers, net.as_ref()) {
-                        Ok(Some((victim, what))) => {
-                            let mut back_in = rng.between(Duration::from_millis(500), Duration::from_secs(3));
-                            if let Some(n) = &net {
-                                // The cut outlasts the takeover, so what the
-                                // dead node's kernel still had to send to the
-                                // passive arrives too late to count.
-                                let heal_in = Duration::from_millis(1500);
-                                cut.push(n.peer.a_dev.clone());
-                                pending.push((Instant::now() + heal_in, Pending::Heal(n.peer.clone(), "between the servers")));
-                                back_in += heal_in;
-                            }
-                            log(started, format!("{what} (restart with an empty data dir in {:.1}s)", back_in.as_secs_f64()));
-                            pending.push((Instant::now() + back_in, Pending::Restart(victim)));
-                        }
-                        Ok(None) => log(started, "wipe skipped: no active server in sync with its passive".into()),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Fault::Host => {
-                    let up: Vec<usize> = (0..hosts.len()).filter(|&h| hosts[h].proc.is_some()).collect();
-                    if up.is_empty() {
-                        continue;
-                    }
-                    let h = up[rng.below(up.len() as u64) as usize];
-                    let back_in = rng.between(Duration::from_millis(300), Duration::from_secs(2));
-                    if let Some(mut p) = hosts[h].proc.take() {
-                        p.kill()?;
-                    }
-                    log(started, format!("kill -9 host {h} (restart in {:.1}s)", back_in.as_secs_f64()));
-                    pending.push((now + back_in, Pending::RestartHost(h)));
-                }
-                Fault::Rogue => {
-                    let Some(keys) = &cluster.keys else { continue };
-                    if rogue_run.is_some() {
-                        continue;
-                    }
-                    let calm_in = rng.between(Duration::from_secs(1), Duration::from_secs(4));
-                    let frontends = [pair.primary_frontend.clone(), pair.backup_frontend.clone()];
-                    rogue_run = Some(rogue::RogueRun::start(keys, frontends, plan.clone(), watch.targets.clone()));
-                    log(
-                        started,
-                        format!(
-                            "a rogue with a host key sends forged epochs, foreign sensors and poison readings (for {:.1}s)",
-                            calm_in.as_secs_f64()
-                        ),
-                    );
-                    pending.push((now + calm_in, Pending::CalmRogue));
-                }
-            }
-        }
+        schedule.undo_due(&mut cluster, now)?;
+        schedule.apply_due(&mut cluster, now)?;
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Heal: resume and restart everything, then let the hosts drain.
-    log(started, "healing: every server resumed or restarted, every host restarted".into());
-    // Links first, so every restarted server can be reached.
-    pending.sort_by_key(|(_, p)| !matches!(p, Pending::Heal(..)));
-    for (_, action) in pending.drain(..) {
-        match action {
-            Pending::Heal(link, _) => {
-                if let Some(n) = &net {
-                    n.lab.heal(&link)?;
-                }
-            }
-            Pending::Restart(i) => start_node(lab, &cluster, &mut servers[i], &dir, true)?,
-            Pending::Cont(i) => {
-                signal(&servers[i], "CONT");
-                servers[i].stopped = false;
-            }
-            Pending::RestartHost(h) => start_host_node(args, &cluster, &mut hosts[h], &dir, Duration::from_secs(1))?,
-            Pending::CalmRogue => {
-                if let Some(run) = rogue_run.take() {
-                    rogue_tally.add(&run.stop());
-                }
-            }
-        }
-    }
-    let mut summaries = Vec::new();
-    for h in hosts.iter_mut() {
-        let proc = h.proc.take().context("every host runs after healing")?;
-        let (code, summary) = finish_host(proc, Duration::from_secs(120)).with_context(|| format!("host {}", h.index))?;
-        if code != 0 {
-            log(started, format!("host {} exited with code {code}", h.index));
-        }
-        summaries.push(summary);
-    }
-    watch.observe(&cluster, &servers);
+    // Then everything healed, the hosts drained, and every history checked.
+    schedule.heal(&mut cluster)?;
+    let summaries = cluster.finish_hosts(|line| schedule.log(line))?;
+    watch.observe(&cluster);
     let server_counted = watch.counters.totals();
-    let verdict = judge::verdict(&cluster, &summaries, &watch.observations, &rogue_tally, &server_counted)?;
+    let verdict = judge::verdict(&cluster, &summaries, &watch.observations, &schedule.rogue_tally, &server_counted)?;
     Ok(Report {
         seed,
         duration_s: args.duration.as_secs_f64(),
         hosts: args.hosts,
         sensors_per_host: args.sensors,
-        network: if net.is_some() { "namespaces" } else { "loopback" },
+        network: if cluster.net.is_some() { "namespaces" } else { "loopback" },
         security: if cluster.keys.is_some() { "curve" } else { "none" },
-        schedule,
-        rogue: rogue_tally,
+        schedule: schedule.lines,
+        rogue: schedule.rogue_tally,
         server_counted,
         memory: memory.traces(),
         ok: verdict.ok(),
         verdict,
         dir: dir.display().to_string(),
     })
-}
-
-/// Cuts the passive off (the link between the servers; the caller heals it
-/// after the takeover. Without namespaces: a 200 ms SIGSTOP, well under the
-/// peer expiry), and 150 ms later kills the active and erases its data dir:
-/// a machine lost with its disk. Done only while the active says it is in
-/// sync, so every reading it acked is on the passive: losing its disk must
-/// lose nothing. Returns the erased node and what was done.
-fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> anyhow::Result<Option<(usize, String)>> {
-    let mut active = None;
-    for (i, s) in servers.iter().enumerate() {
-        if s.proc.is_none() || s.stopped {
-            continue;
-        }
-        if let Ok(st) = cluster.status(s.primary) {
-            let in_sync = st["replication"] == "in-sync";
-            if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
-                active = Some(i);
-            }
-        }
-    }
-    let Some(a) = active else { return Ok(None) };
-    let p = 1 - a;
-    if servers[p].proc.is_none() || servers[p].stopped {
-        return Ok(None);
-    }
-    match net {
-        Some(n) => n.lab.cut(&n.peer)?,
-        None => signal(&servers[p], "STOP"),
-    }
-    std::thread::sleep(Duration::from_millis(150));
-    if let Some(mut proc) = servers[a].proc.take() {
-        proc.kill()?;
-    }
-    let erased = std::fs::remove_dir_all(&servers[a].data_dir);
-    if net.is_none() {
-        std::thread::sleep(Duration::from_millis(50));
-        signal(&servers[p], "CONT");
-    }
-    if let Err(e) = erased {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            bail!("cannot erase {}: {e}", servers[a].data_dir.display());
-        }
-    }
-    let how = if net.is_some() { "cut the link between the servers" } else { "stalled the passive 200 ms" };
-    Ok(Some((a, format!("{how}; meanwhile kill -9 {} (active) and erased its data dir", servers[a].name))))
 }

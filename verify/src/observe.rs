@@ -10,7 +10,7 @@ use fog_testkit::history::Observation;
 use fog_testkit::{Proc, rss_mib};
 use serde::Serialize;
 
-use crate::cluster::{Cluster, ServerNode};
+use crate::cluster::Cluster;
 use crate::rogue;
 
 /// What the verifier takes from every status it reads during the run.
@@ -36,8 +36,8 @@ impl Watch {
     }
 
     /// Reads the status of every server that is up.
-    pub fn observe(&mut self, cluster: &Cluster, servers: &[ServerNode]) {
-        for s in servers.iter().filter(|s| s.proc.is_some() && !s.stopped) {
+    pub fn observe(&mut self, cluster: &Cluster) {
+        for s in cluster.servers.iter().filter(|s| s.up()) {
             if let Ok(status) = cluster.status(s.primary) {
                 self.observations.push(Observation {
                     at_s: self.started.elapsed().as_secs_f64(),
