@@ -7,25 +7,34 @@
 //! run (see [`Cluster`]); the `rogue` fault (see [`rogue`]) plays a
 //! compromised host key.
 //!
+//! Here: the flags, the run as a sequence of steps, the report and the
+//! exit codes. The steps live in [`cluster`] (the processes, keys and
+//! network namespaces), [`faults`] (the seeded schedule, applying and
+//! undoing each fault, healing), [`observe`] (statuses and memory read
+//! during the run) and [`judge`] (the verdict).
+//!
 //! Exit codes: 0 no violation, 1 violations found, 2 bad flags, 3 the run
 //! itself could not be carried out (a process would not start ...).
 
+mod cluster;
+mod faults;
+mod judge;
+mod observe;
 mod rogue;
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fog_testkit::netns::{Lab, Link, ROOT};
-use fog_testkit::{
-    Pair, PairKeys, Proc, StatusAuth, bin, finish_host, free_port, rss_mib, scratch_dir, server_args, server_status_as,
-    wait_until_serving_as,
-};
+use fog_testkit::history as check;
+use fog_testkit::{bin, scratch_dir};
 use serde::Serialize;
 
-use fog_testkit::history::{self as check, Observation};
+use cluster::{Cluster, Durability};
+use faults::{Fault, Schedule};
+use observe::{Memory, MemoryTrace, Watch};
 
 /// Run the fog system under a random schedule of faults and check that no
 /// acked reading was lost, none counted twice, every sensor ended on the
@@ -102,74 +111,10 @@ struct Args {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Fault {
-    Kill,
-    Stop,
-    Host,
-    Wipe,
-    Split,
-    Isolate,
-    Rogue,
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 60s, 30m)"))
 }
 
-/// A small deterministic generator (splitmix64): the schedule depends on
-/// the seed alone.
-struct Rng(fog_sensor::rng::Rng);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0.next_u64() % n.max(1)
-    }
-    /// A duration uniformly in `[lo, hi]`.
-    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_millis() as u64;
-        lo + Duration::from_millis(self.below(span + 1))
-    }
-}
-
-struct ServerNode {
-    name: &'static str,
-    primary: bool,
-    proc: Option<Proc>,
-    stopped: bool,
-    starts: u32,
-    extra: Vec<String>,
-    data_dir: PathBuf,
-    program: PathBuf,
-    /// The network namespace it runs in (`ROOT` without a lab).
-    ns: String,
-}
-
-/// The network the run uses when namespaces are available: each server in
-/// a namespace of its own, the hosts in the root namespace, three links.
-struct Net {
-    lab: Lab,
-    /// Host side to the primary, host side to the backup, primary to backup.
-    to_primary: Link,
-    to_backup: Link,
-    peer: Link,
-}
-
-struct HostNode {
-    index: u32,
-    proc: Option<Proc>,
-    starts: u32,
-    state_dir: Option<PathBuf>,
-}
-
-enum Pending {
-    Restart(usize),
-    Cont(usize),
-    RestartHost(usize),
-    Heal(Link, &'static str),
-    CalmRogue,
-}
 
 #[derive(Serialize)]
 struct Report {
@@ -196,6 +141,53 @@ struct Report {
     dir: String,
 }
 
+impl Report {
+    /// The summary on stderr: the counts checked, the rogue's and the
+    /// servers' tallies, memory, then the verdict with every violation.
+    fn print(&self) {
+        let v = &self.verdict;
+        eprintln!(
+            "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, \
+             sensors off the server's average stream {}, sensors without averages {}, averages superseded {}, \
+             epochs with two actives {:?}, unchecked incarnations {}",
+            v.sensors_checked, v.readings_checked, v.lost, v.duplicated, v.sum_mismatches, v.unacked,
+            v.averages_missed, v.sensors_off_the_server_stream, v.sensors_without_averages, v.averages_superseded,
+            v.epochs_with_two_actives, v.unchecked_incarnations
+        );
+        for note in &v.notes {
+            eprintln!("note: {note}");
+        }
+        let counted: Vec<String> =
+            self.server_counted.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+        let counted = if counted.is_empty() { "nothing".to_string() } else { counted.join(", ") };
+        let r = &self.rogue;
+        if r.activations > 0 {
+            eprintln!(
+                "rogue: {} times active, {} batches sent ({} forged epochs, {} with {} readings for foreign sensors, \
+                 {} with {} poison readings of which {} to expire, {} of 65 536 readings, {} past that); {} replies",
+                r.activations, r.batches_sent, r.forged_epoch_batches, r.foreign_batches, r.foreign_readings,
+                r.poison_batches, r.poison_readings, r.poison_expected_expired, r.limit_batches,
+                r.over_limit_batches, r.replies
+            );
+        }
+        eprintln!("the servers counted (summed over their lives; expired: the most one life showed): {counted}");
+        for m in self.memory.iter().filter(|m| m.samples >= 8) {
+            eprintln!(
+                "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
+                m.process, m.first_mib, m.mid_mib, m.last_mib, m.peak_mib, m.samples
+            );
+        }
+        if self.ok {
+            eprintln!("verdict: OK (seed {}; data and logs in {})", self.seed, self.dir);
+        } else {
+            for violation in &v.violations {
+                eprintln!("violation: {violation}");
+            }
+            eprintln!("verdict: FAILED — replay with --seed {} (data and logs in {})", self.seed, self.dir);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -206,61 +198,14 @@ fn main() -> ExitCode {
                     Err(e) => eprintln!("error: cannot encode the report: {e}"),
                 }
             }
-            let v = &report.verdict;
-            eprintln!(
-                "checked {} sensors, {} readings: lost {}, duplicated {}, sum mismatches {}, unacked {}, averages missed {}, \
-                 sensors off the server's average stream {}, sensors without averages {}, averages superseded {}, \
-                 epochs with two actives {:?}, unchecked incarnations {}",
-                v.sensors_checked, v.readings_checked, v.lost, v.duplicated, v.sum_mismatches, v.unacked,
-                v.averages_missed, v.sensors_off_the_server_stream, v.sensors_without_averages, v.averages_superseded,
-                v.epochs_with_two_actives, v.unchecked_incarnations
-            );
-            for note in &v.notes {
-                eprintln!("note: {note}");
-            }
-            let counted: Vec<String> =
-                report.server_counted.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
-            let counted = if counted.is_empty() { "nothing".to_string() } else { counted.join(", ") };
-            let r = &report.rogue;
-            if r.activations > 0 {
-                eprintln!(
-                    "rogue: {} times active, {} batches sent ({} forged epochs, {} with {} readings for foreign sensors, \
-                     {} with {} poison readings of which {} to expire, {} of 65 536 readings, {} past that); {} replies",
-                    r.activations, r.batches_sent, r.forged_epoch_batches, r.foreign_batches, r.foreign_readings,
-                    r.poison_batches, r.poison_readings, r.poison_expected_expired, r.limit_batches,
-                    r.over_limit_batches, r.replies
-                );
-            }
-            eprintln!("the servers counted (summed over their lives; expired: the most one life showed): {counted}");
-            for m in report.memory.iter().filter(|m| m.samples >= 8) {
-                eprintln!(
-                    "memory {}: {:.0} MiB at start, {:.0} MiB midway, {:.0} MiB at the end (peak {:.0} MiB, {} samples)",
-                    m.process, m.first_mib, m.mid_mib, m.last_mib, m.peak_mib, m.samples
-                );
-            }
-            if report.ok {
-                eprintln!("verdict: OK (seed {}; data and logs in {})", report.seed, report.dir);
-                ExitCode::SUCCESS
-            } else {
-                for violation in &v.violations {
-                    eprintln!("violation: {violation}");
-                }
-                eprintln!("verdict: FAILED — replay with --seed {} (data and logs in {})", report.seed, report.dir);
-                ExitCode::from(1)
-            }
+            report.print();
+            if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
         }
     }
-}
-
-/// Whether a binary's `--help` mentions a flag: lets the verifier use
-/// durability features where the binaries have them.
-fn supports(binary: &str, flag: &str) -> anyhow::Result<bool> {
-    let help = Command::new(bin(binary)?).arg("--help").output();
-    Ok(help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag)))
 }
 
 fn run(args: &Args) -> anyhow::Result<Report> {
@@ -273,7 +218,6 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
-    let mut rng = Rng(fog_sensor::rng::Rng::new(seed));
     let dir = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -282,602 +226,56 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         None => scratch_dir("verify")?,
     };
     eprintln!("fog-verify: seed {seed}, {:?}, {} host(s) x {} sensors, faults {:?}, dir {}", args.duration, args.hosts, args.sensors, args.faults, dir.display());
-
     if let Some(p) = &args.server_bin {
         if !p.exists() {
             bail!("--server-bin {} does not exist", p.display());
         }
     }
-    let durable_servers = supports("fog-server", "--data-dir")?;
-    let durable_hosts = supports("fog-host", "--state-dir")?;
-    if !durable_servers {
-        eprintln!("note: fog-server has no --data-dir: a restarted server starts empty");
-    }
-    let mut faults = args.faults.clone();
-    if args.no_keys && faults.contains(&Fault::Rogue) {
-        eprintln!("note: --no-keys: the rogue fault needs keys and is left out");
-        faults.retain(|f| *f != Fault::Rogue);
-    }
-    if !durable_hosts && faults.contains(&Fault::Host) {
-        eprintln!("note: fog-host has no --state-dir: host faults are left out");
-        faults.retain(|f| *f != Fault::Host);
-    }
-
-    let wants_net = faults.iter().any(|f| matches!(f, Fault::Split | Fault::Isolate | Fault::Wipe));
-    let net = if wants_net { build_net()? } else { None };
-    if net.is_none() && wants_net {
-        faults.retain(|f| !matches!(f, Fault::Split | Fault::Isolate));
-    }
-    let pair = match &net {
-        Some(n) => {
-            let ep = |addr: std::net::Ipv4Addr| -> anyhow::Result<String> { Ok(format!("tcp://{addr}:{}", free_port()?)) };
-            Pair {
-                primary_frontend: ep(n.to_primary.b_addr)?,
-                backup_frontend: ep(n.to_backup.b_addr)?,
-                primary_state: ep(n.peer.a_addr)?,
-                backup_state: ep(n.peer.b_addr)?,
-            }
-        }
-        None => Pair::on_free_ports()?,
-    };
+    let durable = Durability::probe()?;
+    let (faults, net) = faults::usable(&args.faults, args.no_keys, durable.hosts)?;
     let plan = rogue::Plan::new(args.hosts, args.sensors);
-    let keys = if args.no_keys {
-        None
-    } else {
-        let mut clients: Vec<(String, String)> = (0..args.hosts)
-            .map(|i| (format!("host{i}"), format!("sensors={}-{}", 1 + i * args.sensors, (i + 1) * args.sensors)))
-            .collect();
-        clients.push((rogue::KEY_NAME.to_string(), plan.rights()));
-        let clients: Vec<(&str, &str)> = clients.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
-        Some(PairKeys::generate(&dir, &clients).context("cannot make the run's keys")?)
-    };
-    let cluster = Cluster { pair, keys };
-    let pair = &cluster.pair;
-    let mut servers = Vec::new();
-    for primary in [true, false] {
-        let name = if primary { "primary" } else { "backup" };
-        let data_dir = dir.join(format!("{name}-data"));
-        let mut extra = vec!["--lateness".to_string(), "500ms".to_string()];
-        if durable_servers {
-            extra.push("--data-dir".into());
-            extra.push(data_dir.display().to_string());
-        }
-        let program = match &args.server_bin {
-            Some(p) => p.clone(),
-            None => bin("fog-server")?,
-        };
-        let ns = match &net {
-            Some(n) if primary => n.to_primary.b_ns.clone(),
-            Some(n) => n.to_backup.b_ns.clone(),
-            None => ROOT.to_string(),
-        };
-        servers.push(ServerNode { name, primary, proc: None, stopped: false, starts: 0, extra, data_dir, program, ns });
-    }
-    let lab = net.as_ref().map(|n| &n.lab);
-    for i in 0..servers.len() {
-        start_node(lab, &cluster, &mut servers[i], &dir, true)?;
-    }
-    // Devices (host side) of the links cut right now.
-    let mut cut: Vec<String> = Vec::new();
-    let host_link_cut = |cut: &[String], primary: bool| {
-        net.as_ref().is_some_and(|n| {
-            let link = if primary { &n.to_primary } else { &n.to_backup };
-            cut.contains(&link.a_dev)
-        })
-    };
+    let mut cluster = Cluster::start_servers(args, &dir, net, durable, &plan)?;
 
     let started = Instant::now();
     let end = started + args.duration;
-    let mut hosts: Vec<HostNode> = (0..args.hosts)
-        .map(|index| HostNode {
-            index,
-            proc: None,
-            starts: 0,
-            state_dir: durable_hosts.then(|| dir.join(format!("host{index}-state"))),
-        })
-        .collect();
-    for h in hosts.iter_mut() {
-        start_host_node(args, &cluster, h, &dir, args.duration)?;
-    }
-
-    let mut schedule = Vec::new();
-    let mut log = |started: Instant, what: String| {
-        let line = format!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
-        eprintln!("{line}");
-        schedule.push(line);
-    };
-    let mut observations = Vec::new();
-    let mut counters = rogue::ServerCounters::default();
-    let targets = rogue::Targets::default();
-    let mut watch = Watch { plan: &plan, targets: &targets, counters: &mut counters, observations: &mut observations };
-    let mut rogue_run: Option<rogue::RogueRun> = None;
-    let mut rogue_tally = rogue::Tally::default();
+    cluster.start_hosts(args.duration)?;
+    let mut watch = Watch::new(started, plan.clone());
     let mut memory = Memory::default();
-    let mut pending: Vec<(Instant, Pending)> = Vec::new();
-    let mut next_fault = started + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
-    let mut unplayed = faults.clone();
-    for i in (1..unplayed.len()).rev() {
-        unplayed.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    let mut schedule = Schedule::new(seed, faults, args.fault_every, started, end, plan, watch.targets.clone());
+    // While the sensors produce: every 250 ms a look at every server and
+    // process, and faults applied and undone as the schedule says.
     let mut next_poll = started;
     while Instant::now() < end {
         let now = Instant::now();
         if now >= next_poll {
             next_poll = now + Duration::from_millis(250);
-            observe(&cluster, &servers, started, &mut watch);
-            memory.sample(servers.iter().filter_map(|s| s.proc.as_ref()).chain(hosts.iter().filter_map(|h| h.proc.as_ref())));
+            watch.observe(&cluster);
+            memory.sample(cluster.procs());
         }
-        let (due, later): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(at, _)| *at <= now);
-        pending = later;
-        for (_, action) in due {
-            match action {
-                Pending::Restart(i) => {
-                    let reachable = !host_link_cut(&cut, servers[i].primary);
-                    start_node(lab, &cluster, &mut servers[i], &dir, reachable)?;
-                    log(started, format!("restarted {}", servers[i].name));
-                }
-                Pending::Heal(link, what) => {
-                    if let Some(n) = &net {
-                        n.lab.heal(&link)?;
-                    }
-                    cut.retain(|d| *d != link.a_dev);
-                    log(started, format!("healed the link {what}"));
-                }
-                Pending::Cont(i) => {
-                    signal(&servers[i], "CONT");
-                    servers[i].stopped = false;
-                    log(started, format!("SIGCONT {}", servers[i].name));
-                }
-                Pending::RestartHost(h) => {
-                    let remaining = end.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    start_host_node(args, &cluster, &mut hosts[h], &dir, remaining)?;
-                    log(started, format!("restarted host {h} with its state dir"));
-                }
-                Pending::CalmRogue => {
-                    if let Some(run) = rogue_run.take() {
-                        let t = run.stop();
-                        log(started, format!("the rogue stops ({} batches sent, {} replies)", t.batches_sent, t.replies));
-                        rogue_tally.add(&t);
-                    }
-                }
-            }
-        }
-        if now >= next_fault && !faults.is_empty() {
-            next_fault = now + rng.between(args.fault_every / 2, args.fault_every * 3 / 2);
-            // Every fault asked for comes once, in a seeded order, before
-            // the draws: a short run covers them all.
-            let fault = match unplayed.pop() {
-                Some(f) => f,
-                None => faults[rng.below(faults.len() as u64) as usize],
-            };
-            match fault {
-                Fault::Kill | Fault::Stop => {
-                    let up: Vec<usize> = (0..servers.len()).filter(|&i| servers[i].proc.is_some() && !servers[i].stopped).collect();
-                    if up.is_empty() {
-                        continue;
-                    }
-                    let i = up[rng.below(up.len() as u64) as usize];
-                    let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
-                    if fault == Fault::Kill {
-                        if let Some(mut p) = servers[i].proc.take() {
-                            p.kill()?;
-                        }
-                        log(started, format!("kill -9 {} (restart in {:.1}s)", servers[i].name, back_in.as_secs_f64()));
-                        pending.push((now + back_in, Pending::Restart(i)));
-                    } else {
-                        signal(&servers[i], "STOP");
-                        servers[i].stopped = true;
-                        log(started, format!("SIGSTOP {} (SIGCONT in {:.1}s)", servers[i].name, back_in.as_secs_f64()));
-                        pending.push((now + back_in, Pending::Cont(i)));
-                    }
-                }
-                Fault::Split | Fault::Isolate => {
-                    let Some(n) = &net else { continue };
-                    let (link, what) = if fault == Fault::Split {
-                        (n.peer.clone(), "between the servers")
-                    } else if rng.below(2) == 0 {
-                        (n.to_primary.clone(), "from the hosts to the primary")
-                    } else {
-                        (n.to_backup.clone(), "from the hosts to the backup")
-                    };
-                    if pending.iter().any(|(_, p)| matches!(p, Pending::Heal(l, _) if l.a_dev == link.a_dev)) {
-                        continue;
-                    }
-                    let back_in = rng.between(Duration::from_millis(500), Duration::from_secs(4));
-                    n.lab.cut(&link)?;
-                    cut.push(link.a_dev.clone());
-                    log(started, format!("cut the link {what} (heal in {:.1}s)", back_in.as_secs_f64()));
-                    pending.push((now + back_in, Pending::Heal(link, what)));
-                }
-                Fault::Wipe => {
-                    match wipe(&cluster, &mut servers, net.as_ref()) {
-                        Ok(Some((victim, what))) => {
-                            let mut back_in = rng.between(Duration::from_millis(500), Duration::from_secs(3));
-                            if let Some(n) = &net {
-                                // The cut outlasts the takeover, so what the
-                                // dead node's kernel still had to send to the
-                                // passive arrives too late to count.
-                                let heal_in = Duration::from_millis(1500);
-                                cut.push(n.peer.a_dev.clone());
-                                pending.push((Instant::now() + heal_in, Pending::Heal(n.peer.clone(), "between the servers")));
-                                back_in += heal_in;
-                            }
-                            log(started, format!("{what} (restart with an empty data dir in {:.1}s)", back_in.as_secs_f64()));
-                            pending.push((Instant::now() + back_in, Pending::Restart(victim)));
-                        }
-                        Ok(None) => log(started, "wipe skipped: no active server in sync with its passive".into()),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Fault::Host => {
-                    let up: Vec<usize> = (0..hosts.len()).filter(|&h| hosts[h].proc.is_some()).collect();
-                    if up.is_empty() {
-                        continue;
-                    }
-                    let h = up[rng.below(up.len() as u64) as usize];
-                    let back_in = rng.between(Duration::from_millis(300), Duration::from_secs(2));
-                    if let Some(mut p) = hosts[h].proc.take() {
-                        p.kill()?;
-                    }
-                    log(started, format!("kill -9 host {h} (restart in {:.1}s)", back_in.as_secs_f64()));
-                    pending.push((now + back_in, Pending::RestartHost(h)));
-                }
-                Fault::Rogue => {
-                    let Some(keys) = &cluster.keys else { continue };
-                    if rogue_run.is_some() {
-                        continue;
-                    }
-                    let calm_in = rng.between(Duration::from_secs(1), Duration::from_secs(4));
-                    let frontends = [pair.primary_frontend.clone(), pair.backup_frontend.clone()];
-                    rogue_run = Some(rogue::RogueRun::start(keys, frontends, plan.clone(), targets.clone()));
-                    log(
-                        started,
-                        format!(
-                            "a rogue with a host key sends forged epochs, foreign sensors and poison readings (for {:.1}s)",
-                            calm_in.as_secs_f64()
-                        ),
-                    );
-                    pending.push((now + calm_in, Pending::CalmRogue));
-                }
-            }
-        }
+        schedule.undo_due(&mut cluster, now)?;
+        schedule.apply_due(&mut cluster, now)?;
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Heal: resume and restart everything, then let the hosts drain.
-    log(started, "healing: every server resumed or restarted, every host restarted".into());
-    // Links first, so every restarted server can be reached.
-    pending.sort_by_key(|(_, p)| !matches!(p, Pending::Heal(..)));
-    for (_, action) in pending.drain(..) {
-        match action {
-            Pending::Heal(link, _) => {
-                if let Some(n) = &net {
-                    n.lab.heal(&link)?;
-                }
-            }
-            Pending::Restart(i) => start_node(lab, &cluster, &mut servers[i], &dir, true)?,
-            Pending::Cont(i) => {
-                signal(&servers[i], "CONT");
-                servers[i].stopped = false;
-            }
-            Pending::RestartHost(h) => start_host_node(args, &cluster, &mut hosts[h], &dir, Duration::from_secs(1))?,
-            Pending::CalmRogue => {
-                if let Some(run) = rogue_run.take() {
-                    rogue_tally.add(&run.stop());
-                }
-            }
-        }
-    }
-    let mut summaries = Vec::new();
-    for h in hosts.iter_mut() {
-        let proc = h.proc.take().context("every host runs after healing")?;
-        let (code, summary) = finish_host(proc, Duration::from_secs(120)).with_context(|| format!("host {}", h.index))?;
-        if code != 0 {
-            log(started, format!("host {} exited with code {code}", h.index));
-        }
-        summaries.push(check::host_side(&summary));
-    }
-    observe(&cluster, &servers, started, &mut watch);
-    let final_status = final_counts(&cluster)?;
-    let mut verdict = check::check(&summaries, &check::server_side(&final_status), &observations);
-    let server_counted = counters.totals();
-    judge_rogue(&rogue_tally, &server_counted, &mut verdict);
+    // Then everything healed, the hosts drained, and every history checked.
+    schedule.heal(&mut cluster)?;
+    let summaries = cluster.finish_hosts(|line| schedule.log(line))?;
+    watch.observe(&cluster);
+    let server_counted = watch.counters.totals();
+    let verdict = judge::verdict(&cluster, &summaries, &watch.observations, &schedule.rogue_tally, &server_counted)?;
     Ok(Report {
         seed,
         duration_s: args.duration.as_secs_f64(),
         hosts: args.hosts,
         sensors_per_host: args.sensors,
-        network: if net.is_some() { "namespaces" } else { "loopback" },
+        network: if cluster.net.is_some() { "namespaces" } else { "loopback" },
         security: if cluster.keys.is_some() { "curve" } else { "none" },
-        schedule,
-        rogue: rogue_tally,
+        schedule: schedule.lines,
+        rogue: schedule.rogue_tally,
         server_counted,
         memory: memory.traces(),
         ok: verdict.ok(),
         verdict,
         dir: dir.display().to_string(),
     })
-}
-
-/// Namespaces for the two servers and links to them, or `None` (with a
-/// note) where namespaces cannot be used; an error where they are required.
-fn build_net() -> anyhow::Result<Option<Net>> {
-    let attempt = || -> Result<Net, fog_testkit::netns::LabError> {
-        let mut lab = Lab::new("verify")?;
-        let p = lab.namespace("primary")?;
-        let b = lab.namespace("backup")?;
-        let to_primary = lab.link(ROOT, &p)?;
-        let to_backup = lab.link(ROOT, &b)?;
-        let peer = lab.link(&p, &b)?;
-        Ok(Net { lab, to_primary, to_backup, peer })
-    };
-    match attempt() {
-        Ok(net) => Ok(Some(net)),
-        Err(e) if fog_testkit::netns::required() => {
-            anyhow::bail!("{e}, and {}=1 requires network namespaces", fog_testkit::netns::REQUIRE_ENV)
-        }
-        Err(e) => {
-            eprintln!("note: {e}: link faults are left out and the wipe stalls the passive with SIGSTOP instead");
-            Ok(None)
-        }
-    }
-}
-
-/// The pair's endpoints and, unless --no-keys, the run's keys: how every
-/// process is started and every status asked for.
-struct Cluster {
-    pair: Pair,
-    keys: Option<PairKeys>,
-}
-
-impl Cluster {
-    fn frontend(&self, primary: bool) -> &str {
-        self.pair.frontend(primary)
-    }
-
-    /// The admin's credentials for one server's status (none without keys).
-    fn auth(&self, primary: bool) -> Option<StatusAuth> {
-        self.keys.as_ref().map(|k| k.admin_status(primary))
-    }
-
-    fn status(&self, primary: bool) -> anyhow::Result<serde_json::Value> {
-        server_status_as(self.frontend(primary), self.auth(primary).as_ref())
-    }
-}
-
-/// Starts (or restarts) a server; waits until it answers unless `reachable`
-/// is false (its link to the hosts is cut right now).
-fn start_node(lab: Option<&Lab>, cluster: &Cluster, node: &mut ServerNode, dir: &std::path::Path, reachable: bool) -> anyhow::Result<()> {
-    node.starts += 1;
-    let mut extra: Vec<&str> = node.extra.iter().map(String::as_str).collect();
-    let key_args = cluster.keys.as_ref().map(|k| k.server_args(node.primary)).unwrap_or_default();
-    extra.extend(key_args.iter().map(String::as_str));
-    if lab.is_some() && cluster.keys.is_none() {
-        // Veth addresses are not loopback: without keys a server needs
-        // --insecure there (the namespaces are the verifier's own).
-        extra.push("--insecure");
-    }
-    let (_, args) = server_args(&cluster.pair, node.primary, &extra, dir);
-    // Every incarnation keeps its own log.
-    let name = format!("{}-{}", node.name, node.starts);
-    let proc = match lab {
-        Some(lab) => lab.spawn(&node.ns, &name, &node.program, &args, dir)?,
-        None => Proc::spawn(&name, &node.program, &args, dir)?,
-    };
-    let endpoint = cluster.frontend(node.primary);
-    let auth = cluster.auth(node.primary);
-    node.proc = Some(if reachable { wait_until_serving_as(proc, endpoint, auth.as_ref())? } else { proc });
-    node.stopped = false;
-    Ok(())
-}
-
-fn start_host_node(args: &Args, cluster: &Cluster, h: &mut HostNode, dir: &std::path::Path, duration: Duration) -> anyhow::Result<()> {
-    h.starts += 1;
-    let mut a: Vec<String> = [
-        "--sensors".to_string(),
-        args.sensors.to_string(),
-        "--first-id".into(),
-        (1 + h.index * args.sensors).to_string(),
-        "--interval".into(),
-        humantime::format_duration(args.interval).to_string(),
-        "--duration".into(),
-        format!("{}ms", duration.as_millis()),
-        "--drain-timeout".into(),
-        "60s".into(),
-        "--timeout".into(),
-        "500ms".into(),
-        "--servers".into(),
-        cluster.pair.servers(),
-        "--quiet".into(),
-        "--json".into(),
-    ]
-    .into();
-    if let Some(state) = &h.state_dir {
-        a.push("--state-dir".into());
-        a.push(state.display().to_string());
-    }
-    if let Some(keys) = &cluster.keys {
-        a.extend(keys.host_args(&format!("host{}", h.index))?);
-    }
-    h.proc = Some(Proc::spawn(&format!("host{}-{}", h.index, h.starts), &bin("fog-host")?, &a, dir)?);
-    Ok(())
-}
-
-/// Cuts the passive off (the link between the servers; the caller heals it
-/// after the takeover. Without namespaces: a 200 ms SIGSTOP, well under the
-/// peer expiry), and 150 ms later kills the active and erases its data dir:
-/// a machine lost with its disk. Done only while the active says it is in
-/// sync, so every reading it acked is on the passive: losing its disk must
-/// lose nothing. Returns the erased node and what was done.
-fn wipe(cluster: &Cluster, servers: &mut [ServerNode], net: Option<&Net>) -> anyhow::Result<Option<(usize, String)>> {
-    let mut active = None;
-    for (i, s) in servers.iter().enumerate() {
-        if s.proc.is_none() || s.stopped {
-            continue;
-        }
-        if let Ok(st) = cluster.status(s.primary) {
-            let in_sync = st["replication"] == "in-sync";
-            if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
-                active = Some(i);
-            }
-        }
-    }
-    let Some(a) = active else { return Ok(None) };
-    let p = 1 - a;
-    if servers[p].proc.is_none() || servers[p].stopped {
-        return Ok(None);
-    }
-    match net {
-        Some(n) => n.lab.cut(&n.peer)?,
-        None => signal(&servers[p], "STOP"),
-    }
-    std::thread::sleep(Duration::from_millis(150));
-    if let Some(mut proc) = servers[a].proc.take() {
-        proc.kill()?;
-    }
-    let erased = std::fs::remove_dir_all(&servers[a].data_dir);
-    if net.is_none() {
-        std::thread::sleep(Duration::from_millis(50));
-        signal(&servers[p], "CONT");
-    }
-    if let Err(e) = erased {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            bail!("cannot erase {}: {e}", servers[a].data_dir.display());
-        }
-    }
-    let how = if net.is_some() { "cut the link between the servers" } else { "stalled the passive 200 ms" };
-    Ok(Some((a, format!("{how}; meanwhile kill -9 {} (active) and erased its data dir", servers[a].name))))
-}
-
-fn signal(node: &ServerNode, sig: &str) {
-    if let Some(p) = &node.proc {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(p.child.id().to_string()).status();
-    }
-}
-
-#[derive(Serialize)]
-struct MemoryTrace {
-    process: String,
-    samples: usize,
-    first_mib: f64,
-    /// Over the second half of the process's samples, so start-up does not
-    /// count as growth.
-    mid_mib: f64,
-    peak_mib: f64,
-    last_mib: f64,
-}
-
-/// Resident memory samples of every process incarnation, by name.
-#[derive(Default)]
-struct Memory {
-    samples: std::collections::BTreeMap<String, Vec<f64>>,
-}
-
-impl Memory {
-    fn sample<'a>(&mut self, procs: impl Iterator<Item = &'a Proc>) {
-        for p in procs {
-            if let Some(rss) = rss_mib(p.child.id()) {
-                self.samples.entry(p.name.clone()).or_default().push(rss);
-            }
-        }
-    }
-
-    fn traces(&self) -> Vec<MemoryTrace> {
-        self.samples
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(name, v)| MemoryTrace {
-                process: name.clone(),
-                samples: v.len(),
-                first_mib: v[0],
-                mid_mib: v[v.len() / 2],
-                peak_mib: v.iter().copied().fold(0.0, f64::max),
-                last_mib: v[v.len() - 1],
-            })
-            .collect()
-    }
-}
-
-/// What the verifier takes from every status it reads during the run.
-struct Watch<'a> {
-    plan: &'a rogue::Plan,
-    /// The rogue's poison targets, from the active's sensors.
-    targets: &'a rogue::Targets,
-    counters: &'a mut rogue::ServerCounters,
-    /// Which node was in which state and epoch, for the one-active check.
-    observations: &'a mut Vec<Observation>,
-}
-
-fn observe(cluster: &Cluster, servers: &[ServerNode], started: Instant, watch: &mut Watch) {
-    for s in servers.iter().filter(|s| s.proc.is_some() && !s.stopped) {
-        if let Ok(status) = cluster.status(s.primary) {
-            watch.observations.push(Observation {
-                at_s: started.elapsed().as_secs_f64(),
-                node: s.name,
-                state: status["state"].as_str().unwrap_or("").to_string(),
-                epoch: status["epoch"].as_u64(),
-            });
-            watch.counters.record(&format!("{}-{}", s.name, s.starts), &status);
-            watch.targets.update(watch.plan, &status);
-        }
-    }
-}
-
-/// Adds to `verdict` what the rogue fault shows: a rogue that sent batches
-/// the servers counted no refusal for did nothing the run can vouch for;
-/// a poisoned sensor whose watermark jumped took a poison seq.
-fn judge_rogue(tally: &rogue::Tally, counted: &std::collections::BTreeMap<&'static str, u64>, verdict: &mut check::Verdict) {
-    if tally.activations == 0 {
-        return;
-    }
-    let refusals: u64 = rogue::REFUSALS.iter().map(|c| counted.get(c).copied().unwrap_or(0)).sum();
-    if tally.batches_sent > 0 && refusals == 0 {
-        verdict.violations.push(format!(
-            "the rogue sent {} batches but the servers counted no refusal and no forged epoch: the fault did nothing checkable",
-            tally.batches_sent
-        ));
-    }
-    if tally.watermark_jumps > 0 {
-        verdict.violations.push(format!(
-            "{} acks of poisoned sensors carried a watermark at or above 2^52: a poison seq was taken",
-            tally.watermark_jumps
-        ));
-    }
-    for (sent, counter, what) in [
-        (tally.forged_epoch_batches, "forged_epochs", "forged epochs"),
-        (tally.foreign_readings, "refused.foreign_sensor", "readings for foreign sensors"),
-        (tally.poison_readings, "refused.seq_out_of_range", "poison readings"),
-        (tally.poison_readings, "refused.from_the_future", "poison readings"),
-        (tally.over_limit_batches, "refused.too_large", "batches past the reading limit"),
-    ] {
-        if sent > 0 && counted.get(counter).copied().unwrap_or(0) == 0 {
-            verdict.notes.push(format!("the rogue sent {sent} {what}, but no status read showed {counter} above 0"));
-        }
-    }
-}
-
-/// The counts to check: the active server's, once both servers agree (with
-/// replication they converge); the larger one if they never do.
-fn final_counts(cluster: &Cluster) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let p = cluster.status(true).ok();
-        let b = cluster.status(false).ok();
-        let counted = |s: &Option<serde_json::Value>| s.as_ref().and_then(|s| s["counted"].as_u64());
-        let active = [&p, &b].into_iter().flatten().find(|s| s["state"] == "active").cloned();
-        if counted(&p).is_some() && counted(&p) == counted(&b) {
-            if let Some(a) = active {
-                return Ok(a);
-            }
-        }
-        if Instant::now() > deadline {
-            eprintln!("note: the servers did not converge on one count within 15 s; checking the larger");
-            let best = [p, b].into_iter().flatten().max_by_key(|s| s["counted"].as_u64().unwrap_or(0));
-            match best {
-                Some(s) => return Ok(s),
-                None => bail!("no server answers status after healing"),
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }

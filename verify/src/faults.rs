@@ -1,0 +1,367 @@
+//! The faults and their seeded schedule: which faults a run can apply,
+//! which comes next and when (the seed alone decides), applying each to
+//! the [`Cluster`], undoing it when its time is up (restart, SIGCONT,
+//! heal a link, calm the rogue), and healing everything at the end. Every
+//! step is one line of the schedule the report shows.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use fog_testkit::netns::Link;
+use serde::Serialize;
+
+use crate::cluster::{Cluster, Net};
+use crate::rogue;
+
+/// One kind of fault; --faults (its help says what each does) lists those
+/// a run draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    Kill,
+    Stop,
+    Host,
+    Wipe,
+    Split,
+    Isolate,
+    Rogue,
+}
+
+/// Which of the `asked` faults this run can apply, with a note for each
+/// left out (rogue needs keys, host a fog-host with --state-dir, split and
+/// isolate network namespaces), and the namespaces when a fault uses them.
+pub fn usable(asked: &[Fault], no_keys: bool, durable_hosts: bool) -> anyhow::Result<(Vec<Fault>, Option<Net>)> {
+    let mut faults = asked.to_vec();
+    if no_keys && faults.contains(&Fault::Rogue) {
+        eprintln!("note: --no-keys: the rogue fault needs keys and is left out");
+        faults.retain(|f| *f != Fault::Rogue);
+    }
+    if !durable_hosts && faults.contains(&Fault::Host) {
+        eprintln!("note: fog-host has no --state-dir: host faults are left out");
+        faults.retain(|f| *f != Fault::Host);
+    }
+    let wants_net = faults.iter().any(|f| matches!(f, Fault::Split | Fault::Isolate | Fault::Wipe));
+    let net = if wants_net { Net::build()? } else { None };
+    if net.is_none() {
+        faults.retain(|f| !matches!(f, Fault::Split | Fault::Isolate));
+    }
+    Ok((faults, net))
+}
+
+/// A small deterministic generator (splitmix64): the schedule depends on
+/// the seed alone.
+struct Rng(fog_sensor::rng::Rng);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0.next_u64() % n.max(1)
+    }
+    /// A duration uniformly in `[lo, hi]`.
+    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let span = (hi - lo).as_millis() as u64;
+        lo + Duration::from_millis(self.below(span + 1))
+    }
+}
+
+/// What undoes a fault once its time is up.
+enum Pending {
+    Restart(usize),
+    Cont(usize),
+    RestartHost(usize),
+    Heal(Link, &'static str),
+    CalmRogue,
+}
+
+/// The run's faults: the next one and when, what is due to be undone, the
+/// rogue while it runs, and the lines of what was done.
+pub struct Schedule {
+    started: Instant,
+    /// When the sensors stop producing: a restarted host produces until then.
+    end: Instant,
+    rng: Rng,
+    faults: Vec<Fault>,
+    /// Every fault asked for comes once, in a seeded order, before the
+    /// draws: a short run covers them all.
+    unplayed: Vec<Fault>,
+    /// Mean time between faults.
+    every: Duration,
+    next_fault: Instant,
+    pending: Vec<(Instant, Pending)>,
+    plan: rogue::Plan,
+    /// The rogue's poison targets, kept up to date from the statuses read.
+    targets: rogue::Targets,
+    rogue: Option<rogue::RogueRun>,
+    /// What the rogue sent and was told, over every time it ran.
+    pub rogue_tally: rogue::Tally,
+    /// What was done, one line each, stamped with the time into the run.
+    pub lines: Vec<String>,
+}
+
+impl Schedule {
+    /// The schedule of `faults` for the seed, its first fault about `every`
+    /// after `started`.
+    pub fn new(
+        seed: u64,
+        faults: Vec<Fault>,
+        every: Duration,
+        started: Instant,
+        end: Instant,
+        plan: rogue::Plan,
+        targets: rogue::Targets,
+    ) -> Schedule {
+        let mut rng = Rng(fog_sensor::rng::Rng::new(seed));
+        let next_fault = started + rng.between(every / 2, every * 3 / 2);
+        let mut unplayed = faults.clone();
+        for i in (1..unplayed.len()).rev() {
+            unplayed.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        Schedule {
+            started,
+            end,
+            rng,
+            faults,
+            unplayed,
+            every,
+            next_fault,
+            pending: Vec::new(),
+            plan,
+            targets,
+            rogue: None,
+            rogue_tally: rogue::Tally::default(),
+            lines: Vec::new(),
+        }
+    }
+
+    /// Prints a line of the schedule and keeps it for the report.
+    pub fn log(&mut self, what: String) {
+        let line = format!("[{:>6.1}s] {what}", self.started.elapsed().as_secs_f64());
+        eprintln!("{line}");
+        self.lines.push(line);
+    }
+
+    /// Undoes every fault whose time is up at `now`.
+    pub fn undo_due(&mut self, cluster: &mut Cluster, now: Instant) -> anyhow::Result<()> {
+        let (due, later): (Vec<_>, Vec<_>) = self.pending.drain(..).partition(|(at, _)| *at <= now);
+        self.pending = later;
+        for (_, action) in due {
+            match action {
+                Pending::Restart(i) => {
+                    cluster.restart_server(i)?;
+                    self.log(format!("restarted {}", cluster.servers[i].name));
+                }
+                Pending::Heal(link, what) => {
+                    if let Some(n) = &mut cluster.net {
+                        n.heal(&link)?;
+                    }
+                    self.log(format!("healed the link {what}"));
+                }
+                Pending::Cont(i) => {
+                    cluster.resume_server(i);
+                    self.log(format!("SIGCONT {}", cluster.servers[i].name));
+                }
+                Pending::RestartHost(h) => {
+                    let remaining = self.end.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                    cluster.start_host(h, remaining)?;
+                    self.log(format!("restarted host {h} with its state dir"));
+                }
+                Pending::CalmRogue => {
+                    if let Some(run) = self.rogue.take() {
+                        let t = run.stop();
+                        self.log(format!("the rogue stops ({} batches sent, {} replies)", t.batches_sent, t.replies));
+                        self.rogue_tally.add(&t);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the next fault if its time has come at `now`, and draws the
+    /// time of the one after. A fault that cannot apply right now (nothing
+    /// up to kill, the link already cut, the rogue already running) is
+    /// skipped.
+    pub fn apply_due(&mut self, cluster: &mut Cluster, now: Instant) -> anyhow::Result<()> {
+        if now < self.next_fault || self.faults.is_empty() {
+            return Ok(());
+        }
+        self.next_fault = now + self.rng.between(self.every / 2, self.every * 3 / 2);
+        let fault = match self.unplayed.pop() {
+            Some(f) => f,
+            None => self.faults[self.rng.below(self.faults.len() as u64) as usize],
+        };
+        match fault {
+            Fault::Kill | Fault::Stop => self.kill_or_stop(cluster, fault == Fault::Kill, now),
+            Fault::Split | Fault::Isolate => self.cut_link(cluster, fault == Fault::Split, now),
+            Fault::Wipe => self.wipe(cluster),
+            Fault::Host => self.kill_host(cluster, now),
+            Fault::Rogue => self.start_rogue(cluster, now),
+        }
+    }
+
+    /// kill -9 or SIGSTOP a server that is up, undone 0.5-4 s later.
+    fn kill_or_stop(&mut self, cluster: &mut Cluster, kill: bool, now: Instant) -> anyhow::Result<()> {
+        let up: Vec<usize> = (0..cluster.servers.len()).filter(|&i| cluster.servers[i].up()).collect();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let i = up[self.rng.below(up.len() as u64) as usize];
+        let back_in = self.rng.between(Duration::from_millis(500), Duration::from_secs(4));
+        let name = cluster.servers[i].name;
+        if kill {
+            cluster.kill_server(i)?;
+            self.log(format!("kill -9 {name} (restart in {:.1}s)", back_in.as_secs_f64()));
+            self.pending.push((now + back_in, Pending::Restart(i)));
+        } else {
+            cluster.stop_server(i);
+            self.log(format!("SIGSTOP {name} (SIGCONT in {:.1}s)", back_in.as_secs_f64()));
+            self.pending.push((now + back_in, Pending::Cont(i)));
+        }
+        Ok(())
+    }
+
+    /// Cuts the link between the servers (split) or the hosts' link to one
+    /// of them (isolate) for 0.5-4 s.
+    fn cut_link(&mut self, cluster: &mut Cluster, split: bool, now: Instant) -> anyhow::Result<()> {
+        let Some(n) = &mut cluster.net else { return Ok(()) };
+        let (link, what) = if split {
+            (n.peer.clone(), "between the servers")
+        } else if self.rng.below(2) == 0 {
+            (n.to_primary.clone(), "from the hosts to the primary")
+        } else {
+            (n.to_backup.clone(), "from the hosts to the backup")
+        };
+        if self.pending.iter().any(|(_, p)| matches!(p, Pending::Heal(l, _) if l.a_dev == link.a_dev)) {
+            return Ok(());
+        }
+        let back_in = self.rng.between(Duration::from_millis(500), Duration::from_secs(4));
+        n.cut(&link)?;
+        self.log(format!("cut the link {what} (heal in {:.1}s)", back_in.as_secs_f64()));
+        self.pending.push((now + back_in, Pending::Heal(link, what)));
+        Ok(())
+    }
+
+    /// A lost disk (see [`wipe_active`]); the erased server restarts empty
+    /// 0.5-3 s later, after the link between the servers is healed.
+    fn wipe(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
+        let Some((victim, what)) = wipe_active(cluster)? else {
+            self.log("wipe skipped: no active server in sync with its passive".into());
+            return Ok(());
+        };
+        let mut back_in = self.rng.between(Duration::from_millis(500), Duration::from_secs(3));
+        if let Some(n) = &cluster.net {
+            // The cut outlasts the takeover, so what the dead node's kernel
+            // still had to send to the passive arrives too late to count.
+            let heal_in = Duration::from_millis(1500);
+            self.pending.push((Instant::now() + heal_in, Pending::Heal(n.peer.clone(), "between the servers")));
+            back_in += heal_in;
+        }
+        self.log(format!("{what} (restart with an empty data dir in {:.1}s)", back_in.as_secs_f64()));
+        self.pending.push((Instant::now() + back_in, Pending::Restart(victim)));
+        Ok(())
+    }
+
+    /// kill -9 a running host, restarted with its state dir 0.3-2 s later.
+    fn kill_host(&mut self, cluster: &mut Cluster, now: Instant) -> anyhow::Result<()> {
+        let up: Vec<usize> = (0..cluster.hosts.len()).filter(|&h| cluster.hosts[h].proc.is_some()).collect();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let h = up[self.rng.below(up.len() as u64) as usize];
+        let back_in = self.rng.between(Duration::from_millis(300), Duration::from_secs(2));
+        cluster.kill_host(h)?;
+        self.log(format!("kill -9 host {h} (restart in {:.1}s)", back_in.as_secs_f64()));
+        self.pending.push((now + back_in, Pending::RestartHost(h)));
+        Ok(())
+    }
+
+    /// Lets the rogue (see [`rogue`]) loose on both servers for 1-4 s;
+    /// only with keys.
+    fn start_rogue(&mut self, cluster: &Cluster, now: Instant) -> anyhow::Result<()> {
+        let Some(keys) = &cluster.keys else { return Ok(()) };
+        if self.rogue.is_some() {
+            return Ok(());
+        }
+        let calm_in = self.rng.between(Duration::from_secs(1), Duration::from_secs(4));
+        let frontends = [cluster.pair.primary_frontend.clone(), cluster.pair.backup_frontend.clone()];
+        self.rogue = Some(rogue::RogueRun::start(keys, frontends, self.plan.clone(), self.targets.clone()));
+        self.log(format!(
+            "a rogue with a host key sends forged epochs, foreign sensors and poison readings (for {:.1}s)",
+            calm_in.as_secs_f64()
+        ));
+        self.pending.push((now + calm_in, Pending::CalmRogue));
+        Ok(())
+    }
+
+    /// Undoes every fault still pending, links first so every restarted
+    /// server can be reached: every server resumed or restarted, every
+    /// host restarted (to drain), the rogue stopped.
+    pub fn heal(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
+        self.log("healing: every server resumed or restarted, every host restarted".into());
+        self.pending.sort_by_key(|(_, p)| !matches!(p, Pending::Heal(..)));
+        for (_, action) in std::mem::take(&mut self.pending) {
+            match action {
+                Pending::Heal(link, _) => {
+                    if let Some(n) = &mut cluster.net {
+                        n.heal(&link)?;
+                    }
+                }
+                Pending::Restart(i) => cluster.start_server(i, true)?,
+                Pending::Cont(i) => cluster.resume_server(i),
+                Pending::RestartHost(h) => cluster.start_host(h, Duration::from_secs(1))?,
+                Pending::CalmRogue => {
+                    if let Some(run) = self.rogue.take() {
+                        self.rogue_tally.add(&run.stop());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cuts the passive off (the link between the servers; the caller heals it
+/// after the takeover. Without namespaces: a 200 ms SIGSTOP, well under the
+/// peer expiry), and 150 ms later kills the active and erases its data dir:
+/// a machine lost with its disk. Done only while the active says it is in
+/// sync, so every reading it acked is on the passive: losing its disk must
+/// lose nothing. Returns the erased node and what was done.
+fn wipe_active(cluster: &mut Cluster) -> anyhow::Result<Option<(usize, String)>> {
+    let mut active = None;
+    for (i, s) in cluster.servers.iter().enumerate() {
+        if !s.up() {
+            continue;
+        }
+        if let Ok(st) = cluster.status(s.primary) {
+            let in_sync = st["replication"] == "in-sync";
+            if st["state"] == "active" && in_sync && st["unconfirmed"].as_u64() == Some(0) {
+                active = Some(i);
+            }
+        }
+    }
+    let Some(a) = active else { return Ok(None) };
+    let p = 1 - a;
+    if !cluster.servers[p].up() {
+        return Ok(None);
+    }
+    match &mut cluster.net {
+        Some(n) => {
+            let peer = n.peer.clone();
+            n.cut(&peer)?;
+        }
+        None => cluster.servers[p].signal("STOP"),
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    cluster.kill_server(a)?;
+    let erased = std::fs::remove_dir_all(&cluster.servers[a].data_dir);
+    if cluster.net.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+        cluster.servers[p].signal("CONT");
+    }
+    if let Err(e) = erased {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            bail!("cannot erase {}: {e}", cluster.servers[a].data_dir.display());
+        }
+    }
+    let how = if cluster.net.is_some() { "cut the link between the servers" } else { "stalled the passive 200 ms" };
+    Ok(Some((a, format!("{how}; meanwhile kill -9 {} (active) and erased its data dir", cluster.servers[a].name))))
+}
