@@ -129,7 +129,9 @@ fn a_hot_swap_moves_sensors_between_python_and_javascript_with_their_state() {
     install(&python, &sensor);
     let servers = pair.servers();
     let host = start_host(
-        &[sensor.to_str().unwrap(), "--watch", "--sensors", "10", "--interval", "100ms", "--duration", "8s", "--max-memory-mib", MEMORY, "--servers", &servers],
+        // Runs until interrupted: a first swap to a component not yet in
+        // the compile cache takes a while.
+        &[sensor.to_str().unwrap(), "--watch", "--sensors", "10", "--interval", "100ms", "--max-memory-mib", MEMORY, "--servers", &servers],
         &dir,
     )
     .unwrap();
@@ -146,6 +148,11 @@ fn a_hot_swap_moves_sensors_between_python_and_javascript_with_their_state() {
     // The built-in sensor's snapshots are binary: it cannot take over.
     install(&bin("fog_sensor.wasm").unwrap(), &sensor);
     wait_for_log_line(&log, &["hot swap refused, still running"], Duration::from_secs(30)).unwrap();
+    // The Python sensors go on after the refusal; then the host drains.
+    let counted = |s: &Value| server_counts(s).values().map(|c| c.0).sum::<u64>();
+    let now = counted(&server_status(&pair.primary_frontend).unwrap());
+    status_when(&pair.primary_frontend, "readings after the refusal", Duration::from_secs(30), |s| counted(s) > now + 20).unwrap();
+    host.signal("INT").unwrap();
 
     let (code, summary) = finish_host(host, Duration::from_secs(60)).unwrap();
     assert_eq!(code, 0, "{label}: host exit code; summary {summary}");
