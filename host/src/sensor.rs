@@ -11,22 +11,23 @@
 //! Errors are `wasmtime::Error` (an `anyhow::Error`): a failed call, which
 //! the fleet's supervisor turns into a stop and a restart.
 
-use crate::runtime::{SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, TickResult, WitAverage, WitCursor};
+use crate::runtime::{SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
 
 /// One running sensor: every export of the `fog:sensor` world.
 pub trait SensorCalls: Send {
     /// The sensor's incarnation; idempotent, and after `restore` the
     /// restored one.
     fn init(&mut self) -> wasmtime::Result<u64>;
-    /// One tick: its readings, the state after it, and the status.
+    /// One tick: its readings and the status after it.
     fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult>;
     fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()>;
     fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>>;
     fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>>;
     fn status(&mut self) -> wasmtime::Result<SensorStatus>;
     fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>>;
+    /// A snapshot, and the readings that left after it was taken;
     /// `Ok(Err(reason))` when the sensor refused the snapshot.
-    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>>;
+    fn restore(&mut self, state: &[u8], since: &[WitReading]) -> wasmtime::Result<Result<(), String>>;
 }
 
 /// What makes sensors: a loaded program instantiated once per sensor.
@@ -69,8 +70,8 @@ impl SensorCalls for SensorInstance {
     fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>> {
         SensorInstance::snapshot(self)
     }
-    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>> {
-        SensorInstance::restore(self, state)
+    fn restore(&mut self, state: &[u8], since: &[WitReading]) -> wasmtime::Result<Result<(), String>> {
+        SensorInstance::restore(self, state, since)
     }
 }
 

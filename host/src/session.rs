@@ -262,8 +262,12 @@ impl Driver<'_> {
                     core.handle_ticked(now(), self.fleet.pending(), all_acked);
                 }
                 Action::TakeBatch => {
+                    // The batch's readings are written (with a state
+                    // directory) before it leaves; if they cannot be, it
+                    // does not leave (its readings stay in their sensors'
+                    // resend buffers).
+                    let (sensors, _) = self.fleet.take_batch(now());
                     if self.commit() {
-                        let (sensors, _) = self.fleet.take_batch(now());
                         core.handle_batch(now(), sensors);
                     }
                 }

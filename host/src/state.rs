@@ -1,17 +1,23 @@
-//! The host's state directory (`--state-dir`): every sensor's last committed
-//! snapshot, so a host killed with `kill -9` resumes each sensor where it
-//! was, with the same incarnation, sequence and unacked readings.
+//! The host's state directory (`--state-dir`): for every sensor its last
+//! snapshot and the readings that left the host after it, so a host killed
+//! with `kill -9` resumes each sensor where it was, with the same
+//! incarnation, sequence and unacked readings (the sensor's `restore`
+//! takes both).
 //!
-//! The snapshots are opaque bytes owned by the component. They are kept in
-//! one append-only file, `sensors.state`: a header, then records of
-//! `u32 sensor_id, u32 len, len bytes, u32 crc32` (little-endian; the CRC
-//! covers id, length and bytes). Each commit appends the snapshots of the
-//! sensors that changed and ends with one fsync (group commit: one per
-//! batch, not per reading). On open, the last record of each sensor wins
-//! and a torn or damaged tail (a crash in the middle of a write) is cut
-//! off: the records before it were synced by an earlier commit. When the
-//! file has grown well past the live state, it is rewritten into a fresh
-//! file, synced and renamed over the old one.
+//! Snapshots are opaque bytes owned by the component, taken now and then;
+//! readings are what every batch carries. Both are kept in one append-only
+//! file, `sensors.state`: a header, then records of `u32 sensor_id, u32
+//! len, len bytes, u32 crc32` (little-endian; the CRC covers id, length and
+//! bytes), whose first byte says what they hold: 0, a snapshot (the rest);
+//! 1, readings (18 bytes each: `u64 seq, u16 speed, u64 timestamp`). Each
+//! commit appends the readings of one batch (and any snapshot taken since
+//! the last commit) and ends with one fsync: one per batch, before it
+//! leaves, a few bytes per reading. On open, a sensor's last snapshot
+//! holds, with the readings recorded after it; a torn or damaged tail (a
+//! crash in the middle of a write) is cut off: the records before it were
+//! synced by an earlier commit. When the file has grown well past the live
+//! state, it is rewritten into a fresh file, synced and renamed over the
+//! old one.
 //!
 //! A `LOCK` file held with an exclusive lock keeps two hosts from sharing
 //! one directory. The file `epoch` holds the highest server epoch the host
@@ -20,11 +26,16 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+
+use fog_protocol::Reading;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"FOGSTATE";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+const SNAPSHOT: u8 = 0;
+const READINGS: u8 = 1;
+const READING_LEN: usize = 18;
 const HEADER_LEN: u64 = 12;
 const FILE_NAME: &str = "sensors.state";
 /// Larger than any snapshot a sensor within its memory cap could hand over.
@@ -47,15 +58,30 @@ pub struct StateStore {
     _lock: File,
     /// Bytes in the file, header included.
     log_bytes: u64,
-    /// Size of the newest record of each sensor.
+    /// Bytes of each sensor's live records: its newest snapshot and the
+    /// readings after it.
     live: HashMap<u32, u64>,
+}
+
+/// One sensor's saved state: a snapshot, and the readings that left the
+/// host after it was taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Saved {
+    pub snapshot: Vec<u8>,
+    pub since: Vec<Reading>,
+}
+
+/// What a commit writes for one sensor.
+pub enum Record<'a> {
+    Snapshot(&'a [u8]),
+    Readings(&'a [Reading]),
 }
 
 /// What opening found.
 pub struct Opened {
     pub store: StateStore,
-    /// The newest snapshot of every sensor in the directory.
-    pub saved: HashMap<u32, Vec<u8>>,
+    /// The saved state of every sensor in the directory.
+    pub saved: HashMap<u32, Saved>,
     /// Bytes of a torn tail that were cut off.
     pub torn_bytes: u64,
     /// The highest server epoch seen, with its seal (none saved: `None`).
@@ -99,12 +125,8 @@ impl StateStore {
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
-        let mut saved = HashMap::new();
-        let mut live = HashMap::new();
-        for (id, state) in records {
-            live.insert(id, record_len(state.len()));
-            saved.insert(id, state.to_vec());
-        }
+        let saved = replay(&records);
+        let live = saved.iter().map(|(id, s)| (*id, live_len(s))).collect();
         let store = StateStore { dir: dir.to_path_buf(), file, _lock: lock, log_bytes: good_len, live };
         // 8 bytes of epoch and 16 of seal; anything else (a torn write
         // cannot happen: the file is renamed into place) is ignored.
@@ -129,12 +151,15 @@ impl StateStore {
         sync_dir(&self.dir)
     }
 
-    /// Appends snapshots and syncs them to disk with one fsync.
-    pub fn append<'a>(&mut self, records: impl Iterator<Item = (u32, &'a [u8])>) -> std::io::Result<()> {
+    /// Appends snapshots and readings and syncs them to disk with one fsync.
+    pub fn append<'a>(&mut self, records: impl Iterator<Item = (u32, Record<'a>)>) -> std::io::Result<()> {
         let mut buf = Vec::new();
-        for (id, state) in records {
-            encode_record(&mut buf, id, state);
-            self.live.insert(id, record_len(state.len()));
+        for (id, record) in records {
+            let len = encode(&mut buf, id, &record);
+            match record {
+                Record::Snapshot(_) => self.live.insert(id, len),
+                Record::Readings(_) => self.live.insert(id, self.live.get(&id).copied().unwrap_or(0) + len),
+            };
         }
         if buf.is_empty() {
             return Ok(());
@@ -151,29 +176,32 @@ impl StateStore {
         self.log_bytes > 4 * live + (1 << 20)
     }
 
-    /// Replaces the file with one holding exactly `records`: written to a
-    /// temporary file, synced, renamed over the old one, and the directory
-    /// synced, so a crash at any point leaves one complete file.
-    pub fn compact<'a>(&mut self, records: impl Iterator<Item = (u32, &'a [u8])>) -> std::io::Result<()> {
+    /// Replaces the file with one holding exactly `states` (snapshot and
+    /// readings since, per sensor): written to a temporary file, synced,
+    /// renamed over the old one, and the directory synced, so a crash at any
+    /// point leaves one complete file.
+    pub fn compact<'a>(&mut self, states: impl Iterator<Item = (u32, &'a [u8], &'a [Reading])>) -> std::io::Result<()> {
         let mut buf = header().to_vec();
         let mut live = HashMap::new();
-        for (id, state) in records {
-            encode_record(&mut buf, id, state);
-            live.insert(id, record_len(state.len()));
+        for (id, snapshot, since) in states {
+            let mut len = encode(&mut buf, id, &Record::Snapshot(snapshot));
+            if !since.is_empty() {
+                len += encode(&mut buf, id, &Record::Readings(since));
+            }
+            live.insert(id, len);
         }
-        // Sensors this host does not run keep their last snapshot.
+        // Sensors this host does not run keep their saved state.
         let mut current = Vec::new();
         File::open(self.dir.join(FILE_NAME))?.read_to_end(&mut current)?;
         let (old, _) = parse_records(current.get(HEADER_LEN as usize..).unwrap_or_default());
-        let mut others: HashMap<u32, &[u8]> = HashMap::new();
-        for (id, state) in old {
+        for (id, saved) in replay(&old) {
             if !live.contains_key(&id) {
-                others.insert(id, state);
+                let mut len = encode(&mut buf, id, &Record::Snapshot(&saved.snapshot));
+                if !saved.since.is_empty() {
+                    len += encode(&mut buf, id, &Record::Readings(&saved.since));
+                }
+                live.insert(id, len);
             }
-        }
-        for (id, state) in others {
-            encode_record(&mut buf, id, state);
-            live.insert(id, record_len(state.len()));
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let mut file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&tmp)?;
@@ -196,17 +224,59 @@ fn header() -> [u8; HEADER_LEN as usize] {
     h
 }
 
-fn record_len(state_len: usize) -> u64 {
-    12 + state_len as u64
+fn live_len(saved: &Saved) -> u64 {
+    13 + saved.snapshot.len() as u64 + if saved.since.is_empty() { 0 } else { 13 + (READING_LEN * saved.since.len()) as u64 }
 }
 
-fn encode_record(buf: &mut Vec<u8>, id: u32, state: &[u8]) {
+/// Appends one record to `buf`; returns its length.
+fn encode(buf: &mut Vec<u8>, id: u32, record: &Record) -> u64 {
     let start = buf.len();
     buf.extend_from_slice(&id.to_le_bytes());
-    buf.extend_from_slice(&(state.len() as u32).to_le_bytes());
-    buf.extend_from_slice(state);
+    buf.extend_from_slice(&[0; 4]);
+    match record {
+        Record::Snapshot(state) => {
+            buf.push(SNAPSHOT);
+            buf.extend_from_slice(state);
+        }
+        Record::Readings(readings) => {
+            buf.push(READINGS);
+            for r in *readings {
+                buf.extend_from_slice(&r.seq.to_le_bytes());
+                buf.extend_from_slice(&r.speed_kmh.to_le_bytes());
+                buf.extend_from_slice(&r.timestamp_ms.to_le_bytes());
+            }
+        }
+    }
+    let len = (buf.len() - start - 8) as u32;
+    buf[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&buf[start..]);
     buf.extend_from_slice(&crc.to_le_bytes());
+    (buf.len() - start) as u64
+}
+
+/// Every sensor's saved state from the records, in file order: its last
+/// snapshot, and the readings recorded after it. Readings of a sensor with
+/// no snapshot before them, and records of an unknown kind, are passed
+/// over.
+fn replay(records: &[(u32, &[u8])]) -> HashMap<u32, Saved> {
+    let mut saved: HashMap<u32, Saved> = HashMap::new();
+    for (id, payload) in records {
+        match payload.split_first() {
+            Some((&SNAPSHOT, state)) => {
+                saved.insert(*id, Saved { snapshot: state.to_vec(), since: Vec::new() });
+            }
+            Some((&READINGS, readings)) => {
+                let Some(s) = saved.get_mut(id) else { continue };
+                s.since.extend(readings.chunks_exact(READING_LEN).map(|r| Reading {
+                    seq: u64::from_le_bytes(r[0..8].try_into().unwrap_or_default()),
+                    speed_kmh: u16::from_le_bytes(r[8..10].try_into().unwrap_or_default()),
+                    timestamp_ms: u64::from_le_bytes(r[10..18].try_into().unwrap_or_default()),
+                }));
+            }
+            _ => {}
+        }
+    }
+    saved
 }
 
 /// The complete records at the start of `bytes`, and how many bytes they
@@ -247,18 +317,33 @@ mod tests {
         dir
     }
 
+    fn reading(seq: u64) -> Reading {
+        Reading { seq, speed_kmh: 90 + seq as u16, timestamp_ms: 1_700_000_000_000 + seq }
+    }
+
+    fn snap(id: u32, state: &[u8]) -> (u32, Record<'_>) {
+        (id, Record::Snapshot(state))
+    }
+
+    fn saved<'a>(opened: &'a Opened, id: u32) -> Option<(&'a [u8], Vec<u64>)> {
+        opened.saved.get(&id).map(|s| (s.snapshot.as_slice(), s.since.iter().map(|r| r.seq).collect()))
+    }
+
     #[test]
-    fn newest_snapshot_of_each_sensor_survives_reopen() {
+    fn the_newest_snapshot_and_the_readings_after_it_survive_reopen() {
         let dir = temp_dir("reopen");
+        let (r1, r2, r3) = ([reading(1), reading(2)], [reading(3)], [reading(4)]);
         {
             let mut opened = StateStore::open(&dir).unwrap();
             assert!(opened.saved.is_empty());
-            opened.store.append([(1, &b"one"[..]), (2, &b"two"[..])].into_iter()).unwrap();
-            opened.store.append([(1, &b"one again"[..])].into_iter()).unwrap();
+            opened.store.append([snap(1, b"one"), snap(2, b"two")].into_iter()).unwrap();
+            opened.store.append([(1, Record::Readings(&r1)), (2, Record::Readings(&r2))].into_iter()).unwrap();
+            opened.store.append([snap(1, b"one again"), (1, Record::Readings(&r3))].into_iter()).unwrap();
         }
         let opened = StateStore::open(&dir).unwrap();
-        assert_eq!(opened.saved.get(&1).map(Vec::as_slice), Some(&b"one again"[..]));
-        assert_eq!(opened.saved.get(&2).map(Vec::as_slice), Some(&b"two"[..]));
+        assert_eq!(saved(&opened, 1), Some((&b"one again"[..], vec![4])));
+        assert_eq!(saved(&opened, 2), Some((&b"two"[..], vec![3])));
+        assert_eq!(opened.saved[&2].since, r2.to_vec(), "readings come back whole");
         assert_eq!(opened.torn_bytes, 0);
     }
 
@@ -267,15 +352,15 @@ mod tests {
         let dir = temp_dir("torn");
         {
             let mut opened = StateStore::open(&dir).unwrap();
-            opened.store.append([(7, &b"committed"[..])].into_iter()).unwrap();
-            opened.store.append([(7, &b"half-written"[..])].into_iter()).unwrap();
+            opened.store.append([snap(7, b"committed")].into_iter()).unwrap();
+            opened.store.append([(7, Record::Readings(&[reading(1)]))].into_iter()).unwrap();
         }
         let path = dir.join(FILE_NAME);
         let len = std::fs::metadata(&path).unwrap().len();
         OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
         let opened = StateStore::open(&dir).unwrap();
-        assert_eq!(opened.saved.get(&7).map(Vec::as_slice), Some(&b"committed"[..]));
-        assert_eq!(opened.torn_bytes, 12 + 12 - 3);
+        assert_eq!(saved(&opened, 7), Some((&b"committed"[..], vec![])));
+        assert_eq!(opened.torn_bytes, 13 + 18 - 3);
         drop(opened);
         // The cut is durable: a second open finds a clean file.
         assert_eq!(StateStore::open(&dir).unwrap().torn_bytes, 0);
@@ -286,8 +371,8 @@ mod tests {
         let dir = temp_dir("crc");
         {
             let mut opened = StateStore::open(&dir).unwrap();
-            opened.store.append([(1, &b"good"[..])].into_iter()).unwrap();
-            opened.store.append([(2, &b"flipped"[..])].into_iter()).unwrap();
+            opened.store.append([snap(1, b"good")].into_iter()).unwrap();
+            opened.store.append([snap(2, b"flipped")].into_iter()).unwrap();
         }
         let path = dir.join(FILE_NAME);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -304,21 +389,21 @@ mod tests {
         let dir = temp_dir("compact");
         {
             let mut opened = StateStore::open(&dir).unwrap();
-            opened.store.append([(9, &b"other host's range"[..])].into_iter()).unwrap();
+            opened.store.append([snap(9, b"other host's range"), (9, Record::Readings(&[reading(5)]))].into_iter()).unwrap();
             let big = vec![5u8; 300 << 10];
             for _ in 0..8 {
-                opened.store.append([(1, &big[..])].into_iter()).unwrap();
+                opened.store.append([snap(1, &big)].into_iter()).unwrap();
             }
             assert!(opened.store.needs_compaction());
-            opened.store.compact([(1, &b"latest"[..])].into_iter()).unwrap();
+            opened.store.compact([(1, &b"latest"[..], &[reading(7)][..])].into_iter()).unwrap();
             assert!(!opened.store.needs_compaction());
-            opened.store.append([(2, &b"after"[..])].into_iter()).unwrap();
+            opened.store.append([snap(2, b"after")].into_iter()).unwrap();
         }
         assert!(std::fs::metadata(dir.join(FILE_NAME)).unwrap().len() < 200);
         let opened = StateStore::open(&dir).unwrap();
-        assert_eq!(opened.saved.get(&1).map(Vec::as_slice), Some(&b"latest"[..]));
-        assert_eq!(opened.saved.get(&2).map(Vec::as_slice), Some(&b"after"[..]));
-        assert_eq!(opened.saved.get(&9).map(Vec::as_slice), Some(&b"other host's range"[..]));
+        assert_eq!(saved(&opened, 1), Some((&b"latest"[..], vec![7])));
+        assert_eq!(saved(&opened, 2), Some((&b"after"[..], vec![])));
+        assert_eq!(saved(&opened, 9), Some((&b"other host's range"[..], vec![5])));
     }
 
     #[test]

@@ -148,6 +148,25 @@ impl SensorCore {
         out
     }
 
+    /// Takes the readings that left the host after the snapshot this core
+    /// was restored from (in seq order): each at or above `next_seq` is
+    /// this sensor's own, made after the snapshot; it counts as generated,
+    /// is kept unacked (sent at `now_ms`, so resent when due), and the next
+    /// reading follows it. The others are in the snapshot already. Readings
+    /// of a seq that cannot follow (`u64::MAX`) are passed over.
+    pub fn adopt(&mut self, since: &[Reading], now_ms: u64) {
+        for r in since {
+            let Some(next) = r.seq.checked_add(1) else { continue };
+            if r.seq < self.next_seq {
+                continue;
+            }
+            self.next_seq = next;
+            self.generated = self.generated.saturating_add(1);
+            self.sum_kmh = self.sum_kmh.saturating_add(u64::from(r.speed_kmh));
+            self.resend.push(*r, now_ms);
+        }
+    }
+
     /// A server counted every reading with `seq < next_seq` and those in
     /// `also`. Acks for another incarnation (an earlier life of this sensor
     /// id) are not ours and are ignored.
@@ -197,6 +216,29 @@ impl SensorCore {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn a_restored_core_adopts_the_readings_that_left_after_its_snapshot() {
+        let config = SensorConfig { sensor_id: 4, segment: 0, resend_after_ms: 1_000, max_buffered: 100, settings: Vec::new() };
+        let mut core = SensorCore::new(&config, 9, 1_000);
+        core.tick(1_000, true);
+        let snapshot = core.snapshot();
+        // Three more readings left; the first was acked before the crash.
+        let left: Vec<Reading> = (2..5).flat_map(|t| core.tick(t * 1_000, true)).collect();
+        core.on_ack(core.incarnation(), 2, &[]);
+        let before = core.status();
+        let mut restored = SensorCore::restore(&snapshot).unwrap();
+        restored.adopt(&left, 9_000);
+        restored.adopt(&left, 9_000); // twice changes nothing
+        let after = restored.status();
+        assert_eq!((after.generated, after.sum_kmh), (before.generated, before.sum_kmh));
+        // Every reading from the snapshot on is kept unacked, and resent when due.
+        assert_eq!(after.buffered, 4);
+        let resent: Vec<u64> = restored.tick(10_000, false).iter().map(|r| r.seq).collect();
+        assert_eq!(resent, vec![0, 1, 2, 3]);
+        // The next new reading follows the last that left.
+        assert_eq!(restored.tick(11_000, true).last().map(|r| r.seq), Some(4));
+    }
 
     const T0: u64 = 1_700_000_000_000;
 

@@ -108,16 +108,15 @@ macro_rules! export_sensor {
 
                 fn tick(produce: bool) -> TickResult {
                     let now = environment::now_ms();
-                    let (readings, state, status) = with_logic(|l| {
+                    let (readings, status) = with_logic(|l| {
                         let readings = l.tick(now, produce);
-                        (readings, l.snapshot(), l.core().status())
+                        (readings, l.core().status())
                     });
                     TickResult {
                         readings: readings
                             .into_iter()
                             .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
                             .collect(),
-                        state,
                         status: to_wit_status(status),
                     }
                 }
@@ -156,8 +155,16 @@ macro_rules! export_sensor {
                     with_logic(|l| l.snapshot())
                 }
 
-                fn restore(state: Vec<u8>) -> Result<(), String> {
-                    let restored = <$logic>::restore(&state, &host_config(), environment::now_ms())?;
+                /// The logic's own restore, then the readings that left
+                /// since that snapshot (see `SensorCore::adopt`).
+                fn restore(state: Vec<u8>, since: Vec<Reading>) -> Result<(), String> {
+                    let now = environment::now_ms();
+                    let mut restored = <$logic>::restore(&state, &host_config(), now)?;
+                    let since: Vec<$crate::Reading> = since
+                        .into_iter()
+                        .map(|r| $crate::Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
+                        .collect();
+                    restored.core().adopt(&since, now);
                     SENSOR.with(|cell| *cell.borrow_mut() = Some(restored));
                     Ok(())
                 }

@@ -8,7 +8,7 @@
 // advisory limit its segment's averages give. Every u64 of the contract is
 // a BigInt here.
 
-import { nowMs, seed, sensorConfig } from "fog:sensor/environment@0.2.0";
+import { nowMs, seed, sensorConfig } from "fog:sensor/environment@0.3.0";
 
 const FORMAT = "fog-sensor-json/1";
 const MASK = (1n << 64n) - 1n;
@@ -186,6 +186,19 @@ class Sensor {
     return new TextEncoder().encode(JSON.stringify(state));
   }
 
+  // The readings that left after the snapshot: those at or above nextSeq
+  // are this sensor's own, made after it (see wit/sensor.wit).
+  adopt(since, now) {
+    for (const r of since) {
+      if (r.seq < this.nextSeq) continue;
+      this.nextSeq = r.seq + 1n;
+      this.generated += 1n;
+      this.sumKmh += BigInt(r.speedKmh);
+      this.pending.push([r.seq, BigInt(r.speedKmh), r.timestampMs, now]);
+    }
+    this.trim();
+  }
+
   static restore(bytes, config) {
     let state;
     try {
@@ -223,7 +236,7 @@ export function init() {
 export function tick(produce) {
   const s = sensor();
   const readings = s.tick(nowMs(), produce);
-  return { readings, state: s.snapshot(), status: s.status() };
+  return { readings, status: s.status() };
 }
 
 export function onAck(incarnation, nextSeq, also) {
@@ -246,6 +259,8 @@ export function snapshot() {
   return sensor().snapshot();
 }
 
-export function restore(state) {
-  SENSOR = Sensor.restore(state, sensorConfig());
+export function restore(state, since) {
+  const restored = Sensor.restore(state, sensorConfig());
+  restored.adopt(since, nowMs());
+  SENSOR = restored;
 }

@@ -182,6 +182,18 @@ class Sensor:
         }
         return json.dumps(state, separators=(",", ":")).encode()
 
+    def adopt(self, since, now):
+        """The readings that left after the snapshot: those at or above
+        next_seq are this sensor's own, made after it (see wit/sensor.wit)."""
+        for r in since:
+            if r.seq < self.next_seq:
+                continue
+            self.next_seq = r.seq + 1
+            self.generated += 1
+            self.sum_kmh += r.speed_kmh
+            self.pending.append([r.seq, r.speed_kmh, r.timestamp_ms, now])
+        self.trim()
+
     @staticmethod
     def restore(data, config):
         try:
@@ -223,7 +235,7 @@ class WitWorld(WitWorld):
     def tick(self, produce):
         s = sensor()
         readings = s.tick(environment.now_ms(), produce)
-        return TickResult(readings, s.snapshot(), s.status())
+        return TickResult(readings, s.status())
 
     def on_ack(self, incarnation, next_seq, also):
         sensor().ack(incarnation, next_seq, also)
@@ -240,6 +252,8 @@ class WitWorld(WitWorld):
     def snapshot(self):
         return sensor().snapshot()
 
-    def restore(self, state):
+    def restore(self, state, since):
         global SENSOR
-        SENSOR = Sensor.restore(state, environment.sensor_config())
+        restored = Sensor.restore(state, environment.sensor_config())
+        restored.adopt(since, environment.now_ms())
+        SENSOR = restored

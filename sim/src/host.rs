@@ -160,8 +160,8 @@ impl SimHost {
                     self.core.handle_ticked(now, self.fleet.pending(), all_acked);
                 }
                 Action::TakeBatch => {
+                    let (sensors, _) = self.fleet.take_batch(now);
                     if self.fleet.commit().is_ok() {
-                        let (sensors, _) = self.fleet.take_batch(now);
                         self.core.handle_batch(now, sensors);
                     }
                 }

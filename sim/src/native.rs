@@ -100,11 +100,7 @@ impl SensorCalls for NativeSensor {
         let cars = self.sim_ms.load(Ordering::Relaxed) < self.quiet_from.load(Ordering::Relaxed);
         let core = self.core();
         let readings = core.tick(now, produce && cars);
-        Ok(TickResult {
-            readings: readings.into_iter().map(|r| WitReading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms }).collect(),
-            state: core.snapshot(),
-            status: to_wit_status(core.status()),
-        })
+        Ok(TickResult { readings: readings.iter().map(WitReading::from).collect(), status: to_wit_status(core.status()) })
     }
 
     fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
@@ -129,8 +125,13 @@ impl SensorCalls for NativeSensor {
         Ok(self.core().snapshot())
     }
 
-    fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>> {
-        Ok(fog_sensor::glue::restore_core(state, &self.config).map(|core| self.core = Some(core)))
+    fn restore(&mut self, state: &[u8], since: &[WitReading]) -> wasmtime::Result<Result<(), String>> {
+        let since: Vec<fog_sensor::Reading> = since.iter().map(fog_sensor::Reading::from).collect();
+        let now = self.clock.get();
+        Ok(fog_sensor::glue::restore_core(state, &self.config).map(|mut core| {
+            core.adopt(&since, now);
+            self.core = Some(core);
+        }))
     }
 }
 

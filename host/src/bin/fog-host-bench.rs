@@ -98,7 +98,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let f = measure(args, n)?;
         if !args.json {
             println!(
-                "{:>7} sensors: started in {:.2} s, {:.1} µs/sensor to instantiate; RSS {:.0} MiB = {:.1} KiB/sensor; tick (with state and status) {:.2} µs/sensor; full snapshot {:.2} µs/sensor",
+                "{:>7} sensors: started in {:.2} s, {:.1} µs/sensor to instantiate; RSS {:.0} MiB = {:.1} KiB/sensor; tick (with its status) {:.2} µs/sensor; full snapshot {:.2} µs/sensor",
                 f.sensors, f.start_s, f.instantiate_us_per_sensor, f.rss_mib, f.rss_kib_per_sensor, f.tick_us_per_sensor, f.snapshot_us_per_sensor
             );
         }

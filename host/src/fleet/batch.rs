@@ -80,7 +80,9 @@ impl<R: SensorRuntime> Fleet<R> {
     /// every running sensor with readings to send or averages to catch up
     /// on (a reply's averages reach every sensor, so one sensor that asks
     /// is enough for all), and every running sensor once a second (see
-    /// [`FULL_BATCH_EVERY`]). Call [`Fleet::commit`] first.
+    /// [`FULL_BATCH_EVERY`]).
+    ///
+    /// Call [`Fleet::commit`] after it, before the batch is sent.
     ///
     /// A batch holds at most [`MAX_SENSORS_PER_BATCH`] sensors and
     /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
@@ -243,14 +245,12 @@ impl Routes {
 
 /// What one sensor says in a batch: its first `take` pending readings and
 /// its cursor.
+/// What sensor `s` says in a batch: `take` of its pending readings, which
+/// from now on count as left (kept after its snapshot, for a restart).
 fn batch_entry<S>(s: &mut SensorSlot<S>, take: usize) -> SensorBatch {
-    SensorBatch {
-        sensor_id: s.id,
-        incarnation: s.incarnation,
-        segment: s.segment,
-        readings: s.pending.drain(..take).collect(),
-        average_cursor: s.cursor,
-    }
+    let readings: Vec<_> = s.pending.drain(..take).collect();
+    s.saved.since.extend_from_slice(&readings);
+    SensorBatch { sensor_id: s.id, incarnation: s.incarnation, segment: s.segment, readings, average_cursor: s.cursor }
 }
 
 #[cfg(test)]

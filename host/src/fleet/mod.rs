@@ -2,16 +2,18 @@
 //! readings into batches for the server, and routes the server's acks,
 //! averages and repositions back to the right instance.
 //!
-//! It is also where a sensor's life is managed. Every tick returns the
-//! sensor's state after it, and before any reading goes out in a batch,
-//! [`Fleet::commit`] makes the states of the sensors ticked since the last
-//! commit the ones to restart from (with a state directory, writing them
-//! all with one fsync). That is the sensor's last good state: a sensor
-//! whose call traps, runs past its deadline or grows past its memory cap is
-//! stopped, reported once, and after a backoff restarted from it, so its
-//! sequence continues and every reading it produced is still in its resend
-//! buffer, to go out when due. A sensor that keeps failing is quarantined;
-//! the others never notice.
+//! It is also where a sensor's life is managed. The fleet keeps, for every
+//! sensor, its last snapshot (taken every [`SNAPSHOT_EVERY`], or sooner
+//! when many readings left since) and the readings that left the host
+//! after it, and [`Fleet::commit`] writes the readings of each batch
+//! before the batch leaves (with a state directory, with one fsync). That
+//! is the sensor's last good state, cheap to keep: a tick costs no
+//! snapshot. A sensor whose call traps, runs past its deadline or grows
+//! past its memory cap is stopped, reported once, and after a backoff
+//! restarted from its snapshot and those readings (the WIT `restore`), so
+//! its sequence continues after every reading that left and every unacked
+//! one is resent when due. A sensor that keeps failing is quarantined; the
+//! others never notice.
 //!
 //! Sensors are independent stores, so the calls of one pass (a tick slice,
 //! a commit's snapshots, a reply's acks and averages, a status refresh) are
@@ -49,11 +51,17 @@ use std::time::{Duration, Instant};
 use fog_protocol::{AverageCursor, Reading};
 use serde::Serialize;
 
-use crate::runtime::{SensorConfig, SensorEngine, SensorStatus};
+use crate::runtime::{SensorConfig, SensorEngine, SensorStatus, WitReading};
 use crate::sensor::{SensorCalls, SensorRuntime};
-use crate::state::StateStore;
+use crate::state::{Saved, StateStore};
 
 use self::batch::AckView;
+
+/// A sensor's snapshot is taken again this long after the last one...
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+/// ... or once this many readings left the host since: what a restart
+/// replays stays short.
+pub const SNAPSHOT_AFTER_READINGS: usize = 256;
 use self::pool::each_sensor;
 pub use self::swap::SwapError;
 
@@ -100,11 +108,15 @@ struct SensorSlot<S> {
     cursor: Option<AverageCursor>,
     /// Last status read from the sensor.
     status: Option<SensorStatus>,
-    /// The sensor's state after its last tick (or last full commit): the
-    /// state to restart from.
-    saved: Option<Vec<u8>>,
-    /// `saved` changed since the last commit wrote it.
-    dirty: bool,
+    /// The sensor's last snapshot, and the readings that left the host
+    /// after it was taken: the state to restart from.
+    saved: Saved,
+    /// When `saved` was taken.
+    saved_at: Instant,
+    /// What of `saved` the state directory lacks: the snapshot, and the
+    /// readings from `since_written` on.
+    snapshot_unwritten: bool,
+    since_written: usize,
     /// The last ack the running instance took. Replies often ack a sensor
     /// again with what it already knows; within one instance sequence
     /// numbers only grow, so the same ack again would change nothing and
@@ -128,6 +140,19 @@ pub enum StartError {
         "cannot resume sensor {id} from its saved state: {reason} (start with another --state-dir, or move the old one away, to start every sensor afresh)"
     )]
     Resume { id: u32, reason: String },
+}
+
+impl<S: SensorCalls> SensorSlot<S> {
+    /// A new snapshot of the running instance replaces the saved state.
+    fn take_snapshot(&mut self, now: Instant) -> wasmtime::Result<()> {
+        let Life::Running(inst) = &mut self.life else { return Ok(()) };
+        let snapshot = inst.snapshot()?;
+        self.saved = Saved { snapshot, since: Vec::new() };
+        self.saved_at = now;
+        self.snapshot_unwritten = true;
+        self.since_written = 0;
+        Ok(())
+    }
 }
 
 /// Per-sensor figures of the host's summary.
@@ -196,7 +221,7 @@ impl<R: SensorRuntime> Fleet<R> {
         engine: Arc<R>,
         component: R::Component,
         config: FleetConfig,
-        store: Option<(StateStore, HashMap<u32, Vec<u8>>)>,
+        store: Option<(StateStore, HashMap<u32, Saved>)>,
         now: Instant,
     ) -> Result<Self, StartError> {
         let (store, mut saved) = match store {
@@ -213,9 +238,10 @@ impl<R: SensorRuntime> Fleet<R> {
             let mut instance = engine.instantiate(&component, sensor_config, config.seed).map_err(|e| {
                 StartError::Instantiate { id, reason: engine.describe_instantiate_failure(&e, config.count) }
             })?;
-            let saved = saved.remove(&id);
-            if let Some(state) = &saved {
-                match instance.restore(state) {
+            let resumed = saved.remove(&id);
+            if let Some(state) = &resumed {
+                let since: Vec<WitReading> = state.since.iter().map(WitReading::from).collect();
+                match instance.restore(&state.snapshot, &since) {
                     Ok(Ok(())) => {}
                     Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
                     Err(e) => {
@@ -227,7 +253,17 @@ impl<R: SensorRuntime> Fleet<R> {
                 .init()
                 .map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
             // A resumed sensor reports where its average stream stands.
-            let status = if saved.is_some() { instance.status().ok() } else { None };
+            let status = if resumed.is_some() { instance.status().ok() } else { None };
+            // A fresh sensor's first snapshot: what a restart before its
+            // next one resumes from.
+            let (saved, fresh) = match resumed {
+                Some(state) => (state, false),
+                None => {
+                    let snapshot = instance.snapshot().map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
+                    (Saved { snapshot, since: Vec::new() }, true)
+                }
+            };
+            let since_written = saved.since.len();
             sensors.push(SensorSlot {
                 id,
                 segment,
@@ -239,7 +275,9 @@ impl<R: SensorRuntime> Fleet<R> {
                 cursor: status.as_ref().and_then(|s| s.last_average).map(AverageCursor::from),
                 status,
                 saved,
-                dirty: false,
+                saved_at: now,
+                snapshot_unwritten: fresh,
+                since_written,
                 last_ack: None,
                 unsent_ack: None,
                 ack_given_at: None,
@@ -291,8 +329,9 @@ impl<R: SensorRuntime> Fleet<R> {
         (n * k / slices)..(n * (k + 1) / slices)
     }
 
-    /// Ticks the sensors in `range` once at `now`; returns how many
-    /// readings they handed over.
+    /// Ticks the sensors in `range` once at `now`, and takes a new snapshot
+    /// of those due one (see [`SNAPSHOT_EVERY`]); returns how many readings
+    /// they handed over.
     pub fn tick(&mut self, now: Instant, range: Range<usize>, produce: bool) -> usize {
         self.now = now;
         let workers = self.workers(range.len());
@@ -302,19 +341,16 @@ impl<R: SensorRuntime> Fleet<R> {
             match inst.tick(produce) {
                 Ok(result) => {
                     pass.readings += result.readings.len();
-                    slot.pending.extend(result.readings.into_iter().map(|r| Reading {
-                        seq: r.seq,
-                        speed_kmh: r.speed_kmh,
-                        timestamp_ms: r.timestamp_ms,
-                    }));
-                    // The status goes with the state: if the sensor fails
-                    // later, its figures in the summary are those of the
-                    // state it restarts from.
-                    slot.saved = Some(result.state);
+                    slot.pending.extend(result.readings.iter().map(Reading::from));
                     slot.status = Some(result.status);
-                    slot.dirty = true;
                 }
-                Err(error) => pass.failed(i, "tick", error),
+                Err(error) => return pass.failed(i, "tick", error),
+            }
+            let due = now >= slot.saved_at + SNAPSHOT_EVERY || slot.saved.since.len() >= SNAPSHOT_AFTER_READINGS;
+            if due {
+                if let Err(error) = slot.take_snapshot(now) {
+                    pass.failed(i, "snapshot", error);
+                }
             }
         });
         self.handle_failures(pass.failures);

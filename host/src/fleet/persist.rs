@@ -1,13 +1,14 @@
-//! Persistence: the commit that makes each sensor's state after its last
-//! tick the one to restart from. It must precede every batch, so no reading
-//! leaves the host before the state that produced it would survive a
-//! restart. With a state directory, the committed snapshots are written with
-//! one fsync (appended, or the whole file compacted), and the server epoch
-//! is saved there too.
+//! Persistence: what a restart of a sensor resumes from. The fleet keeps
+//! each sensor's last snapshot and the readings that left after it (see
+//! the [fleet docs](super)); with a state directory, [`Fleet::commit`]
+//! writes what is new of them, a batch's readings and the snapshots taken
+//! since the last commit, with one fsync before the batch leaves, and the
+//! server epoch is saved there too.
 
 use std::time::{Duration, Instant};
 
 use crate::sensor::{SensorCalls, SensorRuntime};
+use crate::state::Record;
 
 use super::pool::each_sensor;
 use super::{Fleet, Life};
@@ -27,32 +28,36 @@ impl<R: SensorRuntime> Fleet<R> {
         }
     }
 
-    /// Commits the state of every sensor ticked since the last commit (each
-    /// tick returns the state after it): with a state directory, writes
-    /// them with one fsync. Must precede every batch: a reading may only
-    /// leave the host once the state that produced it is the one a restart
-    /// would resume from.
+    /// Writes what the state directory lacks of the sensors' saved state
+    /// (snapshots taken, readings put into batches since the last commit)
+    /// with one fsync; returns how many sensors it wrote for. Must follow
+    /// [`Fleet::take_batch`] and precede sending the batch: a reading may
+    /// only leave once a restart would resume after it. Without a state
+    /// directory there is nothing to write.
     pub fn commit(&mut self) -> std::io::Result<usize> {
-        let fresh: Vec<usize> = (0..self.sensors.len()).filter(|&i| self.sensors[i].dirty).collect();
-        for &i in &fresh {
-            self.sensors[i].dirty = false;
+        let Some(store) = self.store.as_mut() else { return Ok(0) };
+        let fresh: Vec<usize> =
+            (0..self.sensors.len()).filter(|&i| self.sensors[i].snapshot_unwritten || self.sensors[i].since_written < self.sensors[i].saved.since.len()).collect();
+        if fresh.is_empty() {
+            return Ok(0);
         }
-        if let (Some(store), false) = (self.store.as_mut(), fresh.is_empty()) {
-            let sensors = &self.sensors;
-            let written = if store.needs_compaction() {
-                store.compact(sensors.iter().filter_map(|s| Some((s.id, s.saved.as_deref()?))))
-            } else {
-                // Only the snapshots just taken: the others are on disk.
-                store.append(fresh.iter().filter_map(|&i| Some((sensors[i].id, sensors[i].saved.as_deref()?))))
-            };
-            if let Err(e) = written {
-                // Write these again next time, so that what is on disk
-                // catches up before any of their readings is sent.
-                for &i in &fresh {
-                    self.sensors[i].dirty = true;
-                }
-                return Err(e);
-            }
+        let sensors = &self.sensors;
+        if store.needs_compaction() {
+            store.compact(sensors.iter().map(|s| (s.id, s.saved.snapshot.as_slice(), s.saved.since.as_slice())))?;
+        } else {
+            let records = fresh.iter().flat_map(|&i| {
+                let s = &sensors[i];
+                let snapshot = s.snapshot_unwritten.then(|| (s.id, Record::Snapshot(&s.saved.snapshot)));
+                let since = &s.saved.since[if s.snapshot_unwritten { 0 } else { s.since_written }..];
+                let readings = (!since.is_empty()).then(|| (s.id, Record::Readings(since)));
+                snapshot.into_iter().chain(readings)
+            });
+            store.append(records)?;
+        }
+        for &i in &fresh {
+            let s = &mut self.sensors[i];
+            s.snapshot_unwritten = false;
+            s.since_written = s.saved.since.len();
         }
         Ok(fresh.len())
     }
@@ -66,14 +71,13 @@ impl<R: SensorRuntime> Fleet<R> {
             if let Err(error) = slot.give_ack(now, Duration::ZERO) {
                 return pass.failed(i, "on-ack", error);
             }
+            if let Err(error) = slot.take_snapshot(now) {
+                return pass.failed(i, "snapshot", error);
+            }
             let Life::Running(inst) = &mut slot.life else { return };
-            match inst.snapshot().and_then(|state| Ok((state, inst.status()?))) {
-                Ok((state, status)) => {
-                    slot.saved = Some(state);
-                    slot.status = Some(status);
-                    slot.dirty = true;
-                }
-                Err(error) => pass.failed(i, "snapshot", error),
+            match inst.status() {
+                Ok(status) => slot.status = Some(status),
+                Err(error) => pass.failed(i, "status", error),
             }
         });
         self.handle_failures(pass.failures);

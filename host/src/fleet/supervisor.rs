@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::runtime::WitReading;
 use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::Failure;
@@ -44,12 +45,11 @@ impl<R: SensorRuntime> Fleet<R> {
                 return self.fail_with(i, "instantiate", reason);
             }
         };
-        if let Some(state) = slot.saved.as_deref() {
-            match instance.restore(state) {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => return self.fail_with(i, "restore", format!("refused its last good state: {reason}")),
-                Err(e) => return self.fail(i, "restore", &e),
-            }
+        let since: Vec<WitReading> = slot.saved.since.iter().map(WitReading::from).collect();
+        match instance.restore(&slot.saved.snapshot, &since) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return self.fail_with(i, "restore", format!("refused its last good state: {reason}")),
+            Err(e) => return self.fail(i, "restore", &e),
         }
         let incarnation = match instance.init() {
             Ok(incarnation) => incarnation,
@@ -106,11 +106,10 @@ impl<R: SensorRuntime> Fleet<R> {
             slot.failures = 0;
         }
         slot.failures += 1;
-        // Readings not yet put into a batch were never sent; the restart
-        // resumes from the state of the last tick, which holds them in its
-        // resend buffer, so they go out when due.
+        // Readings not yet put into a batch never left: the restart resumes
+        // after the last that did (those before the snapshot are in its
+        // resend buffer and go out when due).
         slot.pending.clear();
-        slot.dirty = false;
         self.failures += 1;
         if slot.failures > max_restarts {
             slot.life = Life::Quarantined;

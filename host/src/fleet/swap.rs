@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use crate::sensor::{SensorCalls, SensorRuntime};
+use crate::state::Saved;
 
 use super::{Fleet, Life, sensor_config};
 
@@ -42,7 +43,7 @@ impl<R: SensorRuntime> Fleet<R> {
             let mut new = self.engine.instantiate(&component, config, self.config.seed).map_err(|e| {
                 SwapError::Instantiate { origin: origin.clone(), id: slot.id, reason: self.engine.describe_instantiate_failure(&e, self.config.count) }
             })?;
-            match new.restore(&state) {
+            match new.restore(&state, &[]) {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => return Err(SwapError::Restore { origin, id: slot.id, reason }),
                 Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: self.engine.describe_failure(&e) }),
@@ -67,10 +68,12 @@ impl<R: SensorRuntime> Fleet<R> {
             let slot = &mut self.sensors[i];
             slot.life = Life::Running(Box::new(new));
             slot.last_ack = None;
-            slot.saved = Some(state);
-            // The state directory holds an older snapshot; commit this one
-            // before the next batch.
-            slot.dirty = true;
+            // The state directory holds an older snapshot; the next commit
+            // writes this one.
+            slot.saved = Saved { snapshot: state, since: Vec::new() };
+            slot.saved_at = now;
+            slot.snapshot_unwritten = true;
+            slot.since_written = 0;
         }
         self.component = component;
         self.swaps += 1;

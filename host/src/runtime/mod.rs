@@ -40,7 +40,7 @@ pub use fog::sensor::types::{
 };
 
 /// The WIT world every sensor component must implement.
-pub const WORLD: &str = "fog:sensor/sensor@0.2.0";
+pub const WORLD: &str = "fog:sensor/sensor@0.3.0";
 
 /// The component built from this repository's `sensor-wasm`.
 pub const BUILTIN_SENSOR: &[u8] = include_bytes!(env!("FOG_SENSOR_WASM"));
@@ -56,6 +56,18 @@ const COMPILE_QUIET: Duration = Duration::from_secs(2);
 const COMPILE_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 // The WIT records and the domain's plain types carry the same fields.
+
+impl From<&fog_protocol::Reading> for WitReading {
+    fn from(r: &fog_protocol::Reading) -> WitReading {
+        WitReading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms }
+    }
+}
+
+impl From<&WitReading> for fog_protocol::Reading {
+    fn from(r: &WitReading) -> fog_protocol::Reading {
+        fog_protocol::Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms }
+    }
+}
 
 impl From<&fog_protocol::Average> for WitAverage {
     fn from(a: &fog_protocol::Average) -> WitAverage {
@@ -477,9 +489,9 @@ impl SensorInstance {
     }
 
     /// `Ok(Err(reason))` when the sensor refused the snapshot.
-    pub fn restore(&mut self, state: &[u8]) -> wasmtime::Result<Result<(), String>> {
+    pub fn restore(&mut self, state: &[u8], since: &[WitReading]) -> wasmtime::Result<Result<(), String>> {
         self.arm();
-        self.bindings.call_restore(&mut self.store, state)
+        self.bindings.call_restore(&mut self.store, state, since)
     }
 }
 
