@@ -101,9 +101,10 @@ struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
     settings: Vec<(String, String)>,
 
-    /// Keep every sensor's state in DIR (created if missing), written once per
-    /// batch with one fsync; a host restarted with the same DIR resumes each
-    /// sensor and resends its unacked readings.
+    /// Keep every sensor's state in DIR (created if missing): its snapshots
+    /// and each batch's readings, written before the batch leaves with one
+    /// fsync; a host restarted with the same DIR resumes each sensor and
+    /// resends its unacked readings.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
