@@ -19,9 +19,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use crate::core::{Action, CoreConfig, HostCore};
-use crate::fleet::{Fleet, SensorSummary};
+use crate::fleet::{Fleet, SensorSummary, Swapped, prepare_swap};
 use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
-use crate::runtime::{LoadError, SensorComponent};
+use crate::runtime::{SensorComponent, SensorInstance};
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -146,7 +146,7 @@ pub async fn run(
         started,
         commit_failing: false,
     };
-    let mut loading: Option<JoinHandle<Result<SensorComponent, LoadError>>> = None;
+    let mut loading: Option<JoinHandle<Result<Prepared, String>>> = None;
     let mut reload_open = true;
     tokio::pin!(shutdown);
     let mut interrupted = false;
@@ -194,9 +194,16 @@ pub async fn run(
                     (Some(()), Some(_)) if loading.is_some() => tracing::info!("reload requested while one is in progress: ignored"),
                     (Some(()), Some(path)) => {
                         tracing::info!("loading {} to swap it in", path.display());
-                        // Compiling takes a while: off the loop, so sensors keep ticking.
-                        let (engine, path) = (d.fleet.engine().clone(), path.clone());
-                        loading = Some(tokio::task::spawn_blocking(move || engine.load(Some(&path))));
+                        // Compiling and instantiating take a while: off the
+                        // loop, so sensors keep ticking and replies keep
+                        // coming; the loop only moves the states over.
+                        let (engine, path, plan) = (d.fleet.engine().clone(), path.clone(), d.fleet.swap_plan());
+                        loading = Some(tokio::task::spawn_blocking(move || {
+                            let began = std::time::Instant::now();
+                            let component = engine.load(Some(&path)).map_err(|e| e.to_string())?;
+                            let prepared = prepare_swap(&*engine, &component, plan).map_err(|e| e.to_string())?;
+                            Ok(Prepared { component, instances: prepared, took: began.elapsed() })
+                        }));
                     }
                 }
             }
@@ -215,6 +222,14 @@ pub async fn run(
         }
     }
     d.summary(&core, drained)
+}
+
+/// A component loaded for a swap, with an instance of it for every sensor
+/// running when the swap was planned.
+struct Prepared {
+    component: SensorComponent,
+    instances: Vec<(usize, SensorInstance)>,
+    took: Duration,
 }
 
 /// The time an event happened at, as the core takes it: tokio's clock, so
@@ -334,15 +349,23 @@ impl Driver<'_> {
         }
     }
 
-    /// Swaps in the component loaded off the loop, or says why not.
-    fn swap(&mut self, loaded: Result<Result<SensorComponent, LoadError>, tokio::task::JoinError>) {
+    /// Swaps in the component loaded and instantiated off the loop, or says
+    /// why not.
+    fn swap(&mut self, loaded: Result<Result<Prepared, String>, tokio::task::JoinError>) {
         let from = self.fleet.component_origin().to_string();
         match loaded {
-            Ok(Ok(component)) => {
+            Ok(Ok(Prepared { component, instances, took })) => {
                 let to = component.origin.clone();
                 let began = std::time::Instant::now();
-                match sandboxed(|| self.fleet.swap(now(), component)) {
-                    Ok(moved) => tracing::info!("hot swap: {moved} sensors moved from {from} to {to} in {:.1?}", began.elapsed()),
+                match sandboxed(|| self.fleet.swap_prepared(now(), component, instances)) {
+                    Ok(Swapped { moved, retired }) => {
+                        tracing::info!(
+                            "hot swap: {moved} sensors moved from {from} to {to} in {:.1?} (loaded and instantiated beside the loop in {took:.1?})",
+                            began.elapsed()
+                        );
+                        // Freeing the old instances is slow: beside the loop too.
+                        tokio::task::spawn_blocking(move || drop(retired));
+                    }
                     Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
                 }
             }

@@ -63,7 +63,7 @@ pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 /// replays stays short.
 pub const SNAPSHOT_AFTER_READINGS: usize = 256;
 use self::pool::each_sensor;
-pub use self::swap::SwapError;
+pub use self::swap::{SwapError, SwapPlan, Swapped, prepare_swap};
 
 /// How every sensor of the fleet is configured.
 #[derive(Debug, Clone)]
