@@ -75,7 +75,9 @@ impl World {
         let calm = t >= self.disturbed_until + SETTLE;
         for s in self.host.fleet.summaries() {
             let entry = self.watch.acked.entry(s.sensor_id).or_insert((s.acked, t));
-            if s.acked > entry.0 || s.unacked == 0 {
+            // A restarted sensor's count goes back to its snapshot's and
+            // climbs again as the readings after it are acked anew.
+            if s.acked != entry.0 || s.unacked == 0 {
                 *entry = (s.acked, t);
             }
             let stalled = t.saturating_sub(entry.1.max(self.disturbed_until + SETTLE));

@@ -11,7 +11,7 @@ use fog_host::core::{Action, CoreConfig, HostCore};
 use fog_host::fleet::{Fleet, FleetConfig, SensorSummary};
 use fog_protocol::{BatchReply, Seal};
 
-use crate::native::{BuiltIn, NativeRuntime, WallClock};
+use crate::native::{BuiltIn, NativeRuntime, Traps, WallClock};
 
 /// Sensors of the simulated host.
 pub const SENSORS: u32 = 4;
@@ -29,6 +29,7 @@ pub enum Effect {
 
 pub struct SimHost {
     pub core: HostCore,
+    pub traps: Traps,
     pub fleet: Fleet<NativeRuntime>,
     clock: WallClock,
     sim_ms: Arc<AtomicU64>,
@@ -47,12 +48,12 @@ pub struct SimHost {
 impl SimHost {
     /// A host starting at simulated time `t` (ms) with wall clock `wall`;
     /// its sensors stop seeing cars at `quiet_from` (ms of simulated time).
-    pub fn new(seed: u64, t: u64, wall: u64, quiet_from: u64) -> SimHost {
+    pub fn new(seed: u64, t: u64, wall: u64, quiet_from: u64, traps: Traps) -> SimHost {
         let base = Instant::now();
         let clock = WallClock::default();
         clock.set(wall);
         let sim_ms = Arc::new(AtomicU64::new(t));
-        let runtime = NativeRuntime { clock: clock.clone(), quiet_from: Arc::new(AtomicU64::new(quiet_from)), sim_ms: sim_ms.clone() };
+        let runtime = NativeRuntime { traps: traps.clone(), clock: clock.clone(), quiet_from: Arc::new(AtomicU64::new(quiet_from)), sim_ms: sim_ms.clone() };
         let config = FleetConfig {
             first_id: 0,
             count: SENSORS,
@@ -62,7 +63,8 @@ impl SimHost {
             settings: Vec::new(),
             seed: seed ^ 0x5e45_0125,
             restart_backoff: Duration::from_millis(100),
-            max_restarts: 5,
+            // Planted traps are rare and random: never quarantine.
+            max_restarts: 1_000_000,
             threads: 1,
         };
         let now = base + Duration::from_millis(t);
@@ -70,6 +72,7 @@ impl SimHost {
             Ok(fleet) => fleet,
             Err(e) => panic!("native sensors cannot fail to start: {e}"),
         };
+        traps.arm(true);
         let core = HostCore::new(
             CoreConfig {
                 servers: vec!["primary".into(), "backup".into()],
@@ -83,7 +86,7 @@ impl SimHost {
             },
             now,
         );
-        SimHost { core, fleet, clock, sim_ms, base, link: None, connecting: None, generation: 0, saved_epoch: None, applied: Vec::new() }
+        SimHost { core, traps, fleet, clock, sim_ms, base, link: None, connecting: None, generation: 0, saved_epoch: None, applied: Vec::new() }
     }
 
     fn instant(&self, t: u64) -> Instant {

@@ -12,8 +12,10 @@
 //! the active's disk while its passive is in sync, partitions of the link
 //! between the servers, pauses (a node frozen while the world goes on),
 //! the host moving to the other server while the servers are cut off from
-//! each other, and steps of the wall clock (forward and back, on either
-//! server or on the host) while the monotonic clocks run on.
+//! each other, steps of the wall clock (forward and back, on either
+//! server or on the host) while the monotonic clocks run on, and sensor
+//! calls that trap (the fleet restarts the sensor from its last snapshot
+//! and the readings that left since).
 //!
 //! After every step the invariants are checked ([`checks`]): no node
 //! believes in an epoch no node served, no two nodes ack in one epoch, no
@@ -50,6 +52,8 @@ pub struct RunFacts {
     pub failovers: u64,
     /// The epoch of the active node at the end.
     pub epoch: u64,
+    /// Sensor restarts after planted traps.
+    pub sensor_restarts: u64,
 }
 
 /// Runs one seed; on failure, what broke and the faults of the run.
@@ -68,6 +72,7 @@ pub fn run_seed(seed: u64, setup: impl FnOnce(&mut World)) -> Result<RunFacts, S
             clock_steps: world.clock_steps,
             failovers: world.host.core.failovers(),
             epoch: world.active().map_or(0, fog_server::Node::epoch),
+            sensor_restarts: world.host.fleet.restarts,
         }),
         Err(e) => {
             let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();

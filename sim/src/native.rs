@@ -3,10 +3,15 @@
 //! the fleet's [`SensorRuntime`] traits, so the real fleet runs it without
 //! wasmtime. Its clock import is the simulated host's wall clock, read
 //! from a shared cell the world sets; a road can go quiet (no more cars
-//! pass) from a given wall-clock time on.
+//! pass) from a given wall-clock time on. A seed may also make calls trap
+//! now and then ([`Traps`]): the fleet then restarts the sensor from its
+//! last snapshot and the readings that left since, as it does a wasm trap.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use fog_host::runtime::{SensorConfig, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
 use fog_host::sensor::{SensorCalls, SensorRuntime};
@@ -26,8 +31,42 @@ impl WallClock {
     }
 }
 
+/// Calls that trap: each call of a sensor (tick, ack, averages, snapshot)
+/// traps with this probability, drawn from the world's seed.
+#[derive(Clone)]
+pub struct Traps {
+    rng: Arc<Mutex<StdRng>>,
+    probability: f64,
+    /// Off until the fleet has started (a sensor that cannot start stops
+    /// the host, as it should).
+    armed: Arc<AtomicBool>,
+    /// Traps planted so far.
+    pub planted: Arc<AtomicU64>,
+}
+
+impl Traps {
+    pub fn new(seed: u64, probability: f64) -> Traps {
+        Traps { rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))), probability, armed: Arc::default(), planted: Arc::default() }
+    }
+
+    /// Traps are planted from now on (`true`) or no longer (`false`).
+    pub fn arm(&self, on: bool) {
+        self.armed.store(on, Ordering::Relaxed);
+    }
+
+    /// A trap, now and then.
+    fn call(&self, what: &str) -> wasmtime::Result<()> {
+        if self.probability > 0.0 && self.armed.load(Ordering::Relaxed) && self.rng.lock().unwrap_or_else(PoisonError::into_inner).random_bool(self.probability) {
+            self.planted.fetch_add(1, Ordering::Relaxed);
+            return Err(wasmtime::Error::msg(format!("planted trap in {what}")));
+        }
+        Ok(())
+    }
+}
+
 /// Makes native sensors.
 pub struct NativeRuntime {
+    pub traps: Traps,
     pub clock: WallClock,
     /// No car passes at or after this many ms of simulated time (by the
     /// monotonic clock: a step of the host's wall clock does not move it).
@@ -45,6 +84,7 @@ pub struct NativeSensor {
     clock: WallClock,
     quiet_from: Arc<AtomicU64>,
     sim_ms: Arc<AtomicU64>,
+    traps: Traps,
 }
 
 impl SensorRuntime for NativeRuntime {
@@ -66,6 +106,7 @@ impl SensorRuntime for NativeRuntime {
             clock: self.clock.clone(),
             quiet_from: self.quiet_from.clone(),
             sim_ms: self.sim_ms.clone(),
+            traps: self.traps.clone(),
         })
     }
 
@@ -96,6 +137,7 @@ impl SensorCalls for NativeSensor {
     }
 
     fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
+        self.traps.call("tick")?;
         let now = self.clock.get();
         let cars = self.sim_ms.load(Ordering::Relaxed) < self.quiet_from.load(Ordering::Relaxed);
         let core = self.core();
@@ -104,11 +146,13 @@ impl SensorCalls for NativeSensor {
     }
 
     fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
+        self.traps.call("on-ack")?;
         self.core().on_ack(incarnation, next_seq, also);
         Ok(())
     }
 
     fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
+        self.traps.call("on-averages")?;
         let averages: Vec<Average> = averages.iter().map(Average::from).collect();
         Ok(self.core().on_averages(&averages).map(WitCursor::from))
     }
@@ -122,6 +166,7 @@ impl SensorCalls for NativeSensor {
     }
 
     fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>> {
+        self.traps.call("snapshot")?;
         Ok(self.core().snapshot())
     }
 

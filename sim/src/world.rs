@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::host::{Effect, SimHost};
+use crate::native::Traps;
 use crate::rogue::{ROGUE, Rogue};
 use crate::servers::{Job, Link, Server};
 
@@ -88,6 +89,9 @@ impl World {
         let loss_client = rng.random_range(0.0..0.05);
         let dup = rng.random_range(0.0..0.05);
         let max_delay = rng.random_range(1..10);
+        // One seed in three has sensor calls that trap now and then.
+        let trap_probability = if rng.random_bool(1.0 / 3.0) { rng.random_range(0.001..0.006) } else { 0.0 };
+        let traps = Traps::new(rng.random(), trap_probability);
         World {
             rng,
             t: 0,
@@ -95,7 +99,7 @@ impl World {
             links: [Link::default(), Link::default()],
             to_server: [VecDeque::new(), VecDeque::new()],
             to_host: VecDeque::new(),
-            host: SimHost::new(seed, 0, T0, GENERATE_UNTIL),
+            host: SimHost::new(seed, 0, T0, GENERATE_UNTIL, traps),
             host_wall_offset: 0,
             partitioned_until: 0,
             loss_peer,
@@ -376,7 +380,7 @@ impl World {
     /// Runs the world to the end, checking the invariants after every step.
     pub fn run(&mut self) {
         let mut faults: VecDeque<(u64, Fault)> = self.schedule_faults().into();
-        while self.t < RUN_UNTIL || (self.t < RUN_UNTIL + MAX_CLOCK_STEP && !self.sensors_at_newest()) {
+        while self.t < RUN_UNTIL || (self.t < RUN_UNTIL + MAX_CLOCK_STEP && !self.settled()) {
             while faults.front().is_some_and(|(at, _)| *at <= self.t) {
                 // A crash waits (up to 200 ms) for writes in flight: where
                 // an ack before durability would show.
@@ -388,10 +392,12 @@ impl World {
                 let Some((_, f)) = faults.pop_front() else { break };
                 self.apply_fault(f, &mut faults);
             }
-            // A quiet end: links heal so the pair can converge.
+            // A quiet end: links heal so the pair can converge, and sensors
+            // stop trapping.
             if self.t > FAULTS_UNTIL + MAX_FAULT {
                 self.loss_peer = 0.0;
                 self.loss_client = 0.0;
+                self.host.traps.arm(false);
             }
             self.step_servers();
             self.step_host();
@@ -401,13 +407,17 @@ impl World {
         }
     }
 
-    /// Whether every sensor holds the active node's newest average: the run
-    /// goes on past its end until they do (an active whose wall clock was
-    /// stepped back publishes its last windows that much later), or for
-    /// at most [`MAX_CLOCK_STEP`] more.
-    fn sensors_at_newest(&self) -> bool {
-        let Some(newest) = self.active().map(|n| n.replica().windows.last_position().seq) else { return false };
-        self.host.fleet.summaries().iter().all(|s| s.last_average_seq == Some(newest))
+    /// Whether the run has come to rest: every sensor holds the active
+    /// node's newest average, and the passive holds every entry of the
+    /// active. The run goes on past its end until then (an active whose
+    /// wall clock was stepped back publishes its last windows that much
+    /// later; an entry written at the last moment is still on its way), or
+    /// for at most [`MAX_CLOCK_STEP`] more.
+    fn settled(&self) -> bool {
+        let Some(active) = self.active() else { return false };
+        let newest = active.replica().windows.last_position().seq;
+        let passive_in_step = self.servers.iter().filter_map(|s| s.node.as_ref()).all(|n| n.lsn() == active.lsn());
+        passive_in_step && self.host.fleet.summaries().iter().all(|s| s.last_average_seq == Some(newest))
     }
 
     /// No loss, delay of 1 ms, no duplicates: a network that only faults
