@@ -44,6 +44,14 @@ fn install(from: &Path, to: &Path) {
     std::fs::rename(&tmp, to).unwrap();
 }
 
+/// A scratch dir and a primary serving alone in it.
+fn primary_alone(label: &str) -> (PathBuf, Pair, Proc) {
+    let dir = scratch_dir(label).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
+    let primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    (dir, pair, primary)
+}
+
 fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
@@ -122,9 +130,7 @@ fn python_and_javascript_sensors_are_counted_like_the_built_in_ones() {
 fn a_hot_swap_moves_sensors_between_python_and_javascript_with_their_state() {
     let label = "language-swap";
     let Some((python, js)) = components(label) else { return };
-    let dir = scratch_dir(label).unwrap();
-    let pair = Pair::on_free_ports().unwrap();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    let (dir, pair, _primary) = primary_alone(label);
     let sensor = dir.join("sensor.wasm");
     install(&python, &sensor);
     let servers = pair.servers();
@@ -168,9 +174,7 @@ fn a_hot_swap_moves_sensors_between_python_and_javascript_with_their_state() {
 fn a_python_exception_reaches_the_log_with_its_traceback() {
     let label = "traceback";
     let Some((python, _)) = components(label) else { return };
-    let dir = scratch_dir(label).unwrap();
-    let pair = Pair::on_free_ports().unwrap();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
+    let (dir, pair, _primary) = primary_alone(label);
     let servers = pair.servers();
     let host = start_host(
         &[python.to_str().unwrap(), "--sensors", "1", "--interval", "100ms", "--duration", "2s", "--set", "raise-at=3", "--max-restarts", "0", "--max-memory-mib", MEMORY, "--servers", &servers],
@@ -187,7 +191,7 @@ fn a_python_exception_reaches_the_log_with_its_traceback() {
 fn a_component_that_does_not_fit_is_refused_naming_the_flag() {
     let label = "fit";
     let Some((python, _)) = components(label) else { return };
-    let dir = scratch_dir(label).unwrap();
+    let (dir, pair, _primary) = primary_alone(label);
     // Too little memory: the host does not start.
     let args: Vec<String> = [python.to_str().unwrap(), "--sensors", "2", "--servers", "tcp://127.0.0.1:9"].iter().map(|s| s.to_string()).collect();
     let mut host = Proc::spawn("small", &bin("fog-host").unwrap(), &args, &dir).unwrap();
@@ -196,8 +200,6 @@ fn a_component_that_does_not_fit_is_refused_naming_the_flag() {
     assert_eq!(log_lines_with(&host.log, &["raise --max-memory-mib to 13 or more"]), 1, "{}", host.log_tail(5));
 
     // Too few core instances per sensor for the component swapped in.
-    let pair = Pair::on_free_ports().unwrap();
-    let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let sensor = dir.join("sensor.wasm");
     install(&bin("fog_sensor.wasm").unwrap(), &sensor);
     let servers = pair.servers();
