@@ -135,7 +135,9 @@ pub enum LoadError {
 
 /// Per-sensor state living in its `Store`.
 pub struct SensorHost {
-    wasi: WasiCtx,
+    /// Made at the component's first WASI call: the repository's sensors
+    /// import no WASI and never pay for it (about a kilobyte per sensor).
+    wasi: Option<Box<WasiCtx>>,
     table: ResourceTable,
     limits: StoreLimits,
     pub config: SensorConfig,
@@ -144,7 +146,13 @@ pub struct SensorHost {
 
 impl WasiView for SensorHost {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let id = self.config.sensor_id;
+        // Nothing granted: no preopens, env, args or sockets; stdout and
+        // stderr go to the host's log as lines with the sensor's id.
+        let wasi = self.wasi.get_or_insert_with(|| {
+            Box::new(WasiCtx::builder().stdout(GuestLog::new(id, "stdout")).stderr(GuestLog::new(id, "stderr")).build())
+        });
+        WasiCtxView { ctx: wasi, table: &mut self.table }
     }
 }
 
@@ -384,11 +392,8 @@ impl SensorEngine {
         config: SensorConfig,
         seed: u64,
     ) -> wasmtime::Result<SensorInstance> {
-        let id = config.sensor_id;
         let host = SensorHost {
-            // Nothing granted: no preopens, env, args or sockets; stdout and
-            // stderr go to the host's log as lines with the sensor's id.
-            wasi: WasiCtx::builder().stdout(GuestLog::new(id, "stdout")).stderr(GuestLog::new(id, "stderr")).build(),
+            wasi: None,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.limits.max_memory_bytes)
