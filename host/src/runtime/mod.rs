@@ -548,7 +548,8 @@ pub fn describe_instantiate_failure(e: &wasmtime::Error, limits: &Limits, sensor
     let text = one_line(e);
     if text.contains("Cannot allocate memory") || text.contains("os error 12") {
         let current = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap_or_default();
-        // About four mappings per instance, twice for a hot swap, and room.
+        // Two mappings per instance (four where its memory is mapped from
+        // an image, see `memory_init_cow`), twice for a hot swap, and room.
         let wanted = (u64::from(sensors) * 16).max(262_144).next_power_of_two();
         return format!(
             "{text}: the kernel refused more memory mappings (vm.max_map_count is {}); \
