@@ -5,7 +5,11 @@
 //! Density comes from the pooling allocator: the engine reserves address
 //! space for every instance up front (sized from the number of sensors), so
 //! instantiating is a few microseconds of copying and each sensor costs the
-//! pages it touches. Isolation comes from two limits on every instance: a
+//! pages it touches: for the built-in sensor two pages of linear memory
+//! (stack, data and heap), the page of the table pool that wit-component's
+//! shim fills, a page of the kernel's page tables for its memory slot, and
+//! about 9 KB of the host's heap (its `Store` and wasmtime's records of its
+//! instances). Isolation comes from two limits on every instance: a
 //! cap on linear memory (growing past it traps) and a deadline on every call
 //! (epoch interruption, advanced by a ticker thread), so a guest that loops
 //! forever is stopped instead of stalling every other sensor.
@@ -527,8 +531,10 @@ pub fn describe_failure(e: &wasmtime::Error, limits: &Limits) -> String {
         // The trap itself; the wasm backtrace around it names only
         // function indices, which tell an operator nothing.
         if *trap == wasmtime::Trap::UnreachableCodeReached {
-            // How Python, JavaScript and Rust panics end a guest.
-            return format!("trapped: {trap} (an uncaught error in the sensor: its stderr lines just before this say which)");
+            // How Python, JavaScript and Rust panics end a guest. The
+            // repository's own sensors import no WASI: their panics trap
+            // without a message.
+            return format!("trapped: {trap} (an uncaught error in the sensor: its stderr lines just before this, if it has stderr, say which)");
         }
         return format!("trapped: {trap}");
     }
