@@ -72,7 +72,7 @@ impl Arena {
     pub unsafe fn alloc(&mut self, layout: Layout, grow: impl FnOnce(usize) -> Option<usize>) -> *mut u8 {
         let Some((class, size)) = class_of(layout.size().max(layout.align())) else { return std::ptr::null_mut() };
         let head = self.free[class];
-        if head != 0 && head % layout.align() == 0 {
+        if head != 0 && head.is_multiple_of(layout.align()) {
             // SAFETY: a freed block of this class; its first word links the list.
             self.free[class] = unsafe { *(head as *const usize) };
             return head as *mut u8;
@@ -287,7 +287,7 @@ mod tests {
         for step in 0..20_000u32 {
             let op = rng.next_u64() % 3;
             if op == 0 || live.is_empty() {
-                let size = 1 + (rng.next_u64() % if rng.next_u64() % 8 == 0 { 5000 } else { 200 }) as usize;
+                let size = 1 + (rng.next_u64() % if rng.next_u64().is_multiple_of(8) { 5000 } else { 200 }) as usize;
                 let align = [1, 2, 4, 8, 16, 32, 64][(rng.next_u64() % 7) as usize];
                 let p = f.alloc(size, align);
                 if p.is_null() {
