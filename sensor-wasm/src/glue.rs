@@ -5,8 +5,8 @@
 //! [`SensorLogic`] (how it starts, ticks, snapshots and restores), and
 //! invokes [`export_sensor!`](crate::export_sensor) with the path of the
 //! WIT folder. The macro generates the WIT bindings in the calling crate
-//! (wit-bindgen's types are per crate), keeps the logic in a thread-local
-//! (a component instance is single-threaded), converts between WIT records
+//! (wit-bindgen's types are per crate), keeps the logic in a static (a
+//! component instance is single-threaded), converts between WIT records
 //! and core types, and initialises the sensor on the first export called,
 //! so a host that forgets `init` gets a working sensor rather than a trap.
 
@@ -67,9 +67,17 @@ macro_rules! export_sensor {
 
             use fog::sensor::environment;
 
-            thread_local! {
-                static SENSOR: RefCell<Option<$logic>> = const { RefCell::new(None) };
-            }
+            /// The sensor. A component instance runs on one thread, so a
+            /// plain static does; a `thread_local!` is reached through a
+            /// function pointer, and that indirect call on every export
+            /// makes the host fill in a page of the instance's function
+            /// table for each sensor.
+            struct Slot(RefCell<Option<$logic>>);
+
+            // SAFETY: a component instance has one thread.
+            unsafe impl Sync for Slot {}
+
+            static SENSOR: Slot = Slot(RefCell::new(None));
 
             fn host_config() -> $crate::SensorConfig {
                 let c = environment::sensor_config();
@@ -83,13 +91,9 @@ macro_rules! export_sensor {
             }
 
             fn with_logic<T>(f: impl FnOnce(&mut $logic) -> T) -> T {
-                SENSOR.with(|cell| {
-                    let mut slot = cell.borrow_mut();
-                    let logic = slot.get_or_insert_with(|| {
-                        <$logic>::start(&host_config(), environment::seed(), environment::now_ms())
-                    });
-                    f(logic)
-                })
+                let mut slot = SENSOR.0.borrow_mut();
+                let logic = slot.get_or_insert_with(|| <$logic>::start(&host_config(), environment::seed(), environment::now_ms()));
+                f(logic)
             }
 
             fn to_wit(c: $crate::AverageCursor) -> Cursor {
@@ -165,7 +169,7 @@ macro_rules! export_sensor {
                         .map(|r| $crate::Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
                         .collect();
                     restored.core().adopt(&since, now);
-                    SENSOR.with(|cell| *cell.borrow_mut() = Some(restored));
+                    *SENSOR.0.borrow_mut() = Some(restored);
                     Ok(())
                 }
             }

@@ -6,6 +6,7 @@
 //! `fog:sensor` WIT world so a host runs it as a sandboxed component; the
 //! WIT types never leak into the core.
 
+pub mod alloc;
 pub mod averages;
 pub mod core;
 pub mod glue;

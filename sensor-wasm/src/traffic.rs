@@ -79,7 +79,7 @@ impl std::fmt::Display for SettingsError {
         match self {
             SettingsError::NotASpeed { key, value } => write!(
                 f,
-                "setting {key}={value:?} is not a speed in km/h (0..={MAX_SETTING_KMH})"
+                "setting {key}=\"{value}\" is not a speed in km/h (0..={MAX_SETTING_KMH})"
             ),
             SettingsError::EmptyRange { min_kmh, max_kmh } => {
                 write!(f, "min-kmh={min_kmh} is not below max-kmh={max_kmh}")

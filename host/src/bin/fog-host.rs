@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 #[derive(Debug, Parser)]
 #[command(name = "fog-host", version, max_term_width = 100)]
 struct Args {
-    /// Sensor component (a wasm32-wasip2 component of world fog:sensor/sensor@0.3.0);
+    /// Sensor component (a WebAssembly component of world fog:sensor/sensor@0.3.0, e.g. built for wasm32-wasip2);
     /// default: the built-in sensor.
     #[arg(value_name = "SENSOR.wasm")]
     component: Option<PathBuf>,

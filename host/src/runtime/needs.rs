@@ -20,6 +20,8 @@ pub struct Needs {
     /// in elements.
     pub min_memory_bytes: u64,
     pub min_table_elements: u64,
+    /// Bytes of data its memories start with (all its data segments).
+    pub image_bytes: u64,
 }
 
 impl Needs {
@@ -49,6 +51,11 @@ impl Needs {
                         let table = table.map_err(|e| e.to_string())?;
                         needs.tables += 1;
                         needs.min_table_elements = needs.min_table_elements.max(table.ty.initial);
+                    }
+                }
+                Payload::DataSection(reader) => {
+                    for data in reader {
+                        needs.image_bytes += data.map_err(|e| e.to_string())?.data.len() as u64;
                     }
                 }
                 Payload::ImportSection(reader) => {
@@ -82,6 +89,7 @@ mod tests {
         assert_eq!(needs.core_instances, 3, "{needs:?}");
         assert!(needs.memories >= 1 && needs.memories <= 3, "{needs:?}");
         assert!(needs.min_memory_bytes > 0 && needs.min_memory_bytes <= 4 << 20, "{needs:?}");
+        assert!(needs.image_bytes > 0 && needs.image_bytes <= super::super::COPY_IMAGES_UP_TO, "{needs:?}");
     }
 
     #[test]
