@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use fog_protocol::{AverageCursor, Reading};
 use serde::Serialize;
 
-use crate::runtime::{SensorConfig, SensorEngine, SensorStatus, WitReading};
+use crate::runtime::{SensorConfig, SensorEngine, SensorStatus};
 use crate::sensor::{SensorCalls, SensorRuntime};
 use crate::state::{Saved, StateStore};
 
@@ -240,8 +240,7 @@ impl<R: SensorRuntime> Fleet<R> {
             })?;
             let resumed = saved.remove(&id);
             if let Some(state) = &resumed {
-                let since: Vec<WitReading> = state.since.iter().map(WitReading::from).collect();
-                match instance.restore(&state.snapshot, &since) {
+                match persist::restore(&mut instance, state) {
                     Ok(Ok(())) => {}
                     Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
                     Err(e) => {

@@ -7,11 +7,19 @@
 
 use std::time::{Duration, Instant};
 
+use crate::runtime::WitReading;
 use crate::sensor::{SensorCalls, SensorRuntime};
-use crate::state::Record;
+use crate::state::{Record, Saved};
 
 use super::pool::each_sensor;
 use super::{Fleet, Life};
+
+/// Restores `sensor` from a saved state: its snapshot and the readings that
+/// left after it (the WIT `restore`). `Ok(Err(reason))` when it refused.
+pub(super) fn restore<S: SensorCalls>(sensor: &mut S, saved: &Saved) -> wasmtime::Result<Result<(), String>> {
+    let since: Vec<WitReading> = saved.since.iter().map(WitReading::from).collect();
+    sensor.restore(&saved.snapshot, &since)
+}
 
 impl<R: SensorRuntime> Fleet<R> {
     /// Whether committed snapshots go to a state directory.
@@ -48,7 +56,8 @@ impl<R: SensorRuntime> Fleet<R> {
             let records = fresh.iter().flat_map(|&i| {
                 let s = &sensors[i];
                 let snapshot = s.snapshot_unwritten.then(|| (s.id, Record::Snapshot(&s.saved.snapshot)));
-                let since = &s.saved.since[if s.snapshot_unwritten { 0 } else { s.since_written }..];
+                // A snapshot not yet written has no readings written after it.
+                let since = &s.saved.since[s.since_written..];
                 let readings = (!since.is_empty()).then(|| (s.id, Record::Readings(since)));
                 snapshot.into_iter().chain(readings)
             });

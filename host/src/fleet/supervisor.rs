@@ -1,15 +1,14 @@
 //! The supervisor: what happens to a sensor whose call failed. It is
 //! stopped and reported once; after a backoff that doubles with each failure
-//! in a row it is restarted from its last good state (the state committed
-//! before any of its readings left the host), so its sequence continues and
-//! its unacked readings are resent from its buffer. A sensor that keeps
+//! in a row it is restarted from its last good state (its last snapshot and
+//! the readings that left the host after it), so its sequence continues
+//! after every reading that left and its unacked readings are resent. A sensor that keeps
 //! failing is quarantined, and a quiet minute forgives past failures.
 //! Failures met during a pass on worker threads come here once the pass is
 //! over.
 
 use std::time::{Duration, Instant};
 
-use crate::runtime::WitReading;
 use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::Failure;
@@ -45,8 +44,7 @@ impl<R: SensorRuntime> Fleet<R> {
                 return self.fail_with(i, "instantiate", reason);
             }
         };
-        let since: Vec<WitReading> = slot.saved.since.iter().map(WitReading::from).collect();
-        match instance.restore(&slot.saved.snapshot, &since) {
+        match super::persist::restore(&mut instance, &slot.saved) {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => return self.fail_with(i, "restore", format!("refused its last good state: {reason}")),
             Err(e) => return self.fail(i, "restore", &e),
