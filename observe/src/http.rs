@@ -37,6 +37,23 @@ pub fn serve(endpoint: &Endpoint, metrics: PrometheusHandle, health: Arc<Health>
     Ok(addr)
 }
 
+/// [`serve`] for a process: logs where it serves; a default address that
+/// cannot be bound is warned about and skipped, an explicit one is an error.
+pub fn serve_or_warn(endpoint: &Endpoint, health: Arc<Health>) -> Result<Option<SocketAddr>, ObserveError> {
+    match serve(endpoint, crate::recorder::install(), health) {
+        Ok(addr) => {
+            let guard = if endpoint.token.is_some() { " (bearer token required)" } else { "" };
+            tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz{guard}");
+            Ok(Some(addr))
+        }
+        Err(ObserveError::Bind { addr, reason }) if !endpoint.explicit => {
+            tracing::warn!("not serving metrics: cannot bind the default address {addr}: {reason}; give --metrics-bind IP:PORT (or off)");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 struct Service {
     metrics: PrometheusHandle,
     health: Arc<Health>,
@@ -145,7 +162,7 @@ mod tests {
 
     fn start(token: Option<&str>) -> (SocketAddr, Arc<Health>) {
         let health = Arc::new(Health::default());
-        let endpoint = Endpoint { addr: "127.0.0.1:0".parse().unwrap(), token: token.map(|t| Token::new(t).unwrap()) };
+        let endpoint = Endpoint { addr: "127.0.0.1:0".parse().unwrap(), token: token.map(|t| Token::new(t).unwrap()), explicit: true };
         let addr = serve(&endpoint, crate::recorder::install(), health.clone()).unwrap();
         (addr, health)
     }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use health::Health;
-pub use http::serve;
+pub use http::{serve, serve_or_warn};
 pub use system::{DiskSpace, disk_space, resident_bytes};
 
 /// Most bytes of a request's head (request line and headers).
@@ -119,15 +119,24 @@ impl Token {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub token: Option<Token>,
+    /// Asked for with a flag: failing to bind it is an error. A default
+    /// address that is taken (a second process on the machine) is only
+    /// warned about, and the process runs without the endpoint.
+    pub explicit: bool,
 }
 
 impl Endpoint {
     /// The endpoint for `--metrics-bind` and `--metrics-token-file`, or
     /// `None` when it is off. Beyond loopback a token is required.
-    pub fn from_flags(bind: Bind, token_file: Option<&Path>) -> Result<Option<Endpoint>, ObserveError> {
-        let Bind::At(addr) = bind else { return Ok(None) };
+    /// `bind` is the flag's value, if given; `default` the address without it.
+    pub fn from_flags(bind: Option<Bind>, default: SocketAddr, token_file: Option<&Path>) -> Result<Option<Endpoint>, ObserveError> {
+        let (addr, explicit) = match bind {
+            Some(Bind::Off) => return Ok(None),
+            Some(Bind::At(addr)) => (addr, true),
+            None => (default, false),
+        };
         let token = token_file.map(Token::read).transpose()?;
-        let endpoint = Endpoint { addr, token };
+        let endpoint = Endpoint { addr, token, explicit };
         endpoint.check()?;
         Ok(Some(endpoint))
     }
@@ -155,9 +164,9 @@ mod tests {
 
     #[test]
     fn beyond_loopback_needs_a_token() {
-        let wide = Endpoint { addr: "0.0.0.0:9101".parse().unwrap(), token: None };
+        let wide = Endpoint { addr: "0.0.0.0:9101".parse().unwrap(), token: None, explicit: true };
         assert!(matches!(wide.check(), Err(ObserveError::NoToken(_))));
-        let local = Endpoint { addr: "127.0.0.1:9101".parse().unwrap(), token: None };
+        let local = Endpoint { addr: "127.0.0.1:9101".parse().unwrap(), token: None, explicit: false };
         assert!(local.check().is_ok());
         let guarded = Endpoint { token: Some(Token::new("0123456789abcdef").unwrap()), ..wide };
         assert!(guarded.check().is_ok());
