@@ -19,6 +19,7 @@ pub fn config(role: Role) -> NodeConfig {
         windows: WindowConfig { lateness_ms: 200, ..WindowConfig::default() },
         snapshot_every: 50,
         seal_key: SEAL_KEY,
+        outbox: Default::default(),
     }
 }
 
