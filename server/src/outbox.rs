@@ -11,6 +11,11 @@
 //! (`Record::UplinkForwarded`), written by the active when JetStream has
 //! acked.
 //!
+//! Items are chained (`chain`: a hash over every item owed before and
+//! this one), so the uplink can tell whether the stream it resumes holds
+//! this site's branch of history or another one (after a split, the side
+//! that lost may have forwarded items the pair later abandoned).
+//!
 //! It is bounded by `backlog_bytes`. Past the bound the oldest unforwarded
 //! items are dropped and counted (`dropped`): the site keeps acking its
 //! sensors and publishing averages (the roadside comes first), and the
@@ -40,6 +45,8 @@ pub struct OutboxConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub site_seq: u64,
+    /// The chain value after this item.
+    pub chain: u64,
     /// The log entry that made it: it may leave the site once that entry
     /// is committed (durable here and, in sync, at the passive).
     pub lsn: u64,
@@ -69,6 +76,19 @@ impl Owed {
     fn bytes(&self) -> u64 {
         if self.is_reading() { READING_BYTES } else { AVERAGE_BYTES }
     }
+
+    /// The chain value after this item, from `prev`: a reading by its
+    /// identity (sensor, incarnation, seq), an average by its own chain
+    /// value (which covers the whole average stream before it).
+    pub fn link(&self, prev: u64) -> u64 {
+        let fold = |h: u64, x: u64| fog_core::mix64(h ^ x);
+        match self {
+            Owed::Reading { sensor_id, incarnation, reading, .. } => {
+                [u64::from(*sensor_id), *incarnation, reading.seq].into_iter().fold(fold(prev, 1), fold)
+            }
+            Owed::Average(a) => fold(fold(prev, 2), a.chain),
+        }
+    }
 }
 
 /// The replicated outbox.
@@ -78,8 +98,16 @@ pub struct Outbox {
     cfg: OutboxConfig,
     /// The site sequence the next item gets.
     next_seq: u64,
-    /// Every item up to here is in the cloud (or was dropped).
+    /// Every item up to here is in the cloud (or was dropped), and the
+    /// chain value there.
     forwarded: u64,
+    forwarded_chain: u64,
+    /// The last item JetStream acked (not counting drops), and the chain
+    /// value there: where the stream should end.
+    acked: u64,
+    acked_chain: u64,
+    /// The chain value after the last item owed.
+    chain: u64,
     items: VecDeque<Item>,
     bytes: u64,
     dropped: u64,
@@ -106,7 +134,8 @@ impl Outbox {
         let site_seq = self.next_seq.max(1);
         self.next_seq = site_seq + 1;
         self.bytes += what.bytes();
-        self.items.push_back(Item { site_seq, lsn, at_ms, what });
+        self.chain = what.link(self.chain);
+        self.items.push_back(Item { site_seq, chain: self.chain, lsn, at_ms, what });
         self.bound();
     }
 
@@ -115,18 +144,39 @@ impl Outbox {
             let Some(old) = self.items.pop_front() else { break };
             self.bytes -= old.what.bytes();
             self.dropped += 1;
-            self.forwarded = self.forwarded.max(old.site_seq);
+            self.forwarded = old.site_seq;
+            self.forwarded_chain = old.chain;
         }
     }
 
     /// The cloud has every item up to `through`.
     pub fn forwarded_through(&mut self, through: u64) {
-        self.forwarded = self.forwarded.max(through);
         while self.items.front().is_some_and(|i| i.site_seq <= through) {
             if let Some(i) = self.items.pop_front() {
                 self.bytes -= i.what.bytes();
+                self.forwarded = i.site_seq;
+                self.forwarded_chain = i.chain;
+                self.acked = i.site_seq;
+                self.acked_chain = i.chain;
             }
         }
+    }
+
+    /// The chain value after site item `site_seq`, if this outbox still
+    /// knows it (the forwarded position, or an item it holds; 0 before
+    /// the first item).
+    pub fn chain_at(&self, site_seq: u64) -> Option<u64> {
+        if site_seq == 0 {
+            return Some(0);
+        }
+        if site_seq == self.forwarded {
+            return Some(self.forwarded_chain);
+        }
+        if site_seq == self.acked {
+            return Some(self.acked_chain);
+        }
+        let i = self.items.partition_point(|i| i.site_seq < site_seq);
+        self.items.get(i).filter(|i| i.site_seq == site_seq).map(|i| i.chain)
     }
 
     /// Items after `after`, in order, from entries up to `commit_lsn`.
@@ -189,10 +239,13 @@ mod tests {
         assert_eq!(o.last_seq(), 5);
         assert_eq!(o.after(0, 12).map(|i| i.site_seq).collect::<Vec<_>>(), vec![1, 2, 3], "only committed entries leave");
         assert_eq!(o.after(2, u64::MAX).map(|i| i.site_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let at3 = o.chain_at(3).unwrap();
         o.forwarded_through(3);
         assert_eq!((o.len(), o.forwarded(), o.bytes()), (2, 3, 2 * READING_BYTES));
         o.forwarded_through(2);
         assert_eq!(o.forwarded(), 3, "the position never goes back");
+        assert_eq!(o.chain_at(3), Some(at3), "the chain at the position is kept");
+        assert!(o.chain_at(2).is_none() && o.chain_at(4).is_some() && o.chain_at(9).is_none());
     }
 
     #[test]
@@ -203,6 +256,28 @@ mod tests {
         }
         assert_eq!((o.len(), o.dropped(), o.forwarded()), (3, 2, 2));
         assert_eq!(o.after(0, u64::MAX).next().map(|i| i.site_seq), Some(3));
+        // The stream still ends where JetStream last acked (nothing, here):
+        // the uplink resumes there and the cloud sees the gap.
+        assert_eq!(o.chain_at(0), Some(0));
+        o.forwarded_through(3);
+        for seq in 5..8 {
+            o.push(1, 0, reading(seq));
+        }
+        assert!(o.dropped() > 2);
+        assert!(o.chain_at(3).is_some(), "the last acked item's chain outlives drops after it");
+    }
+
+    #[test]
+    fn the_chain_tells_two_histories_apart() {
+        let (mut a, mut b) = (outbox(1 << 20), outbox(1 << 20));
+        for seq in 0..3 {
+            a.push(1, 0, reading(seq));
+            b.push(1, 0, reading(seq));
+        }
+        assert_eq!(a.chain_at(3), b.chain_at(3));
+        a.push(2, 0, reading(3));
+        b.push(2, 0, reading(4));
+        assert_ne!(a.chain_at(4), b.chain_at(4), "same site sequence, different item");
     }
 
     #[test]

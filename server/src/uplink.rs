@@ -16,7 +16,11 @@
 //! - On every (re)connect, and after any error, the uplink reads the
 //!   stream's last message and resumes after its `Fog-Site-Seq-Last`: what
 //!   the stream has is never sent again, however long the outage was
-//!   (JetStream's duplicate window plays no part in it).
+//!   (JetStream's duplicate window plays no part in it). Its
+//!   `Fog-Site-Chain` must match the outbox's chain at that item; if it
+//!   does not, the stream holds a history this pair abandoned (a side cut
+//!   off in a split forwarded it), and the uplink stops and says so rather
+//!   than interleave two histories.
 //! - Acks move the forwarding position in the pair's log
 //!   (`Record::UplinkForwarded`), so a restart or a new active starts near
 //!   where the pair had got to, and the outbox frees what the cloud has.
@@ -189,6 +193,9 @@ pub struct Work {
 /// What the connection tells the loop.
 #[derive(Debug)]
 pub enum UplinkEvent {
+    /// The stream's last message ends at site item `in_cloud`, with chain
+    /// value `chain`: is that this site's history? (`Err`: why not.)
+    Check { in_cloud: u64, chain: u64, answer: tokio::sync::oneshot::Sender<Result<(), String>> },
     /// Send items after `from` from now on, marked `round`.
     Resync { round: u64, from: u64 },
     /// JetStream holds every item up to `through`.
@@ -338,15 +345,26 @@ async fn forward(
         })
         .await
         .map_err(|e| format!("cannot find or create the stream {name}: {e}"))?;
-    // Where the stream is: its last message, and the last site item in it.
+    // Where the stream is: its last message, the last site item in it,
+    // and the chain value there.
     let last_seq = stream.info().await.map_err(|e| format!("cannot read the stream {name}: {e}"))?.state.last_sequence;
-    let in_cloud = if last_seq == 0 {
-        0
+    let (in_cloud, chain) = if last_seq == 0 {
+        (0, 0)
     } else {
         let last = stream.get_raw_message(last_seq).await.map_err(|e| format!("cannot read message {last_seq} of {name}: {e}"))?;
-        header_u64(&last.headers, "Fog-Site-Seq-Last")
-            .ok_or_else(|| format!("message {last_seq} of {name} has no Fog-Site-Seq-Last header: the stream must be this site's alone"))?
+        let seq = header_u64(&last.headers, "Fog-Site-Seq-Last");
+        let chain = last.headers.get("Fog-Site-Chain").and_then(|v| u64::from_str_radix(v.as_str(), 16).ok());
+        seq.zip(chain).ok_or_else(|| format!("message {last_seq} of {name} has no Fog-Site-Seq-Last or Fog-Site-Chain header: the stream must be this site's alone"))?
     };
+    // The stream must hold this site's history: ask the loop whether its
+    // outbox has the same chain value at that item.
+    let (answer, verdict) = tokio::sync::oneshot::channel();
+    let _ = events.send(UplinkEvent::Check { in_cloud, chain, answer }).await;
+    match verdict.await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return Err(why),
+        Err(_) => return Ok(()),
+    }
     info!(stream = %name, last_seq, in_cloud, "uplink connected: the stream holds this site's items up to {in_cloud}");
     let _ = events.send(UplinkEvent::Connected(true)).await;
     if in_cloud > 0 {
@@ -378,12 +396,14 @@ async fn forward(
                     continue;
                 }
                 let (first, last) = (next.items[0].site_seq, next.items[next.items.len() - 1].site_seq);
+                let chain = next.items[next.items.len() - 1].chain;
                 let subject = cfg.subject(&next.items[0].what);
                 let payload = encode(cfg, control.borrow().epoch, &next.items);
                 let mut headers = HeaderMap::new();
                 headers.insert("Fog-Site", cfg.site.as_str());
                 headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
                 headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
+                headers.insert("Fog-Site-Chain", format!("{chain:016x}").as_str());
                 let publish = Publish::build()
                     .headers(headers)
                     .payload(payload.into())
@@ -523,6 +543,7 @@ mod tests {
             let mut up = Uplink { cfg, control, work, events, round: None, sent_through: 0, connected: false, last_error: String::new(), messages: 0 };
             let reading = |site_seq, segment| Item {
                 site_seq,
+                chain: 0,
                 lsn: 1,
                 at_ms: 0,
                 what: Owed::Reading { sensor_id: 1, incarnation: 1, segment, reading: fog_core::Reading { seq: site_seq, speed_kmh: 90, timestamp_ms: 0 } },
