@@ -27,10 +27,8 @@ use std::collections::VecDeque;
 use fog_core::{Average, Reading};
 use serde::{Deserialize, Serialize};
 
-/// Bytes an item is counted as against the bound (its size in memory,
-/// rounded up).
-pub const READING_BYTES: u64 = 48;
-pub const AVERAGE_BYTES: u64 = 80;
+/// Bytes an item is counted as against the bound: its size in memory.
+pub const ITEM_BYTES: u64 = std::mem::size_of::<Item>() as u64;
 
 /// How the outbox is kept; the same on both nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,7 +72,7 @@ impl Owed {
     }
 
     fn bytes(&self) -> u64 {
-        if self.is_reading() { READING_BYTES } else { AVERAGE_BYTES }
+        ITEM_BYTES
     }
 
     /// The chain value after this item, from `prev`: a reading by its
@@ -241,7 +239,7 @@ mod tests {
         assert_eq!(o.after(2, u64::MAX).map(|i| i.site_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
         let at3 = o.chain_at(3).unwrap();
         o.forwarded_through(3);
-        assert_eq!((o.len(), o.forwarded(), o.bytes()), (2, 3, 2 * READING_BYTES));
+        assert_eq!((o.len(), o.forwarded(), o.bytes()), (2, 3, 2 * ITEM_BYTES));
         o.forwarded_through(2);
         assert_eq!(o.forwarded(), 3, "the position never goes back");
         assert_eq!(o.chain_at(3), Some(at3), "the chain at the position is kept");
@@ -250,7 +248,7 @@ mod tests {
 
     #[test]
     fn past_the_bound_the_oldest_are_dropped_and_counted() {
-        let mut o = outbox(3 * READING_BYTES);
+        let mut o = outbox(3 * ITEM_BYTES);
         for seq in 0..5 {
             o.push(1, 0, reading(seq));
         }
@@ -265,6 +263,11 @@ mod tests {
         }
         assert!(o.dropped() > 2);
         assert!(o.chain_at(3).is_some(), "the last acked item's chain outlives drops after it");
+    }
+
+    #[test]
+    fn an_item_is_small() {
+        assert!(ITEM_BYTES <= 104, "{ITEM_BYTES} bytes an item");
     }
 
     #[test]
