@@ -328,11 +328,14 @@ async fn forward(
     work: &mut mpsc::Receiver<Work>,
     events: &mpsc::Sender<UplinkEvent>,
 ) -> Result<(), String> {
-    let mut options = ConnectOptions::new().connection_timeout(Duration::from_secs(5)).max_reconnects(0).ping_interval(Duration::from_secs(5));
+    // The client reconnects by itself; a publish lost meanwhile shows as an
+    // ack that fails or times out, and the uplink starts over from the stream.
+    let mut options = ConnectOptions::new().connection_timeout(Duration::from_secs(5)).ping_interval(Duration::from_secs(5));
     if let Some(creds) = creds {
         options = creds.apply(options).await?;
     }
-    let client = options.connect(cfg.urls.as_str()).await.map_err(|e| format!("cannot connect to {}: {e}", cfg.urls))?;
+    let urls: Vec<&str> = cfg.urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    let client = options.connect(urls).await.map_err(|e| format!("cannot connect to {}: {e}", cfg.urls))?;
     let js = jetstream::new(client);
     let name = cfg.stream();
     let mut stream = js
