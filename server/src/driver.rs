@@ -523,10 +523,12 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         UplinkEvent::Check { in_cloud, chain, answer } => {
                             let _ = answer.send(check_stream(node.outbox(), in_cloud, chain));
                         }
-                        UplinkEvent::Resync { round, from } => up.resync(round, from, node.outbox().forwarded()),
+                        UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, node.outbox().forwarded()),
                         UplinkEvent::Acked { through, messages } => {
                             up.messages += messages;
-                            uplink_pending = Some(uplink_pending.unwrap_or(0).max(through));
+                            if through > 0 {
+                                uplink_pending = Some(uplink_pending.unwrap_or(0).max(through));
+                            }
                         }
                         UplinkEvent::Connected(c) => up.connected = c,
                         UplinkEvent::Failed(e) => up.last_error = e,

@@ -55,6 +55,9 @@ use crate::outbox::{Item, Owed};
 
 /// Items in one message at most (one segment and kind per message).
 pub const MAX_ITEMS_PER_MESSAGE: usize = 1000;
+/// Items in one window at most: the items handed over together, split
+/// into messages by segment.
+pub const MAX_WINDOW: usize = 8192;
 /// Messages published and not yet acked, at most.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Batches of work queued between the loop and the connection.
@@ -182,12 +185,63 @@ pub struct Control {
     pub epoch: u64,
 }
 
-/// Consecutive items of one kind and segment, for one message; `round`
-/// names the resync they were sent after.
+/// One message: part `part` of `parts` of the window of site items
+/// `window.0..=window.1`, with the window's readings of one segment (in
+/// site order) or a run of consecutive averages of one segment; `round`
+/// names the resync it was made after.
 #[derive(Debug)]
 pub struct Work {
     pub round: u64,
+    pub window: (u64, u64),
+    /// The chain value at the window's last item.
+    pub chain: u64,
+    pub part: u32,
+    pub parts: u32,
     pub items: Vec<Item>,
+}
+
+/// A window the stream holds only some parts of (the uplink stopped
+/// mid-window): its bounds, the site items that landed, and the parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub window: (u64, u64),
+    pub landed: std::collections::BTreeSet<u64>,
+    pub parts_done: u32,
+}
+
+/// Splits a window into its messages: readings by segment (each sensor
+/// stays on one segment, so its readings keep their order), averages in
+/// runs of consecutive items of one segment (so averages keep theirs),
+/// every group cut at [`MAX_ITEMS_PER_MESSAGE`]; ordered by first item.
+pub fn parts_of(items: &[Item]) -> Vec<Vec<Item>> {
+    let mut readings: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    let mut groups: Vec<Vec<Item>> = Vec::new();
+    let mut last_average: Option<usize> = None;
+    for item in items {
+        let slot = if item.what.is_reading() {
+            last_average = None;
+            match readings.get(&item.what.segment()) {
+                Some(&g) if groups[g].len() < MAX_ITEMS_PER_MESSAGE => g,
+                _ => {
+                    groups.push(Vec::new());
+                    readings.insert(item.what.segment(), groups.len() - 1);
+                    groups.len() - 1
+                }
+            }
+        } else {
+            match last_average {
+                Some(g) if groups[g].len() < MAX_ITEMS_PER_MESSAGE && groups[g][0].what.segment() == item.what.segment() => g,
+                _ => {
+                    groups.push(Vec::new());
+                    last_average = Some(groups.len() - 1);
+                    groups.len() - 1
+                }
+            }
+        };
+        groups[slot].push(*item);
+    }
+    groups.sort_by_key(|g| g[0].site_seq);
+    groups
 }
 
 /// What the connection tells the loop.
@@ -196,8 +250,9 @@ pub enum UplinkEvent {
     /// The stream's last message ends at site item `in_cloud`, with chain
     /// value `chain`: is that this site's history? (`Err`: why not.)
     Check { in_cloud: u64, chain: u64, answer: tokio::sync::oneshot::Sender<Result<(), String>> },
-    /// Send items after `from` from now on, marked `round`.
-    Resync { round: u64, from: u64 },
+    /// Send items after `from` from now on, marked `round`; first the rest
+    /// of a window the stream holds only some parts of.
+    Resync { round: u64, from: u64, partial: Option<Partial> },
     /// JetStream holds every item up to `through`.
     Acked { through: u64, messages: u64 },
     Connected(bool),
@@ -214,6 +269,10 @@ pub struct Uplink {
     /// until the connection asked for items.
     round: Option<u64>,
     sent_through: u64,
+    /// The rest of a window the stream holds only some parts of.
+    partial: Option<Partial>,
+    /// Messages of the current window not yet handed over.
+    queued: VecDeque<Work>,
     pub connected: bool,
     pub last_error: String,
     pub messages: u64,
@@ -227,7 +286,7 @@ impl Uplink {
         let (work, work_rx) = mpsc::channel(WORK_QUEUE);
         let (events_tx, events) = mpsc::channel(MAX_IN_FLIGHT * 2);
         tokio::spawn(connection(cfg.clone(), creds, control_rx, work_rx, events_tx));
-        Uplink { cfg, control, work, events, round: None, sent_through: 0, connected: false, last_error: String::new(), messages: 0 }
+        Uplink { cfg, control, work, events, round: None, sent_through: 0, partial: None, queued: VecDeque::new(), connected: false, last_error: String::new(), messages: 0 }
     }
 
     pub fn config(&self) -> &UplinkConfig {
@@ -240,6 +299,8 @@ impl Uplink {
         if *self.control.borrow() != next {
             if !active {
                 self.round = None;
+                self.queued.clear();
+                self.partial = None;
             }
             let _ = self.control.send(next);
         }
@@ -247,30 +308,64 @@ impl Uplink {
 
     /// The connection resynced: items after `from` (or after the pair's
     /// own position, if that is further) go next.
-    pub fn resync(&mut self, round: u64, from: u64, forwarded: u64) {
+    pub fn resync(&mut self, round: u64, from: u64, partial: Option<Partial>, forwarded: u64) {
         self.round = Some(round);
+        self.queued.clear();
         self.sent_through = from.max(forwarded);
+        self.partial = partial.filter(|p| p.window.0 > self.sent_through);
+        if let Some(p) = &self.partial {
+            self.sent_through = p.window.0 - 1;
+        }
     }
 
-    /// Hands the connection what it has room for, from `owed` (the items
+    /// Hands the connection what it has room for: the queued messages of
+    /// the current window, then the next window from `owed` (the items
     /// after [`Uplink::next_after`] that may leave now, in order).
     pub fn feed<'a>(&mut self, owed: impl Iterator<Item = &'a Item>) {
         let Some(round) = self.round else { return };
-        let mut owed = owed.peekable();
-        while owed.peek().is_some() {
-            let Ok(permit) = self.work.try_reserve() else { return };
-            let mut items: Vec<Item> = Vec::new();
-            while let Some(next) = owed.peek() {
-                let same = items.first().is_none_or(|f| f.what.is_reading() == next.what.is_reading() && f.what.segment() == next.what.segment());
-                if !same || items.len() >= MAX_ITEMS_PER_MESSAGE {
-                    break;
-                }
-                items.push(**next);
-                owed.next();
-            }
-            self.sent_through = items.last().map_or(self.sent_through, |i| i.site_seq);
-            permit.send(Work { round, items });
+        if !self.hand_over() {
+            return;
         }
+        let (items, window, chain, part_base) = match &self.partial {
+            // The rest of a window the stream holds some parts of: all of it
+            // at once (it was committed when its first parts left), minus
+            // what landed.
+            Some(p) => {
+                let all: Vec<Item> = owed.take_while(|i| i.site_seq <= p.window.1).copied().collect();
+                let Some(end) = all.last().filter(|i| i.site_seq == p.window.1) else { return };
+                let chain = end.chain;
+                (all.into_iter().filter(|i| !p.landed.contains(&i.site_seq)).collect::<Vec<_>>(), p.window, chain, p.parts_done)
+            }
+            None => {
+                let items: Vec<Item> = owed.take(MAX_WINDOW).copied().collect();
+                let (Some(first), Some(last)) = (items.first(), items.last()) else { return };
+                let (window, chain) = ((first.site_seq, last.site_seq), last.chain);
+                (items, window, chain, 0)
+            }
+        };
+        self.partial = None;
+        let groups = parts_of(&items);
+        let parts = part_base + groups.len() as u32;
+        for (i, group) in groups.into_iter().enumerate() {
+            self.queued.push_back(Work { round, window, chain, part: part_base + i as u32 + 1, parts, items: group });
+        }
+        self.sent_through = window.1;
+        self.hand_over();
+    }
+
+    /// Hands over queued messages while the channel has room; whether
+    /// all were.
+    fn hand_over(&mut self) -> bool {
+        while let Some(next) = self.queued.pop_front() {
+            match self.work.try_reserve() {
+                Ok(permit) => permit.send(next),
+                Err(_) => {
+                    self.queued.push_front(next);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// The connection's side of a status report.
@@ -348,35 +443,53 @@ async fn forward(
         })
         .await
         .map_err(|e| format!("cannot find or create the stream {name}: {e}"))?;
-    // Where the stream is: its last message, the last site item in it,
-    // and the chain value there.
+    // Where the stream is: its last message names the window of site items
+    // it belongs to, which part of it it is, and the chain value at the
+    // window's end. A window whose last part is there is in the cloud
+    // whole; otherwise the parts before are read back to see which of its
+    // items landed.
     let last_seq = stream.info().await.map_err(|e| format!("cannot read the stream {name}: {e}"))?.state.last_sequence;
-    let (in_cloud, chain) = if last_seq == 0 {
-        (0, 0)
+    let (window_end, chain, partial) = if last_seq == 0 {
+        (0, 0, None)
     } else {
         let last = stream.get_raw_message(last_seq).await.map_err(|e| format!("cannot read message {last_seq} of {name}: {e}"))?;
-        let seq = header_u64(&last.headers, "Fog-Site-Seq-Last");
-        let chain = last.headers.get("Fog-Site-Chain").and_then(|v| u64::from_str_radix(v.as_str(), 16).ok());
-        seq.zip(chain).ok_or_else(|| format!("message {last_seq} of {name} has no Fog-Site-Seq-Last or Fog-Site-Chain header: the stream must be this site's alone"))?
+        let head = Head::of(&last.headers).ok_or_else(|| format!("message {last_seq} of {name} lacks the Fog-Site-* headers: the stream must be this site's alone"))?;
+        if head.part == head.parts {
+            (head.window.1, head.chain, None)
+        } else {
+            let mut landed = std::collections::BTreeSet::new();
+            for seq in (last_seq + 1).saturating_sub(u64::from(head.part)).max(1)..=last_seq {
+                let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
+                Head::of(&m.headers).filter(|h| h.window == head.window).ok_or_else(|| format!("message {seq} of {name} is not a part of the window {:?} its last message is in", head.window))?;
+                landed.extend(site_seqs(&m.payload).ok_or_else(|| format!("message {seq} of {name} has no readable body"))?);
+            }
+            (head.window.1, head.chain, Some(Partial { window: head.window, landed, parts_done: head.part }))
+        }
     };
     // The stream must hold this site's history: ask the loop whether its
     // outbox has the same chain value at that item.
     let (answer, verdict) = tokio::sync::oneshot::channel();
-    let _ = events.send(UplinkEvent::Check { in_cloud, chain, answer }).await;
+    let _ = events.send(UplinkEvent::Check { in_cloud: window_end, chain, answer }).await;
     match verdict.await {
         Ok(Ok(())) => {}
         Ok(Err(why)) => return Err(why),
         Err(_) => return Ok(()),
     }
-    info!(stream = %name, last_seq, in_cloud, "uplink connected: the stream holds this site's items up to {in_cloud}");
+    let in_cloud = match &partial {
+        Some(p) => p.window.0 - 1,
+        None => window_end,
+    };
+    info!(stream = %name, last_seq, in_cloud, partial = partial.is_some(), "uplink connected: the stream holds this site's items up to {in_cloud}");
     let _ = events.send(UplinkEvent::Connected(true)).await;
     if in_cloud > 0 {
         let _ = events.send(UplinkEvent::Acked { through: in_cloud, messages: 0 }).await;
     }
-    let _ = events.send(UplinkEvent::Resync { round, from: in_cloud }).await;
+    let _ = events.send(UplinkEvent::Resync { round, from: in_cloud, partial }).await;
 
     let mut expected = last_seq;
-    let mut in_flight: VecDeque<(AckFuture, u64, u64)> = VecDeque::new();
+    // Each message in flight: its ack, the window it completes (if it is
+    // its last part), and the stream sequence it must get.
+    let mut in_flight: VecDeque<(AckFuture, Option<u64>, u64)> = VecDeque::new();
     loop {
         tokio::select! {
             biased;
@@ -391,37 +504,74 @@ async fn forward(
                 if ack.duplicate || ack.sequence != want {
                     return Err(format!("the stream {name} moved under the uplink (ack of stream seq {} for the message expected at {want}{}): resyncing", ack.sequence, if ack.duplicate { ", a duplicate" } else { "" }));
                 }
-                let _ = events.send(UplinkEvent::Acked { through, messages: 1 }).await;
+                match through {
+                    Some(through) => {
+                        let _ = events.send(UplinkEvent::Acked { through, messages: 1 }).await;
+                    }
+                    None => {
+                        let _ = events.send(UplinkEvent::Acked { through: 0, messages: 1 }).await;
+                    }
+                }
             }
             next = work.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(next) = next else { return Ok(()) };
                 if next.round != round || next.items.is_empty() {
                     continue;
                 }
-                let (first, last) = (next.items[0].site_seq, next.items[next.items.len() - 1].site_seq);
-                let chain = next.items[next.items.len() - 1].chain;
+                let (first, last) = next.window;
                 let subject = cfg.subject(&next.items[0].what);
-                let payload = encode(cfg, control.borrow().epoch, &next.items);
+                let payload = encode(cfg, control.borrow().epoch, &next);
                 let mut headers = HeaderMap::new();
                 headers.insert("Fog-Site", cfg.site.as_str());
                 headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
                 headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
-                headers.insert("Fog-Site-Chain", format!("{chain:016x}").as_str());
+                headers.insert("Fog-Part", format!("{}/{}", next.part, next.parts).as_str());
+                headers.insert("Fog-Site-Chain", format!("{:016x}", next.chain).as_str());
                 let publish = Publish::build()
                     .headers(headers)
                     .payload(payload.into())
-                    .message_id(format!("{}:{first}-{last}", cfg.site))
+                    .message_id(format!("{}:{first}-{last}:{}", cfg.site, next.part))
                     .expected_last_sequence(expected);
                 let ack = js.send_publish(subject, publish).await.map_err(|e| format!("cannot publish to {name}: {e}"))?;
                 expected += 1;
-                in_flight.push_back((ack.into_future(), last, expected));
+                in_flight.push_back((ack.into_future(), (next.part == next.parts).then_some(last), expected));
             }
         }
     }
 }
 
-fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.as_str().parse().ok()
+/// What a message's headers say of its place.
+struct Head {
+    window: (u64, u64),
+    part: u32,
+    parts: u32,
+    chain: u64,
+}
+
+impl Head {
+    fn of(h: &HeaderMap) -> Option<Head> {
+        let get = |name: &str| h.get(name).map(|v| v.as_str().to_string());
+        let (part, parts) = get("Fog-Part")?.split_once('/').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))?;
+        let head = Head {
+            window: (get("Fog-Site-Seq-First")?.parse().ok()?, get("Fog-Site-Seq-Last")?.parse().ok()?),
+            part,
+            parts,
+            chain: u64::from_str_radix(&get("Fog-Site-Chain")?, 16).ok()?,
+        };
+        (head.part >= 1 && head.part <= head.parts && head.window.0 <= head.window.1).then_some(head)
+    }
+}
+
+/// The site sequences of the items in a message body.
+fn site_seqs(payload: &[u8]) -> Option<Vec<u64>> {
+    let body: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let mut out = Vec::new();
+    for kind in ["readings", "averages"] {
+        for item in body.get(kind).and_then(|v| v.as_array()).into_iter().flatten() {
+            out.push(item.get("site_seq")?.as_u64()?);
+        }
+    }
+    Some(out)
 }
 
 /// A message's body: JSON, one object with the site, the segment, the
@@ -430,8 +580,11 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 struct Body<'a> {
     site: &'a str,
     segment: u32,
+    /// The window of site items this message is a part of.
     first: u64,
     last: u64,
+    part: u32,
+    parts: u32,
     /// The epoch of the active that forwarded it.
     epoch: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -463,12 +616,15 @@ struct AverageOut {
     chain: u64,
 }
 
-fn encode(cfg: &UplinkConfig, epoch: u64, items: &[Item]) -> Vec<u8> {
+fn encode(cfg: &UplinkConfig, epoch: u64, work: &Work) -> Vec<u8> {
+    let items = &work.items;
     let mut body = Body {
         site: &cfg.site,
         segment: items.first().map_or(0, |i| i.what.segment()),
-        first: items.first().map_or(0, |i| i.site_seq),
-        last: items.last().map_or(0, |i| i.site_seq),
+        first: work.window.0,
+        last: work.window.1,
+        part: work.part,
+        parts: work.parts,
         epoch,
         readings: Vec::new(),
         averages: Vec::new(),
@@ -535,32 +691,103 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn reading(site_seq: u64, segment: u32, sensor_id: u32) -> Item {
+        Item {
+            site_seq,
+            chain: site_seq * 10,
+            lsn: 1,
+            at_ms: 0,
+            what: Owed::Reading { sensor_id, incarnation: 1, segment, reading: fog_core::Reading { seq: site_seq, speed_kmh: 90, timestamp_ms: 0 } },
+        }
+    }
+
+    fn average(site_seq: u64, segment: u32) -> Item {
+        let a = fog_core::Average { seq: site_seq, epoch: 1, segment, window_end_ms: 0, count: 1, sum_kmh: 90, revision: 0, chain: 0 };
+        Item { site_seq, chain: site_seq * 10, lsn: 1, at_ms: 0, what: Owed::Average(a) }
+    }
+
+    fn seqs(items: &[Item]) -> Vec<u64> {
+        items.iter().map(|i| i.site_seq).collect()
+    }
+
     #[test]
-    fn the_feed_groups_items_by_kind_and_segment_and_stops_when_full() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let (control, _c) = watch::channel(Control::default());
-            let (work, mut work_rx) = mpsc::channel(2);
-            let (_e, events) = mpsc::channel(1);
-            let cfg = UplinkConfig { urls: String::new(), creds: None, site: "s".into(), replicas: 1, duplicate_window: Duration::from_secs(1), backlog_bytes: 1 };
-            let mut up = Uplink { cfg, control, work, events, round: None, sent_through: 0, connected: false, last_error: String::new(), messages: 0 };
-            let reading = |site_seq, segment| Item {
-                site_seq,
-                chain: 0,
-                lsn: 1,
-                at_ms: 0,
-                what: Owed::Reading { sensor_id: 1, incarnation: 1, segment, reading: fog_core::Reading { seq: site_seq, speed_kmh: 90, timestamp_ms: 0 } },
-            };
-            let items: Vec<Item> = vec![reading(1, 0), reading(2, 0), reading(3, 1), reading(4, 0)];
-            up.feed(items.iter());
-            assert!(work_rx.try_recv().is_err(), "nothing is fed before the connection resynced");
-            up.resync(7, 0, 1);
-            up.feed(items.iter().filter(|i| i.site_seq > 1));
-            let a = work_rx.try_recv().unwrap();
-            let b = work_rx.try_recv().unwrap();
-            assert_eq!((a.round, a.items.iter().map(|i| i.site_seq).collect::<Vec<_>>()), (7, vec![2]));
-            assert_eq!(b.items.iter().map(|i| i.site_seq).collect::<Vec<_>>(), vec![3]);
-            assert_eq!(up.next_after(), Some(3), "the queue was full after two batches");
-        });
+    fn a_window_splits_by_segment_keeping_each_sensors_and_the_averages_order() {
+        let items = vec![reading(1, 0, 1), reading(2, 1, 2), average(3, 0), average(4, 1), reading(5, 0, 1), reading(6, 1, 2), average(7, 1)];
+        let parts = parts_of(&items);
+        let got: Vec<Vec<u64>> = parts.iter().map(|p| seqs(p)).collect();
+        assert_eq!(got, vec![vec![1, 5], vec![2, 6], vec![3], vec![4], vec![7]]);
+        let many: Vec<Item> = (1..=2500).map(|i| reading(i, 3, 9)).collect();
+        let parts = parts_of(&many);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), vec![1000, 1000, 500]);
+        assert_eq!(parts.concat().iter().map(|i| i.site_seq).collect::<Vec<_>>(), (1..=2500).collect::<Vec<_>>());
+    }
+
+    fn uplink(queue: usize) -> (Uplink, mpsc::Receiver<Work>) {
+        let (control, _c) = watch::channel(Control::default());
+        let (work, work_rx) = mpsc::channel(queue);
+        let (_e, events) = mpsc::channel(1);
+        let cfg = UplinkConfig { urls: String::new(), creds: None, site: "s".into(), replicas: 1, duplicate_window: Duration::from_secs(1), backlog_bytes: 1 };
+        (Uplink { cfg, control, work, events, round: None, sent_through: 0, partial: None, queued: VecDeque::new(), connected: false, last_error: String::new(), messages: 0 }, work_rx)
+    }
+
+    #[test]
+    fn the_feed_hands_over_windows_and_waits_when_full() {
+        let (mut up, mut rx) = uplink(2);
+        let items: Vec<Item> = vec![reading(1, 0, 1), reading(2, 1, 2), reading(3, 2, 3), reading(4, 0, 1)];
+        up.feed(items.iter());
+        assert!(rx.try_recv().is_err(), "nothing is fed before the connection resynced");
+        up.resync(7, 0, None, 1);
+        up.feed(items.iter().filter(|i| i.site_seq > 1));
+        assert_eq!(up.next_after(), Some(4), "the window is planned whole");
+        // The channel holds two: the third part waits, and no new window starts.
+        up.feed(items.iter().filter(|i| i.site_seq > 4));
+        let a = rx.try_recv().unwrap();
+        let b = rx.try_recv().unwrap();
+        assert!(rx.try_recv().is_err());
+        assert_eq!((a.round, a.window, a.part, a.parts, seqs(&a.items)), (7, (2, 4), 1, 3, vec![2]));
+        assert_eq!((b.part, seqs(&b.items), b.chain), (2, vec![3], 40));
+        up.feed(std::iter::empty());
+        let c = rx.try_recv().unwrap();
+        assert_eq!((c.part, c.parts, seqs(&c.items)), (3, 3, vec![4]));
+    }
+
+    #[test]
+    fn a_window_cut_short_is_finished_without_what_landed() {
+        let (mut up, mut rx) = uplink(8);
+        let items: Vec<Item> = vec![reading(5, 0, 1), reading(6, 1, 2), reading(7, 0, 1), reading(8, 2, 3), reading(9, 0, 4)];
+        let partial = Partial { window: (5, 8), landed: [5, 7].into_iter().collect(), parts_done: 1 };
+        up.resync(3, 4, Some(partial), 4);
+        assert_eq!(up.next_after(), Some(4));
+        up.feed(items.iter());
+        let a = rx.try_recv().unwrap();
+        let b = rx.try_recv().unwrap();
+        assert_eq!((a.window, a.part, a.parts, seqs(&a.items), a.chain), ((5, 8), 2, 3, vec![6], 80));
+        assert_eq!((b.part, b.parts, seqs(&b.items)), (3, 3, vec![8]));
+        assert!(rx.try_recv().is_err(), "the window ends at 8; 9 starts the next");
+        up.feed(items.iter().filter(|i| i.site_seq > 8));
+        let c = rx.try_recv().unwrap();
+        assert_eq!((c.window, c.part, c.parts), ((9, 9), 1, 1));
+        // A partial window the pair has already forwarded past is dropped.
+        let (mut up, _rx) = uplink(8);
+        up.resync(1, 4, Some(Partial { window: (3, 4), landed: Default::default(), parts_done: 1 }), 6);
+        assert_eq!(up.next_after(), Some(6));
+    }
+
+    #[test]
+    fn headers_are_read_strictly() {
+        let mut h = HeaderMap::new();
+        h.insert("Fog-Site-Seq-First", "5");
+        h.insert("Fog-Site-Seq-Last", "9");
+        h.insert("Fog-Part", "2/3");
+        h.insert("Fog-Site-Chain", "00000000000000ff");
+        let head = Head::of(&h).unwrap();
+        assert_eq!((head.window, head.part, head.parts, head.chain), ((5, 9), 2, 3, 255));
+        for (name, bad) in [("Fog-Part", "4/3"), ("Fog-Part", "0/3"), ("Fog-Part", "x"), ("Fog-Site-Seq-First", "10"), ("Fog-Site-Chain", "zz")] {
+            let mut b = h.clone();
+            b.insert(name, bad);
+            assert!(Head::of(&b).is_none(), "{name}: {bad}");
+        }
+        assert_eq!(site_seqs(br#"{"readings":[{"site_seq":3}],"averages":[{"site_seq":4}]}"#), Some(vec![3, 4]));
+        assert_eq!(site_seqs(b"not json"), None);
     }
 }
