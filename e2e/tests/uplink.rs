@@ -22,7 +22,6 @@ use serde_json::Value;
 
 const SITE: &str = "a1";
 const STREAM: &str = "FOG_A1";
-const SENSORS: &str = "20";
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -47,7 +46,7 @@ impl Site {
         let dir = scratch_dir(label).unwrap();
         let cloud = NatsCluster::start(&dir.join("cloud"), 3, NatsAuth::Sites(vec![SITE.into()])).unwrap();
         let pair = Pair::on_free_ports().unwrap();
-        let keys = PairKeys::generate(&dir, &[("host", "sensors=1-20")]).unwrap();
+        let keys = PairKeys::generate(&dir, &[("host", "sensors=1-1000")]).unwrap();
         let mut site = Site { dir, pair, keys, primary: None, backup: None, cloud };
         site.primary = Some(site.server(true, window));
         site.backup = Some(site.server(false, window));
@@ -61,10 +60,10 @@ impl Site {
         start_keyed_server(&self.pair, primary, &flags, &self.dir, &self.keys).unwrap()
     }
 
-    /// A host of 20 sensors sending every 100 ms for `secs`.
-    fn host(&self, secs: u32) -> Proc {
-        let duration = format!("{secs}s");
-        let mut args: Vec<String> = ["--sensors", SENSORS, "--first-id", "1", "--segments", "3", "--interval", "100ms", "--timeout", "500ms", "--duration", &duration, "--servers", &self.pair.servers()]
+    /// A host of `sensors` sensors sending every 100 ms for `secs`.
+    fn host(&self, sensors: u32, secs: u32) -> Proc {
+        let (duration, sensors) = (format!("{secs}s"), sensors.to_string());
+        let mut args: Vec<String> = ["--sensors", &sensors, "--first-id", "1", "--segments", "3", "--interval", "100ms", "--timeout", "500ms", "--duration", &duration, "--servers", &self.pair.servers()]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -178,7 +177,9 @@ impl Cloud {
 fn a_kill_of_the_active_server_while_forwarding_sends_nothing_twice() {
     let _serial = serial();
     let Some(mut site) = Site::start("uplink-kill-active", "2m") else { return };
-    let host = site.host(12);
+    // 10 000 readings a second: windows of thousands of items in many
+    // parts, so the kill likely cuts one short.
+    let host = site.host(1000, 12);
     site.forwarding(true);
     site.status_when(false, "a caught-up passive", is_caught_up);
     site.primary.take().expect("the primary").kill().unwrap();
@@ -190,7 +191,7 @@ fn a_kill_of_the_active_server_while_forwarding_sends_nothing_twice() {
 fn a_kill_of_the_stream_leader_sends_nothing_twice() {
     let _serial = serial();
     let Some(mut site) = Site::start("uplink-kill-leader", "2m") else { return };
-    let host = site.host(12);
+    let host = site.host(1000, 12);
     site.forwarding(true);
     let leader = wait_for("the stream's leader", Duration::from_secs(30), || site.cloud.stream_leader(STREAM)).unwrap();
     site.cloud.kill(leader).unwrap();
@@ -207,7 +208,7 @@ fn a_cloud_away_longer_than_the_duplicate_window_gets_everything_once() {
     // A duplicate window of 1 s: the outage is far longer, so JetStream's
     // message ids cannot be what keeps resends out.
     let Some(mut site) = Site::start("uplink-outage", "1s") else { return };
-    let host = site.host(16);
+    let host = site.host(20, 16);
     site.forwarding(true);
     site.cloud.stop_all().unwrap();
     // The site keeps acking and averaging; its backlog grows.

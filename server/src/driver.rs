@@ -521,7 +521,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     let up = uplink.as_mut().expect("an event came from it");
                     match event {
                         UplinkEvent::Check { in_cloud, chain, answer } => {
-                            let _ = answer.send(check_stream(node.outbox(), in_cloud, chain));
+                            let _ = answer.send(node.outbox().check_stream(in_cloud, chain));
                         }
                         UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, node.outbox().forwarded()),
                         UplinkEvent::Acked { through, messages } => {
@@ -558,18 +558,6 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
-    }
-}
-
-/// Whether a stream whose last message ends at site item `in_cloud` with
-/// chain value `chain` holds this pair's history.
-fn check_stream(outbox: &crate::outbox::Outbox, in_cloud: u64, chain: u64) -> Result<(), String> {
-    match outbox.chain_at(in_cloud) {
-        Some(mine) if mine == chain => Ok(()),
-        Some(_) => Err(format!("the stream's item {in_cloud} is not this site's (another history: a side of a split forwarded items the pair abandoned); forwarding stops until an operator looks")),
-        None if in_cloud > outbox.last_seq() => Err(format!("the stream is ahead of this site (item {in_cloud}, this site has {}): it holds another history; forwarding stops until an operator looks", outbox.last_seq())),
-        None if in_cloud < outbox.forwarded() => Err(format!("the stream lost items: it ends at item {in_cloud}, the pair had forwarded up to {}; forwarding stops until an operator looks", outbox.forwarded())),
-        None => Err(format!("cannot check the stream's item {in_cloud} against this site's outbox")),
     }
 }
 

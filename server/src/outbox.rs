@@ -183,6 +183,18 @@ impl Outbox {
         self.items.range(start..).take_while(move |i| i.lsn <= commit_lsn)
     }
 
+    /// Whether a stream whose last message ends at site item `in_cloud`
+    /// with chain value `chain` holds this pair's history (`Err`: why not).
+    pub fn check_stream(&self, in_cloud: u64, chain: u64) -> Result<(), String> {
+        match self.chain_at(in_cloud) {
+            Some(mine) if mine == chain => Ok(()),
+            Some(_) => Err(format!("the stream's item {in_cloud} is not this site's (another history: a side of a split forwarded items the pair abandoned); forwarding stops until an operator looks")),
+            None if in_cloud > self.last_seq() => Err(format!("the stream is ahead of this site (item {in_cloud}, this site has {}): it holds another history; forwarding stops until an operator looks", self.last_seq())),
+            None if in_cloud < self.forwarded() => Err(format!("the stream lost items: it ends at item {in_cloud}, the pair had forwarded up to {}; forwarding stops until an operator looks", self.forwarded())),
+            None => Err(format!("cannot check the stream's item {in_cloud} against this site's outbox")),
+        }
+    }
+
     pub fn forwarded(&self) -> u64 {
         self.forwarded
     }

@@ -518,26 +518,29 @@ async fn forward(
                 if next.round != round || next.items.is_empty() {
                     continue;
                 }
-                let (first, last) = next.window;
-                let subject = cfg.subject(&next.items[0].what);
-                let payload = encode(cfg, control.borrow().epoch, &next);
-                let mut headers = HeaderMap::new();
-                headers.insert("Fog-Site", cfg.site.as_str());
-                headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
-                headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
-                headers.insert("Fog-Part", format!("{}/{}", next.part, next.parts).as_str());
-                headers.insert("Fog-Site-Chain", format!("{:016x}", next.chain).as_str());
-                let publish = Publish::build()
-                    .headers(headers)
-                    .payload(payload.into())
-                    .message_id(format!("{}:{first}-{last}:{}", cfg.site, next.part))
-                    .expected_last_sequence(expected);
+                let (subject, headers, payload) = message(cfg, control.borrow().epoch, &next);
+                let publish = Publish::build().headers(headers).payload(payload.into()).expected_last_sequence(expected);
                 let ack = js.send_publish(subject, publish).await.map_err(|e| format!("cannot publish to {name}: {e}"))?;
                 expected += 1;
-                in_flight.push_back((ack.into_future(), (next.part == next.parts).then_some(last), expected));
+                in_flight.push_back((ack.into_future(), (next.part == next.parts).then_some(next.window.1), expected));
             }
         }
     }
+}
+
+/// A message of the uplink: its subject, headers (without the expected
+/// last sequence, which depends on the stream) and JSON body.
+pub fn message(cfg: &UplinkConfig, epoch: u64, work: &Work) -> (String, HeaderMap, Vec<u8>) {
+    let (first, last) = work.window;
+    let mut headers = HeaderMap::new();
+    headers.insert("Fog-Site", cfg.site.as_str());
+    headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
+    headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
+    headers.insert("Fog-Part", format!("{}/{}", work.part, work.parts).as_str());
+    headers.insert("Fog-Site-Chain", format!("{:016x}", work.chain).as_str());
+    headers.insert("Nats-Msg-Id", format!("{}:{first}-{last}:{}", cfg.site, work.part).as_str());
+    let subject = work.items.first().map_or_else(|| format!("fog.{}.empty", cfg.site), |i| cfg.subject(&i.what));
+    (subject, headers, encode(cfg, epoch, work))
 }
 
 /// What a message's headers say of its place.
