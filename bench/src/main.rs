@@ -114,6 +114,11 @@ struct Args {
     /// Publishes awaiting their JetStream ack, at most, in the uplink benchmark.
     #[arg(long, default_value_t = 64, global = true)]
     uplink_in_flight: usize,
+
+    /// Readings the fog pair counts while the cloud is away, and then
+    /// forwards, in the uplink benchmark.
+    #[arg(long, default_value_t = 1_000_000, global = true)]
+    uplink_fog_readings: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,7 +343,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // runs in each mode so that the fog uplink of that mode has its
         // ceiling measured right beside it.
         for &s in modes {
-            report.of(s).uplink = Some(uplink::run(uplink_shape, args.warmup, args.measure).await?);
+            report.of(s).uplink = Some(uplink::run(uplink_shape, s, args.uplink_fog_readings, args.warmup, args.measure).await?);
         }
     }
     if args.json {
@@ -541,6 +546,19 @@ fn print_table(report: &Report) {
             format!(
                 "until a restarted server answers with all {} readings counted; data dir {:.0} MiB, {} readings written in {:.1} s",
                 r.counted, r.data_dir_mib, r.readings, r.write_s
+            ),
+        ))
+    });
+    rows("uplink, fog pair", &|f| {
+        let u = f.uplink.as_ref()?;
+        Some((
+            format!("{:.0} r/s", u.fog.items_per_s),
+            format!(
+                "{} items drained in {:.1} s after the cloud came back, {:.0} msg/s; {:.0}% of the bare publisher",
+                u.fog.items,
+                u.fog.seconds,
+                u.fog.messages_per_s,
+                u.fog.items_per_s / u.bare.readings_per_s * 100.0
             ),
         ))
     });

@@ -111,6 +111,8 @@ pub struct ServerPair {
     /// Each server's `/metrics` address (`IP:PORT`), or `None` when they
     /// run with `--metrics-bind off`.
     pub metrics: Option<[String; 2]>,
+    /// More flags for both servers.
+    pub extra: Vec<String>,
 }
 
 impl ServerPair {
@@ -122,7 +124,17 @@ impl ServerPair {
             Security::Curve => Some(Keys::generate(dir)?),
         };
         let port = || -> anyhow::Result<String> { Ok(format!("127.0.0.1:{}", fog_testkit::free_port()?)) };
-        Ok(ServerPair { endpoints: fog_testkit::Pair::on_free_ports()?, keys, dir: dir.to_path_buf(), metrics: Some([port()?, port()?]) })
+        Ok(ServerPair { endpoints: fog_testkit::Pair::on_free_ports()?, keys, dir: dir.to_path_buf(), metrics: Some([port()?, port()?]), extra: Vec::new() })
+    }
+
+    /// The same pair with more flags for both servers.
+    pub fn with_args(self, extra: &[String]) -> ServerPair {
+        ServerPair { extra: extra.to_vec(), ..self }
+    }
+
+    /// The status of one server, from a thread that may block.
+    pub fn status_now(&self, primary: bool) -> anyhow::Result<fog_protocol::StatusReport> {
+        Ok(fog_server::query_status_blocking(self.frontend_address(primary), Duration::from_secs(2), self.status_keys(primary).as_ref())?)
     }
 
     /// The same pair with its metrics endpoints off.
@@ -138,6 +150,7 @@ impl ServerPair {
         }
         let metrics = self.metrics.as_ref().map_or("off".to_string(), |m| m[usize::from(!primary)].clone());
         args.extend(["--metrics-bind".to_string(), metrics]);
+        args.extend(self.extra.iter().cloned());
         Proc::spawn(name, &bin("fog-server")?, &args, &self.dir)
     }
 

@@ -70,6 +70,21 @@ pub struct Uplink {
     pub max_in_flight: usize,
     /// A bare async-nats publisher of the same messages: the ceiling.
     pub bare: UplinkThroughput,
+    /// A fog server pair forwarding what it counted while the cloud was
+    /// away: its backlog drained into its own R3 stream on the same cluster.
+    pub fog: FogUplink,
+}
+
+/// How fast a site pair's uplink empties its backlog into JetStream.
+#[derive(Debug, Serialize)]
+pub struct FogUplink {
+    /// Site items (readings and averages) forwarded.
+    pub items: u64,
+    pub messages: u64,
+    /// From the first item forwarded after the cloud came back to the last.
+    pub seconds: f64,
+    pub items_per_s: f64,
+    pub messages_per_s: f64,
 }
 
 /// Messages and readings JetStream acked per second of the measurement.
@@ -98,18 +113,21 @@ impl Cloud {
         let dir = scratch_dir("bench-uplink")?;
         let cleanup = RemoveOnDrop(dir.clone());
         let cluster = NatsCluster::start(&dir, 3, NatsAuth::Site)?;
-        cluster.create_stream(STREAM, &["fog.>"], 3, Duration::from_secs(120))?;
+            // The bare publisher's stream holds its site's subjects only, so
+        // the fog site's own stream (fog.<its site>.>) can sit beside it.
+        cluster.create_stream(STREAM, &[&format!("fog.{SITE}.>")], 3, Duration::from_secs(120))?;
         Ok(Cloud { cluster, _cleanup: cleanup })
     }
 }
 
 /// Starts a [`Cloud`] and measures the publishers against it.
-pub async fn run(shape: UplinkShape, warmup: Duration, measure: Duration) -> anyhow::Result<Uplink> {
+pub async fn run(shape: UplinkShape, security: crate::Security, fog_readings: u64, warmup: Duration, measure: Duration) -> anyhow::Result<Uplink> {
     shape.check()?;
-    let cloud = Cloud::start()?;
+    let mut cloud = Cloud::start()?;
     let payloads = payloads(shape.readings_per_message)?;
     let message_bytes = payloads[0].len();
     let bare = bare_publisher(&cloud, shape, &payloads, warmup, measure).await?;
+    let fog = fog_uplink(&mut cloud, security, fog_readings).await?;
     Ok(Uplink {
         nats_nodes: cloud.cluster.nodes().len(),
         replicas: 3,
@@ -117,6 +135,7 @@ pub async fn run(shape: UplinkShape, warmup: Duration, measure: Duration) -> any
         message_bytes,
         max_in_flight: shape.max_in_flight,
         bare,
+        fog,
     })
 }
 
@@ -205,4 +224,48 @@ pub async fn bare_publisher(cloud: &Cloud, shape: UplinkShape, payloads: &[Vec<u
         messages: measured,
         stored,
     })
+}
+
+/// A keyed (or not) site pair forwarding to `cloud`: the cloud goes away,
+/// the pair counts `readings` from the load generator (its outbox holds
+/// them), the cloud comes back, and the uplink drains the backlog; the
+/// figure is items per second from the first forwarded after the return
+/// to the last.
+pub async fn fog_uplink(cloud: &mut Cloud, security: crate::Security, readings: u64) -> anyhow::Result<FogUplink> {
+    eprintln!("uplink [{}]: a fog pair forwards {readings} readings counted while the cloud was away ...", security.name());
+    let dir = scratch_dir("bench-fog-uplink")?;
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let creds = cloud.cluster.creds().context("the cloud has site credentials")?.display().to_string();
+    let flags: Vec<String> = ["--uplink", &cloud.cluster.urls(), "--site", "site1", "--uplink-creds", &creds, "--uplink-replicas", "3", "--uplink-backlog", "2G"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let pair = crate::pair::ServerPair::new(security, &dir)?.with_args(&flags);
+    let _primary = pair.start(true)?;
+    let _backup = pair.start(false)?;
+    let status = || pair.status_now(true);
+    fog_testkit::wait_for("the uplink to connect", Duration::from_secs(60), || status().ok().filter(|s| s.uplink.as_ref().is_some_and(|u| u.connected)))?;
+    cloud.cluster.stop_all()?;
+    let shape = crate::load::LoadShape { connections: 1, in_flight: 4, sensors: 1000, readings_per_sensor: 10, rate: None, max_readings: Some(readings) };
+    crate::load::run(&pair.frontend(true), shape, crate::load::Target::Server, Duration::ZERO, Duration::from_secs(600)).await?;
+    let owed = fog_testkit::wait_for("the readings counted", Duration::from_secs(120), || status().ok().filter(|s| s.counted >= readings))?;
+    let before = owed.uplink.context("the pair runs an uplink")?;
+    cloud.cluster.start_all()?;
+    // From the first item forwarded after the return (the uplink's
+    // reconnect wait does not count) to the last.
+    let (started, from, messages_from) = fog_testkit::wait_for("the uplink to forward again", Duration::from_secs(120), || {
+        let u = status().ok()?.uplink?;
+        (u.forwarded_through > before.forwarded_through).then(|| (Instant::now(), u.forwarded_through, u.messages))
+    })?;
+    let last = fog_testkit::wait_for("the backlog to drain", Duration::from_secs(600), || {
+        let u = status().ok()?.uplink?;
+        (u.backlog_items == 0 && u.forwarded_through >= before.last_seq).then_some(u)
+    })?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-3);
+    if last.dropped > 0 {
+        bail!("the pair dropped {} items at its backlog bound: raise --uplink-backlog for the benchmark", last.dropped);
+    }
+    let items = last.forwarded_through - from;
+    let messages = last.messages - messages_from;
+    Ok(FogUplink { items, messages, seconds, items_per_s: items as f64 / seconds, messages_per_s: messages as f64 / seconds })
 }
