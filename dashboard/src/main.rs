@@ -128,7 +128,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// The token: the file's first line, without surrounding blanks.
+/// The token: the file's first line, without surrounding blanks, of at
+/// least 16 visible characters.
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
     if meta.len() > 4096 {
@@ -141,6 +142,10 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         bail!("the token in {} has characters an HTTP header cannot carry: use printable ASCII", path.display());
+    }
+    // As the servers' and hosts' --metrics-token-file, whose token this one usually is.
+    if token.len() < 16 {
+        bail!("the token in {} is {} characters: use at least 16", path.display(), token.len());
     }
     Ok(token.to_string())
 }
