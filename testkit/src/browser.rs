@@ -151,9 +151,9 @@ pub struct Element<'a> {
     pub text: &'a str,
 }
 
-impl Element<'_> {
+impl<'a> Element<'a> {
     /// The value of attribute `name` (as the DOM serializes it: in double quotes).
-    pub fn attr(&self, name: &str) -> Option<&str> {
+    pub fn attr(&self, name: &str) -> Option<&'a str> {
         let key = format!(" {name}=\"");
         let start = self.tag.find(&key)? + key.len();
         let len = self.tag[start..].find('"')?;
