@@ -274,6 +274,16 @@ impl Live {
                 self.failovers.push_back(Failover { t: wall_ms, to, name: self.servers[to].name(), epoch });
             }
         }
+        // The epoch a takeover starts may show a scrape after the takeover
+        // itself: the mark takes the newest while it is recent.
+        if let (Some(to), Some(mark)) = (active, self.failovers.back_mut())
+            && mark.to == to
+            && wall_ms.saturating_sub(mark.t) < SAME_FAILOVER_MS
+            && let Some(epoch) = self.servers[to].now().and_then(|s| s.value("fog_server_epoch"))
+            && mark.epoch.is_none_or(|e| epoch > e)
+        {
+            mark.epoch = Some(epoch);
+        }
         if active.is_some() {
             self.last_active = active;
         }
@@ -549,6 +559,21 @@ mod tests {
         assert_eq!((sample.active, sample.split), (Some(0), true));
         assert_eq!(live.failovers().len(), 2);
         assert_eq!(live.failovers()[1].name, "primary");
+    }
+
+    #[test]
+    fn a_mark_takes_the_epoch_the_takeover_starts_when_it_shows_late() {
+        let mut live = live();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        live.observe(at(0), 1_000, vec![server("primary", true, 1, 100, 0, [0, 0, 0], &[]), server("backup", false, 1, 100, 0, [0, 0, 0], &[])], vec![]);
+        // The counter moved before the node said it was active in a new epoch.
+        live.observe(at(1), 2_000, vec![down(), server("backup", false, 1, 100, 1, [0, 0, 0], &[])], vec![]);
+        assert_eq!(live.failovers()[0].epoch, Some(1.0));
+        live.observe(at(2), 3_000, vec![down(), server("backup", true, 2, 100, 1, [0, 0, 0], &[])], vec![]);
+        assert_eq!(live.failovers().len(), 1);
+        assert_eq!(live.failovers()[0].epoch, Some(2.0));
+        assert_eq!(live.failovers()[0].t, 2_000, "the mark stays where the takeover was first seen");
     }
 
     #[test]
