@@ -30,6 +30,10 @@ pub const MAX_SEGMENTS: usize = 64;
 /// A failover mark within this long of one for the same server is the same
 /// failover seen twice (the active changed, and its counter grew).
 const SAME_FAILOVER_MS: u64 = 10_000;
+/// Readings per second are averaged over this many scrapes: a process
+/// brings its figures up to date once a second, as often as they are
+/// scraped, so one interval may see two updates and the next none.
+const RATE_SCRAPES: usize = 5;
 
 /// One scrape's outcome: the metrics, or why there are none.
 pub type Outcome = Result<Scrape, String>;
@@ -45,11 +49,22 @@ struct Source {
     role: Option<String>,
     /// Wall-clock ms of the last good scrape.
     seen_ms: Option<u64>,
+    /// `fog_server_readings_counted_total` of the last good scrapes in a
+    /// row, at most [`RATE_SCRAPES`] + 1 of them.
+    counted: VecDeque<(Instant, f64)>,
 }
 
 impl Source {
     fn new(endpoint: Endpoint) -> Self {
-        Source { endpoint, error: Some("not scraped yet".to_string()), last: None, before: None, role: None, seen_ms: None }
+        Source {
+            endpoint,
+            error: Some("not scraped yet".to_string()),
+            last: None,
+            before: None,
+            role: None,
+            seen_ms: None,
+            counted: VecDeque::with_capacity(RATE_SCRAPES + 1),
+        }
     }
 
     fn up(&self) -> bool {
@@ -67,6 +82,13 @@ impl Source {
                 if let Some(role) = ["primary", "backup"].into_iter().find(|r| scrape.get("fog_server_info", &[("role", r)]) == Some(1.0)) {
                     self.role = Some(role.to_string());
                 }
+                if self.counted.len() > RATE_SCRAPES {
+                    self.counted.pop_front();
+                }
+                match scrape.value("fog_server_readings_counted_total").filter(|n| n.is_finite()) {
+                    Some(counted) => self.counted.push_back((at, counted)),
+                    None => self.counted.clear(),
+                }
                 self.before = self.last.take();
                 self.last = Some((at, scrape));
                 self.error = None;
@@ -76,6 +98,7 @@ impl Source {
                 self.error = Some(error);
                 // A rate across an outage would blend two runs of the process.
                 self.before = None;
+                self.counted.clear();
             }
         }
     }
@@ -86,6 +109,14 @@ impl Source {
         let (before_at, before) = self.before.as_ref()?;
         let seconds = now_at.duration_since(*before_at).as_secs_f64();
         (seconds > 0.0).then_some((now, before, seconds))
+    }
+
+    /// Readings counted per second over the last scrapes in a row.
+    fn readings_per_second(&self) -> Option<f64> {
+        let (first_at, first) = self.counted.front()?;
+        let (last_at, last) = self.counted.back()?;
+        let seconds = last_at.duration_since(*first_at).as_secs_f64();
+        (seconds > 0.0 && last >= first).then(|| (last - first) / seconds)
     }
 
     fn name(&self) -> String {
@@ -294,11 +325,7 @@ impl Live {
         let scrape = source.and_then(Source::now);
         let get = |name: &str| scrape.and_then(|s| s.value(name)).filter(|v| v.is_finite());
         let interval = source.and_then(Source::interval);
-        let readings_per_second = interval.and_then(|(now, before, seconds)| {
-            let counted = |s: &Scrape| s.value("fog_server_readings_counted_total");
-            let delta = counted(now)? - counted(before)?;
-            (delta >= 0.0 && delta.is_finite()).then_some(delta / seconds)
-        });
+        let readings_per_second = source.filter(|s| s.up()).and_then(Source::readings_per_second);
         let ack = |q: f64| {
             let (now, before, _) = interval?;
             quantile_between(q, &before.buckets("fog_server_ack_seconds"), &now.buckets("fog_server_ack_seconds")).map(|s| s * 1000.0)
@@ -551,7 +578,8 @@ mod tests {
         assert_eq!(live.failovers().len(), 1, "{:?}", live.failovers());
         let mark = &live.failovers()[0];
         assert_eq!((mark.t, mark.to, mark.name.as_str(), mark.epoch), (3_000, 1, "backup", Some(2.0)));
-        assert_eq!(live.samples().back().unwrap().readings_per_second, Some(30.0));
+        // The backup's own scrapes since it was last unreachable (never): 100 to 150 in 3 s.
+        assert_eq!(live.samples().back().unwrap().readings_per_second, Some(50.0 / 3.0));
         // The primary comes back passive: no mark; a split (both active) picks the newer epoch.
         live.observe(at(4), 5_000, vec![server("primary", false, 2, 150, 0, [0, 0, 0], &[]), server("backup", true, 2, 150, 1, [0, 0, 0], &[])], vec![]);
         live.observe(at(5), 6_000, vec![server("primary", true, 3, 150, 1, [0, 0, 0], &[]), server("backup", true, 2, 150, 1, [0, 0, 0], &[])], vec![]);
@@ -559,6 +587,25 @@ mod tests {
         assert_eq!((sample.active, sample.split), (Some(0), true));
         assert_eq!(live.failovers().len(), 2);
         assert_eq!(live.failovers()[1].name, "primary");
+    }
+
+    #[test]
+    fn readings_per_second_average_over_the_last_scrapes_and_restart_after_an_outage() {
+        let mut live = live();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let active = |counted| vec![server("primary", true, 1, counted, 0, [0, 0, 0], &[]), down()];
+        // The figures came up to date twice in one interval and not in the next.
+        for (i, counted) in [0, 160, 160, 480, 640, 800, 960].into_iter().enumerate() {
+            live.observe(at(i as u64), 1_000 * (i as u64 + 1), active(counted), vec![]);
+        }
+        let rates: Vec<Option<f64>> = live.samples().iter().map(|s| s.readings_per_second).collect();
+        assert_eq!(rates, [None, Some(160.0), Some(80.0), Some(160.0), Some(160.0), Some(160.0), Some(160.0)]);
+        live.observe(at(7), 8_000, vec![down(), down()], vec![]);
+        live.observe(at(8), 9_000, active(2_000), vec![]);
+        assert_eq!(live.samples().back().unwrap().readings_per_second, None, "no rate across the outage");
+        live.observe(at(9), 10_000, active(2_100), vec![]);
+        assert_eq!(live.samples().back().unwrap().readings_per_second, Some(100.0));
     }
 
     #[test]
