@@ -7,7 +7,7 @@
 //! who is active (a server whose `fog_server_active` is 1; of two, the one
 //! in the newer epoch), its epoch, whether its passive is in sync and how
 //! far behind it is, readings counted per second (the active's
-//! `fog_server_readings_counted_total` over the interval), ack latency
+//! `fog_server_readings_counted_total` over its last 5 scrapes), ack latency
 //! (p50 and p99 of the active's `fog_server_ack_seconds` observations in
 //! the interval), each segment's average speed (the active's, else the
 //! hosts') and advisory limit (the hosts'), and the hosts' sensors by
