@@ -17,13 +17,18 @@
 //!   the first batch acked by the new active, over several runs;
 //! - `recovery`: kill -9 of a server whose log holds 10 M readings, time
 //!   until the restarted server answers with all of them counted;
+//! - `uplink`: messages and readings per second JetStream acks from a bare
+//!   async-nats publisher of the uplink's messages, into an R3 stream of a
+//!   3-node NATS cluster on loopback ([`uplink`]); needs `nats-server`;
 //! - `all` (the default): all of the above in one run, so the ratio to the
-//!   transport ceiling holds on a noisy machine.
+//!   transport ceiling holds on a noisy machine (`uplink` only where
+//!   `nats-server` is installed).
 
 mod echo;
 mod load;
 mod pair;
 mod system;
+mod uplink;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -101,6 +106,14 @@ struct Args {
     /// Readings in the log of the server restarted by the recovery benchmark.
     #[arg(long, default_value_t = 10_000_000, global = true)]
     recovery_readings: u64,
+
+    /// Readings per message in the uplink benchmark (JSON, ~100 bytes each).
+    #[arg(long, default_value_t = 1000, global = true)]
+    uplink_readings: usize,
+
+    /// Publishes awaiting their JetStream ack, at most, in the uplink benchmark.
+    #[arg(long, default_value_t = 64, global = true)]
+    uplink_in_flight: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +132,9 @@ enum What {
     Failover,
     /// Restart of a server whose write-ahead log holds many readings.
     Recovery,
+    /// Readings/s into an R3 JetStream stream on a 3-node NATS cluster
+    /// (needs nats-server).
+    Uplink,
     /// Run the bare echo server (used by `transport`).
     #[command(hide = true)]
     EchoServer {
@@ -193,6 +209,8 @@ struct Figures {
     failover: Option<system::Failover>,
     #[serde(skip_serializing_if = "Option::is_none")]
     recovery: Option<system::Recovery>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uplink: Option<uplink::Uplink>,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,9 +260,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return echo::serve(endpoint, key.as_deref().zip(authorized_keys.as_deref())).await;
     }
     shape(&args).check().context("the throughput load (--sensors, --readings-per-sensor, --in-flight)")?;
+    let uplink_shape = uplink::UplinkShape { readings_per_message: args.uplink_readings, max_in_flight: args.uplink_in_flight };
+    // The uplink runs where nats-server is: asked for alone it must be
+    // there; in `all` it is left out without it, and said so.
+    let uplink_wanted = match what {
+        What::Uplink => {
+            uplink_shape.check()?;
+            fog_testkit::nats::nats_server().context("the uplink benchmark needs nats-server (apt-get install nats-server)")?;
+            true
+        }
+        What::All => match fog_testkit::nats::nats_server() {
+            Some(_) => uplink_shape.check().map(|()| true)?,
+            None => {
+                eprintln!("uplink: left out, nats-server is not installed (apt-get install nats-server)");
+                false
+            }
+        },
+        _ => false,
+    };
     // The binaries the benchmarks start, built from the current source: a
     // stale or missing one is one error line that says what to build.
-    let needs_server = !matches!(what, What::Transport);
+    let needs_server = !matches!(what, What::Transport | What::Uplink);
     let needs_host = matches!(what, What::All | What::E2e | What::Failover);
     for (name, needed) in [("fog-server", needs_server), ("fog-host", needs_host)] {
         if needed {
@@ -295,6 +331,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for &s in modes {
             eprintln!("recovery [{}]: restart a server whose log holds {} readings ...", s.name(), args.recovery_readings);
             report.of(s).recovery = Some(system::recovery(s, args.recovery_readings, shape(&args)).await?);
+        }
+    }
+    if uplink_wanted {
+        // The bare publisher does not depend on the site's security; it
+        // runs in each mode so that the fog uplink of that mode has its
+        // ceiling measured right beside it.
+        for &s in modes {
+            report.of(s).uplink = Some(uplink::run(uplink_shape, args.warmup, args.measure).await?);
         }
     }
     if args.json {
@@ -497,6 +541,16 @@ fn print_table(report: &Report) {
             format!(
                 "until a restarted server answers with all {} readings counted; data dir {:.0} MiB, {} readings written in {:.1} s",
                 r.counted, r.data_dir_mib, r.readings, r.write_s
+            ),
+        ))
+    });
+    rows("uplink, bare async-nats", &|f| {
+        let u = f.uplink.as_ref()?;
+        Some((
+            format!("{:.0} r/s", u.bare.readings_per_s),
+            format!(
+                "{:.0} msg/s of {} readings ({} B), {:.1} MiB/s, {} acks in flight, R{} on {} NATS nodes",
+                u.bare.messages_per_s, u.readings_per_message, u.message_bytes, u.bare.mib_per_s, u.max_in_flight, u.replicas, u.nats_nodes
             ),
         ))
     });

@@ -46,6 +46,18 @@ fn every_figure(mode: &str) {
     // Killing the active lost and duplicated nothing.
     assert_eq!(u64_at("/failover/lost"), Some(0), "{figures}");
     assert_eq!(u64_at("/failover/duplicated"), Some(0), "{figures}");
+    // The uplink runs where nats-server is installed, and only there.
+    if fog_testkit::nats::nats_server().is_some() {
+        for path in ["/uplink/bare/readings_per_s", "/uplink/bare/messages_per_s", "/uplink/message_bytes"] {
+            let v = figures.pointer(&format!("/{mode}{path}")).and_then(|v| v.as_f64());
+            assert!(v.is_some_and(|v| v > 0.0), "/{mode}{path} missing or not positive in {figures}");
+        }
+        assert!(u64_at("/uplink/bare/stored").unwrap_or(0) >= u64_at("/uplink/bare/messages").unwrap_or(u64::MAX), "{figures}");
+    } else {
+        fog_testkit::nats::skip_or_fail(&format!("every_figure({mode}), uplink"), "nats-server is not installed").unwrap();
+        assert!(figures.pointer(&format!("/{mode}/uplink")).is_none(), "an uplink figure without nats-server: {figures}");
+        assert!(stderr.contains("uplink: left out"), "{stderr}");
+    }
 }
 
 #[test]
@@ -84,6 +96,21 @@ fn a_load_beyond_the_protocol_caps_is_refused_before_anything_starts() {
         assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
         assert!(stderr.contains(expected), "{flags:?}: {stderr}");
         assert!(!stderr.contains("ingest ["), "{flags:?} started a benchmark: {stderr}");
+    }
+}
+
+#[test]
+fn an_uplink_shape_nats_cannot_take_is_refused_before_anything_starts() {
+    for (flags, expected) in [
+        (["--uplink-readings", "0"], "--uplink-readings must be 1 to"),
+        (["--uplink-readings", "100000"], "max_payload"),
+        (["--uplink-in-flight", "0"], "--uplink-in-flight must be 1 to"),
+    ] {
+        let out = fog_bench(&[&["uplink"][..], &flags[..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("uplink: bare"), "{flags:?} started a benchmark: {stderr}");
     }
 }
 

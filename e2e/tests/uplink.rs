@@ -1,0 +1,220 @@
+//! The uplink from a site to the cloud, with real parts: a keyed fog
+//! server pair forwarding to a real 3-node NATS JetStream cluster (R3
+//! stream, JWT credentials), a real host with the real sensor component,
+//! and the faults the uplink must ride out: kill -9 of the active fog
+//! server while forwarding, kill -9 of the stream's leader, the cloud away
+//! for longer than JetStream's duplicate window, the whole cluster down
+//! for a while. Each ends by reading the stream back: every reading the
+//! site counted is there exactly once, in per-sensor order, every average
+//! in sequence order, and the site sequence has no gap and no repeat.
+//!
+//! Without nats-server these tests say SKIPPED, unless FOG_REQUIRE_NATS=1
+//! (as `.ci/run` sets it) makes them fail. They run one at a time: two
+//! clusters and two pairs at once would compete for two cores.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fog_testkit::nats::{NatsAuth, NatsCluster, StoredMessage, require_nats};
+use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_counts, start_host, start_keyed_server, status_when_as, wait_for};
+use serde_json::Value;
+
+const SITE: &str = "a1";
+const STREAM: &str = "FOG_A1";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A site (a keyed pair forwarding to a cloud) and its cloud.
+struct Site {
+    dir: PathBuf,
+    pair: Pair,
+    keys: PairKeys,
+    primary: Option<Proc>,
+    backup: Option<Proc>,
+    cloud: NatsCluster,
+}
+
+impl Site {
+    /// A 3-node cluster and a pair forwarding to it, with JetStream's
+    /// duplicate window `window`; `None` when nats-server is missing.
+    fn start(label: &str, window: &str) -> Option<Site> {
+        require_nats(label).unwrap()?;
+        let dir = scratch_dir(label).unwrap();
+        let cloud = NatsCluster::start(&dir.join("cloud"), 3, NatsAuth::Sites(vec![SITE.into()])).unwrap();
+        let pair = Pair::on_free_ports().unwrap();
+        let keys = PairKeys::generate(&dir, &[("host", "sensors=1-1000")]).unwrap();
+        let mut site = Site { dir, pair, keys, primary: None, backup: None, cloud };
+        site.primary = Some(site.server(true, window));
+        site.backup = Some(site.server(false, window));
+        Some(site)
+    }
+
+    fn server(&self, primary: bool, window: &str) -> Proc {
+        let creds = self.cloud.site_creds(SITE).expect("site credentials").display().to_string();
+        let urls = self.cloud.urls();
+        let flags = ["--lateness", "200ms", "--uplink", &urls, "--site", SITE, "--uplink-creds", &creds, "--uplink-replicas", "3", "--uplink-duplicate-window", window];
+        start_keyed_server(&self.pair, primary, &flags, &self.dir, &self.keys).unwrap()
+    }
+
+    /// A host of `sensors` sensors sending every 100 ms for `secs`.
+    fn host(&self, sensors: u32, secs: u32) -> Proc {
+        let (duration, sensors) = (format!("{secs}s"), sensors.to_string());
+        let mut args: Vec<String> = ["--sensors", &sensors, "--first-id", "1", "--segments", "3", "--interval", "100ms", "--timeout", "500ms", "--duration", &duration, "--servers", &self.pair.servers()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(self.keys.host_args("host").unwrap());
+        start_host(&args.iter().map(String::as_str).collect::<Vec<_>>(), &self.dir).unwrap()
+    }
+
+    /// The status of one node (asked with the admin key).
+    fn status_when(&self, primary: bool, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        status_when_as(self.pair.frontend(primary), Some(&self.keys.admin_status(primary)), what, Duration::from_secs(90), pred).unwrap()
+    }
+
+    /// Waits until the cloud has some of the site's items (forwarding runs).
+    fn forwarding(&self, primary: bool) {
+        self.status_when(primary, "forwarding to the cloud", |s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > 50);
+    }
+
+    /// After the host finished: waits until the active node has forwarded
+    /// everything, then reads the stream and checks it against what the
+    /// site counted.
+    fn finish(&self, host: Proc, active_is_primary: bool) -> Cloud {
+        let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
+        assert_eq!(code, 0, "host exit code; summary {summary}");
+        let status = self.status_when(active_is_primary, "active with everything forwarded", |s| {
+            let u = &s["uplink"];
+            s["state"] == "active" && u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true
+        });
+        let messages = self.cloud.read_stream(STREAM, Duration::from_secs(60)).unwrap();
+        let cloud = Cloud::read(&messages);
+        cloud.check(&status);
+        // The host's sensors: every reading they generated is in the cloud once.
+        for s in summary["per_sensor"].as_array().unwrap() {
+            let key = (s["sensor_id"].as_u64().unwrap(), s["incarnation"].as_u64().unwrap());
+            let seqs = cloud.readings.get(&key).map_or(0, Vec::len) as u64;
+            assert_eq!(seqs, s["generated"].as_u64().unwrap(), "sensor {key:?}: readings in the cloud vs generated");
+        }
+        cloud
+    }
+}
+
+/// What the stream holds, per sensor and for averages.
+struct Cloud {
+    /// Seqs per (sensor, incarnation), in stream order.
+    readings: BTreeMap<(u64, u64), Vec<u64>>,
+    sums: BTreeMap<(u64, u64), u64>,
+    /// Average seqs in stream order.
+    averages: Vec<u64>,
+    /// Every item's site sequence, in stream order (windows in order; the
+    /// parts of a window split it by segment).
+    site_seqs: Vec<u64>,
+    messages: usize,
+}
+
+impl Cloud {
+    fn read(messages: &[StoredMessage]) -> Cloud {
+        let mut c = Cloud { readings: BTreeMap::new(), sums: BTreeMap::new(), averages: Vec::new(), site_seqs: Vec::new(), messages: messages.len() };
+        for m in messages {
+            assert!(m.subject.starts_with("fog.a1."), "{}", m.subject);
+            let body: Value = serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("message {} is not JSON: {e}", m.seq));
+            let first = body["first"].as_u64().unwrap();
+            let last = body["last"].as_u64().unwrap();
+            assert_eq!(m.header("Fog-Site-Seq-First"), Some(first.to_string().as_str()));
+            assert_eq!(m.header("Fog-Site-Seq-Last"), Some(last.to_string().as_str()));
+            let part = body["part"].as_u64().unwrap();
+            assert_eq!(m.header("Fog-Part"), Some(format!("{part}/{}", body["parts"]).as_str()));
+            assert_eq!(m.header("Nats-Msg-Id"), Some(format!("{SITE}:{first}-{last}:{part}").as_str()));
+            let segment = body["segment"].as_u64().unwrap();
+            assert!(m.subject.ends_with(&format!(".{segment}")), "subject {} for segment {segment}", m.subject);
+            let mut seen = Vec::new();
+            for r in body["readings"].as_array().into_iter().flatten() {
+                assert!(m.subject.contains(".readings."));
+                let key = (r["sensor_id"].as_u64().unwrap(), r["incarnation"].as_u64().unwrap());
+                c.readings.entry(key).or_default().push(r["seq"].as_u64().unwrap());
+                *c.sums.entry(key).or_default() += r["speed_kmh"].as_u64().unwrap();
+                seen.push(r["site_seq"].as_u64().unwrap());
+            }
+            for a in body["averages"].as_array().into_iter().flatten() {
+                assert!(m.subject.contains(".averages."));
+                c.averages.push(a["seq"].as_u64().unwrap());
+                seen.push(a["site_seq"].as_u64().unwrap());
+            }
+            assert!(!seen.is_empty() && seen.iter().all(|s| (first..=last).contains(s)), "message {}: items {seen:?} outside its window {first}..={last}", m.seq);
+            c.site_seqs.extend(seen);
+        }
+        c
+    }
+
+    /// Exactly once, in order, against the active node's status.
+    fn check(&self, status: &Value) {
+        let n = self.site_seqs.len() as u64;
+        let mut sorted = self.site_seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "site sequences in the cloud are not 1..={n}, once each");
+        assert_eq!(n, status["uplink"]["last_seq"].as_u64().unwrap(), "items in the cloud vs items the site owed");
+        assert_eq!(status["uplink"]["dropped"], 0);
+        for (key, seqs) in &self.readings {
+            let unique: BTreeSet<&u64> = seqs.iter().collect();
+            assert_eq!(unique.len(), seqs.len(), "sensor {key:?} has a reading twice in the cloud");
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sensor {key:?}: readings out of order in the cloud");
+        }
+        let counted = server_counts(status);
+        let in_cloud: BTreeMap<(u64, u64), (u64, u64)> = self.readings.iter().map(|(k, seqs)| (*k, (seqs.len() as u64, self.sums[k]))).collect();
+        assert_eq!(in_cloud, counted, "per-sensor (count, sum) in the cloud vs counted by the site");
+        let published = status["averages_published"].as_u64().unwrap();
+        assert_eq!(self.averages, (1..=published).collect::<Vec<_>>(), "averages in the cloud are not 1..={published} in order");
+        eprintln!("the cloud holds {} readings and {} averages in {} messages, exactly once", n - published, published, self.messages);
+    }
+}
+
+#[test]
+fn a_kill_of_the_active_server_while_forwarding_sends_nothing_twice() {
+    let _serial = serial();
+    let Some(mut site) = Site::start("uplink-kill-active", "2m") else { return };
+    // 10 000 readings a second: windows of thousands of items in many
+    // parts, so the kill likely cuts one short.
+    let host = site.host(1000, 12);
+    site.forwarding(true);
+    site.status_when(false, "a caught-up passive", is_caught_up);
+    site.primary.take().expect("the primary").kill().unwrap();
+    let cloud = site.finish(host, false);
+    assert!(cloud.messages > 0);
+}
+
+#[test]
+fn a_kill_of_the_stream_leader_sends_nothing_twice() {
+    let _serial = serial();
+    let Some(mut site) = Site::start("uplink-kill-leader", "2m") else { return };
+    let host = site.host(1000, 12);
+    site.forwarding(true);
+    let leader = wait_for("the stream's leader", Duration::from_secs(30), || site.cloud.stream_leader(STREAM)).unwrap();
+    site.cloud.kill(leader).unwrap();
+    // Forwarding goes on with the two others.
+    let before = site.status_when(true, "still forwarding", |_| true)["uplink"]["forwarded_through"].as_u64().unwrap();
+    site.status_when(true, "forwarding past the kill", |s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > before + 50);
+    site.cloud.restart(leader).unwrap();
+    site.finish(host, true);
+}
+
+#[test]
+fn a_cloud_away_longer_than_the_duplicate_window_gets_everything_once() {
+    let _serial = serial();
+    // A duplicate window of 1 s: the outage is far longer, so JetStream's
+    // message ids cannot be what keeps resends out.
+    let Some(mut site) = Site::start("uplink-outage", "1s") else { return };
+    let host = site.host(20, 16);
+    site.forwarding(true);
+    site.cloud.stop_all().unwrap();
+    // The site keeps acking and averaging; its backlog grows.
+    let away = site.status_when(true, "a growing backlog", |s| s["uplink"]["backlog_items"].as_u64().unwrap_or(0) > 300 && s["uplink"]["connected"] == false);
+    assert!(away["uplink"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "no error shown while the cloud is away: {away}");
+    std::thread::sleep(Duration::from_secs(4));
+    site.cloud.start_all().unwrap();
+    site.finish(host, true);
+}

@@ -1,0 +1,137 @@
+//! The uplink's connection against a real JetStream (one `nats-server`):
+//! a stream that ends in the middle of a window (the parts before landed,
+//! the rest did not: the active died between them) is read back on
+//! resume, and the window is finished without what landed, so every item
+//! is in the stream once. A stream holding another history is refused.
+//!
+//! The loop's side is played by the test: an outbox and the uplink's
+//! events, handled as the server's driver handles them.
+//!
+//! Without nats-server this test says SKIPPED, unless FOG_REQUIRE_NATS=1.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fog_core::{Average, Reading};
+use fog_server::outbox::{Outbox, OutboxConfig, Owed};
+use fog_server::uplink::{Uplink, UplinkConfig, UplinkEvent, Work, message, parts_of};
+use fog_testkit::nats::{NatsAuth, NatsCluster, Outgoing, require_nats};
+use fog_testkit::scratch_dir;
+
+const STREAM: &str = "FOG_T1";
+
+fn outbox() -> Outbox {
+    let mut o = Outbox::default();
+    o.set_config(OutboxConfig { enabled: true, backlog_bytes: 1 << 20 });
+    for i in 0..30u64 {
+        let reading = Reading { seq: i / 3, speed_kmh: 90, timestamp_ms: 1_000 + i };
+        o.push(1, 0, Owed::Reading { sensor_id: (i % 3) as u32, incarnation: 1, segment: (i % 3) as u32, reading });
+        if i % 10 == 9 {
+            let a = Average { seq: i / 10 + 1, epoch: 1, segment: 0, window_end_ms: i, count: 1, sum_kmh: 90, revision: 0, chain: i };
+            o.push(1, 0, Owed::Average(a));
+        }
+    }
+    o
+}
+
+fn config(urls: String) -> UplinkConfig {
+    UplinkConfig { urls, creds: None, site: "t1".into(), replicas: 1, duplicate_window: Duration::from_secs(1), backlog_bytes: 1 << 20 }
+}
+
+/// Plays the server's loop until the outbox is forwarded through `want`
+/// or the uplink reports `Failed`; returns the failures seen.
+async fn drive(up: &mut Uplink, outbox: &mut Outbox, want: u64) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = Vec::new();
+    up.control(true, 1);
+    while outbox.forwarded() < want && Instant::now() < deadline && failures.is_empty() {
+        if let Some(after) = up.next_after() {
+            up.feed(outbox.after(after, u64::MAX));
+        }
+        let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(100), up.events.recv()).await else { continue };
+        match event {
+            UplinkEvent::Check { in_cloud, chain, answer } => {
+                let _ = answer.send(outbox.check_stream(in_cloud, chain));
+            }
+            UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, outbox.forwarded()),
+            UplinkEvent::Acked { through, .. } => outbox.forwarded_through(through),
+            UplinkEvent::Connected(_) => {}
+            UplinkEvent::Failed(e) => failures.push(e),
+        }
+    }
+    up.control(false, 1);
+    failures
+}
+
+#[test]
+fn a_window_cut_short_in_the_stream_is_finished_once() {
+    let Some(_) = require_nats("a_window_cut_short_in_the_stream_is_finished_once").unwrap() else { return };
+    let dir = scratch_dir("uplink-resume").unwrap();
+    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
+    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
+    let cfg = config(cloud.urls());
+    let mut outbox = outbox();
+    let last = outbox.last_seq();
+    assert_eq!(last, 33);
+
+    // What a dying active left: the first two parts of the window 1..=33.
+    let items: Vec<_> = outbox.after(0, u64::MAX).copied().collect();
+    let parts = parts_of(&items);
+    assert!(parts.len() >= 4, "{} parts", parts.len());
+    let chain = items.last().unwrap().chain;
+    let planted: Vec<Outgoing> = parts
+        .iter()
+        .take(2)
+        .enumerate()
+        .map(|(i, group)| {
+            let work = Work { round: 0, window: (1, last), chain, part: i as u32 + 1, parts: parts.len() as u32, items: group.clone() };
+            let (subject, headers, payload) = message(&cfg, 1, &work);
+            Outgoing {
+                subject,
+                msg_id: None,
+                expected_last_seq: Some(i as u64),
+                headers: headers.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_string()))).collect(),
+                payload,
+            }
+        })
+        .collect();
+    let landed: usize = parts.iter().take(2).map(Vec::len).sum();
+    cloud.publish(None, planted, 2).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let failures = runtime.block_on(async {
+        let mut up = Uplink::start(cfg.clone(), None);
+        drive(&mut up, &mut outbox, last).await
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(outbox.forwarded(), last);
+
+    let stored = cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap();
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in &stored {
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        for kind in ["readings", "averages"] {
+            for item in body[kind].as_array().into_iter().flatten() {
+                *seen.entry(item["site_seq"].as_u64().unwrap()).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>(), "every item is in the stream");
+    assert!(seen.values().all(|&n| n == 1), "an item is in the stream twice: {seen:?}");
+    assert!(stored.len() > 2 && stored.len() < 2 + parts.len(), "the window was finished with its missing parts only ({} messages, {landed} items had landed)", stored.len());
+    assert_eq!(stored.last().unwrap().header("Fog-Part").map(|p| p.split_once('/').map(|(a, b)| a == b)), Some(Some(true)));
+
+    // Another site's history in the stream: refused, not mixed in.
+    let mut other = Outbox::default();
+    other.set_config(OutboxConfig { enabled: true, backlog_bytes: 1 << 20 });
+    for i in 0..40u64 {
+        other.push(1, 0, Owed::Reading { sensor_id: 7, incarnation: 2, segment: 0, reading: Reading { seq: i, speed_kmh: 50, timestamp_ms: i } });
+    }
+    let failures = runtime.block_on(async {
+        let mut up = Uplink::start(cfg, None);
+        drive(&mut up, &mut other, 40).await
+    });
+    assert!(failures.first().is_some_and(|f| f.contains("not this site's")), "{failures:?}");
+    assert_eq!(other.forwarded(), 0);
+    assert_eq!(cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap().len(), stored.len(), "nothing was added");
+}
