@@ -20,7 +20,8 @@
 //!   [`history`] checks what hosts saw acked against what servers counted;
 //!   [`keys`] makes the CurveZMQ keys and authorized-keys files of a keyed
 //!   pair; [`client`] speaks to a server's frontend directly, and
-//!   [`rogue`] builds the batches hostile clients send.
+//!   [`rogue`] builds the batches hostile clients send;
+//! - [`browser`] runs headless Chromium on a page (the live page's tests).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod binaries;
+pub mod browser;
 pub mod client;
 pub mod faketime;
 pub mod history;
