@@ -20,7 +20,9 @@
 //!   [`history`] checks what hosts saw acked against what servers counted;
 //!   [`keys`] makes the CurveZMQ keys and authorized-keys files of a keyed
 //!   pair; [`client`] speaks to a server's frontend directly, and
-//!   [`rogue`] builds the batches hostile clients send.
+//!   [`rogue`] builds the batches hostile clients send;
+//! - [`prometheus`] runs a real Prometheus and `promtool`, reads the text
+//!   format, and GETs `/metrics`, `/healthz` and `/readyz`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -37,6 +39,7 @@ pub mod languages;
 pub mod netns;
 pub mod ports;
 pub mod process;
+pub mod prometheus;
 pub mod rogue;
 pub mod servers;
 
