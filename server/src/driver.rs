@@ -37,12 +37,15 @@ use tracing::{debug, error, info, warn};
 
 use crate::clock::{Clock, Now};
 use crate::edge::Security;
-use crate::frontend::{Gate, handle_event, send_reply};
+use crate::frontend::{Gate, Pending, handle_event, send_reply};
+use crate::metrics::{DriverFigures, ServerMetrics};
 use crate::fsm::Role;
 use crate::node::{Node, NodeConfig, Output};
 use crate::wal::{FsyncPolicy, Wal, WalError};
 use crate::windows::WindowConfig;
 
+/// How often the figures on `/metrics` (and readiness) are brought up to date.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// How often the driver logs progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Requests taken in one go before their entries go to the disk together.
@@ -74,6 +77,8 @@ pub struct ServerConfig {
     pub snapshot_every: u64,
     /// Keys, or none (loopback only unless explicitly allowed).
     pub security: Security,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
+    pub metrics: Option<fog_observe::Endpoint>,
 }
 
 impl ServerConfig {
@@ -96,6 +101,7 @@ impl ServerConfig {
             fsync: FsyncPolicy::Batch,
             snapshot_every: 10_000,
             security: Security::None { allow_remote: false },
+            metrics: None,
         }
     }
 }
@@ -121,6 +127,8 @@ pub enum ServerError {
     Access(#[from] fog_transport::AccessError),
     #[error("{0}")]
     Insecure(String),
+    #[error(transparent)]
+    Metrics(#[from] fog_observe::ObserveError),
 }
 
 /// A job for the disk thread.
@@ -138,6 +146,7 @@ enum DiskDone {
 /// Runs the write-ahead log: takes every job queued while the previous
 /// group was being written, so one sync covers many batches.
 fn disk_thread(mut wal: Wal, jobs: std::sync::mpsc::Receiver<DiskJob>, done: mpsc::UnboundedSender<DiskDone>) {
+    crate::metrics::wal_group(Duration::ZERO, None, wal.len());
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while let Ok(more) = jobs.try_recv() {
@@ -148,7 +157,8 @@ fn disk_thread(mut wal: Wal, jobs: std::sync::mpsc::Receiver<DiskJob>, done: mps
             if pending.is_empty() {
                 return Ok(None);
             }
-            wal.append(pending)?;
+            let times = wal.append(pending)?;
+            crate::metrics::wal_group(times.write, times.sync, wal.len());
             let last = pending.last().map(|e| e.lsn);
             pending.clear();
             Ok(last)
@@ -160,7 +170,9 @@ fn disk_thread(mut wal: Wal, jobs: std::sync::mpsc::Receiver<DiskJob>, done: mps
                     Ok(())
                 }
                 DiskJob::Snapshot { lsn, bytes } => flush(&mut wal, &mut pending).and_then(|_| {
+                    let began = std::time::Instant::now();
                     wal.write_snapshot(&bytes)?;
+                    crate::metrics::snapshot_written(began.elapsed(), wal.len());
                     let _ = done.send(DiskDone::Durable { lsn, snapshot: true });
                     Ok(())
                 }),
@@ -184,11 +196,13 @@ fn disk_thread(mut wal: Wal, jobs: std::sync::mpsc::Receiver<DiskJob>, done: mps
 }
 
 /// Opens the data directory and rebuilds the node from it.
-fn recover_node(cfg: &ServerConfig, node_cfg: NodeConfig) -> Result<(Node, Wal), ServerError> {
+fn recover_node(cfg: &ServerConfig, node_cfg: NodeConfig, observed: &ServerMetrics) -> Result<(Node, Wal), ServerError> {
+    let began = std::time::Instant::now();
     let recovered = crate::wal::recover(&cfg.data_dir)?;
     let node = Node::recover(node_cfg, recovered.snapshot.as_deref(), &recovered.entries)
         .map_err(|e| ServerError::Recover { dir: cfg.data_dir.clone(), why: e.to_string() })?;
     let wal = Wal::open(&cfg.data_dir, &recovered, cfg.fsync)?;
+    observed.recovered(began.elapsed(), recovered.truncated.as_ref().map_or(0, |t| t.2));
     info!(
         data_dir = %cfg.data_dir.display(),
         generation = recovered.generation,
@@ -344,6 +358,11 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         ));
     }
     let mut edge = open_edge(&cfg)?;
+    let health = Arc::new(fog_observe::Health::default());
+    if let Some(endpoint) = &cfg.metrics {
+        fog_observe::serve_or_warn(endpoint, health.clone())?;
+    }
+    let mut observed = ServerMetrics::new(cfg.role.as_str(), cfg.data_dir.clone(), health);
     // Recovery comes after binding, so that a second server started on the
     // same ports fails before it touches the data directory.
     let (mut node, wal) = recover_node(
@@ -355,6 +374,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             snapshot_every: cfg.snapshot_every.max(1),
             seal_key: edge.seal_key,
         },
+        &observed,
     )?;
     let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
     let (done_tx, mut disk_done) = mpsc::unbounded_channel::<DiskDone>();
@@ -378,6 +398,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut progress = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut report = Progress::default();
+    let mut publish = tokio::time::interval(PUBLISH_EVERY);
+    publish.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut gate = Gate::default();
     let mut failure: Option<ServerError> = None;
     let mut peer_heard_at: Option<std::time::Instant> = None;
@@ -391,10 +413,11 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     node.handle_timeout(clock.now());
     let mut last_wake: Option<Instant> = None;
     loop {
-        if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate) {
+        if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate, &mut observed) {
             failure = Some(e);
             break;
         }
+        observed.after_turn(&node, peer_heard_at);
         // Whichever event woke the loop after a pause, the peer's queued
         // past must not reach the node.
         if last_wake.is_some_and(|w| Instant::now() > w + paused_after) {
@@ -448,7 +471,10 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             }
             Some(done) = disk_done.recv() => match done {
-                DiskDone::Durable { lsn, snapshot } => node.handle_durable(clock.now(), lsn, snapshot),
+                DiskDone::Durable { lsn, snapshot } => {
+                    observed.durable(lsn);
+                    node.handle_durable(clock.now(), lsn, snapshot);
+                }
                 DiskDone::Failed(e) => {
                     error!("the write-ahead log failed; stopping rather than acking what is not durable: {e}");
                     failure = Some(e.into());
@@ -458,6 +484,12 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             _ = hangup.recv() => reload_keys(&edge),
             () = tokio::time::sleep_until(wake) => node.handle_timeout(clock.now()),
             _ = progress.tick() => report.log(&node, clock.now(), &edge, &gate),
+            _ = publish.tick() => observed.publish(&node, &DriverFigures {
+                peer_heard_at,
+                readings_received: gate.readings_received,
+                bytes_received: gate.bytes_received,
+                replies_dropped: edge.frontend.stats().dropped_out.load(Ordering::Relaxed),
+            }),
         }
     }
 
@@ -478,7 +510,7 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
 /// Carries out what the node asked for: log entries go to the disk thread
 /// as one group, replies to their clients, messages to the peer. Never
 /// waits on a socket.
-fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, gate: &mut Gate) -> Result<(), ServerError> {
+fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, gate: &mut Gate, observed: &mut ServerMetrics) -> Result<(), ServerError> {
     let mut appends = Vec::new();
     let disk_gone = || ServerError::Config("the log thread stopped".into());
     while let Some(output) = node.poll_output() {
@@ -491,7 +523,8 @@ fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, 
                 disk.send(DiskJob::Snapshot { lsn, bytes }).map_err(|_| disk_gone())?;
             }
             Output::Reply { to, mut reply } => {
-                let Some((identity, refused)) = gate.pending.remove(&to) else { continue };
+                let Some(Pending { identity, refused, arrival }) = gate.pending.remove(&to) else { continue };
+                observed.replied(&arrival, &reply);
                 match &mut reply {
                     Reply::Batch(batch) => batch.refused.extend(refused),
                     Reply::Status(status) => status.replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed),
@@ -510,6 +543,7 @@ fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, 
     }
     if !appends.is_empty() {
         disk.send(DiskJob::Append(appends)).map_err(|_| disk_gone())?;
+        observed.appended(node.lsn());
     }
     Ok(())
 }

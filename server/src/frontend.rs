@@ -14,6 +14,7 @@ use tracing::{error, warn};
 
 use crate::clock::Now;
 use crate::edge::{Admission, admit, rights_of};
+use crate::metrics::Arrival;
 use crate::node::{ClientToken, Node};
 
 /// Distinct peers whose malformed frames or refused requests are logged;
@@ -26,14 +27,25 @@ const STATUS_PER_SECOND: u32 = 20;
 /// Least time between two status reports to one client (one connection).
 const STATUS_GAP_PER_CLIENT: Duration = Duration::from_millis(200);
 
+/// A client with a reply outstanding: its frontend identity, the sensors
+/// taken out of its batch, and when the request arrived.
+pub(crate) struct Pending {
+    pub identity: Vec<u8>,
+    pub refused: Vec<RefusedReadings>,
+    pub arrival: Arrival,
+}
+
 /// What the frontend keeps between a request and its reply, and what it
 /// has refused.
 #[derive(Default)]
 pub(crate) struct Gate {
     next: ClientToken,
-    /// Frontend identities of the clients with a reply outstanding, and
-    /// the sensors taken out of their batch.
-    pub(crate) pending: HashMap<ClientToken, (Vec<u8>, Vec<RefusedReadings>)>,
+    /// The clients with a reply outstanding.
+    pub(crate) pending: HashMap<ClientToken, Pending>,
+    /// Readings in the batches handed to the node, and bytes of the frames
+    /// received (for `/metrics`).
+    pub(crate) readings_received: u64,
+    pub(crate) bytes_received: u64,
     /// Peers already named in a log line.
     logged: HashSet<Vec<u8>>,
     /// Readings refused for sensors outside a key's rights, per key.
@@ -91,6 +103,8 @@ pub(crate) fn handle_event(node: &mut Node, now: Now, event: Event, access: Opti
     let Event::Message(message) = event else { return };
     let user = message.user;
     let mut frames = message.frames;
+    let arrived = std::time::Instant::now();
+    gate.bytes_received = gate.bytes_received.saturating_add(frames.iter().map(|f| f.len() as u64).sum());
     let identity = if frames.is_empty() { Vec::new() } else { frames.remove(0) };
     let decoded = match frames.as_slice() {
         [payload] => decode_request(payload),
@@ -158,9 +172,15 @@ pub(crate) fn handle_event(node: &mut Node, now: Now, event: Event, access: Opti
             }
             gate.next = gate.next.wrapping_add(1);
             let token = gate.next;
-            gate.pending.insert(token, (identity, refused));
+            if let fog_protocol::Request::Batch { sensors, .. } = &request {
+                gate.readings_received = gate.readings_received.saturating_add(sensors.iter().map(|s| s.readings.len() as u64).sum());
+            }
+            gate.pending.insert(token, Pending { identity, refused, arrival: Arrival { at: arrived, lsn: 0 } });
             let (refused_before, forged_before) = (node.refused(), node.forged_epochs());
             node.handle_request(now, token, &request);
+            if let Some(p) = gate.pending.get_mut(&token) {
+                p.arrival.lsn = node.lsn();
+            }
             // The node refuses forged epochs and readings out of range; the
             // log names the key they came from, once per key and kind.
             if node.forged_epochs() > forged_before && gate.log_once(&who, "forged epoch") {

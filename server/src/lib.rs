@@ -18,6 +18,7 @@ pub mod clock;
 pub mod driver;
 pub mod edge;
 mod frontend;
+mod metrics;
 pub mod fsm;
 pub mod ingest;
 pub mod node;

@@ -252,7 +252,17 @@ pub struct Wal {
     path: PathBuf,
     policy: FsyncPolicy,
     buf: Vec<u8>,
+    /// Bytes in the current log file.
+    len: u64,
     _lock: File,
+}
+
+/// How long one [`Wal::append`] took: writing, and syncing (when the
+/// policy syncs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppendTimes {
+    pub write: std::time::Duration,
+    pub sync: Option<std::time::Duration>,
 }
 
 impl Wal {
@@ -267,28 +277,48 @@ impl Wal {
         let path = wal_path(dir, recovered.generation);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         sync_dir(dir)?;
-        Ok(Wal { dir: dir.to_path_buf(), generation: recovered.generation, file, path, policy, buf: Vec::new(), _lock: lock })
+        Ok(Wal { dir: dir.to_path_buf(), generation: recovered.generation, file, path, policy, buf: Vec::new(), len: recovered.wal_len, _lock: lock })
     }
 
     /// Appends entries and makes them durable per the policy: one write and
     /// (with `batch`) one sync for the whole group.
-    pub fn append(&mut self, entries: &[LogEntry]) -> Result<(), WalError> {
+    pub fn append(&mut self, entries: &[LogEntry]) -> Result<AppendTimes, WalError> {
+        let mut times = AppendTimes::default();
+        let write = |file: &mut File, buf: &[u8], path: &Path, times: &mut AppendTimes| -> Result<(), WalError> {
+            let began = std::time::Instant::now();
+            file.write_all(buf).map_err(io_err(path))?;
+            times.write += began.elapsed();
+            Ok(())
+        };
+        let sync = |file: &mut File, path: &Path, times: &mut AppendTimes| -> Result<(), WalError> {
+            let began = std::time::Instant::now();
+            file.sync_data().map_err(io_err(path))?;
+            times.sync = Some(times.sync.unwrap_or_default() + began.elapsed());
+            Ok(())
+        };
         self.buf.clear();
         for entry in entries {
             frame_entry(entry, &mut self.buf)?;
             if self.policy == FsyncPolicy::Always {
-                self.file.write_all(&self.buf).map_err(io_err(&self.path))?;
-                self.file.sync_data().map_err(io_err(&self.path))?;
+                write(&mut self.file, &self.buf, &self.path, &mut times)?;
+                sync(&mut self.file, &self.path, &mut times)?;
+                self.len += self.buf.len() as u64;
                 self.buf.clear();
             }
         }
         if !self.buf.is_empty() {
-            self.file.write_all(&self.buf).map_err(io_err(&self.path))?;
+            write(&mut self.file, &self.buf, &self.path, &mut times)?;
+            self.len += self.buf.len() as u64;
             if self.policy == FsyncPolicy::Batch {
-                self.file.sync_data().map_err(io_err(&self.path))?;
+                sync(&mut self.file, &self.path, &mut times)?;
             }
         }
-        Ok(())
+        Ok(times)
+    }
+
+    /// Bytes in the current log file.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
     /// Starts a new generation from `snapshot`: entries appended from now on
@@ -320,6 +350,7 @@ impl Wal {
         self.file = file;
         self.path = path;
         self.generation = next;
+        self.len = 0;
         let _ = fs::remove_file(wal_path(&self.dir, old));
         let _ = fs::remove_file(snapshot_path(&self.dir, old));
         Ok(())

@@ -39,7 +39,8 @@ use tracing_subscriber::EnvFilter;
     fog-server status --json tcp://127.0.0.1:5002\n  \
     fog-server keygen keys/primary\n  \
     fog-server --primary --key keys/primary.secret --authorized-keys keys/authorized\n  \
-    fog-server status --key keys/ops.secret --server-key keys/primary.pub\n\n\
+    fog-server status --key keys/ops.secret --server-key keys/primary.pub\n  \
+    curl http://127.0.0.1:9101/metrics      (and /healthz, /readyz)\n\n\
     Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level.")]
 struct Cli {
     /// Run as the primary node (reference ports: frontend 5001, state 5003).
@@ -132,6 +133,18 @@ struct Cli {
     /// reach them can send readings and read the status.
     #[arg(long, conflicts_with = "key")]
     insecure: bool,
+
+    /// Where /metrics (Prometheus), /healthz and /readyz are served, or
+    /// `off` [default: 127.0.0.1:9101 for the primary, :9102 for the
+    /// backup; if the default is taken, the server runs without them and
+    /// says so]. An address beyond loopback needs --metrics-token-file.
+    #[arg(long, value_name = "IP:PORT|off")]
+    metrics_bind: Option<fog_observe::Bind>,
+
+    /// A file holding the bearer token scrapers must send
+    /// (`Authorization: Bearer <token>`; Prometheus: `credentials_file`).
+    #[arg(long, value_name = "FILE")]
+    metrics_token_file: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -263,6 +276,11 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
             },
             _ => fog_server::Security::None { allow_remote: cli.insecure },
         },
+        metrics: fog_observe::Endpoint::from_flags(
+            cli.metrics_bind,
+            std::net::SocketAddr::from(([127, 0, 0, 1], if role == Role::Primary { 9101 } else { 9102 })),
+            cli.metrics_token_file.as_deref(),
+        )?,
     })
 }
 

@@ -221,6 +221,11 @@ impl Node {
         self.replica.lsn
     }
 
+    /// The last log entry this node knows to be durable on its own disk.
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable_lsn
+    }
+
     pub fn replica(&self) -> &Replica {
         &self.replica
     }

@@ -38,7 +38,10 @@ impl Node {
         self.batches
     }
 
-    fn replication(&self) -> (Replication, u64) {
+    /// How this node replicates, and its lag in log entries (an active:
+    /// entries its passive has not made durable; a passive: entries it is
+    /// behind its active).
+    pub fn replication(&self) -> (Replication, u64) {
         match self.fsm.state() {
             NodeState::Active => match &self.passive {
                 Some(p) if p.in_sync() => (Replication::InSync, self.replica.lsn.saturating_sub(p.durable)),
