@@ -181,6 +181,10 @@ struct Figures {
     ingest: Option<Throughput>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ingest_fraction_of_transport: Option<f64>,
+    /// Ingest with the servers' metrics endpoints off, measured right
+    /// before `ingest` (on, scraped every second).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingest_metrics_off: Option<Throughput>,
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<Latency>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,7 +263,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if all || matches!(what, What::Ingest) {
         for &s in modes {
-            report.of(s).ingest = Some(ingest(&args, s).await?);
+            report.of(s).ingest_metrics_off = Some(ingest(&args, s, false).await?);
+            report.of(s).ingest = Some(ingest(&args, s, true).await?);
         }
     }
     for &s in modes {
@@ -356,15 +361,42 @@ async fn transport(args: &Args, security: Security) -> anyhow::Result<Throughput
     Ok(throughput(&r, shape, None))
 }
 
-async fn ingest(args: &Args, security: Security) -> anyhow::Result<Throughput> {
-    eprintln!("ingest [{}]: load generator into primary + backup for {:?} ...", security.name(), args.measure);
+/// Ingest into a pair; with `metrics`, both servers serve `/metrics` and a
+/// scraper reads both every second (Prometheus scrapes every 15 s by
+/// default: this is the heavier case).
+async fn ingest(args: &Args, security: Security, metrics: bool) -> anyhow::Result<Throughput> {
+    let on = if metrics { "metrics on, scraped every second" } else { "metrics off" };
+    eprintln!("ingest [{}]: load generator into primary + backup for {:?}, {on} ...", security.name(), args.measure);
     let dir = scratch_dir("bench-ingest")?;
     let _cleanup = system::RemoveOnDrop(dir.clone());
     let pair = ServerPair::new(security, &dir)?;
+    let pair = if metrics { pair } else { pair.without_metrics() };
     let primary = pair.start(true)?;
     let _backup = pair.start(false)?;
     let shape = shape(args);
-    let r = load::run(&pair.frontend(true), shape, Target::Server, args.warmup, args.measure).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = pair.metrics.clone().map(|addrs| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut scraped = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for addr in &addrs {
+                    scraped += u64::from(fog_testkit::http::get(addr, "/metrics", None).is_ok_and(|r| r.status == 200));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            scraped
+        })
+    });
+    let r = load::run(&pair.frontend(true), shape, Target::Server, args.warmup, args.measure).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(scraper) = scraper {
+        let scraped = scraper.join().unwrap_or(0);
+        if scraped == 0 {
+            anyhow::bail!("the servers' /metrics never answered during the ingest benchmark");
+        }
+    }
+    let r = r?;
     let rss = rss_mib(primary.child.id());
     Ok(throughput(&r, shape, rss))
 }
@@ -422,6 +454,13 @@ fn print_table(report: &Report) {
         let i = f.ingest.as_ref()?;
         let fraction = f.ingest_fraction_of_transport.map(|x| format!(", {:.0}% of transport", x * 100.0)).unwrap_or_default();
         Some((format!("{:.0} r/s", i.readings_per_s), format!("{}{fraction}{}", throughput_notes(i), rss(i.server_rss_mib))))
+    });
+    rows("ingest, metrics off", &|f| {
+        let (off, on) = (f.ingest_metrics_off.as_ref()?, f.ingest.as_ref()?);
+        Some((
+            format!("{:.0} r/s", off.readings_per_s),
+            format!("with metrics on and scraped every second: {:+.1}%", (on.readings_per_s / off.readings_per_s - 1.0) * 100.0),
+        ))
     });
     rows("ack latency p99 (10k x 1/s)", &|f| {
         let l = f.latency.as_ref()?;

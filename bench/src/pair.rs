@@ -108,6 +108,9 @@ pub struct ServerPair {
     pub endpoints: fog_testkit::Pair,
     keys: Option<Keys>,
     dir: PathBuf,
+    /// Each server's `/metrics` address (`IP:PORT`), or `None` when they
+    /// run with `--metrics-bind off`.
+    pub metrics: Option<[String; 2]>,
 }
 
 impl ServerPair {
@@ -118,7 +121,13 @@ impl ServerPair {
             Security::None => None,
             Security::Curve => Some(Keys::generate(dir)?),
         };
-        Ok(ServerPair { endpoints: fog_testkit::Pair::on_free_ports()?, keys, dir: dir.to_path_buf() })
+        let port = || -> anyhow::Result<String> { Ok(format!("127.0.0.1:{}", fog_testkit::free_port()?)) };
+        Ok(ServerPair { endpoints: fog_testkit::Pair::on_free_ports()?, keys, dir: dir.to_path_buf(), metrics: Some([port()?, port()?]) })
+    }
+
+    /// The same pair with its metrics endpoints off.
+    pub fn without_metrics(self) -> ServerPair {
+        ServerPair { metrics: None, ..self }
     }
 
     /// Starts one server (its data dir in the scratch dir) without waiting.
@@ -127,6 +136,8 @@ impl ServerPair {
         if let Some(keys) = &self.keys {
             args.extend(keys.server_args(primary));
         }
+        let metrics = self.metrics.as_ref().map_or("off".to_string(), |m| m[usize::from(!primary)].clone());
+        args.extend(["--metrics-bind".to_string(), metrics]);
         Proc::spawn(name, &bin("fog-server")?, &args, &self.dir)
     }
 

@@ -17,6 +17,7 @@
 pub mod core;
 pub mod fleet;
 pub mod link;
+mod metrics;
 pub mod runtime;
 pub mod sensor;
 pub mod session;

@@ -21,7 +21,11 @@ use tokio::time::{Instant, sleep_until};
 use crate::core::{Action, CoreConfig, HostCore};
 use crate::fleet::{Fleet, SensorSummary, Swapped, prepare_swap};
 use crate::link::{Incoming, Link, LinkError, LinkEvent, LinkKeys};
+use crate::metrics::{FleetFigures, HostMetrics};
 use crate::runtime::{SensorComponent, SensorInstance};
+
+/// How often `/metrics` and readiness are brought up to date.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -40,6 +44,9 @@ pub struct SessionConfig {
     pub keys: Option<HostKeys>,
     /// The highest server epoch seen before a restart, and its seal.
     pub epoch: Option<(u64, fog_protocol::Seal)>,
+    /// What `/healthz` and `/readyz` report, when the host serves them;
+    /// `None`: no metrics are published.
+    pub health: Option<std::sync::Arc<fog_observe::Health>>,
 }
 
 /// The keys a host authenticates with, and the servers' public keys.
@@ -110,6 +117,7 @@ struct Driver<'a> {
     started: Instant,
     /// The last commit failed (already reported).
     commit_failing: bool,
+    metrics: HostMetrics,
 }
 
 /// Runs the fleet against the servers until the duration has passed and
@@ -145,7 +153,10 @@ pub async fn run(
         latest: BTreeMap::new(),
         started,
         commit_failing: false,
+        metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), cfg.interval, cfg.timeout),
     };
+    let mut publish = tokio::time::interval(PUBLISH_EVERY);
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut loading: Option<JoinHandle<Result<Prepared, String>>> = None;
     let mut reload_open = true;
     tokio::pin!(shutdown);
@@ -211,6 +222,7 @@ pub async fn run(
                 loading = None;
                 d.swap(res);
             }
+            _ = publish.tick(), if cfg.health.is_some() => d.publish(&core),
         }
     };
     sandboxed(|| d.fleet.refresh_status(now()));
@@ -257,21 +269,28 @@ impl Driver<'_> {
             match action {
                 Action::Connect { server, after } => {
                     self.link = None;
+                    self.metrics.disconnected();
                     self.fleet.force_full_batch();
                     self.start_connect(server, after);
                 }
                 Action::Send { frame } => {
                     let Some(link) = self.link.as_mut() else { continue };
-                    if let Err(e) = link.send(frame, self.cfg.timeout).await {
-                        tracing::warn!("{e}");
-                        core.handle_link_failed(now());
+                    match link.send(frame, self.cfg.timeout).await {
+                        Ok(()) => self.metrics.sent(),
+                        Err(e) => {
+                            tracing::warn!("{e}");
+                            core.handle_link_failed(now());
+                        }
                     }
                 }
                 Action::Tick { slice, slices, produce, refresh } => {
                     let range = self.fleet.slice(slice, slices);
+                    let calls = range.len();
                     sandboxed(|| {
                         self.fleet.restart_due(now());
+                        let began = std::time::Instant::now();
                         self.fleet.tick(now(), range, produce);
+                        self.metrics.ticked(calls, began.elapsed());
                     });
                     let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status(now())));
                     core.handle_ticked(now(), self.fleet.pending(), all_acked);
@@ -297,6 +316,7 @@ impl Driver<'_> {
                         }
                     }
                     sandboxed(|| self.fleet.apply(now(), &reply));
+                    self.metrics.replied();
                     core.handle_applied(now(), self.fleet.pending());
                 }
                 Action::SaveEpoch { epoch, seal } => {
@@ -332,7 +352,12 @@ impl Driver<'_> {
     /// Commits the sensors' state before a batch; false holds the batch
     /// back: a reading may only leave once a restart would resume after it.
     fn commit(&mut self) -> bool {
-        match sandboxed(|| self.fleet.commit()) {
+        let began = std::time::Instant::now();
+        let committed = sandboxed(|| self.fleet.commit());
+        if self.fleet.has_state_dir() {
+            self.metrics.committed(began.elapsed());
+        }
+        match committed {
             Ok(_) if self.commit_failing => {
                 self.commit_failing = false;
                 tracing::info!("sensor state written again; sending resumes");
@@ -393,6 +418,29 @@ impl Driver<'_> {
                 limits: limits.remove(&a.segment).unwrap_or_default(),
             })
             .collect()
+    }
+
+    /// Brings `/metrics` and readiness up to date.
+    fn publish(&self, core: &HostCore) {
+        let sensors = self.fleet.summaries();
+        let t = Totals::of(&sensors);
+        self.metrics.publish(&FleetFigures {
+            sensors: self.fleet.len(),
+            restarting: self.fleet.restarting(),
+            quarantined: self.fleet.quarantined(),
+            generated: t.generated,
+            acked: t.acked,
+            resent: t.resent,
+            overflowed: t.overflowed,
+            averages: t.averages,
+            missed: t.missed,
+            failovers: core.failovers(),
+            traps: self.fleet.failures,
+            restarts: self.fleet.restarts,
+            swaps: self.fleet.swaps,
+            connected: self.link.is_some(),
+            segments: &self.segments(&sensors),
+        });
     }
 
     fn progress_line(&self, core: &HostCore) -> String {

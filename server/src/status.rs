@@ -99,16 +99,19 @@ pub fn describe_replication(r: Replication) -> &'static str {
 /// A few lines an operator can read at a glance.
 pub fn human_summary(r: &StatusReport) -> String {
     let mut out = format!(
-        "{} node, state {}, peer {}\n\
-         replication: {} (lag {} entries)\n\
+        "{} node, state {}, epoch {}, peer {}\n\
+         replication: {} (lag {} entries); log at entry {}, durable to {}\n\
          counted {} readings ({} duplicates dropped, {} outside the windows, {} expired) in {} batches\n\
          averages published {} ({} revisions), last seq {}\n\
          malformed frames {}; refused: {} from the future, {} seq out of range, {} too large, {} not authorized, {} foreign sensor, {} busy; forged epochs {}\n",
         r.role,
         r.state.as_str(),
+        r.epoch,
         if r.peer_alive { "alive" } else { "not heard" },
         describe_replication(r.replication),
         r.lag,
+        r.lsn,
+        r.durable_lsn,
         r.counted,
         r.duplicates,
         r.too_late,

@@ -34,6 +34,7 @@ pub mod binaries;
 pub mod client;
 pub mod faketime;
 pub mod history;
+pub mod http;
 pub mod keys;
 pub mod languages;
 pub mod netns;

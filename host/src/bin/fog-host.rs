@@ -164,6 +164,17 @@ struct Args {
     // A Z85 key may start with '-': it is a value, not a flag.
     #[arg(long, value_name = "KEY,KEY", value_delimiter = ',', requires = "key", allow_hyphen_values = true)]
     server_keys: Vec<String>,
+
+    /// Where /metrics (Prometheus), /healthz and /readyz are served, or
+    /// `off` [default: 127.0.0.1:9100; if it is taken, the host runs
+    /// without them and says so]. Beyond loopback needs --metrics-token-file.
+    #[arg(long, value_name = "IP:PORT|off")]
+    metrics_bind: Option<fog_observe::Bind>,
+
+    /// A file holding the bearer token scrapers must send
+    /// (`Authorization: Bearer <token>`; Prometheus: `credentials_file`).
+    #[arg(long, value_name = "FILE")]
+    metrics_token_file: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -229,6 +240,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.watch && args.component.is_none() {
         bail!("--watch needs a SENSOR.wasm path to watch");
     }
+    let metrics = fog_observe::Endpoint::from_flags(args.metrics_bind, std::net::SocketAddr::from(([127, 0, 0, 1], 9100)), args.metrics_token_file.as_deref())?;
     // Multi-threaded (with one worker for the sockets) because calls into
     // sensors step out of the runtime with `block_in_place`, which a
     // current-thread runtime does not allow.
@@ -238,6 +250,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let _runtime = tokio.enter();
+    // Served from the start: /healthz says "not started" while sensors load.
+    let health = match &metrics {
+        Some(endpoint) => {
+            let health = Arc::new(fog_observe::Health::default());
+            fog_observe::serve_or_warn(endpoint, health.clone())?.map(|_| health)
+        }
+        None => None,
+    };
     // Before the (possibly long) start, so an early SIGHUP does not kill us.
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
     let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
@@ -319,6 +339,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         component: args.component.clone(),
         keys,
         epoch: saved_epoch,
+        health,
     };
     let summary = tokio.block_on(async {
         let shutdown = async {
