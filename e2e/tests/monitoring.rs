@@ -14,16 +14,22 @@
 //!   the live test, scrapes a real pair and host every second: it sees the
 //!   readings counted and acked grow, and after `kill -9` of the primary a
 //!   failover counted by the backup, the backup active and the primary
-//!   down; every dashboard query evaluates there.
+//!   down; the rules alert on none of it while the pair is healthy and on
+//!   the dead primary after; every dashboard query evaluates there, with
+//!   data;
+//! - the `/metrics` pages of a real pair and host serve exactly the
+//!   documented metrics, with their documented types.
 //!
 //! Without `prometheus` and `promtool` the tests that need them say
-//! SKIPPED, unless `FOG_REQUIRE_PROMETHEUS=1` (set by `.ci/run`).
+//! SKIPPED, unless `FOG_REQUIRE_PROMETHEUS=1` (set by `.ci/run`); the
+//! others always run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use fog_testkit::prometheus::{self, Prometheus, Target, promtool, scrape_config};
-use fog_testkit::scratch_dir;
+use fog_testkit::{Pair, is_caught_up, scratch_dir, start_host, start_server, status_when, wait_for};
 use serde_json::Value;
 
 /// The repository's root.
@@ -150,7 +156,9 @@ fn the_contract_is_read_from_the_readme() {
     ] {
         assert_eq!(contract.get(name).map(String::as_str), Some(kind), "{name} in {contract:?}");
     }
-    assert!(contract.keys().all(|n| n.starts_with("fog_server_") || n.starts_with("fog_host_")), "{contract:?}");
+    assert_eq!(contract.get("fog_http_connections_refused_total").map(String::as_str), Some("counter"));
+    assert!(["fog_server_", "fog_host_", "fog_http_"].iter().all(|p| contract.keys().any(|n| n.starts_with(p))), "{contract:?}");
+    assert!(contract.keys().all(|n| n.starts_with("fog_server_") || n.starts_with("fog_host_") || n.starts_with("fog_http_")), "{contract:?}");
     assert!(contract.values().all(|k| ["gauge", "counter", "histogram"].contains(&k.as_str())), "{contract:?}");
     assert!(contract.len() >= 60, "only {} metrics read from the README: {contract:?}", contract.len());
 }
@@ -277,7 +285,7 @@ fn alert_rules_and_scrape_configs_pass_promtool() {
     promtool_ok(&["check", "config", "prometheus.yml"], &monitoring);
     let dir = scratch_dir(test).unwrap();
     let generated = scrape_config(
-        std::time::Duration::from_secs(1),
+        Duration::from_secs(1),
         &[monitoring.join("alerts.yml")],
         &[
             Target::new("fog-server", "127.0.0.1:10001", &[("pair", "test"), ("node", "primary")]),
@@ -354,7 +362,7 @@ fn every_alert_says_what_is_normal() {
         return;
     }
     let dir = scratch_dir(test).unwrap();
-    let prom = Prometheus::start(&dir, &scrape_config(std::time::Duration::from_secs(1), &[monitoring_file("alerts.yml")], &[])).unwrap();
+    let prom = Prometheus::start(&dir, &scrape_config(Duration::from_secs(1), &[monitoring_file("alerts.yml")], &[])).unwrap();
     let data = prom.api("rules", &[]).unwrap();
     let rules: Vec<&Value> = data["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten()).collect();
     let names: BTreeSet<&str> = rules.iter().map(|r| r["name"].as_str().unwrap_or_default()).collect();
@@ -391,4 +399,219 @@ fn every_alert_says_what_is_normal() {
         assert!(names.contains(&required), "no alert {required}: {names:?}");
     }
     eprintln!("[{test}] {} alerts loaded by Prometheus, each with its normal value", rules.len());
+}
+
+// ---------------------------------------------------------------------
+// Real processes: a pair, a host, and a Prometheus scraping them.
+
+/// The tests that start a pair run one at a time, so that two pairs do not
+/// compete for the CPU and miss heartbeats.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A loopback address for one process's metrics endpoint.
+fn metrics_address() -> String {
+    format!("127.0.0.1:{}", fog_testkit::free_port().unwrap())
+}
+
+/// Server flags of these tests: short lateness so averages flow at once,
+/// a snapshot every 200 entries so the snapshot figures move too.
+fn server_flags(metrics: &str) -> Vec<&str> {
+    vec!["--lateness", "200ms", "--snapshot-every", "200", "--metrics-bind", metrics]
+}
+
+/// The arguments of a host of 10 sensors on two segments, for longer than
+/// any test runs (it is killed when the test ends).
+fn host_args<'a>(servers: &'a str, metrics: &'a str) -> Vec<&'a str> {
+    vec![
+        "--sensors", "10", "--segments", "2", "--interval", "100ms", "--timeout", "500ms", "--duration", "600s", "--servers", servers,
+        "--metrics-bind", metrics,
+    ]
+}
+
+/// The page `/metrics` of `address`, parsed.
+fn scrape(address: &str) -> anyhow::Result<prometheus::Exposition> {
+    let reply = prometheus::http_get(address, "/metrics", None)?;
+    anyhow::ensure!(reply.status == 200, "GET {address}/metrics: HTTP {}: {}", reply.status, reply.body);
+    prometheus::parse_exposition(&reply.body)
+}
+
+/// The value of `expr` in `prom` once it is one sample satisfying `pred`,
+/// at most `timeout`; the panic names `what` and the last answer.
+fn value_when(prom: &Prometheus, expr: &str, what: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> f64 {
+    let mut last = String::from("no answer yet");
+    let found = wait_for(what, timeout, || match prom.query(expr) {
+        Ok(samples) => match samples.as_slice() {
+            [one] if pred(one.value) => Some(one.value),
+            other => {
+                last = format!("{other:?}");
+                None
+            }
+        },
+        Err(e) => {
+            last = format!("{e:#}");
+            None
+        }
+    });
+    found.unwrap_or_else(|e| panic!("{e:#}: Prometheus never said so; `{expr}` was last {last}"))
+}
+
+/// The alerts Prometheus has pending or firing, as `name{node} state`.
+fn alerts_now(prom: &Prometheus) -> Vec<String> {
+    prom.query("ALERTS")
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}{{{}}} {}", s.label("alertname"), s.label("node"), s.label("alertstate")))
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_a_pair_and_a_host_through_a_failover() {
+    let test = "prometheus-live";
+    if !prometheus_here(test) {
+        return;
+    }
+    let _serial = serial();
+    let dir = scratch_dir(test).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
+    let (primary_metrics, backup_metrics, host_metrics) = (metrics_address(), metrics_address(), metrics_address());
+    let mut primary = start_server(&pair, true, &server_flags(&primary_metrics), &dir).unwrap();
+    let backup = start_server(&pair, false, &server_flags(&backup_metrics), &dir).unwrap();
+    let servers = pair.servers();
+    let host = start_host(&host_args(&servers, &host_metrics), &dir).unwrap();
+
+    // The repository's rules, the test's targets, a scrape every second.
+    let config = scrape_config(
+        Duration::from_secs(1),
+        &[monitoring_file("alerts.yml")],
+        &[
+            Target::new("fog-server", &primary_metrics, &[("pair", "test"), ("node", "primary")]),
+            Target::new("fog-server", &backup_metrics, &[("pair", "test"), ("node", "backup")]),
+            Target::new("fog-host", &host_metrics, &[("pair", "test"), ("node", "host")]),
+        ],
+    );
+    let prom = Prometheus::start(&dir, &config).unwrap();
+    eprintln!("[{test}] Prometheus at {} scrapes the primary at {primary_metrics}, the backup at {backup_metrics}, the host at {host_metrics}", prom.address);
+    let long = Duration::from_secs(30);
+    for node in ["primary", "backup", "host"] {
+        value_when(&prom, &format!("up{{node=\"{node}\"}}"), &format!("the {node} scraped"), long, |v| v == 1.0);
+    }
+
+    // Readings flow: the active counts them, the host has them acked.
+    value_when(&prom, r#"fog_server_active{node="primary"}"#, "the primary active", long, |v| v == 1.0);
+    let counted = r#"fog_server_readings_counted_total{node="primary"}"#;
+    let first = value_when(&prom, counted, "readings counted by the primary", long, |v| v > 0.0);
+    let later = value_when(&prom, counted, "the primary's count growing", long, |v| v > first);
+    let acked = r#"fog_host_readings_acked_total{node="host"}"#;
+    let first_acked = value_when(&prom, acked, "readings acked to the host", long, |v| v > 0.0);
+    let later_acked = value_when(&prom, acked, "the host's acked readings growing", long, |v| v > first_acked);
+    eprintln!("[{test}] counted by the primary: {first} then {later}; acked to the host: {first_acked} then {later_acked}");
+
+    // A healthy pair: the passive in sync, and no alert pending or firing
+    // (but those about this machine's disk, which is not the pair's doing).
+    status_when(&pair.backup_frontend, "a caught-up passive", long, is_caught_up).unwrap();
+    value_when(&prom, r#"fog_server_passive_in_sync{node="primary"}"#, "the passive in sync", long, |v| v == 1.0);
+    let mut pending = Vec::new();
+    wait_for("no alert on a healthy pair", long, || {
+        pending = alerts_now(&prom);
+        pending.retain(|a| !a.starts_with("FogWalFsyncSlow") && !a.starts_with("FogDiskNearlyFull"));
+        pending.is_empty().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: the rules alert on a healthy pair: {pending:?}"));
+    let epoch = value_when(&prom, r#"fog_server_epoch{node="backup"}"#, "the backup's epoch", long, |v| v >= 1.0);
+
+    // kill -9 of the active primary: the host fails over to the backup.
+    primary.kill().unwrap();
+    let killed = Instant::now();
+    eprintln!("[{test}] killed the primary (kill -9) in epoch {epoch}");
+    value_when(&prom, r#"up{node="primary"}"#, "the primary down", long, |v| v == 0.0);
+    let failovers = value_when(&prom, r#"fog_server_failovers_total{node="backup"}"#, "a failover counted by the backup", long, |v| v >= 1.0);
+    value_when(&prom, r#"fog_server_active{node="backup"}"#, "the backup active", long, |v| v == 1.0);
+    let new_epoch = value_when(&prom, r#"fog_server_epoch{node="backup"}"#, "a new epoch", long, |v| v > epoch);
+    // The backup was caught up: its takeover was clean.
+    assert_eq!(prom.query_one(r#"fog_server_unclean_takeovers_total{node="backup"}"#).unwrap(), Some(0.0), "an unclean takeover");
+    // Readings flow again, through the backup.
+    let at_kill = prom.query_one(acked).unwrap().unwrap_or(0.0);
+    value_when(&prom, acked, "the host's acked readings growing after the failover", long, |v| v > at_kill);
+    let backup_counted = r#"fog_server_readings_counted_total{node="backup"}"#;
+    let now_counted = value_when(&prom, backup_counted, "readings counted by the backup", long, |v| v > 0.0);
+    value_when(&prom, backup_counted, "the backup's count growing", long, |v| v > now_counted);
+    eprintln!(
+        "[{test}] Prometheus saw the failover {} ms after the kill: backup active in epoch {new_epoch}, {failovers} failover(s), readings acked again",
+        killed.elapsed().as_millis()
+    );
+
+    // The rules see it: the primary down, the backup alone.
+    for (alert, node) in [("FogServerDown", "primary"), ("FogPassiveOutOfSync", "backup")] {
+        let expr = format!("ALERTS{{alertname=\"{alert}\", node=\"{node}\"}}");
+        wait_for(&format!("{alert} for the {node}"), long, || prom.query(&expr).ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|e| panic!("{e:#}; alerts now: {:?}", alerts_now(&prom)));
+    }
+    eprintln!("[{test}] alerts after the kill: {:?}", alerts_now(&prom));
+
+    // Every dashboard query is valid PromQL that Prometheus evaluates, and
+    // every panel has data; the takeover marks only around a takeover.
+    let dashboard: Value = serde_json::from_str(&read(&monitoring_file("grafana-dashboard.json"))).unwrap();
+    let on_events_only = ["changes(fog_server_epoch"];
+    let mut empty = Vec::new();
+    for expr in dashboard_queries(&dashboard) {
+        let samples = prom.query(&as_promql(&expr)).unwrap_or_else(|e| panic!("the dashboard's query fails: {e:#}"));
+        if samples.is_empty() && !on_events_only.iter().any(|m| expr.contains(m)) {
+            empty.push(expr);
+        }
+    }
+    assert!(empty.is_empty(), "dashboard queries without data on a running pair and host: {empty:#?}");
+    drop((host, backup, prom));
+}
+
+#[test]
+fn served_metrics_are_the_documented_ones() {
+    let test = "served-metrics";
+    let _serial = serial();
+    let dir = scratch_dir(test).unwrap();
+    let pair = Pair::on_free_ports().unwrap();
+    let (primary_metrics, backup_metrics, host_metrics) = (metrics_address(), metrics_address(), metrics_address());
+    let _primary = start_server(&pair, true, &server_flags(&primary_metrics), &dir).unwrap();
+    let _backup = start_server(&pair, false, &server_flags(&backup_metrics), &dir).unwrap();
+    let servers = pair.servers();
+    let _host = start_host(&host_args(&servers, &host_metrics), &dir).unwrap();
+    let contract = contract();
+
+    // Once readings flow, averages are published and a snapshot is written,
+    // every documented metric of a server (`fog_server_…`) or host
+    // (`fog_host_…`) is served, with its type, and nothing undocumented is
+    // (`fog_http_…`, served by both, appears at its first event).
+    let long = Duration::from_secs(30);
+    for (process, address, prefix, moving) in [
+        ("primary", &primary_metrics, "fog_server_", "fog_server_snapshots_total"),
+        ("backup", &backup_metrics, "fog_server_", "fog_server_snapshots_total"),
+        ("host", &host_metrics, "fog_host_", "fog_host_averages_received_total"),
+    ] {
+        let page = wait_for(&format!("the {process}'s {moving} above 0"), long, || {
+            scrape(address).ok().filter(|p| p.find(moving, &[]).any(|s| s.value > 0.0))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}; its page now: {:?}", scrape(address).map(|p| p.types)));
+        let mut wrong = Vec::new();
+        for (name, kind) in &page.types {
+            match contract.get(name) {
+                None => wrong.push(format!("{name} ({kind}) is served but not documented")),
+                Some(documented) if documented != kind => wrong.push(format!("{name} is a {kind}, documented as a {documented}")),
+                Some(_) => {}
+            }
+        }
+        for name in contract.keys().filter(|n| n.starts_with(prefix)) {
+            if !page.types.contains_key(name) {
+                wrong.push(format!("{name} is documented but not served"));
+            }
+        }
+        for sample in &page.samples {
+            if sample.labels.keys().any(|l| l.contains("sensor")) {
+                wrong.push(format!("{} has a sensor label: {:?}", sample.name, sample.labels));
+            }
+        }
+        assert!(wrong.is_empty(), "the {process}'s /metrics and monitoring/README.md disagree:\n{}", wrong.join("\n"));
+        eprintln!("[{test}] {process}: {} metrics served, {} samples, all documented", page.types.len(), page.samples.len());
+    }
 }

@@ -7,7 +7,10 @@
 //! [`free_port`](crate::free_port) with a scrape configuration from
 //! [`scrape_config`], its storage in the test's scratch dir, and waits until
 //! it is ready; [`Prometheus::query`] evaluates an instant query.
-//! [`parse_exposition`] reads the Prometheus text format.
+//! [`parse_exposition`] reads the whole Prometheus text format (names,
+//! labels, types), where [`crate::http::sample`] finds one series;
+//! [`http_get`] also decodes chunked replies (Prometheus's API sends them
+//! for larger answers) and bounds connecting and the reply's size.
 //!
 //! Without the binaries a test says it is skipped, unless
 //! `FOG_REQUIRE_PROMETHEUS=1` (set by `.ci/run`) makes it fail.
