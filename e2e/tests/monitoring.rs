@@ -533,8 +533,8 @@ fn prometheus_scrapes_a_pair_and_a_host_through_a_failover() {
     // The backup was caught up: its takeover was clean.
     assert_eq!(prom.query_one(r#"fog_server_unclean_takeovers_total{node="backup"}"#).unwrap(), Some(0.0), "an unclean takeover");
     // Readings flow again, through the backup.
-    let at_kill = prom.query_one(acked).unwrap().unwrap_or(0.0);
-    value_when(&prom, acked, "the host's acked readings growing after the failover", long, |v| v > at_kill);
+    let at_takeover = prom.query_one(acked).unwrap().unwrap_or(0.0);
+    value_when(&prom, acked, "the host's acked readings growing after the failover", long, |v| v > at_takeover);
     let backup_counted = r#"fog_server_readings_counted_total{node="backup"}"#;
     let now_counted = value_when(&prom, backup_counted, "readings counted by the backup", long, |v| v > 0.0);
     value_when(&prom, backup_counted, "the backup's count growing", long, |v| v > now_counted);
