@@ -254,6 +254,9 @@ pub enum Record {
     AveragesPublished { now_ms: u64, next_seq: u64 },
     /// A takeover: from here on the log belongs to this epoch.
     EpochChanged { epoch: u64 },
+    /// The cloud (JetStream) has everything the site owed it up to site
+    /// sequence `through` (written by the active's uplink).
+    UplinkForwarded { through: u64 },
 }
 
 /// A server's state, as `fog-server status` prints it.
@@ -308,6 +311,32 @@ pub struct StatusReport {
     pub batches: u64,
     pub peer_alive: bool,
     pub per_sensor: Vec<SensorCount>,
+    /// The uplink to the cloud, when the pair runs one.
+    pub uplink: Option<UplinkReport>,
+}
+
+/// The uplink's state, as `fog-server status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UplinkReport {
+    /// The JetStream stream the site forwards to.
+    pub stream: String,
+    /// Connected to NATS and forwarding (the active only).
+    pub connected: bool,
+    /// Items (readings and averages) not yet in the cloud, their bytes, and
+    /// the age of the oldest in milliseconds.
+    pub backlog_items: u64,
+    pub backlog_bytes: u64,
+    pub oldest_ms: u64,
+    /// Every item up to this site sequence is in the cloud; the last site
+    /// sequence given out.
+    pub forwarded_through: u64,
+    pub last_seq: u64,
+    /// Items dropped unforwarded at the backlog bound.
+    pub dropped: u64,
+    /// Messages this node published and had acked since it started.
+    pub messages: u64,
+    /// The last error, if any.
+    pub last_error: String,
 }
 
 /// How many requests or readings a server refused, per [`Refusal`].

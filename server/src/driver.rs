@@ -41,11 +41,15 @@ use crate::frontend::{Gate, Pending, handle_event, send_reply};
 use crate::metrics::{DriverFigures, ServerMetrics};
 use crate::fsm::Role;
 use crate::node::{Node, NodeConfig, Output};
+use crate::outbox::OutboxConfig;
+use crate::uplink::{Creds, Uplink, UplinkConfig, UplinkEvent};
 use crate::wal::{FsyncPolicy, Wal, WalError};
 use crate::windows::WindowConfig;
 
 /// How often the figures on `/metrics` (and readiness) are brought up to date.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Least time between two uplink positions written to the log.
+const UPLINK_RECORD_EVERY: Duration = Duration::from_millis(20);
 /// How often the driver logs progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Requests taken in one go before their entries go to the disk together.
@@ -79,6 +83,9 @@ pub struct ServerConfig {
     pub security: Security,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: nowhere.
     pub metrics: Option<fog_observe::Endpoint>,
+    /// The uplink to the cloud (NATS JetStream); `None`: no uplink, and no
+    /// outbox is kept. Give both nodes the same.
+    pub uplink: Option<UplinkConfig>,
 }
 
 impl ServerConfig {
@@ -102,6 +109,7 @@ impl ServerConfig {
             snapshot_every: 10_000,
             security: Security::None { allow_remote: false },
             metrics: None,
+            uplink: None,
         }
     }
 }
@@ -373,9 +381,20 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
             windows: cfg.windows,
             snapshot_every: cfg.snapshot_every.max(1),
             seal_key: edge.seal_key,
+            outbox: cfg.uplink.as_ref().map_or(OutboxConfig::default(), |u| OutboxConfig { enabled: true, backlog_bytes: u.backlog_bytes }),
         },
         &observed,
     )?;
+    let mut uplink = match &cfg.uplink {
+        Some(u) => {
+            let creds = u.creds.as_deref().map(Creds::read).transpose().map_err(|e| ServerError::Config(format!("--uplink-creds: {e}")))?;
+            info!(urls = %u.urls, stream = %u.stream(), site = %u.site, "uplink to NATS JetStream: forwarding while active");
+            Some(Uplink::start(u.clone(), creds))
+        }
+        None => None,
+    };
+    let mut uplink_pending: Option<u64> = None;
+    let mut uplink_recorded_at = std::time::Instant::now();
     let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
     let (done_tx, mut disk_done) = mpsc::unbounded_channel::<DiskDone>();
     let disk = std::thread::Builder::new()
@@ -413,11 +432,25 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     node.handle_timeout(clock.now());
     let mut last_wake: Option<Instant> = None;
     loop {
-        if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate, &mut observed) {
+        if let Err(e) = flush(&mut node, &edge, &disk_tx, &mut gate, &mut observed, uplink.as_ref()) {
             failure = Some(e);
             break;
         }
         observed.after_turn(&node, peer_heard_at);
+        if let Some(up) = uplink.as_mut() {
+            // Acks move the position in the log, at most every
+            // UPLINK_RECORD_EVERY (each is an entry, replicated).
+            if let Some(through) = uplink_pending.filter(|_| uplink_recorded_at.elapsed() >= UPLINK_RECORD_EVERY) {
+                node.handle_uplink_forwarded(clock.now(), through);
+                uplink_pending = None;
+                uplink_recorded_at = std::time::Instant::now();
+                continue;
+            }
+            up.control(node.state() == fog_protocol::NodeState::Active, node.epoch());
+            if let Some(after) = up.next_after() {
+                up.feed(node.uplink_owed(after));
+            }
+        }
         // Whichever event woke the loop after a pause, the peer's queued
         // past must not reach the node.
         if last_wake.is_some_and(|w| Instant::now() > w + paused_after) {
@@ -482,9 +515,28 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             },
             _ = hangup.recv() => reload_keys(&edge),
+            Some(event) = next_uplink_event(&mut uplink) => {
+                let mut next = Some(event);
+                while let Some(event) = next.take() {
+                    let up = uplink.as_mut().expect("an event came from it");
+                    match event {
+                        UplinkEvent::Check { in_cloud, chain, answer } => {
+                            let _ = answer.send(check_stream(node.outbox(), in_cloud, chain));
+                        }
+                        UplinkEvent::Resync { round, from } => up.resync(round, from, node.outbox().forwarded()),
+                        UplinkEvent::Acked { through, messages } => {
+                            up.messages += messages;
+                            uplink_pending = Some(uplink_pending.unwrap_or(0).max(through));
+                        }
+                        UplinkEvent::Connected(c) => up.connected = c,
+                        UplinkEvent::Failed(e) => up.last_error = e,
+                    }
+                    next = up.events.try_recv().ok();
+                }
+            }
             () = tokio::time::sleep_until(wake) => node.handle_timeout(clock.now()),
             _ = progress.tick() => report.log(&node, clock.now(), &edge, &gate),
-            _ = publish.tick() => observed.publish(&node, &DriverFigures {
+            _ = publish.tick() => observed.publish(&node, uplink.as_ref(), &DriverFigures {
                 peer_heard_at,
                 readings_received: gate.readings_received,
                 bytes_received: gate.bytes_received,
@@ -507,10 +559,30 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
 }
 
+/// Whether a stream whose last message ends at site item `in_cloud` with
+/// chain value `chain` holds this pair's history.
+fn check_stream(outbox: &crate::outbox::Outbox, in_cloud: u64, chain: u64) -> Result<(), String> {
+    match outbox.chain_at(in_cloud) {
+        Some(mine) if mine == chain => Ok(()),
+        Some(_) => Err(format!("the stream's item {in_cloud} is not this site's (another history: a side of a split forwarded items the pair abandoned); forwarding stops until an operator looks")),
+        None if in_cloud > outbox.last_seq() => Err(format!("the stream is ahead of this site (item {in_cloud}, this site has {}): it holds another history; forwarding stops until an operator looks", outbox.last_seq())),
+        None if in_cloud < outbox.forwarded() => Err(format!("the stream lost items: it ends at item {in_cloud}, the pair had forwarded up to {}; forwarding stops until an operator looks", outbox.forwarded())),
+        None => Err(format!("cannot check the stream's item {in_cloud} against this site's outbox")),
+    }
+}
+
+/// The next event of the uplink, if there is one (never, without).
+async fn next_uplink_event(uplink: &mut Option<Uplink>) -> Option<UplinkEvent> {
+    match uplink {
+        Some(up) => up.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Carries out what the node asked for: log entries go to the disk thread
 /// as one group, replies to their clients, messages to the peer. Never
 /// waits on a socket.
-fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, gate: &mut Gate, observed: &mut ServerMetrics) -> Result<(), ServerError> {
+fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, gate: &mut Gate, observed: &mut ServerMetrics, uplink: Option<&Uplink>) -> Result<(), ServerError> {
     let mut appends = Vec::new();
     let disk_gone = || ServerError::Config("the log thread stopped".into());
     while let Some(output) = node.poll_output() {
@@ -527,7 +599,12 @@ fn flush(node: &mut Node, edge: &Edge, disk: &std::sync::mpsc::Sender<DiskJob>, 
                 observed.replied(&arrival, &reply);
                 match &mut reply {
                     Reply::Batch(batch) => batch.refused.extend(refused),
-                    Reply::Status(status) => status.replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed),
+                    Reply::Status(status) => {
+                        status.replies_dropped = edge.frontend.stats().dropped_out.load(Ordering::Relaxed);
+                        if let (Some(report), Some(up)) = (status.uplink.as_mut(), uplink) {
+                            up.fill(report);
+                        }
+                    }
                     _ => {}
                 }
                 send_reply(&edge.frontend, identity, &reply);

@@ -22,9 +22,11 @@ mod metrics;
 pub mod fsm;
 pub mod ingest;
 pub mod node;
+pub mod outbox;
 pub mod replica;
 pub mod seal;
 pub mod status;
+pub mod uplink;
 pub mod wal;
 pub mod windows;
 

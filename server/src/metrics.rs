@@ -18,6 +18,7 @@ use fog_protocol::{Average, NodeState, Reply, Replication};
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use crate::node::Node;
+use crate::uplink::Uplink;
 
 /// Per-segment series are kept for the lowest segment ids only.
 pub const MAX_SEGMENT_SERIES: usize = 64;
@@ -136,7 +137,7 @@ impl ServerMetrics {
     }
 
     /// Once a second: every figure the node keeps, liveness and readiness.
-    pub fn publish(&mut self, node: &Node, figures: &DriverFigures) {
+    pub fn publish(&mut self, node: &Node, uplink: Option<&Uplink>, figures: &DriverFigures) {
         self.health.turned();
         let state = node.state();
         let (replication, lag) = node.replication();
@@ -194,6 +195,17 @@ impl ServerMetrics {
         counter!("fog_server_averages_published_total").absolute(r.windows.averages_published());
         counter!("fog_server_average_revisions_total").absolute(r.windows.revisions_published());
         self.publish_averages(r.windows.retained());
+        if let Some(up) = uplink {
+            let o = node.outbox();
+            gauge!("fog_server_uplink_connected").set(f64::from(u8::from(up.connected)));
+            gauge!("fog_server_uplink_backlog_items").set(o.len() as f64);
+            gauge!("fog_server_uplink_backlog_bytes").set(o.bytes() as f64);
+            let age = o.oldest_at_ms().map_or(0.0, |at| crate::clock::wall_ms().saturating_sub(at) as f64 / 1000.0);
+            gauge!("fog_server_uplink_backlog_age_seconds").set(age);
+            gauge!("fog_server_uplink_forwarded_seq").set(o.forwarded() as f64);
+            counter!("fog_server_uplink_dropped_total").absolute(o.dropped());
+            counter!("fog_server_uplink_messages_total").absolute(up.messages);
+        }
         if let Some(d) = fog_observe::disk_space(&self.data_dir) {
             gauge!("fog_server_disk_free_bytes").set(d.free as f64);
             gauge!("fog_server_disk_size_bytes").set(d.size as f64);

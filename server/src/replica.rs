@@ -12,6 +12,7 @@ use fog_protocol::{LogEntry, Record};
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::Ingest;
+use crate::outbox::{Outbox, OutboxConfig, Owed};
 use crate::windows::{WindowConfig, Windows};
 
 /// A log entry that could not be applied as it came.
@@ -39,6 +40,10 @@ pub struct Replica {
     pub epoch: u64,
     /// The last entry applied; 0 for none.
     pub lsn: u64,
+    /// What the site still owes the cloud. Encoded after the rest of the
+    /// replica, so a snapshot from before the uplink reads as an empty one.
+    #[serde(skip)]
+    pub outbox: Outbox,
 }
 
 impl Replica {
@@ -48,7 +53,13 @@ impl Replica {
             windows: Windows::new(cfg),
             epoch: 0,
             lsn: 0,
+            outbox: Outbox::default(),
         }
+    }
+
+    /// Keeps (or not) what is owed to the cloud; the same on both nodes.
+    pub fn set_outbox(&mut self, cfg: OutboxConfig) {
+        self.outbox.set_config(cfg);
     }
 
     /// Applies the entry that follows the last one applied. A divergence is
@@ -65,6 +76,8 @@ impl Replica {
                     for r in &s.readings {
                         if self.ingest.admit(*now_ms, key, r) {
                             self.windows.add(*now_ms, s.segment, r);
+                            let owed = Owed::Reading { sensor_id: s.sensor_id, incarnation: s.incarnation, segment: s.segment, reading: *r };
+                            self.outbox.push(entry.lsn, *now_ms, owed);
                         }
                     }
                     if s.average_cursor.is_some() {
@@ -73,7 +86,9 @@ impl Replica {
                 }
             }
             Record::AveragesPublished { now_ms, next_seq } => {
-                self.windows.handle_timeout(*now_ms, entry.epoch);
+                for average in self.windows.handle_timeout(*now_ms, entry.epoch) {
+                    self.outbox.push(entry.lsn, *now_ms, Owed::Average(average));
+                }
                 self.ingest.compact(*now_ms);
                 let got = self.windows.next_seq();
                 if *next_seq != UNKNOWN_SEQ && *next_seq != got {
@@ -81,17 +96,28 @@ impl Replica {
                 }
             }
             Record::EpochChanged { epoch } => self.epoch = self.epoch.max(*epoch),
+            Record::UplinkForwarded { through } => self.outbox.forwarded_through(*through),
         }
         Ok(())
     }
 
+    /// The replica, then its outbox.
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
-        postcard::to_allocvec(self).map_err(|e| SnapshotError(e.to_string()))
+        let err = |e: postcard::Error| SnapshotError(e.to_string());
+        let bytes = postcard::to_allocvec(self).map_err(err)?;
+        postcard::to_extend(&self.outbox, bytes).map_err(err)
     }
 
-    pub fn decode(bytes: &[u8], cfg: WindowConfig) -> Result<Self, SnapshotError> {
-        let mut r: Replica = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+    /// Reads [`Replica::encode`]'s bytes; without an outbox after the
+    /// replica (a snapshot from before the uplink), the outbox is empty.
+    pub fn decode(bytes: &[u8], cfg: WindowConfig, outbox: OutboxConfig) -> Result<Self, SnapshotError> {
+        let err = |e: postcard::Error| SnapshotError(e.to_string());
+        let (mut r, rest): (Replica, &[u8]) = postcard::take_from_bytes(bytes).map_err(err)?;
+        if !rest.is_empty() {
+            r.outbox = postcard::from_bytes(rest).map_err(err)?;
+        }
         r.set_config(cfg);
+        r.set_outbox(outbox);
         Ok(r)
     }
 
@@ -128,10 +154,43 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_owes_counted_readings_and_averages_and_survives_a_snapshot() {
+        let cfg = OutboxConfig { enabled: true, backlog_bytes: 1 << 20 };
+        let mut a = Replica::new(WindowConfig::default());
+        a.set_outbox(cfg);
+        a.apply(&readings(1, T0, 0..5)).unwrap();
+        // Resends are counted once, and owed once.
+        a.apply(&readings(2, T0, 3..7)).unwrap();
+        a.apply(&LogEntry { lsn: 3, epoch: 1, solo: false, record: Record::AveragesPublished { now_ms: T0 + 7_000, next_seq: UNKNOWN_SEQ } }).unwrap();
+        let owed: Vec<_> = a.outbox.after(0, u64::MAX).copied().collect();
+        let readings_owed: Vec<u64> = owed.iter().filter_map(|i| match i.what { Owed::Reading { reading, .. } => Some(reading.seq), Owed::Average(_) => None }).collect();
+        assert_eq!(readings_owed, (0..7).collect::<Vec<_>>());
+        let averages = owed.iter().filter(|i| !i.what.is_reading()).count() as u64;
+        assert_eq!(averages, a.windows.averages_published());
+        assert!(averages >= 1);
+        assert_eq!(owed.iter().map(|i| i.site_seq).collect::<Vec<_>>(), (1..=owed.len() as u64).collect::<Vec<_>>(), "site sequences are gap-free");
+        // The position moves by a record; a snapshot carries what is left.
+        a.apply(&LogEntry { lsn: 4, epoch: 1, solo: false, record: Record::UplinkForwarded { through: 3 } }).unwrap();
+        let b = Replica::decode(&a.encode().unwrap(), WindowConfig::default(), cfg).unwrap();
+        assert_eq!(b.outbox.forwarded(), 3);
+        assert_eq!(b.outbox.after(0, u64::MAX).copied().collect::<Vec<_>>(), a.outbox.after(0, u64::MAX).copied().collect::<Vec<_>>());
+        assert_eq!(b.outbox.last_seq(), a.outbox.last_seq());
+        // A snapshot from before the uplink (no outbox after the replica).
+        let old = postcard::to_allocvec(&a).unwrap();
+        let c = Replica::decode(&old, WindowConfig::default(), cfg).unwrap();
+        assert!(c.outbox.is_empty());
+        assert_eq!(c.ingest.counted(), 7);
+        // Trailing junk is an error, not a silent empty outbox.
+        let mut junk = old.clone();
+        junk.extend_from_slice(&[0xff; 3]);
+        assert!(Replica::decode(&junk, WindowConfig::default(), cfg).is_err());
+    }
+
+    #[test]
     fn the_same_entries_give_the_same_state_through_a_snapshot() {
         let mut a = Replica::new(WindowConfig::default());
         a.apply(&readings(1, T0, 0..5)).unwrap();
-        let mut b = Replica::decode(&a.encode().unwrap(), WindowConfig::default()).unwrap();
+        let mut b = Replica::decode(&a.encode().unwrap(), WindowConfig::default(), OutboxConfig::default()).unwrap();
         let publish = |lsn| LogEntry {
             lsn,
             epoch: 1,
@@ -205,7 +264,8 @@ mod tests {
             replayed.apply(&e).unwrap();
         }
         // The maps come out in any order, so compare lengths, not bytes.
-        assert_eq!(replayed.encode().unwrap().len(), bytes.len());
+        // (The replica part: the outbox follows it in a snapshot.)
+        assert_eq!(postcard::to_allocvec(&replayed).unwrap().len(), bytes.len());
         let seen = |r: &Replica| {
             let w = &r.windows;
             (
@@ -282,7 +342,7 @@ mod tests {
                 sizes.push(a.encode().unwrap().len());
             }
             if tick == 2 * 360 {
-                b = Some(Replica::decode(&a.encode().unwrap(), WindowConfig::default()).unwrap());
+                b = Some(Replica::decode(&a.encode().unwrap(), WindowConfig::default(), OutboxConfig::default()).unwrap());
             }
         }
         let b = b.unwrap();

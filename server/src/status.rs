@@ -130,6 +130,21 @@ pub fn human_summary(r: &StatusReport) -> String {
         r.refused.busy,
         r.forged_epochs,
     );
+    if let Some(u) = &r.uplink {
+        out.push_str(&format!(
+            "uplink to {}: {}; in the cloud through site item {} of {}; backlog {} items ({} bytes, oldest {}); {} dropped at the bound; {} messages acked{}\n",
+            u.stream,
+            if u.connected { "connected" } else { "not connected" },
+            u.forwarded_through,
+            u.last_seq,
+            u.backlog_items,
+            u.backlog_bytes,
+            humantime::format_duration(std::time::Duration::from_secs(u.oldest_ms / 1000)),
+            u.dropped,
+            u.messages,
+            if u.last_error.is_empty() { String::new() } else { format!("; last error: {}", u.last_error) },
+        ));
+    }
     out.push_str(&format!(
         "{} sensor incarnations ({} more retired after the dedup horizon)",
         r.per_sensor.len(),

@@ -115,7 +115,22 @@ impl World {
             counts.sort_unstable();
             assert_eq!(counts, truth, "{:?}: per-sensor (id, incarnation, count, sum) differ from what the sensors generated", server.role);
         }
+        // The outbox owes every counted reading and published average, once,
+        // and both nodes owe the same (same items, same chain, same position).
+        let owed = |n: &Node| {
+            let o = n.outbox();
+            (o.last_seq(), o.chain_at(o.last_seq()), o.forwarded(), o.len())
+        };
+        for server in &self.servers {
+            let n = server.node.as_ref().expect("both nodes are up at the end");
+            let r = n.replica();
+            assert_eq!(n.outbox().last_seq(), r.ingest.counted() + r.windows.averages_published(), "{:?}: the outbox did not owe every counted reading and average once", server.role);
+            assert_eq!(n.outbox().dropped(), 0);
+        }
+        let (a, b) = (self.servers[0].node.as_ref().expect("up"), self.servers[1].node.as_ref().expect("up"));
+        assert_eq!(owed(a), owed(b), "the nodes' outboxes differ at the end of a quiet run");
         let node = self.servers[active[0]].node.as_ref().expect("the active node is up");
+        assert!(node.outbox().forwarded() > 0, "the cloud never acked anything");
         let end = node.replica().windows.last_position();
         assert!(end.seq > 0, "no average was published");
         for s in &sensors {

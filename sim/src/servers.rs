@@ -19,6 +19,8 @@ pub fn config(role: Role) -> NodeConfig {
         windows: WindowConfig { lateness_ms: 200, ..WindowConfig::default() },
         snapshot_every: 50,
         seal_key: SEAL_KEY,
+        // The uplink's outbox is kept (and checked) in every run.
+        outbox: fog_server::outbox::OutboxConfig { enabled: true, backlog_bytes: 1 << 30 },
     }
 }
 

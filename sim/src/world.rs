@@ -226,6 +226,8 @@ impl World {
     }
 
     fn step_servers(&mut self) {
+        /// How often (simulated ms) an active's uplink gets an ack.
+        const CLOUD_ACK_EVERY: u64 = 97;
         let (t, wall) = (self.t, self.wall());
         for i in 0..2 {
             if self.servers[i].down_until.is_some_and(|at| t >= at) {
@@ -263,6 +265,16 @@ impl World {
             if self.servers[i].node.as_ref().is_some_and(|n| n.poll_timeout() <= t) {
                 if let Some(n) = self.servers[i].node.as_mut() {
                     n.handle_timeout(now);
+                }
+                self.drain(i);
+            }            // The cloud acks what an active forwarded, now and then: the
+            // position goes through the log like any entry.
+            if t % CLOUD_ACK_EVERY == 0 {
+                if let Some(n) = self.servers[i].node.as_mut() {
+                    let through = n.uplink_owed(n.outbox().forwarded()).last().map(|item| item.site_seq);
+                    if let Some(through) = through {
+                        n.handle_uplink_forwarded(now, through);
+                    }
                 }
                 self.drain(i);
             }

@@ -37,6 +37,7 @@ pub mod history;
 pub mod http;
 pub mod keys;
 pub mod languages;
+pub mod nats;
 pub mod netns;
 pub mod ports;
 pub mod process;

@@ -146,8 +146,63 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     metrics_token_file: Option<std::path::PathBuf>,
 
+    /// Forward every counted reading and published average, exactly once,
+    /// to NATS JetStream while this node is active: the NATS servers,
+    /// comma-separated (`tls://HOST:PORT`; plain `nats://` on loopback, or
+    /// with --uplink-insecure). Give both nodes the same uplink flags.
+    #[arg(long, value_name = "URLS", requires = "site")]
+    uplink: Option<String>,
+
+    /// The site's name: subjects `fog.<SITE>.readings.<SEGMENT>` and
+    /// `fog.<SITE>.averages.<SEGMENT>` in the stream `FOG_<SITE>`.
+    #[arg(long, value_name = "NAME", requires = "uplink")]
+    site: Option<String>,
+
+    /// NATS credentials: a `.creds` file, or `user = NAME` and
+    /// `password = SECRET` lines, or a `token = SECRET` line.
+    #[arg(long, value_name = "FILE", requires = "uplink")]
+    uplink_creds: Option<std::path::PathBuf>,
+
+    /// Most of what is not yet in the cloud kept, in bytes (K, M, G
+    /// suffixes); past it the oldest is dropped, counted and logged, and
+    /// the site keeps serving its sensors.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes, requires = "uplink")]
+    uplink_backlog: u64,
+
+    /// Replicas of the stream, when the uplink creates it (an existing
+    /// stream is used as it is).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5), requires = "uplink")]
+    uplink_replicas: u32,
+
+    /// JetStream's duplicate window, when the uplink creates the stream.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration, requires = "uplink")]
+    uplink_duplicate_window: Duration,
+
+    /// Allow plain `nats://` to a host other than loopback: the site's
+    /// data then crosses the network unencrypted.
+    #[arg(long, requires = "uplink")]
+    uplink_insecure: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `256M`, `1G`, `65536`: bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size (e.g. 65536, 256M, 2G)"))?;
+    let unit = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        other => return Err(format!("`{other}` is not a size unit (K, M or G)")),
+    };
+    n.checked_mul(unit).filter(|&b| b > 0).ok_or_else(|| format!("`{s}` is not a size above 0 that fits in 64 bits"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,6 +330,21 @@ fn server_config(cli: &Cli) -> Result<ServerConfig> {
                 access: access.clone(),
             },
             _ => fog_server::Security::None { allow_remote: cli.insecure },
+        },
+        uplink: match (&cli.uplink, &cli.site) {
+            (Some(urls), Some(site)) => {
+                fog_server::uplink::check_site(site).map_err(|e| anyhow::anyhow!("--site: {e}"))?;
+                fog_server::uplink::check_urls(urls, cli.uplink_insecure).map_err(|e| anyhow::anyhow!("--uplink: {e}"))?;
+                Some(fog_server::uplink::UplinkConfig {
+                    urls: urls.clone(),
+                    creds: cli.uplink_creds.clone(),
+                    site: site.clone(),
+                    replicas: cli.uplink_replicas as usize,
+                    duplicate_window: cli.uplink_duplicate_window,
+                    backlog_bytes: cli.uplink_backlog,
+                })
+            }
+            _ => None,
         },
         metrics: fog_observe::Endpoint::from_flags(
             cli.metrics_bind,

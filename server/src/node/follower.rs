@@ -36,7 +36,7 @@ impl Node {
         if self.last_join_ms.is_none() {
             return; // not asked for (or already installed)
         }
-        match Replica::decode(&state, self.cfg.windows) {
+        match Replica::decode(&state, self.cfg.windows, self.cfg.outbox) {
             Ok(replica) => {
                 info!(lsn, epoch, "caught up from the active's snapshot");
                 self.known_epoch = epoch;

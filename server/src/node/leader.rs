@@ -206,7 +206,7 @@ impl Node {
     }
 
     /// The highest entry a reply may be released at.
-    fn commit_lsn(&self) -> u64 {
+    pub(super) fn commit_lsn(&self) -> u64 {
         if cfg!(feature = "unsafe-early-ack") {
             return u64::MAX;
         }

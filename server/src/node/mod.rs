@@ -52,6 +52,7 @@ mod leader;
 mod merge;
 mod recover;
 mod status;
+mod uplink;
 #[cfg(test)]
 mod tests;
 
@@ -64,6 +65,7 @@ use tracing::warn;
 
 use crate::clock::Now;
 use crate::fsm::{BinaryStar, Role};
+use crate::outbox::OutboxConfig;
 use crate::replica::Replica;
 use crate::seal::EpochSeal;
 use crate::windows::WindowConfig;
@@ -81,6 +83,8 @@ pub struct NodeConfig {
     /// The key both servers of the pair seal epochs with
     /// ([`crate::seal::EpochSeal`]); the driver supplies it.
     pub seal_key: [u8; 32],
+    /// Whether the pair keeps what it owes the cloud, and how much.
+    pub outbox: OutboxConfig,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -90,6 +94,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("windows", &self.windows)
             .field("snapshot_every", &self.snapshot_every)
+            .field("outbox", &self.outbox)
             .field("seal_key", &"<redacted>")
             .finish()
     }
@@ -179,7 +184,11 @@ impl Node {
             cfg,
             seal: EpochSeal::new(cfg.seal_key),
             fsm: BinaryStar::new(cfg.role, cfg.heartbeat_ms),
-            replica: Replica::new(cfg.windows),
+            replica: {
+                let mut r = Replica::new(cfg.windows);
+                r.set_outbox(cfg.outbox);
+                r
+            },
             known_epoch: 0,
             durable_lsn: 0,
             awaiting_snapshot_durable: None,

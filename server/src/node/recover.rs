@@ -11,10 +11,19 @@ use crate::replica::{Replica, SnapshotError};
 
 /// What a local snapshot file holds: the replicated state, and the readings
 /// this node accepted alone that its peer may not have.
-#[derive(Debug, Serialize, Deserialize)]
+/// After it, the replica's outbox (absent in a snapshot from before the
+/// uplink: then the outbox is empty).
+#[derive(Debug, Deserialize)]
 struct LocalSnapshot {
     replica: Replica,
     unconfirmed: Vec<SensorBatch>,
+}
+
+/// [`LocalSnapshot`] as it is written, without copying the state.
+#[derive(Serialize)]
+struct LocalSnapshotRef<'a> {
+    replica: &'a Replica,
+    unconfirmed: Vec<&'a SensorBatch>,
 }
 
 /// Why a node could not be rebuilt from its data directory.
@@ -34,9 +43,14 @@ impl Node {
     pub fn recover(cfg: NodeConfig, snapshot: Option<&[u8]>, entries: &[LogEntry]) -> Result<Self, RecoverError> {
         let mut node = Node::new(cfg);
         if let Some(bytes) = snapshot {
-            let local: LocalSnapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+            let err = |e: postcard::Error| SnapshotError(e.to_string());
+            let (local, rest): (LocalSnapshot, &[u8]) = postcard::take_from_bytes(bytes).map_err(err)?;
             node.replica = local.replica;
+            if !rest.is_empty() {
+                node.replica.outbox = postcard::from_bytes(rest).map_err(err)?;
+            }
             node.replica.set_config(cfg.windows);
+            node.replica.set_outbox(cfg.outbox);
             let lsn = node.replica.lsn;
             node.unconfirmed = local.unconfirmed.into_iter().map(|b| (lsn, b)).collect();
         }
@@ -81,10 +95,9 @@ impl Node {
     }
 
     pub(super) fn local_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let local = LocalSnapshot {
-            replica: self.replica.clone(),
-            unconfirmed: self.unconfirmed.iter().map(|(_, b)| b.clone()).collect(),
-        };
-        postcard::to_allocvec(&local).map_err(|e| SnapshotError(e.to_string()))
+        let err = |e: postcard::Error| SnapshotError(e.to_string());
+        let local = LocalSnapshotRef { replica: &self.replica, unconfirmed: self.unconfirmed.iter().map(|(_, b)| b).collect() };
+        let bytes = postcard::to_allocvec(&local).map_err(err)?;
+        postcard::to_extend(&self.replica.outbox, bytes).map_err(err)
     }
 }

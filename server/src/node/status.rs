@@ -3,7 +3,7 @@
 //! and the status report (`fog-server status`, whose client is
 //! [`crate::status`]).
 
-use fog_protocol::{NodeState, Refusal, RefusedCounts, Replication, StatusReport};
+use fog_protocol::{NodeState, Refusal, RefusedCounts, Replication, StatusReport, UplinkReport};
 
 use super::Node;
 
@@ -90,6 +90,18 @@ impl Node {
             batches: self.batches,
             peer_alive: self.fsm.peer_alive(self.mono_ms),
             per_sensor: self.replica.ingest.per_sensor(),
+            uplink: self.replica.outbox.config().enabled.then(|| {
+                let o = &self.replica.outbox;
+                UplinkReport {
+                    backlog_items: o.len() as u64,
+                    backlog_bytes: o.bytes(),
+                    oldest_ms: o.oldest_at_ms().map_or(0, |at| self.wall_ms.saturating_sub(at)),
+                    forwarded_through: o.forwarded(),
+                    last_seq: o.last_seq(),
+                    dropped: o.dropped(),
+                    ..UplinkReport::default()
+                }
+            }),
         }
     }
 }

@@ -35,7 +35,7 @@ fn batch(id: u64, seq: u64, ts: u64) -> Request {
 const KEY: [u8; 32] = [9; 32];
 
 fn config() -> NodeConfig {
-    NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000, seal_key: KEY }
+    NodeConfig { role: Role::Primary, heartbeat_ms: 250, windows: WindowConfig::default(), snapshot_every: 1_000_000, seal_key: KEY, outbox: Default::default() }
 }
 
 /// Drives a lone primary: every write is made durable at once.

@@ -1,0 +1,305 @@
+//! What the site still owes the cloud: every counted reading and every
+//! published average (revisions included), in the order the log made
+//! them, each with a site sequence number (`site_seq`, from 1, gap-free),
+//! until the uplink has it acked by JetStream.
+//!
+//! It is part of the replicated state ([`crate::replica::Replica`]): both
+//! nodes build it from the same log entries, so it is the same on both,
+//! survives a restart (snapshot + log), reaches a joining passive in its
+//! snapshot, and a new active forwards from where the pair had got to.
+//! The forwarding position moves by a log record of its own
+//! (`Record::UplinkForwarded`), written by the active when JetStream has
+//! acked.
+//!
+//! Items are chained (`chain`: a hash over every item owed before and
+//! this one), so the uplink can tell whether the stream it resumes holds
+//! this site's branch of history or another one (after a split, the side
+//! that lost may have forwarded items the pair later abandoned).
+//!
+//! It is bounded by `backlog_bytes`. Past the bound the oldest unforwarded
+//! items are dropped and counted (`dropped`): the site keeps acking its
+//! sensors and publishing averages (the roadside comes first), and the
+//! cloud sees the gap in the site sequence. Both nodes run with the same
+//! bound, so both drop the same items.
+
+use std::collections::VecDeque;
+
+use fog_core::{Average, Reading};
+use serde::{Deserialize, Serialize};
+
+/// Bytes an item is counted as against the bound: its size in memory.
+pub const ITEM_BYTES: u64 = std::mem::size_of::<Item>() as u64;
+
+/// How the outbox is kept; the same on both nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxConfig {
+    /// Whether the pair keeps an outbox at all (`--uplink`).
+    pub enabled: bool,
+    /// Most bytes of unforwarded items kept (`--uplink-backlog`).
+    pub backlog_bytes: u64,
+}
+
+/// One thing owed to the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub site_seq: u64,
+    /// The chain value after this item.
+    pub chain: u64,
+    /// The log entry that made it: it may leave the site once that entry
+    /// is committed (durable here and, in sync, at the passive).
+    pub lsn: u64,
+    /// The wall-clock time of that entry (for the backlog's age).
+    pub at_ms: u64,
+    pub what: Owed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Owed {
+    Reading { sensor_id: u32, incarnation: u64, segment: u32, reading: Reading },
+    Average(Average),
+}
+
+impl Owed {
+    pub fn segment(&self) -> u32 {
+        match self {
+            Owed::Reading { segment, .. } => *segment,
+            Owed::Average(a) => a.segment,
+        }
+    }
+
+    pub fn is_reading(&self) -> bool {
+        matches!(self, Owed::Reading { .. })
+    }
+
+    fn bytes(&self) -> u64 {
+        ITEM_BYTES
+    }
+
+    /// The chain value after this item, from `prev`: a reading by its
+    /// identity (sensor, incarnation, seq), an average by its own chain
+    /// value (which covers the whole average stream before it).
+    pub fn link(&self, prev: u64) -> u64 {
+        let fold = |h: u64, x: u64| fog_core::mix64(h ^ x);
+        match self {
+            Owed::Reading { sensor_id, incarnation, reading, .. } => {
+                [u64::from(*sensor_id), *incarnation, reading.seq].into_iter().fold(fold(prev, 1), fold)
+            }
+            Owed::Average(a) => fold(fold(prev, 2), a.chain),
+        }
+    }
+}
+
+/// The replicated outbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Outbox {
+    #[serde(skip)]
+    cfg: OutboxConfig,
+    /// The site sequence the next item gets.
+    next_seq: u64,
+    /// Every item up to here is in the cloud (or was dropped), and the
+    /// chain value there.
+    forwarded: u64,
+    forwarded_chain: u64,
+    /// The last item JetStream acked (not counting drops), and the chain
+    /// value there: where the stream should end.
+    acked: u64,
+    acked_chain: u64,
+    /// The chain value after the last item owed.
+    chain: u64,
+    items: VecDeque<Item>,
+    bytes: u64,
+    dropped: u64,
+}
+
+impl Outbox {
+    pub fn set_config(&mut self, cfg: OutboxConfig) {
+        self.cfg = cfg;
+        if self.next_seq == 0 {
+            self.next_seq = 1;
+        }
+        self.bound();
+    }
+
+    pub fn config(&self) -> OutboxConfig {
+        self.cfg
+    }
+
+    /// Owes `what`, made by entry `lsn` at `at_ms` (a no-op without the uplink).
+    pub fn push(&mut self, lsn: u64, at_ms: u64, what: Owed) {
+        if !self.cfg.enabled {
+            return;
+        }
+        let site_seq = self.next_seq.max(1);
+        self.next_seq = site_seq + 1;
+        self.bytes += what.bytes();
+        self.chain = what.link(self.chain);
+        self.items.push_back(Item { site_seq, chain: self.chain, lsn, at_ms, what });
+        self.bound();
+    }
+
+    fn bound(&mut self) {
+        while self.bytes > self.cfg.backlog_bytes {
+            let Some(old) = self.items.pop_front() else { break };
+            self.bytes -= old.what.bytes();
+            self.dropped += 1;
+            self.forwarded = old.site_seq;
+            self.forwarded_chain = old.chain;
+        }
+    }
+
+    /// The cloud has every item up to `through`.
+    pub fn forwarded_through(&mut self, through: u64) {
+        while self.items.front().is_some_and(|i| i.site_seq <= through) {
+            if let Some(i) = self.items.pop_front() {
+                self.bytes -= i.what.bytes();
+                self.forwarded = i.site_seq;
+                self.forwarded_chain = i.chain;
+                self.acked = i.site_seq;
+                self.acked_chain = i.chain;
+            }
+        }
+    }
+
+    /// The chain value after site item `site_seq`, if this outbox still
+    /// knows it (the forwarded position, or an item it holds; 0 before
+    /// the first item).
+    pub fn chain_at(&self, site_seq: u64) -> Option<u64> {
+        if site_seq == 0 {
+            return Some(0);
+        }
+        if site_seq == self.forwarded {
+            return Some(self.forwarded_chain);
+        }
+        if site_seq == self.acked {
+            return Some(self.acked_chain);
+        }
+        let i = self.items.partition_point(|i| i.site_seq < site_seq);
+        self.items.get(i).filter(|i| i.site_seq == site_seq).map(|i| i.chain)
+    }
+
+    /// Items after `after`, in order, from entries up to `commit_lsn`.
+    pub fn after(&self, after: u64, commit_lsn: u64) -> impl Iterator<Item = &Item> {
+        let start = self.items.partition_point(|i| i.site_seq <= after);
+        self.items.range(start..).take_while(move |i| i.lsn <= commit_lsn)
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded
+    }
+
+    /// The last site sequence given out (0: none).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// When the oldest unforwarded item was made (wall-clock ms).
+    pub fn oldest_at_ms(&self) -> Option<u64> {
+        self.items.front().map(|i| i.at_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(seq: u64) -> Owed {
+        Owed::Reading { sensor_id: 1, incarnation: 7, segment: 0, reading: Reading { seq, speed_kmh: 100, timestamp_ms: 1_000 + seq } }
+    }
+
+    fn outbox(backlog_bytes: u64) -> Outbox {
+        let mut o = Outbox::default();
+        o.set_config(OutboxConfig { enabled: true, backlog_bytes });
+        o
+    }
+
+    #[test]
+    fn items_are_numbered_and_leave_once_forwarded() {
+        let mut o = outbox(1 << 20);
+        for seq in 0..5 {
+            o.push(10 + seq, 0, reading(seq));
+        }
+        assert_eq!(o.last_seq(), 5);
+        assert_eq!(o.after(0, 12).map(|i| i.site_seq).collect::<Vec<_>>(), vec![1, 2, 3], "only committed entries leave");
+        assert_eq!(o.after(2, u64::MAX).map(|i| i.site_seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let at3 = o.chain_at(3).unwrap();
+        o.forwarded_through(3);
+        assert_eq!((o.len(), o.forwarded(), o.bytes()), (2, 3, 2 * ITEM_BYTES));
+        o.forwarded_through(2);
+        assert_eq!(o.forwarded(), 3, "the position never goes back");
+        assert_eq!(o.chain_at(3), Some(at3), "the chain at the position is kept");
+        assert!(o.chain_at(2).is_none() && o.chain_at(4).is_some() && o.chain_at(9).is_none());
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_are_dropped_and_counted() {
+        let mut o = outbox(3 * ITEM_BYTES);
+        for seq in 0..5 {
+            o.push(1, 0, reading(seq));
+        }
+        assert_eq!((o.len(), o.dropped(), o.forwarded()), (3, 2, 2));
+        assert_eq!(o.after(0, u64::MAX).next().map(|i| i.site_seq), Some(3));
+        // The stream still ends where JetStream last acked (nothing, here):
+        // the uplink resumes there and the cloud sees the gap.
+        assert_eq!(o.chain_at(0), Some(0));
+        o.forwarded_through(3);
+        for seq in 5..8 {
+            o.push(1, 0, reading(seq));
+        }
+        assert!(o.dropped() > 2);
+        assert!(o.chain_at(3).is_some(), "the last acked item's chain outlives drops after it");
+    }
+
+    #[test]
+    fn an_item_is_small() {
+        assert!(ITEM_BYTES <= 104, "{ITEM_BYTES} bytes an item");
+    }
+
+    #[test]
+    fn the_chain_tells_two_histories_apart() {
+        let (mut a, mut b) = (outbox(1 << 20), outbox(1 << 20));
+        for seq in 0..3 {
+            a.push(1, 0, reading(seq));
+            b.push(1, 0, reading(seq));
+        }
+        assert_eq!(a.chain_at(3), b.chain_at(3));
+        a.push(2, 0, reading(3));
+        b.push(2, 0, reading(4));
+        assert_ne!(a.chain_at(4), b.chain_at(4), "same site sequence, different item");
+    }
+
+    #[test]
+    fn without_the_uplink_nothing_is_kept() {
+        let mut o = Outbox::default();
+        o.push(1, 0, reading(0));
+        assert!(o.is_empty());
+        assert_eq!(o.last_seq(), 0);
+    }
+
+    #[test]
+    fn it_survives_encoding() {
+        let mut o = outbox(1 << 20);
+        o.push(1, 5, reading(0));
+        o.push(2, 6, Owed::Average(Average { seq: 0, epoch: 1, segment: 3, window_end_ms: 5_000, count: 2, sum_kmh: 200, revision: 0, chain: 9 }));
+        let bytes = postcard::to_allocvec(&o).unwrap();
+        let mut back: Outbox = postcard::from_bytes(&bytes).unwrap();
+        back.set_config(o.config());
+        assert_eq!(back.after(0, u64::MAX).copied().collect::<Vec<_>>(), o.after(0, u64::MAX).copied().collect::<Vec<_>>());
+        assert_eq!(back.last_seq(), 2);
+    }
+}
