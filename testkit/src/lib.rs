@@ -21,7 +21,9 @@
 //!   [`keys`] makes the CurveZMQ keys and authorized-keys files of a keyed
 //!   pair; [`client`] speaks to a server's frontend directly, and
 //!   [`rogue`] builds the batches hostile clients send;
-//! - [`browser`] runs headless Chromium on a page (the live page's tests).
+//! - [`browser`] runs headless Chromium on a page (the live page's tests);
+//! - [`prometheus`] runs a real Prometheus and `promtool`, reads the text
+//!   format, and GETs `/metrics`, `/healthz` and `/readyz`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,6 +43,7 @@ pub mod nats;
 pub mod netns;
 pub mod ports;
 pub mod process;
+pub mod prometheus;
 pub mod rogue;
 pub mod servers;
 
