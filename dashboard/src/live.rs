@@ -472,7 +472,7 @@ mod tests {
     fn live() -> Live {
         Live::new(
             vec![endpoint("http://127.0.0.1:9101"), endpoint("http://127.0.0.1:9102")],
-            vec![endpoint("http://127.0.0.1:9100")],
+            vec![endpoint("http://127.0.0.1:9103")],
         )
     }
 
@@ -640,7 +640,7 @@ mod tests {
 
     #[test]
     fn without_a_server_average_the_hosts_give_it_and_the_majority_host_gives_the_limit() {
-        let mut live = Live::new(vec![endpoint("http://127.0.0.1:9101")], vec![endpoint("http://127.0.0.1:9100"), endpoint("http://127.0.0.1:9103")]);
+        let mut live = Live::new(vec![endpoint("http://127.0.0.1:9101")], vec![endpoint("http://127.0.0.1:9103"), endpoint("http://127.0.0.1:9104")]);
         live.observe(Instant::now(), 1_000, vec![down()], vec![host(0, &[(3, 50.0, 80.0, 1)]), host(0, &[(3, 70.0, 100.0, 5)])]);
         let point = live.samples().back().unwrap().segments[&3];
         assert_eq!(point, SegmentPoint { average_kmh: Some(60.0), limit_kmh: Some(100.0) });

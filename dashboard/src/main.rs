@@ -42,7 +42,7 @@ struct Args {
     servers: Vec<Endpoint>,
 
     /// A fog-host's metrics endpoint, as --server; repeat for each host.
-    #[arg(long = "host", value_name = "URL", default_values = ["http://127.0.0.1:9100"])]
+    #[arg(long = "host", value_name = "URL", default_values = ["http://127.0.0.1:9103"])]
     hosts: Vec<Endpoint>,
 
     /// A file holding one line, a bearer token: sent with every scrape (for metrics endpoints
