@@ -394,7 +394,10 @@ impl HostCore {
 
     /// A frame from the current server.
     pub fn handle_frame(&mut self, now: Instant, frame: &[u8]) {
-        match fog_protocol::decode::<Reply>(frame) {
+        // Bounded like the server's requests: a reply no honest server
+        // sends (too many entries, seqs or epochs out of range) never
+        // reaches a sensor, and the batch stays in flight.
+        match fog_protocol::decode_reply(frame) {
             Ok(reply) => self.handle_reply(now, reply),
             Err(e) => {
                 self.bad_replies += 1;

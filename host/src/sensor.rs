@@ -32,8 +32,8 @@ pub trait SensorCalls: Send {
 
 /// What makes sensors: a loaded program instantiated once per sensor.
 pub trait SensorRuntime: Send + Sync + 'static {
-    /// A loaded sensor program.
-    type Component;
+    /// A loaded sensor program (shared by the threads of a swap).
+    type Component: Sync;
     /// One sensor made from it.
     type Sensor: SensorCalls;
 

@@ -420,6 +420,10 @@ pub enum DecodeError {
     TooManyReadings(usize),
     #[error("batch of {0} sensors exceeds the {MAX_SENSORS_PER_BATCH}-sensor limit")]
     TooManySensors(usize),
+    /// A reply no honest server sends: more entries than a batch can
+    /// bring back, or a value past the protocol's ranges.
+    #[error("reply out of bounds: {0}")]
+    ReplyOutOfBounds(String),
 }
 
 /// Why a message could not be encoded.
@@ -473,6 +477,61 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
     Ok(req)
 }
 
+/// Decodes a server's reply and checks that it is one an honest server
+/// could send: no more acks, refusals or repositions than a batch has
+/// sensors or readings, no more selective acks than it has readings, no
+/// more than [`MAX_AVERAGES_PER_REPLY`] averages, and seqs and epochs
+/// within [`MAX_SEQ`] and [`MAX_EPOCH`]. A host drops anything else before
+/// it reaches a sensor.
+pub fn decode_reply(frame: &[u8]) -> Result<Reply, DecodeError> {
+    let reply: Reply = decode(frame)?;
+    check_reply(&reply).map_err(DecodeError::ReplyOutOfBounds)?;
+    Ok(reply)
+}
+
+fn check_reply(reply: &Reply) -> Result<(), String> {
+    let over = |what: &str, n: usize, max: usize| -> Result<(), String> {
+        if n > max { Err(format!("{n} {what}, at most {max}")) } else { Ok(()) }
+    };
+    let epoch = |what: &str, e: u64| -> Result<(), String> {
+        if e >= MAX_EPOCH { Err(format!("{what} epoch {e} is not below 2^62")) } else { Ok(()) }
+    };
+    let seq = |what: &str, s: u64| -> Result<(), String> {
+        if s > MAX_SEQ { Err(format!("{what} {s} is above 2^53")) } else { Ok(()) }
+    };
+    match reply {
+        Reply::Batch(b) => {
+            epoch("the reply's", b.epoch)?;
+            over("acks", b.acks.len(), MAX_SENSORS_PER_BATCH)?;
+            over("refused entries", b.refused.len(), MAX_READINGS_PER_BATCH)?;
+            over("repositions", b.repositions.len(), MAX_SENSORS_PER_BATCH)?;
+            over("averages", b.averages.len(), MAX_AVERAGES_PER_REPLY)?;
+            let also: usize = b.acks.iter().map(|a| a.also.len()).sum();
+            over("selective acks", also, MAX_READINGS_PER_BATCH)?;
+            for a in &b.acks {
+                seq("an ack's next seq", a.next_seq)?;
+                if let Some(&s) = a.also.iter().find(|&&s| s >= MAX_SEQ) {
+                    return Err(format!("a selective ack's seq {s} is not below 2^53"));
+                }
+            }
+            for a in &b.averages {
+                seq("an average's seq", a.seq)?;
+                epoch("an average's", a.epoch)?;
+            }
+            for r in &b.repositions {
+                seq("a reposition's seq", r.to.seq)?;
+                epoch("a reposition's", r.to.epoch)?;
+                if let Some(back) = r.rewind_to {
+                    seq("a reposition's rewind point", back)?;
+                }
+            }
+            Ok(())
+        }
+        Reply::NotActive { epoch: e, .. } => epoch("the server's", *e),
+        Reply::Status(_) | Reply::Refused { .. } => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,5 +579,97 @@ mod tests {
         }
         // A huge declared length must not allocate or panic.
         let _ = decode_request(&[PROTOCOL_VERSION, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+    }
+
+    fn honest_reply() -> BatchReply {
+        BatchReply {
+            batch_id: 9,
+            epoch: 3,
+            seal: [1; 16],
+            acks: vec![SensorAck { sensor_id: 3, incarnation: 5, next_seq: 10, also: vec![12, 14] }],
+            averages: vec![Average { seq: 4, epoch: 3, segment: 0, window_end_ms: 1_700_000_000_000, count: 2, sum_kmh: 180, revision: 0, chain: 77 }],
+            repositions: vec![Reposition { sensor_id: 3, rewind_to: Some(2), to: AverageCursor { seq: 3, epoch: 3, chain: 5 } }],
+            refused: vec![RefusedReadings { sensor_id: 3, reason: Refusal::FromTheFuture, count: 1 }],
+        }
+    }
+
+    fn out_of_bounds(reply: BatchReply) -> String {
+        match decode_reply(&encode(&Reply::Batch(reply)).unwrap()) {
+            Err(DecodeError::ReplyOutOfBounds(why)) => why,
+            other => panic!("accepted a reply out of bounds: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_past_what_an_honest_server_sends_is_refused() {
+        let frame = encode(&Reply::Batch(honest_reply())).unwrap();
+        assert_eq!(decode_reply(&frame).unwrap(), Reply::Batch(honest_reply()));
+        let ack = |also: Vec<u64>| SensorAck { sensor_id: 1, incarnation: 1, next_seq: 1, also };
+        let average = honest_reply().averages[0];
+        let cases: Vec<(BatchReply, &str)> = vec![
+            (BatchReply { epoch: MAX_EPOCH, ..honest_reply() }, "the reply's epoch"),
+            (BatchReply { acks: vec![ack(vec![]); MAX_SENSORS_PER_BATCH + 1], ..honest_reply() }, "acks"),
+            (BatchReply { acks: vec![ack(vec![1; MAX_READINGS_PER_BATCH / 2 + 1]); 2], ..honest_reply() }, "selective acks"),
+            (BatchReply { acks: vec![SensorAck { next_seq: MAX_SEQ + 1, ..ack(vec![]) }], ..honest_reply() }, "next seq"),
+            (BatchReply { acks: vec![ack(vec![3, MAX_SEQ])], ..honest_reply() }, "selective ack's seq"),
+            (BatchReply { averages: vec![average; MAX_AVERAGES_PER_REPLY + 1], ..honest_reply() }, "averages"),
+            (BatchReply { averages: vec![Average { seq: u64::MAX, ..average }], ..honest_reply() }, "an average's seq"),
+            (BatchReply { averages: vec![Average { epoch: u64::MAX, ..average }], ..honest_reply() }, "an average's epoch"),
+            (
+                BatchReply { repositions: vec![Reposition { sensor_id: 1, rewind_to: Some(u64::MAX), to: AverageCursor::default() }], ..honest_reply() },
+                "rewind point",
+            ),
+            (
+                BatchReply {
+                    repositions: vec![Reposition { sensor_id: 1, rewind_to: None, to: AverageCursor { seq: MAX_SEQ + 1, epoch: 1, chain: 0 } }],
+                    ..honest_reply()
+                },
+                "a reposition's seq",
+            ),
+            (
+                BatchReply {
+                    repositions: vec![Reposition { sensor_id: 1, rewind_to: None, to: AverageCursor { seq: 1, epoch: MAX_EPOCH, chain: 0 } }],
+                    ..honest_reply()
+                },
+                "a reposition's epoch",
+            ),
+            (
+                BatchReply {
+                    repositions: vec![Reposition { sensor_id: 1, rewind_to: None, to: AverageCursor::default() }; MAX_SENSORS_PER_BATCH + 1],
+                    ..honest_reply()
+                },
+                "repositions",
+            ),
+        ];
+        for (reply, what) in cases {
+            let why = out_of_bounds(reply);
+            assert!(why.contains(what), "refused for {why:?}, expected {what:?}");
+        }
+        // At the caps themselves: accepted.
+        let at_caps = BatchReply {
+            acks: vec![ack(vec![MAX_SEQ - 1; MAX_READINGS_PER_BATCH / 2]); 2],
+            averages: vec![Average { seq: MAX_SEQ, epoch: MAX_EPOCH - 1, ..average }; MAX_AVERAGES_PER_REPLY],
+            ..honest_reply()
+        };
+        assert!(decode_reply(&encode(&Reply::Batch(at_caps)).unwrap()).is_ok());
+        let not_active = Reply::NotActive { state: NodeState::Passive, epoch: u64::MAX, seal: [0; 16] };
+        assert!(matches!(decode_reply(&encode(&not_active).unwrap()), Err(DecodeError::ReplyOutOfBounds(_))));
+    }
+
+    #[test]
+    fn a_garbled_reply_is_an_error_not_a_panic() {
+        let good = encode(&Reply::Batch(honest_reply())).unwrap();
+        for cut in 0..good.len() {
+            assert!(decode_reply(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        for i in 1..good.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut f = good.clone();
+                f[i] ^= flip;
+                let _ = decode_reply(&f);
+            }
+        }
+        // Declared lengths far beyond the frame: an error, no allocation.
+        let _ = decode_reply(&[PROTOCOL_VERSION, 0, 9, 3, 0xff, 0xff, 0xff, 0xff, 0x0f]);
     }
 }

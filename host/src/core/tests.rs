@@ -371,3 +371,46 @@ fn a_refused_batch_stays_in_flight_until_its_deadline() {
     sim.connected();
     assert_eq!(sim.sent(), vec![frame]);
 }
+
+#[test]
+fn a_reply_out_of_bounds_is_dropped_and_counted_and_the_batch_goes_again() {
+    let (mut sim, frame) = batch_in_flight();
+    let (batch_id, epoch, seal) = request(&frame);
+    let hostile = [
+        // More averages than a reply carries.
+        Reply::Batch(BatchReply {
+            batch_id,
+            epoch,
+            seal,
+            averages: vec![
+                fog_protocol::Average { seq: 1, epoch: 1, segment: 0, window_end_ms: 0, count: 0, sum_kmh: 0, revision: 0, chain: 0 };
+                fog_protocol::MAX_AVERAGES_PER_REPLY + 1
+            ],
+            ..BatchReply::default()
+        }),
+        // An ack past every seq a sensor may use.
+        Reply::Batch(BatchReply {
+            batch_id,
+            epoch,
+            seal,
+            acks: vec![fog_protocol::SensorAck { sensor_id: 1, incarnation: 1, next_seq: u64::MAX, also: vec![] }],
+            ..BatchReply::default()
+        }),
+        // An epoch no pair reaches.
+        Reply::Batch(BatchReply { batch_id, epoch: u64::MAX, seal, ..BatchReply::default() }),
+    ];
+    for (k, reply) in hostile.iter().enumerate() {
+        sim.core.handle_frame(sim.now, &fog_protocol::encode(reply).unwrap());
+        assert_eq!(sim.core.bad_replies(), k as u64 + 1);
+    }
+    sim.core.handle_frame(sim.now, &[fog_protocol::PROTOCOL_VERSION, 0xff, 0xff]);
+    assert_eq!(sim.core.bad_replies(), 4);
+    assert_eq!(sim.core.poll_action(), None, "nothing reached the sensors");
+    assert_eq!(sim.core.batches_acked(), 0);
+    // The batch is still in flight: at its deadline it goes to the other
+    // server, as after silence.
+    sim.run_until(TIMEOUT);
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
+    sim.connected();
+    assert_eq!(sim.sent(), vec![frame]);
+}

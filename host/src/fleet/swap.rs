@@ -7,15 +7,17 @@
 //! not need the fleet: [`Fleet::swap_plan`] says what to instantiate and
 //! [`prepare_swap`] does it on another thread (the driver's loop goes on
 //! meanwhile); [`Fleet::swap_prepared`] then moves the state over, a few
-//! microseconds a sensor.
+//! microseconds a sensor, spread over the fleet's worker threads.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use crate::runtime::SensorConfig;
 use crate::sensor::{SensorCalls, SensorRuntime};
 use crate::state::Saved;
 
-use super::{Fleet, Life, sensor_config};
+use super::pool::each_sensor;
+use super::{Fleet, FleetConfig, Life, SensorSlot, sensor_config};
 
 /// Why a hot swap was refused; the old component keeps running.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,63 @@ pub fn prepare_swap<R: SensorRuntime>(engine: &R, component: &R::Component, plan
         .collect()
 }
 
+/// What moving one sensor found.
+enum Move<S> {
+    /// Not running: nothing to move.
+    Stays,
+    /// The old instance could not give its state.
+    SnapshotFailed(wasmtime::Error),
+    /// The new component cannot take the sensor over: the swap is off.
+    Refused(SwapError),
+    /// The new instance, restored, and the state it was restored from.
+    Moved(S, Vec<u8>),
+}
+
+/// Moves one running sensor onto a new instance of `component` (`fresh`,
+/// or one made here): snapshot, restore, and the incarnation checked.
+fn move_one<R: SensorRuntime>(
+    engine: &R,
+    config: &FleetConfig,
+    component: &R::Component,
+    origin: &str,
+    slot: &mut SensorSlot<R::Sensor>,
+    fresh: Option<R::Sensor>,
+) -> Move<R::Sensor> {
+    let Life::Running(old) = &mut slot.life else { return Move::Stays };
+    let state = match old.snapshot() {
+        Ok(state) => state,
+        Err(e) => return Move::SnapshotFailed(e),
+    };
+    let (id, incarnation) = (slot.id, slot.incarnation);
+    let refused = |reason: String| Move::Refused(SwapError::Restore { origin: origin.to_string(), id, reason });
+    let mut new = match fresh {
+        Some(new) => new,
+        None => match engine.instantiate(component, sensor_config(config, id, slot.segment), config.seed) {
+            Ok(new) => new,
+            Err(e) => {
+                let reason = engine.describe_instantiate_failure(&e, config.count);
+                return Move::Refused(SwapError::Instantiate { origin: origin.to_string(), id, reason });
+            }
+        },
+    };
+    match new.restore(&state, &[]) {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => return refused(reason),
+        Err(e) => return refused(engine.describe_failure(&e)),
+    }
+    // The incarnation must survive the move, or the readings in flight
+    // would be acked to an identity the sensor no longer has.
+    match new.init() {
+        Ok(now) if now == incarnation => Move::Moved(new, state),
+        Ok(now) => refused(format!("incarnation changed from {incarnation} to {now}")),
+        Err(e) => refused(engine.describe_failure(&e)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What a swap did: how many sensors moved, and their old instances, which
 /// the caller drops where it suits it (freeing an instance gives its memory
 /// back to the kernel, tens of microseconds each).
@@ -94,56 +153,34 @@ impl<R: SensorRuntime> Fleet<R> {
     /// component keeps running.
     pub fn swap_prepared(&mut self, now: Instant, component: R::Component, prepared: Vec<(usize, R::Sensor)>) -> Result<Swapped<R::Sensor>, SwapError> {
         self.now = now;
-        let mut fresh: Vec<Option<R::Sensor>> = (0..self.sensors.len()).map(|_| None).collect();
+        let n = self.sensors.len();
+        let fresh: Vec<Mutex<Option<R::Sensor>>> = (0..n).map(|_| Mutex::new(None)).collect();
         for (i, new) in prepared {
-            if let Some(slot) = fresh.get_mut(i) {
-                *slot = Some(new);
+            if let Some(slot) = fresh.get(i) {
+                *lock(slot) = Some(new);
             }
         }
+        // Every sensor's move is its own (two stores, no shared state): the
+        // moves go over the worker threads, and what they found is handled
+        // here in sensor order, as one thread would have met it.
+        let outcomes: Vec<Mutex<Move<R::Sensor>>> = (0..n).map(|_| Mutex::new(Move::Stays)).collect();
+        let origin = self.engine.origin(&component).to_string();
+        let workers = self.workers(n);
+        let (engine, config) = (&*self.engine, &self.config);
+        each_sensor(&mut self.sensors, 0, workers, |_, i, slot| {
+            let outcome = move_one(engine, config, &component, &origin, slot, lock(&fresh[i]).take());
+            *lock(&outcomes[i]) = outcome;
+        });
         let mut moved: Vec<(usize, R::Sensor, Vec<u8>)> = Vec::new();
-        for i in 0..self.sensors.len() {
-            let slot = &mut self.sensors[i];
-            let Life::Running(old) = &mut slot.life else { continue };
-            let state = match old.snapshot() {
-                Ok(state) => state,
-                Err(e) => {
-                    // The old sensor failed: it restarts, on the new component
-                    // if the swap goes through.
-                    self.fail(i, "snapshot", &e);
-                    continue;
-                }
-            };
-            let origin = self.engine.origin(&component).to_string();
-            let mut new = match fresh[i].take() {
-                Some(new) => new,
-                None => {
-                    let config = sensor_config(&self.config, slot.id, slot.segment);
-                    self.engine.instantiate(&component, config, self.config.seed).map_err(|e| SwapError::Instantiate {
-                        origin: origin.clone(),
-                        id: slot.id,
-                        reason: self.engine.describe_instantiate_failure(&e, self.config.count),
-                    })?
-                }
-            };
-            match new.restore(&state, &[]) {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(SwapError::Restore { origin, id: slot.id, reason }),
-                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: self.engine.describe_failure(&e) }),
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome.into_inner().unwrap_or_else(PoisonError::into_inner) {
+                Move::Stays => {}
+                // The old sensor failed: it restarts, on the new component
+                // if the swap goes through.
+                Move::SnapshotFailed(e) => self.fail(i, "snapshot", &e),
+                Move::Refused(e) => return Err(e),
+                Move::Moved(new, state) => moved.push((i, new, state)),
             }
-            // The incarnation must survive the move, or the readings in
-            // flight would be acked to an identity the sensor no longer has.
-            match new.init() {
-                Ok(incarnation) if incarnation == slot.incarnation => {}
-                Ok(incarnation) => {
-                    return Err(SwapError::Restore {
-                        origin,
-                        id: slot.id,
-                        reason: format!("incarnation changed from {} to {incarnation}", slot.incarnation),
-                    });
-                }
-                Err(e) => return Err(SwapError::Restore { origin, id: slot.id, reason: self.engine.describe_failure(&e) }),
-            }
-            moved.push((i, new, state));
         }
         let count = moved.len();
         let mut retired = Vec::with_capacity(count);
