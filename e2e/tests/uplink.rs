@@ -12,12 +12,12 @@
 //! (as `.ci/run` sets it) makes them fail. They run one at a time: two
 //! clusters and two pairs at once would compete for two cores.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fog_testkit::nats::{NatsAuth, NatsCluster, StoredMessage, require_nats};
-use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_counts, start_host, start_keyed_server, status_when_as, wait_for};
+use fog_testkit::cloud::{CloudCheck, check_stream};
+use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
+use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, start_host, start_keyed_server, status_when_as, wait_for};
 use serde_json::Value;
 
 const SITE: &str = "a1";
@@ -83,93 +83,27 @@ impl Site {
 
     /// After the host finished: waits until the active node has forwarded
     /// everything, then reads the stream and checks it against what the
-    /// site counted.
-    fn finish(&self, host: Proc, active_is_primary: bool) -> Cloud {
+    /// site counted (the kit's [`check_stream`]).
+    fn finish(&self, host: Proc, active_is_primary: bool) -> CloudCheck {
         let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
         assert_eq!(code, 0, "host exit code; summary {summary}");
-        let status = self.status_when(active_is_primary, "active with everything forwarded", |s| {
+        self.status_when(active_is_primary, "active with everything forwarded", |s| {
             let u = &s["uplink"];
             s["state"] == "active" && u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true
         });
         let messages = self.cloud.read_stream(STREAM, Duration::from_secs(60)).unwrap();
-        let cloud = Cloud::read(&messages);
-        cloud.check(&status);
+        // Read after the messages: everything it owed was given out before.
+        let status = self.status_when(active_is_primary, "active", |s| s["state"] == "active");
+        let cloud = check_stream(SITE, &messages, &status);
+        assert!(cloud.ok(), "the cloud's stream is wrong: {:#?}\n{:#?}", cloud.violations, cloud.details);
         // The host's sensors: every reading they generated is in the cloud once.
         for s in summary["per_sensor"].as_array().unwrap() {
             let key = (s["sensor_id"].as_u64().unwrap(), s["incarnation"].as_u64().unwrap());
-            let seqs = cloud.readings.get(&key).map_or(0, Vec::len) as u64;
+            let seqs = cloud.sensors.get(&key).map_or(0, |c| c.count);
             assert_eq!(seqs, s["generated"].as_u64().unwrap(), "sensor {key:?}: readings in the cloud vs generated");
         }
+        eprintln!("the cloud holds {}", cloud.summary());
         cloud
-    }
-}
-
-/// What the stream holds, per sensor and for averages.
-struct Cloud {
-    /// Seqs per (sensor, incarnation), in stream order.
-    readings: BTreeMap<(u64, u64), Vec<u64>>,
-    sums: BTreeMap<(u64, u64), u64>,
-    /// Average seqs in stream order.
-    averages: Vec<u64>,
-    /// Every item's site sequence, in stream order (windows in order; the
-    /// parts of a window split it by segment).
-    site_seqs: Vec<u64>,
-    messages: usize,
-}
-
-impl Cloud {
-    fn read(messages: &[StoredMessage]) -> Cloud {
-        let mut c = Cloud { readings: BTreeMap::new(), sums: BTreeMap::new(), averages: Vec::new(), site_seqs: Vec::new(), messages: messages.len() };
-        for m in messages {
-            assert!(m.subject.starts_with("fog.a1."), "{}", m.subject);
-            let body: Value = serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("message {} is not JSON: {e}", m.seq));
-            let first = body["first"].as_u64().unwrap();
-            let last = body["last"].as_u64().unwrap();
-            assert_eq!(m.header("Fog-Site-Seq-First"), Some(first.to_string().as_str()));
-            assert_eq!(m.header("Fog-Site-Seq-Last"), Some(last.to_string().as_str()));
-            let part = body["part"].as_u64().unwrap();
-            assert_eq!(m.header("Fog-Part"), Some(format!("{part}/{}", body["parts"]).as_str()));
-            assert_eq!(m.header("Nats-Msg-Id"), Some(format!("{SITE}:{first}-{last}:{part}").as_str()));
-            let segment = body["segment"].as_u64().unwrap();
-            assert!(m.subject.ends_with(&format!(".{segment}")), "subject {} for segment {segment}", m.subject);
-            let mut seen = Vec::new();
-            for r in body["readings"].as_array().into_iter().flatten() {
-                assert!(m.subject.contains(".readings."));
-                let key = (r["sensor_id"].as_u64().unwrap(), r["incarnation"].as_u64().unwrap());
-                c.readings.entry(key).or_default().push(r["seq"].as_u64().unwrap());
-                *c.sums.entry(key).or_default() += r["speed_kmh"].as_u64().unwrap();
-                seen.push(r["site_seq"].as_u64().unwrap());
-            }
-            for a in body["averages"].as_array().into_iter().flatten() {
-                assert!(m.subject.contains(".averages."));
-                c.averages.push(a["seq"].as_u64().unwrap());
-                seen.push(a["site_seq"].as_u64().unwrap());
-            }
-            assert!(!seen.is_empty() && seen.iter().all(|s| (first..=last).contains(s)), "message {}: items {seen:?} outside its window {first}..={last}", m.seq);
-            c.site_seqs.extend(seen);
-        }
-        c
-    }
-
-    /// Exactly once, in order, against the active node's status.
-    fn check(&self, status: &Value) {
-        let n = self.site_seqs.len() as u64;
-        let mut sorted = self.site_seqs.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "site sequences in the cloud are not 1..={n}, once each");
-        assert_eq!(n, status["uplink"]["last_seq"].as_u64().unwrap(), "items in the cloud vs items the site owed");
-        assert_eq!(status["uplink"]["dropped"], 0);
-        for (key, seqs) in &self.readings {
-            let unique: BTreeSet<&u64> = seqs.iter().collect();
-            assert_eq!(unique.len(), seqs.len(), "sensor {key:?} has a reading twice in the cloud");
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sensor {key:?}: readings out of order in the cloud");
-        }
-        let counted = server_counts(status);
-        let in_cloud: BTreeMap<(u64, u64), (u64, u64)> = self.readings.iter().map(|(k, seqs)| (*k, (seqs.len() as u64, self.sums[k]))).collect();
-        assert_eq!(in_cloud, counted, "per-sensor (count, sum) in the cloud vs counted by the site");
-        let published = status["averages_published"].as_u64().unwrap();
-        assert_eq!(self.averages, (1..=published).collect::<Vec<_>>(), "averages in the cloud are not 1..={published} in order");
-        eprintln!("the cloud holds {} readings and {} averages in {} messages, exactly once", n - published, published, self.messages);
     }
 }
 

@@ -20,7 +20,9 @@
 //!   [`history`] checks what hosts saw acked against what servers counted;
 //!   [`keys`] makes the CurveZMQ keys and authorized-keys files of a keyed
 //!   pair; [`client`] speaks to a server's frontend directly, and
-//!   [`rogue`] builds the batches hostile clients send.
+//!   [`rogue`] builds the batches hostile clients send;
+//! - [`nats`] runs a NATS JetStream cluster for the uplink, and [`cloud`]
+//!   checks a site's stream against what the site counted.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +32,7 @@ use anyhow::{Context, bail};
 
 pub mod binaries;
 pub mod client;
+pub mod cloud;
 pub mod faketime;
 pub mod history;
 pub mod http;
