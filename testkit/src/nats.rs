@@ -419,6 +419,19 @@ impl NatsCluster {
         self.wait_ready(&[i])
     }
 
+    /// Starts node `i` again if it is not running, without waiting for it:
+    /// the caller goes on while it rejoins ([`NatsCluster::start_all`]
+    /// waits until the whole cluster is ready).
+    pub fn launch(&mut self, i: usize) -> anyhow::Result<()> {
+        if i >= self.nodes.len() {
+            bail!("no NATS node {i}");
+        }
+        if !self.is_running(i) {
+            self.spawn(i)?;
+        }
+        Ok(())
+    }
+
     /// `kill -9` of every running node: the whole cluster down.
     pub fn stop_all(&mut self) -> anyhow::Result<()> {
         for i in 0..self.nodes.len() {

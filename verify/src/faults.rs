@@ -219,17 +219,21 @@ impl Schedule {
                         self.rogue_tally[s].add(&t);
                     }
                 }
+                // Started, not waited for: the schedule goes on while
+                // the nodes rejoin and elect leaders.
                 Pending::NatsRestart(i) => {
                     if let Some(cloud) = &mut sys.cloud {
-                        cloud.nats.restart(i)?;
+                        cloud.nats.launch(i)?;
                         let name = cloud.nats.nodes()[i].name.clone();
                         self.log(format!("restarted NATS node {name}"));
                     }
                 }
                 Pending::NatsStartAll => {
                     if let Some(cloud) = &mut sys.cloud {
-                        cloud.nats.start_all()?;
-                        self.log("started the NATS cluster again".into());
+                        for i in 0..cloud.nats.nodes().len() {
+                            cloud.nats.launch(i)?;
+                        }
+                        self.log("started every NATS node again".into());
                     }
                 }
             }
@@ -301,7 +305,8 @@ impl Schedule {
         let back_in = self.rng.between(Duration::from_secs(1), Duration::from_secs(4));
         let pick = self.rng.below(cloud.nats.nodes().len() as u64 - 1) as usize;
         let stream = fog_testkit::cloud::stream_of(&cloud.sites[s]);
-        let Some(leader) = cloud.nats.stream_leader(&stream) else {
+        // Asked twice: the first ask may go to a node that just died.
+        let Some(leader) = cloud.nats.stream_leader(&stream).or_else(|| cloud.nats.stream_leader(&stream)) else {
             let which = if fault == Fault::NatsLeader { "nats-leader" } else { "nats-node" };
             self.log(format!("{which} skipped: the stream {stream} has no leader now"));
             return Ok(());
@@ -428,7 +433,6 @@ impl Schedule {
             self.log("healing: every server resumed or restarted, every host restarted".into());
         }
         self.pending.sort_by_key(|(_, p)| !matches!(p, Pending::Heal(..)));
-        let mut cloud_down = false;
         for (_, action) in std::mem::take(&mut self.pending) {
             match action {
                 Pending::Heal(s, link, _) => {
@@ -444,10 +448,12 @@ impl Schedule {
                         self.rogue_tally[s].add(&run.stop());
                     }
                 }
-                Pending::NatsRestart(_) | Pending::NatsStartAll => cloud_down = true,
+                Pending::NatsRestart(_) | Pending::NatsStartAll => {}
             }
         }
-        if let (true, Some(cloud)) = (cloud_down, &mut sys.cloud) {
+        // Every node running, and the cluster ready (it may still be
+        // rejoining from a fault undone just before).
+        if let Some(cloud) = &mut sys.cloud {
             cloud.nats.start_all()?;
         }
         Ok(())

@@ -121,7 +121,7 @@ fn two_sites_forward_every_item_to_the_cloud_once_while_nats_nodes_die() {
     assert_eq!(code, 0, "violations: {}", report["verdict"]["violations"]);
     assert_eq!(report["ok"], true);
     let schedule: Vec<&str> = report["schedule"].as_array().expect("a schedule").iter().filter_map(Value::as_str).collect();
-    for what in ["of every NATS node", "the leader of FOG_SITE", "not the leader of FOG_SITE"] {
+    for what in ["kill -9 of every NATS node", ", the leader of FOG_SITE", ", not the leader of FOG_SITE"] {
         assert!(schedule.iter().any(|l| l.contains(what)), "no '{what}' in the schedule: {schedule:#?}");
     }
     assert!(schedule.iter().any(|l| l.contains("site1: ")) && schedule.iter().any(|l| l.contains("site2: ")), "{schedule:#?}");
