@@ -15,9 +15,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fog_testkit::cloud::{CloudCheck, check_stream};
+use fog_testkit::cloud::{CloudCheck, check_stream, read_settled};
 use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
-use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, start_host, start_keyed_server, status_when_as, wait_for};
+use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_status_as, start_host, start_keyed_server, status_when_as, wait_for};
 use serde_json::Value;
 
 const SITE: &str = "a1";
@@ -87,13 +87,15 @@ impl Site {
     fn finish(&self, host: Proc, active_is_primary: bool) -> CloudCheck {
         let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
         assert_eq!(code, 0, "host exit code; summary {summary}");
-        self.status_when(active_is_primary, "active with everything forwarded", |s| {
-            let u = &s["uplink"];
-            s["state"] == "active" && u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true
-        });
-        let messages = self.cloud.read_stream(STREAM, Duration::from_secs(60)).unwrap();
-        // Read after the messages: everything it owed was given out before.
-        let status = self.status_when(active_is_primary, "active", |s| s["state"] == "active");
+        let auth = self.keys.admin_status(active_is_primary);
+        let settled = read_settled(
+            || server_status_as(self.pair.frontend(active_is_primary), Some(&auth)).ok().filter(|s| s["state"] == "active"),
+            || self.cloud.read_stream(STREAM, Duration::from_secs(60)),
+            Duration::from_secs(90),
+        )
+        .unwrap();
+        assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+        let (messages, status) = (settled.messages, settled.status);
         let cloud = check_stream(SITE, &messages, &status);
         assert!(cloud.ok(), "the cloud's stream is wrong: {:#?}\n{:#?}", cloud.violations, cloud.details);
         // The host's sensors: every reading they generated is in the cloud once.

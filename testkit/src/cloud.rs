@@ -22,6 +22,7 @@
 //! bit per site sequence) and its sensors, not by the messages.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -116,6 +117,64 @@ impl CloudCheck {
 /// The stream of site `site`: `FOG_<SITE>` (upper case, `-` as `_`).
 pub fn stream_of(site: &str) -> String {
     format!("FOG_{}", site.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// A site's whole stream and the status of its active server to check
+/// it against (see [`read_settled`]).
+pub struct Settled {
+    pub messages: Vec<StoredMessage>,
+    pub status: Value,
+    /// Whether the site had forwarded everything it owed, and owed nothing
+    /// more by the time the stream was read.
+    pub drained: bool,
+}
+
+/// Whether a status is an active server's that has forwarded everything
+/// it gave out and is connected to the cloud.
+pub fn drained(status: &Value) -> bool {
+    let u = &status["uplink"];
+    status["state"] == "active"
+        && u["backlog_items"] == 0
+        && u["last_seq"].is_u64()
+        && u["forwarded_through"] == u["last_seq"]
+        && u["connected"] == true
+}
+
+/// Reads a site's stream once the site has settled: its active server
+/// says it has forwarded everything it gave out ([`drained`]), the stream
+/// is read, and the status read again names the same last item, so the
+/// stream holds all the status owes and the status all the stream holds
+/// (a site still closes windows, and publishes their averages, for a
+/// while after its hosts stopped). `status` returns the active server's
+/// status (`None` when no active answers), `read` the whole stream. Past
+/// `timeout`, the last stream and status read are returned, with
+/// `drained` false.
+pub fn read_settled(
+    mut status: impl FnMut() -> Option<Value>,
+    mut read: impl FnMut() -> anyhow::Result<Vec<StoredMessage>>,
+    timeout: Duration,
+) -> anyhow::Result<Settled> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let before = status();
+        let ready = before.as_ref().is_some_and(drained);
+        let late = Instant::now() >= deadline;
+        if ready || late {
+            let messages = read()?;
+            if let Some(after) = status() {
+                let same = before.is_some_and(|b| b["uplink"]["last_seq"] == after["uplink"]["last_seq"]);
+                if ready && same {
+                    return Ok(Settled { messages, status: after, drained: true });
+                }
+                if late {
+                    return Ok(Settled { messages, status: after, drained: false });
+                }
+            } else if late {
+                anyhow::bail!("no active server answered status within {timeout:?}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Checks `messages` (a whole stream, in stream order) of site `site`
@@ -398,6 +457,8 @@ mod tests {
             // Headers that disagree with the body.
             StoredMessage { seq: 3, subject: "fog.s1.readings.1".into(), headers: vec![], payload: b"{\"first\": 1, \"last\": 1}".to_vec() },
             StoredMessage { seq: 4, subject: "fog.s1.readings.1".into(), headers: vec![], payload: b"not json".to_vec() },
+            // Readings on an averages subject.
+            StoredMessage { subject: "fog.s1.averages.1".into(), ..message(5, "s1", 1, 3, 3, json!({"readings": [reading(3, 2, 1, 80)]})) },
         ];
         let mut st = status(4, 1, counted());
         st["uplink"]["dropped"] = json!(3);
@@ -419,6 +480,40 @@ mod tests {
         assert!(c.violations.iter().any(|v| v.contains("had not forwarded")), "{:?}", c.violations);
         let c = check_stream("s1", &stream(), &json!({"per_sensor": []}));
         assert!(!c.ok());
+    }
+
+    #[test]
+    fn a_stream_is_read_only_when_the_site_owes_nothing_more_than_it() {
+        // The site publishes a late average between the first read of the
+        // stream and the status after it: that read is not taken.
+        let statuses = std::cell::RefCell::new(vec![
+            json!({"state": "active", "uplink": {"last_seq": 3, "forwarded_through": 2, "backlog_items": 1, "connected": true}}),
+            json!({"state": "active", "uplink": {"last_seq": 3, "forwarded_through": 3, "backlog_items": 0, "connected": true}}),
+            json!({"state": "active", "uplink": {"last_seq": 4, "forwarded_through": 3, "backlog_items": 1, "connected": true}}),
+            json!({"state": "active", "uplink": {"last_seq": 4, "forwarded_through": 4, "backlog_items": 0, "connected": true}}),
+            json!({"state": "active", "uplink": {"last_seq": 4, "forwarded_through": 4, "backlog_items": 0, "connected": true}}),
+        ]);
+        let reads = std::cell::Cell::new(0);
+        let settled = read_settled(
+            || Some(statuses.borrow_mut().remove(0)),
+            || {
+                reads.set(reads.get() + 1);
+                Ok(stream().into_iter().take(reads.get() + 1).collect())
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(settled.drained);
+        assert_eq!((reads.get(), settled.messages.len(), settled.status["uplink"]["last_seq"].as_u64()), (2, 3, Some(4)));
+        // A site that never drains: the last read, not drained.
+        let settled = read_settled(
+            || Some(json!({"state": "active", "uplink": {"last_seq": 3, "forwarded_through": 1, "backlog_items": 2, "connected": false}})),
+            || Ok(stream()),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        assert!(!settled.drained);
+        assert!(read_settled(|| None, || Ok(stream()), Duration::from_millis(300)).is_err());
     }
 
     #[test]

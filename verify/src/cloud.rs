@@ -14,10 +14,10 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fog_testkit::cloud::{CloudCheck, check_stream, stream_of};
+use fog_testkit::cloud::{CloudCheck, check_stream, read_settled, stream_of};
 use fog_testkit::nats::{NatsAuth, NatsCluster, Outgoing};
 use serde::Serialize;
 use serde_json::Value;
@@ -120,49 +120,25 @@ impl Cloud {
     }
 
     /// Waits until `site`'s active server has forwarded everything it
-    /// owes, reads its stream and checks it against what the site counted.
-    /// A site that does not drain in time is checked all the same (what is
-    /// missing shows).
+    /// owes, reads its stream and checks it against what the site counted
+    /// (the kit's [`read_settled`] and [`check_stream`]). A site that does
+    /// not drain in time is checked all the same (what is missing shows).
     pub fn check(&self, cluster: &Cluster) -> anyhow::Result<CloudCheck> {
         let stream = stream_of(&cluster.site);
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        let mut last_seen = Value::Null;
-        let mut drained = false;
-        while Instant::now() < deadline {
-            if let Some(status) = active_status(cluster) {
-                let u = &status["uplink"];
-                drained = u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true;
-                last_seen = status;
-                if drained {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        let settled = read_settled(
+            || active_status(cluster),
+            || self.nats.read_stream(&stream, READ_TIMEOUT).with_context(|| format!("reading {stream} back")),
+            DRAIN_TIMEOUT,
+        )
+        .with_context(|| format!("{}: checking {stream}", cluster.site))?;
+        let mut check = check_stream(&cluster.site, &settled.messages, &settled.status);
+        if !settled.drained {
+            check.violations.insert(
+                0,
+                format!("the uplink did not drain within {DRAIN_TIMEOUT:?}: last seen {}", settled.status["uplink"]),
+            );
         }
-        // The stream first, then the site's status: everything the status
-        // owes was given out before the read. Should it have moved on
-        // meanwhile (a late revision), read again.
-        for _ in 0..5 {
-            let messages = self.nats.read_stream(&stream, READ_TIMEOUT).with_context(|| format!("reading {stream} back"))?;
-            let Some(status) = active_status(cluster) else {
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            };
-            if status["uplink"]["last_seq"] != last_seen["uplink"]["last_seq"] && drained {
-                last_seen = status;
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            }
-            let mut check = check_stream(&cluster.site, &messages, &status);
-            if !drained {
-                check.violations.insert(
-                    0,
-                    format!("the uplink did not drain within {DRAIN_TIMEOUT:?}: last seen {}", last_seen["uplink"]),
-                );
-            }
-            return Ok(check);
-        }
-        bail!("{}: no stable status of an active server to check {stream} against", cluster.site)
+        Ok(check)
     }
 }
 
