@@ -42,21 +42,25 @@ impl Site {
     /// A 3-node cluster and a pair forwarding to it, with JetStream's
     /// duplicate window `window`; `None` when nats-server is missing.
     fn start(label: &str, window: &str) -> Option<Site> {
+        Site::start_with(label, window, "256M")
+    }
+
+    fn start_with(label: &str, window: &str, backlog: &str) -> Option<Site> {
         require_nats(label).unwrap()?;
         let dir = scratch_dir(label).unwrap();
         let cloud = NatsCluster::start(&dir.join("cloud"), 3, NatsAuth::Sites(vec![SITE.into()])).unwrap();
         let pair = Pair::on_free_ports().unwrap();
         let keys = PairKeys::generate(&dir, &[("host", "sensors=1-1000")]).unwrap();
         let mut site = Site { dir, pair, keys, primary: None, backup: None, cloud };
-        site.primary = Some(site.server(true, window));
-        site.backup = Some(site.server(false, window));
+        site.primary = Some(site.server_with(true, window, backlog));
+        site.backup = Some(site.server_with(false, window, backlog));
         Some(site)
     }
 
-    fn server(&self, primary: bool, window: &str) -> Proc {
+    fn server_with(&self, primary: bool, window: &str, backlog: &str) -> Proc {
         let creds = self.cloud.site_creds(SITE).expect("site credentials").display().to_string();
         let urls = self.cloud.urls();
-        let flags = ["--lateness", "200ms", "--uplink", &urls, "--site", SITE, "--uplink-creds", &creds, "--uplink-replicas", "3", "--uplink-duplicate-window", window];
+        let flags = ["--lateness", "200ms", "--uplink", &urls, "--site", SITE, "--uplink-creds", &creds, "--uplink-replicas", "3", "--uplink-duplicate-window", window, "--uplink-backlog", backlog];
         start_keyed_server(&self.pair, primary, &flags, &self.dir, &self.keys).unwrap()
     }
 
@@ -153,4 +157,39 @@ fn a_cloud_away_longer_than_the_duplicate_window_gets_everything_once() {
     std::thread::sleep(Duration::from_secs(4));
     site.cloud.start_all().unwrap();
     site.finish(host, true);
+}
+
+#[test]
+fn past_the_backlog_bound_the_oldest_are_dropped_counted_and_the_rest_arrive_once() {
+    let _serial = serial();
+    // 96 bytes an item: a bound of 48 KiB holds 512 items.
+    let Some(mut site) = Site::start_with("uplink-bound", "1s", "48K") else { return };
+    let host = site.host(20, 14);
+    site.forwarding(true);
+    site.cloud.stop_all().unwrap();
+    let full = site.status_when(true, "dropping at the bound", |s| s["uplink"]["dropped"].as_u64().unwrap_or(0) > 200);
+    assert!(full["uplink"]["backlog_bytes"].as_u64().unwrap() <= 48 * 1024, "{full}");
+    site.cloud.start_all().unwrap();
+    let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
+    assert_eq!(code, 0, "the site kept acking its sensors while the cloud was away: {summary}");
+    let auth = site.keys.admin_status(true);
+    let settled = read_settled(
+        || server_status_as(site.pair.frontend(true), Some(&auth)).ok().filter(|s| s["state"] == "active"),
+        || site.cloud.read_stream(STREAM, Duration::from_secs(60)),
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+    let cloud = check_stream(SITE, &settled.messages, &settled.status);
+    // Every item is in the cloud once or was dropped (counted), never both;
+    // what arrived is in order and well-formed.
+    let dropped = settled.status["uplink"]["dropped"].as_u64().unwrap();
+    assert!(dropped > 200, "{}", settled.status["uplink"]);
+    assert_eq!(cloud.dropped, dropped);
+    assert_eq!((cloud.duplicated, cloud.beyond, cloud.malformed), (0, 0, 0), "{}\n{:#?}", cloud.summary(), cloud.details);
+    assert_eq!(cloud.missing, dropped, "in the cloud or dropped, never both: {}", cloud.summary());
+    assert_eq!(cloud.readings + cloud.averages + dropped, cloud.site_items, "{}", cloud.summary());
+    assert_eq!(cloud.readings_out_of_order, 0, "{:#?}", cloud.details);
+    let log = std::fs::read_to_string(site.dir.join("primary.log")).unwrap();
+    assert!(log.contains("the uplink's backlog is full"), "the drops were not logged");
 }

@@ -142,6 +142,16 @@ impl Outbox {
             let Some(old) = self.items.pop_front() else { break };
             self.bytes -= old.what.bytes();
             self.dropped += 1;
+            // Logged at the first drop and at every power of two after it.
+            if self.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    backlog_bytes = self.cfg.backlog_bytes,
+                    site_seq = old.site_seq,
+                    "the uplink's backlog is full: dropping the oldest items the cloud has not got ({} so far); raise --uplink-backlog to ride out longer outages",
+                    self.dropped
+                );
+            }
             self.forwarded = old.site_seq;
             self.forwarded_chain = old.chain;
         }

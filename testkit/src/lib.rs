@@ -21,6 +21,9 @@
 //!   [`keys`] makes the CurveZMQ keys and authorized-keys files of a keyed
 //!   pair; [`client`] speaks to a server's frontend directly, and
 //!   [`rogue`] builds the batches hostile clients send;
+//! - [`browser`] runs headless Chromium on a page (the live page's tests);
+//! - [`prometheus`] runs a real Prometheus and `promtool`, reads the text
+//!   format, and GETs `/metrics`, `/healthz` and `/readyz`;
 //! - [`nats`] runs a NATS JetStream cluster for the uplink, and [`cloud`]
 //!   checks a site's stream against what the site counted.
 
@@ -31,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod binaries;
+pub mod browser;
 pub mod client;
 pub mod cloud;
 pub mod faketime;
@@ -42,6 +46,7 @@ pub mod nats;
 pub mod netns;
 pub mod ports;
 pub mod process;
+pub mod prometheus;
 pub mod rogue;
 pub mod servers;
 

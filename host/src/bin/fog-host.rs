@@ -166,7 +166,7 @@ struct Args {
     server_keys: Vec<String>,
 
     /// Where /metrics (Prometheus), /healthz and /readyz are served, or
-    /// `off` [default: 127.0.0.1:9100; if it is taken, the host runs
+    /// `off` [default: 127.0.0.1:9103; if it is taken, the host runs
     /// without them and says so]. Beyond loopback needs --metrics-token-file.
     #[arg(long, value_name = "IP:PORT|off")]
     metrics_bind: Option<fog_observe::Bind>,
@@ -240,7 +240,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.watch && args.component.is_none() {
         bail!("--watch needs a SENSOR.wasm path to watch");
     }
-    let metrics = fog_observe::Endpoint::from_flags(args.metrics_bind, std::net::SocketAddr::from(([127, 0, 0, 1], 9100)), args.metrics_token_file.as_deref())?;
+    let metrics = fog_observe::Endpoint::from_flags(args.metrics_bind, std::net::SocketAddr::from(([127, 0, 0, 1], 9103)), args.metrics_token_file.as_deref())?;
     // Multi-threaded (with one worker for the sockets) because calls into
     // sensors step out of the runtime with `block_in_place`, which a
     // current-thread runtime does not allow.

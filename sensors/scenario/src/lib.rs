@@ -5,14 +5,20 @@
 //!
 //! Free-flowing traffic at `free-kmh`, until a jam reaches the sensor:
 //! `jam-at` seconds after the scenario started, plus `wave-s` seconds per
-//! sensor id (a jam travels upstream, from low ids to high), it drops to
-//! `jam-kmh` for `jam-for` seconds, then recovers. Speeds vary by ±`noise-kmh`.
-//! Defaults: free-kmh=110, jam-kmh=25, jam-at=10, jam-for=20, wave-s=0,
-//! noise-kmh=4. Resend buffer, averages and limit are the built-in
-//! sensor's core, reused as a library.
+//! sensor id and `segment-wave-s` seconds per road segment (a jam travels
+//! upstream, from low ids to high, from one segment to the next), it drops
+//! to `jam-kmh` for `jam-for` seconds, then recovers. With `jam-every` it
+//! comes back that many seconds after it began (0: once; a `jam-every`
+//! not longer than `jam-for` leaves the road jammed). Speeds vary by
+//! ±`noise-kmh`. Defaults: free-kmh=110, jam-kmh=25, jam-at=10, jam-for=20,
+//! wave-s=0, segment-wave-s=0, jam-every=0, noise-kmh=4. Resend buffer,
+//! averages and limit are the built-in sensor's core, reused as a library.
 //!
 //! Its snapshot is the core's with the scenario's clock and noise state in
-//! front (format `S1`). It also accepts the built-in sensor's snapshot, so a
+//! front (format `S1`). The script itself is not in it: it comes from the
+//! settings at every start, so a sensor restored with other settings
+//! follows them from the clock it had, and snapshots of sensors without
+//! the recurring or travelling settings read as before. It also accepts the built-in sensor's snapshot, so a
 //! host can hot-swap from the built-in sensor to this one: the sensor keeps
 //! its identity, sequence and unacked readings, and its scenario starts at
 //! the swap. The built-in sensor refuses an `S1` snapshot, so swapping back
@@ -33,6 +39,9 @@ pub struct Scenario {
     pub jam_at_ms: u64,
     pub jam_for_ms: u64,
     pub wave_ms_per_sensor: u64,
+    pub wave_ms_per_segment: u64,
+    /// From one jam's start to the next's; 0 for a single jam.
+    pub jam_every_ms: u64,
     pub noise_kmh: f64,
 }
 
@@ -55,19 +64,27 @@ impl Scenario {
             jam_at_ms: (get("jam-at", 10.0) * 1000.0) as u64,
             jam_for_ms: (get("jam-for", 20.0) * 1000.0) as u64,
             wave_ms_per_sensor: (get("wave-s", 0.0) * 1000.0) as u64,
+            wave_ms_per_segment: (get("segment-wave-s", 0.0) * 1000.0) as u64,
+            jam_every_ms: (get("jam-every", 0.0) * 1000.0) as u64,
             noise_kmh: get("noise-kmh", 4.0),
         }
     }
 
-    /// Whether sensor `sensor_id` is in the jam `elapsed_ms` into the scenario.
-    pub fn jammed(&self, sensor_id: u32, elapsed_ms: u64) -> bool {
-        let start = self.jam_at_ms.saturating_add(self.wave_ms_per_sensor.saturating_mul(u64::from(sensor_id)));
-        elapsed_ms >= start && elapsed_ms < start.saturating_add(self.jam_for_ms)
+    /// Whether sensor `sensor_id` on `segment` is in a jam `elapsed_ms`
+    /// into the scenario.
+    pub fn jammed(&self, sensor_id: u32, segment: u32, elapsed_ms: u64) -> bool {
+        let start = self
+            .jam_at_ms
+            .saturating_add(self.wave_ms_per_sensor.saturating_mul(u64::from(sensor_id)))
+            .saturating_add(self.wave_ms_per_segment.saturating_mul(u64::from(segment)));
+        let Some(since) = elapsed_ms.checked_sub(start) else { return false };
+        let into_jam = if self.jam_every_ms == 0 { since } else { since % self.jam_every_ms };
+        into_jam < self.jam_for_ms
     }
 
     /// The speed of the next car, with noise from `rng`, in 1..=300 km/h.
-    pub fn speed(&self, sensor_id: u32, elapsed_ms: u64, rng: &mut Rng) -> u16 {
-        let base = if self.jammed(sensor_id, elapsed_ms) { self.jam_kmh } else { self.free_kmh };
+    pub fn speed(&self, sensor_id: u32, segment: u32, elapsed_ms: u64, rng: &mut Rng) -> u16 {
+        let base = if self.jammed(sensor_id, segment, elapsed_ms) { self.jam_kmh } else { self.free_kmh };
         let noise = (rng.unit() * 2.0 - 1.0) * self.noise_kmh;
         (base + noise).round().clamp(1.0, 300.0) as u16
     }
@@ -147,11 +164,11 @@ mod component {
 
         fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
             let elapsed = now_ms.saturating_sub(self.clock.started_ms);
-            let id = self.core.sensor_id();
+            let (id, segment) = (self.core.sensor_id(), self.core.segment());
             let (scenario, clock) = (self.scenario, &mut self.clock);
             self.core.tick_with(now_ms, produce, |_| {
                 let mut rng = Rng::new(clock.rng_state);
-                let speed = scenario.speed(id, elapsed, &mut rng);
+                let speed = scenario.speed(id, segment, elapsed, &mut rng);
                 clock.rng_state = rng.state();
                 speed
             })
@@ -185,11 +202,42 @@ mod tests {
     #[test]
     fn the_jam_reaches_higher_ids_later_and_passes() {
         let s = Scenario::from_settings(&settings(&[("jam-at", "10"), ("jam-for", "5"), ("wave-s", "2")]));
-        assert!(!s.jammed(0, 9_999));
-        assert!(s.jammed(0, 10_000));
-        assert!(!s.jammed(3, 10_000), "sensor 3 is reached 6 s later");
-        assert!(s.jammed(3, 16_000));
-        assert!(!s.jammed(0, 15_000), "the jam has passed sensor 0");
+        assert!(!s.jammed(0, 0, 9_999));
+        assert!(s.jammed(0, 0, 10_000));
+        assert!(!s.jammed(3, 0, 10_000), "sensor 3 is reached 6 s later");
+        assert!(s.jammed(3, 0, 16_000));
+        assert!(!s.jammed(0, 0, 15_000), "the jam has passed sensor 0");
+        assert!(!s.jammed(0, 0, 1_000_000), "without jam-every there is one jam");
+    }
+
+    #[test]
+    fn the_jam_travels_segment_by_segment() {
+        let s = Scenario::from_settings(&settings(&[("jam-at", "10"), ("jam-for", "20"), ("segment-wave-s", "15")]));
+        // Each sensor of a segment is reached at once, whatever its id.
+        for id in [1, 5, 9] {
+            assert!(s.jammed(id, 0, 10_000) && !s.jammed(id, 1, 10_000));
+        }
+        let jammed_at = |t: u64| (0..4).filter(|seg| s.jammed(1, *seg, t)).collect::<Vec<u32>>();
+        assert_eq!(jammed_at(9_000), Vec::<u32>::new());
+        assert_eq!(jammed_at(12_000), vec![0]);
+        assert_eq!(jammed_at(27_000), vec![0, 1], "the wave spans two segments");
+        assert_eq!(jammed_at(35_000), vec![1]);
+        assert_eq!(jammed_at(58_000), vec![2, 3]);
+        assert_eq!(jammed_at(80_000), Vec::<u32>::new(), "it has left the last segment");
+    }
+
+    #[test]
+    fn a_recurring_jam_comes_back_every_period() {
+        let s = Scenario::from_settings(&settings(&[("jam-at", "10"), ("jam-for", "5"), ("jam-every", "30"), ("segment-wave-s", "2")]));
+        let jammed: Vec<u64> = (0..100).filter(|t| s.jammed(7, 1, t * 1000)).collect();
+        // Segment 1 is reached 2 s after jam-at, then every 30 s, for 5 s each time.
+        assert_eq!(jammed, vec![12, 13, 14, 15, 16, 42, 43, 44, 45, 46, 72, 73, 74, 75, 76]);
+        let once = Scenario::from_settings(&settings(&[("jam-at", "10"), ("jam-for", "5"), ("jam-every", "0")]));
+        assert_eq!((0..100).filter(|t| once.jammed(7, 0, t * 1000)).count(), 5, "jam-every=0: a single jam");
+        let always = Scenario::from_settings(&settings(&[("jam-at", "1"), ("jam-for", "5"), ("jam-every", "5")]));
+        assert!((1..1000).all(|t| always.jammed(0, 0, t * 1000)), "a period no longer than the jam never clears");
+        let bad = Scenario::from_settings(&settings(&[("jam-every", "often"), ("segment-wave-s", "-1")]));
+        assert_eq!((bad.jam_every_ms, bad.wave_ms_per_segment), (0, 0));
     }
 
     #[test]
@@ -197,8 +245,8 @@ mod tests {
         let s = Scenario::from_settings(&settings(&[("jam-at", "1"), ("jam-for", "1"), ("noise-kmh", "3")]));
         let mut rng = Rng::new(9);
         for _ in 0..1000 {
-            assert!((107..=113).contains(&s.speed(1, 0, &mut rng)));
-            assert!((22..=28).contains(&s.speed(1, 1_500, &mut rng)));
+            assert!((107..=113).contains(&s.speed(1, 0, 0, &mut rng)));
+            assert!((22..=28).contains(&s.speed(1, 0, 1_500, &mut rng)));
         }
         let bad = Scenario::from_settings(&settings(&[("free-kmh", "fast"), ("jam-kmh", "-3")]));
         assert_eq!((bad.free_kmh, bad.jam_kmh), (110.0, 25.0));
