@@ -11,8 +11,10 @@
 //!   items inside its window;
 //! - the site sequence: every item `1..=last_seq` exactly once (none twice,
 //!   none missing, none past what the site gave out);
-//! - every sensor's readings in its own order (seqs increasing), and per
-//!   sensor incarnation the count and speed sum the site counted;
+//! - every sensor's readings in the order the site counted them (site
+//!   sequences increasing; seqs may not be, when the site filled a gap
+//!   later: those are counted as late, not wrong), and per sensor
+//!   incarnation the count and speed sum the site counted;
 //! - averages `1..=averages_published`, in order;
 //! - nothing dropped at the backlog bound, and everything forwarded.
 //!
@@ -41,8 +43,10 @@ const MAX_DETAILS: usize = 20;
 pub struct SensorInCloud {
     pub count: u64,
     pub sum_kmh: u64,
-    /// The seq of its last reading in stream order.
-    pub last_seq: Option<u64>,
+    /// The highest seq of its readings so far in stream order.
+    pub max_seq: Option<u64>,
+    /// The site sequence of its last reading in stream order.
+    pub last_site_seq: Option<u64>,
 }
 
 /// What a site's stream holds, checked against the site.
@@ -62,8 +66,15 @@ pub struct CloudCheck {
     pub missing: u64,
     /// Items with site sequence 0 or past what the site gave out.
     pub beyond: u64,
-    /// Readings whose seq is not above the previous one of their sensor in the stream.
+    /// Readings that come in the stream after a reading of their sensor
+    /// the site counted later (a site sequence at or above theirs): each
+    /// sensor's readings must be in the order the site counted them.
     pub readings_out_of_order: u64,
+    /// Readings whose seq is below one of their sensor's earlier in the
+    /// stream: a gap the site filled later (a batch resent after a lost
+    /// ack or a failover; the site counts by seq, not in seq order). In
+    /// the site's order, so not a violation.
+    pub readings_late: u64,
     /// Averages whose seq does not follow the previous one in the stream (the first must be 1).
     pub averages_out_of_order: u64,
     /// Sensor incarnations whose (count, speed sum) in the cloud differ from the site's.
@@ -97,7 +108,8 @@ impl CloudCheck {
     pub fn summary(&self) -> String {
         format!(
             "{} readings and {} averages in {} messages (the site owed {} items): duplicated {}, missing {}, beyond the site's {}, \
-             readings out of order {}, averages out of order {}, sensor count mismatches {}, malformed messages {}, dropped {}",
+             readings out of order {} (late-filled gaps {}), averages out of order {}, sensor count mismatches {}, malformed messages {}, \
+             dropped {}",
             self.readings,
             self.averages,
             self.messages,
@@ -106,6 +118,7 @@ impl CloudCheck {
             self.missing,
             self.beyond,
             self.readings_out_of_order,
+            self.readings_late,
             self.averages_out_of_order,
             self.sensor_mismatches,
             self.malformed,
@@ -332,7 +345,8 @@ fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u
         }
     };
     for r in readings.into_iter().flatten() {
-        site_seq(r["site_seq"].as_u64(), c);
+        let this_site_seq = r["site_seq"].as_u64();
+        site_seq(this_site_seq, c);
         c.readings += 1;
         let (Some(id), Some(incarnation), Some(seq), Some(speed)) =
             (r["sensor_id"].as_u64(), r["incarnation"].as_u64(), r["seq"].as_u64(), r["speed_kmh"].as_u64())
@@ -343,11 +357,25 @@ fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u
         let s = c.sensors.entry((id, incarnation)).or_default();
         s.count += 1;
         s.sum_kmh = s.sum_kmh.saturating_add(speed);
-        let out_of_order = s.last_seq.is_some_and(|prev| seq <= prev);
-        s.last_seq = Some(seq);
+        let late = s.max_seq.is_some_and(|max| seq < max);
+        s.max_seq = s.max_seq.max(Some(seq));
+        let out_of_order = match (s.last_site_seq, this_site_seq) {
+            (Some(prev), Some(this)) => this <= prev,
+            _ => false,
+        };
+        let prev_site_seq = s.last_site_seq;
+        s.last_site_seq = this_site_seq.or(s.last_site_seq);
+        if late {
+            c.readings_late += 1;
+        }
         if out_of_order {
             c.readings_out_of_order += 1;
-            c.detail(format!("message {}: sensor {id} incarnation {incarnation:016x}: seq {seq} after a seq at or above it", m.seq));
+            c.detail(format!(
+                "message {}: sensor {id} incarnation {incarnation:016x}: seq {seq} (site item {}) after its site item {}",
+                m.seq,
+                this_site_seq.unwrap_or(0),
+                prev_site_seq.unwrap_or(0)
+            ));
         }
     }
     for a in averages.into_iter().flatten() {
@@ -429,7 +457,7 @@ mod tests {
         let c = check_stream("s1", &stream(), &status(4, 1, counted()));
         assert!(c.ok(), "{:?} {:?}", c.violations, c.details);
         assert_eq!((c.readings, c.averages, c.messages), (3, 1, 3));
-        assert_eq!(c.sensors[&(1, 7)], SensorInCloud { count: 2, sum_kmh: 190, last_seq: Some(2) });
+        assert_eq!(c.sensors[&(1, 7)], SensorInCloud { count: 2, sum_kmh: 190, max_seq: Some(2), last_site_seq: Some(2) });
     }
 
     #[test]
@@ -440,7 +468,7 @@ mod tests {
         s.push(again);
         let c = check_stream("s1", &s, &status(4, 1, counted()));
         assert_eq!(c.duplicated, 2);
-        // Seq 1 after 2 is out of order; the 2 after it is not.
+        // Site item 1 after item 2 is out of order; the 2 after it is not.
         assert_eq!(c.readings_out_of_order, 1);
         assert_eq!(c.sensor_mismatches, 1);
         assert!(!c.ok());
@@ -450,8 +478,9 @@ mod tests {
     #[test]
     fn gaps_foreign_items_disorder_and_forgeries_are_found() {
         let s = vec![
-            // Item 1 missing; a reading out of its sensor's order.
-            message(1, "s1", 0, 2, 3, json!({"readings": [reading(2, 1, 2, 100), reading(3, 1, 1, 90)]})),
+            // Item 1 missing; a reading out of the order the site counted
+            // its sensor's readings in (item 2 after item 3).
+            message(1, "s1", 0, 2, 3, json!({"readings": [reading(3, 1, 2, 100), reading(2, 1, 1, 90)]})),
             // A site sequence the site never gave out; average 2 before 1.
             message(2, "s1", 0, 4, 9, json!({"averages": [average(9, 2), average(4, 1)]})),
             // Headers that disagree with the body.
@@ -466,10 +495,24 @@ mod tests {
         assert_eq!(c.missing, 1, "{:?}", c.details);
         assert_eq!(c.beyond, 1);
         assert_eq!(c.readings_out_of_order, 1);
+        assert_eq!(c.readings_late, 1);
         assert_eq!(c.averages_out_of_order, 2);
         assert_eq!(c.malformed, 3, "{:?}", c.details);
         assert_eq!(c.dropped, 3);
         assert!(c.violations.len() >= 7, "{:?}", c.violations);
+    }
+
+    #[test]
+    fn a_gap_the_site_filled_later_is_in_the_sites_order() {
+        // Sensor 1's seq 1 was counted after its seq 2 (resent after a lost ack).
+        let s = vec![
+            message(1, "s1", 0, 1, 3, json!({"readings": [reading(1, 1, 2, 100), reading(2, 1, 1, 90)]})),
+            message(2, "s1", 1, 1, 3, json!({"readings": [reading(3, 2, 1, 80)]})),
+            message(3, "s1", 0, 4, 4, json!({"averages": [average(4, 1)]})),
+        ];
+        let c = check_stream("s1", &s, &status(4, 1, counted()));
+        assert!(c.ok(), "{:?} {:?}", c.violations, c.details);
+        assert_eq!((c.readings_late, c.readings_out_of_order), (1, 0));
     }
 
     #[test]
