@@ -244,11 +244,12 @@ impl Report {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(faults) = &args.faults {
-        if !args.uplink && faults.iter().any(|f| f.of_the_cloud()) {
-            eprintln!("error: --faults: nats-leader, nats-node and nats-all are faults of the cloud and need --uplink");
-            return ExitCode::from(2);
-        }
+    if let Some(faults) = &args.faults
+        && !args.uplink
+        && faults.iter().any(|f| f.of_the_cloud())
+    {
+        eprintln!("error: --faults: nats-leader, nats-node and nats-all are faults of the cloud and need --uplink");
+        return ExitCode::from(2);
     }
     match run(&args) {
         Ok(report) => {
