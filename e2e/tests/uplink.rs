@@ -5,7 +5,7 @@
 //! server while forwarding, kill -9 of the stream's leader, the cloud away
 //! for longer than JetStream's duplicate window, the whole cluster down
 //! for a while. Each ends by reading the stream back: every reading the
-//! site counted is there exactly once, in per-sensor order, every average
+//! site counted is there exactly once, each sensor's in the order the site counted them, every average
 //! in sequence order, and the site sequence has no gap and no repeat.
 //!
 //! Without nats-server these tests say SKIPPED, unless FOG_REQUIRE_NATS=1
