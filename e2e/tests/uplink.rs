@@ -5,19 +5,19 @@
 //! server while forwarding, kill -9 of the stream's leader, the cloud away
 //! for longer than JetStream's duplicate window, the whole cluster down
 //! for a while. Each ends by reading the stream back: every reading the
-//! site counted is there exactly once, in per-sensor order, every average
+//! site counted is there exactly once, each sensor's in the order the site counted them, every average
 //! in sequence order, and the site sequence has no gap and no repeat.
 //!
 //! Without nats-server these tests say SKIPPED, unless FOG_REQUIRE_NATS=1
 //! (as `.ci/run` sets it) makes them fail. They run one at a time: two
 //! clusters and two pairs at once would compete for two cores.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fog_testkit::nats::{NatsAuth, NatsCluster, StoredMessage, require_nats};
-use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_counts, start_host, start_keyed_server, status_when_as, wait_for};
+use fog_testkit::cloud::{CloudCheck, check_stream, read_settled};
+use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
+use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_status_as, start_host, start_keyed_server, status_when_as, wait_for};
 use serde_json::Value;
 
 const SITE: &str = "a1";
@@ -57,10 +57,6 @@ impl Site {
         Some(site)
     }
 
-    fn server(&self, primary: bool, window: &str) -> Proc {
-        self.server_with(primary, window, "256M")
-    }
-
     fn server_with(&self, primary: bool, window: &str, backlog: &str) -> Proc {
         let creds = self.cloud.site_creds(SITE).expect("site credentials").display().to_string();
         let urls = self.cloud.urls();
@@ -91,93 +87,29 @@ impl Site {
 
     /// After the host finished: waits until the active node has forwarded
     /// everything, then reads the stream and checks it against what the
-    /// site counted.
-    fn finish(&self, host: Proc, active_is_primary: bool) -> Cloud {
+    /// site counted (the kit's [`check_stream`]).
+    fn finish(&self, host: Proc, active_is_primary: bool) -> CloudCheck {
         let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
         assert_eq!(code, 0, "host exit code; summary {summary}");
-        let status = self.status_when(active_is_primary, "active with everything forwarded", |s| {
-            let u = &s["uplink"];
-            s["state"] == "active" && u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true
-        });
-        let messages = self.cloud.read_stream(STREAM, Duration::from_secs(60)).unwrap();
-        let cloud = Cloud::read(&messages);
-        cloud.check(&status);
+        let auth = self.keys.admin_status(active_is_primary);
+        let settled = read_settled(
+            || server_status_as(self.pair.frontend(active_is_primary), Some(&auth)).ok().filter(|s| s["state"] == "active"),
+            || self.cloud.read_stream(STREAM, Duration::from_secs(60)),
+            Duration::from_secs(90),
+        )
+        .unwrap();
+        assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+        let (messages, status) = (settled.messages, settled.status);
+        let cloud = check_stream(SITE, &messages, &status);
+        assert!(cloud.ok(), "the cloud's stream is wrong: {:#?}\n{:#?}", cloud.violations, cloud.details);
         // The host's sensors: every reading they generated is in the cloud once.
         for s in summary["per_sensor"].as_array().unwrap() {
             let key = (s["sensor_id"].as_u64().unwrap(), s["incarnation"].as_u64().unwrap());
-            let seqs = cloud.readings.get(&key).map_or(0, Vec::len) as u64;
+            let seqs = cloud.sensors.get(&key).map_or(0, |c| c.count);
             assert_eq!(seqs, s["generated"].as_u64().unwrap(), "sensor {key:?}: readings in the cloud vs generated");
         }
+        eprintln!("the cloud holds {}", cloud.summary());
         cloud
-    }
-}
-
-/// What the stream holds, per sensor and for averages.
-struct Cloud {
-    /// Seqs per (sensor, incarnation), in stream order.
-    readings: BTreeMap<(u64, u64), Vec<u64>>,
-    sums: BTreeMap<(u64, u64), u64>,
-    /// Average seqs in stream order.
-    averages: Vec<u64>,
-    /// Every item's site sequence, in stream order (windows in order; the
-    /// parts of a window split it by segment).
-    site_seqs: Vec<u64>,
-    messages: usize,
-}
-
-impl Cloud {
-    fn read(messages: &[StoredMessage]) -> Cloud {
-        let mut c = Cloud { readings: BTreeMap::new(), sums: BTreeMap::new(), averages: Vec::new(), site_seqs: Vec::new(), messages: messages.len() };
-        for m in messages {
-            assert!(m.subject.starts_with("fog.a1."), "{}", m.subject);
-            let body: Value = serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("message {} is not JSON: {e}", m.seq));
-            let first = body["first"].as_u64().unwrap();
-            let last = body["last"].as_u64().unwrap();
-            assert_eq!(m.header("Fog-Site-Seq-First"), Some(first.to_string().as_str()));
-            assert_eq!(m.header("Fog-Site-Seq-Last"), Some(last.to_string().as_str()));
-            let part = body["part"].as_u64().unwrap();
-            assert_eq!(m.header("Fog-Part"), Some(format!("{part}/{}", body["parts"]).as_str()));
-            assert_eq!(m.header("Nats-Msg-Id"), Some(format!("{SITE}:{first}-{last}:{part}").as_str()));
-            let segment = body["segment"].as_u64().unwrap();
-            assert!(m.subject.ends_with(&format!(".{segment}")), "subject {} for segment {segment}", m.subject);
-            let mut seen = Vec::new();
-            for r in body["readings"].as_array().into_iter().flatten() {
-                assert!(m.subject.contains(".readings."));
-                let key = (r["sensor_id"].as_u64().unwrap(), r["incarnation"].as_u64().unwrap());
-                c.readings.entry(key).or_default().push(r["seq"].as_u64().unwrap());
-                *c.sums.entry(key).or_default() += r["speed_kmh"].as_u64().unwrap();
-                seen.push(r["site_seq"].as_u64().unwrap());
-            }
-            for a in body["averages"].as_array().into_iter().flatten() {
-                assert!(m.subject.contains(".averages."));
-                c.averages.push(a["seq"].as_u64().unwrap());
-                seen.push(a["site_seq"].as_u64().unwrap());
-            }
-            assert!(!seen.is_empty() && seen.iter().all(|s| (first..=last).contains(s)), "message {}: items {seen:?} outside its window {first}..={last}", m.seq);
-            c.site_seqs.extend(seen);
-        }
-        c
-    }
-
-    /// Exactly once, in order, against the active node's status.
-    fn check(&self, status: &Value) {
-        let n = self.site_seqs.len() as u64;
-        let mut sorted = self.site_seqs.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "site sequences in the cloud are not 1..={n}, once each");
-        assert_eq!(n, status["uplink"]["last_seq"].as_u64().unwrap(), "items in the cloud vs items the site owed");
-        assert_eq!(status["uplink"]["dropped"], 0);
-        for (key, seqs) in &self.readings {
-            let unique: BTreeSet<&u64> = seqs.iter().collect();
-            assert_eq!(unique.len(), seqs.len(), "sensor {key:?} has a reading twice in the cloud");
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sensor {key:?}: readings out of order in the cloud");
-        }
-        let counted = server_counts(status);
-        let in_cloud: BTreeMap<(u64, u64), (u64, u64)> = self.readings.iter().map(|(k, seqs)| (*k, (seqs.len() as u64, self.sums[k]))).collect();
-        assert_eq!(in_cloud, counted, "per-sensor (count, sum) in the cloud vs counted by the site");
-        let published = status["averages_published"].as_u64().unwrap();
-        assert_eq!(self.averages, (1..=published).collect::<Vec<_>>(), "averages in the cloud are not 1..={published} in order");
-        eprintln!("the cloud holds {} readings and {} averages in {} messages, exactly once", n - published, published, self.messages);
     }
 }
 
@@ -240,22 +172,24 @@ fn past_the_backlog_bound_the_oldest_are_dropped_counted_and_the_rest_arrive_onc
     site.cloud.start_all().unwrap();
     let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
     assert_eq!(code, 0, "the site kept acking its sensors while the cloud was away: {summary}");
-    let status = site.status_when(true, "active with everything forwarded", |s| {
-        let u = &s["uplink"];
-        u["backlog_items"] == 0 && u["forwarded_through"] == u["last_seq"] && u["connected"] == true
-    });
-    let dropped = status["uplink"]["dropped"].as_u64().unwrap();
-    let last = status["uplink"]["last_seq"].as_u64().unwrap();
-    let cloud = Cloud::read(&site.cloud.read_stream(STREAM, Duration::from_secs(60)).unwrap());
-    // Every item is in the cloud once or was dropped (counted), never both.
-    let mut seqs = cloud.site_seqs.clone();
-    seqs.sort_unstable();
-    let unique: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(unique.len(), seqs.len(), "an item is in the cloud twice");
-    assert_eq!(seqs.len() as u64 + dropped, last, "in the cloud {} + dropped {dropped} != owed {last}", seqs.len());
-    for (key, s) in &cloud.readings {
-        assert!(s.windows(2).all(|w| w[0] < w[1]), "sensor {key:?}: readings out of order in the cloud");
-    }
+    let auth = site.keys.admin_status(true);
+    let settled = read_settled(
+        || server_status_as(site.pair.frontend(true), Some(&auth)).ok().filter(|s| s["state"] == "active"),
+        || site.cloud.read_stream(STREAM, Duration::from_secs(60)),
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+    let cloud = check_stream(SITE, &settled.messages, &settled.status);
+    // Every item is in the cloud once or was dropped (counted), never both;
+    // what arrived is in order and well-formed.
+    let dropped = settled.status["uplink"]["dropped"].as_u64().unwrap();
+    assert!(dropped > 200, "{}", settled.status["uplink"]);
+    assert_eq!(cloud.dropped, dropped);
+    assert_eq!((cloud.duplicated, cloud.beyond, cloud.malformed), (0, 0, 0), "{}\n{:#?}", cloud.summary(), cloud.details);
+    assert_eq!(cloud.missing, dropped, "in the cloud or dropped, never both: {}", cloud.summary());
+    assert_eq!(cloud.readings + cloud.averages + dropped, cloud.site_items, "{}", cloud.summary());
+    assert_eq!(cloud.readings_out_of_order, 0, "{:#?}", cloud.details);
     let log = std::fs::read_to_string(site.dir.join("primary.log")).unwrap();
     assert!(log.contains("the uplink's backlog is full"), "the drops were not logged");
 }

@@ -23,7 +23,9 @@
 //!   [`rogue`] builds the batches hostile clients send;
 //! - [`browser`] runs headless Chromium on a page (the live page's tests);
 //! - [`prometheus`] runs a real Prometheus and `promtool`, reads the text
-//!   format, and GETs `/metrics`, `/healthz` and `/readyz`.
+//!   format, and GETs `/metrics`, `/healthz` and `/readyz`;
+//! - [`nats`] runs a NATS JetStream cluster for the uplink, and [`cloud`]
+//!   checks a site's stream against what the site counted.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,6 +36,7 @@ use anyhow::{Context, bail};
 pub mod binaries;
 pub mod browser;
 pub mod client;
+pub mod cloud;
 pub mod faketime;
 pub mod history;
 pub mod http;

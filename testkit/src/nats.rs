@@ -58,6 +58,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -261,6 +262,17 @@ impl NatsCluster {
     /// leader that every node knows and every node reports itself healthy,
     /// at most 60 s.
     pub fn start(dir: &Path, nodes: usize, auth: NatsAuth) -> anyhow::Result<NatsCluster> {
+        NatsCluster::start_listening(dir, nodes, auth, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// [`NatsCluster::start`] with the client ports bound to `listen`
+    /// instead of loopback: `0.0.0.0` lets processes in network namespaces
+    /// reach the cluster over their link's root-side address (see
+    /// [`NatsCluster::urls_via`]). Routes and monitoring stay on loopback,
+    /// and beyond loopback the servers advertise no addresses of their own
+    /// to clients (`no_advertise`), so a client keeps to the URLs it was
+    /// given.
+    pub fn start_listening(dir: &Path, nodes: usize, auth: NatsAuth, listen: IpAddr) -> anyhow::Result<NatsCluster> {
         let Some(server) = nats_server() else { bail!("nats-server is not installed (apt-get install nats-server)") };
         if nodes != 1 && nodes != 3 {
             bail!("a NATS cluster of the kit has 1 or 3 nodes, not {nodes}");
@@ -295,7 +307,7 @@ impl NatsCluster {
             }
         };
         for node in &node_list {
-            let config = node_config(node, &node_list, &auth_config);
+            let config = node_config(node, &node_list, &auth_config, listen);
             std::fs::write(&node.config, config).with_context(|| format!("cannot write {}", node.config.display()))?;
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -331,6 +343,22 @@ impl NatsCluster {
     /// a string itself: split it on `,` and pass the list.)
     pub fn urls(&self) -> String {
         self.nodes.iter().map(NatsNode::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Every node's client URL at `host` instead of loopback,
+    /// comma-separated: for a cluster started with
+    /// [`NatsCluster::start_listening`] on an address that covers `host`.
+    pub fn urls_via(&self, host: IpAddr) -> String {
+        let host = match host {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        self.nodes.iter().map(|n| format!("nats://{host}:{}", n.client_port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// The processes of the running nodes (for their pid and memory).
+    pub fn procs(&self) -> impl Iterator<Item = &Proc> {
+        self.procs.iter().flatten()
     }
 
     /// The credentials file of the site user (`site` for [`NatsAuth::Site`],
@@ -389,6 +417,19 @@ impl NatsCluster {
         }
         self.spawn(i)?;
         self.wait_ready(&[i])
+    }
+
+    /// Starts node `i` again if it is not running, without waiting for it:
+    /// the caller goes on while it rejoins ([`NatsCluster::start_all`]
+    /// waits until the whole cluster is ready).
+    pub fn launch(&mut self, i: usize) -> anyhow::Result<()> {
+        if i >= self.nodes.len() {
+            bail!("no NATS node {i}");
+        }
+        if !self.is_running(i) {
+            self.spawn(i)?;
+        }
+        Ok(())
     }
 
     /// `kill -9` of every running node: the whole cluster down.
@@ -777,12 +818,16 @@ fn valid_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn node_config(node: &NatsNode, all: &[NatsNode], auth: &str) -> String {
+fn node_config(node: &NatsNode, all: &[NatsNode], auth: &str, listen: IpAddr) -> String {
     let store = node.store_dir.display().to_string();
+    let listen = match listen {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    };
     let mut config = format!(
         "# One node of the test kit's JetStream cluster.\n\
          server_name: {name}\n\
-         listen: 127.0.0.1:{client}\n\
+         listen: {listen}:{client}\n\
          http: 127.0.0.1:{monitor}\n\
          jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 8GB\n}}\n",
         name = node.name,
@@ -793,9 +838,10 @@ fn node_config(node: &NatsNode, all: &[NatsNode], auth: &str) -> String {
         let routes: Vec<String> =
             all.iter().filter(|n| n.name != node.name).map(|n| format!("nats-route://127.0.0.1:{}", n.route_port)).collect();
         config.push_str(&format!(
-            "cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            "cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n{}}}\n",
             node.route_port,
-            routes.join(", ")
+            routes.join(", "),
+            if listen == "127.0.0.1" { "" } else { "  no_advertise: true\n" }
         ));
     }
     config.push_str(auth);

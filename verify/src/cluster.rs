@@ -16,6 +16,7 @@ use fog_testkit::{
 };
 use serde_json::Value;
 
+use crate::cloud::Cloud;
 use crate::{Args, rogue};
 
 /// Which durability features the binaries have: the verifier uses them
@@ -140,10 +141,21 @@ pub struct HostNode {
     state_dir: Option<PathBuf>,
 }
 
-/// The pair's endpoints and, unless --no-keys, the run's keys: how every
-/// process is started and every status asked for; the processes and the
-/// network between them.
+/// Everything a run starts: the sites and, with --uplink, their cloud.
+pub struct System {
+    pub sites: Vec<Cluster>,
+    pub cloud: Option<Cloud>,
+}
+
+/// One site: the pair's endpoints and, unless --no-keys, the run's keys:
+/// how every process is started and every status asked for; the processes
+/// and the network between them.
 pub struct Cluster {
+    /// The site's name (`site1` ...): its stream in the cloud.
+    pub site: String,
+    /// What the site's lines in the schedule start with: empty when the run
+    /// has one site, else `site2: `.
+    pub label: String,
     pub pair: Pair,
     pub keys: Option<PairKeys>,
     pub net: Option<Net>,
@@ -161,7 +173,18 @@ impl Cluster {
     /// keys unless --no-keys (one per host with rights for exactly its
     /// sensors, the rogue's with the rights of `plan`), and both servers
     /// started and serving; the hosts are set up but not started.
-    pub fn start_servers(args: &Args, dir: &Path, net: Option<Net>, durable: Durability, plan: &rogue::Plan) -> anyhow::Result<Cluster> {
+    /// With a `cloud`, every server also forwards to it as `site`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_servers(
+        args: &Args,
+        dir: &Path,
+        net: Option<Net>,
+        durable: Durability,
+        plan: &rogue::Plan,
+        site: &str,
+        label: String,
+        cloud: Option<&Cloud>,
+    ) -> anyhow::Result<Cluster> {
         let pair = match &net {
             Some(n) => {
                 let ep = |addr: std::net::Ipv4Addr| -> anyhow::Result<String> { Ok(format!("tcp://{addr}:{}", free_port()?)) };
@@ -197,11 +220,14 @@ impl Cluster {
                 Some(p) => p.clone(),
                 None => bin("fog-server")?,
             };
-            let ns = match &net {
-                Some(n) if primary => n.to_primary.b_ns.clone(),
-                Some(n) => n.to_backup.b_ns.clone(),
-                None => ROOT.to_string(),
+            let (ns, via) = match &net {
+                Some(n) if primary => (n.to_primary.b_ns.clone(), Some(n.to_primary.a_addr)),
+                Some(n) => (n.to_backup.b_ns.clone(), Some(n.to_backup.a_addr)),
+                None => (ROOT.to_string(), None),
             };
+            if let Some(cloud) = cloud {
+                extra.extend(cloud.server_flags(site, via)?);
+            }
             servers.push(ServerNode { name, primary, proc: None, stopped: false, starts: 0, extra, data_dir, program, ns });
         }
         let hosts = (0..args.hosts)
@@ -212,8 +238,18 @@ impl Cluster {
                 state_dir: durable.hosts.then(|| dir.join(format!("host{index}-state"))),
             })
             .collect();
-        let mut cluster =
-            Cluster { pair, keys, net, servers, hosts, dir: dir.to_path_buf(), sensors: args.sensors, interval: args.interval };
+        let mut cluster = Cluster {
+            site: site.to_string(),
+            label,
+            pair,
+            keys,
+            net,
+            servers,
+            hosts,
+            dir: dir.to_path_buf(),
+            sensors: args.sensors,
+            interval: args.interval,
+        };
         for i in 0..cluster.servers.len() {
             cluster.start_server(i, true)?;
         }

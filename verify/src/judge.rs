@@ -88,3 +88,32 @@ fn judge_rogue(tally: &rogue::Tally, counted: &BTreeMap<&'static str, u64>, verd
         }
     }
 }
+
+/// Adds one site's `verdict` to the run's `into`: counts summed, notes and
+/// violations named by the site's `label` (`site2: `).
+pub fn merge(into: &mut check::Verdict, verdict: &check::Verdict, label: &str) {
+    into.lost += verdict.lost;
+    into.duplicated += verdict.duplicated;
+    into.sum_mismatches += verdict.sum_mismatches;
+    into.unacked += verdict.unacked;
+    into.averages_missed += verdict.averages_missed;
+    into.averages_superseded += verdict.averages_superseded;
+    into.sensors_off_the_server_stream += verdict.sensors_off_the_server_stream;
+    into.sensors_without_averages += verdict.sensors_without_averages;
+    into.sensors_behind_retention += verdict.sensors_behind_retention;
+    into.epochs_with_two_actives.extend(&verdict.epochs_with_two_actives);
+    into.unchecked_incarnations += verdict.unchecked_incarnations;
+    into.sensors_checked += verdict.sensors_checked;
+    into.readings_checked += verdict.readings_checked;
+    into.notes.extend(verdict.notes.iter().map(|n| format!("{label}{n}")));
+    into.violations.extend(verdict.violations.iter().map(|v| format!("{label}{v}")));
+}
+
+/// Adds one site's counters against hostile clients to the run's: summed,
+/// `expired` the largest (as [`rogue::ServerCounters::totals`] does).
+pub fn merge_counted(into: &mut BTreeMap<&'static str, u64>, counted: &BTreeMap<&'static str, u64>) {
+    for (&name, &value) in counted {
+        let total = into.entry(name).or_default();
+        *total = if name == "expired" { (*total).max(value) } else { *total + value };
+    }
+}

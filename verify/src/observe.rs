@@ -71,10 +71,11 @@ pub struct Memory {
 }
 
 impl Memory {
-    pub fn sample<'a>(&mut self, procs: impl Iterator<Item = &'a Proc>) {
+    /// Samples every process of `procs`, named `prefix` and its name.
+    pub fn sample<'a>(&mut self, prefix: &str, procs: impl Iterator<Item = &'a Proc>) {
         for p in procs {
             if let Some(rss) = rss_mib(p.child.id()) {
-                self.samples.entry(p.name.clone()).or_default().push(rss);
+                self.samples.entry(format!("{prefix}{}", p.name)).or_default().push(rss);
             }
         }
     }

@@ -2,7 +2,11 @@
 //! fault (server, host, disk, network and a rogue host key) finds no
 //! violation, a rogue alone is refused and counted for every attack it
 //! makes, and a server built with a planted bug (it acks a reading before
-//! the passive has it) is caught losing acked readings.
+//! the passive has it) is caught losing acked readings. With --uplink: two
+//! sites forwarding to a NATS JetStream cluster whose nodes are killed
+//! (the leader of a stream, another node, all of them) end with every
+//! item in the cloud exactly once, in order; and a stream holding a
+//! message twice is caught.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -96,4 +100,65 @@ fn a_server_that_acks_before_replicating_is_caught_losing_readings() {
     assert_eq!(code, 1, "the planted bug went unnoticed: {report}");
     assert!(report["verdict"]["lost"].as_u64().unwrap_or(0) > 0, "{report}");
     assert!(stderr.contains("replay with --seed 5"), "a failing run says how to replay it");
+}
+
+/// Whether the --uplink runs can go ahead (nats-server installed), or are
+/// skipped (or fail, when the kit's environment says it is required).
+fn nats_here(test: &str) -> bool {
+    fog_testkit::nats::require_nats(test).expect("nats-server is required here").is_some()
+}
+
+#[test]
+fn two_sites_forward_every_item_to_the_cloud_once_while_nats_nodes_die() {
+    if !nats_here("two_sites_forward_every_item_to_the_cloud_once_while_nats_nodes_die") {
+        return;
+    }
+    let (code, report, stderr) = verify(&[
+        "--uplink", "--sites", "2", "--duration", "20s", "--seed", "20261201", "--hosts", "1", "--sensors", "30",
+        "--interval", "50ms", "--fault-every", "2s", "--faults", "nats-leader,nats-all,nats-node,kill,isolate",
+    ]);
+    eprintln!("{stderr}");
+    assert_eq!(code, 0, "violations: {}", report["verdict"]["violations"]);
+    assert_eq!(report["ok"], true);
+    let schedule: Vec<&str> = report["schedule"].as_array().expect("a schedule").iter().filter_map(Value::as_str).collect();
+    for what in ["kill -9 of every NATS node", ", the leader of FOG_SITE", ", not the leader of FOG_SITE"] {
+        assert!(schedule.iter().any(|l| l.contains(what)), "no '{what}' in the schedule: {schedule:#?}");
+    }
+    assert!(schedule.iter().any(|l| l.contains("site1: ")) && schedule.iter().any(|l| l.contains("site2: ")), "{schedule:#?}");
+    let streams = report["cloud"]["streams"].as_array().expect("the cloud's streams");
+    assert_eq!(streams.len(), 2, "{report}");
+    for (stream, name) in streams.iter().zip(["FOG_SITE1", "FOG_SITE2"]) {
+        assert_eq!(stream["stream"], name);
+        assert!(stream["violations"].as_array().is_some_and(Vec::is_empty), "{stream}");
+        // 30 sensors at 20/s for 20 s: some 12 000 readings, every one there.
+        assert!(n(&stream["readings"]) > 5_000, "{stream}");
+        assert!(n(&stream["averages"]) > 0, "{stream}");
+        assert_eq!(n(&stream["readings"]) + n(&stream["averages"]), n(&stream["site_items"]), "{stream}");
+        assert_eq!(n(&stream["duplicated"]) + n(&stream["missing"]) + n(&stream["dropped"]), 0, "{stream}");
+    }
+    // The hosts' checks cover both sites: every reading checked is in a stream.
+    let in_cloud: u64 = streams.iter().map(|s| n(&s["readings"])).sum();
+    assert_eq!(n(&report["verdict"]["readings_checked"]), in_cloud, "{report}");
+}
+
+#[test]
+fn a_message_published_twice_into_a_sites_stream_is_caught() {
+    if !nats_here("a_message_published_twice_into_a_sites_stream_is_caught") {
+        return;
+    }
+    let (code, report, stderr) = verify(&[
+        "--uplink", "--plant-cloud-duplicate", "--duration", "8s", "--seed", "3", "--sensors", "20", "--interval", "50ms",
+        "--fault-every", "3s", "--faults", "kill",
+    ]);
+    eprintln!("{stderr}");
+    assert_eq!(code, 1, "the duplicate went unnoticed: {report}");
+    assert!(report["cloud"]["planted"].as_str().is_some_and(|p| p.contains("published again")), "{report}");
+    let stream = &report["cloud"]["streams"][0];
+    assert!(n(&stream["duplicated"]) > 0, "{stream}");
+    assert_eq!(n(&stream["missing"]), 0, "{stream}");
+    let violations = report["verdict"]["violations"].as_array().expect("violations");
+    assert!(violations.iter().filter_map(Value::as_str).any(|v| v.starts_with("cloud FOG_SITE1: ") && v.contains("more than once")), "{violations:?}");
+    // The site itself is right: only the cloud's stream is wrong.
+    assert_eq!((n(&report["verdict"]["lost"]), n(&report["verdict"]["duplicated"])), (0, 0), "{report}");
+    assert!(stderr.contains("replay with --seed 3"));
 }
