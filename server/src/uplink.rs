@@ -21,6 +21,11 @@
 //!   does not, the stream holds a history this pair abandoned (a side cut
 //!   off in a split forwarded it), and the uplink stops and says so rather
 //!   than interleave two histories.
+//!   A last message that repeats an older window (JetStream has been seen
+//!   to store one again after a change of stream leader) is passed over:
+//!   the history ends at the newest window before it ([`stream_tail`]);
+//!   the copy's items are then in the stream twice, each with its site
+//!   sequence, and the uplink logs it.
 //! - Acks move the forwarding position in the pair's log
 //!   (`Record::UplinkForwarded`), so a restart or a new active starts near
 //!   where the pair had got to, and the outbox frees what the cloud has.
@@ -452,13 +457,29 @@ async fn forward(
     let (window_end, chain, partial) = if last_seq == 0 {
         (0, 0, None)
     } else {
-        let last = stream.get_raw_message(last_seq).await.map_err(|e| format!("cannot read message {last_seq} of {name}: {e}"))?;
-        let head = Head::of(&last.headers).ok_or_else(|| format!("message {last_seq} of {name} lacks the Fog-Site-* headers: the stream must be this site's alone"))?;
+        let read_head = |seq: u64| {
+            let stream = &stream;
+            let name = &name;
+            async move {
+                let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
+                Head::of(&m.headers).ok_or_else(|| format!("message {seq} of {name} lacks the Fog-Site-* headers: the stream must be this site's alone"))
+            }
+        };
+        let (tail, head) = stream_tail(last_seq, read_head(last_seq).await?, read_head).await?;
+        if tail < last_seq {
+            warn!(
+                stream = %name,
+                "uplink: messages {}..={last_seq} of {name} repeat items the stream already holds up to {} (stored again by the cloud, seen after a change of stream leader); they stay, and forwarding goes on after item {}",
+                tail + 1,
+                head.window.1,
+                head.window.1
+            );
+        }
         if head.part == head.parts {
             (head.window.1, head.chain, None)
         } else {
             let mut landed = std::collections::BTreeSet::new();
-            for seq in (last_seq + 1).saturating_sub(u64::from(head.part)).max(1)..=last_seq {
+            for seq in (tail + 1).saturating_sub(u64::from(head.part)).max(1)..=tail {
                 let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
                 Head::of(&m.headers).filter(|h| h.window == head.window).ok_or_else(|| format!("message {seq} of {name} is not a part of the window {:?} its last message is in", head.window))?;
                 landed.extend(site_seqs(&m.payload).ok_or_else(|| format!("message {seq} of {name} has no readable body"))?);
@@ -541,6 +562,43 @@ pub fn message(cfg: &UplinkConfig, epoch: u64, work: &Work) -> (String, HeaderMa
     headers.insert("Nats-Msg-Id", format!("{}:{first}-{last}:{}", cfg.site, work.part).as_str());
     let subject = work.items.first().map_or_else(|| format!("fog.{}.empty", cfg.site), |i| cfg.subject(&i.what));
     (subject, headers, encode(cfg, epoch, work))
+}
+
+/// Most messages at the end of a stream taken for copies of older ones.
+const MAX_STRAYS: u64 = 64;
+
+/// Where the stream really ends: its last message (`last`, with `head`),
+/// unless that one repeats an older window (its window ends before the
+/// window of the message before it). JetStream has been seen to store a
+/// message again after a change of stream leader; such copies hold items
+/// the stream already has, so the stream's history ends at the newest
+/// window among the last [`MAX_STRAYS`] messages (at its last part there).
+/// Copies that are not older than the message before them are not told
+/// from history here: the outbox's check then refuses the stream.
+async fn stream_tail<F, Fut>(last: u64, head: Head, read_head: F) -> Result<(u64, Head), String>
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = Result<Head, String>>,
+{
+    if last <= 1 {
+        return Ok((last, head));
+    }
+    let before = read_head(last - 1).await?;
+    if before.window.1 <= head.window.1 {
+        return Ok((last, head));
+    }
+    let (mut tail, mut newest) = (last - 1, before);
+    let mut seq = last - 1;
+    while seq > 1 && last - seq < MAX_STRAYS {
+        seq -= 1;
+        let h = read_head(seq).await?;
+        // Scanning back, the first message of the newest window met is
+        // its last part.
+        if h.window.1 > newest.window.1 {
+            (tail, newest) = (seq, h);
+        }
+    }
+    Ok((tail, newest))
 }
 
 /// What a message's headers say of its place.
@@ -661,6 +719,34 @@ fn encode(cfg: &UplinkConfig, epoch: u64, work: &Work) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_ends_at_its_newest_window_before_copies_of_older_ones() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let tail_of = |stream: &[(u64, u64, u32, u32)]| {
+            let at = |seq: u64| {
+                let (first, last, part, parts) = stream[seq as usize - 1];
+                Head { window: (first, last), part, parts, chain: last * 7 }
+            };
+            let n = stream.len() as u64;
+            let (tail, head) = runtime.block_on(stream_tail(n, at(n), |seq| async move { Ok(at(seq)) })).unwrap();
+            (tail, head.window, head.part)
+        };
+        let history = [(1, 10, 1, 1), (11, 20, 1, 2), (11, 20, 2, 2), (21, 30, 1, 3), (21, 30, 2, 3)];
+        // No copies: the last message, a part of a window cut short.
+        assert_eq!(tail_of(&history), (5, (21, 30), 2));
+        assert_eq!(tail_of(&history[..1]), (1, (1, 10), 1));
+        // A copy of an older window at the end, or two.
+        let mut copied = history.to_vec();
+        copied.push((11, 20, 2, 2));
+        assert_eq!(tail_of(&copied), (5, (21, 30), 2));
+        copied.push((1, 10, 1, 1));
+        assert_eq!(tail_of(&copied), (5, (21, 30), 2));
+        // Copies in rising order are not told from history (the outbox's
+        // check refuses such a stream).
+        let rising = [(1, 10, 1, 1), (11, 20, 1, 1), (21, 30, 1, 1), (1, 10, 1, 1), (11, 20, 1, 1)];
+        assert_eq!(tail_of(&rising), (5, (11, 20), 1));
+    }
 
     #[test]
     fn site_names_and_urls_are_checked() {

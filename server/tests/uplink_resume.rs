@@ -135,3 +135,74 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
     assert_eq!(other.forwarded(), 0);
     assert_eq!(cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap().len(), stored.len(), "nothing was added");
 }
+
+/// Every site item's count in the stream.
+fn items_in(stored: &[fog_testkit::nats::StoredMessage]) -> BTreeMap<u64, usize> {
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in stored {
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        for kind in ["readings", "averages"] {
+            for item in body[kind].as_array().into_iter().flatten() {
+                *seen.entry(item["site_seq"].as_u64().unwrap()).or_default() += 1;
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink() {
+    let Some(_) = require_nats("a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink").unwrap() else { return };
+    let dir = scratch_dir("uplink-stray").unwrap();
+    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
+    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
+    let cfg = config(cloud.urls());
+    let mut outbox = outbox();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    // Two windows forwarded (the outbox frees what the cloud has).
+    let more = |outbox: &mut Outbox, from: u64| {
+        for i in 0..20u64 {
+            let reading = Reading { seq: from + i, speed_kmh: 80, timestamp_ms: 5_000 + from + i };
+            outbox.push(2, 0, Owed::Reading { sensor_id: 1, incarnation: 1, segment: 1, reading });
+        }
+        outbox.last_seq()
+    };
+    for round in 0..2 {
+        let want = if round == 0 { outbox.last_seq() } else { more(&mut outbox, 100) };
+        let failures = runtime.block_on(async {
+            let mut up = Uplink::start(cfg.clone(), None);
+            drive(&mut up, &mut outbox, want).await
+        });
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+
+    // What the cloud has been seen to do after a change of stream leader:
+    // an older message stored again at the end of the stream (another id,
+    // so that the duplicate window does not drop it).
+    let stored = cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap();
+    let copy = &stored[0];
+    let stray = Outgoing {
+        subject: copy.subject.clone(),
+        msg_id: Some("a stray copy".into()),
+        expected_last_seq: None,
+        headers: copy.headers.iter().filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-")).cloned().collect(),
+        payload: copy.payload.clone(),
+    };
+    cloud.publish(None, vec![stray], 1).unwrap();
+    let copied = items_in(std::slice::from_ref(copy));
+
+    // The site goes on, and its uplink connects again.
+    let last = more(&mut outbox, 200);
+    let failures = runtime.block_on(async {
+        let mut up = Uplink::start(cfg, None);
+        drive(&mut up, &mut outbox, last).await
+    });
+    assert!(failures.is_empty(), "the uplink stopped at the copy: {failures:?}");
+    assert_eq!(outbox.forwarded(), last);
+    let seen = items_in(&cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap());
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>(), "every item is in the stream");
+    for (item, n) in &seen {
+        let expected = if copied.contains_key(item) { 2 } else { 1 };
+        assert_eq!(*n, expected, "item {item}: the copy's items twice, every other once");
+    }
+}
