@@ -107,15 +107,7 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
     assert_eq!(outbox.forwarded(), last);
 
     let stored = cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap();
-    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-    for m in &stored {
-        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        for kind in ["readings", "averages"] {
-            for item in body[kind].as_array().into_iter().flatten() {
-                *seen.entry(item["site_seq"].as_u64().unwrap()).or_default() += 1;
-            }
-        }
-    }
+    let seen = items_in(&stored);
     assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>(), "every item is in the stream");
     assert!(seen.values().all(|&n| n == 1), "an item is in the stream twice: {seen:?}");
     assert!(stored.len() > 2 && stored.len() < 2 + parts.len(), "the window was finished with its missing parts only ({} messages, {landed} items had landed)", stored.len());
