@@ -72,6 +72,21 @@ fn planted_server() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_fog-verify"));
     let target = exe.parent().and_then(|p| p.parent()).expect("target/<profile>/fog-verify").join("planted");
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../server/Cargo.toml");
+    // A first build starts from a copy of the dependencies this test was
+    // built with (same sources, same flags: cargo takes them as built), so
+    // that only the server and the crates it shares with the workspace are
+    // compiled again; without the copy it would be the whole tree, minutes.
+    let release = exe.parent().expect("target/<profile>");
+    let planted_release = target.join("release");
+    if !planted_release.exists() {
+        std::fs::create_dir_all(&planted_release).expect("make the planted target dir");
+        for part in ["deps", "build", ".fingerprint"] {
+            let copied = Command::new("cp").arg("-a").arg(release.join(part)).arg(&planted_release).status();
+            if !copied.is_ok_and(|s| s.success()) {
+                eprintln!("could not copy {} for the planted build; it builds from scratch", release.join(part).display());
+            }
+        }
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "--features", "unsafe-early-ack", "--manifest-path"])
