@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fog_testkit::cloud::{CloudCheck, check_stream, read_settled};
+use fog_testkit::cloud::{CloudCheck, Settled, check_stream, read_settled};
 use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
 use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_status_as, start_host, start_keyed_server, status_when_as, wait_for};
 use serde_json::Value;
@@ -85,12 +85,9 @@ impl Site {
         self.status_when(primary, "forwarding to the cloud", |s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > 50);
     }
 
-    /// After the host finished: waits until the active node has forwarded
-    /// everything, then reads the stream and checks it against what the
-    /// site counted (the kit's [`check_stream`]).
-    fn finish(&self, host: Proc, active_is_primary: bool) -> CloudCheck {
-        let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
-        assert_eq!(code, 0, "host exit code; summary {summary}");
+    /// The stream and the active's status once the site has forwarded
+    /// everything it owes (the kit's [`read_settled`]).
+    fn settled(&self, active_is_primary: bool) -> Settled {
         let auth = self.keys.admin_status(active_is_primary);
         let settled = read_settled(
             || server_status_as(self.pair.frontend(active_is_primary), Some(&auth)).ok().filter(|s| s["state"] == "active"),
@@ -99,7 +96,16 @@ impl Site {
         )
         .unwrap();
         assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
-        let (messages, status) = (settled.messages, settled.status);
+        settled
+    }
+
+    /// After the host finished: waits until the active node has forwarded
+    /// everything, then reads the stream and checks it against what the
+    /// site counted (the kit's [`check_stream`]).
+    fn finish(&self, host: Proc, active_is_primary: bool) -> CloudCheck {
+        let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
+        assert_eq!(code, 0, "host exit code; summary {summary}");
+        let Settled { messages, status, .. } = self.settled(active_is_primary);
         let cloud = check_stream(SITE, &messages, &status);
         assert!(cloud.ok(), "the cloud's stream is wrong: {:#?}\n{:#?}", cloud.violations, cloud.details);
         // The host's sensors: every reading they generated is in the cloud once.
@@ -172,14 +178,7 @@ fn past_the_backlog_bound_the_oldest_are_dropped_counted_and_the_rest_arrive_onc
     site.cloud.start_all().unwrap();
     let (code, summary) = finish_host(host, Duration::from_secs(120)).unwrap();
     assert_eq!(code, 0, "the site kept acking its sensors while the cloud was away: {summary}");
-    let auth = site.keys.admin_status(true);
-    let settled = read_settled(
-        || server_status_as(site.pair.frontend(true), Some(&auth)).ok().filter(|s| s["state"] == "active"),
-        || site.cloud.read_stream(STREAM, Duration::from_secs(60)),
-        Duration::from_secs(90),
-    )
-    .unwrap();
-    assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+    let settled = site.settled(true);
     let cloud = check_stream(SITE, &settled.messages, &settled.status);
     // Every item is in the cloud once or was dropped (counted), never both;
     // what arrived is in order and well-formed.

@@ -63,6 +63,15 @@ async fn drive(up: &mut Uplink, outbox: &mut Outbox, want: u64) -> Vec<String> {
     failures
 }
 
+/// A new uplink connection of `cfg`, driven until `outbox` is forwarded
+/// through `want` or the uplink fails; the failures seen.
+fn forward(runtime: &tokio::runtime::Runtime, cfg: &UplinkConfig, outbox: &mut Outbox, want: u64) -> Vec<String> {
+    runtime.block_on(async {
+        let mut up = Uplink::start(cfg.clone(), None);
+        drive(&mut up, outbox, want).await
+    })
+}
+
 #[test]
 fn a_window_cut_short_in_the_stream_is_finished_once() {
     let Some(_) = require_nats("a_window_cut_short_in_the_stream_is_finished_once").unwrap() else { return };
@@ -99,10 +108,7 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
     cloud.publish(None, planted, 2).unwrap();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let failures = runtime.block_on(async {
-        let mut up = Uplink::start(cfg.clone(), None);
-        drive(&mut up, &mut outbox, last).await
-    });
+    let failures = forward(&runtime, &cfg, &mut outbox, last);
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(outbox.forwarded(), last);
 
@@ -119,10 +125,7 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
     for i in 0..40u64 {
         other.push(1, 0, Owed::Reading { sensor_id: 7, incarnation: 2, segment: 0, reading: Reading { seq: i, speed_kmh: 50, timestamp_ms: i } });
     }
-    let failures = runtime.block_on(async {
-        let mut up = Uplink::start(cfg, None);
-        drive(&mut up, &mut other, 40).await
-    });
+    let failures = forward(&runtime, &cfg, &mut other, 40);
     assert!(failures.first().is_some_and(|f| f.contains("not this site's")), "{failures:?}");
     assert_eq!(other.forwarded(), 0);
     assert_eq!(cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap().len(), stored.len(), "nothing was added");
@@ -161,10 +164,7 @@ fn a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink(
     };
     for round in 0..2 {
         let want = if round == 0 { outbox.last_seq() } else { more(&mut outbox, 100) };
-        let failures = runtime.block_on(async {
-            let mut up = Uplink::start(cfg.clone(), None);
-            drive(&mut up, &mut outbox, want).await
-        });
+        let failures = forward(&runtime, &cfg, &mut outbox, want);
         assert!(failures.is_empty(), "{failures:?}");
     }
 
@@ -185,10 +185,7 @@ fn a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink(
 
     // The site goes on, and its uplink connects again.
     let last = more(&mut outbox, 200);
-    let failures = runtime.block_on(async {
-        let mut up = Uplink::start(cfg, None);
-        drive(&mut up, &mut outbox, last).await
-    });
+    let failures = forward(&runtime, &cfg, &mut outbox, last);
     assert!(failures.is_empty(), "the uplink stopped at the copy: {failures:?}");
     assert_eq!(outbox.forwarded(), last);
     let seen = items_in(&cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap());
