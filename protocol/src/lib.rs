@@ -255,8 +255,38 @@ pub enum Record {
     /// A takeover: from here on the log belongs to this epoch.
     EpochChanged { epoch: u64 },
     /// The cloud (JetStream) has everything the site owed it up to site
-    /// sequence `through` (written by the active's uplink).
+    /// sequence `through` (written by an active's uplink before
+    /// `UplinkAcked`; still read from older logs).
     UplinkForwarded { through: u64 },
+    /// The cloud's stream of the site ends at site item `through`, whose
+    /// chain value is `chain`, and holds every item from `landed_from` to
+    /// it (`through + 1`: only where it ends is known). Written by the
+    /// active's uplink when JetStream has acked.
+    UplinkAcked { through: u64, chain: u64, landed_from: u64 },
+    /// Readings the cloud's stream holds in items of another history (a
+    /// side that lost a split forwarded them): not to be forwarded again.
+    /// Written before the `UplinkAdopted` they belong to.
+    UplinkInCloud { readings: Vec<ReadingInCloud> },
+    /// The cloud's stream holds this site's history up to site item `fork`,
+    /// then items `fork + 1..=end` of another history (chain value `chain`
+    /// at `end`), forwarded by a side that lost a split: this site's items
+    /// after `fork` take site sequences after `end`, and the averages among
+    /// the other history's items are superseded (a marker in the stream
+    /// says so).
+    UplinkAdopted { fork: u64, end: u64, chain: u64 },
+}
+
+/// Most readings in one `Record::UplinkInCloud`.
+pub const MAX_IN_CLOUD_PER_RECORD: usize = 65_536;
+
+/// A reading's identity in the cloud, and its time (it is forgotten once
+/// past the dedup horizon, as the site forgets its ledgers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReadingInCloud {
+    pub sensor_id: u32,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub timestamp_ms: u64,
 }
 
 /// A server's state, as `fog-server status` prints it.
@@ -333,6 +363,10 @@ pub struct UplinkReport {
     pub last_seq: u64,
     /// Items dropped unforwarded at the backlog bound.
     pub dropped: u64,
+    /// Items of another history the stream held (forwarded by a side that
+    /// lost a split) that this site took over, and the times it did.
+    pub adopted_items: u64,
+    pub adoptions: u64,
     /// Messages this node published and had acked since it started.
     pub messages: u64,
     /// The last error, if any.

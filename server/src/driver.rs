@@ -42,7 +42,7 @@ use crate::metrics::{DriverFigures, ServerMetrics};
 use crate::fsm::Role;
 use crate::node::{Node, NodeConfig, Output};
 use crate::outbox::OutboxConfig;
-use crate::uplink::{Creds, Uplink, UplinkConfig, UplinkEvent};
+use crate::uplink::{Creds, Landed, Uplink, UplinkConfig, UplinkEvent};
 use crate::wal::{FsyncPolicy, Wal, WalError};
 use crate::windows::WindowConfig;
 
@@ -393,7 +393,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         }
         None => None,
     };
-    let mut uplink_pending: Option<u64> = None;
+    // Acks not yet in the log: one landing of consecutive items.
+    let mut uplink_pending: Option<Landed> = None;
     let mut uplink_recorded_at = std::time::Instant::now();
     let (disk_tx, disk_jobs) = std::sync::mpsc::channel::<DiskJob>();
     let (done_tx, mut disk_done) = mpsc::unbounded_channel::<DiskDone>();
@@ -440,8 +441,8 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
         if let Some(up) = uplink.as_mut() {
             // Acks move the position in the log, at most every
             // UPLINK_RECORD_EVERY (each is an entry, replicated).
-            if let Some(through) = uplink_pending.filter(|_| uplink_recorded_at.elapsed() >= UPLINK_RECORD_EVERY) {
-                node.handle_uplink_forwarded(clock.now(), through);
+            if let Some(l) = uplink_pending.filter(|_| uplink_recorded_at.elapsed() >= UPLINK_RECORD_EVERY) {
+                node.handle_uplink_acked(clock.now(), l.through, l.chain, l.from);
                 uplink_pending = None;
                 uplink_recorded_at = std::time::Instant::now();
                 continue;
@@ -524,10 +525,18 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             let _ = answer.send(node.outbox().check_stream(in_cloud, chain));
                         }
                         UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, node.outbox().forwarded()),
-                        UplinkEvent::Acked { through, messages } => {
+                        UplinkEvent::Acked { landed, messages } => {
                             up.messages += messages;
-                            if through > 0 {
-                                uplink_pending = Some(uplink_pending.unwrap_or(0).max(through));
+                            if let Some(next) = landed {
+                                // Landings that do not follow on go to the
+                                // log apart (a gap holds dropped items).
+                                uplink_pending = match uplink_pending {
+                                    None => Some(next),
+                                    Some(p) => p.extend(next).or_else(|| {
+                                        node.handle_uplink_acked(clock.now(), p.through, p.chain, p.from);
+                                        Some(next)
+                                    }),
+                                };
                             }
                         }
                         UplinkEvent::Connected(c) => up.connected = c,

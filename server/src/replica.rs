@@ -90,6 +90,7 @@ impl Replica {
                     self.outbox.push(entry.lsn, *now_ms, Owed::Average(average));
                 }
                 self.ingest.compact(*now_ms);
+                self.outbox.expire_in_cloud(now_ms.saturating_sub(self.windows.config().dedup_horizon_ms));
                 let got = self.windows.next_seq();
                 if *next_seq != UNKNOWN_SEQ && *next_seq != got {
                     return Err(ApplyError::Diverged { lsn: entry.lsn, expected: *next_seq, got });
@@ -97,24 +98,34 @@ impl Replica {
             }
             Record::EpochChanged { epoch } => self.epoch = self.epoch.max(*epoch),
             Record::UplinkForwarded { through } => self.outbox.forwarded_through(*through),
+            Record::UplinkAcked { through, chain, landed_from } => self.outbox.acked(*through, *chain, *landed_from),
+            Record::UplinkInCloud { readings } => self.outbox.add_in_cloud(readings),
+            Record::UplinkAdopted { fork, end, chain } => self.outbox.adopt(*fork, *end, *chain),
         }
         Ok(())
     }
 
-    /// The replica, then its outbox.
+    /// The replica, then its outbox, then what the outbox took over of
+    /// another history.
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
         let err = |e: postcard::Error| SnapshotError(e.to_string());
         let bytes = postcard::to_allocvec(self).map_err(err)?;
-        postcard::to_extend(&self.outbox, bytes).map_err(err)
+        let bytes = postcard::to_extend(&self.outbox, bytes).map_err(err)?;
+        postcard::to_extend(self.outbox.adopted_state(), bytes).map_err(err)
     }
 
-    /// Reads [`Replica::encode`]'s bytes; without an outbox after the
-    /// replica (a snapshot from before the uplink), the outbox is empty.
+    /// Reads [`Replica::encode`]'s bytes; a snapshot from before the
+    /// uplink (nothing after the replica) has an empty outbox, one from
+    /// before adoptions (nothing after the outbox) none taken over.
     pub fn decode(bytes: &[u8], cfg: WindowConfig, outbox: OutboxConfig) -> Result<Self, SnapshotError> {
         let err = |e: postcard::Error| SnapshotError(e.to_string());
         let (mut r, rest): (Replica, &[u8]) = postcard::take_from_bytes(bytes).map_err(err)?;
         if !rest.is_empty() {
-            r.outbox = postcard::from_bytes(rest).map_err(err)?;
+            let (o, rest): (Outbox, &[u8]) = postcard::take_from_bytes(rest).map_err(err)?;
+            r.outbox = o;
+            if !rest.is_empty() {
+                r.outbox.set_adopted_state(postcard::from_bytes(rest).map_err(err)?);
+            }
         }
         r.set_config(cfg);
         r.set_outbox(outbox);
@@ -171,8 +182,10 @@ mod tests {
         assert_eq!(owed.iter().map(|i| i.site_seq).collect::<Vec<_>>(), (1..=owed.len() as u64).collect::<Vec<_>>(), "site sequences are gap-free");
         // The position moves by a record; a snapshot carries what is left.
         a.apply(&LogEntry { lsn: 4, epoch: 1, solo: false, record: Record::UplinkForwarded { through: 3 } }).unwrap();
+        a.apply(&LogEntry { lsn: 5, epoch: 1, solo: false, record: Record::UplinkInCloud { readings: vec![fog_protocol::ReadingInCloud { sensor_id: 1, incarnation: 9, seq: 99, timestamp_ms: T0 }] } }).unwrap();
         let b = Replica::decode(&a.encode().unwrap(), WindowConfig::default(), cfg).unwrap();
         assert_eq!(b.outbox.forwarded(), 3);
+        assert_eq!(b.outbox.adopted_state(), a.outbox.adopted_state(), "what was taken over of another history is in the snapshot");
         assert_eq!(b.outbox.after(0, u64::MAX).copied().collect::<Vec<_>>(), a.outbox.after(0, u64::MAX).copied().collect::<Vec<_>>());
         assert_eq!(b.outbox.last_seq(), a.outbox.last_seq());
         // A snapshot from before the uplink (no outbox after the replica).

@@ -132,7 +132,7 @@ pub fn human_summary(r: &StatusReport) -> String {
     );
     if let Some(u) = &r.uplink {
         out.push_str(&format!(
-            "uplink to {}: {}; in the cloud through site item {} of {}; backlog {} items ({} bytes, oldest {}); {} dropped at the bound; {} messages acked{}\n",
+            "uplink to {}: {}; in the cloud through site item {} of {}; backlog {} items ({} bytes, oldest {}); {} dropped at the bound; {} messages acked{}{}\n",
             u.stream,
             if u.connected { "connected" } else { "not connected" },
             u.forwarded_through,
@@ -142,6 +142,7 @@ pub fn human_summary(r: &StatusReport) -> String {
             humantime::format_duration(std::time::Duration::from_secs(u.oldest_ms / 1000)),
             u.dropped,
             u.messages,
+            if u.adoptions == 0 { String::new() } else { format!("; {} items of another history taken over ({} times, after splits)", u.adopted_items, u.adoptions) },
             if u.last_error.is_empty() { String::new() } else { format!("; last error: {}", u.last_error) },
         ));
     }

@@ -27,7 +27,7 @@
 //!   the copy's items are then in the stream twice, each with its site
 //!   sequence, and the uplink logs it.
 //! - Acks move the forwarding position in the pair's log
-//!   (`Record::UplinkForwarded`), so a restart or a new active starts near
+//!   (`Record::UplinkAcked`), so a restart or a new active starts near
 //!   where the pair had got to, and the outbox frees what the cloud has.
 //! - `Nats-Msg-Id` (`<site>:<first>-<last>`) is set too, so JetStream also
 //!   drops a resend inside its window by itself.
@@ -67,6 +67,8 @@ pub const MAX_WINDOW: usize = 8192;
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Batches of work queued between the loop and the connection.
 pub const WORK_QUEUE: usize = 64;
+/// Attempts a client makes to reconnect by itself before it gives up.
+const MAX_RECONNECTS: usize = 6;
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A credentials file is small.
@@ -200,6 +202,10 @@ pub struct Work {
     pub window: (u64, u64),
     /// The chain value at the window's last item.
     pub chain: u64,
+    /// Once the window's last part lands, the stream holds every item from
+    /// here to its end (the window's first item, unless the pair dropped
+    /// some of a window cut short).
+    pub landed_from: u64,
     pub part: u32,
     pub parts: u32,
     pub items: Vec<Item>,
@@ -249,6 +255,23 @@ pub fn parts_of(items: &[Item]) -> Vec<Vec<Item>> {
     groups
 }
 
+/// The stream of the site ends at site item `through` (chain value
+/// `chain`) and holds every item from `from` to it (`through + 1`: only
+/// where it ends is known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub from: u64,
+    pub through: u64,
+    pub chain: u64,
+}
+
+impl Landed {
+    /// `next` continued from where `self` ends: one landing covering both.
+    pub fn extend(self, next: Landed) -> Option<Landed> {
+        (next.from == self.through + 1).then_some(Landed { from: self.from, ..next })
+    }
+}
+
 /// What the connection tells the loop.
 #[derive(Debug)]
 pub enum UplinkEvent {
@@ -258,8 +281,9 @@ pub enum UplinkEvent {
     /// Send items after `from` from now on, marked `round`; first the rest
     /// of a window the stream holds only some parts of.
     Resync { round: u64, from: u64, partial: Option<Partial> },
-    /// JetStream holds every item up to `through`.
-    Acked { through: u64, messages: u64 },
+    /// JetStream acked `messages` messages; with `landed`, the last of them
+    /// completed a window (or, after a connect, where the stream ends).
+    Acked { landed: Option<Landed>, messages: u64 },
     Connected(bool),
     Failed(String),
 }
@@ -317,7 +341,9 @@ impl Uplink {
         self.round = Some(round);
         self.queued.clear();
         self.sent_through = from.max(forwarded);
-        self.partial = partial.filter(|p| p.window.0 > self.sent_through);
+        // The rest of the window goes unless the pair is past its end (the
+        // items of it the pair dropped stay out: the outbox has none).
+        self.partial = partial.filter(|p| p.window.1 > self.sent_through);
         if let Some(p) = &self.partial {
             self.sent_through = p.window.0 - 1;
         }
@@ -331,28 +357,28 @@ impl Uplink {
         if !self.hand_over() {
             return;
         }
-        let (items, window, chain, part_base) = match &self.partial {
+        let (items, window, chain, landed_from, part_base) = match &self.partial {
             // The rest of a window the stream holds some parts of: all of it
             // at once (it was committed when its first parts left), minus
             // what landed.
             Some(p) => {
                 let all: Vec<Item> = owed.take_while(|i| i.site_seq <= p.window.1).copied().collect();
-                let Some(end) = all.last().filter(|i| i.site_seq == p.window.1) else { return };
-                let chain = end.chain;
-                (all.into_iter().filter(|i| !p.landed.contains(&i.site_seq)).collect::<Vec<_>>(), p.window, chain, p.parts_done)
+                let (Some(start), Some(end)) = (all.first(), all.last().filter(|i| i.site_seq == p.window.1)) else { return };
+                let (chain, landed_from) = (end.chain, start.site_seq);
+                (all.into_iter().filter(|i| !p.landed.contains(&i.site_seq)).collect::<Vec<_>>(), p.window, chain, landed_from, p.parts_done)
             }
             None => {
                 let items: Vec<Item> = owed.take(MAX_WINDOW).copied().collect();
                 let (Some(first), Some(last)) = (items.first(), items.last()) else { return };
                 let (window, chain) = ((first.site_seq, last.site_seq), last.chain);
-                (items, window, chain, 0)
+                (items, window, chain, window.0, 0)
             }
         };
         self.partial = None;
         let groups = parts_of(&items);
         let parts = part_base + groups.len() as u32;
         for (i, group) in groups.into_iter().enumerate() {
-            self.queued.push_back(Work { round, window, chain, part: part_base + i as u32 + 1, parts, items: group });
+            self.queued.push_back(Work { round, window, chain, landed_from, part: part_base + i as u32 + 1, parts, items: group });
         }
         self.sent_through = window.1;
         self.hand_over();
@@ -400,8 +426,20 @@ async fn connection(cfg: UplinkConfig, creds: Option<Creds>, mut control: watch:
             }
         }
         round += 1;
-        let outcome = forward(&cfg, creds.as_ref(), round, &mut control, &mut work, &events).await;
+        let (client_alive, mut client_gone) = mpsc::channel::<()>(1);
+        let outcome = forward(&cfg, creds.as_ref(), round, client_alive, &mut control, &mut work, &events).await;
         let _ = events.send(UplinkEvent::Connected(false)).await;
+        // The next round reads where the stream ends, so nothing of this
+        // round may land after that: its client must be gone first. A
+        // client keeps the publishes it could not send while it reconnects
+        // and sends them once it gets through, even when nothing holds it
+        // any more; it gives up after a few attempts (MAX_RECONNECTS), or
+        // sends what it holds and closes.
+        let mut waited = Duration::ZERO;
+        while tokio::time::timeout(Duration::from_secs(30), client_gone.recv()).await.is_err() {
+            waited += Duration::from_secs(30);
+            warn!(stream = %cfg.stream(), "uplink: the last connection's client has not closed after {waited:?}; waiting for it before connecting again");
+        }
         match outcome {
             Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => {
@@ -424,13 +462,23 @@ async fn forward(
     cfg: &UplinkConfig,
     creds: Option<&Creds>,
     round: u64,
+    client_alive: mpsc::Sender<()>,
     control: &mut watch::Receiver<Control>,
     work: &mut mpsc::Receiver<Work>,
     events: &mpsc::Sender<UplinkEvent>,
 ) -> Result<(), String> {
-    // The client reconnects by itself; a publish lost meanwhile shows as an
-    // ack that fails or times out, and the uplink starts over from the stream.
-    let mut options = ConnectOptions::new().connection_timeout(Duration::from_secs(5)).ping_interval(Duration::from_secs(5));
+    // The client reconnects by itself, a few times; a publish lost
+    // meanwhile shows as an ack that fails or times out, and the uplink
+    // starts over from the stream. Its event callback lives as long as the
+    // client's connection task: `client_alive` closes when both are gone.
+    let mut options = ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .ping_interval(Duration::from_secs(5))
+        .max_reconnects(MAX_RECONNECTS)
+        .event_callback(move |_event| {
+            let _alive = &client_alive;
+            async {}
+        });
     if let Some(creds) = creds {
         options = creds.apply(options).await?;
     }
@@ -502,15 +550,16 @@ async fn forward(
     };
     info!(stream = %name, last_seq, in_cloud, partial = partial.is_some(), "uplink connected: the stream holds this site's items up to {in_cloud}");
     let _ = events.send(UplinkEvent::Connected(true)).await;
-    if in_cloud > 0 {
-        let _ = events.send(UplinkEvent::Acked { through: in_cloud, messages: 0 }).await;
+    if in_cloud > 0 && partial.is_none() {
+        let landed = Landed { from: in_cloud + 1, through: in_cloud, chain };
+        let _ = events.send(UplinkEvent::Acked { landed: Some(landed), messages: 0 }).await;
     }
     let _ = events.send(UplinkEvent::Resync { round, from: in_cloud, partial }).await;
 
     let mut expected = last_seq;
-    // Each message in flight: its ack, the window it completes (if it is
-    // its last part), and the stream sequence it must get.
-    let mut in_flight: VecDeque<(AckFuture, Option<u64>, u64)> = VecDeque::new();
+    // Each message in flight: its ack, what lands with it (if it is the
+    // last part of its window), and the stream sequence it must get.
+    let mut in_flight: VecDeque<(AckFuture, Option<Landed>, u64)> = VecDeque::new();
     loop {
         tokio::select! {
             biased;
@@ -520,19 +569,12 @@ async fn forward(
                 }
             }
             ack = async { (&mut in_flight.front_mut().expect("guarded").0).await }, if !in_flight.is_empty() => {
-                let Some((_, through, want)) = in_flight.pop_front() else { continue };
+                let Some((_, landed, want)) = in_flight.pop_front() else { continue };
                 let ack = ack.map_err(|e| format!("publish to {name} failed: {e}"))?;
                 if ack.duplicate || ack.sequence != want {
                     return Err(format!("the stream {name} moved under the uplink (ack of stream seq {} for the message expected at {want}{}): resyncing", ack.sequence, if ack.duplicate { ", a duplicate" } else { "" }));
                 }
-                match through {
-                    Some(through) => {
-                        let _ = events.send(UplinkEvent::Acked { through, messages: 1 }).await;
-                    }
-                    None => {
-                        let _ = events.send(UplinkEvent::Acked { through: 0, messages: 1 }).await;
-                    }
-                }
+                let _ = events.send(UplinkEvent::Acked { landed, messages: 1 }).await;
             }
             next = work.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(next) = next else { return Ok(()) };
@@ -543,7 +585,8 @@ async fn forward(
                 let publish = Publish::build().headers(headers).payload(payload.into()).expected_last_sequence(expected);
                 let ack = js.send_publish(subject, publish).await.map_err(|e| format!("cannot publish to {name}: {e}"))?;
                 expected += 1;
-                in_flight.push_back((ack.into_future(), (next.part == next.parts).then_some(next.window.1), expected));
+                let landed = (next.part == next.parts).then_some(Landed { from: next.landed_from, through: next.window.1, chain: next.chain });
+                in_flight.push_back((ack.into_future(), landed, expected));
             }
         }
     }
@@ -856,10 +899,27 @@ mod tests {
         up.feed(items.iter().filter(|i| i.site_seq > 8));
         let c = rx.try_recv().unwrap();
         assert_eq!((c.window, c.part, c.parts), ((9, 9), 1, 1));
+        assert_eq!((a.landed_from, c.landed_from), (5, 9));
         // A partial window the pair has already forwarded past is dropped.
         let (mut up, _rx) = uplink(8);
         up.resync(1, 4, Some(Partial { window: (3, 4), landed: Default::default(), parts_done: 1 }), 6);
         assert_eq!(up.next_after(), Some(6));
+        // One the pair dropped the start of: the rest of it goes, without
+        // what landed, and lands from the first item the pair still has.
+        let (mut up, mut rx) = uplink(8);
+        up.resync(2, 4, Some(Partial { window: (5, 8), landed: [5, 7].into_iter().collect(), parts_done: 1 }), 6);
+        up.feed(items.iter().filter(|i| i.site_seq > 6));
+        let d = rx.try_recv().unwrap();
+        assert_eq!((d.window, d.part, d.parts, seqs(&d.items), d.landed_from), ((5, 8), 2, 2, vec![8], 7));
+    }
+
+    #[test]
+    fn landings_join_only_when_they_follow_on() {
+        let a = Landed { from: 5, through: 9, chain: 1 };
+        assert_eq!(a.extend(Landed { from: 10, through: 12, chain: 2 }), Some(Landed { from: 5, through: 12, chain: 2 }));
+        assert_eq!(a.extend(Landed { from: 11, through: 12, chain: 2 }), None, "a gap holds dropped items");
+        let at_connect = Landed { from: 10, through: 9, chain: 1 };
+        assert_eq!(at_connect.extend(Landed { from: 10, through: 12, chain: 2 }), Some(Landed { from: 10, through: 12, chain: 2 }));
     }
 
     #[test]

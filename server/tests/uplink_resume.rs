@@ -54,7 +54,11 @@ async fn drive(up: &mut Uplink, outbox: &mut Outbox, want: u64) -> Vec<String> {
                 let _ = answer.send(outbox.check_stream(in_cloud, chain));
             }
             UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, outbox.forwarded()),
-            UplinkEvent::Acked { through, .. } => outbox.forwarded_through(through),
+            UplinkEvent::Acked { landed, .. } => {
+                if let Some(l) = landed {
+                    outbox.acked(l.through, l.chain, l.from);
+                }
+            }
             UplinkEvent::Connected(_) => {}
             UplinkEvent::Failed(e) => failures.push(e),
         }
@@ -93,7 +97,7 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
         .take(2)
         .enumerate()
         .map(|(i, group)| {
-            let work = Work { round: 0, window: (1, last), chain, part: i as u32 + 1, parts: parts.len() as u32, items: group.clone() };
+            let work = Work { round: 0, window: (1, last), chain, landed_from: 1, part: i as u32 + 1, parts: parts.len() as u32, items: group.clone() };
             let (subject, headers, payload) = message(&cfg, 1, &work);
             Outgoing {
                 subject,

@@ -267,13 +267,15 @@ impl World {
                     n.handle_timeout(now);
                 }
                 self.drain(i);
-            }            // The cloud acks what an active forwarded, now and then: the
+            }
+            // The cloud acks what an active forwarded, now and then: the
             // position goes through the log like any entry.
             if t % CLOUD_ACK_EVERY == 0 {
                 if let Some(n) = self.servers[i].node.as_mut() {
-                    let through = n.uplink_owed(n.outbox().forwarded()).last().map(|item| item.site_seq);
-                    if let Some(through) = through {
-                        n.handle_uplink_forwarded(now, through);
+                    let from = n.outbox().forwarded() + 1;
+                    let last = n.uplink_owed(from - 1).last().map(|item| (item.site_seq, item.chain));
+                    if let Some((through, chain)) = last {
+                        n.handle_uplink_acked(now, through, chain, from);
                     }
                 }
                 self.drain(i);

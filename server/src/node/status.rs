@@ -99,6 +99,8 @@ impl Node {
                     forwarded_through: o.forwarded(),
                     last_seq: o.last_seq(),
                     dropped: o.dropped(),
+                    adopted_items: o.adopted().0,
+                    adoptions: o.adopted().1,
                     ..UplinkReport::default()
                 }
             }),

@@ -23,22 +23,24 @@ impl Node {
         self.replica.outbox.after(after, commit)
     }
 
-    /// JetStream holds every item up to `through`: an active writes it to
-    /// the log (replicated like any entry), so a restart or a new active
-    /// resumes after it. Positions beyond what this node has given out are
-    /// cut to it (the stream holds items of a branch this node never had).
-    pub fn handle_uplink_forwarded(&mut self, now: Now, through: u64) {
+    /// JetStream's stream of the site ends at site item `through` (chain
+    /// value `chain`) and holds every item from `landed_from` to it: an
+    /// active writes it to the log (replicated like any entry), so a
+    /// restart or a new active resumes after it. A position beyond what
+    /// this node has given out is not taken (the stream holds items of a
+    /// branch this node never had; the uplink's check refuses it).
+    pub fn handle_uplink_acked(&mut self, now: Now, through: u64, chain: u64, landed_from: u64) {
         let now = self.observe_time(now);
         if self.fsm.state() != NodeState::Active {
             return;
         }
         let last = self.replica.outbox.last_seq();
         if through > last {
-            warn!(through, last, "the cloud stream is ahead of this site's outbox: resuming after this site's last item");
+            warn!(through, last, "the cloud stream is ahead of this site's outbox: not taking its position");
+            return;
         }
-        let through = through.min(last);
-        if through > self.replica.outbox.forwarded() {
-            self.append(now, Record::UplinkForwarded { through });
+        if through > self.replica.outbox.acked_through() {
+            self.append(now, Record::UplinkAcked { through, chain, landed_from });
         }
     }
 }
