@@ -524,6 +524,15 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         UplinkEvent::Check { in_cloud, chain, answer } => {
                             let _ = answer.send(node.outbox().check_stream(in_cloud, chain));
                         }
+                        UplinkEvent::ChainAt { site_seq, answer } => {
+                            let _ = answer.send(node.outbox().chain_known(site_seq));
+                        }
+                        UplinkEvent::Adopt { fork, end, chain, readings, answer } => {
+                            if let Some(p) = uplink_pending.take() {
+                                node.handle_uplink_acked(clock.now(), p.through, p.chain, p.from);
+                            }
+                            let _ = answer.send(node.handle_uplink_adopt(clock.now(), fork, end, chain, &readings));
+                        }
                         UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, node.outbox().forwarded()),
                         UplinkEvent::Acked { landed, messages } => {
                             up.messages += messages;

@@ -301,6 +301,17 @@ impl Outbox {
         self.items.get(i).filter(|i| i.site_seq == site_seq).map(|i| i.chain)
     }
 
+    /// The chain value after site item `site_seq` if this outbox knows it;
+    /// `Err` if the item is older than the last one JetStream acked (what
+    /// the outbox knows of the past ends there).
+    pub fn chain_known(&self, site_seq: u64) -> Result<Option<u64>, ()> {
+        match self.chain_at(site_seq) {
+            Some(chain) => Ok(Some(chain)),
+            None if site_seq < self.acked => Err(()),
+            None => Ok(None),
+        }
+    }
+
     /// Items after `after`, in order, from entries up to `commit_lsn`.
     pub fn after(&self, after: u64, commit_lsn: u64) -> impl Iterator<Item = &Item> {
         let start = self.items.partition_point(|i| i.site_seq <= after);

@@ -278,6 +278,13 @@ pub enum UplinkEvent {
     /// The stream's last message ends at site item `in_cloud`, with chain
     /// value `chain`: is that this site's history? (`Err`: why not.)
     Check { in_cloud: u64, chain: u64, answer: tokio::sync::oneshot::Sender<Result<(), String>> },
+    /// This site's chain value at site item `site_seq`, if its outbox knows
+    /// it (`Err`: the outbox knows nothing that old).
+    ChainAt { site_seq: u64, answer: tokio::sync::oneshot::Sender<Result<Option<u64>, ()>> },
+    /// The stream holds this site's items up to `fork`, then `fork + 1..=end`
+    /// of another history (chain value `chain` at `end`) with `readings`:
+    /// take it over (see [`crate::outbox::Outbox::adopt`]).
+    Adopt { fork: u64, end: u64, chain: u64, readings: Vec<fog_protocol::ReadingInCloud>, answer: tokio::sync::oneshot::Sender<Result<(), String>> },
     /// Send items after `from` from now on, marked `round`; first the rest
     /// of a window the stream holds only some parts of.
     Resync { round: u64, from: u64, partial: Option<Partial> },
@@ -539,11 +546,30 @@ async fn forward(
     // outbox has the same chain value at that item.
     let (answer, verdict) = tokio::sync::oneshot::channel();
     let _ = events.send(UplinkEvent::Check { in_cloud: window_end, chain, answer }).await;
-    match verdict.await {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => return Err(why),
+    let mut expected = last_seq;
+    let (partial, window_end) = match verdict.await {
+        Ok(Ok(())) => (partial, window_end),
+        Ok(Err(why)) => {
+            // Another history at the end of the stream: a side that lost a
+            // split forwarded it. Take it over if this site's history is in
+            // the stream before it.
+            let Some(fork) = find_fork(&stream, &name, last_seq, events).await? else { return Err(why) };
+            let end = adopt(&stream, &name, fork, last_seq, window_end, chain, events).await?;
+            let marker = superseded(cfg, control.borrow().epoch, fork.window_end + 1, end, chain);
+            let ack = js
+                .send_publish(format!("fog.{}.superseded", cfg.site), marker.expected_last_sequence(last_seq))
+                .await
+                .map_err(|e| format!("cannot publish to {name}: {e}"))?
+                .await
+                .map_err(|e| format!("publish to {name} failed: {e}"))?;
+            if ack.sequence != last_seq + 1 {
+                return Err(format!("the stream {name} moved under the uplink (its superseded marker got stream seq {}): resyncing", ack.sequence));
+            }
+            expected = last_seq + 1;
+            (None, end)
+        }
         Err(_) => return Ok(()),
-    }
+    };
     let in_cloud = match &partial {
         Some(p) => p.window.0 - 1,
         None => window_end,
@@ -556,7 +582,6 @@ async fn forward(
     }
     let _ = events.send(UplinkEvent::Resync { round, from: in_cloud, partial }).await;
 
-    let mut expected = last_seq;
     // Each message in flight: its ack, what lands with it (if it is the
     // last part of its window), and the stream sequence it must get.
     let mut in_flight: VecDeque<(AckFuture, Option<Landed>, u64)> = VecDeque::new();
@@ -590,6 +615,98 @@ async fn forward(
             }
         }
     }
+}
+
+/// Most messages read back from the end of a stream to find where this
+/// site's history and another one part.
+const MAX_FORK_SCAN: u64 = 100_000;
+
+/// Where this site's history ends in a stream that ends in another one.
+#[derive(Debug, Clone, Copy)]
+struct Fork {
+    /// The stream sequence of the last message of this site's history.
+    seq: u64,
+    /// The site item that message's window ends at.
+    window_end: u64,
+}
+
+/// Reads the stream back from its end to the last whole window whose chain
+/// value is this site's at that item; `None` if there is none (within
+/// [`MAX_FORK_SCAN`] messages, or before the oldest item the outbox knows).
+async fn find_fork(stream: &stream::Stream, name: &str, last_seq: u64, events: &mpsc::Sender<UplinkEvent>) -> Result<Option<Fork>, String> {
+    let mut seq = last_seq;
+    while seq >= 1 && last_seq - seq < MAX_FORK_SCAN {
+        let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
+        if let Some(head) = Head::of(&m.headers).filter(|h| h.part == h.parts) {
+            let (answer, mine) = tokio::sync::oneshot::channel();
+            let _ = events.send(UplinkEvent::ChainAt { site_seq: head.window.1, answer }).await;
+            match mine.await {
+                Ok(Ok(Some(chain))) if chain == head.chain => return Ok(Some(Fork { seq, window_end: head.window.1 })),
+                Ok(Ok(_)) => {}
+                Ok(Err(())) | Err(_) => return Ok(None),
+            }
+        }
+        seq -= 1;
+    }
+    Ok(None)
+}
+
+/// Takes over the other history in messages `fork.seq + 1..=last_seq`
+/// (its items end at `end`, chain value `chain`): reads the readings they
+/// hold and has the loop write the adoption to the pair's log. Returns
+/// `end`.
+async fn adopt(stream: &stream::Stream, name: &str, fork: Fork, last_seq: u64, end: u64, chain: u64, events: &mpsc::Sender<UplinkEvent>) -> Result<u64, String> {
+    let mut readings = Vec::new();
+    for seq in fork.seq + 1..=last_seq {
+        let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).map_err(|e| format!("message {seq} of {name} has no readable body: {e}"))?;
+        for r in body.get("readings").and_then(|v| v.as_array()).into_iter().flatten() {
+            let get = |k: &str| r.get(k).and_then(serde_json::Value::as_u64);
+            let (Some(site_seq), Some(sensor_id), Some(incarnation), Some(seq_), Some(timestamp_ms)) = (get("site_seq"), get("sensor_id"), get("incarnation"), get("seq"), get("timestamp_ms")) else {
+                return Err(format!("message {seq} of {name} holds a reading without its identity"));
+            };
+            if site_seq <= fork.window_end {
+                continue;
+            }
+            let sensor_id = u32::try_from(sensor_id).map_err(|_| format!("message {seq} of {name}: sensor id {sensor_id} out of range"))?;
+            readings.push(fog_protocol::ReadingInCloud { sensor_id, incarnation, seq: seq_, timestamp_ms });
+            if readings.len() > crate::outbox::MAX_IN_CLOUD {
+                return Err(format!("the stream {name} holds more than {} readings of another history after site item {}: too many to take over; forwarding stops until an operator looks", crate::outbox::MAX_IN_CLOUD, fork.window_end));
+            }
+        }
+    }
+    let n = readings.len();
+    let (answer, done) = tokio::sync::oneshot::channel();
+    let _ = events.send(UplinkEvent::Adopt { fork: fork.window_end, end, chain, readings, answer }).await;
+    done.await.map_err(|_| "the server stopped".to_string())??;
+    warn!(
+        stream = %name,
+        fork = fork.window_end,
+        end,
+        readings = n,
+        "uplink: the stream held items {}..={end} of another history after this site's item {} (forwarded by a side that lost a split): taken over ({n} readings stay counted in the cloud, its averages are marked superseded); this site's items after {} follow from {}",
+        fork.window_end + 1,
+        fork.window_end,
+        fork.window_end,
+        end + 1
+    );
+    Ok(end)
+}
+
+/// The marker that says the items `first..=last` of the stream are of a
+/// history this site took over: their readings count, their averages are
+/// superseded (by this site's, which follow). It ends at `last` with the
+/// chain value there, as a window would.
+fn superseded(cfg: &UplinkConfig, epoch: u64, first: u64, last: u64, chain: u64) -> Publish {
+    let mut headers = HeaderMap::new();
+    headers.insert("Fog-Site", cfg.site.as_str());
+    headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
+    headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
+    headers.insert("Fog-Part", "1/1");
+    headers.insert("Fog-Site-Chain", format!("{chain:016x}").as_str());
+    headers.insert("Fog-Superseded", "1");
+    let body = serde_json::json!({ "site": cfg.site, "superseded": true, "first": first, "last": last, "part": 1, "parts": 1, "epoch": epoch });
+    Publish::build().headers(headers).payload(body.to_string().into_bytes().into())
 }
 
 /// A message of the uplink: its subject, headers (without the expected

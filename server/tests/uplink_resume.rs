@@ -2,7 +2,8 @@
 //! a stream that ends in the middle of a window (the parts before landed,
 //! the rest did not: the active died between them) is read back on
 //! resume, and the window is finished without what landed, so every item
-//! is in the stream once. A stream holding another history is refused.
+//! is in the stream once. A stream holding another history is refused,
+//! unless this site's history is in it before: then it is taken over.
 //!
 //! The loop's side is played by the test: an outbox and the uplink's
 //! events, handled as the server's driver handles them.
@@ -19,6 +20,8 @@ use fog_testkit::nats::{NatsAuth, NatsCluster, Outgoing, require_nats};
 use fog_testkit::scratch_dir;
 
 const STREAM: &str = "FOG_T1";
+/// Forward until the outbox's last item.
+const ALL: u64 = u64::MAX;
 
 fn outbox() -> Outbox {
     let mut o = Outbox::default();
@@ -39,12 +42,14 @@ fn config(urls: String) -> UplinkConfig {
 }
 
 /// Plays the server's loop until the outbox is forwarded through `want`
-/// or the uplink reports `Failed`; returns the failures seen.
+/// (`ALL`: its last item, wherever that ends up) or the uplink reports
+/// `Failed`; returns the failures seen.
 async fn drive(up: &mut Uplink, outbox: &mut Outbox, want: u64) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut failures = Vec::new();
     up.control(true, 1);
-    while outbox.forwarded() < want && Instant::now() < deadline && failures.is_empty() {
+    let target = |o: &Outbox| if want == ALL { o.last_seq() } else { want };
+    while outbox.forwarded() < target(outbox) && Instant::now() < deadline && failures.is_empty() {
         if let Some(after) = up.next_after() {
             up.feed(outbox.after(after, u64::MAX));
         }
@@ -52,6 +57,14 @@ async fn drive(up: &mut Uplink, outbox: &mut Outbox, want: u64) -> Vec<String> {
         match event {
             UplinkEvent::Check { in_cloud, chain, answer } => {
                 let _ = answer.send(outbox.check_stream(in_cloud, chain));
+            }
+            UplinkEvent::ChainAt { site_seq, answer } => {
+                let _ = answer.send(outbox.chain_known(site_seq));
+            }
+            UplinkEvent::Adopt { fork, end, chain, readings, answer } => {
+                outbox.add_in_cloud(&readings);
+                outbox.adopt(fork, end, chain);
+                let _ = answer.send(Ok(()));
             }
             UplinkEvent::Resync { round, from, partial } => up.resync(round, from, partial, outbox.forwarded()),
             UplinkEvent::Acked { landed, .. } => {
@@ -198,4 +211,82 @@ fn a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink(
         let expected = if copied.contains_key(item) { 2 } else { 1 };
         assert_eq!(*n, expected, "item {item}: the copy's items twice, every other once");
     }
+}
+
+/// The identities of the readings in the stream, each with its count, and
+/// the stream's superseded markers (first and last item).
+fn readings_and_markers(stored: &[fog_testkit::nats::StoredMessage]) -> (BTreeMap<(u64, u64, u64), usize>, Vec<(u64, u64)>) {
+    let mut readings: BTreeMap<(u64, u64, u64), usize> = BTreeMap::new();
+    let mut markers = Vec::new();
+    for m in stored {
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if body["superseded"] == true {
+            markers.push((body["first"].as_u64().unwrap(), body["last"].as_u64().unwrap()));
+        }
+        for r in body["readings"].as_array().into_iter().flatten() {
+            let id = |k: &str| r[k].as_u64().unwrap();
+            *readings.entry((id("sensor_id"), id("incarnation"), id("seq"))).or_default() += 1;
+        }
+    }
+    (readings, markers)
+}
+
+#[test]
+fn another_history_at_the_end_of_the_stream_is_taken_over_and_nothing_goes_twice() {
+    let Some(_) = require_nats("another_history_at_the_end_of_the_stream_is_taken_over_and_nothing_goes_twice").unwrap() else { return };
+    let dir = scratch_dir("uplink-adopt").unwrap();
+    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
+    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
+    let cfg = config(cloud.urls());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let reading = |sensor_id: u32, seq: u64| Owed::Reading { sensor_id, incarnation: 1, segment: sensor_id % 2, reading: Reading { seq, speed_kmh: 70, timestamp_ms: 9_000 + seq } };
+
+    // The pair's history, forwarded.
+    let mut winner = outbox();
+    let fork = winner.last_seq();
+    assert!(forward(&runtime, &cfg, &mut winner, fork).is_empty());
+    // A side cut off in a split goes on alone and forwards its own items:
+    // readings of sensor 5 (the winner gets 0..4 later, in the merge) and
+    // of sensor 6 (the winner counted 0..2 itself too), and an average.
+    let mut loser = winner.clone();
+    for seq in 0..5 {
+        loser.push(3, 0, reading(5, seq));
+    }
+    for seq in 0..3 {
+        loser.push(3, 0, reading(6, seq));
+    }
+    loser.push(3, 0, Owed::Average(Average { seq: 9, epoch: 2, segment: 0, window_end_ms: 1, count: 3, sum_kmh: 210, revision: 0, chain: 77 }));
+    let end = loser.last_seq();
+    assert!(forward(&runtime, &cfg, &mut loser, end).is_empty());
+    // The winner's own items after the fork, and the merge of the loser's.
+    for seq in 0..3 {
+        winner.push(4, 0, reading(6, seq));
+    }
+    winner.push(4, 0, reading(7, 0));
+    winner.push(4, 0, Owed::Average(Average { seq: 4, epoch: 3, segment: 0, window_end_ms: 1, count: 2, sum_kmh: 140, revision: 0, chain: 78 }));
+    let failures = forward(&runtime, &cfg, &mut winner, ALL);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(winner.forwarded(), winner.last_seq());
+    assert_eq!(winner.adopted(), (end - fork, 1));
+    for seq in 0..5 {
+        winner.push(5, 0, reading(5, seq));
+    }
+    winner.push(5, 0, reading(7, 1));
+    let last = winner.last_seq();
+    let failures = forward(&runtime, &cfg, &mut winner, last);
+    assert!(failures.is_empty(), "{failures:?}");
+
+    let stored = cloud.read_stream(STREAM, Duration::from_secs(20)).unwrap();
+    let seen = items_in(&stored);
+    assert!(seen.values().all(|&n| n == 1), "an item is in the stream twice: {seen:?}");
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>(), "site items follow on, the other history's included");
+    let (readings, markers) = readings_and_markers(&stored);
+    assert!(readings.values().all(|&n| n == 1), "a reading is in the stream twice: {readings:?}");
+    for (sensor, seqs) in [(5, 0..5), (6, 0..3), (7, 0..2)] {
+        for seq in seqs {
+            assert_eq!(readings.get(&(sensor, 1, seq)), Some(&1), "sensor {sensor} reading {seq}");
+        }
+    }
+    assert_eq!(markers, vec![(fork + 1, end)], "the other history's items are marked");
+    assert_eq!(last, end + 3, "the winner's items after the fork, less the readings the stream held: 7/0, its average, 7/1");
 }

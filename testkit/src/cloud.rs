@@ -15,7 +15,13 @@
 //!   sequences increasing; seqs may not be, when the site filled a gap
 //!   later: those are counted as late, not wrong), and per sensor
 //!   incarnation the count and speed sum the site counted;
-//! - averages `1..=averages_published`, in order;
+//! - averages `1..=averages_published`, in order, once the averages a
+//!   superseded marker voids are set aside: after a split, the site took
+//!   over items another history had forwarded (`fog.<site>.superseded`, a
+//!   range of site items and the epoch of the active that took it over);
+//!   the readings among those items count, the averages forwarded by an
+//!   active of an older epoch do not, and site items of the range the
+//!   stream lacks are not missing;
 //! - nothing dropped at the backlog bound, and everything forwarded.
 //!
 //! It returns what it found ([`CloudCheck`]: counts, and violations in
@@ -84,6 +90,11 @@ pub struct CloudCheck {
     pub malformed: u64,
     /// Items the site dropped unforwarded at its backlog bound.
     pub dropped: u64,
+    /// Superseded markers, the averages they void, and the site items of
+    /// their ranges the stream lacks (not counted as missing).
+    pub markers: u64,
+    pub averages_superseded: u64,
+    pub superseded_gaps: u64,
     /// The first few problems, in detail.
     pub details: Vec<String>,
     /// One line per kind of violation found; empty when the stream is right.
@@ -109,7 +120,7 @@ impl CloudCheck {
         format!(
             "{} readings and {} averages in {} messages (the site owed {} items): duplicated {}, missing {}, beyond the site's {}, \
              readings out of order {} (late-filled gaps {}), averages out of order {}, sensor count mismatches {}, malformed messages {}, \
-             dropped {}",
+             dropped {}, superseded markers {} (voiding {} averages, {} items absent in their ranges)",
             self.readings,
             self.averages,
             self.messages,
@@ -122,7 +133,10 @@ impl CloudCheck {
             self.averages_out_of_order,
             self.sensor_mismatches,
             self.malformed,
-            self.dropped
+            self.dropped,
+            self.markers,
+            self.averages_superseded,
+            self.superseded_gaps
         )
     }
 }
@@ -213,9 +227,33 @@ pub fn check_stream(site: &str, messages: &[StoredMessage], status: &Value) -> C
         c.violations.push(format!("the site owes {} items: more than the {MAX_ITEMS} a check tracks", c.site_items));
     }
     let mut seen = vec![0u64; tracked.div_ceil(64) as usize];
-    let mut last_average = 0u64;
+    let mut found = Found::default();
     for m in messages {
-        read_message(site, m, &mut c, &mut seen, tracked, &mut last_average);
+        read_message(site, m, &mut c, &mut seen, tracked, &mut found);
+    }
+    // Averages in stream order, less the ones a marker voids.
+    let mut last_average = 0u64;
+    for a in &found.averages {
+        if found.markers.iter().any(|m| (m.first..=m.last).contains(&a.site_seq) && a.epoch < m.epoch) {
+            c.averages_superseded += 1;
+            continue;
+        }
+        c.averages += 1;
+        if a.seq != last_average + 1 {
+            c.averages_out_of_order += 1;
+            c.detail(format!("message {}: average {} after average {last_average}", a.message, a.seq));
+        }
+        last_average = a.seq;
+    }
+    // What a marker's range lacks was never this site's to forward.
+    for m in &found.markers {
+        for s in m.first.max(1)..=m.last.min(tracked) {
+            let (word, bit) = (((s - 1) / 64) as usize, (s - 1) % 64);
+            if seen[word] & (1 << bit) == 0 {
+                seen[word] |= 1 << bit;
+                c.superseded_gaps += 1;
+            }
+        }
     }
     let present: u64 = seen.iter().map(|w| u64::from(w.count_ones())).sum();
     c.missing = tracked - present;
@@ -275,8 +313,32 @@ pub fn check_stream(site: &str, messages: &[StoredMessage], status: &Value) -> C
     c
 }
 
+/// An average in the stream, checked once the markers are known.
+struct AverageSeen {
+    site_seq: u64,
+    /// The epoch of the active that forwarded it.
+    epoch: u64,
+    seq: u64,
+    message: u64,
+}
+
+/// A superseded marker: site items `first..=last` are of a history the
+/// site took over, by an active in `epoch`.
+struct Marker {
+    first: u64,
+    last: u64,
+    epoch: u64,
+}
+
+/// What the messages hold that is checked after all are read.
+#[derive(Default)]
+struct Found {
+    averages: Vec<AverageSeen>,
+    markers: Vec<Marker>,
+}
+
 /// Checks one message and tallies its items.
-fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u64], tracked: u64, last_average: &mut u64) {
+fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u64], tracked: u64, found: &mut Found) {
     let body: Value = match serde_json::from_slice(&m.payload) {
         Ok(v) => v,
         Err(e) => {
@@ -285,6 +347,22 @@ fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u
             return;
         }
     };
+    if body["superseded"] == true {
+        let (first, last, epoch) = (body["first"].as_u64(), body["last"].as_u64(), body["epoch"].as_u64());
+        let headers_agree = m.header("Fog-Site-Seq-First") == first.map(|f| f.to_string()).as_deref() && m.header("Fog-Site-Seq-Last") == last.map(|l| l.to_string()).as_deref();
+        match (first, last, epoch) {
+            (Some(first), Some(last), Some(epoch)) if first <= last && headers_agree && m.subject == format!("fog.{site}.superseded") && body["site"].as_str() == Some(site) => {
+                c.markers += 1;
+                found.markers.push(Marker { first, last, epoch });
+            }
+            _ => {
+                c.malformed += 1;
+                c.detail(format!("message {} ({}): a superseded marker without a range, an epoch, or headers and subject that agree: {body}", m.seq, m.subject));
+            }
+        }
+        return;
+    }
+    let message_epoch = body["epoch"].as_u64().unwrap_or(0);
     let mut wrong = Vec::new();
     let number = |field: &str| body[field].as_u64();
     let (first, last, part, parts, segment) = (number("first"), number("last"), number("part"), number("parts"), number("segment"));
@@ -380,16 +458,11 @@ fn read_message(site: &str, m: &StoredMessage, c: &mut CloudCheck, seen: &mut [u
     }
     for a in averages.into_iter().flatten() {
         site_seq(a["site_seq"].as_u64(), c);
-        c.averages += 1;
-        let Some(seq) = a["seq"].as_u64() else {
-            wrong.push(format!("an average without seq: {a}"));
+        let (Some(item), Some(seq)) = (a["site_seq"].as_u64(), a["seq"].as_u64()) else {
+            wrong.push(format!("an average without site_seq or seq: {a}"));
             continue;
         };
-        if seq != *last_average + 1 {
-            c.averages_out_of_order += 1;
-            c.detail(format!("message {}: average {seq} after average {}", m.seq, last_average));
-        }
-        *last_average = seq;
+        found.averages.push(AverageSeen { site_seq: item, epoch: message_epoch, seq, message: m.seq });
     }
     if items == 0 {
         wrong.push("no items".to_string());
@@ -513,6 +586,44 @@ mod tests {
         let c = check_stream("s1", &s, &status(4, 1, counted()));
         assert!(c.ok(), "{:?} {:?}", c.violations, c.details);
         assert_eq!((c.readings_late, c.readings_out_of_order), (1, 0));
+    }
+
+    fn marker(seq: u64, first: u64, last: u64, epoch: u64) -> StoredMessage {
+        let body = json!({"site": "s1", "superseded": true, "first": first, "last": last, "part": 1, "parts": 1, "epoch": epoch});
+        let headers = vec![("Fog-Site-Seq-First".to_string(), first.to_string()), ("Fog-Site-Seq-Last".to_string(), last.to_string())];
+        StoredMessage { seq, subject: "fog.s1.superseded".into(), headers, payload: serde_json::to_vec(&body).unwrap() }
+    }
+
+    #[test]
+    fn a_history_taken_over_counts_its_readings_and_not_its_averages() {
+        let with_epoch = |mut m: StoredMessage, epoch: u64| {
+            let mut body: Value = serde_json::from_slice(&m.payload).unwrap();
+            body["epoch"] = json!(epoch);
+            m.payload = serde_json::to_vec(&body).unwrap();
+            m
+        };
+        let mut s = stream();
+        // A side that lost a split forwarded items 5..=8 (its item 7 never
+        // landed): a reading of sensor 2, its own average 2.
+        s.push(with_epoch(message(4, "s1", 1, 5, 8, json!({"readings": [reading(5, 2, 2, 70)]})), 2));
+        s.push(with_epoch(message(5, "s1", 0, 5, 8, json!({"averages": [average(6, 2), average(8, 3)]})), 2));
+        // The winner took them over, and its own average 2 follows.
+        s.push(marker(6, 5, 8, 3));
+        s.push(with_epoch(message(7, "s1", 0, 9, 9, json!({"averages": [average(9, 2)]})), 3));
+        let counted = json!([{"sensor_id": 1, "incarnation": 7, "count": 2, "sum_kmh": 190}, {"sensor_id": 2, "incarnation": 7, "count": 2, "sum_kmh": 150}]);
+        let c = check_stream("s1", &s, &status(9, 2, counted.clone()));
+        assert!(c.ok(), "{:?} {:?}", c.violations, c.details);
+        assert_eq!((c.markers, c.averages_superseded, c.superseded_gaps, c.averages, c.readings), (1, 2, 1, 2, 4));
+        // Without the marker the other history's averages are out of order,
+        // and its lost item is missing.
+        let unmarked: Vec<StoredMessage> = s.iter().filter(|m| m.seq != 6).cloned().collect();
+        let c = check_stream("s1", &unmarked, &status(9, 2, counted.clone()));
+        assert_eq!((c.missing, c.averages_out_of_order), (1, 1), "{:?}", c.details);
+        // A marker of an older epoch voids nothing of a newer one.
+        let mut old = s.clone();
+        old[5] = marker(6, 5, 9, 1);
+        let c = check_stream("s1", &old, &status(9, 2, counted));
+        assert!(c.averages_out_of_order > 0, "{:?}", c.details);
     }
 
     #[test]

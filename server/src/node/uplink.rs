@@ -43,4 +43,28 @@ impl Node {
             self.append(now, Record::UplinkAcked { through, chain, landed_from });
         }
     }
+
+    /// The stream holds this site's items up to `fork`, then `fork + 1..=end`
+    /// of another history (a side that lost a split forwarded them), with
+    /// chain value `chain` at `end` and `readings`: an active writes the
+    /// readings, then the adoption, to the log (see
+    /// [`crate::outbox::Outbox::adopt`]).
+    pub fn handle_uplink_adopt(&mut self, now: Now, fork: u64, end: u64, chain: u64, readings: &[fog_protocol::ReadingInCloud]) -> Result<(), String> {
+        let now = self.observe_time(now);
+        if self.fsm.state() != NodeState::Active {
+            return Err("no longer active".into());
+        }
+        let outbox = &self.replica.outbox;
+        if end < fork || fork > outbox.last_seq() || outbox.chain_at(fork).is_none() {
+            return Err(format!("cannot take over items {}..={end} after item {fork}: this site's outbox does not end its history there", fork + 1));
+        }
+        if readings.len() > crate::outbox::MAX_IN_CLOUD {
+            return Err(format!("{} readings of another history: more than the {} the site keeps track of", readings.len(), crate::outbox::MAX_IN_CLOUD));
+        }
+        for chunk in readings.chunks(fog_protocol::MAX_IN_CLOUD_PER_RECORD) {
+            self.append(now, Record::UplinkInCloud { readings: chunk.to_vec() });
+        }
+        self.append(now, Record::UplinkAdopted { fork, end, chain });
+        Ok(())
+    }
 }
