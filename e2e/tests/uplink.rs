@@ -4,7 +4,8 @@
 //! and the faults the uplink must ride out: kill -9 of the active fog
 //! server while forwarding, kill -9 of the stream's leader, the cloud away
 //! for longer than JetStream's duplicate window, the whole cluster down
-//! for a while. Each ends by reading the stream back: every reading the
+//! for a while, a side that lost a split forwarding its own history
+//! before the winner took it over. Each ends by reading the stream back: every reading the
 //! site counted is there exactly once, each sensor's in the order the site counted them, every average
 //! in sequence order, and the site sequence has no gap and no repeat.
 //!
@@ -12,12 +13,17 @@
 //! (as `.ci/run` sets it) makes them fail. They run one at a time: two
 //! clusters and two pairs at once would compete for two cores.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use fog_testkit::cloud::{CloudCheck, Settled, check_stream, read_settled};
 use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
-use fog_testkit::{PairKeys, Pair, Proc, finish_host, is_caught_up, scratch_dir, server_status_as, start_host, start_keyed_server, status_when_as, wait_for};
+use fog_testkit::netns::{Lab, LabError, ROOT};
+use fog_testkit::{
+    PairKeys, Pair, Proc, finish_host, is_active, is_caught_up, scratch_dir, server_status, server_status_as, start_host, start_keyed_server, status_when,
+    status_when_as, wait_for,
+};
 use serde_json::Value;
 
 const SITE: &str = "a1";
@@ -146,6 +152,105 @@ fn a_kill_of_the_stream_leader_sends_nothing_twice() {
     site.status_when(true, "forwarding past the kill", |s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > before + 50);
     site.cloud.restart(leader).unwrap();
     site.finish(host, true);
+}
+
+#[test]
+fn a_side_that_lost_a_split_after_forwarding_is_taken_over_and_nothing_goes_twice() {
+    let _serial = serial();
+    let label = "uplink-split";
+    let Some(_) = require_nats(label).unwrap() else { return };
+    let mut lab = match Lab::new("usplit") {
+        Ok(lab) => lab,
+        Err(LabError::Unavailable(why)) => {
+            fog_testkit::netns::skip_or_fail(label, &why).unwrap();
+            return;
+        }
+        Err(e) => panic!("{label}: {e}"),
+    };
+    let dir = scratch_dir(label).unwrap();
+    // The cluster in the root namespace, its client ports on every
+    // address; each server in a namespace of its own, the hosts reaching
+    // it over a link of its own; the servers replicate over a third link;
+    // the backup reaches the cloud over a fourth.
+    let cloud = NatsCluster::start_listening(&dir.join("cloud"), 3, NatsAuth::Sites(vec![SITE.into()]), IpAddr::V4(Ipv4Addr::UNSPECIFIED)).unwrap();
+    let p = lab.namespace("primary").unwrap();
+    let b = lab.namespace("backup").unwrap();
+    let to_p = lab.link(ROOT, &p).unwrap();
+    let to_b = lab.link(ROOT, &b).unwrap();
+    let peer = lab.link(&p, &b).unwrap();
+    let b_cloud = lab.link(ROOT, &b).unwrap();
+    let pair = Pair {
+        primary_frontend: format!("tcp://{}:5001", to_p.b_addr),
+        backup_frontend: format!("tcp://{}:5002", to_b.b_addr),
+        primary_state: format!("tcp://{}:5003", peer.a_addr),
+        backup_state: format!("tcp://{}:5004", peer.b_addr),
+    };
+    let creds = cloud.site_creds(SITE).expect("site credentials").display().to_string();
+    let server = |ns: &str, primary: bool, via: Ipv4Addr| {
+        let urls = cloud.urls_via(IpAddr::V4(via));
+        let flags = ["--lateness", "200ms", "--insecure", "--uplink", &urls, "--uplink-insecure", "--site", SITE, "--uplink-creds", &creds, "--uplink-replicas", "3"];
+        let (name, args) = fog_testkit::server_args(&pair, primary, &flags, &dir);
+        let proc = lab.spawn(ns, name, &fog_testkit::bin("fog-server").unwrap(), &args, &dir).unwrap();
+        fog_testkit::wait_until_serving(proc, pair.frontend(primary)).unwrap()
+    };
+    let _primary = server(&p, true, to_p.a_addr);
+    let _backup = server(&b, false, b_cloud.a_addr);
+    let host = |servers: &str, first_id: &str, duration: &str| {
+        let args = ["--sensors", "20", "--first-id", first_id, "--segments", "3", "--interval", "100ms", "--timeout", "500ms", "--duration", duration, "--servers", servers];
+        start_host(&args, &dir).unwrap()
+    };
+    // One host per server, each knowing only its own: the primary keeps
+    // its sensors through the split.
+    let first = host(&pair.primary_frontend, "1", "9s");
+    let wait = |endpoint: &str, what: &str, pred: &dyn Fn(&Value) -> bool| status_when(endpoint, what, Duration::from_secs(30), pred).unwrap();
+    wait(&pair.primary_frontend, "forwarding", &|s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > 50);
+    wait(&pair.backup_frontend, "a caught-up passive", &is_caught_up);
+
+    // The backup loses the cloud, then the servers are cut off from each
+    // other; a second host asks the backup, and it takes over: both sides
+    // serve, and the primary, in the older epoch, forwards alone.
+    lab.cut(&b_cloud).unwrap();
+    lab.cut(&peer).unwrap();
+    wait(&pair.primary_frontend, "active alone", &|s| is_active(s) && s["replication"].as_str().is_some_and(|r| r.contains("alone")));
+    let second = host(&pair.backup_frontend, "101", "5s");
+    wait(&pair.backup_frontend, "active", &is_active);
+    let forwarded = server_status(&pair.primary_frontend).unwrap()["uplink"]["forwarded_through"].as_u64().unwrap_or(0);
+    wait(&pair.primary_frontend, "the primary forwarding alone", &|s| s["uplink"]["forwarded_through"].as_u64().unwrap_or(0) > forwarded + 50);
+    for (name, h) in [("first", first), ("second", second)] {
+        let (code, summary) = finish_host(h, Duration::from_secs(60)).unwrap();
+        assert_eq!(code, 0, "the {name} host: {summary}");
+    }
+
+    // The servers' link comes back: the primary, in the older epoch, steps
+    // down and hands over what it accepted alone. Then the backup reaches
+    // the cloud: the stream ends in what the primary forwarded alone, and
+    // the backup takes it over.
+    lab.heal(&peer).unwrap();
+    wait(&pair.primary_frontend, "the primary passive", &|s| s["state"] == "passive");
+    lab.heal(&b_cloud).unwrap();
+    let active = wait_for("one active node and a caught-up passive after the heal", Duration::from_secs(30), || {
+        let p = server_status(&pair.primary_frontend).ok()?;
+        let b = server_status(&pair.backup_frontend).ok()?;
+        match (is_active(&p), is_active(&b)) {
+            (true, false) if is_caught_up(&b) => Some(pair.primary_frontend.clone()),
+            (false, true) if is_caught_up(&p) => Some(pair.backup_frontend.clone()),
+            _ => None,
+        }
+    })
+    .unwrap();
+    assert_eq!(active, pair.backup_frontend, "the side in the newer epoch serves");
+    let settled = read_settled(
+        || server_status(&active).ok().filter(|s| s["state"] == "active"),
+        || cloud.read_stream(STREAM, Duration::from_secs(60)),
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    assert!(settled.drained, "the site never drained: {}", settled.status["uplink"]);
+    let check = check_stream(SITE, &settled.messages, &settled.status);
+    eprintln!("[{label}] the cloud holds {}; the active's uplink: {}", check.summary(), settled.status["uplink"]);
+    assert!(check.ok(), "the cloud's stream is wrong: {:#?}\n{:#?}", check.violations, check.details);
+    assert!(settled.status["uplink"]["adoptions"].as_u64().unwrap_or(0) >= 1, "the winner took nothing over: {}", settled.status["uplink"]);
+    assert!(check.markers >= 1, "{}", check.summary());
 }
 
 #[test]
