@@ -18,9 +18,18 @@
 //!   the stream has is never sent again, however long the outage was
 //!   (JetStream's duplicate window plays no part in it). Its
 //!   `Fog-Site-Chain` must match the outbox's chain at that item; if it
-//!   does not, the stream holds a history this pair abandoned (a side cut
-//!   off in a split forwarded it), and the uplink stops and says so rather
-//!   than interleave two histories.
+//!   does not, the stream ends in a history this pair abandoned (a side
+//!   cut off in a split forwarded it). The uplink reads back to the last
+//!   window of this site's own history ([`find_fork`]) and takes what
+//!   follows over ([`crate::outbox::Outbox::adopt`]): its readings stay
+//!   counted in the cloud and are not sent again, this site's items take
+//!   the site sequences after it, and a marker (`fog.<site>.superseded`)
+//!   voids its averages. Without such a window it stops and says so
+//!   rather than interleave two histories.
+//! - A round starts only once the last round's client is gone: a client
+//!   reconnecting by itself sends what it held once it gets through, and
+//!   a message of an old round landing after the new round read the
+//!   stream could put items in twice.
 //!   A last message that repeats an older window (JetStream has been seen
 //!   to store one again after a change of stream leader) is passed over:
 //!   the history ends at the newest window before it ([`stream_tail`]);
