@@ -32,8 +32,10 @@ const SEAL_KEY: [u8; 32] = [0x5e; 32];
 
 /// The one place a [`NodeConfig`] is built: a field the Node gains (a seal
 /// key) is one line here.
+/// The uplink's outbox is kept, so hostile uplink records reach it.
 pub fn node_config(role: Role) -> NodeConfig {
-    NodeConfig { role, heartbeat_ms: HEARTBEAT_MS, windows: WindowConfig::default(), snapshot_every: 200, seal_key: SEAL_KEY, outbox: Default::default() }
+    let outbox = fog_server::outbox::OutboxConfig { enabled: true, backlog_bytes: 16 << 20 };
+    NodeConfig { role, heartbeat_ms: HEARTBEAT_MS, windows: WindowConfig::default(), snapshot_every: 200, seal_key: SEAL_KEY, outbox }
 }
 
 /// A broken invariant: `sig` names the kind (stable across runs, no

@@ -306,7 +306,7 @@ impl Generator {
     }
 
     fn record(&self, rng: &mut StdRng, cx: &Context) -> Record {
-        match rng.random_range(0..5) {
+        match rng.random_range(0..7) {
             0 => Record::ReadingsAccepted {
                 now_ms: hostile_u64(rng, cx),
                 sensors: (0..rng.random_range(0..3)).map(|_| self.sensor(rng, cx, 4)).collect(),
@@ -314,6 +314,12 @@ impl Generator {
             1 => Record::AveragesPublished { now_ms: hostile_u64(rng, cx), next_seq: hostile_u64(rng, cx) },
             2 => Record::UplinkForwarded { through: hostile_u64(rng, cx) },
             3 => Record::UplinkAcked { through: hostile_u64(rng, cx), chain: hostile_u64(rng, cx), landed_from: hostile_u64(rng, cx) },
+            4 => Record::UplinkInCloud {
+                readings: (0..rng.random_range(0..4))
+                    .map(|_| fog_protocol::ReadingInCloud { sensor_id: rng.random(), incarnation: hostile_u64(rng, cx), seq: hostile_u64(rng, cx), timestamp_ms: hostile_u64(rng, cx) })
+                    .collect(),
+            },
+            5 => Record::UplinkAdopted { fork: hostile_u64(rng, cx), end: hostile_u64(rng, cx), chain: hostile_u64(rng, cx) },
             _ => Record::EpochChanged { epoch: self.epoch(rng, cx) },
         }
     }

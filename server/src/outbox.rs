@@ -119,6 +119,10 @@ pub struct Outbox {
     adopted: Adopted,
 }
 
+/// Site sequences stay below this (an adoption that would pass it is
+/// refused): far beyond any real site, and room to count on from it.
+pub const MAX_SITE_SEQ: u64 = 1 << 62;
+
 /// Most readings of another history the outbox keeps track of: an
 /// adoption that would need more is refused.
 pub const MAX_IN_CLOUD: usize = 2_000_000;
@@ -251,7 +255,7 @@ impl Outbox {
     /// `chain`, without the readings the stream already holds (see
     /// [`Outbox::add_in_cloud`]); the stream is taken to end at `end`.
     pub fn adopt(&mut self, fork: u64, end: u64, chain: u64) {
-        if end < fork || fork > self.last_seq() {
+        if end < fork || fork > self.last_seq() || end >= MAX_SITE_SEQ {
             tracing::warn!(fork, end, last = self.last_seq(), "an adoption that does not fit this outbox: ignored");
             return;
         }
@@ -485,7 +489,9 @@ mod tests {
         assert_eq!(o.adopted.in_cloud.len(), 1);
         // An adoption that does not fit is ignored.
         o.adopt(50, 60, 1);
-        assert_eq!(o.adopted(), (6, 1));
+        o.adopt(11, u64::MAX, 1);
+        o.adopt(11, 5, 1);
+        assert_eq!((o.adopted(), o.last_seq()), ((6, 1), 12));
     }
 
     #[test]

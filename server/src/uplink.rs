@@ -668,20 +668,9 @@ async fn adopt(stream: &stream::Stream, name: &str, fork: Fork, last_seq: u64, e
     let mut readings = Vec::new();
     for seq in fork.seq + 1..=last_seq {
         let m = stream.get_raw_message(seq).await.map_err(|e| format!("cannot read message {seq} of {name}: {e}"))?;
-        let body: serde_json::Value = serde_json::from_slice(&m.payload).map_err(|e| format!("message {seq} of {name} has no readable body: {e}"))?;
-        for r in body.get("readings").and_then(|v| v.as_array()).into_iter().flatten() {
-            let get = |k: &str| r.get(k).and_then(serde_json::Value::as_u64);
-            let (Some(site_seq), Some(sensor_id), Some(incarnation), Some(seq_), Some(timestamp_ms)) = (get("site_seq"), get("sensor_id"), get("incarnation"), get("seq"), get("timestamp_ms")) else {
-                return Err(format!("message {seq} of {name} holds a reading without its identity"));
-            };
-            if site_seq <= fork.window_end {
-                continue;
-            }
-            let sensor_id = u32::try_from(sensor_id).map_err(|_| format!("message {seq} of {name}: sensor id {sensor_id} out of range"))?;
-            readings.push(fog_protocol::ReadingInCloud { sensor_id, incarnation, seq: seq_, timestamp_ms });
-            if readings.len() > crate::outbox::MAX_IN_CLOUD {
-                return Err(format!("the stream {name} holds more than {} readings of another history after site item {}: too many to take over; forwarding stops until an operator looks", crate::outbox::MAX_IN_CLOUD, fork.window_end));
-            }
+        readings_after(&m.payload, fork.window_end, &mut readings).map_err(|e| format!("message {seq} of {name}: {e}"))?;
+        if readings.len() > crate::outbox::MAX_IN_CLOUD {
+            return Err(format!("the stream {name} holds more than {} readings of another history after site item {}: too many to take over; forwarding stops until an operator looks", crate::outbox::MAX_IN_CLOUD, fork.window_end));
         }
     }
     let n = readings.len();
@@ -700,6 +689,28 @@ async fn adopt(stream: &stream::Stream, name: &str, fork: Fork, last_seq: u64, e
         end + 1
     );
     Ok(end)
+}
+
+/// Adds the readings of a message body whose site items are past `fork`
+/// (each with its identity and time) to `out`. The body comes from the
+/// cloud: anything but what the uplink writes is an error.
+fn readings_after(payload: &[u8], fork: u64, out: &mut Vec<fog_protocol::ReadingInCloud>) -> Result<(), String> {
+    let body: serde_json::Value = serde_json::from_slice(payload).map_err(|e| format!("no readable body: {e}"))?;
+    if !body.is_object() {
+        return Err("a body that is not an object".into());
+    }
+    for r in body.get("readings").and_then(|v| v.as_array()).into_iter().flatten() {
+        let get = |k: &str| r.get(k).and_then(serde_json::Value::as_u64);
+        let (Some(site_seq), Some(sensor_id), Some(incarnation), Some(seq), Some(timestamp_ms)) = (get("site_seq"), get("sensor_id"), get("incarnation"), get("seq"), get("timestamp_ms")) else {
+            return Err(format!("a reading without its identity: {r}"));
+        };
+        if site_seq <= fork {
+            continue;
+        }
+        let sensor_id = u32::try_from(sensor_id).map_err(|_| format!("sensor id {sensor_id} out of range"))?;
+        out.push(fog_protocol::ReadingInCloud { sensor_id, incarnation, seq, timestamp_ms });
+    }
+    Ok(())
 }
 
 /// The marker that says the items `first..=last` of the stream are of a
@@ -1046,6 +1057,29 @@ mod tests {
         assert_eq!(a.extend(Landed { from: 11, through: 12, chain: 2 }), None, "a gap holds dropped items");
         let at_connect = Landed { from: 10, through: 9, chain: 1 };
         assert_eq!(at_connect.extend(Landed { from: 10, through: 12, chain: 2 }), Some(Landed { from: 10, through: 12, chain: 2 }));
+    }
+
+    #[test]
+    fn bodies_read_back_from_the_cloud_are_checked() {
+        let mut out = Vec::new();
+        let good = br#"{"readings":[{"site_seq":4,"sensor_id":1,"incarnation":2,"seq":3,"timestamp_ms":5},{"site_seq":9,"sensor_id":7,"incarnation":8,"seq":9,"timestamp_ms":10}]}"#;
+        readings_after(good, 4, &mut out).unwrap();
+        assert_eq!(out, vec![fog_protocol::ReadingInCloud { sensor_id: 7, incarnation: 8, seq: 9, timestamp_ms: 10 }], "items up to the fork are this site's own");
+        readings_after(br#"{"averages":[{"site_seq":5}]}"#, 0, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        let hostile: [&[u8]; 7] = [
+            b"not json",
+            b"[1,2]",
+            br#"{"readings":[{"site_seq":5}]}"#,
+            br#"{"readings":[{"site_seq":5,"sensor_id":4294967296,"incarnation":1,"seq":1,"timestamp_ms":1}]}"#,
+            br#"{"readings":[{"site_seq":-5,"sensor_id":1,"incarnation":1,"seq":1,"timestamp_ms":1}]}"#,
+            br#"{"readings":[{"site_seq":5,"sensor_id":1,"incarnation":1.5,"seq":1,"timestamp_ms":1}]}"#,
+            br#"{"readings":[{"site_seq":5,"sensor_id":"1","incarnation":1,"seq":1,"timestamp_ms":1}]}"#,
+        ];
+        for body in hostile {
+            assert!(readings_after(body, 0, &mut out).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(out.len(), 1, "the hostile bodies added nothing");
     }
 
     #[test]
