@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fog_testkit::faketime::{self, FakeWallClock};
-use fog_testkit::netns::{Lab, LabError, ROOT};
+use fog_testkit::netns::{Lab, ROOT};
 use fog_testkit::{
     Pair, Proc, check_pair, finish_host, is_active, is_caught_up, scratch_dir, server_status, start_host, start_server,
     start_server_with_env, status_when, wait_for,
@@ -299,14 +299,7 @@ fn start_server_in(lab: &Lab, ns: &str, pair: &Pair, primary: bool, dir: &std::p
 fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() {
     let _serial = serial();
     let label = "split-brain";
-    let mut lab = match Lab::new("split") {
-        Ok(lab) => lab,
-        Err(LabError::Unavailable(why)) => {
-            fog_testkit::netns::skip_or_fail(label, &why).unwrap();
-            return;
-        }
-        Err(e) => panic!("{label}: {e}"),
-    };
+    let Some(mut lab) = Lab::for_test("split", label) else { return };
     let dir = scratch_dir(label).unwrap();
     // The host stays in the root namespace and reaches each server over a
     // link of its own; the servers replicate over a third link.

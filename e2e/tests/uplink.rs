@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use fog_testkit::cloud::{CloudCheck, Settled, check_stream, read_settled};
 use fog_testkit::nats::{NatsAuth, NatsCluster, require_nats};
-use fog_testkit::netns::{Lab, LabError, ROOT};
+use fog_testkit::netns::{Lab, ROOT};
 use fog_testkit::{
     PairKeys, Pair, Proc, finish_host, is_active, is_caught_up, scratch_dir, server_status, server_status_as, start_host, start_keyed_server, status_when,
     status_when_as, wait_for,
@@ -159,14 +159,7 @@ fn a_side_that_lost_a_split_after_forwarding_is_taken_over_and_nothing_goes_twic
     let _serial = serial();
     let label = "uplink-split";
     let Some(_) = require_nats(label).unwrap() else { return };
-    let mut lab = match Lab::new("usplit") {
-        Ok(lab) => lab,
-        Err(LabError::Unavailable(why)) => {
-            fog_testkit::netns::skip_or_fail(label, &why).unwrap();
-            return;
-        }
-        Err(e) => panic!("{label}: {e}"),
-    };
+    let Some(mut lab) = Lab::for_test("usplit", label) else { return };
     let dir = scratch_dir(label).unwrap();
     // The cluster in the root namespace, its client ports on every
     // address; each server in a namespace of its own, the hosts reaching

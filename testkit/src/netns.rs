@@ -121,6 +121,20 @@ fn process_alive(pid: u32) -> bool {
 }
 
 impl Lab {
+    /// A new lab for test `test`, or `None` when namespaces are unavailable
+    /// and the test is to be skipped (see [`skip_or_fail`]; it panics when
+    /// they are required, or on any other error).
+    pub fn for_test(tag: &str, test: &str) -> Option<Lab> {
+        match Lab::new(tag) {
+            Ok(lab) => Some(lab),
+            Err(LabError::Unavailable(why)) => {
+                skip_or_fail(test, &why).unwrap();
+                None
+            }
+            Err(e) => panic!("{test}: {e}"),
+        }
+    }
+
     /// A new, empty lab. `tag` names it in namespace names (keep it short).
     pub fn new(tag: &str) -> Result<Lab, LabError> {
         static LABS: AtomicU32 = AtomicU32::new(0);
@@ -266,14 +280,7 @@ mod tests {
     /// after drop.
     #[test]
     fn a_cut_link_separates_namespaces_and_drop_removes_everything() {
-        let mut lab = match Lab::new("unit") {
-            Ok(lab) => lab,
-            Err(LabError::Unavailable(why)) => {
-                skip_or_fail("netns unit", &why).unwrap();
-                return;
-            }
-            Err(e) => panic!("{e}"),
-        };
+        let Some(mut lab) = Lab::for_test("unit", "netns unit") else { return };
         let a = lab.namespace("a").unwrap();
         let b = lab.namespace("b").unwrap();
         let link = lab.link(&a, &b).unwrap();
