@@ -203,7 +203,9 @@ impl ServerMetrics {
             let age = o.oldest_at_ms().map_or(0.0, |at| crate::clock::wall_ms().saturating_sub(at) as f64 / 1000.0);
             gauge!("fog_server_uplink_backlog_age_seconds").set(age);
             gauge!("fog_server_uplink_forwarded_seq").set(o.forwarded() as f64);
-            counter!("fog_server_uplink_dropped_total").absolute(o.dropped());
+            counter!("fog_server_uplink_dropped_total").absolute(o.drops());
+            gauge!("fog_server_uplink_lost_items").set(o.dropped() as f64);
+            counter!("fog_server_uplink_adopted_items_total").absolute(o.adopted().0);
             counter!("fog_server_uplink_messages_total").absolute(up.messages);
         }
         if let Some(d) = fog_observe::disk_space(&self.data_dir) {

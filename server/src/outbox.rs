@@ -117,6 +117,10 @@ pub struct Outbox {
     /// before it still reads.
     #[serde(skip)]
     adopted: Adopted,
+    /// Items this process dropped at the bound, whether or not they landed
+    /// later (a counter for metrics: it never goes down).
+    #[serde(skip)]
+    drops: u64,
 }
 
 /// Site sequences stay below this (an adoption that would pass it is
@@ -176,6 +180,7 @@ impl Outbox {
             let Some(old) = self.items.pop_front() else { break };
             self.bytes -= old.what.bytes();
             self.dropped += 1;
+            self.drops += 1;
             // Logged at the first drop and at every power of two after it.
             if self.dropped.is_power_of_two() {
                 tracing::warn!(
@@ -367,8 +372,14 @@ impl Outbox {
         self.bytes
     }
 
+    /// Items dropped at the bound that the cloud will not get.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Items this process dropped at the bound, landed later or not.
+    pub fn drops(&self) -> u64 {
+        self.drops
     }
 
     /// When the oldest unforwarded item was made (wall-clock ms).
@@ -443,6 +454,7 @@ mod tests {
         assert_eq!(o.check_stream(4, chain_at_4), Ok(()), "a stream ending among the dropped items is this pair's");
         o.acked(4, chain_at_4, 1);
         assert_eq!((o.dropped(), o.forwarded(), o.acked_through(), o.len()), (2, 6, 4, 4), "1..=4 landed; 5 and 6 did not");
+        assert_eq!(o.drops(), 6, "the counter of drops never goes down");
         assert_eq!(o.chain_at(4), Some(chain_at_4));
         // The next window resumes after the gap; its ack frees what it covers.
         let chain_at_8 = o.chain_at(8).unwrap();
