@@ -349,15 +349,7 @@ fn a_cut_link_between_the_servers_splits_the_pair_and_the_merge_loses_nothing() 
     let healed = Instant::now();
     lab.heal(&peer).unwrap();
     eprintln!("[{label}] healed the link");
-    let active = wait_for("one active node and a caught-up passive after the heal", Duration::from_secs(20), || {
-        let p = server_status(&pair.primary_frontend).ok()?;
-        let b = server_status(&pair.backup_frontend).ok()?;
-        match (is_active(&p), is_active(&b)) {
-            (true, false) if is_caught_up(&b) => Some(pair.primary_frontend.clone()),
-            (false, true) if is_caught_up(&p) => Some(pair.backup_frontend.clone()),
-            _ => None,
-        }
-    }).unwrap();
+    let active = pair.settled_active(Duration::from_secs(20)).unwrap();
     eprintln!("[{label}] {} ms after the heal: {active} is active and its peer has caught up", healed.elapsed().as_millis());
 
     let (code, first_summary) = finish_host(first, Duration::from_secs(60)).unwrap();

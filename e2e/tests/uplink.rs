@@ -221,16 +221,7 @@ fn a_side_that_lost_a_split_after_forwarding_is_taken_over_and_nothing_goes_twic
     lab.heal(&peer).unwrap();
     wait(&pair.primary_frontend, "the primary passive", &|s| s["state"] == "passive");
     lab.heal(&b_cloud).unwrap();
-    let active = wait_for("one active node and a caught-up passive after the heal", Duration::from_secs(30), || {
-        let p = server_status(&pair.primary_frontend).ok()?;
-        let b = server_status(&pair.backup_frontend).ok()?;
-        match (is_active(&p), is_active(&b)) {
-            (true, false) if is_caught_up(&b) => Some(pair.primary_frontend.clone()),
-            (false, true) if is_caught_up(&p) => Some(pair.backup_frontend.clone()),
-            _ => None,
-        }
-    })
-    .unwrap();
+    let active = pair.settled_active(Duration::from_secs(30)).unwrap();
     assert_eq!(active, pair.backup_frontend, "the side in the newer epoch serves");
     let settled = read_settled(
         || server_status(&active).ok().filter(|s| s["state"] == "active"),

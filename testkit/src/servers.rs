@@ -21,6 +21,20 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// Waits (up to `timeout`) until one node is active and the other a
+    /// caught-up passive (asked without keys); the active's frontend.
+    pub fn settled_active(&self, timeout: Duration) -> anyhow::Result<String> {
+        wait_for("one active node and a caught-up passive", timeout, || {
+            let p = server_status(&self.primary_frontend).ok()?;
+            let b = server_status(&self.backup_frontend).ok()?;
+            match (is_active(&p), is_active(&b)) {
+                (true, false) if is_caught_up(&b) => Some(self.primary_frontend.clone()),
+                (false, true) if is_caught_up(&p) => Some(self.backup_frontend.clone()),
+                _ => None,
+            }
+        })
+    }
+
     /// A pair on loopback, each endpoint on a port from [`free_port`].
     pub fn on_free_ports() -> anyhow::Result<Self> {
         let ep = || -> anyhow::Result<String> { Ok(format!("tcp://127.0.0.1:{}", free_port()?)) };
