@@ -41,6 +41,19 @@ fn config(urls: String) -> UplinkConfig {
     UplinkConfig { urls, creds: None, site: "t1".into(), replicas: 1, duplicate_window: Duration::from_secs(1), backlog_bytes: 1 << 20 }
 }
 
+/// A one-node cloud with the stream of site `t1`, the uplink's config for
+/// it, and a runtime to drive uplinks on; `None` (skipped) without
+/// nats-server.
+fn cloud_for(test: &str, label: &str) -> Option<(NatsCluster, UplinkConfig, tokio::runtime::Runtime)> {
+    require_nats(test).unwrap()?;
+    let dir = scratch_dir(label).unwrap();
+    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
+    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
+    let cfg = config(cloud.urls());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    Some((cloud, cfg, runtime))
+}
+
 /// Plays the server's loop until the outbox is forwarded through `want`
 /// (`ALL`: its last item, wherever that ends up) or the uplink reports
 /// `Failed`; returns the failures seen.
@@ -91,11 +104,7 @@ fn forward(runtime: &tokio::runtime::Runtime, cfg: &UplinkConfig, outbox: &mut O
 
 #[test]
 fn a_window_cut_short_in_the_stream_is_finished_once() {
-    let Some(_) = require_nats("a_window_cut_short_in_the_stream_is_finished_once").unwrap() else { return };
-    let dir = scratch_dir("uplink-resume").unwrap();
-    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
-    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
-    let cfg = config(cloud.urls());
+    let Some((cloud, cfg, runtime)) = cloud_for("a_window_cut_short_in_the_stream_is_finished_once", "uplink-resume") else { return };
     let mut outbox = outbox();
     let last = outbox.last_seq();
     assert_eq!(last, 33);
@@ -124,7 +133,6 @@ fn a_window_cut_short_in_the_stream_is_finished_once() {
     let landed: usize = parts.iter().take(2).map(Vec::len).sum();
     cloud.publish(None, planted, 2).unwrap();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let failures = forward(&runtime, &cfg, &mut outbox, last);
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(outbox.forwarded(), last);
@@ -164,13 +172,8 @@ fn items_in(stored: &[fog_testkit::nats::StoredMessage]) -> BTreeMap<u64, usize>
 
 #[test]
 fn a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink() {
-    let Some(_) = require_nats("a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink").unwrap() else { return };
-    let dir = scratch_dir("uplink-stray").unwrap();
-    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
-    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
-    let cfg = config(cloud.urls());
+    let Some((cloud, cfg, runtime)) = cloud_for("a_copy_of_an_older_message_at_the_end_of_the_stream_does_not_stop_the_uplink", "uplink-stray") else { return };
     let mut outbox = outbox();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     // Two windows forwarded (the outbox frees what the cloud has).
     let more = |outbox: &mut Outbox, from: u64| {
         for i in 0..20u64 {
@@ -233,12 +236,7 @@ fn readings_and_markers(stored: &[fog_testkit::nats::StoredMessage]) -> (BTreeMa
 
 #[test]
 fn another_history_at_the_end_of_the_stream_is_taken_over_and_nothing_goes_twice() {
-    let Some(_) = require_nats("another_history_at_the_end_of_the_stream_is_taken_over_and_nothing_goes_twice").unwrap() else { return };
-    let dir = scratch_dir("uplink-adopt").unwrap();
-    let cloud = NatsCluster::start(&dir, 1, NatsAuth::Open).unwrap();
-    cloud.create_stream(STREAM, &["fog.t1.>"], 1, Duration::from_secs(1)).unwrap();
-    let cfg = config(cloud.urls());
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let Some((cloud, cfg, runtime)) = cloud_for("another_history_at_the_end_of_the_stream_is_taken_over_and_nothing_goes_twice", "uplink-adopt") else { return };
     let reading = |sensor_id: u32, seq: u64| Owed::Reading { sensor_id, incarnation: 1, segment: sensor_id % 2, reading: Reading { seq, speed_kmh: 70, timestamp_ms: 9_000 + seq } };
 
     // The pair's history, forwarded.
