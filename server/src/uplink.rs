@@ -718,27 +718,30 @@ fn readings_after(payload: &[u8], fork: u64, out: &mut Vec<fog_protocol::Reading
 /// superseded (by this site's, which follow). It ends at `last` with the
 /// chain value there, as a window would.
 fn superseded(cfg: &UplinkConfig, epoch: u64, first: u64, last: u64, chain: u64) -> Publish {
-    let mut headers = HeaderMap::new();
-    headers.insert("Fog-Site", cfg.site.as_str());
-    headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
-    headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
-    headers.insert("Fog-Part", "1/1");
-    headers.insert("Fog-Site-Chain", format!("{chain:016x}").as_str());
+    let mut headers = place_headers(cfg, (first, last), (1, 1), chain);
     headers.insert("Fog-Superseded", "1");
     let body = serde_json::json!({ "site": cfg.site, "superseded": true, "first": first, "last": last, "part": 1, "parts": 1, "epoch": epoch });
     Publish::build().headers(headers).payload(body.to_string().into_bytes().into())
+}
+
+/// The headers that give a message its place (what [`Head::of`] reads):
+/// the site, the window of site items, the part, the chain value at the
+/// window's end.
+fn place_headers(cfg: &UplinkConfig, window: (u64, u64), (part, parts): (u32, u32), chain: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Fog-Site", cfg.site.as_str());
+    headers.insert("Fog-Site-Seq-First", window.0.to_string().as_str());
+    headers.insert("Fog-Site-Seq-Last", window.1.to_string().as_str());
+    headers.insert("Fog-Part", format!("{part}/{parts}").as_str());
+    headers.insert("Fog-Site-Chain", format!("{chain:016x}").as_str());
+    headers
 }
 
 /// A message of the uplink: its subject, headers (without the expected
 /// last sequence, which depends on the stream) and JSON body.
 pub fn message(cfg: &UplinkConfig, epoch: u64, work: &Work) -> (String, HeaderMap, Vec<u8>) {
     let (first, last) = work.window;
-    let mut headers = HeaderMap::new();
-    headers.insert("Fog-Site", cfg.site.as_str());
-    headers.insert("Fog-Site-Seq-First", first.to_string().as_str());
-    headers.insert("Fog-Site-Seq-Last", last.to_string().as_str());
-    headers.insert("Fog-Part", format!("{}/{}", work.part, work.parts).as_str());
-    headers.insert("Fog-Site-Chain", format!("{:016x}", work.chain).as_str());
+    let mut headers = place_headers(cfg, work.window, (work.part, work.parts), work.chain);
     headers.insert("Nats-Msg-Id", format!("{}:{first}-{last}:{}", cfg.site, work.part).as_str());
     let subject = work.items.first().map_or_else(|| format!("fog.{}.empty", cfg.site), |i| cfg.subject(&i.what));
     (subject, headers, encode(cfg, epoch, work))
