@@ -10,8 +10,8 @@ use fog_server::Node;
 use crate::rogue::ROGUE_SENSORS;
 use crate::world::World;
 
-/// After the last disturbance (a fault, or the pair's first election) the
-/// pair has this long to settle: a takeover, a passive rejoining.
+/// After the last disturbance (a fault, the pair's first election, a
+/// takeover, a passive rejoining) the pair has this long to settle.
 pub const SETTLE: u64 = 5_000;
 /// Once settled, a sensor with unacked readings must see one acked at
 /// least this often.

@@ -67,7 +67,7 @@ pub struct World {
     pub max_delay: u64,
     /// The nodes that acked a batch in each epoch.
     pub ackers: BTreeMap<u64, BTreeSet<usize>>,
-    /// Until when a fault (or the first election) disturbs the system;
+    /// Until when a fault (or an election, or a passive rejoining) disturbs the system;
     /// the progress check waits for calm after it.
     pub disturbed_until: u64,
     pub clock_steps: u64,
@@ -213,11 +213,21 @@ impl World {
         }
     }
 
-    fn trace_states(&mut self) {
+    /// Notes every change of a node's state, and takes a takeover or a
+    /// passive that rejoins as a disturbance.
+    fn watch_states(&mut self) {
         for i in 0..2 {
             let Some(n) = self.servers[i].node.as_ref() else { continue };
             let state = (n.state(), n.epoch(), n.caught_up(), n.has_passive_in_sync());
             if self.last_states[i] != Some(state) {
+                // A takeover (a lossy link can bring one about without a
+                // fault) or a passive that lost its place and rejoins
+                // disturbs the system as a fault does: the pair settles.
+                let takeover = self.last_states[i].is_some_and(|(_, epoch, _, _)| epoch != state.1);
+                let rejoins = self.last_states[i].is_some_and(|(was, _, caught_up, _)| was == NodeState::Passive && caught_up && !state.2);
+                if takeover || rejoins {
+                    self.disturbed_until = self.disturbed_until.max(self.t);
+                }
                 self.last_states[i] = Some(state);
                 let line = format!("{:?}: {:?} epoch {} caught_up {} passive_in_sync {} lsn {}", self.servers[i].role, state.0, state.1, state.2, state.3, n.lsn());
                 self.note(line);
@@ -281,9 +291,7 @@ impl World {
                 self.drain(i);
             }
         }
-        if self.trace {
-            self.trace_states();
-        }
+        self.watch_states();
     }
 
     pub fn host_wall(&self) -> u64 {

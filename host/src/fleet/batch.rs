@@ -1,13 +1,16 @@
 //! Batches out, replies in. Choosing the sensors of the next batch within
-//! the protocol's caps (sensors with news, and every running sensor once a
-//! second, each batch starting where the last one stopped), and delivering a
-//! reply back to the sensors: its acks (merged, and given at a pace, not one
-//! call per reading), its averages (to every sensor) and its repositions,
-//! grouped by sensor in [`Routes`] so a pass over threads finds them.
+//! the protocol's caps (sensors with news for the server, and every running
+//! sensor once a second, each batch starting where the last one stopped),
+//! and routing a reply back: its acks merged into each sensor's unsent ack
+//! (one sort however often a reply names a sensor), its averages into the
+//! fleet's list, both taken by the sensors with their next tick (see
+//! [`super::news`]), and its repositions given at once. The acks and
+//! repositions are grouped by sensor in [`Routes`] so a pass over threads
+//! finds them.
 
 use std::time::{Duration, Instant};
 
-use fog_protocol::{AverageCursor, BatchReply, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
+use fog_protocol::{AverageCursor, BatchReply, MAX_AVERAGES_PER_REPLY, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
 
 use crate::runtime::WitAverage;
 
@@ -63,18 +66,12 @@ impl<S: SensorCalls> SensorSlot<S> {
         merge_acks(&mut self.unsent_ack, acks.filter(|ack| !known(ack)));
     }
 
-    /// Gives the running instance its unsent ack, if any, when the last one
-    /// was given at least `every` ago (or `every` is zero).
-    pub(super) fn give_ack(&mut self, now: Instant, every: Duration) -> wasmtime::Result<()> {
-        let due = self.ack_given_at.is_none_or(|at| now >= at + every);
+    /// Gives the running instance its unsent ack, if any.
+    pub(super) fn give_ack(&mut self) -> wasmtime::Result<()> {
         let Life::Running(inst) = &mut self.life else { return Ok(()) };
-        if !due {
-            return Ok(());
-        }
         let Some(ack) = self.unsent_ack.take() else { return Ok(()) };
         inst.on_ack(ack.0, ack.1, &ack.2)?;
         self.last_ack = Some(ack);
-        self.ack_given_at = Some(now);
         Ok(())
     }
 }
@@ -86,10 +83,12 @@ impl<R: SensorRuntime> Fleet<R> {
     }
 
     /// The sensors with news for one batch, and how many readings that is:
-    /// every running sensor with readings to send or averages to catch up
-    /// on (a reply's averages reach every sensor, so one sensor that asks
-    /// is enough for all), and every running sensor once a second (see
-    /// [`FULL_BATCH_EVERY`]).
+    /// every running sensor with readings to send or with a cursor the
+    /// fleet's averages do not continue (one that has applied none before
+    /// any came, one behind them, one on another branch), and every running
+    /// sensor once a second (see [`FULL_BATCH_EVERY`]). A sensor the list
+    /// continues needs no place in a batch: every reply brings what follows
+    /// the lowest cursor in it, and the sensor takes it from the list.
     ///
     /// Call [`Fleet::commit`] after it, before the batch is sent.
     ///
@@ -104,8 +103,8 @@ impl<R: SensorRuntime> Fleet<R> {
             self.full_pass_left = self.sensors.len();
         }
         let n = self.sensors.len();
-        let newest = self.newest_average;
-        let news = |s: &SensorSlot<R::Sensor>| !s.pending.is_empty() || s.cursor.is_none_or(|c| c.seq < newest);
+        let averages = &self.averages;
+        let news = |s: &SensorSlot<R::Sensor>| !s.pending.is_empty() || !averages.continues(s.cursor);
         let (mut sensors, mut readings) = (Vec::new(), 0usize);
         let mut visited = 0;
         while visited < n && sensors.len() < MAX_SENSORS_PER_BATCH && readings < MAX_READINGS_PER_BATCH {
@@ -145,62 +144,55 @@ impl<R: SensorRuntime> Fleet<R> {
     }
 
     /// Makes the next batch carry every running sensor (after a failover:
-    /// the new server checks every cursor).
+    /// the new server checks every cursor), and forgets the averages the
+    /// last server sent: the next may hold another branch, and sensors take
+    /// only what it sends.
     pub fn force_full_batch(&mut self) {
         self.last_full_batch = None;
+        self.averages = super::news::Averages::default();
     }
 
-    /// Delivers a server's reply to the sensors it concerns. A sensor that
-    /// is not running misses it; once restarted it resends what was not
-    /// acked in its saved state, and the server acks it again.
+    /// Routes a server's reply to the sensors it concerns: its averages
+    /// into the fleet's list and its acks into each sensor's unsent ack,
+    /// which they take before their next tick, and its repositions given
+    /// now. A sensor that is not running misses them; once restarted it
+    /// resends what was not acked in its saved state, and the server acks
+    /// it again.
     pub fn apply(&mut self, now: Instant, reply: &BatchReply) {
         self.now = now;
         self.note_refused(reply);
-        if let Some(last) = reply.averages.last() {
-            self.newest_average = last.seq;
+        let averages: Vec<WitAverage> = reply.averages.iter().map(WitAverage::from).collect();
+        self.averages.merge(&averages);
+        // A reply holds the server's log from the lowest seq its batch
+        // needs to the log's end, unless the protocol's cap cut it: what the
+        // list holds past that end, the server does not (a branch it
+        // abandoned). An empty reply with a reposition ends where it points.
+        let log_end = match reply.averages.last() {
+            Some(last) => (reply.averages.len() < MAX_AVERAGES_PER_REPLY).then_some(last.seq),
+            None => reply.repositions.iter().map(|r| r.to.seq).min(),
+        };
+        if let Some(end) = log_end {
+            self.averages.end_at(end);
         }
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
-        let averages: Vec<WitAverage> = reply.averages.iter().map(WitAverage::from).collect();
-        // Without averages only the sensors named in the reply are called.
-        let calls = if averages.is_empty() { acks.len() + repositions.len() } else { self.sensors.len() };
-        let workers = self.workers(calls);
-        let every = self.ack_every();
-        let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
-            if let Err(error) = slot.give_ack(now, every) {
-                // A stopped sensor gets no further calls.
-                return pass.failed_at((0, i), i, "on-ack", error);
-            }
-            let Life::Running(inst) = &mut slot.life else { return };
-            for &k in repositions.of(i) {
-                let r = &reply.repositions[k];
-                match inst.on_reposition(r.rewind_to, r.to.into()) {
-                    Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
-                    Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
+        if acks.len() + repositions.len() > 0 {
+            let workers = self.workers(repositions.len());
+            let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+                slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
+                let Life::Running(inst) = &mut slot.life else { return };
+                for &k in repositions.of(i) {
+                    let r = &reply.repositions[k];
+                    match inst.on_reposition(r.rewind_to, r.to.into()) {
+                        Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
+                        Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
+                    }
                 }
-            }
-            if averages.is_empty() {
-                return;
-            }
-            match inst.on_averages(&averages) {
-                Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
-                Err(error) => pass.failed_at((2, i), i, "on-averages", error),
-            }
-        });
-        // As one thread reports them: every failed ack, then every
-        // reposition, then the averages, each in sensor order.
-        pass.failures.sort_by_key(|f| f.order);
-        self.handle_failures(pass.failures);
-    }
-
-    /// How long acks may wait before a sensor is given them: every ack a
-    /// reply carries would be one call per reading, while a sensor only
-    /// needs its acks before it would resend (`--resend-after`), so they are
-    /// merged and given at most four times per resend timeout and per
-    /// 250 ms. Statuses and snapshots give every unsent ack first.
-    fn ack_every(&self) -> Duration {
-        Duration::from_millis((self.config.resend_after_ms / 4).min(250))
+            });
+            pass.failures.sort_by_key(|f| f.order);
+            self.handle_failures(pass.failures);
+        }
+        self.catch_up(now);
     }
 }
 

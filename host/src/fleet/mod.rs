@@ -27,7 +27,9 @@
 //! work is one file per responsibility, each an `impl Fleet` of its own:
 //!
 //! - `batch`: which sensors go into a batch within the protocol's caps, and
-//!   a reply's acks, averages and repositions delivered back to them;
+//!   a reply's acks, averages and repositions routed back to them;
+//! - `news`: what replies leave for the sensors (the averages, one list for
+//!   the fleet, and each sensor's acks), taken right before each tick;
 //! - `persist`: committing the sensors' states, to the state directory if
 //!   there is one, before any of their readings leaves the host;
 //! - `supervisor`: a failed sensor stopped, restarted after a backoff from
@@ -38,6 +40,7 @@
 //!   gathered for the supervisor.
 
 mod batch;
+mod news;
 mod persist;
 mod pool;
 mod supervisor;
@@ -122,11 +125,11 @@ struct SensorSlot<S> {
     /// numbers only grow, so the same ack again would change nothing and
     /// is dropped. Cleared whenever a new instance takes over.
     last_ack: Option<AckView>,
-    /// Acks from replies not yet given to the sensor, merged into one (see
-    /// [`Fleet::ack_every`]).
+    /// Acks from replies not yet given to the sensor, merged into one (it
+    /// takes them with its news, see [`news`]).
     unsent_ack: Option<AckView>,
-    /// When the running instance last took an ack.
-    ack_given_at: Option<Instant>,
+    /// When the sensor last took its news.
+    news_taken_at: Instant,
 }
 
 /// Why the fleet could not start.
@@ -197,9 +200,10 @@ pub struct Fleet<R: SensorRuntime = SensorEngine> {
     pub restarts: u64,
     /// Hot swaps done.
     pub swaps: u64,
-    /// The newest average seq the last reply with averages carried: a
-    /// sensor whose cursor is there has nothing to catch up on.
-    newest_average: u64,
+    /// The averages replies brought, which each sensor takes from.
+    averages: news::Averages,
+    /// When the fleet last looked for sensors to catch up.
+    last_catch_up: Option<Instant>,
     /// When a batch last carried every running sensor.
     last_full_batch: Option<Instant>,
     /// Where the next batch starts looking for sensors, so that when the
@@ -279,7 +283,7 @@ impl<R: SensorRuntime> Fleet<R> {
                 since_written,
                 last_ack: None,
                 unsent_ack: None,
-                ack_given_at: None,
+                news_taken_at: now,
             });
         }
         if !saved.is_empty() {
@@ -294,7 +298,8 @@ impl<R: SensorRuntime> Fleet<R> {
             failures: 0,
             restarts: 0,
             swaps: 0,
-            newest_average: 0,
+            averages: news::Averages::default(),
+            last_catch_up: None,
             last_full_batch: None,
             batch_start: 0,
             full_pass_left: 0,
@@ -328,14 +333,20 @@ impl<R: SensorRuntime> Fleet<R> {
         (n * k / slices)..(n * (k + 1) / slices)
     }
 
-    /// Ticks the sensors in `range` once at `now`, and takes a new snapshot
-    /// of those due one (see [`SNAPSHOT_EVERY`]); returns how many readings
-    /// they handed over.
+    /// Ticks the sensors in `range` once at `now`, each right after it
+    /// took its news (see [`news`]), and takes a new snapshot of those due
+    /// one (see [`SNAPSHOT_EVERY`]); returns how many readings they handed
+    /// over.
     pub fn tick(&mut self, now: Instant, range: Range<usize>, produce: bool) -> usize {
+        self.catch_up(now);
         self.now = now;
         let workers = self.workers(range.len());
         let first = range.start;
+        let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
+            if let Err((call, error)) = slot.take_news(averages, now) {
+                return pass.failed(i, call, error);
+            }
             let Life::Running(inst) = &mut slot.life else { return };
             match inst.tick(produce) {
                 Ok(result) => {
@@ -361,16 +372,18 @@ impl<R: SensorRuntime> Fleet<R> {
         self.tick(now, 0..self.sensors.len(), produce)
     }
 
-    /// Gives every running sensor its unsent ack, then reads its status;
-    /// returns whether all their readings are acked and no sensor waits for
-    /// a restart (a quarantined sensor is not waited for).
+    /// Gives every running sensor its news (its unsent ack, the averages it
+    /// lacks), then reads its status; returns whether all their readings
+    /// are acked and no sensor waits for a restart (a quarantined sensor is
+    /// not waited for).
     pub fn refresh_status(&mut self, now: Instant) -> bool {
         self.now = now;
         let workers = self.workers(self.sensors.len());
+        let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            if let Err(error) = slot.give_ack(now, Duration::ZERO) {
+            if let Err((call, error)) = slot.take_news(averages, now) {
                 pass.unacked = true;
-                return pass.failed(i, "on-ack", error);
+                return pass.failed(i, call, error);
             }
             match &mut slot.life {
                 Life::Running(inst) => match inst.status() {

@@ -5,7 +5,7 @@
 //! since the last commit, with one fsync before the batch leaves, and the
 //! server epoch is saved there too.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::runtime::WitReading;
 use crate::sensor::{SensorCalls, SensorRuntime};
@@ -71,14 +71,16 @@ impl<R: SensorRuntime> Fleet<R> {
         Ok(fresh.len())
     }
 
-    /// Snapshots and commits every running sensor: the state on disk then
-    /// reflects every ack applied, so a restart resends nothing.
+    /// Snapshots and commits every running sensor, each after it took its
+    /// news: the state on disk then reflects every ack and average that
+    /// came, so a restart resends nothing.
     pub fn commit_all(&mut self, now: Instant) -> std::io::Result<usize> {
         self.now = now;
         let workers = self.workers(self.sensors.len());
+        let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            if let Err(error) = slot.give_ack(now, Duration::ZERO) {
-                return pass.failed(i, "on-ack", error);
+            if let Err((call, error)) = slot.take_news(averages, now) {
+                return pass.failed(i, call, error);
             }
             if let Err(error) = slot.take_snapshot(now) {
                 return pass.failed(i, "snapshot", error);
