@@ -170,3 +170,40 @@ fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
     let three = summary["per_sensor"].as_array().unwrap().iter().find(|s| s["sensor_id"] == 3).expect("sensor 3");
     assert!(u(&three["generated"]) > 20, "sensor 3 ran on after the swap: {three}");
 }
+
+#[test]
+fn a_large_fleet_moves_in_steps_while_the_loop_serves_replies() {
+    // 10 000 sensors: three steps of at most 4 096 (`SWAP_STEP`), with the
+    // loop taking replies between them; then a swap back that the first
+    // step refuses, whose new instances are all dropped.
+    let Stage { dir, pair, _primary, sensor } = Stage::new("swap-steps", "fog_sensor.wasm");
+    let host = start_host(
+        &[
+            sensor.to_str().unwrap(),
+            "--sensors", "10000", "--interval", "500ms", "--duration", "8s",
+            "--set", "free-kmh=200", "--set", "noise-kmh=0", "--set", "jam-at=1000",
+            "--servers", &pair.servers(),
+        ],
+        &dir,
+    )
+    .unwrap();
+    let log = host.log.clone();
+    counting_every_sensor(&pair, 10_000);
+    install(&bin("fog_scenario_sensor.wasm").unwrap(), &sensor);
+    host.signal("HUP").unwrap();
+    wait_for_log_line(&log, &["hot swap: 10000 sensors moved", "3 steps of at most"], Duration::from_secs(30)).unwrap();
+    install(&bin("fog_sensor.wasm").unwrap(), &sensor);
+    host.signal("HUP").unwrap();
+    wait_for_log_line(&log, &["hot swap refused, still running", "restore failed"], Duration::from_secs(30)).unwrap();
+
+    let (code, summary) = finish_host(host, Duration::from_secs(90)).unwrap();
+    assert_eq!(code, 0, "every reading acked; summary {}", summary["totals"]);
+    assert_eq!(u(&summary["swaps"]), 1);
+    assert_eq!(u(&summary["failed_sensors"]), 0);
+    assert_counted_as_generated(&pair, &summary);
+    // Every sensor ran on the scenario sensor after the swap: its readings
+    // (200 km/h) raise the mean above what the built-in sensor makes.
+    for s in summary["per_sensor"].as_array().expect("per_sensor") {
+        assert!(u(&s["sum_kmh"]) > u(&s["generated"]) * 120, "sensor {} ran on the new component: {s}", s["sensor_id"]);
+    }
+}

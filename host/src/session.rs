@@ -117,6 +117,9 @@ struct Driver<'a> {
     started: Instant,
     /// The last commit failed (already reported).
     commit_failing: bool,
+    /// The hot swap under way: the component it replaces, when its moves
+    /// began, and how long loading and instantiating took.
+    swap_began: Option<(String, std::time::Instant, Duration)>,
     metrics: HostMetrics,
 }
 
@@ -153,6 +156,7 @@ pub async fn run(
         latest: BTreeMap::new(),
         started,
         commit_failing: false,
+        swap_began: None,
         metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), cfg.interval, cfg.timeout),
     };
     let mut publish = tokio::time::interval(PUBLISH_EVERY);
@@ -202,12 +206,13 @@ pub async fn run(
                 match (request, &cfg.component) {
                     (None, _) => reload_open = false,
                     (Some(()), None) => tracing::warn!("reload requested, but the host runs the built-in sensor: start it with a component path to swap"),
-                    (Some(()), Some(_)) if loading.is_some() => tracing::info!("reload requested while one is in progress: ignored"),
+                    (Some(()), Some(_)) if loading.is_some() || d.fleet.swapping() => tracing::info!("reload requested while one is in progress: ignored"),
                     (Some(()), Some(path)) => {
                         tracing::info!("loading {} to swap it in", path.display());
                         // Compiling and instantiating take a while: off the
                         // loop, so sensors keep ticking and replies keep
-                        // coming; the loop only moves the states over.
+                        // coming; the loop then moves the states over, a
+                        // step a turn.
                         let (engine, path, plan) = (d.fleet.engine().clone(), path.clone(), d.fleet.swap_plan());
                         loading = Some(tokio::task::spawn_blocking(move || {
                             let began = std::time::Instant::now();
@@ -220,11 +225,15 @@ pub async fn run(
             }
             res = async { loading.as_mut().expect("guarded").await }, if loading.is_some() => {
                 loading = None;
-                d.swap(res);
+                d.begin_swap(res);
             }
+            () = std::future::ready(()), if d.fleet.swapping() => d.swap_step(),
             _ = publish.tick(), if cfg.health.is_some() => d.publish(&core),
         }
     };
+    if d.fleet.cancel_swap().is_some() {
+        tracing::warn!("hot swap cut short by the end of the run: the sensors stay on {}", d.fleet.component_origin());
+    }
     sandboxed(|| d.fleet.refresh_status(now()));
     if d.fleet.has_state_dir() {
         // Acks that arrived since the last batch: on disk, so a restart
@@ -374,28 +383,33 @@ impl Driver<'_> {
         }
     }
 
-    /// Swaps in the component loaded and instantiated off the loop, or says
-    /// why not.
-    fn swap(&mut self, loaded: Result<Result<Prepared, String>, tokio::task::JoinError>) {
+    /// Starts moving the sensors onto the component loaded and
+    /// instantiated off the loop, or says why it cannot.
+    fn begin_swap(&mut self, loaded: Result<Result<Prepared, String>, tokio::task::JoinError>) {
         let from = self.fleet.component_origin().to_string();
         match loaded {
             Ok(Ok(Prepared { component, instances, took })) => {
-                let to = component.origin.clone();
-                let began = std::time::Instant::now();
-                match sandboxed(|| self.fleet.swap_prepared(now(), component, instances)) {
-                    Ok(Swapped { moved, retired }) => {
-                        tracing::info!(
-                            "hot swap: {moved} sensors moved from {from} to {to} in {:.1?} (loaded and instantiated beside the loop in {took:.1?})",
-                            began.elapsed()
-                        );
-                        // Freeing the old instances is slow: beside the loop too.
-                        tokio::task::spawn_blocking(move || drop(retired));
-                    }
-                    Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
-                }
+                self.swap_began = Some((from, std::time::Instant::now(), took));
+                self.fleet.begin_swap(component, instances);
             }
             Ok(Err(e)) => tracing::error!("hot swap refused, still running {from}: {e}"),
             Err(e) => tracing::error!("hot swap refused, still running {from}: loading failed: {e}"),
+        }
+    }
+
+    /// One step of the hot swap under way; at its end, says how it went.
+    fn swap_step(&mut self) {
+        let Some(Swapped { outcome, retired, steps, longest_step }) = sandboxed(|| self.fleet.swap_step(now())) else { return };
+        // Freeing the instances left over is slow: beside the loop too.
+        tokio::task::spawn_blocking(move || drop(retired));
+        let (from, began, took) = self.swap_began.take().unwrap_or_else(|| (String::from("the old component"), std::time::Instant::now(), Duration::ZERO));
+        match outcome {
+            Ok(moved) => tracing::info!(
+                "hot swap: {moved} sensors moved from {from} to {} in {:.1?}, {steps} steps of at most {longest_step:.1?} on the loop (loaded and instantiated beside the loop in {took:.1?})",
+                self.fleet.component_origin(),
+                began.elapsed()
+            ),
+            Err(e) => tracing::error!("hot swap refused, still running {from}: {e}"),
         }
     }
 

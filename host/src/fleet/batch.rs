@@ -178,6 +178,7 @@ impl<R: SensorRuntime> Fleet<R> {
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
         if acks.len() + repositions.len() > 0 {
             let workers = self.workers(repositions.len());
+            let swapping = self.swapping.as_ref();
             let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
                 slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
                 let Life::Running(inst) = &mut slot.life else { return };
@@ -186,6 +187,10 @@ impl<R: SensorRuntime> Fleet<R> {
                     match inst.on_reposition(r.rewind_to, r.to.into()) {
                         Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),
                         Err(error) => return pass.failed_at((1, k), i, "on-reposition", error),
+                    }
+                    // A hot swap under way: the new instance follows too.
+                    if let Err(error) = swapping.map_or(Ok(()), |swap| swap.reposition(i, r.rewind_to, r.to.into())) {
+                        return pass.failed_at((1, k), i, "on-reposition", error);
                     }
                 }
             });

@@ -66,7 +66,7 @@ pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 /// replays stays short.
 pub const SNAPSHOT_AFTER_READINGS: usize = 256;
 use self::pool::each_sensor;
-pub use self::swap::{SwapError, SwapPlan, Swapped, prepare_swap};
+pub use self::swap::{SWAP_STEP, SwapError, SwapPlan, Swapped, prepare_swap};
 
 /// How every sensor of the fleet is configured.
 #[derive(Debug, Clone)]
@@ -204,6 +204,8 @@ pub struct Fleet<R: SensorRuntime = SensorEngine> {
     averages: news::Averages,
     /// When the fleet last looked for sensors to catch up.
     last_catch_up: Option<Instant>,
+    /// A hot swap under way: ticks, restarts and catch-ups wait for it.
+    swapping: Option<swap::Swapping<R>>,
     /// When a batch last carried every running sensor.
     last_full_batch: Option<Instant>,
     /// Where the next batch starts looking for sensors, so that when the
@@ -300,6 +302,7 @@ impl<R: SensorRuntime> Fleet<R> {
             swaps: 0,
             averages: news::Averages::default(),
             last_catch_up: None,
+            swapping: None,
             last_full_batch: None,
             batch_start: 0,
             full_pass_left: 0,
@@ -336,8 +339,11 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Ticks the sensors in `range` once at `now`, each right after it
     /// took its news (see [`news`]), and takes a new snapshot of those due
     /// one (see [`SNAPSHOT_EVERY`]); returns how many readings they handed
-    /// over.
+    /// over. While a hot swap is under way nothing ticks (see [`swap`]).
     pub fn tick(&mut self, now: Instant, range: Range<usize>, produce: bool) -> usize {
+        if self.swapping() {
+            return 0;
+        }
         self.catch_up(now);
         self.now = now;
         let workers = self.workers(range.len());
@@ -375,8 +381,12 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Gives every running sensor its news (its unsent ack, the averages it
     /// lacks), then reads its status; returns whether all their readings
     /// are acked and no sensor waits for a restart (a quarantined sensor is
-    /// not waited for).
+    /// not waited for). While a hot swap is under way the statuses stay as
+    /// they are and it returns false: the swap is waited for.
     pub fn refresh_status(&mut self, now: Instant) -> bool {
+        if self.swapping() {
+            return false;
+        }
         self.now = now;
         let workers = self.workers(self.sensors.len());
         let averages = &self.averages;

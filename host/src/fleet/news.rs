@@ -161,7 +161,7 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Gives their news to the sensors that have not taken it for
     /// [`CATCH_UP_AFTER`]; looks at most every [`CATCH_UP_EVERY`].
     pub(super) fn catch_up(&mut self, now: Instant) {
-        if self.last_catch_up.is_some_and(|at| now < at + CATCH_UP_EVERY) {
+        if self.swapping() || self.last_catch_up.is_some_and(|at| now < at + CATCH_UP_EVERY) {
             return;
         }
         self.last_catch_up = Some(now);

@@ -73,8 +73,12 @@ impl<R: SensorRuntime> Fleet<R> {
 
     /// Snapshots and commits every running sensor, each after it took its
     /// news: the state on disk then reflects every ack and average that
-    /// came, so a restart resends nothing.
+    /// came, so a restart resends nothing. A hot swap under way is dropped
+    /// first (the old component's states are the ones to keep).
     pub fn commit_all(&mut self, now: Instant) -> std::io::Result<usize> {
+        if let Some(dropped) = self.cancel_swap() {
+            tracing::warn!("a hot swap was cut short to commit every sensor's state ({} new instances dropped)", dropped.len());
+        }
         self.now = now;
         let workers = self.workers(self.sensors.len());
         let averages = &self.averages;

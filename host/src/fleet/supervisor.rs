@@ -22,8 +22,12 @@ const QUIET_PERIOD: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 impl<R: SensorRuntime> Fleet<R> {
-    /// Restarts the failed sensors whose backoff has passed.
+    /// Restarts the failed sensors whose backoff has passed (once a hot swap
+    /// under way is over: on the component it leaves running).
     pub fn restart_due(&mut self, now: Instant) {
+        if self.swapping() {
+            return;
+        }
         self.now = now;
         for i in 0..self.sensors.len() {
             if matches!(self.sensors[i].life, Life::Restarting { at } if at <= now) {

@@ -6,11 +6,19 @@
 //! The costly part, instantiating the new component once per sensor, does
 //! not need the fleet: [`Fleet::swap_plan`] says what to instantiate and
 //! [`prepare_swap`] does it on another thread (the driver's loop goes on
-//! meanwhile); [`Fleet::swap_prepared`] then moves the state over, a few
-//! microseconds a sensor, spread over the fleet's worker threads.
+//! meanwhile). [`Fleet::begin_swap`] then takes those instances, and
+//! [`Fleet::swap_step`] moves the states over, [`SWAP_STEP`] sensors at a
+//! time (a few microseconds each, over the fleet's worker threads), so a
+//! loop that calls it once a turn goes on serving replies and timers
+//! between steps however large the fleet. Meanwhile the fleet makes no
+//! readings (its ticks wait, so no sensor's state moves on after it was
+//! moved), replies are taken in as always (their acks and averages wait for
+//! the sensors' next tick, a reposition goes to the old and the new
+//! instance), and the last step puts every new instance in place at once,
+//! or, if one sensor could not move, none.
 
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::runtime::SensorConfig;
 use crate::sensor::{SensorCalls, SensorRuntime};
@@ -117,12 +125,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a swap did: how many sensors moved, and their old instances, which
-/// the caller drops where it suits it (freeing an instance gives its memory
-/// back to the kernel, tens of microseconds each).
+/// Sensors one [`Fleet::swap_step`] moves at most: about 10 ms of the
+/// loop's time on two threads.
+pub const SWAP_STEP: usize = 4096;
+
+/// What a finished swap did: how many sensors moved, or why none did; and
+/// the instances it leaves behind (the old ones, or the new ones when it
+/// was refused), which the caller drops where it suits it (freeing an
+/// instance gives its memory back to the kernel, microseconds each).
 pub struct Swapped<S> {
-    pub moved: usize,
+    pub outcome: Result<usize, SwapError>,
     pub retired: Vec<Box<S>>,
+    /// Steps it took, and the longest of them.
+    pub steps: usize,
+    pub longest_step: Duration,
+}
+
+/// A hot swap under way (see the module docs).
+pub(super) struct Swapping<R: SensorRuntime> {
+    component: R::Component,
+    origin: String,
+    /// The instance prepared for sensor `i`, until it is moved.
+    fresh: Vec<Mutex<Option<R::Sensor>>>,
+    /// What moving sensor `i` found, once it was moved.
+    moves: Vec<Mutex<Move<R::Sensor>>>,
+    /// The first sensor not yet moved.
+    next: usize,
+    steps: usize,
+    longest_step: Duration,
+}
+
+impl<R: SensorRuntime> Swapping<R> {
+    /// Gives a reposition to sensor `i`'s new instance too, if it has one
+    /// already, so it does not fall behind its old one.
+    pub(super) fn reposition(&self, i: usize, rewind_to: Option<u64>, to: crate::runtime::WitCursor) -> wasmtime::Result<()> {
+        if let Some(Move::Moved(new, _)) = self.moves.get(i).map(lock).as_deref_mut() {
+            new.on_reposition(rewind_to, to)?;
+        }
+        Ok(())
+    }
 }
 
 impl<R: SensorRuntime> Fleet<R> {
@@ -140,19 +181,31 @@ impl<R: SensorRuntime> Fleet<R> {
 
     /// Moves every running sensor onto `component` through snapshot and
     /// restore, instantiating it here: [`Fleet::swap_plan`],
-    /// [`prepare_swap`] and [`Fleet::swap_prepared`] in one go.
+    /// [`prepare_swap`], [`Fleet::begin_swap`] and every
+    /// [`Fleet::swap_step`] in one go.
     pub fn swap(&mut self, now: Instant, component: R::Component) -> Result<usize, SwapError> {
         let prepared = prepare_swap(&*self.engine, &component, self.swap_plan())?;
-        Ok(self.swap_prepared(now, component, prepared)?.moved)
+        self.begin_swap(component, prepared);
+        loop {
+            if let Some(done) = self.swap_step(now) {
+                return done.outcome;
+            }
+        }
     }
 
-    /// Moves every running sensor onto `component` through snapshot and
-    /// restore into the instances `prepared` holds for them (a sensor
-    /// restarted since the plan gets one made here). All or nothing: if any
-    /// sensor cannot be moved, the new instances are dropped and the old
-    /// component keeps running.
-    pub fn swap_prepared(&mut self, now: Instant, component: R::Component, prepared: Vec<(usize, R::Sensor)>) -> Result<Swapped<R::Sensor>, SwapError> {
-        self.now = now;
+    /// Whether a swap is under way: the fleet's ticks wait for it.
+    pub fn swapping(&self) -> bool {
+        self.swapping.is_some()
+    }
+
+    /// Starts moving every running sensor onto `component`, into the
+    /// instances `prepared` holds for them (a sensor restarted since the
+    /// plan gets one made when it is moved); [`Fleet::swap_step`] does the
+    /// moving. A swap already under way is cut short first.
+    pub fn begin_swap(&mut self, component: R::Component, prepared: Vec<(usize, R::Sensor)>) {
+        if let Some(cut) = self.cancel_swap() {
+            tracing::warn!("a hot swap was cut short by another ({} new instances dropped)", cut.len());
+        }
         let n = self.sensors.len();
         let fresh: Vec<Mutex<Option<R::Sensor>>> = (0..n).map(|_| Mutex::new(None)).collect();
         for (i, new) in prepared {
@@ -160,30 +213,77 @@ impl<R: SensorRuntime> Fleet<R> {
                 *lock(slot) = Some(new);
             }
         }
-        // Every sensor's move is its own (two stores, no shared state): the
-        // moves go over the worker threads, and what they found is handled
-        // here in sensor order, as one thread would have met it.
-        let outcomes: Vec<Mutex<Move<R::Sensor>>> = (0..n).map(|_| Mutex::new(Move::Stays)).collect();
         let origin = self.engine.origin(&component).to_string();
-        let workers = self.workers(n);
-        let (engine, config) = (&*self.engine, &self.config);
-        each_sensor(&mut self.sensors, 0, workers, |_, i, slot| {
-            let outcome = move_one(engine, config, &component, &origin, slot, lock(&fresh[i]).take());
-            *lock(&outcomes[i]) = outcome;
+        let moves = (0..n).map(|_| Mutex::new(Move::Stays)).collect();
+        self.swapping = Some(Swapping { component, origin, fresh, moves, next: 0, steps: 0, longest_step: Duration::ZERO });
+    }
+
+    /// Drops a swap under way; the old component keeps running. Returns the
+    /// new instances made so far, for the caller to drop where it suits it.
+    pub fn cancel_swap(&mut self) -> Option<Vec<Box<R::Sensor>>> {
+        let swap = self.swapping.take()?;
+        let staged = swap.moves.into_iter().filter_map(|m| match m.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Move::Moved(new, _) => Some(Box::new(new)),
+            _ => None,
         });
+        let fresh = swap.fresh.into_iter().filter_map(|f| f.into_inner().unwrap_or_else(PoisonError::into_inner).map(Box::new));
+        Some(staged.chain(fresh).collect())
+    }
+
+    /// Moves the next [`SWAP_STEP`] sensors of the swap under way onto
+    /// their new instances; after the last, puts them all in place (or,
+    /// if one could not move, none). `None` while there is more to do
+    /// (and when no swap is under way).
+    pub fn swap_step(&mut self, now: Instant) -> Option<Swapped<R::Sensor>> {
+        self.now = now;
+        let began = Instant::now();
+        let mut swap = self.swapping.take()?;
+        let range = swap.next..(swap.next + SWAP_STEP).min(self.sensors.len());
+        swap.next = range.end;
+        let workers = self.workers(range.len());
+        let (engine, config) = (&*self.engine, &self.config);
+        each_sensor(&mut self.sensors[range.clone()], range.start, workers, |_, i, slot| {
+            let outcome = move_one(engine, config, &swap.component, &swap.origin, slot, lock(&swap.fresh[i]).take());
+            *lock(&swap.moves[i]) = outcome;
+        });
+        swap.steps += 1;
+        swap.longest_step = swap.longest_step.max(began.elapsed());
+        let refused = range.into_iter().any(|i| matches!(*lock(&swap.moves[i]), Move::Refused(_)));
+        if !refused && swap.next < self.sensors.len() {
+            self.swapping = Some(swap);
+            return None;
+        }
+        Some(self.finish_swap(now, swap))
+    }
+
+    /// Every sensor moved, or one refused: puts the new instances in place,
+    /// or drops them.
+    fn finish_swap(&mut self, now: Instant, swap: Swapping<R>) -> Swapped<R::Sensor> {
+        let Swapping { component, fresh, moves, steps, longest_step, .. } = swap;
+        let unused = fresh.into_iter().filter_map(|f| f.into_inner().unwrap_or_else(PoisonError::into_inner).map(Box::new));
+        let mut retired: Vec<Box<R::Sensor>> = unused.collect();
         let mut moved: Vec<(usize, R::Sensor, Vec<u8>)> = Vec::new();
-        for (i, outcome) in outcomes.into_iter().enumerate() {
+        let mut refusal = None;
+        for (i, outcome) in moves.into_iter().enumerate() {
             match outcome.into_inner().unwrap_or_else(PoisonError::into_inner) {
                 Move::Stays => {}
                 // The old sensor failed: it restarts, on the new component
                 // if the swap goes through.
                 Move::SnapshotFailed(e) => self.fail(i, "snapshot", &e),
-                Move::Refused(e) => return Err(e),
+                Move::Refused(e) => {
+                    refusal.get_or_insert(e);
+                }
+                // A sensor that failed since it moved (a reposition) stays
+                // as it is: it restarts on the new component.
+                Move::Moved(new, _) if !matches!(self.sensors[i].life, Life::Running(_)) => retired.push(Box::new(new)),
                 Move::Moved(new, state) => moved.push((i, new, state)),
             }
         }
+        if let Some(e) = refusal {
+            retired.extend(moved.into_iter().map(|(_, new, _)| Box::new(new)));
+            return Swapped { outcome: Err(e), retired, steps, longest_step };
+        }
         let count = moved.len();
-        let mut retired = Vec::with_capacity(count);
         for (i, new, state) in moved {
             let slot = &mut self.sensors[i];
             if let Life::Running(old) = std::mem::replace(&mut slot.life, Life::Running(Box::new(new))) {
@@ -212,6 +312,6 @@ impl<R: SensorRuntime> Fleet<R> {
         if revived > 0 {
             tracing::info!("hot swap: {revived} quarantined sensors get another chance on the new component");
         }
-        Ok(Swapped { moved: count, retired })
+        Swapped { outcome: Ok(count), retired, steps, longest_step }
     }
 }
