@@ -173,7 +173,7 @@ fn a_swap_gives_quarantined_sensors_a_fresh_start_on_the_new_component() {
 
 #[test]
 fn a_large_fleet_moves_in_steps_while_the_loop_serves_replies() {
-    // 10 000 sensors: three steps of at most 4 096 (`SWAP_STEP`), with the
+    // 10 000 sensors: ten steps of at most 1 024 (`SWAP_STEP`), with the
     // loop taking replies between them; then a swap back that the first
     // step refuses, whose new instances are all dropped.
     let Stage { dir, pair, _primary, sensor } = Stage::new("swap-steps", "fog_sensor.wasm");
@@ -191,7 +191,7 @@ fn a_large_fleet_moves_in_steps_while_the_loop_serves_replies() {
     counting_every_sensor(&pair, 10_000);
     install(&bin("fog_scenario_sensor.wasm").unwrap(), &sensor);
     host.signal("HUP").unwrap();
-    wait_for_log_line(&log, &["hot swap: 10000 sensors moved", "3 steps of at most"], Duration::from_secs(30)).unwrap();
+    wait_for_log_line(&log, &["hot swap: 10000 sensors moved", "10 steps of at most"], Duration::from_secs(30)).unwrap();
     install(&bin("fog_sensor.wasm").unwrap(), &sensor);
     host.signal("HUP").unwrap();
     wait_for_log_line(&log, &["hot swap refused, still running", "restore failed"], Duration::from_secs(30)).unwrap();

@@ -158,6 +158,24 @@ impl<S: SensorCalls> SensorSlot<S> {
     }
 }
 
+impl<S> SensorSlot<S> {
+    /// Takes the readings a tick returned into `pending`, but not a resend
+    /// of one still there: it has not left yet (the host is behind), and
+    /// sending it twice would only add to what holds the host up. The
+    /// sensor keeps it until it is acked, so nothing is lost.
+    fn take_readings(&mut self, readings: &[crate::runtime::WitReading]) {
+        let waiting = self.pending.len();
+        if waiting == 0 {
+            self.pending.extend(readings.iter().map(Reading::from));
+            return;
+        }
+        let mut seqs: Vec<u64> = self.pending.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        let fresh = readings.iter().filter(|r| seqs.binary_search(&r.seq).is_err());
+        self.pending.extend(fresh.map(Reading::from));
+    }
+}
+
 /// Per-sensor figures of the host's summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct SensorSummary {
@@ -357,7 +375,7 @@ impl<R: SensorRuntime> Fleet<R> {
             match inst.tick(produce) {
                 Ok(result) => {
                     pass.readings += result.readings.len();
-                    slot.pending.extend(result.readings.iter().map(Reading::from));
+                    slot.take_readings(&result.readings);
                     slot.status = Some(result.status);
                 }
                 Err(error) => return pass.failed(i, "tick", error),
@@ -458,5 +476,44 @@ pub(crate) fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> Sens
         resend_after_ms: config.resend_after_ms,
         max_buffered: config.max_buffered,
         settings: config.settings.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::WitReading;
+
+    #[test]
+    fn a_resend_of_a_reading_still_waiting_to_leave_is_not_taken_twice() {
+        let now = Instant::now();
+        let mut slot: SensorSlot<()> = SensorSlot {
+            id: 1,
+            segment: 0,
+            incarnation: 7,
+            life: Life::Quarantined,
+            failures: 0,
+            running_since: now,
+            pending: Vec::new(),
+            cursor: None,
+            status: None,
+            saved: Saved { snapshot: Vec::new(), since: Vec::new() },
+            saved_at: now,
+            snapshot_unwritten: false,
+            since_written: 0,
+            last_ack: None,
+            unsent_ack: None,
+            news_taken_at: now,
+        };
+        let r = |seq| WitReading { seq, speed_kmh: 90, timestamp_ms: 1_000 + seq };
+        slot.take_readings(&[r(5), r(6)]);
+        // 5 and 6 again (resent while still waiting), 7 new, 2 resent after it left.
+        slot.take_readings(&[r(2), r(5), r(6), r(7)]);
+        let seqs: Vec<u64> = slot.pending.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![5, 6, 2, 7]);
+        // Once they left, a resend is taken.
+        slot.pending.clear();
+        slot.take_readings(&[r(5)]);
+        assert_eq!(slot.pending.len(), 1);
     }
 }

@@ -125,9 +125,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Sensors one [`Fleet::swap_step`] moves at most: about 10 ms of the
-/// loop's time on two threads.
-pub const SWAP_STEP: usize = 4096;
+/// Sensors one [`Fleet::swap_step`] moves at most: 5 to 12 ms of the loop's
+/// time on two threads.
+pub const SWAP_STEP: usize = 1024;
 
 /// What a finished swap did: how many sensors moved, or why none did; and
 /// the instances it leaves behind (the old ones, or the new ones when it
