@@ -16,7 +16,7 @@
 //! others never notice.
 //!
 //! Sensors are independent stores, so the calls of one pass (a tick slice,
-//! a commit's snapshots, a reply's acks and averages, a status refresh) are
+//! a commit's snapshots, a reply's acks and repositions, a status refresh) are
 //! spread over worker threads, each taking chunks of neighbouring sensors.
 //! A failure found on a worker is only noted there; it is handled on the
 //! fleet's own thread once the pass is over, in the order a single thread

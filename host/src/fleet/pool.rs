@@ -1,6 +1,6 @@
 //! Spreading one pass of sensor calls over threads. Sensors are independent
-//! stores, so a pass (a tick slice, a commit's snapshots, a reply's acks and
-//! averages, a status refresh) hands chunks of neighbouring sensors to
+//! stores, so a pass (a tick slice, a commit's snapshots, a reply's
+//! repositions, a status refresh, a step of a hot swap) hands chunks of neighbouring sensors to
 //! scoped threads, the caller's own included. A failure on a worker is only
 //! noted in its [`Pass`]; the fleet's own thread handles it once the pass is
 //! over, in the order a single thread would have met it.
