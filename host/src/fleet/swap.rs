@@ -121,6 +121,11 @@ fn move_one<R: SensorRuntime>(
     }
 }
 
+/// The prepared instances no sensor took.
+fn unused<S>(fresh: Vec<Mutex<Option<S>>>) -> impl Iterator<Item = Box<S>> {
+    fresh.into_iter().filter_map(|f| f.into_inner().unwrap_or_else(PoisonError::into_inner).map(Box::new))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -226,7 +231,7 @@ impl<R: SensorRuntime> Fleet<R> {
             Move::Moved(new, _) => Some(Box::new(new)),
             _ => None,
         });
-        let fresh = swap.fresh.into_iter().filter_map(|f| f.into_inner().unwrap_or_else(PoisonError::into_inner).map(Box::new));
+        let fresh = unused(swap.fresh);
         Some(staged.chain(fresh).collect())
     }
 
@@ -260,8 +265,7 @@ impl<R: SensorRuntime> Fleet<R> {
     /// or drops them.
     fn finish_swap(&mut self, now: Instant, swap: Swapping<R>) -> Swapped<R::Sensor> {
         let Swapping { component, fresh, moves, steps, longest_step, .. } = swap;
-        let unused = fresh.into_iter().filter_map(|f| f.into_inner().unwrap_or_else(PoisonError::into_inner).map(Box::new));
-        let mut retired: Vec<Box<R::Sensor>> = unused.collect();
+        let mut retired: Vec<Box<R::Sensor>> = unused(fresh).collect();
         let mut moved: Vec<(usize, R::Sensor, Vec<u8>)> = Vec::new();
         let mut refusal = None;
         for (i, outcome) in moves.into_iter().enumerate() {
