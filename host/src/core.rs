@@ -1,6 +1,6 @@
 //! The host's side of the conversation with a Binary Star pair, without
-//! I/O: which server to talk to, when a batch goes, when the batch in flight
-//! is sent again and where, how the highest sealed epoch is kept, and when
+//! I/O: which server to talk to, when a batch goes, when the batches in
+//! flight are sent again and where, how the highest sealed epoch is kept, and when
 //! the run ends. The driver ([`crate::session`]) feeds it what happened, each
 //! with the time it happened at (`handle_*`), carries out the [`Action`]s it
 //! asks for ([`HostCore::poll_action`]) against the link and the fleet, and
@@ -14,17 +14,21 @@
 //! takes an `Instant`, and tokio's converts to it without loss. Tests start
 //! from any `Instant` and add durations to it.
 //!
-//! Delivery is judged only by replies. A batch that got no reply within the
-//! timeout is sent again, unchanged, to the other server; the server's
-//! exactly-once counting makes that safe. The sensors' own resend buffers
-//! cover everything else, so a lost batch never loses a reading.
+//! Up to [`MAX_IN_FLIGHT`] batches are on their way at once, so a host that
+//! makes more readings than one batch holds is not held to one round trip
+//! per batch. Delivery is judged only by replies. When the oldest batch got
+//! no reply within the timeout, every batch in flight is sent again,
+//! unchanged and in order, to the other server; the server's exactly-once
+//! counting (a watermark and the seqs above it, per sensor) makes that safe
+//! whatever order they land in. The sensors' own resend buffers cover
+//! everything else, so a lost batch never loses a reading.
 //!
 //! [`Fleet::restart_due`]: crate::fleet::Fleet::restart_due
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use fog_protocol::{BatchReply, Reply, Request, Seal, SensorBatch};
+use fog_protocol::{BatchReply, MAX_READINGS_PER_BATCH, Reply, Request, Seal, SensorBatch};
 
 /// How soon a server that answered "not active" is asked again.
 pub const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
@@ -35,8 +39,12 @@ pub const REFUSED_RETRY: Duration = Duration::from_secs(1);
 /// fewer sensors), so a large fleet does not produce every reading at the
 /// same instant.
 pub const TICK_SLICES: usize = 10;
-/// Batches per interval at most: readings of several slices travel together.
+/// Batches per interval at most: readings of several slices travel
+/// together. A full batch's worth of readings waiting goes at once.
 pub const BATCHES_PER_INTERVAL: u32 = 4;
+/// Batches on their way at most (sent, or to be sent again after a
+/// failover, and not yet answered).
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// What the core needs to know at start.
 #[derive(Debug, Clone)]
@@ -71,10 +79,11 @@ pub enum Action {
     /// unless draining), restart the sensors due, and, with `refresh`, read
     /// every sensor's status; report with [`HostCore::handle_ticked`].
     Tick { slice: usize, slices: usize, produce: bool, refresh: bool },
-    /// Commit the sensors' state and take a batch; report it with
-    /// [`HostCore::handle_batch`], or report nothing when the commit fails
-    /// (a reading may only leave once a restart would resume after it).
-    TakeBatch,
+    /// Commit the sensors' state and take batch `batch_id`; report it
+    /// with [`HostCore::handle_batch`], or report nothing when the commit
+    /// fails (a reading may only leave once a restart would resume after
+    /// it). The reply to it carries the same id.
+    TakeBatch { batch_id: u64 },
     /// Hand the reply to the sensors; report with [`HostCore::handle_applied`].
     ApplyReply(BatchReply),
     /// Keep this epoch and seal across a restart of the host.
@@ -98,9 +107,10 @@ pub struct HostCore {
     out: VecDeque<Action>,
     current: usize,
     connected: bool,
-    in_flight: Option<InFlight>,
+    /// Oldest first; at most [`MAX_IN_FLIGHT`].
+    in_flight: VecDeque<InFlight>,
     next_batch_id: u64,
-    /// Send the batch in flight again to the current server at this time.
+    /// Send the batches in flight again to the current server at this time.
     retry_at: Option<Instant>,
     /// When each server was last given up for silence or a closed
     /// connection; cleared by its next reply.
@@ -129,6 +139,8 @@ pub struct HostCore {
     batches_acked: u64,
     bad_replies: u64,
     refused_batches: u64,
+    /// The most batches in flight at once over the run.
+    most_in_flight: usize,
     /// A deliberate bug, planted by [`HostCore::plant_forgotten_resend`].
     forgets_resend: bool,
 }
@@ -142,7 +154,7 @@ impl HostCore {
             out: VecDeque::new(),
             current: 0,
             connected: false,
-            in_flight: None,
+            in_flight: VecDeque::new(),
             next_batch_id: 1,
             retry_at: None,
             lost_at: vec![None; cfg.servers.len()],
@@ -164,6 +176,7 @@ impl HostCore {
             batches_acked: 0,
             bad_replies: 0,
             refused_batches: 0,
+            most_in_flight: 0,
             forgets_resend: false,
             cfg,
         };
@@ -200,12 +213,30 @@ impl HostCore {
         self.bad_replies
     }
 
+    /// The most batches that were in flight at once over the run.
+    pub fn most_in_flight(&self) -> usize {
+        self.most_in_flight
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finished
     }
 
+    /// When the current server is given up: the earliest deadline of a
+    /// batch sent to it.
     fn reply_deadline(&self) -> Option<Instant> {
-        self.in_flight.as_ref().filter(|_| self.connected).and_then(|f| f.deadline)
+        self.in_flight.iter().filter(|_| self.connected).filter_map(|f| f.deadline).min()
+    }
+
+    /// Whether a batch may be taken now: connected, room in flight (no
+    /// batch being taken already), and either a full batch's worth of
+    /// readings waiting or the gap since the last batch over and something
+    /// to say (`readings`, or every interval's first slice: a batch goes
+    /// out even without readings, so every sensor keeps receiving averages).
+    fn may_take(&self, now: Instant, pending: usize, first_slice: bool) -> bool {
+        let taking = self.out.iter().any(|a| matches!(a, Action::TakeBatch { .. }));
+        let room = self.connected && !taking && self.in_flight.len() < MAX_IN_FLIGHT;
+        room && (pending >= MAX_READINGS_PER_BATCH || (now >= self.next_batch_at && (first_slice || pending > 0)))
     }
 
     /// Silence past the reply deadline, a retry due, a tick due.
@@ -259,9 +290,7 @@ impl HostCore {
             return;
         }
         let first_slice = std::mem::take(&mut self.ticking_first_slice);
-        // Every interval a batch goes out even without readings, so every
-        // sensor keeps receiving averages.
-        if self.connected && self.in_flight.is_none() && now >= self.next_batch_at && (first_slice || pending > 0) {
+        if self.may_take(now, pending, first_slice) {
             self.take_batch(now);
         }
         if !first_slice {
@@ -303,8 +332,8 @@ impl HostCore {
         self.out.push_back(Action::Finish { drained });
     }
 
-    /// Plants a bug: after a failover the batch in flight is kept but never
-    /// sent again, so the host waits for a reply that cannot come. It
+    /// Plants a bug: after a failover the batches in flight are kept but
+    /// never sent again, so the host waits for a reply that cannot come. It
     /// exists so that the whole-system simulation (`fog-sim`) can show it
     /// catches a host that forgets to resend; nothing else calls it.
     #[doc(hidden)]
@@ -316,11 +345,12 @@ impl HostCore {
     pub fn handle_connected(&mut self, now: Instant, pending: usize) {
         tracing::info!(server = %self.server(), "connected");
         self.connected = true;
-        if let Some(flight) = self.in_flight.as_mut().filter(|_| self.forgets_resend) {
-            flight.deadline = None;
-        } else if self.in_flight.is_some() {
+        if self.forgets_resend {
+            self.in_flight.iter_mut().for_each(|f| f.deadline = None);
+        } else {
             self.send_in_flight(now);
-        } else if pending > 0 {
+        }
+        if pending > 0 && self.may_take(now, pending, false) {
             self.take_batch(now);
         }
     }
@@ -355,8 +385,8 @@ impl HostCore {
         self.failover(Duration::ZERO);
     }
 
-    /// Drops the current server and connects to the next one. The batch in
-    /// flight, if any, is sent there once connected.
+    /// Drops the current server and connects to the next one. The batches
+    /// in flight are sent there once connected.
     fn failover(&mut self, pause: Duration) {
         self.connected = false;
         self.retry_at = None;
@@ -368,26 +398,42 @@ impl HostCore {
 
     fn take_batch(&mut self, now: Instant) {
         self.next_batch_at = now + self.batch_gap;
-        self.out.push_back(Action::TakeBatch);
-    }
-
-    /// The batch asked for: it goes out with the highest epoch seen.
-    pub fn handle_batch(&mut self, now: Instant, sensors: Vec<SensorBatch>) {
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
+        self.out.push_back(Action::TakeBatch { batch_id });
+    }
+
+    /// The batch asked for: it goes out with the highest epoch seen. A
+    /// batch that is not in flight (the run is over, or another batch with
+    /// its id went) is not sent.
+    pub fn handle_batch(&mut self, now: Instant, batch_id: u64, sensors: Vec<SensorBatch>) {
+        if self.finished || self.in_flight.len() >= MAX_IN_FLIGHT || self.in_flight.iter().any(|f| f.batch_id == batch_id) {
+            return; // its readings are still in the sensors' resend buffers
+        }
         let request = Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
         match fog_protocol::encode(&request) {
             Ok(frame) => {
-                self.in_flight = Some(InFlight { batch_id, frame, deadline: None });
-                self.send_in_flight(now);
+                self.in_flight.push_back(InFlight { batch_id, frame, deadline: None });
+                self.most_in_flight = self.most_in_flight.max(self.in_flight.len());
+                if self.connected {
+                    self.send(now, self.in_flight.len() - 1);
+                }
             }
             // The readings are still in the sensors' resend buffers.
             Err(e) => tracing::error!("cannot encode batch {batch_id}: {e}"),
         }
     }
 
+    /// Sends every batch in flight, oldest first (after a failover, or
+    /// when a server that was not active yet is asked again).
     fn send_in_flight(&mut self, now: Instant) {
-        let Some(flight) = self.in_flight.as_mut().filter(|_| self.connected) else { return };
+        if self.connected {
+            (0..self.in_flight.len()).for_each(|k| self.send(now, k));
+        }
+    }
+
+    fn send(&mut self, now: Instant, k: usize) {
+        let flight = &mut self.in_flight[k];
         flight.deadline = Some(now + self.cfg.timeout);
         self.out.push_back(Action::Send { frame: flight.frame.clone() });
     }
@@ -412,10 +458,10 @@ impl HostCore {
     pub fn handle_reply(&mut self, now: Instant, reply: Reply) {
         match reply {
             Reply::Batch(reply) => {
-                if self.in_flight.as_ref().is_none_or(|f| f.batch_id != reply.batch_id) {
-                    return; // a late answer to a batch already resent elsewhere
-                }
-                self.in_flight = None;
+                let Some(k) = self.in_flight.iter().position(|f| f.batch_id == reply.batch_id) else {
+                    return; // a late answer to a batch already answered
+                };
+                self.in_flight.remove(k);
                 self.lost_at[self.current] = None;
                 self.batches_acked += 1;
                 self.note_epoch(reply.epoch, reply.seal);
@@ -423,6 +469,9 @@ impl HostCore {
             }
             Reply::NotActive { state, epoch, seal } => {
                 self.note_epoch(epoch, seal);
+                if !self.connected {
+                    return; // another batch's answer: this server was left already
+                }
                 let next = (self.current + 1) % self.cfg.servers.len();
                 let next_lost_recently =
                     self.lost_at[next].is_some_and(|at| now.saturating_duration_since(at) < self.cfg.timeout * 3);
@@ -440,8 +489,8 @@ impl HostCore {
                 }
             }
             Reply::Refused { batch_id, reason } => {
-                // The batch stays in flight and goes again at its deadline;
-                // its readings stay in the sensors until acked.
+                // The batch stays in flight and goes again after its
+                // deadline; its readings stay in the sensors until acked.
                 self.refused_batches += 1;
                 if self.refused_batches == 1 {
                     tracing::warn!(server = %self.server(), batch_id, "batch refused: {reason}; it will be sent again");
@@ -454,7 +503,7 @@ impl HostCore {
     /// The reply was applied; `pending` readings wait in the sensors (more
     /// than one batch held, or produced since).
     pub fn handle_applied(&mut self, now: Instant, pending: usize) {
-        if self.connected && self.in_flight.is_none() && pending > 0 && now >= self.next_batch_at {
+        if pending > 0 && self.may_take(now, pending, false) {
             self.take_batch(now);
         }
     }

@@ -304,14 +304,14 @@ impl Driver<'_> {
                     let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status(now())));
                     core.handle_ticked(now(), self.fleet.pending(), all_acked);
                 }
-                Action::TakeBatch => {
+                Action::TakeBatch { batch_id } => {
                     // The batch's readings are written (with a state
                     // directory) before it leaves; if they cannot be, it
                     // does not leave (its readings stay in their sensors'
                     // resend buffers).
-                    let (sensors, _) = self.fleet.take_batch(now());
+                    let (sensors, _) = self.fleet.take_batch(now(), batch_id);
                     if self.commit() {
-                        core.handle_batch(now(), sensors);
+                        core.handle_batch(now(), batch_id, sensors);
                     }
                 }
                 Action::ApplyReply(reply) => {

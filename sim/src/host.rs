@@ -162,10 +162,10 @@ impl SimHost {
                     let all_acked = refresh.then(|| self.fleet.refresh_status(now));
                     self.core.handle_ticked(now, self.fleet.pending(), all_acked);
                 }
-                Action::TakeBatch => {
-                    let (sensors, _) = self.fleet.take_batch(now);
+                Action::TakeBatch { batch_id } => {
+                    let (sensors, _) = self.fleet.take_batch(now, batch_id);
                     if self.fleet.commit().is_ok() {
-                        self.core.handle_batch(now, sensors);
+                        self.core.handle_batch(now, batch_id, sensors);
                     }
                 }
                 Action::ApplyReply(reply) => {

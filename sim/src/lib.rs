@@ -54,6 +54,8 @@ pub struct RunFacts {
     pub epoch: u64,
     /// Sensor restarts after planted traps.
     pub sensor_restarts: u64,
+    /// The most batches the host had in flight at once.
+    pub most_in_flight: usize,
 }
 
 /// Runs one seed; on failure, what broke and the faults of the run.
@@ -73,6 +75,7 @@ pub fn run_seed(seed: u64, setup: impl FnOnce(&mut World)) -> Result<RunFacts, S
             failovers: world.host.core.failovers(),
             epoch: world.active().map_or(0, fog_server::Node::epoch),
             sensor_restarts: world.host.fleet.restarts,
+            most_in_flight: world.host.core.most_in_flight(),
         }),
         Err(e) => {
             let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();

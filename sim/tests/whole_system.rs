@@ -62,10 +62,12 @@ fn thousands_of_seeded_runs_lose_nothing_and_count_nothing_twice() {
     let stepped = count(&|r| r.clock_steps > 0);
     let failed_over = count(&|r| r.failovers > 0);
     let restarted = count(&|r| r.sensor_restarts > 0);
+    let pipelined = count(&|r| r.most_in_flight > 1);
     let rogue_all_kinds = count(&|r| r.rogue.forged_epochs > 0 && r.rogue.poison_readings > 0 && r.rogue.big_batches > 0);
     let rogue_refused = count(&|r| r.rogue.refused > 0);
     println!("{forked} of {seeds} seeds had sensors served by both sides of a split (averages superseded)");
     println!("{stepped} of {seeds} seeds stepped a wall clock; in {failed_over} the host failed over; in {restarted} sensors trapped and were restarted");
+    println!("in {pipelined} of {seeds} seeds the host had more than one batch in flight");
     println!("{rogue_all_kinds} of {seeds} seeds had the rogue forge epochs, poison readings and send its big batch; in {rogue_refused} its readings were refused");
     if let Some((seed, why)) = failed.first() {
         panic!(
@@ -79,6 +81,7 @@ fn thousands_of_seeded_runs_lose_nothing_and_count_nothing_twice() {
         assert!(stepped * 10 >= seeds * 3, "only {stepped} of {seeds} seeds stepped a clock");
         assert!(failed_over * 10 >= seeds * 5, "the host failed over in only {failed_over} of {seeds} seeds");
         assert!(restarted * 100 >= seeds * 15, "sensors were restarted in only {restarted} of {seeds} seeds");
+        assert!(pipelined * 10 >= seeds * 8, "the host had more than one batch in flight in only {pipelined} of {seeds} seeds");
         assert!(rogue_all_kinds * 10 >= seeds * 8, "the rogue fired every attack in only {rogue_all_kinds} of {seeds} seeds");
         assert!(rogue_refused * 10 >= seeds * 8, "the rogue had readings refused in only {rogue_refused} of {seeds} seeds");
     }

@@ -201,7 +201,7 @@ fn measure(args: &Args, n: u32) -> anyhow::Result<FleetFigures> {
         fleet.commit_all(Instant::now())?;
         snapshot += t.elapsed();
         // Drop what a batch would have taken, so memory stays flat.
-        let _ = fleet.take_batch(Instant::now());
+        let _ = fleet.take_batch(Instant::now(), 0);
     }
     let rss_after_rounds = rss_kib();
     let per = |d: Duration| d.as_secs_f64() * 1e6 / (f64::from(n) * f64::from(rounds));

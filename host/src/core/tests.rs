@@ -85,9 +85,9 @@ impl Sim {
                     let all_acked = refresh.then_some(self.all_acked);
                     self.core.handle_ticked(self.now, self.pending, all_acked);
                 }
-                Action::TakeBatch => {
-                    self.pending = 0;
-                    self.core.handle_batch(self.now, Vec::new());
+                Action::TakeBatch { batch_id } => {
+                    self.pending -= self.pending.min(MAX_READINGS_PER_BATCH);
+                    self.core.handle_batch(self.now, *batch_id, Vec::new());
                 }
                 Action::ApplyReply(_) => self.core.handle_applied(self.now, self.pending),
                 Action::Send { frame } if self.auto_ack => {
@@ -126,7 +126,7 @@ impl Sim {
         let log = std::mem::take(&mut self.log);
         log.into_iter()
             .map(|(_, a)| a)
-            .filter(|a| !matches!(a, Action::Tick { .. } | Action::TakeBatch | Action::ApplyReply(_)))
+            .filter(|a| !matches!(a, Action::Tick { .. } | Action::TakeBatch { .. } | Action::ApplyReply(_)))
             .collect()
     }
 
@@ -157,12 +157,15 @@ fn batch_in_flight() -> (Sim, Vec<u8>) {
 fn silence_sends_the_batch_again_to_the_other_server_after_the_timeout() {
     let (mut sim, frame) = batch_in_flight();
     sim.run_until(TIMEOUT - ms(1));
-    assert_eq!(sim.asked(), vec![], "nothing before the timeout");
+    // Meanwhile the next interval's batch went: batches do not wait for
+    // each other's replies.
+    let later = sim.sent();
+    assert_eq!(later.iter().map(|f| request(f).0).collect::<Vec<_>>(), vec![2], "nothing sent again before the timeout");
     sim.run_until(TIMEOUT);
     assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
     assert_eq!(sim.core.server(), "tcp://backup");
     sim.connected();
-    assert_eq!(sim.sent(), vec![frame], "the same batch, unchanged");
+    assert_eq!(sim.sent(), [vec![frame], later].concat(), "every batch in flight, unchanged, oldest first");
     assert_eq!(sim.core.failovers(), 1);
 }
 
@@ -178,17 +181,23 @@ fn not_active_moves_to_the_other_server_after_a_pause() {
 #[test]
 fn not_active_right_after_losing_the_other_server_asks_again_there() {
     let (mut sim, frame) = batch_in_flight();
+    sim.run_until(TIMEOUT - ms(1));
+    let later = sim.sent();
     sim.run_until(TIMEOUT);
     assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
     sim.connected();
-    assert_eq!(sim.sent(), vec![frame.clone()]);
-    // The backup has not yet noticed that the primary is gone.
-    sim.reply(Reply::NotActive { state: NodeState::Backup, epoch: 0, seal: [0; 16] });
+    let in_flight = [vec![frame], later].concat();
+    assert_eq!(sim.sent(), in_flight);
+    // The backup has not yet noticed that the primary is gone; it answers
+    // every batch so.
+    for _ in &in_flight {
+        sim.reply(Reply::NotActive { state: NodeState::Backup, epoch: 0, seal: [0; 16] });
+    }
     assert_eq!(sim.asked(), vec![], "no failover back to the server just lost");
     sim.run_until(TIMEOUT + NOT_ACTIVE_RETRY - ms(1));
     assert_eq!(sim.asked(), vec![]);
     sim.run_until(TIMEOUT + NOT_ACTIVE_RETRY);
-    assert_eq!(sim.asked(), vec![Action::Send { frame }], "asked again after the retry pause");
+    assert_eq!(sim.sent(), in_flight, "asked again after the retry pause");
     assert_eq!(sim.core.server(), "tcp://backup");
 }
 
@@ -366,10 +375,12 @@ fn a_refused_batch_stays_in_flight_until_its_deadline() {
     let (mut sim, frame) = batch_in_flight();
     sim.reply(Reply::Refused { batch_id: 1, reason: Refusal::Busy });
     assert_eq!(sim.asked(), vec![]);
+    sim.run_until(TIMEOUT - ms(1));
+    let later = sim.sent();
     sim.run_until(TIMEOUT);
     assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
     sim.connected();
-    assert_eq!(sim.sent(), vec![frame]);
+    assert_eq!(sim.sent(), [vec![frame], later].concat());
 }
 
 #[test]
@@ -409,8 +420,62 @@ fn a_reply_out_of_bounds_is_dropped_and_counted_and_the_batch_goes_again() {
     assert_eq!(sim.core.batches_acked(), 0);
     // The batch is still in flight: at its deadline it goes to the other
     // server, as after silence.
+    sim.run_until(TIMEOUT - ms(1));
+    let later = sim.sent();
     sim.run_until(TIMEOUT);
     assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: Duration::ZERO }]);
     sim.connected();
-    assert_eq!(sim.sent(), vec![frame]);
+    assert_eq!(sim.sent(), [vec![frame], later].concat());
+}
+
+#[test]
+fn batches_go_while_earlier_ones_wait_for_their_replies_up_to_the_bound() {
+    let mut sim = Sim::new(CoreConfig { timeout: INTERVAL * 10, ..config(1000) });
+    sim.produce_per_tick = 100;
+    sim.connected();
+    sim.run_until(INTERVAL * 3);
+    let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
+    assert_eq!(ids, (1..=MAX_IN_FLIGHT as u64).collect::<Vec<_>>(), "no more than the bound unanswered");
+    assert!(sim.pending > 0, "readings wait for room");
+    // Answers in any order: each frees a place.
+    sim.reply(ack(3, 0, [0; 16]));
+    sim.reply(ack(1, 0, [0; 16]));
+    sim.run_until(INTERVAL * 4);
+    let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
+    assert_eq!(ids, vec![5, 6]);
+    assert_eq!(sim.core.batches_acked(), 2);
+    // A second answer to a batch already answered changes nothing.
+    sim.reply(ack(3, 0, [0; 16]));
+    assert_eq!(sim.core.batches_acked(), 2);
+    assert!(!sim.asked().iter().any(|a| matches!(a, Action::ApplyReply(_))));
+}
+
+#[test]
+fn a_full_batch_of_readings_goes_without_waiting_for_the_gap() {
+    let mut sim = Sim::new(config(1000));
+    sim.produce_per_tick = 3 * MAX_READINGS_PER_BATCH;
+    sim.auto_ack = true;
+    sim.connected();
+    sim.run_until(INTERVAL - ms(1));
+    let sent = sim.sent().len();
+    // Ten slices of three full batches each, every one answered at once.
+    assert!(sent > 10 * 2, "only {sent} batches in one interval");
+    assert!(sim.pending < MAX_READINGS_PER_BATCH, "{} readings left waiting", sim.pending);
+}
+
+#[test]
+fn a_server_that_answers_every_batch_in_flight_not_active_is_left_once() {
+    let mut sim = Sim::new(CoreConfig { timeout: INTERVAL * 10, ..config(1000) });
+    sim.produce_per_tick = 100;
+    sim.connected();
+    sim.run_until(INTERVAL * 3);
+    assert_eq!(sim.sent().len(), MAX_IN_FLIGHT);
+    for _ in 0..MAX_IN_FLIGHT {
+        sim.reply(Reply::NotActive { state: NodeState::Passive, epoch: 0, seal: [0; 16] });
+    }
+    assert_eq!(sim.asked(), vec![Action::Connect { server: 1, after: NOT_ACTIVE_RETRY }]);
+    assert_eq!(sim.core.failovers(), 1);
+    sim.connected();
+    let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
+    assert_eq!(ids, (1..=MAX_IN_FLIGHT as u64).collect::<Vec<_>>(), "all of them, oldest first");
 }

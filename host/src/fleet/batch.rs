@@ -24,6 +24,29 @@ use super::{Fleet, Life, SensorSlot};
 /// split) and a sensor that is idle still hears of new averages.
 const FULL_BATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Batches whose cursors the fleet remembers (more than the host keeps in
+/// flight, see [`crate::core::MAX_IN_FLIGHT`]).
+const CARRIED_BATCHES: usize = 2 * crate::core::MAX_IN_FLIGHT;
+
+/// The cursors one batch carried, by sensor index (sorted): a reply's
+/// reposition answers the cursor its batch carried, and is given only to
+/// a sensor still there. One that moved since (it took averages, or an
+/// earlier reply repositioned it) is checked again by a later batch; with
+/// several batches in flight the same stale cursor can be answered more
+/// than once, and a reposition given twice would count the averages it
+/// skips twice.
+pub(super) struct Carried {
+    batch_id: u64,
+    cursors: Vec<(usize, Option<AverageCursor>)>,
+}
+
+impl Carried {
+    fn cursor_of(&self, i: usize) -> Option<Option<AverageCursor>> {
+        let k = self.cursors.binary_search_by_key(&i, |&(j, _)| j).ok()?;
+        Some(self.cursors[k].1)
+    }
+}
+
 /// An ack as a sensor takes it: `(incarnation, next_seq, also)`.
 pub(super) type AckView = (u64, u64, Vec<u64>);
 
@@ -90,13 +113,16 @@ impl<R: SensorRuntime> Fleet<R> {
     /// continues needs no place in a batch: every reply brings what follows
     /// the lowest cursor in it, and the sensor takes it from the list.
     ///
+    /// `batch_id` is the batch's id: the reply to it carries the same, and
+    /// its repositions are checked against the cursors this batch carried.
+    ///
     /// Call [`Fleet::commit`] after it, before the batch is sent.
     ///
     /// A batch holds at most [`MAX_SENSORS_PER_BATCH`] sensors and
     /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
     /// does not fit goes first in the next batch, which is sent as soon as
     /// the reply comes (`pending` stays above zero).
-    pub fn take_batch(&mut self, now: Instant) -> (Vec<SensorBatch>, usize) {
+    pub fn take_batch(&mut self, now: Instant, batch_id: u64) -> (Vec<SensorBatch>, usize) {
         self.now = now;
         if self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY) {
             self.last_full_batch = Some(now);
@@ -106,6 +132,7 @@ impl<R: SensorRuntime> Fleet<R> {
         let averages = &self.averages;
         let news = |s: &SensorSlot<R::Sensor>| !s.pending.is_empty() || !averages.continues(s.cursor);
         let (mut sensors, mut readings) = (Vec::new(), 0usize);
+        let mut cursors = Vec::new();
         let mut visited = 0;
         while visited < n && sensors.len() < MAX_SENSORS_PER_BATCH && readings < MAX_READINGS_PER_BATCH {
             let i = (self.batch_start + visited) % n;
@@ -118,16 +145,24 @@ impl<R: SensorRuntime> Fleet<R> {
             }
             let take = s.pending.len().min(MAX_READINGS_PER_BATCH - readings);
             readings += take;
+            cursors.push((i, s.cursor));
             sensors.push(batch_entry(s, take));
         }
         self.batch_start = (self.batch_start + visited) % n.max(1);
         if sensors.is_empty() {
             // Nothing new anywhere: one sensor still asks for what follows
             // its cursor, so new averages keep coming.
-            if let Some(s) = self.sensors.iter_mut().find(|s| matches!(s.life, Life::Running(_))) {
+            if let Some((i, s)) = self.sensors.iter_mut().enumerate().find(|(_, s)| matches!(s.life, Life::Running(_))) {
+                cursors.push((i, s.cursor));
                 sensors.push(batch_entry(s, 0));
             }
         }
+        // In visiting order, which wraps around at most once.
+        cursors.sort_unstable_by_key(|&(i, _)| i);
+        if self.carried.len() == CARRIED_BATCHES {
+            self.carried.pop_front();
+        }
+        self.carried.push_back(Carried { batch_id, cursors });
         (sensors, readings)
     }
 
@@ -155,7 +190,7 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Routes a server's reply to the sensors it concerns: its averages
     /// into the fleet's list and its acks into each sensor's unsent ack,
     /// which they take before their next tick, and its repositions given
-    /// now. A sensor that is not running misses them; once restarted it
+    /// now to the sensors still at the cursor the batch carried. A sensor that is not running misses them; once restarted it
     /// resends what was not acked in its saved state, and the server acks
     /// it again.
     pub fn apply(&mut self, now: Instant, reply: &BatchReply) {
@@ -174,6 +209,7 @@ impl<R: SensorRuntime> Fleet<R> {
         if let Some(end) = log_end {
             self.averages.end_at(end);
         }
+        let carried = self.carried.iter().position(|c| c.batch_id == reply.batch_id).and_then(|k| self.carried.remove(k));
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
         if acks.len() + repositions.len() > 0 {
@@ -183,6 +219,9 @@ impl<R: SensorRuntime> Fleet<R> {
                 slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
                 let Life::Running(inst) = &mut slot.life else { return };
                 for &k in repositions.of(i) {
+                    if carried.as_ref().and_then(|c| c.cursor_of(i)) != Some(slot.cursor) {
+                        continue; // not where this batch found it (see [`Carried`])
+                    }
                     let r = &reply.repositions[k];
                     match inst.on_reposition(r.rewind_to, r.to.into()) {
                         Ok(cursor) => slot.cursor = cursor.map(AverageCursor::from),

@@ -231,6 +231,8 @@ pub struct Fleet<R: SensorRuntime = SensorEngine> {
     batch_start: usize,
     /// Sensors of the current once-a-second pass not yet in a batch.
     full_pass_left: usize,
+    /// The cursors of the last batches taken, for their replies.
+    carried: std::collections::VecDeque<batch::Carried>,
     /// Readings refused by a server, per reason (logged once per reason).
     refused: std::collections::BTreeMap<String, u64>,
     /// The time of the call under way: the fleet reads no clock, its
@@ -324,6 +326,7 @@ impl<R: SensorRuntime> Fleet<R> {
             last_full_batch: None,
             batch_start: 0,
             full_pass_left: 0,
+            carried: std::collections::VecDeque::new(),
             refused: std::collections::BTreeMap::new(),
             now,
         })
