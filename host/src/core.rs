@@ -274,9 +274,12 @@ impl HostCore {
             self.drain_deadline = Some(now + self.cfg.drain_timeout);
         }
         // While draining the statuses are read anyway; the progress line
-        // uses the same reading.
+        // uses the same reading. Otherwise it uses what each sensor's last
+        // tick said, read again for it only when ticks are further apart
+        // than progress lines: a read of every sensor is a call into each.
         let progress_due = self.next_progress.is_some_and(|at| now >= at);
-        let refresh = first_slice && (self.drain_deadline.is_some() || progress_due);
+        let stale_for_progress = self.cfg.progress.is_some_and(|every| self.cfg.interval > every);
+        let refresh = first_slice && (self.drain_deadline.is_some() || (progress_due && stale_for_progress));
         self.ticking_first_slice = first_slice;
         let produce = self.drain_deadline.is_none();
         self.out.push_back(Action::Tick { slice, slices: self.slices, produce, refresh });

@@ -19,6 +19,9 @@ use fog_host::state::StateStore;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run roadside speed sensors (WebAssembly components) and send their
 /// readings to a fog server pair.
 ///

@@ -218,6 +218,9 @@ pub struct Fleet<R: SensorRuntime = SensorEngine> {
     pub restarts: u64,
     /// Hot swaps done.
     pub swaps: u64,
+    /// When the first sensor waiting for a restart is due (`None`: none
+    /// waits), so a tick does not look at every sensor for one.
+    next_restart: Option<Instant>,
     /// The averages replies brought, which each sensor takes from.
     averages: news::Averages,
     /// When the fleet last looked for sensors to catch up.
@@ -320,6 +323,7 @@ impl<R: SensorRuntime> Fleet<R> {
             failures: 0,
             restarts: 0,
             swaps: 0,
+            next_restart: None,
             averages: news::Averages::default(),
             last_catch_up: None,
             swapping: None,

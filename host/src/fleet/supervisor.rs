@@ -25,7 +25,7 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Restarts the failed sensors whose backoff has passed (once a hot swap
     /// under way is over: on the component it leaves running).
     pub fn restart_due(&mut self, now: Instant) {
-        if self.swapping() {
+        if self.swapping() || self.next_restart.is_none_or(|at| now < at) {
             return;
         }
         self.now = now;
@@ -34,6 +34,20 @@ impl<R: SensorRuntime> Fleet<R> {
                 self.restart(i, now);
             }
         }
+        // A restart that failed was scheduled again; the others wait on.
+        self.next_restart = self
+            .sensors
+            .iter()
+            .filter_map(|s| match s.life {
+                Life::Restarting { at } => Some(at),
+                _ => None,
+            })
+            .min();
+    }
+
+    /// Notes that a sensor is to restart at `at`.
+    pub(super) fn restart_at(&mut self, at: Instant) {
+        self.next_restart = Some(self.next_restart.map_or(at, |t| t.min(at)));
     }
 
     fn restart(&mut self, i: usize, now: Instant) {
@@ -129,6 +143,7 @@ impl<R: SensorRuntime> Fleet<R> {
                 slot.failures,
                 max_restarts + 1
             );
+            self.restart_at(now + wait);
         }
     }
 }

@@ -314,6 +314,7 @@ impl<R: SensorRuntime> Fleet<R> {
             }
         }
         if revived > 0 {
+            self.restart_at(now);
             tracing::info!("hot swap: {revived} quarantined sensors get another chance on the new component");
         }
         Swapped { outcome: Ok(count), retired, steps, longest_step }
