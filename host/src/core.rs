@@ -97,7 +97,9 @@ pub enum Action {
 struct InFlight {
     batch_id: u64,
     frame: Vec<u8>,
-    /// When the current server is given up; set when the frame is sent.
+    /// When the current server is given up, if this is the oldest batch
+    /// in flight: a timeout after it was sent, or after the batch ahead of
+    /// it was answered if that was later. Set when the frame is sent.
     deadline: Option<Instant>,
 }
 
@@ -222,10 +224,14 @@ impl HostCore {
         self.finished
     }
 
-    /// When the current server is given up: the earliest deadline of a
-    /// batch sent to it.
+    /// When the current server is given up: the deadline of the oldest
+    /// batch in flight. A server answers in order, so a batch behind it
+    /// waits for it; its own timeout starts once the one ahead is answered
+    /// (see [`HostCore::handle_reply`]). A server busy with several batches
+    /// is not left for the time they queue, and one that answers the later
+    /// batches but not the oldest is.
     fn reply_deadline(&self) -> Option<Instant> {
-        self.in_flight.iter().filter(|_| self.connected).filter_map(|f| f.deadline).min()
+        self.in_flight.front().filter(|_| self.connected).and_then(|f| f.deadline)
     }
 
     /// Whether a batch may be taken now: connected, room in flight (no
@@ -465,6 +471,13 @@ impl HostCore {
                     return; // a late answer to a batch already answered
                 };
                 self.in_flight.remove(k);
+                if k == 0 {
+                    // The next oldest now has the server's attention.
+                    let timeout = self.cfg.timeout;
+                    if let Some(deadline) = self.in_flight.front_mut().and_then(|f| f.deadline.as_mut()) {
+                        *deadline = (*deadline).max(now + timeout);
+                    }
+                }
                 self.lost_at[self.current] = None;
                 self.batches_acked += 1;
                 self.note_epoch(reply.epoch, reply.seal);

@@ -170,7 +170,13 @@ pub async fn run(
             break drained;
         }
         let wake = core.poll_timeout().map(Instant::from_std);
+        // In this order: a loop that was busy (a large fleet's tick) takes
+        // the replies that came meanwhile before it looks at the clock, so
+        // a reply waiting to be read is never taken for silence. Frames
+        // come only as answers to batches sent, so timers are not starved;
+        // a swap's steps, always ready, come last.
         tokio::select! {
+            biased;
             () = &mut shutdown, if !interrupted => {
                 interrupted = true;
                 core.handle_shutdown(now());
@@ -227,8 +233,8 @@ pub async fn run(
                 loading = None;
                 d.begin_swap(res);
             }
-            () = std::future::ready(()), if d.fleet.swapping() => d.swap_step(),
             _ = publish.tick(), if cfg.health.is_some() => d.publish(&core),
+            () = std::future::ready(()), if d.fleet.swapping() => d.swap_step(),
         }
     };
     if d.fleet.cancel_swap().is_some() {

@@ -479,3 +479,27 @@ fn a_server_that_answers_every_batch_in_flight_not_active_is_left_once() {
     let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
     assert_eq!(ids, (1..=MAX_IN_FLIGHT as u64).collect::<Vec<_>>(), "all of them, oldest first");
 }
+
+#[test]
+fn a_server_answering_in_order_gets_a_timeout_per_batch_and_one_that_skips_the_oldest_is_left() {
+    let mut sim = Sim::new(config(1000));
+    sim.produce_per_tick = 100;
+    sim.connected();
+    // Batches go every 25 ms (a quarter interval) up to the bound.
+    sim.run_until(TIMEOUT - ms(1));
+    let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
+    assert_eq!(ids, (1..=MAX_IN_FLIGHT as u64).collect::<Vec<_>>());
+    // Batch 1 is answered just before its timeout. Batch 2, sent 25 ms
+    // after it, would time out 25 ms later; it gets a whole timeout from
+    // the answer instead, as the server only now turns to it.
+    sim.reply(ack(1, 0, [0; 16]));
+    let sent: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
+    assert_eq!(sent, vec![MAX_IN_FLIGHT as u64 + 1], "the answer made room for one more");
+    sim.run_until(TIMEOUT * 2 - ms(2));
+    assert!(!sim.asked().iter().any(|a| matches!(a, Action::Connect { .. })), "no failover while the server answers in turn");
+    // It answers the newest batch, never batch 2: it is left at batch 2's
+    // timeout.
+    sim.reply(ack(MAX_IN_FLIGHT as u64 + 1, 0, [0; 16]));
+    sim.run_until(TIMEOUT * 2);
+    assert!(sim.asked().contains(&Action::Connect { server: 1, after: Duration::ZERO }));
+}
