@@ -285,7 +285,9 @@ impl Generator {
             4 => {
                 let mut state = vec![0u8; rng.random_range(0..64)];
                 rng.fill(&mut state[..]);
-                PeerMessage::Snapshot { epoch, lsn: self.lsn(rng, cx), state }
+                let parts = hostile_u64(rng, cx) as u32;
+                let part = if rng.random() { 0 } else { hostile_u64(rng, cx) as u32 };
+                PeerMessage::Snapshot { epoch, lsn: self.lsn(rng, cx), part, parts, state }
             }
             5 => PeerMessage::Merge {
                 epoch,

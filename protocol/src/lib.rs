@@ -32,6 +32,10 @@ pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest frame accepted or produced, in bytes. The transport refuses a
 /// longer message before it allocates for it (ZeroMQ's `ZMQ_MAXMSGSIZE`).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of a snapshot in one [`PeerMessage::Snapshot`] at most...
+pub const SNAPSHOT_PART_BYTES: usize = 8 * 1024 * 1024;
+/// ... and parts of one snapshot at most (1 GiB).
+pub const MAX_SNAPSHOT_PARTS: u32 = 128;
 /// Most readings a single batch may carry: a batch is a few milliseconds of
 /// a server's time at most. A host with more to send sends more batches.
 pub const MAX_READINGS_PER_BATCH: usize = 65_536;
@@ -205,8 +209,11 @@ pub enum PeerMessage {
     /// Passive to active: send me a snapshot (the Clone pattern: a snapshot,
     /// then the entries that follow it).
     Join { epoch: u64 },
-    /// Active to passive: the replicated state as of entry `lsn`.
-    Snapshot { epoch: u64, lsn: u64, state: Vec<u8> },
+    /// Active to passive: part `part` (from 0) of `parts` of the replicated
+    /// state as of entry `lsn`, each at most [`SNAPSHOT_PART_BYTES`]: a
+    /// large site's state (half a million sensors' ledgers) does not fit
+    /// in one frame.
+    Snapshot { epoch: u64, lsn: u64, part: u32, parts: u32, state: Vec<u8> },
     /// A node that stepped down to the other: readings it acked while it
     /// served alone, which the other must count (idempotent by id).
     Merge { epoch: u64, id: u64, sensors: Vec<SensorBatch> },

@@ -491,27 +491,34 @@ mod tests {
     use super::*;
     use crate::runtime::WitReading;
 
+    impl<S> SensorSlot<S> {
+        /// Sensor 1 of incarnation 7, with nothing pending, taken or saved.
+        pub(super) fn for_test(life: Life<S>, now: Instant) -> Self {
+            SensorSlot {
+                id: 1,
+                segment: 0,
+                incarnation: 7,
+                life,
+                failures: 0,
+                running_since: now,
+                pending: Vec::new(),
+                cursor: None,
+                status: None,
+                saved: Saved { snapshot: Vec::new(), since: Vec::new() },
+                saved_at: now,
+                snapshot_unwritten: false,
+                since_written: 0,
+                last_ack: None,
+                unsent_ack: None,
+                news_taken_at: now,
+            }
+        }
+    }
+
     #[test]
     fn a_resend_of_a_reading_still_waiting_to_leave_is_not_taken_twice() {
         let now = Instant::now();
-        let mut slot: SensorSlot<()> = SensorSlot {
-            id: 1,
-            segment: 0,
-            incarnation: 7,
-            life: Life::Quarantined,
-            failures: 0,
-            running_since: now,
-            pending: Vec::new(),
-            cursor: None,
-            status: None,
-            saved: Saved { snapshot: Vec::new(), since: Vec::new() },
-            saved_at: now,
-            snapshot_unwritten: false,
-            since_written: 0,
-            last_ack: None,
-            unsent_ack: None,
-            news_taken_at: now,
-        };
+        let mut slot: SensorSlot<()> = SensorSlot::for_test(Life::Quarantined, now);
         let r = |seq| WitReading { seq, speed_kmh: 90, timestamp_ms: 1_000 + seq };
         slot.take_readings(&[r(5), r(6)]);
         // 5 and 6 again (resent while still waiting), 7 new, 2 resent after it left.

@@ -31,6 +31,12 @@ use super::{Fleet, Life, SensorSlot};
 pub(super) const CATCH_UP_AFTER: Duration = Duration::from_secs(2);
 /// How often the fleet looks for such sensors.
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+/// Averages given to a sensor in one call at most; one further behind
+/// takes them in several calls. A list is lowered into the sensor's own
+/// memory, whose allocator keeps a freed block for the next of its size:
+/// a sensor handed a long list once would hold its size for good, which
+/// over half a million sensors is gigabytes.
+pub(super) const AVERAGES_PER_CALL: usize = 32;
 /// Averages the fleet holds at most: sixteen replies' worth. A sensor
 /// further behind than that is brought back by the server, which sees its
 /// cursor in a batch.
@@ -139,14 +145,24 @@ impl Averages {
 
 impl<S: SensorCalls> SensorSlot<S> {
     /// Gives the running instance its unsent ack and the averages that
-    /// follow its cursor; a failed call is returned with its name.
+    /// follow its cursor, [`AVERAGES_PER_CALL`] at a time; a failed call
+    /// is returned with its name.
     pub(super) fn take_news(&mut self, averages: &Averages, now: Instant) -> Result<(), (&'static str, wasmtime::Error)> {
         self.give_ack().map_err(|e| ("on-ack", e))?;
         let Life::Running(inst) = &mut self.life else { return Ok(()) };
-        let news = averages.after(self.cursor);
-        if !news.is_empty() {
-            let cursor = inst.on_averages(news).map_err(|e| ("on-averages", e))?;
+        loop {
+            let news = averages.after(self.cursor);
+            if news.is_empty() {
+                break;
+            }
+            let before = self.cursor;
+            let cursor = inst.on_averages(&news[..news.len().min(AVERAGES_PER_CALL)]).map_err(|e| ("on-averages", e))?;
             self.cursor = cursor.map(AverageCursor::from);
+            // A sensor that did not move stopped where the list breaks its
+            // chain: it waits for the server.
+            if self.cursor.map(|c| c.seq) <= before.map(|c| c.seq) {
+                break;
+            }
         }
         self.news_taken_at = now;
         Ok(())
@@ -296,5 +312,65 @@ mod tests {
         list.merge(&long[(start - 1 - max) as usize..(start - 1) as usize]);
         assert_eq!(list.all().len(), MAX_HELD);
         assert_eq!(list.all()[0].seq, start - max);
+    }
+
+    /// A sensor that applies every average it is given and notes how many
+    /// came in each call; or, `stuck_at` a position, applies none.
+    #[derive(Default)]
+    struct Counting {
+        calls: Vec<usize>,
+        stuck_at: Option<crate::runtime::WitCursor>,
+    }
+
+    impl SensorCalls for Counting {
+        fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<crate::runtime::WitCursor>> {
+            self.calls.push(averages.len());
+            let last = averages.last().expect("a call brings averages");
+            Ok(Some(self.stuck_at.unwrap_or(crate::runtime::WitCursor { seq: last.seq, epoch: last.epoch, chain: last.chain })))
+        }
+        fn on_ack(&mut self, _: u64, _: u64, _: &[u64]) -> wasmtime::Result<()> {
+            Ok(())
+        }
+        fn init(&mut self) -> wasmtime::Result<u64> {
+            unreachable!()
+        }
+        fn tick(&mut self, _: bool) -> wasmtime::Result<crate::runtime::TickResult> {
+            unreachable!()
+        }
+        fn on_reposition(&mut self, _: Option<u64>, _: crate::runtime::WitCursor) -> wasmtime::Result<Option<crate::runtime::WitCursor>> {
+            unreachable!()
+        }
+        fn status(&mut self) -> wasmtime::Result<crate::runtime::SensorStatus> {
+            unreachable!()
+        }
+        fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>> {
+            unreachable!()
+        }
+        fn restore(&mut self, _: &[u8], _: &[crate::runtime::WitReading]) -> wasmtime::Result<Result<(), String>> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn a_sensor_far_behind_takes_the_averages_a_bounded_list_at_a_time() {
+        let stream = branch(1..=100, 1, 0);
+        let mut list = Averages::default();
+        list.merge(&stream);
+        let now = Instant::now();
+        let mut slot = SensorSlot::for_test(Life::Running(Box::new(Counting::default())), now);
+        slot.cursor = Some(AverageCursor { seq: 0, epoch: 1, chain: 0 });
+        slot.take_news(&list, now).unwrap();
+        let Life::Running(sensor) = &slot.life else { unreachable!() };
+        assert_eq!(sensor.calls, vec![AVERAGES_PER_CALL, AVERAGES_PER_CALL, AVERAGES_PER_CALL, 100 - 3 * AVERAGES_PER_CALL]);
+        assert_eq!(slot.cursor, at(&stream, 100));
+        // One that does not move is not asked again and again.
+        let forty = at(&stream, 40);
+        let stuck = Counting { stuck_at: forty.map(Into::into), ..Counting::default() };
+        let mut slot = SensorSlot::for_test(Life::Running(Box::new(stuck)), now);
+        slot.cursor = forty;
+        slot.take_news(&list, now).unwrap();
+        let Life::Running(sensor) = &slot.life else { unreachable!() };
+        assert_eq!(sensor.calls, vec![AVERAGES_PER_CALL]);
+        assert_eq!(slot.cursor, forty);
     }
 }

@@ -3,7 +3,7 @@
 //! applying the entries that follow; [`Node::handle_durable`] acks them
 //! once they are durable. Only a passive that is caught up may take over.
 
-use fog_protocol::{LogEntry, NodeState, PeerMessage};
+use fog_protocol::{LogEntry, MAX_SNAPSHOT_PARTS, NodeState, PeerMessage, SNAPSHOT_PART_BYTES};
 use tracing::{error, info, warn};
 
 use super::{Node, Output};
@@ -11,6 +11,22 @@ use crate::replica::Replica;
 
 /// A passive repeats a join or merge request after this many heartbeats.
 const RETRY_HEARTBEATS: u64 = 4;
+
+/// The parts of a snapshot gathered so far: `next` of `parts`, of the
+/// snapshot of `lsn` in `epoch`.
+pub(super) struct SnapshotParts {
+    epoch: u64,
+    lsn: u64,
+    parts: u32,
+    next: u32,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for SnapshotParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "part {} of {} of the snapshot of {} in epoch {} ({} bytes)", self.next, self.parts, self.lsn, self.epoch, self.bytes.len())
+    }
+}
 
 impl Node {
     /// A passive that is not caught up: first hand over readings accepted
@@ -28,15 +44,32 @@ impl Node {
         self.send_peer(PeerMessage::Join { epoch: self.known_epoch });
     }
 
-    /// The active's snapshot, asked for by a join.
-    pub(super) fn handle_snapshot(&mut self, epoch: u64, lsn: u64, state: Vec<u8>) {
+    /// A part of the active's snapshot, asked for by a join. The parts
+    /// come in order on the state channel; one out of order (a part lost,
+    /// or a new join's snapshot) drops what was gathered, and the passive
+    /// asks again when its join goes unanswered.
+    pub(super) fn handle_snapshot(&mut self, epoch: u64, lsn: u64, (part, parts): (u32, u32), state: Vec<u8>) {
         if self.fsm.state() == NodeState::Active || epoch < self.known_epoch || !self.unconfirmed.is_empty() {
             return;
         }
         if self.last_join_ms.is_none() {
             return; // not asked for (or already installed)
         }
-        match Replica::decode(&state, self.cfg.windows, self.cfg.outbox) {
+        let fits = part < parts && parts <= MAX_SNAPSHOT_PARTS && state.len() <= SNAPSHOT_PART_BYTES;
+        let gathered = self.snapshot_parts.take();
+        let mut parts_so_far = match gathered {
+            _ if !fits => return warn!(part, parts, bytes = state.len(), "dropped a snapshot part out of bounds from the active"),
+            _ if part == 0 => SnapshotParts { epoch, lsn, parts, next: 0, bytes: Vec::new() },
+            Some(p) if (p.epoch, p.lsn, p.parts, p.next) == (epoch, lsn, parts, part) => p,
+            _ => return warn!(part, parts, lsn, "dropped a snapshot part out of order from the active; asking again"),
+        };
+        parts_so_far.bytes.extend_from_slice(&state);
+        parts_so_far.next += 1;
+        if parts_so_far.next < parts {
+            self.snapshot_parts = Some(parts_so_far);
+            return;
+        }
+        match Replica::decode(&parts_so_far.bytes, self.cfg.windows, self.cfg.outbox) {
             Ok(replica) => {
                 info!(lsn, epoch, "caught up from the active's snapshot");
                 self.known_epoch = epoch;

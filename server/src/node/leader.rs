@@ -7,7 +7,9 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use fog_protocol::{BatchReply, LogEntry, NodeState, PeerMessage, Reading, Record, RefusedReadings, Reply, Seal, SensorBatch};
+use fog_protocol::{
+    BatchReply, LogEntry, MAX_SNAPSHOT_PARTS, NodeState, PeerMessage, Reading, Record, RefusedReadings, Reply, SNAPSHOT_PART_BYTES, Seal, SensorBatch,
+};
 use tracing::{error, info, warn};
 
 use super::{ClientToken, Held, Node, Output, PassiveView};
@@ -260,15 +262,23 @@ impl Node {
             // It lost what it had (restarted, or missed entries).
             self.go_solo();
         }
-        match self.replica.encode() {
-            Ok(state) => {
-                info!(lsn = self.replica.lsn, bytes = state.len(), "the passive joins: sending a snapshot");
-                self.send_peer(PeerMessage::Snapshot { epoch: self.known_epoch, lsn: self.replica.lsn, state });
-                self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn });
-                self.tail.clear();
-            }
-            Err(e) => error!("cannot encode a snapshot for the passive: {e}"),
+        let state = match self.replica.encode() {
+            Ok(state) => state,
+            Err(e) => return error!("cannot encode a snapshot for the passive: {e}"),
+        };
+        let parts = state.len().div_ceil(SNAPSHOT_PART_BYTES).max(1);
+        let Some(parts) = u32::try_from(parts).ok().filter(|&n| n <= MAX_SNAPSHOT_PARTS) else {
+            return error!(bytes = state.len(), "the state is too large to send to the passive ({MAX_SNAPSHOT_PARTS} parts of {SNAPSHOT_PART_BYTES} bytes at most)");
+        };
+        info!(lsn = self.replica.lsn, bytes = state.len(), parts, "the passive joins: sending a snapshot");
+        let (epoch, lsn) = (self.known_epoch, self.replica.lsn);
+        for part in 0..parts {
+            let from = part as usize * SNAPSHOT_PART_BYTES;
+            let bytes = state[from.min(state.len())..(from + SNAPSHOT_PART_BYTES).min(state.len())].to_vec();
+            self.send_peer(PeerMessage::Snapshot { epoch, lsn, part, parts, state: bytes });
         }
+        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn });
+        self.tail.clear();
     }
 
     /// The active's timeout: drops a passive that is gone or too far

@@ -161,6 +161,8 @@ pub struct Node {
     /// since), or a node that stepped down from active with its own data.
     caught_up: bool,
     last_join_ms: Option<u64>,
+    /// The parts of the active's snapshot received so far.
+    snapshot_parts: Option<follower::SnapshotParts>,
     /// `(merge id, sent at, readings in it)`.
     merging: Option<(u64, u64, usize)>,
     next_merge_id: u64,
@@ -199,6 +201,7 @@ impl Node {
             unconfirmed: VecDeque::new(),
             caught_up: false,
             last_join_ms: None,
+            snapshot_parts: None,
             merging: None,
             next_merge_id: 1,
             peer: None,
@@ -342,7 +345,7 @@ impl Node {
             PeerMessage::Records { epoch, entries } => self.handle_records(now, epoch, entries),
             PeerMessage::Ack { epoch, durable } => self.handle_ack(now, epoch, durable),
             PeerMessage::Join { epoch } => self.handle_join(now, epoch),
-            PeerMessage::Snapshot { epoch, lsn, state } => self.handle_snapshot(epoch, lsn, state),
+            PeerMessage::Snapshot { epoch, lsn, part, parts, state } => self.handle_snapshot(epoch, lsn, (part, parts), state),
             PeerMessage::Merge { epoch, id, sensors } => self.handle_merge(now, epoch, id, sensors),
             PeerMessage::MergeAck { id } => self.handle_merge_ack(now, id),
         }

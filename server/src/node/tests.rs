@@ -402,3 +402,91 @@ fn a_step_of_the_wall_clock_is_not_a_pause_but_a_jump_of_the_monotonic_one_is() 
         "a pause went unnoticed"
     );
 }
+
+#[test]
+fn a_state_larger_than_a_frame_reaches_a_joining_passive_in_parts() {
+    // Enough sensors that the active's state takes several frames.
+    let (mut primary, mut now) = serving_alone(1);
+    let sensors_per_batch = fog_protocol::MAX_SENSORS_PER_BATCH as u32;
+    for b in 0..6u32 {
+        let sensors = (0..sensors_per_batch)
+            .map(|i| SensorBatch {
+                sensor_id: 100 + b * sensors_per_batch + i,
+                incarnation: u64::from(i) << 20 | 7,
+                segment: 0,
+                readings: vec![Reading { seq: 3, speed_kmh: 100, timestamp_ms: now }],
+                average_cursor: None,
+            })
+            .collect();
+        let request = Request::Batch { batch_id: 1_000 + u64::from(b), epoch: 0, seal: [0; 16], sensors };
+        primary.handle_request(Now::both(now), 1_000, &request);
+        settle(&mut primary, now);
+    }
+    let state_bytes = primary.replica.encode().unwrap().len();
+    assert!(state_bytes > fog_protocol::SNAPSHOT_PART_BYTES, "the state is {state_bytes} bytes: not enough for two parts");
+
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    let heartbeat = |node: &Node| PeerMessage::Heartbeat(PeerHeartbeat {
+        state: NodeState::Active,
+        epoch: node.epoch(),
+        lsn: node.replica.lsn,
+        complete: true,
+        peer_in_sync: false,
+    });
+    let mut parts = 0;
+    for _ in 0..20 {
+        now += 250;
+        backup.handle_peer(Now::both(now), heartbeat(&primary));
+        backup.handle_timeout(Now::both(now));
+        while let Some(out) = backup.poll_output() {
+            match out {
+                Output::Peer(msg) => primary.handle_peer(Now::both(now), msg),
+                Output::SaveSnapshot { lsn, .. } => backup.handle_durable(Now::both(now), lsn, true),
+                _ => {}
+            }
+        }
+        while let Some(out) = primary.poll_output() {
+            if let Output::Peer(msg @ PeerMessage::Snapshot { .. }) = out {
+                let bytes = fog_protocol::encode(&msg).expect("every part fits in a frame");
+                assert!(bytes.len() <= fog_protocol::MAX_FRAME_BYTES);
+                parts += 1;
+                backup.handle_peer(Now::both(now), msg);
+            }
+        }
+        if backup.caught_up {
+            break;
+        }
+    }
+    assert!(backup.caught_up, "the passive never installed the snapshot ({parts} parts came)");
+    assert_eq!(parts, state_bytes.div_ceil(fog_protocol::SNAPSHOT_PART_BYTES));
+    assert_eq!(backup.status().counted, primary.status().counted);
+    assert_eq!(backup.replica.lsn, primary.replica.lsn);
+}
+
+#[test]
+fn snapshot_parts_out_of_order_or_out_of_bounds_install_nothing() {
+    let (primary, now) = serving_alone(3);
+    let state = primary.replica.encode().unwrap();
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    backup.last_join_ms = Some(now); // it asked
+    let part = |part, parts, state: &[u8]| PeerMessage::Snapshot { epoch: 0, lsn: primary.replica.lsn, part, parts, state: state.to_vec() };
+    let (a, b) = state.split_at(state.len() / 2);
+    // The second part first, a part past the count, too many parts, a part
+    // too large, and a first part followed by another snapshot's second.
+    for msg in [
+        part(1, 2, b),
+        part(2, 2, a),
+        part(0, fog_protocol::MAX_SNAPSHOT_PARTS + 1, a),
+        part(0, 1, &vec![0; fog_protocol::SNAPSHOT_PART_BYTES + 1]),
+        part(0, 2, a),
+        PeerMessage::Snapshot { epoch: 0, lsn: primary.replica.lsn + 1, part: 1, parts: 2, state: b.to_vec() },
+    ] {
+        backup.handle_peer(Now::both(now), msg);
+        assert!(!backup.caught_up);
+    }
+    // In order, it is installed.
+    backup.handle_peer(Now::both(now), part(0, 2, a));
+    backup.handle_peer(Now::both(now), part(1, 2, b));
+    assert!(backup.caught_up);
+    assert_eq!(backup.status().counted, 3);
+}
