@@ -45,6 +45,11 @@ pub const BATCHES_PER_INTERVAL: u32 = 4;
 /// Batches on their way at most (sent, or to be sent again after a
 /// failover, and not yet answered).
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Readings waiting that send a batch while others are in flight: a host
+/// that makes more than one batch carries per round trip does not wait for
+/// replies, and one that does not sends fewer, larger batches (each costs
+/// the server a commit and the host a pass over its sensors).
+pub const PIPELINE_READINGS: usize = MAX_READINGS_PER_BATCH / 4;
 
 /// What the core needs to know at start.
 #[derive(Debug, Clone)]
@@ -62,6 +67,9 @@ pub struct CoreConfig {
     pub progress: Option<Duration>,
     /// The highest server epoch seen before a restart, and its seal.
     pub epoch: Option<(u64, Seal)>,
+    /// Readings waiting that send a batch while others are in flight
+    /// ([`PIPELINE_READINGS`]; the simulation's small fleet uses fewer).
+    pub pipeline_readings: usize,
 }
 
 /// Something the core wants done.
@@ -235,14 +243,21 @@ impl HostCore {
     }
 
     /// Whether a batch may be taken now: connected, room in flight (no
-    /// batch being taken already), and either a full batch's worth of
-    /// readings waiting or the gap since the last batch over and something
-    /// to say (`readings`, or every interval's first slice: a batch goes
-    /// out even without readings, so every sensor keeps receiving averages).
+    /// batch being taken already), and then, with batches in flight, enough
+    /// readings waiting (see [`PIPELINE_READINGS`]); without, a full
+    /// batch's worth waiting, or the gap since the last batch over and
+    /// something to say (readings, or every interval's first slice: a batch
+    /// goes out even without readings, so every sensor keeps receiving
+    /// averages).
     fn may_take(&self, now: Instant, pending: usize, first_slice: bool) -> bool {
         let taking = self.out.iter().any(|a| matches!(a, Action::TakeBatch { .. }));
-        let room = self.connected && !taking && self.in_flight.len() < MAX_IN_FLIGHT;
-        room && (pending >= MAX_READINGS_PER_BATCH || (now >= self.next_batch_at && (first_slice || pending > 0)))
+        if !self.connected || taking || self.in_flight.len() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        if !self.in_flight.is_empty() {
+            return pending >= self.cfg.pipeline_readings.max(1);
+        }
+        pending >= MAX_READINGS_PER_BATCH || (now >= self.next_batch_at && (first_slice || pending > 0))
     }
 
     /// Silence past the reply deadline, a retry due, a tick due.

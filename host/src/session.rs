@@ -136,6 +136,7 @@ pub async fn run(
     let (incoming_tx, mut incoming_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
     let core_config = CoreConfig {
+        pipeline_readings: crate::core::PIPELINE_READINGS,
         servers: cfg.servers.clone(),
         sensors: fleet.len(),
         interval: cfg.interval,

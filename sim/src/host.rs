@@ -75,6 +75,9 @@ impl SimHost {
         traps.arm(true);
         let core = HostCore::new(
             CoreConfig {
+                // A few sensors never make a quarter batch: every reading
+                // waiting sends one, so the faults meet batches in flight.
+                pipeline_readings: 1,
                 servers: vec!["primary".into(), "backup".into()],
                 sensors: SENSORS as usize,
                 interval: INTERVAL,
