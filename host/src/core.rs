@@ -45,10 +45,11 @@ pub const BATCHES_PER_INTERVAL: u32 = 4;
 /// Batches on their way at most (sent, or to be sent again after a
 /// failover, and not yet answered).
 pub const MAX_IN_FLIGHT: usize = 4;
-/// Readings waiting that send a batch while others are in flight: a host
-/// that makes more than one batch carries per round trip does not wait for
-/// replies, and one that does not sends fewer, larger batches (each costs
-/// the server a commit and the host a pass over its sensors).
+/// Readings waiting that send a batch while others are in flight (once the
+/// gap since the last batch is over, or at once when they fill a batch): a
+/// host that makes more than one batch carries per round trip does not
+/// wait for replies, and one that does not sends fewer, larger batches
+/// (each costs the server a commit and the host passes over its sensors).
 pub const PIPELINE_READINGS: usize = MAX_READINGS_PER_BATCH / 4;
 
 /// What the core needs to know at start.
@@ -243,21 +244,24 @@ impl HostCore {
     }
 
     /// Whether a batch may be taken now: connected, room in flight (no
-    /// batch being taken already), and then, with batches in flight, enough
-    /// readings waiting (see [`PIPELINE_READINGS`]); without, a full
-    /// batch's worth waiting, or the gap since the last batch over and
-    /// something to say (readings, or every interval's first slice: a batch
-    /// goes out even without readings, so every sensor keeps receiving
-    /// averages).
+    /// batch being taken already), and a full batch's worth of readings
+    /// waiting, or the gap since the last batch over and something to say:
+    /// with batches in flight enough readings (see [`PIPELINE_READINGS`]),
+    /// without any readings, or every interval's first slice (a batch goes
+    /// out even without readings, so every sensor keeps receiving averages).
     fn may_take(&self, now: Instant, pending: usize, first_slice: bool) -> bool {
         let taking = self.out.iter().any(|a| matches!(a, Action::TakeBatch { .. }));
         if !self.connected || taking || self.in_flight.len() >= MAX_IN_FLIGHT {
             return false;
         }
-        if !self.in_flight.is_empty() {
-            return pending >= self.cfg.pipeline_readings.max(1);
+        if pending >= MAX_READINGS_PER_BATCH {
+            return true;
         }
-        pending >= MAX_READINGS_PER_BATCH || (now >= self.next_batch_at && (first_slice || pending > 0))
+        let enough = match self.in_flight.len() {
+            0 => first_slice || pending > 0,
+            _ => pending >= self.cfg.pipeline_readings.max(1),
+        };
+        now >= self.next_batch_at && enough
     }
 
     /// Silence past the reply deadline, a retry due, a tick due.

@@ -435,7 +435,7 @@ fn batches_go_while_earlier_ones_wait_for_their_replies_up_to_the_bound() {
     // A few readings wait for the reply...
     sim.run_until(INTERVAL * 3);
     assert_eq!(sim.sent().len(), 1, "small batches wait for the one in flight");
-    // ... a quarter batch's worth goes at once.
+    // ... a quarter batch's worth goes once the gap since the last is over.
     sim.produce_per_tick = PIPELINE_READINGS;
     sim.run_until(INTERVAL * 4);
     let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
@@ -444,7 +444,7 @@ fn batches_go_while_earlier_ones_wait_for_their_replies_up_to_the_bound() {
     // Answers in any order: each frees a place.
     sim.reply(ack(3, 0, [0; 16]));
     sim.reply(ack(1, 0, [0; 16]));
-    sim.run_until(INTERVAL * 4);
+    sim.run_until(INTERVAL * 5);
     let ids: Vec<u64> = sim.sent().iter().map(|f| request(f).0).collect();
     assert_eq!(ids, vec![5, 6]);
     assert_eq!(sim.core.batches_acked(), 2);

@@ -8,6 +8,7 @@
 //! repositions are grouped by sensor in [`Routes`] so a pass over threads
 //! finds them.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use fog_protocol::{AverageCursor, BatchReply, MAX_AVERAGES_PER_REPLY, MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, SensorBatch};
@@ -212,10 +213,13 @@ impl<R: SensorRuntime> Fleet<R> {
         let carried = self.carried.iter().position(|c| c.batch_id == reply.batch_id).and_then(|k| self.carried.remove(k));
         let acks = Routes::new(self.sensors.len(), reply.acks.iter().map(|a| self.index_of(a.sensor_id)));
         let repositions = Routes::new(self.sensors.len(), reply.repositions.iter().map(|r| self.index_of(r.sensor_id)));
-        if acks.len() + repositions.len() > 0 {
+        if let Some(named) = acks.span().into_iter().chain(repositions.span()).reduce(|a, b| a.start.min(b.start)..a.end.max(b.end)) {
             let workers = self.workers(repositions.len());
             let swapping = self.swapping.as_ref();
-            let mut pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
+            // Only the sensors the reply names: a batch is a run of
+            // neighbours, so that is a part of a large fleet.
+            let first = named.start;
+            let mut pass = each_sensor(&mut self.sensors[named], first, workers, |pass, i, slot| {
                 slot.note_acks(acks.of(i).iter().map(|&k| &reply.acks[k]));
                 let Life::Running(inst) = &mut slot.life else { return };
                 for &k in repositions.of(i) {
@@ -278,6 +282,13 @@ impl Routes {
 
     fn len(&self) -> usize {
         self.positions.len()
+    }
+
+    /// The sensors from the first to the last with an entry, if any.
+    fn span(&self) -> Option<Range<usize>> {
+        let first = self.starts.windows(2).position(|w| w[1] > w[0])?;
+        let last = self.starts.windows(2).rposition(|w| w[1] > w[0])?;
+        Some(first..last + 1)
     }
 
     fn of(&self, i: usize) -> &[usize] {
