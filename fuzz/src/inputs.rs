@@ -285,8 +285,16 @@ impl Generator {
             4 => {
                 let mut state = vec![0u8; rng.random_range(0..64)];
                 rng.fill(&mut state[..]);
-                let parts = hostile_u64(rng, cx) as u32;
-                let part = if rng.random() { 0 } else { hostile_u64(rng, cx) as u32 };
+                // Mostly a snapshot of a few parts, in or out of order;
+                // now and then counts at and past the bounds.
+                let parts = match rng.random_range(0..4) {
+                    0 => hostile_u64(rng, cx) as u32,
+                    n => n,
+                };
+                let part = match rng.random_range(0..4) {
+                    0 => hostile_u64(rng, cx) as u32,
+                    _ => rng.random_range(0..parts.max(1)),
+                };
                 PeerMessage::Snapshot { epoch, lsn: self.lsn(rng, cx), part, parts, state }
             }
             5 => PeerMessage::Merge {

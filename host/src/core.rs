@@ -245,10 +245,11 @@ impl HostCore {
 
     /// Whether a batch may be taken now: connected, room in flight (no
     /// batch being taken already), and a full batch's worth of readings
-    /// waiting, or the gap since the last batch over and something to say:
-    /// with batches in flight enough readings (see [`PIPELINE_READINGS`]),
-    /// without any readings, or every interval's first slice (a batch goes
-    /// out even without readings, so every sensor keeps receiving averages).
+    /// waiting, or the gap since the last batch over and something to say.
+    /// With batches in flight that is enough readings (see
+    /// [`PIPELINE_READINGS`]); with none, any reading, or the interval's
+    /// first slice (a batch goes out even without readings, so every sensor
+    /// keeps receiving averages).
     fn may_take(&self, now: Instant, pending: usize, first_slice: bool) -> bool {
         let taking = self.out.iter().any(|a| matches!(a, Action::TakeBatch { .. }));
         if !self.connected || taking || self.in_flight.len() >= MAX_IN_FLIGHT {

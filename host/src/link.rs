@@ -62,7 +62,7 @@ impl Link {
     pub async fn connect(
         endpoint: String,
         generation: u64,
-        incoming: mpsc::UnboundedSender<Incoming>,
+        incoming: mpsc::Sender<Incoming>,
         keys: Option<LinkKeys>,
     ) -> Result<Link, LinkError> {
         let ctx = fog_transport::Context::new();
@@ -85,7 +85,9 @@ impl Link {
                     Event::Connected => continue,
                 };
                 let closed = matches!(event, LinkEvent::Closed | LinkEvent::Refused(_));
-                if incoming.send(Incoming { generation, event }).is_err() || closed {
+                // Bounded: a loop behind on its replies stops this reading
+                // the socket, whose own queue is bounded too.
+                if incoming.send(Incoming { generation, event }).await.is_err() || closed {
                     break;
                 }
             }

@@ -26,6 +26,10 @@ use crate::runtime::{SensorComponent, SensorInstance};
 
 /// How often `/metrics` and readiness are brought up to date.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Link events waiting for the loop, at most.
+const INCOMING_BOUND: usize = 64;
+/// Link events the loop takes in before it looks at its timers, at most.
+const READ_BEFORE_TIMERS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -112,7 +116,7 @@ struct Driver<'a> {
     generation: u64,
     link: Option<Link>,
     connecting: Option<JoinHandle<Result<Link, LinkError>>>,
-    incoming_tx: mpsc::UnboundedSender<Incoming>,
+    incoming_tx: mpsc::Sender<Incoming>,
     latest: BTreeMap<u32, Average>,
     started: Instant,
     /// The last commit failed (already reported).
@@ -133,7 +137,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reload: mpsc::UnboundedReceiver<()>,
 ) -> Summary {
-    let (incoming_tx, mut incoming_rx) = mpsc::unbounded_channel();
+    let (incoming_tx, mut incoming_rx) = mpsc::channel(INCOMING_BOUND);
     let started = Instant::now();
     let core_config = CoreConfig {
         pipeline_readings: crate::core::PIPELINE_READINGS,
@@ -171,13 +175,7 @@ pub async fn run(
             break drained;
         }
         let wake = core.poll_timeout().map(Instant::from_std);
-        // In this order: a loop that was busy (a large fleet's tick) takes
-        // the replies that came meanwhile before it looks at the clock, so
-        // a reply waiting to be read is never taken for silence. Frames
-        // come only as answers to batches sent, so timers are not starved;
-        // a swap's steps, always ready, come last.
         tokio::select! {
-            biased;
             () = &mut shutdown, if !interrupted => {
                 interrupted = true;
                 core.handle_shutdown(now());
@@ -199,16 +197,17 @@ pub async fn run(
                     }
                 }
             }
-            Some(incoming) = incoming_rx.recv() => {
-                if incoming.generation == d.generation {
-                    match incoming.event {
-                        LinkEvent::Frame(frame) => core.handle_frame(now(), &frame),
-                        LinkEvent::Closed => core.handle_closed(now()),
-                        LinkEvent::Refused(why) => core.handle_refused(now(), why),
-                    }
+            Some(incoming) = incoming_rx.recv() => d.take_in(&mut core, incoming),
+            () = sleep_until(wake.unwrap_or(started)), if wake.is_some() => {
+                // A loop that was busy (a large fleet's tick) first takes
+                // the replies that came meanwhile, a bounded few, so a reply
+                // waiting to be read is never taken for silence.
+                for _ in 0..READ_BEFORE_TIMERS {
+                    let Ok(incoming) = incoming_rx.try_recv() else { break };
+                    d.take_in(&mut core, incoming);
                 }
+                core.handle_timeout(now());
             }
-            () = sleep_until(wake.unwrap_or(started)), if wake.is_some() => core.handle_timeout(now()),
             request = reload.recv(), if reload_open => {
                 match (request, &cfg.component) {
                     (None, _) => reload_open = false,
@@ -234,8 +233,8 @@ pub async fn run(
                 loading = None;
                 d.begin_swap(res);
             }
-            _ = publish.tick(), if cfg.health.is_some() => d.publish(&core),
             () = std::future::ready(()), if d.fleet.swapping() => d.swap_step(),
+            _ = publish.tick(), if cfg.health.is_some() => d.publish(&core),
         }
     };
     if d.fleet.cancel_swap().is_some() {
@@ -276,6 +275,18 @@ fn sandboxed<R>(f: impl FnOnce() -> R) -> R {
 }
 
 impl Driver<'_> {
+    /// An event of a link: a frame, a close or a refusal, if it is the
+    /// current link's.
+    fn take_in(&self, core: &mut HostCore, incoming: Incoming) {
+        if incoming.generation == self.generation {
+            match incoming.event {
+                LinkEvent::Frame(frame) => core.handle_frame(now(), &frame),
+                LinkEvent::Closed => core.handle_closed(now()),
+                LinkEvent::Refused(why) => core.handle_refused(now(), why),
+            }
+        }
+    }
+
     /// Carries out what the core asks for, feeding back what each action
     /// found, until it asks for nothing more; returns how the run ended
     /// once the core finished it.
@@ -295,6 +306,9 @@ impl Driver<'_> {
                         Ok(()) => self.metrics.sent(),
                         Err(e) => {
                             tracing::warn!("{e}");
+                            // The other batches in flight queued behind this
+                            // one do not try the dead link: one failover.
+                            self.link = None;
                             core.handle_link_failed(now());
                         }
                     }

@@ -121,8 +121,9 @@ impl<R: SensorRuntime> Fleet<R> {
     ///
     /// A batch holds at most [`MAX_SENSORS_PER_BATCH`] sensors and
     /// [`MAX_READINGS_PER_BATCH`] readings (the server refuses more); what
-    /// does not fit goes first in the next batch, which is sent as soon as
-    /// the reply comes (`pending` stays above zero).
+    /// does not fit goes first in the next batch (`pending` stays above
+    /// zero), which may go before this one is answered (see
+    /// [`crate::core::HostCore`]).
     pub fn take_batch(&mut self, now: Instant, batch_id: u64) -> (Vec<SensorBatch>, usize) {
         self.now = now;
         if self.last_full_batch.is_none_or(|at| now >= at + FULL_BATCH_EVERY) {
@@ -191,9 +192,9 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Routes a server's reply to the sensors it concerns: its averages
     /// into the fleet's list and its acks into each sensor's unsent ack,
     /// which they take before their next tick, and its repositions given
-    /// now to the sensors still at the cursor the batch carried. A sensor that is not running misses them; once restarted it
-    /// resends what was not acked in its saved state, and the server acks
-    /// it again.
+    /// now to the sensors still at the cursor the batch carried. A sensor
+    /// that is not running misses them; once restarted it resends what was
+    /// not acked in its saved state, and the server acks it again.
     pub fn apply(&mut self, now: Instant, reply: &BatchReply) {
         self.now = now;
         self.note_refused(reply);

@@ -150,17 +150,15 @@ impl<S: SensorCalls> SensorSlot<S> {
     pub(super) fn take_news(&mut self, averages: &Averages, now: Instant) -> Result<(), (&'static str, wasmtime::Error)> {
         self.give_ack().map_err(|e| ("on-ack", e))?;
         let Life::Running(inst) = &mut self.life else { return Ok(()) };
-        loop {
+        // At most the whole list, a call per part of it.
+        for _ in 0..=MAX_HELD / AVERAGES_PER_CALL {
             let news = averages.after(self.cursor);
-            if news.is_empty() {
-                break;
-            }
-            let before = self.cursor;
-            let cursor = inst.on_averages(&news[..news.len().min(AVERAGES_PER_CALL)]).map_err(|e| ("on-averages", e))?;
+            let Some(part) = news.get(..news.len().min(AVERAGES_PER_CALL)).filter(|p| !p.is_empty()) else { break };
+            let cursor = inst.on_averages(part).map_err(|e| ("on-averages", e))?;
             self.cursor = cursor.map(AverageCursor::from);
-            // A sensor that did not move stopped where the list breaks its
-            // chain: it waits for the server.
-            if self.cursor.map(|c| c.seq) <= before.map(|c| c.seq) {
+            // A sensor that stopped short of the part's end stopped where
+            // the list breaks its chain: it waits for the server.
+            if self.cursor.map(|c| c.seq) != part.last().map(|a| a.seq) {
                 break;
             }
         }

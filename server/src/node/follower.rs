@@ -41,14 +41,18 @@ impl Node {
             return;
         }
         self.last_join_ms = Some(now);
+        // A new join brings a new snapshot: what was gathered is stale.
+        self.snapshot_parts = None;
         self.send_peer(PeerMessage::Join { epoch: self.known_epoch });
     }
 
     /// A part of the active's snapshot, asked for by a join. The parts
-    /// come in order on the state channel; one out of order (a part lost,
-    /// or a new join's snapshot) drops what was gathered, and the passive
-    /// asks again when its join goes unanswered.
-    pub(super) fn handle_snapshot(&mut self, epoch: u64, lsn: u64, (part, parts): (u32, u32), state: Vec<u8>) {
+    /// come in order on the state channel; each counts as an answer to the
+    /// join (a large snapshot is not asked for again while it comes). One
+    /// out of order (a part lost, or another join's snapshot) drops what
+    /// was gathered, and the passive asks again when its join goes
+    /// unanswered.
+    pub(super) fn handle_snapshot(&mut self, now: u64, epoch: u64, lsn: u64, (part, parts): (u32, u32), state: Vec<u8>) {
         if self.fsm.state() == NodeState::Active || epoch < self.known_epoch || !self.unconfirmed.is_empty() {
             return;
         }
@@ -59,7 +63,9 @@ impl Node {
         let gathered = self.snapshot_parts.take();
         let mut parts_so_far = match gathered {
             _ if !fits => return warn!(part, parts, bytes = state.len(), "dropped a snapshot part out of bounds from the active"),
-            _ if part == 0 => SnapshotParts { epoch, lsn, parts, next: 0, bytes: Vec::new() },
+            // Room for all of it, reserved (not touched) at once: within
+            // the bound, and never doubled past it.
+            _ if part == 0 => SnapshotParts { epoch, lsn, parts, next: 0, bytes: Vec::with_capacity(parts as usize * SNAPSHOT_PART_BYTES) },
             Some(p) if (p.epoch, p.lsn, p.parts, p.next) == (epoch, lsn, parts, part) => p,
             _ => return warn!(part, parts, lsn, "dropped a snapshot part out of order from the active; asking again"),
         };
@@ -67,6 +73,7 @@ impl Node {
         parts_so_far.next += 1;
         if parts_so_far.next < parts {
             self.snapshot_parts = Some(parts_so_far);
+            self.last_join_ms = Some(now);
             return;
         }
         match Replica::decode(&parts_so_far.bytes, self.cfg.windows, self.cfg.outbox) {

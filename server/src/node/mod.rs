@@ -345,7 +345,7 @@ impl Node {
             PeerMessage::Records { epoch, entries } => self.handle_records(now, epoch, entries),
             PeerMessage::Ack { epoch, durable } => self.handle_ack(now, epoch, durable),
             PeerMessage::Join { epoch } => self.handle_join(now, epoch),
-            PeerMessage::Snapshot { epoch, lsn, part, parts, state } => self.handle_snapshot(epoch, lsn, (part, parts), state),
+            PeerMessage::Snapshot { epoch, lsn, part, parts, state } => self.handle_snapshot(now, epoch, lsn, (part, parts), state),
             PeerMessage::Merge { epoch, id, sensors } => self.handle_merge(now, epoch, id, sensors),
             PeerMessage::MergeAck { id } => self.handle_merge_ack(now, id),
         }
