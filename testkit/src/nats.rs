@@ -494,8 +494,20 @@ impl NatsCluster {
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        self.run(API_TIMEOUT * 3, async move { js.create_stream(config).await.map(|_| ()) })?
-            .with_context(|| format!("cannot create the stream {name}"))?;
+        // A JetStream just started on a busy machine can let the first
+        // request time out; creating the same stream again is harmless.
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let (js, config) = (js.clone(), config.clone());
+            let created = self.run(API_TIMEOUT * 3, async move { js.create_stream(config).await.map(|_| ()) })?;
+            match created {
+                Ok(()) => break,
+                Err(e) if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot create the stream {name}")),
+            }
+        }
         wait_for(&format!("the stream {name} to have a leader"), READY_TIMEOUT, || self.stream_leader(name))?;
         Ok(())
     }
