@@ -433,10 +433,10 @@ impl HostCore {
     }
 
     /// The batch asked for: it goes out with the highest epoch seen. A
-    /// batch that is not in flight (the run is over, or another batch with
-    /// its id went) is not sent.
+    /// batch taken after the run ended, or with no room in flight, is not
+    /// sent.
     pub fn handle_batch(&mut self, now: Instant, batch_id: u64, sensors: Vec<SensorBatch>) {
-        if self.finished || self.in_flight.len() >= MAX_IN_FLIGHT || self.in_flight.iter().any(|f| f.batch_id == batch_id) {
+        if self.finished || self.in_flight.len() >= MAX_IN_FLIGHT {
             return; // its readings are still in the sensors' resend buffers
         }
         let request = Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
