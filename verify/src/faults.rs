@@ -248,7 +248,8 @@ impl Schedule {
     ///
     /// A site fault hits a site drawn at random (with one site, no draw is
     /// made: a seed gives the schedule it always gave). A cloud fault waits
-    /// while another is still to be undone: drawn then, it is skipped, and
+    /// while another is still to be undone, and one that finds its stream
+    /// without a leader is not played: drawn then, it is skipped, and
     /// before the random draws it is put back to come after the others.
     pub fn apply_due(&mut self, sys: &mut System, now: Instant) -> anyhow::Result<()> {
         if now < self.next_fault || self.faults.is_empty() {
@@ -266,7 +267,11 @@ impl Schedule {
                 }
                 return Ok(());
             }
-            return self.cloud_fault(sys, fault, now);
+            let played = self.cloud_fault(sys, fault, now)?;
+            if !played && unplayed {
+                self.unplayed.insert(0, fault);
+            }
+            return Ok(());
         }
         let s = self.draw_site(sys);
         let cluster = &mut sys.sites[s];
@@ -291,16 +296,18 @@ impl Schedule {
     /// The cloud's faults: kill -9 of the NATS node that leads a site's
     /// stream (nats-leader) or of one that does not (nats-node), restarted
     /// 1-4 s later; the whole cluster stopped (nats-all), started again
-    /// 3-6 s later, longer than the streams' duplicate window.
-    fn cloud_fault(&mut self, sys: &mut System, fault: Fault, now: Instant) -> anyhow::Result<()> {
+    /// 3-6 s later, longer than the streams' duplicate window. Says
+    /// whether the fault was played: a stream with no leader (still
+    /// electing one after an earlier fault) has no leader to kill or spare.
+    fn cloud_fault(&mut self, sys: &mut System, fault: Fault, now: Instant) -> anyhow::Result<bool> {
         let s = self.draw_site(sys);
-        let Some(cloud) = &mut sys.cloud else { return Ok(()) };
+        let Some(cloud) = &mut sys.cloud else { return Ok(false) };
         if fault == Fault::NatsAll {
             let back_in = self.rng.between(Duration::from_secs(3), Duration::from_secs(6));
             cloud.nats.stop_all()?;
             self.log(format!("kill -9 of every NATS node: the cloud is away (start again in {:.1}s)", back_in.as_secs_f64()));
             self.pending.push((now + back_in, Pending::NatsStartAll));
-            return Ok(());
+            return Ok(true);
         }
         let back_in = self.rng.between(Duration::from_secs(1), Duration::from_secs(4));
         let pick = self.rng.below(cloud.nats.nodes().len() as u64 - 1) as usize;
@@ -309,7 +316,7 @@ impl Schedule {
         let Some(leader) = cloud.nats.stream_leader(&stream).or_else(|| cloud.nats.stream_leader(&stream)) else {
             let which = if fault == Fault::NatsLeader { "nats-leader" } else { "nats-node" };
             self.log(format!("{which} skipped: the stream {stream} has no leader now"));
-            return Ok(());
+            return Ok(false);
         };
         let (victim, what) = if fault == Fault::NatsLeader {
             (leader, format!("the leader of {stream}"))
@@ -321,7 +328,7 @@ impl Schedule {
         let name = cloud.nats.nodes()[victim].name.clone();
         self.log(format!("kill -9 NATS node {name}, {what} (restart in {:.1}s)", back_in.as_secs_f64()));
         self.pending.push((now + back_in, Pending::NatsRestart(victim)));
-        Ok(())
+        Ok(true)
     }
 
     /// kill -9 or SIGSTOP a server that is up, undone 0.5-4 s later.
