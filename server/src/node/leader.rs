@@ -1,8 +1,9 @@
 //! The active's side of replication: accepting a batch (screening it,
 //! dropping duplicates, writing one entry), appending entries and sending
 //! them to the passive, letting a passive join, and holding each reply
-//! until its entry is durable here and, with a passive in sync, there too.
-//! Without a passive the active carries on alone ("solo").
+//! until its entry is durable here and, once a passive has made its
+//! snapshot durable, there too. Without a passive, and while one joins,
+//! the active acks alone ("solo").
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -162,7 +163,8 @@ impl Node {
             Record::EpochChanged { epoch } => epoch,
             _ => self.replica.epoch,
         };
-        let mut entry = LogEntry { lsn: self.replica.lsn + 1, epoch, solo: self.passive.is_none(), record };
+        let replicating = self.passive.as_ref().is_some_and(PassiveView::replicating);
+        let mut entry = LogEntry { lsn: self.replica.lsn + 1, epoch, solo: !replicating, record };
         if let Err(e) = self.replica.apply(&entry) {
             error!("cannot apply an entry this node wrote: {e}");
             self.divergences += 1;
@@ -178,7 +180,10 @@ impl Node {
                 self.push_unconfirmed(entry.lsn, sensors);
             }
         }
-        if self.passive.is_some() {
+        if let Some(p) = self.passive.as_mut() {
+            if entry.solo {
+                p.solo_through = entry.lsn;
+            }
             self.tail.push_back(entry.clone());
             self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: vec![entry.clone()] }));
         }
@@ -188,12 +193,13 @@ impl Node {
 
     /// Drops the passive. What it has not acked becomes unconfirmed (it is
     /// acked from now on without the passive), and that is made durable in
-    /// a snapshot before any held reply is released.
+    /// a snapshot before any held reply is released. (Entries acked alone
+    /// while it joined are unconfirmed already.)
     pub(super) fn go_solo(&mut self) {
         self.passive = None;
         let tail = std::mem::take(&mut self.tail);
         let mut any = false;
-        for entry in &tail {
+        for entry in tail.iter().filter(|e| !e.solo) {
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
                 any |= sensors.iter().any(|s| !s.readings.is_empty());
                 self.push_unconfirmed(entry.lsn, sensors);
@@ -216,8 +222,8 @@ impl Node {
             return 0;
         }
         match &self.passive {
-            Some(p) => self.durable_lsn.min(p.durable),
-            None => self.durable_lsn,
+            Some(p) if p.replicating() => self.durable_lsn.min(p.durable),
+            _ => self.durable_lsn,
         }
     }
 
@@ -277,7 +283,7 @@ impl Node {
             let bytes = state[from.min(state.len())..(from + SNAPSHOT_PART_BYTES).min(state.len())].to_vec();
             self.send_peer(PeerMessage::Snapshot { epoch, lsn, part, parts, state: bytes });
         }
-        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn });
+        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn, solo_through: 0 });
         self.tail.clear();
     }
 

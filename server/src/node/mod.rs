@@ -8,8 +8,9 @@
 //! Every change of the replicated state is a [`LogEntry`] written by the
 //! active node, applied locally, appended to the write-ahead log and sent to
 //! the passive. A reply to a batch is held until its entries are durable
-//! here and, while a passive is in sync, durable there too (synchronous
-//! replication; a batch is one entry, so one round trip and one sync).
+//! here and, once a passive has made its snapshot durable, there too
+//! (synchronous replication; a batch is one entry, so one round trip and
+//! one sync). While a passive joins, the active acks alone.
 //!
 //! A passive joins by asking for a snapshot and then applies the entries
 //! that follow (the Clone pattern); only then may it take over. An active
@@ -127,13 +128,24 @@ struct PassiveView {
     durable: u64,
     last_progress_ms: u64,
     /// The entry its snapshot was taken at: until it has made that durable
-    /// it is joining, and what this node accepted before exists here alone.
+    /// it is joining, and what this node accepts meanwhile it acks alone
+    /// (a join of a large state on a busy machine takes seconds, and
+    /// hosts would take held replies for a dead server).
     joined_at: u64,
+    /// The last entry acked alone while it joined (0: none).
+    solo_through: u64,
 }
 
 impl PassiveView {
-    fn in_sync(&self) -> bool {
+    /// Its snapshot is durable: from now on a reply waits for it too.
+    fn replicating(&self) -> bool {
         self.durable >= self.joined_at
+    }
+
+    /// It holds everything acked: its snapshot and every entry acked
+    /// alone while it joined are durable there.
+    fn in_sync(&self) -> bool {
+        self.durable >= self.joined_at.max(self.solo_through)
     }
 }
 

@@ -103,24 +103,44 @@ fn a_passive_that_joins_before_its_first_heartbeat_is_not_dropped_at_the_next_ti
     // (its first went out before this node's subscription was up).
     node.handle_peer(Now::both(now), PeerMessage::Join { epoch: 0 });
     settle(&mut node, now);
-    node.handle_request(Now::both(now + 10), 99, &batch(99, 3, now + 10));
-    let mut replied = false;
     let mut t = now + 10;
     while t < now + 400 {
         node.handle_timeout(Now::both(t));
-        while let Some(out) = node.poll_output() {
-            match out {
-                Output::Append(entry) => node.handle_durable(Now::both(t), entry.lsn, false),
-                Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(t), lsn, true),
-                Output::Reply { .. } => replied = true,
-                _ => {}
-            }
-        }
+        settle(&mut node, t);
         t += 50;
     }
-    assert!(!replied, "the reading was acked before the passive had it: the passive was dropped as gone");
     let replication = node.status().replication;
-    assert_eq!(replication, fog_protocol::Replication::PassiveJoining, "still waiting for the passive");
+    assert_eq!(replication, fog_protocol::Replication::PassiveJoining, "the passive was dropped as gone");
+}
+
+#[test]
+fn while_a_passive_joins_the_active_acks_alone_and_is_in_sync_only_once_the_passive_has_that_too() {
+    use fog_protocol::Replication;
+    let (mut node, now) = serving_alone(3);
+    let joined_at = node.lsn();
+    node.handle_peer(Now::both(now), PeerMessage::Join { epoch: 0 });
+    settle(&mut node, now);
+    // The passive is installing its snapshot: a batch is acked alone,
+    // and its readings wait for a merge should the pair split now.
+    node.handle_request(Now::both(now + 10), 99, &batch(99, 3, now + 10));
+    let acked = replies(&mut node, now + 10);
+    assert!(matches!(acked.as_slice(), [Reply::Batch(r)] if r.acks[0].next_seq == 4), "not acked alone while the passive joins: {acked:?}");
+    let solo = node.lsn();
+    assert!(solo > joined_at);
+    assert_eq!(node.status().unconfirmed, 4, "the reading acked alone is unconfirmed too");
+    // Its snapshot durable there: the passive replicates from now on, but
+    // it is in sync only once it has what was acked alone meanwhile.
+    node.handle_peer(Now::both(now + 20), PeerMessage::Ack { epoch: node.epoch(), durable: joined_at });
+    assert_eq!(node.status().replication, Replication::PassiveJoining);
+    node.handle_request(Now::both(now + 30), 100, &batch(100, 4, now + 30));
+    assert!(replies(&mut node, now + 30).is_empty(), "a reply must wait for a passive whose snapshot is durable");
+    assert!(!node.has_passive_in_sync());
+    node.handle_peer(Now::both(now + 40), PeerMessage::Ack { epoch: node.epoch(), durable: solo });
+    assert!(node.has_passive_in_sync(), "the passive has the snapshot and everything acked alone");
+    assert_eq!(node.status().unconfirmed, 0, "what the passive holds is confirmed");
+    assert!(replies(&mut node, now + 40).is_empty(), "the held reply waits for its own entry");
+    node.handle_peer(Now::both(now + 50), PeerMessage::Ack { epoch: node.epoch(), durable: node.lsn() });
+    assert_eq!(replies(&mut node, now + 50).len(), 1);
 }
 
 /// Every reply the node has for clients, drained.
