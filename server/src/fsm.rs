@@ -107,6 +107,12 @@ impl BinaryStar {
         now_ms < self.peer_expiry_ms
     }
 
+    /// Whether the peer has been heard within the last two heartbeats
+    /// and `grace_ms`.
+    pub fn peer_heard_within(&self, now_ms: u64, grace_ms: u64) -> bool {
+        now_ms < self.peer_expiry_ms.saturating_add(grace_ms)
+    }
+
     /// Feeds one event that happened at `now_ms`.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Step {
         use NodeState::*;

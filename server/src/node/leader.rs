@@ -22,6 +22,15 @@ use crate::replica::UNKNOWN_SEQ;
 const MAX_TAIL_ENTRIES: usize = 100_000;
 /// An idle active still publishes (and so prunes) this often.
 const PRUNE_EVERY_MS: u64 = 1_000;
+/// A passive still joining may be silent this many heartbeats (installing
+/// a large snapshot on a busy machine) before it is dropped as gone; one in
+/// sync, two. The active acks alone while one joins, so waiting for it
+/// holds nothing up, and dropping it would only start its join again.
+const JOINING_SILENCE_HEARTBEATS: u64 = 8;
+/// A join repeated this many heartbeats after the snapshot went out is
+/// answered by that snapshot, still on its way; a later one gets a new
+/// snapshot. (A passive asks again after 4 heartbeats without a part.)
+const JOIN_REPEAT_HEARTBEATS: u64 = 8;
 
 impl Node {
     /// A batch from a host: its epoch and its sensors' cursors as evidence,
@@ -264,7 +273,11 @@ impl Node {
         if self.newer_epoch(now, epoch, "the peer is in") || self.fsm.state() != NodeState::Active {
             return;
         }
-        if self.passive.is_some() {
+        if let Some(p) = &self.passive {
+            let repeat = JOIN_REPEAT_HEARTBEATS.saturating_mul(self.cfg.heartbeat_ms);
+            if !p.replicating() && now < p.snapshot_sent_ms.saturating_add(repeat) {
+                return; // its snapshot is on its way
+            }
             // It lost what it had (restarted, or missed entries).
             self.go_solo();
         }
@@ -283,7 +296,7 @@ impl Node {
             let bytes = state[from.min(state.len())..(from + SNAPSHOT_PART_BYTES).min(state.len())].to_vec();
             self.send_peer(PeerMessage::Snapshot { epoch, lsn, part, parts, state: bytes });
         }
-        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn, solo_through: 0 });
+        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn, solo_through: 0, snapshot_sent_ms: now });
         self.tail.clear();
     }
 
@@ -292,7 +305,11 @@ impl Node {
     /// averages.
     pub(super) fn active_timeout(&mut self, now: u64) {
         let hb = self.cfg.heartbeat_ms;
-        if self.passive.is_some() && !self.fsm.peer_alive(now) {
+        let grace = match &self.passive {
+            Some(p) if !p.replicating() => (JOINING_SILENCE_HEARTBEATS - 2).saturating_mul(hb),
+            _ => 0,
+        };
+        if self.passive.is_some() && !self.fsm.peer_heard_within(now, grace) {
             warn!(lsn = self.replica.lsn, "the passive is gone: carrying on alone");
             self.go_solo();
         }

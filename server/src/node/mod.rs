@@ -134,6 +134,8 @@ struct PassiveView {
     joined_at: u64,
     /// The last entry acked alone while it joined (0: none).
     solo_through: u64,
+    /// When its snapshot was sent.
+    snapshot_sent_ms: u64,
 }
 
 impl PassiveView {

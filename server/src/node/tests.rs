@@ -143,6 +143,48 @@ fn while_a_passive_joins_the_active_acks_alone_and_is_in_sync_only_once_the_pass
     assert_eq!(replies(&mut node, now + 50).len(), 1);
 }
 
+#[test]
+fn a_join_repeated_while_its_snapshot_is_on_the_way_gets_no_second_snapshot_and_a_silent_joining_passive_is_kept_longer() {
+    let (mut node, now) = serving_alone(3);
+    let snapshots_sent = |node: &mut Node, now: u64| {
+        let mut n = 0;
+        while let Some(out) = node.poll_output() {
+            match out {
+                Output::Peer(PeerMessage::Snapshot { .. }) => n += 1,
+                Output::Append(entry) => node.handle_durable(Now::both(now), entry.lsn, false),
+                Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(now), lsn, true),
+                _ => {}
+            }
+        }
+        n
+    };
+    node.handle_peer(Now::both(now), PeerMessage::Join { epoch: 0 });
+    assert_eq!(snapshots_sent(&mut node, now), 1);
+    // Asked again one retry later (4 heartbeats): the snapshot is still
+    // on its way, and a second one would only crowd it out.
+    node.handle_peer(Now::both(now + 1_000), PeerMessage::Join { epoch: 0 });
+    assert_eq!(snapshots_sent(&mut node, now + 1_000), 0, "a repeated join got a second snapshot");
+    // Silent since (installing it): kept past two heartbeats of silence.
+    let mut t = now + 1_000;
+    while t < now + 2_200 {
+        node.handle_timeout(Now::both(t));
+        settle(&mut node, t);
+        t += 50;
+    }
+    assert_eq!(node.status().replication, fog_protocol::Replication::PassiveJoining, "a joining passive was dropped after 1.2 s of silence");
+    // Asked again later: it lost the snapshot, and gets a new one.
+    node.handle_peer(Now::both(t), PeerMessage::Join { epoch: 0 });
+    assert_eq!(snapshots_sent(&mut node, t), 1);
+    // Silent for good: dropped after eight heartbeats.
+    let until = t + 2_500;
+    while t < until {
+        node.handle_timeout(Now::both(t));
+        settle(&mut node, t);
+        t += 50;
+    }
+    assert_eq!(node.status().replication, fog_protocol::Replication::Alone, "a silent joining passive is dropped in the end");
+}
+
 /// Every reply the node has for clients, drained.
 fn replies(node: &mut Node, now: u64) -> Vec<Reply> {
     let mut out = Vec::new();
