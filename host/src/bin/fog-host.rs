@@ -121,7 +121,9 @@ struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_memory_mib: u32,
 
-    /// Longest one call into a sensor may run before it is stopped.
+    /// Longest one call into a sensor may run before it is stopped (a call
+    /// whose thread waited for the CPU meanwhile goes on while it spends
+    /// under half of this more in CPU time, up to ten times this in all).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     call_deadline: Duration,
 

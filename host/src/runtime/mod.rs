@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder,
+    StoreLimitsBuilder, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -51,6 +51,10 @@ pub const BUILTIN_SENSOR: &[u8] = include_bytes!(env!("FOG_SENSOR_WASM"));
 
 /// How often the engine's epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// A call past its deadline on the wall clock is stopped only if it also
+/// kept the CPU (see [`Overrun`]), or at the latest after this many
+/// deadlines in all.
+const MOST_DEADLINES_ON_A_STARVED_THREAD: u32 = 10;
 
 /// Table elements the pool holds per table at least.
 const TABLE_ELEMENTS: u64 = 10_000;
@@ -152,6 +156,49 @@ pub struct SensorHost {
     limits: StoreLimits,
     pub config: SensorConfig,
     pub seed: u64,
+    /// The current call ran past its deadline on the wall clock.
+    overrun: Option<Overrun>,
+}
+
+/// A call past its deadline on the wall clock. On a machine short of CPU
+/// a sensor's thread can wait to run longer than the deadline, in the
+/// middle of a call of a few microseconds; stopping that sensor would
+/// restart a healthy one. So the call goes on, and is stopped once its
+/// thread has spent half a deadline more of CPU time in it (a sensor stuck
+/// in a loop spends all it gets), or after
+/// [`MOST_DEADLINES_ON_A_STARVED_THREAD`] deadlines in all.
+#[derive(Debug, Clone, Copy)]
+struct Overrun {
+    /// The thread's CPU time when the deadline passed, if the system tells.
+    cpu_at_deadline: Option<Duration>,
+    /// Deadlines passed in this call.
+    deadlines: u32,
+}
+
+impl Overrun {
+    /// Whether a call that passed its deadline, seen again at the end of
+    /// the next one (or first seen when `overrun` is `None`) with the
+    /// thread's CPU time `cpu_now`, is to be stopped; updates `overrun`.
+    fn stop(overrun: &mut Option<Overrun>, cpu_now: Option<Duration>, deadline: Duration) -> bool {
+        let Some(o) = overrun else {
+            *overrun = Some(Overrun { cpu_at_deadline: cpu_now, deadlines: 1 });
+            return cpu_now.is_none();
+        };
+        o.deadlines += 1;
+        let spent = match (o.cpu_at_deadline, cpu_now) {
+            (Some(then), Some(now)) => now.saturating_sub(then),
+            _ => return true,
+        };
+        spent >= deadline / 2 || o.deadlines >= MOST_DEADLINES_ON_A_STARVED_THREAD
+    }
+}
+
+/// The calling thread's CPU time (Linux: `/proc/thread-self/schedstat`),
+/// read only when a call passes its deadline.
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 impl WasiView for SensorHost {
@@ -425,9 +472,15 @@ impl SensorEngine {
                 .build(),
             config,
             seed,
+            overrun: None,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
+        let (deadline, deadline_ticks) = (self.limits.call_deadline, self.deadline_ticks);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let stop = Overrun::stop(&mut ctx.data_mut().overrun, thread_cpu_time(), deadline);
+            Ok(if stop { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(deadline_ticks) })
+        });
         // Instantiation runs the component's start functions: deadline them too.
         store.set_epoch_deadline(self.deadline_ticks);
         let bindings = component.pre.instantiate(&mut store)?;
@@ -480,6 +533,7 @@ impl SensorInstance {
     /// Starts the deadline for the next call.
     fn arm(&mut self) {
         self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().overrun = None;
     }
 
     pub fn init(&mut self) -> wasmtime::Result<u64> {
@@ -578,4 +632,46 @@ pub fn describe_instantiate_failure(e: &wasmtime::Error, limits: &Limits, sensor
 /// An error and its causes on one line.
 pub fn one_line(e: &wasmtime::Error) -> String {
     format!("{e:#}").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn a_call_past_its_deadline_that_waited_for_the_cpu_goes_on_and_one_that_kept_it_is_stopped() {
+        let ms = Duration::from_millis;
+        // Waited to run: a millisecond of CPU over nine deadlines goes on,
+        // the tenth deadline stops it all the same.
+        let mut o = None;
+        assert!(!Overrun::stop(&mut o, Some(ms(50)), DEADLINE));
+        for _ in 2..MOST_DEADLINES_ON_A_STARVED_THREAD {
+            assert!(!Overrun::stop(&mut o, Some(ms(51)), DEADLINE));
+        }
+        assert!(Overrun::stop(&mut o, Some(ms(51)), DEADLINE));
+        // Kept the CPU: half a deadline more of it, and it is stopped.
+        let mut o = None;
+        assert!(!Overrun::stop(&mut o, Some(ms(50)), DEADLINE));
+        assert!(!Overrun::stop(&mut o, Some(ms(99)), DEADLINE));
+        assert!(Overrun::stop(&mut o, Some(ms(100)), DEADLINE));
+        // No CPU clock to ask: the wall clock's deadline holds.
+        assert!(Overrun::stop(&mut None, None, DEADLINE));
+    }
+
+    #[test]
+    fn the_threads_cpu_time_grows_with_work_and_not_with_sleep() {
+        let start = thread_cpu_time().expect("this thread's CPU time");
+        std::thread::sleep(Duration::from_millis(50));
+        let slept = thread_cpu_time().expect("this thread's CPU time") - start;
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let worked = thread_cpu_time().expect("this thread's CPU time") - start - slept;
+        assert!(slept < Duration::from_millis(10), "asleep for 50 ms, the thread spent {slept:?} of CPU");
+        assert!(worked > slept, "busy for 50 ms the thread spent {worked:?}, asleep {slept:?}");
+    }
 }
