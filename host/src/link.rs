@@ -17,6 +17,10 @@ use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// Messages libzmq queues each way on a link (ZMQ_SNDHWM/RCVHWM). A host
+/// sends at most four batches before it hears back.
+const LINK_HWM: i32 = 16;
+
 /// The keys a host connects with: its own, and each server's public key.
 #[derive(Debug, Clone)]
 pub struct LinkKeys {
@@ -66,7 +70,10 @@ impl Link {
         keys: Option<LinkKeys>,
     ) -> Result<Link, LinkError> {
         let ctx = fog_transport::Context::new();
-        let limits = Limits { max_message_bytes: fog_protocol::MAX_FRAME_BYTES + 1024, ..Limits::default() };
+        // A host has at most a few batches in flight: a server that queues
+        // more replies than LINK_HWM in libzmq is flooding it, and its
+        // frames of up to 16 MiB wait in TCP, not in memory.
+        let limits = Limits { max_message_bytes: fog_protocol::MAX_FRAME_BYTES + 1024, hwm: LINK_HWM, ..Limits::default() };
         let curve = keys.as_ref().map(|k| (k.keys.as_ref(), &k.server));
         let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, &endpoint, curve, &limits)
             .map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;

@@ -26,8 +26,10 @@ use crate::runtime::{SensorComponent, SensorInstance};
 
 /// How often `/metrics` and readiness are brought up to date.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
-/// Link events waiting for the loop, at most.
-const INCOMING_BOUND: usize = 64;
+/// Link events waiting for the loop, at most: with up to four batches in
+/// flight, a server that sends more is flooding (each event may hold a
+/// frame of up to 16 MiB, so this also bounds the memory a flood takes).
+const INCOMING_BOUND: usize = 16;
 /// Link events the loop takes in before it looks at its timers, at most.
 const READ_BEFORE_TIMERS: usize = 16;
 

@@ -27,6 +27,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod bounded;
+
 /// The version byte that leads every frame.
 pub const PROTOCOL_VERSION: u8 = 4;
 /// Largest frame accepted or produced, in bytes. The transport refuses a
@@ -61,6 +63,7 @@ pub struct SensorBatch {
     pub sensor_id: u32,
     pub incarnation: u64,
     pub segment: u32,
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_READINGS_PER_BATCH>")]
     pub readings: Vec<Reading>,
     /// The last average the sensor applied (its average ack); `None` for a
     /// sensor that has applied none yet.
@@ -83,12 +86,16 @@ pub enum Request {
         /// and the seal that came with it.
         epoch: u64,
         seal: Seal,
+        #[serde(deserialize_with = "bounded::vec::<_, _, MAX_SENSORS_PER_BATCH>")]
         sensors: Vec<SensorBatch>,
     },
     /// Ask for the server's [`StatusReport`]; any server answers a client
     /// with an admin key.
     Status,
 }
+
+/// The index postcard gives [`Reply::Status`]: the byte after the version.
+const STATUS_VARIANT: u8 = 2;
 
 /// A server's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,16 +134,20 @@ pub struct BatchReply {
     /// The epoch of the active server that acked the batch, and its seal.
     pub epoch: u64,
     pub seal: Seal,
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_SENSORS_PER_BATCH>")]
     pub acks: Vec<SensorAck>,
     /// Averages following the lowest cursor of the batch's sensors, in
     /// sequence order; each sensor applies those after its own cursor.
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_AVERAGES_PER_REPLY>")]
     pub averages: Vec<Average>,
     /// Sensors whose cursor is not on this server's stream (behind
     /// retention, or on a branch abandoned after a split), and where they
     /// continue; applied before `averages`.
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_SENSORS_PER_BATCH>")]
     pub repositions: Vec<Reposition>,
     /// Readings not accepted (not acked, not counted), one entry per sensor
     /// and reason: the host logs them and keeps the readings.
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_READINGS_PER_BATCH>")]
     pub refused: Vec<RefusedReadings>,
 }
 
@@ -155,6 +166,7 @@ pub struct SensorAck {
     pub sensor_id: u32,
     pub incarnation: u64,
     pub next_seq: u64,
+    #[serde(deserialize_with = "bounded::vec::<_, _, MAX_READINGS_PER_BATCH>")]
     pub also: Vec<u64>,
 }
 
@@ -461,6 +473,10 @@ pub enum DecodeError {
     TooManyReadings(usize),
     #[error("batch of {0} sensors exceeds the {MAX_SENSORS_PER_BATCH}-sensor limit")]
     TooManySensors(usize),
+    /// A list longer than the protocol allows, refused on its length
+    /// before it was read.
+    #[error("{0}")]
+    ListTooLong(String),
     /// A reply no honest server sends: more entries than a batch can
     /// bring back, or a value past the protocol's ranges.
     #[error("reply out of bounds: {0}")]
@@ -503,9 +519,26 @@ pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError>
     Ok(msg)
 }
 
-/// Decodes a request and checks its limits.
+/// [`decode`] with at most `elements` elements in all the message's
+/// bounded lists (see [`bounded`]).
+fn decode_within<'a, T: Deserialize<'a>>(frame: &'a [u8], elements: usize) -> Result<T, DecodeError> {
+    match bounded::within(elements, || decode(frame)) {
+        (Err(_), Some(over)) => Err(DecodeError::ListTooLong(over.to_string())),
+        (msg, _) => msg,
+    }
+}
+
+/// Elements a request's lists may hold in all: its sensors and their
+/// readings.
+const REQUEST_ELEMENTS: usize = MAX_SENSORS_PER_BATCH + MAX_READINGS_PER_BATCH;
+/// Elements a reply's lists may hold in all: acks and their selective
+/// acks, averages, repositions and refusals.
+const REPLY_ELEMENTS: usize = 2 * MAX_SENSORS_PER_BATCH + 2 * MAX_READINGS_PER_BATCH + MAX_AVERAGES_PER_REPLY;
+
+/// Decodes a request and checks its limits. A list past them is refused
+/// on its length, before anything is allocated for it.
 pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
-    let req: Request = decode(frame)?;
+    let req: Request = decode_within(frame, REQUEST_ELEMENTS)?;
     if let Request::Batch { sensors, .. } = &req {
         if sensors.len() > MAX_SENSORS_PER_BATCH {
             return Err(DecodeError::TooManySensors(sensors.len()));
@@ -523,9 +556,15 @@ pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
 /// sensors or readings, no more selective acks than it has readings, no
 /// more than [`MAX_AVERAGES_PER_REPLY`] averages, and seqs and epochs
 /// within [`MAX_SEQ`] and [`MAX_EPOCH`]. A host drops anything else before
-/// it reaches a sensor.
+/// it reaches a sensor. Lists are refused on their length before anything
+/// is allocated for them, and a status report (which a host never asks
+/// for, and whose lists are a server's whole state) before it is read.
 pub fn decode_reply(frame: &[u8]) -> Result<Reply, DecodeError> {
-    let reply: Reply = decode(frame)?;
+    // The variant index leads the message: Reply::Status is 2.
+    if frame.len() > 1 && frame[0] == PROTOCOL_VERSION && frame[1] == STATUS_VARIANT {
+        return Err(DecodeError::ReplyOutOfBounds("a status report, which a host does not ask for".into()));
+    }
+    let reply: Reply = decode_within(frame, REPLY_ELEMENTS)?;
     check_reply(&reply).map_err(DecodeError::ReplyOutOfBounds)?;
     Ok(reply)
 }
@@ -636,7 +675,7 @@ mod tests {
 
     fn out_of_bounds(reply: BatchReply) -> String {
         match decode_reply(&encode(&Reply::Batch(reply)).unwrap()) {
-            Err(DecodeError::ReplyOutOfBounds(why)) => why,
+            Err(DecodeError::ReplyOutOfBounds(why) | DecodeError::ListTooLong(why)) => why,
             other => panic!("accepted a reply out of bounds: {other:?}"),
         }
     }
@@ -649,11 +688,11 @@ mod tests {
         let average = honest_reply().averages[0];
         let cases: Vec<(BatchReply, &str)> = vec![
             (BatchReply { epoch: MAX_EPOCH, ..honest_reply() }, "the reply's epoch"),
-            (BatchReply { acks: vec![ack(vec![]); MAX_SENSORS_PER_BATCH + 1], ..honest_reply() }, "acks"),
+            (BatchReply { acks: vec![ack(vec![]); MAX_SENSORS_PER_BATCH + 1], ..honest_reply() }, "65537 elements, at most 65536"),
             (BatchReply { acks: vec![ack(vec![1; MAX_READINGS_PER_BATCH / 2 + 1]); 2], ..honest_reply() }, "selective acks"),
             (BatchReply { acks: vec![SensorAck { next_seq: MAX_SEQ + 1, ..ack(vec![]) }], ..honest_reply() }, "next seq"),
             (BatchReply { acks: vec![ack(vec![3, MAX_SEQ])], ..honest_reply() }, "selective ack's seq"),
-            (BatchReply { averages: vec![average; MAX_AVERAGES_PER_REPLY + 1], ..honest_reply() }, "averages"),
+            (BatchReply { averages: vec![average; MAX_AVERAGES_PER_REPLY + 1], ..honest_reply() }, "4097 elements, at most 4096"),
             (BatchReply { averages: vec![Average { seq: u64::MAX, ..average }], ..honest_reply() }, "an average's seq"),
             (BatchReply { averages: vec![Average { epoch: u64::MAX, ..average }], ..honest_reply() }, "an average's epoch"),
             (
@@ -679,7 +718,7 @@ mod tests {
                     repositions: vec![Reposition { sensor_id: 1, rewind_to: None, to: AverageCursor::default() }; MAX_SENSORS_PER_BATCH + 1],
                     ..honest_reply()
                 },
-                "repositions",
+                "65537 elements, at most 65536",
             ),
         ];
         for (reply, what) in cases {

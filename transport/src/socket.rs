@@ -30,6 +30,11 @@ use crate::keys::PublicKey;
 pub const OUT_QUEUE: usize = 4096;
 /// Incoming events queued for the async side before the thread stops reading.
 pub const IN_QUEUE: usize = 4096;
+/// Bytes of incoming messages queued for the async side before the thread
+/// stops reading (it reads one message more when below: a message larger
+/// than this still gets through an empty queue). With messages of up to
+/// 16 MiB, a count alone would let a flood queue gigabytes.
+pub const IN_QUEUE_BYTES: u64 = 32 * 1024 * 1024;
 /// Longest the thread waits in one poll; bounds how late it notices that
 /// its owner is gone.
 const POLL_MS: i64 = 250;
@@ -67,6 +72,8 @@ pub struct SocketStats {
     pub dropped_out: AtomicU64,
     pub sent: AtomicU64,
     pub received: AtomicU64,
+    /// Bytes of received messages the async side has not taken yet.
+    pub queued_in_bytes: AtomicU64,
 }
 
 /// Why a message was not queued for sending.
@@ -179,12 +186,22 @@ impl Socket {
 
     /// The next event; `None` once the socket's thread has stopped.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let event = self.events.recv().await;
+        self.took(event)
     }
 
     /// The next event if one is waiting.
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.events.try_recv().ok()
+        let event = self.events.try_recv().ok();
+        self.took(event)
+    }
+
+    /// Frees the room a message taken from the queue held.
+    fn took(&self, event: Option<Event>) -> Option<Event> {
+        if let Some(Event::Message(m)) = &event {
+            self.sender.stats.queued_in_bytes.fetch_sub(message_bytes(&m.frames), Ordering::AcqRel);
+        }
+        event
     }
 
     /// The next event, waiting at most `timeout` (blocking; for tools and
@@ -193,7 +210,7 @@ impl Socket {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Ok(event) = self.events.try_recv() {
-                return Some(event);
+                return self.took(Some(event));
             }
             if std::time::Instant::now() >= deadline || self.events.is_closed() {
                 return None;
@@ -205,6 +222,10 @@ impl Socket {
     pub fn stats(&self) -> &SocketStats {
         &self.sender.stats
     }
+}
+
+fn message_bytes(frames: &[Vec<u8>]) -> u64 {
+    frames.iter().map(|f| f.len() as u64).sum()
 }
 
 impl Drop for Socket {
@@ -241,7 +262,7 @@ impl Actor {
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
-            let reading = self.held.is_none();
+            let reading = self.held.is_none() && self.room();
             let (socket_ready, wake_ready, monitor_ready) = {
                 let mut items = Vec::with_capacity(3);
                 items.push(self.socket.as_poll_item(if reading { zmq::POLLIN } else { zmq::PollEvents::empty() }));
@@ -297,9 +318,17 @@ impl Actor {
         }
     }
 
+    /// Whether the async side has room for another message.
+    fn room(&self) -> bool {
+        self.stats.queued_in_bytes.load(Ordering::Acquire) < IN_QUEUE_BYTES
+    }
+
     /// Reads what is waiting, up to the room the async side has.
     fn receive(&mut self) -> bool {
         for _ in 0..IN_QUEUE {
+            if !self.room() {
+                return true;
+            }
             let mut frames = Vec::new();
             let mut user = None;
             loop {
@@ -320,6 +349,7 @@ impl Actor {
                 }
             }
             self.stats.received.fetch_add(1, Ordering::Relaxed);
+            self.stats.queued_in_bytes.fetch_add(message_bytes(&frames), Ordering::AcqRel);
             match self.events.try_send(Event::Message(Message { frames, user })) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(event)) => {
