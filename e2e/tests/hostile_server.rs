@@ -791,9 +791,19 @@ impl Attacked {
         assert_eq!(verdict.averages_missed, 0);
         let exited = self.backup.child.try_wait().unwrap();
         assert!(exited.is_none(), "[{label}] the backup exited: {exited:?}");
+        // An unsealed epoch the host took from the fake reaches the backup
+        // only in the batches on their way when the backup first answers
+        // one: the host then takes the backup's epoch back, rather than
+        // carrying a claim the pair ignores for the rest of its life.
+        let forged = u(&status["forged_epochs"]);
+        let unvouched = u(&summary["unvouched_epochs"]);
+        assert!(forged <= 16, "[{label}] the backup saw {forged} forged epochs: the host kept the fake's claim ({unvouched} taken back)");
+        assert!(unvouched == 0 || forged > 0, "[{label}] the host took back {unvouched} epochs the backup never saw");
+        assert_eq!(log_lines_with(&log, &["has no valid seal"]), unvouched.min(1) as usize, "[{label}] lines about a taken-back epoch");
         eprintln!(
             "[{label}] the backup (active, epoch {}) counts {} readings of the host's {} sensors, exactly what they made, and every \
-             sensor is on its average stream; it saw {} forged epochs (the fake's claim, carried by the host) and {} malformed frames; \
+             sensor is on its average stream; it saw {} forged epochs (the fake's claim, carried by the host until the backup's first \
+             reply: {unvouched} taken back) and {} malformed frames; \
              the host's log has {log_bytes} bytes; {:.1}s in all ({})",
             status["epoch"],
             status["counted"],

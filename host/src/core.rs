@@ -106,6 +106,8 @@ pub enum Action {
 struct InFlight {
     batch_id: u64,
     frame: Vec<u8>,
+    /// The epoch the frame claims (the highest seen when it was made).
+    epoch: u64,
     /// When the current server is given up, if this is the oldest batch
     /// in flight: a timeout after it was sent, or after the batch ahead of
     /// it was answered if that was later. Set when the frame is sent.
@@ -150,6 +152,8 @@ pub struct HostCore {
     batches_acked: u64,
     bad_replies: u64,
     refused_batches: u64,
+    /// Epochs taken back because a server served a batch that claimed them.
+    unvouched_epochs: u64,
     /// The most batches in flight at once over the run.
     most_in_flight: usize,
     /// A deliberate bug, planted by [`HostCore::plant_forgotten_resend`].
@@ -186,6 +190,7 @@ impl HostCore {
             failovers: 0,
             batches_acked: 0,
             bad_replies: 0,
+            unvouched_epochs: 0,
             refused_batches: 0,
             most_in_flight: 0,
             forgets_resend: false,
@@ -222,6 +227,17 @@ impl HostCore {
 
     pub fn bad_replies(&self) -> u64 {
         self.bad_replies
+    }
+
+    /// Epochs taken back because a server served a batch that claimed them
+    /// (see [`HostCore::handle_reply`]).
+    pub fn unvouched_epochs(&self) -> u64 {
+        self.unvouched_epochs
+    }
+
+    /// The highest epoch seen in a reply and vouched for, as batches carry it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The most batches that were in flight at once over the run.
@@ -442,7 +458,7 @@ impl HostCore {
         let request = Request::Batch { batch_id, epoch: self.epoch, seal: self.seal, sensors };
         match fog_protocol::encode(&request) {
             Ok(frame) => {
-                self.in_flight.push_back(InFlight { batch_id, frame, deadline: None });
+                self.in_flight.push_back(InFlight { batch_id, frame, epoch: self.epoch, deadline: None });
                 self.most_in_flight = self.most_in_flight.max(self.in_flight.len());
                 if self.connected {
                     self.send(now, self.in_flight.len() - 1);
@@ -490,7 +506,10 @@ impl HostCore {
                 let Some(k) = self.in_flight.iter().position(|f| f.batch_id == reply.batch_id) else {
                     return; // a late answer to a batch already answered
                 };
-                self.in_flight.remove(k);
+                let claimed = self.in_flight.remove(k).map_or(0, |f| f.epoch);
+                if reply.epoch < claimed {
+                    self.unvouched_epoch(claimed, reply.epoch, reply.seal);
+                }
                 if k == 0 {
                     // The next oldest now has the server's attention.
                     let timeout = self.cfg.timeout;
@@ -542,6 +561,30 @@ impl HostCore {
         if pending > 0 && self.may_take(now, pending, false) {
             self.take_batch(now);
         }
+    }
+
+    /// A server served, in `epoch`, a batch that claimed the newer epoch
+    /// `claimed`. A server of the pair checks a claim's seal and steps
+    /// down (answering `NotActive`) for a newer epoch it can verify, so
+    /// this claim had no valid seal: it came from something that held a
+    /// server's key but not the pair's seal key. Carried on, it would be
+    /// ignored by the pair in every batch, and the host's true epoch with
+    /// it: the host takes the epoch of the server that served it instead.
+    fn unvouched_epoch(&mut self, claimed: u64, epoch: u64, seal: Seal) {
+        if self.epoch != claimed {
+            return; // already taken back, or raised since
+        }
+        self.unvouched_epochs += 1;
+        if self.unvouched_epochs == 1 {
+            tracing::warn!(
+                server = %self.server(),
+                "the server served epoch {epoch} to a batch that claimed epoch {claimed}: that epoch has no valid seal \
+                 (a server's key in the wrong hands?); taking epoch {epoch}"
+            );
+        }
+        self.epoch = epoch;
+        self.seal = seal;
+        self.out.push_back(Action::SaveEpoch { epoch, seal });
     }
 
     /// Keeps the highest epoch a server has shown, with its seal.

@@ -103,6 +103,9 @@ pub struct Summary {
     pub component: String,
     pub batches_acked: u64,
     pub bad_replies: u64,
+    /// Epochs the host took back because a server served a batch that
+    /// claimed them: they had no valid seal.
+    pub unvouched_epochs: u64,
     pub elapsed_s: f64,
     /// Every reading generated was acked before the host stopped.
     pub drained: bool,
@@ -542,6 +545,7 @@ impl Driver<'_> {
             component: self.fleet.component_origin().to_string(),
             batches_acked: core.batches_acked(),
             bad_replies: core.bad_replies(),
+            unvouched_epochs: core.unvouched_epochs(),
             elapsed_s: self.started.elapsed().as_secs_f64(),
             drained,
             server: core.server().to_string(),

@@ -99,6 +99,10 @@ impl World {
             assert_eq!(s.unacked, 0, "sensor {} has {} readings never acked", s.sensor_id, s.unacked);
         }
         assert!(all_acked, "the host still holds unacked readings");
+        // The pair checks every epoch a host claims and steps down for a
+        // newer one it can verify: it never serves below a host's claim,
+        // and the host never has to take one back.
+        assert_eq!(self.host.core.unvouched_epochs(), 0, "the pair served a batch below the sealed epoch it claimed");
         let active: Vec<usize> = (0..2).filter(|&i| self.servers[i].node.as_ref().is_some_and(|n| n.state() == NodeState::Active)).collect();
         assert_eq!(active.len(), 1, "exactly one active node at the end");
         let active_lsn = self.servers[active[0]].node.as_ref().map_or(0, Node::lsn);

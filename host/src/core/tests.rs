@@ -299,6 +299,29 @@ fn the_highest_sealed_epoch_is_kept_and_sent_with_every_batch() {
 }
 
 #[test]
+fn an_epoch_a_server_serves_below_is_taken_back_for_the_servers_own() {
+    // A fake server with a server's key (not the pair's seal key) made the
+    // host take epoch 2^62 - 1; the real active, in epoch 5, cannot verify
+    // it and serves the batch that claims it.
+    let forged = (1u64 << 62) - 1;
+    let mut sim = Sim::new(CoreConfig { epoch: Some((forged, [9; 16])), ..config(1) });
+    sim.pending = 1;
+    sim.connected();
+    assert_eq!(request(&sim.sent()[0]), (1, forged, [9; 16]));
+    let warned = logged(|| sim.reply(ack(1, 5, [5; 16])));
+    assert!(warned.contains("has no valid seal"), "{warned}");
+    assert_eq!(sim.asked(), vec![Action::SaveEpoch { epoch: 5, seal: [5; 16] }]);
+    assert_eq!((sim.core.epoch(), sim.core.unvouched_epochs()), (5, 1));
+    sim.pending = 1;
+    sim.run_until(INTERVAL);
+    assert_eq!(request(&sim.sent()[0]), (2, 5, [5; 16]), "the next batch carries the server's epoch");
+    // A reply in the epoch the batch claimed, or above, takes nothing back.
+    sim.reply(ack(2, 5, [5; 16]));
+    assert_eq!(sim.core.epoch(), 5);
+    assert!(!sim.asked().iter().any(|a| matches!(a, Action::SaveEpoch { .. })));
+}
+
+#[test]
 fn pacing_sends_at_most_four_batches_per_interval() {
     let mut sim = Sim::new(config(1000));
     sim.produce_per_tick = 100;
