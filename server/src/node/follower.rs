@@ -76,8 +76,8 @@ impl Node {
             self.last_join_ms = Some(now);
             return;
         }
-        match Replica::decode(&parts_so_far.bytes, self.cfg.windows, self.cfg.outbox) {
-            Ok(replica) => {
+        match Replica::decode_split(&parts_so_far.bytes, self.cfg.windows, self.cfg.outbox) {
+            Ok((replica, split)) => {
                 info!(lsn, epoch, "caught up from the active's snapshot");
                 self.known_epoch = epoch;
                 self.replica = replica;
@@ -85,7 +85,10 @@ impl Node {
                 self.last_join_ms = None;
                 self.entries_since_snapshot = 0;
                 self.awaiting_snapshot_durable = Some(lsn);
-                match self.local_snapshot() {
+                // Nothing unconfirmed here (a passive with readings
+                // accepted alone hands them over before it joins).
+                let local = Node::local_snapshot_from(&parts_so_far.bytes, split).map(Ok).unwrap_or_else(|| self.local_snapshot());
+                match local {
                     Ok(bytes) => self.out.push_back(Output::SaveSnapshot { lsn, bytes }),
                     Err(e) => error!("cannot encode a snapshot: {e}"),
                 }

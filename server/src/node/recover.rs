@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use super::{Node, NodeConfig, Output};
-use crate::replica::{Replica, SnapshotError};
+use crate::replica::{EncodedSplit, Replica, SnapshotError};
 
 /// What a local snapshot file holds: the replicated state, and the readings
 /// this node accepted alone that its peer may not have.
@@ -92,6 +92,25 @@ impl Node {
             }
             Err(e) => error!("cannot encode a snapshot: {e}"),
         }
+    }
+
+    /// The local snapshot of a replica just decoded from `peer`'s bytes
+    /// ([`Replica::encode`], split where [`Replica::decode_split`] found),
+    /// with nothing unconfirmed: the bytes [`Node::local_snapshot`] makes,
+    /// copied rather than encoded again (a large state takes a fifth of a
+    /// second to encode, on a loop that must keep its heartbeats).
+    /// Postcard writes the fields in order and an empty list as one zero
+    /// byte. `None` for bytes that hold no outbox (written before the
+    /// uplink): those are encoded again.
+    pub(super) fn local_snapshot_from(peer: &[u8], split: EncodedSplit) -> Option<Vec<u8>> {
+        if split.outbox_end <= split.replica_end {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(split.outbox_end + 1);
+        bytes.extend_from_slice(&peer[..split.replica_end]);
+        bytes.push(0); // unconfirmed: none
+        bytes.extend_from_slice(&peer[split.replica_end..split.outbox_end]);
+        Some(bytes)
     }
 
     pub(super) fn local_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
