@@ -29,13 +29,6 @@ pub enum ApplyError {
 #[error("undecodable snapshot: {0}")]
 pub struct SnapshotError(pub String);
 
-/// Where the replica and its outbox end in [`Replica::encode`]'s bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EncodedSplit {
-    pub replica_end: usize,
-    pub outbox_end: usize,
-}
-
 /// Marks an `AveragesPublished` record whose resulting seq is not known yet
 /// (the active fills it in after publishing).
 pub const UNKNOWN_SEQ: u64 = u64::MAX;
@@ -128,25 +121,23 @@ impl Replica {
         Self::decode_split(bytes, cfg, outbox).map(|(r, _)| r)
     }
 
-    /// [`Replica::decode`], and where in `bytes` the replica and then the
-    /// outbox end: the pieces a node's own snapshot is made of, so a
+    /// [`Replica::decode`], and where in `bytes` the replica ends (its
+    /// outbox follows): the pieces a node's own snapshot is made of, so a
     /// passive that installs one need not encode it again.
-    pub fn decode_split(bytes: &[u8], cfg: WindowConfig, outbox: OutboxConfig) -> Result<(Self, EncodedSplit), SnapshotError> {
+    pub fn decode_split(bytes: &[u8], cfg: WindowConfig, outbox: OutboxConfig) -> Result<(Self, usize), SnapshotError> {
         let err = |e: postcard::Error| SnapshotError(e.to_string());
         let (mut r, rest): (Replica, &[u8]) = postcard::take_from_bytes(bytes).map_err(err)?;
         let replica_end = bytes.len() - rest.len();
-        let mut outbox_end = replica_end;
         if !rest.is_empty() {
             let (o, rest): (Outbox, &[u8]) = postcard::take_from_bytes(rest).map_err(err)?;
             r.outbox = o;
-            outbox_end = bytes.len() - rest.len();
             if !rest.is_empty() {
                 r.outbox.set_adopted_state(postcard::from_bytes(rest).map_err(err)?);
             }
         }
         r.set_config(cfg);
         r.set_outbox(outbox);
-        Ok((r, EncodedSplit { replica_end, outbox_end }))
+        Ok((r, replica_end))
     }
 
     /// Puts the configuration of this node on a state loaded from a snapshot.

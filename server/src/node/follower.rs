@@ -77,7 +77,7 @@ impl Node {
             return;
         }
         match Replica::decode_split(&parts_so_far.bytes, self.cfg.windows, self.cfg.outbox) {
-            Ok((replica, split)) => {
+            Ok((replica, replica_end)) => {
                 info!(lsn, epoch, "caught up from the active's snapshot");
                 self.known_epoch = epoch;
                 self.replica = replica;
@@ -87,7 +87,7 @@ impl Node {
                 self.awaiting_snapshot_durable = Some(lsn);
                 // Nothing unconfirmed here (a passive with readings
                 // accepted alone hands them over before it joins).
-                let local = Node::local_snapshot_from(&parts_so_far.bytes, split).map(Ok).unwrap_or_else(|| self.local_snapshot());
+                let local = Node::local_snapshot_from(&parts_so_far.bytes, replica_end).map(Ok).unwrap_or_else(|| self.local_snapshot());
                 match local {
                     Ok(bytes) => self.out.push_back(Output::SaveSnapshot { lsn, bytes }),
                     Err(e) => error!("cannot encode a snapshot: {e}"),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
 use super::{Node, NodeConfig, Output};
-use crate::replica::{EncodedSplit, Replica, SnapshotError};
+use crate::replica::{Replica, SnapshotError};
 
 /// What a local snapshot file holds: the replicated state, and the readings
 /// this node accepted alone that its peer may not have.
@@ -46,8 +46,14 @@ impl Node {
             let err = |e: postcard::Error| SnapshotError(e.to_string());
             let (local, rest): (LocalSnapshot, &[u8]) = postcard::take_from_bytes(bytes).map_err(err)?;
             node.replica = local.replica;
+            // The outbox, then what it took over of other histories (a
+            // snapshot from before either has none).
             if !rest.is_empty() {
-                node.replica.outbox = postcard::from_bytes(rest).map_err(err)?;
+                let (outbox, rest) = postcard::take_from_bytes(rest).map_err(err)?;
+                node.replica.outbox = outbox;
+                if !rest.is_empty() {
+                    node.replica.outbox.set_adopted_state(postcard::from_bytes(rest).map_err(err)?);
+                }
             }
             node.replica.set_config(cfg.windows);
             node.replica.set_outbox(cfg.outbox);
@@ -95,21 +101,22 @@ impl Node {
     }
 
     /// The local snapshot of a replica just decoded from `peer`'s bytes
-    /// ([`Replica::encode`], split where [`Replica::decode_split`] found),
-    /// with nothing unconfirmed: the bytes [`Node::local_snapshot`] makes,
-    /// copied rather than encoded again (a large state takes a fifth of a
-    /// second to encode, on a loop that must keep its heartbeats).
-    /// Postcard writes the fields in order and an empty list as one zero
-    /// byte. `None` for bytes that hold no outbox (written before the
-    /// uplink): those are encoded again.
-    pub(super) fn local_snapshot_from(peer: &[u8], split: EncodedSplit) -> Option<Vec<u8>> {
-        if split.outbox_end <= split.replica_end {
+    /// ([`Replica::encode`], the replica ending at `replica_end` as
+    /// [`Replica::decode_split`] found), with nothing unconfirmed: what
+    /// [`Node::local_snapshot`] makes, copied rather than encoded again (a
+    /// large state takes a fifth of a second to encode, on a loop that
+    /// must keep its heartbeats). Postcard writes the fields in order and
+    /// an empty list as one zero byte. `None` for bytes that hold no
+    /// outbox (written before the uplink): those are encoded again.
+    pub(super) fn local_snapshot_from(peer: &[u8], replica_end: usize) -> Option<Vec<u8>> {
+        if replica_end >= peer.len() {
             return None;
         }
-        let mut bytes = Vec::with_capacity(split.outbox_end + 1);
-        bytes.extend_from_slice(&peer[..split.replica_end]);
+        let mut bytes = Vec::with_capacity(peer.len() + 1);
+        bytes.extend_from_slice(&peer[..replica_end]);
         bytes.push(0); // unconfirmed: none
-        bytes.extend_from_slice(&peer[split.replica_end..split.outbox_end]);
+        // The outbox and what it took over of other histories, as they came.
+        bytes.extend_from_slice(&peer[replica_end..]);
         Some(bytes)
     }
 
@@ -117,6 +124,7 @@ impl Node {
         let err = |e: postcard::Error| SnapshotError(e.to_string());
         let local = LocalSnapshotRef { replica: &self.replica, unconfirmed: self.unconfirmed.iter().map(|(_, b)| b).collect() };
         let bytes = postcard::to_allocvec(&local).map_err(err)?;
-        postcard::to_extend(&self.replica.outbox, bytes).map_err(err)
+        let bytes = postcard::to_extend(&self.replica.outbox, bytes).map_err(err)?;
+        postcard::to_extend(self.replica.outbox.adopted_state(), bytes).map_err(err)
     }
 }

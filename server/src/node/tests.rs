@@ -570,3 +570,20 @@ fn snapshot_parts_out_of_order_or_out_of_bounds_install_nothing() {
     assert!(backup.caught_up);
     assert_eq!(backup.status().counted, 3);
 }
+
+#[test]
+fn a_nodes_own_snapshot_keeps_what_its_outbox_took_over_of_another_history() {
+    use fog_protocol::{LogEntry, ReadingInCloud, Record};
+    let cfg = NodeConfig { outbox: crate::outbox::OutboxConfig { enabled: true, backlog_bytes: 1 << 20 }, ..config() };
+    let mut node = Node::new(cfg);
+    // Readings a side that lost a split forwarded: not to go twice.
+    let in_cloud = vec![ReadingInCloud { sensor_id: 1, incarnation: 7, seq: 3, timestamp_ms: T0 }];
+    node.replica.apply(&LogEntry { lsn: 1, epoch: 1, solo: false, record: Record::UplinkInCloud { readings: in_cloud } }).unwrap();
+    assert!(*node.replica.outbox.adopted_state() != Default::default());
+    let bytes = node.local_snapshot().expect("encodes");
+    let restarted = Node::recover(cfg, Some(&bytes), &[]).expect("recovers");
+    assert_eq!(restarted.replica.outbox.adopted_state(), node.replica.outbox.adopted_state(), "lost at a restart");
+    // A snapshot from before the adopted state was kept still reads.
+    let without = &bytes[..bytes.len() - postcard::to_allocvec(node.replica.outbox.adopted_state()).unwrap().len()];
+    assert_eq!(Node::recover(cfg, Some(without), &[]).expect("recovers").lsn(), 1);
+}
