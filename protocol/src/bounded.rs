@@ -101,6 +101,11 @@ impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for Bounded<T, MAX
             if out.len() == MAX {
                 return Err(over(MAX + 1, Some(MAX)));
             }
+            // More elements than the prefix said (a format without one):
+            // each is taken from the budget as it comes.
+            if out.len() >= n && !take(1) {
+                return Err(over(out.len() + 1, None));
+            }
             out.push(x);
         }
         Ok(out)
@@ -143,6 +148,26 @@ mod tests {
         assert_eq!(over, Some(super::Over { elements: 1, max: None }));
         // The budget is the decode's own: afterwards none applies.
         assert!(decode(&bytes(&[3, 3, 3, 3])).is_ok());
+    }
+
+    #[test]
+    fn a_list_without_a_length_prefix_is_charged_as_it_comes() {
+        use serde::de::value::{Error, SeqDeserializer};
+        let unhinted = |n: u64| {
+            let mut i = 0;
+            SeqDeserializer::<_, Error>::new(std::iter::from_fn(move || (i < n).then(|| {
+                i += 1;
+                i
+            })))
+        };
+        let (ok, _) = super::within(5, || super::vec::<_, u64, 10>(unhinted(5)));
+        assert_eq!(ok.expect("within the budget"), vec![1, 2, 3, 4, 5]);
+        let (err, over) = super::within(5, || super::vec::<_, u64, 10>(unhinted(6)));
+        assert!(err.is_err());
+        assert_eq!(over, Some(super::Over { elements: 6, max: None }));
+        let (err, over) = super::within(100, || super::vec::<_, u64, 10>(unhinted(11)));
+        assert!(err.is_err());
+        assert_eq!(over, Some(super::Over { elements: 11, max: Some(10) }));
     }
 
     #[test]
