@@ -681,6 +681,16 @@ mod tests {
     }
 
     #[test]
+    fn the_status_variant_is_the_one_a_host_refuses_unread() {
+        // Variants are numbered in declaration order: Status sits between
+        // NotActive and Refused.
+        let not_active = encode(&Reply::NotActive { state: NodeState::Passive, epoch: 1, seal: [0; 16] }).unwrap();
+        let refused = encode(&Reply::Refused { batch_id: 1, reason: Refusal::Busy }).unwrap();
+        assert_eq!((not_active[1], refused[1]), (STATUS_VARIANT - 1, STATUS_VARIANT + 1));
+        assert!(decode_reply(&refused).is_ok() && decode_reply(&not_active).is_ok());
+    }
+
+    #[test]
     fn a_reply_past_what_an_honest_server_sends_is_refused() {
         let frame = encode(&Reply::Batch(honest_reply())).unwrap();
         assert_eq!(decode_reply(&frame).unwrap(), Reply::Batch(honest_reply()));
