@@ -471,8 +471,6 @@ pub enum DecodeError {
     Malformed(String),
     #[error("batch of {0} readings exceeds the {MAX_READINGS_PER_BATCH}-reading limit")]
     TooManyReadings(usize),
-    #[error("batch of {0} sensors exceeds the {MAX_SENSORS_PER_BATCH}-sensor limit")]
-    TooManySensors(usize),
     /// A list longer than the protocol allows, refused on its length
     /// before it was read.
     #[error("{0}")]
@@ -539,10 +537,9 @@ const REPLY_ELEMENTS: usize = 2 * MAX_SENSORS_PER_BATCH + 2 * MAX_READINGS_PER_B
 /// on its length, before anything is allocated for it.
 pub fn decode_request(frame: &[u8]) -> Result<Request, DecodeError> {
     let req: Request = decode_within(frame, REQUEST_ELEMENTS)?;
+    // Each list is within its bound already; the readings of all the
+    // sensors together are checked here.
     if let Request::Batch { sensors, .. } = &req {
-        if sensors.len() > MAX_SENSORS_PER_BATCH {
-            return Err(DecodeError::TooManySensors(sensors.len()));
-        }
         let n: usize = sensors.iter().map(|s| s.readings.len()).sum();
         if n > MAX_READINGS_PER_BATCH {
             return Err(DecodeError::TooManyReadings(n));
@@ -581,11 +578,9 @@ fn check_reply(reply: &Reply) -> Result<(), String> {
     };
     match reply {
         Reply::Batch(b) => {
+            // Each list is within its bound already (see `bounded`); the
+            // selective acks of all the acks together are checked here.
             epoch("the reply's", b.epoch)?;
-            over("acks", b.acks.len(), MAX_SENSORS_PER_BATCH)?;
-            over("refused entries", b.refused.len(), MAX_READINGS_PER_BATCH)?;
-            over("repositions", b.repositions.len(), MAX_SENSORS_PER_BATCH)?;
-            over("averages", b.averages.len(), MAX_AVERAGES_PER_REPLY)?;
             let also: usize = b.acks.iter().map(|a| a.also.len()).sum();
             over("selective acks", also, MAX_READINGS_PER_BATCH)?;
             for a in &b.acks {

@@ -120,7 +120,7 @@ pub(crate) fn handle_event(node: &mut Node, now: Now, event: Event, access: Opti
     };
     let request = match decoded {
         Ok(r) => r,
-        Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooManySensors(_) | DecodeError::TooLarge(_) | DecodeError::ListTooLong(_))) => {
+        Err(e @ (DecodeError::TooManyReadings(_) | DecodeError::TooLarge(_) | DecodeError::ListTooLong(_))) => {
             node.record_refusal(Refusal::TooLarge, 1);
             if gate.log_once(&who, "too large") {
                 let (key, host) = name();
