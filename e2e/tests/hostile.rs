@@ -571,11 +571,21 @@ fn a_batch_at_the_reading_limit_is_served_and_one_past_it_refused() {
     ]);
     let reply = rogue.ask(&split, REPLY_TIMEOUT).unwrap();
     assert_eq!(reply, Reply::Refused { batch_id: 0, reason: Refusal::TooLarge }, "the limit is per batch");
+    // A batch whose list of sensors claims one more than the limit (the
+    // bytes for them follow, all zeros): refused on the length, before
+    // the server allocates for it or reads one of them.
+    let mut bomb = encode(&batch(4, Vec::new())).unwrap();
+    assert_eq!(bomb.pop(), Some(0), "an empty batch ends with its list's length");
+    bomb.extend([0x81, 0x80, 0x04]); // 65 537 as a varint
+    bomb.resize(bomb.len() + 5 * 65_537, 0);
+    rogue.send_frames(vec![bomb]).unwrap();
+    let reply = rogue.reply(REPLY_TIMEOUT).unwrap().expect("an answer to the bomb");
+    assert_eq!(reply, Reply::Refused { batch_id: 0, reason: Refusal::TooLarge }, "a list past its bound");
     let end = stage.finish();
     let counts = server_counts(&end.active);
     assert_eq!(counts.get(&(9100, 5)).map(|c| c.0), Some(limit));
     assert!(!counts.keys().any(|(id, _)| [9101, 9102, 9103].contains(id)), "a refused batch was counted");
-    assert_eq!(counter(&end.active, "too_large") - counter(&before, "too_large"), 2);
+    assert_eq!(counter(&end.active, "too_large") - counter(&before, "too_large"), 3);
     assert_eq!(u(&end.active["counted"]), u(&end.summary["generated"]) + limit);
     assert_eq!(server_counts(&end.passive).get(&(9100, 5)).map(|c| c.0), Some(limit), "replicated");
 }
