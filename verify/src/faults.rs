@@ -248,9 +248,10 @@ impl Schedule {
     ///
     /// A site fault hits a site drawn at random (with one site, no draw is
     /// made: a seed gives the schedule it always gave). A cloud fault waits
-    /// while another is still to be undone, and one that finds its stream
-    /// without a leader is not played: drawn then, it is skipped, and
+    /// while another is still to be undone: drawn then, it is skipped, and
     /// before the random draws it is put back to come after the others.
+    /// One that finds its stream without a leader is not played either:
+    /// before the random draws it is asked again a second later.
     pub fn apply_due(&mut self, sys: &mut System, now: Instant) -> anyhow::Result<()> {
         if now < self.next_fault || self.faults.is_empty() {
             return Ok(());
@@ -269,7 +270,10 @@ impl Schedule {
             }
             let played = self.cloud_fault(sys, fault, now)?;
             if !played && unplayed {
-                self.unplayed.insert(0, fault);
+                // Asked again a second from now (asking for the leader may
+                // itself have taken seconds), before the other faults.
+                self.unplayed.push(fault);
+                self.next_fault = Instant::now() + Duration::from_secs(1);
             }
             return Ok(());
         }
@@ -318,6 +322,8 @@ impl Schedule {
             self.log(format!("{which} skipped: the stream {stream} has no leader now"));
             return Ok(false);
         };
+        // Asking may have taken seconds: the restart counts from now.
+        let now = Instant::now();
         let (victim, what) = if fault == Fault::NatsLeader {
             (leader, format!("the leader of {stream}"))
         } else {
