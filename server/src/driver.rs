@@ -54,6 +54,10 @@ const UPLINK_RECORD_EVERY: Duration = Duration::from_millis(20);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Requests taken in one go before their entries go to the disk together.
 const MAX_REQUESTS_PER_ROUND: usize = 256;
+/// ... or until they have taken this long: a turn of the loop that runs
+/// for seconds (a few full batches on a starved core) misses heartbeats,
+/// and one late by four is taken for a pause.
+const MAX_ROUND_TIME: Duration = Duration::from_millis(50);
 /// Messages queued per peer and direction on the state channel.
 const HWM: i32 = 1000;
 /// Messages queued per client and direction on the frontend. A host has
@@ -468,7 +472,11 @@ pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 let access = edge.access.as_ref().map(fog_transport::zap::current);
                 handle_event(&mut node, clock.now(), event, access.as_deref(), &edge.frontend, &mut gate);
                 // Take what else is waiting, so its entries share one sync.
+                let round = std::time::Instant::now();
                 for _ in 1..MAX_REQUESTS_PER_ROUND {
+                    if round.elapsed() >= MAX_ROUND_TIME {
+                        break;
+                    }
                     match edge.frontend.try_recv() {
                         Some(event) => handle_event(&mut node, clock.now(), event, access.as_deref(), &edge.frontend, &mut gate),
                         None => break,

@@ -87,7 +87,7 @@ const BUSY_RETRY: Duration = Duration::from_millis(250);
 pub fn describe_replication(r: Replication) -> &'static str {
     match r {
         Replication::InSync => "active, in sync with the passive",
-        Replication::PassiveJoining => "active, passive joining (acking alone until the passive holds all of it)",
+        Replication::PassiveJoining => "active, passive joining or catching up (acking alone until the passive holds all of it)",
         Replication::Alone => "active, alone (no passive in sync)",
         Replication::Merging => "passive, merging readings it accepted alone into the active",
         Replication::CaughtUp => "passive, caught up",

@@ -1,10 +1,11 @@
 //! The passive's side of replication: joining the active (after handing
 //! over any readings accepted alone), installing the active's snapshot and
-//! applying the entries that follow; [`Node::handle_durable`] acks them
-//! once they are durable. Only a passive that is caught up may take over.
+//! applying the entries that follow (a gap is filled by the active's
+//! resend, not a new join); [`Node::handle_durable`] acks them once they
+//! are durable. Only a passive that is caught up may take over.
 
 use fog_protocol::{LogEntry, MAX_SNAPSHOT_PARTS, NodeState, PeerMessage, SNAPSHOT_PART_BYTES};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Node, Output};
 use crate::replica::Replica;
@@ -113,11 +114,12 @@ impl Node {
             }
             if let Err(e) = self.replica.apply(&entry) {
                 match e {
+                    // Messages lost on the way (or dropped after a pause):
+                    // the active sends again what this node has not acked
+                    // (and tells it to join again if it no longer keeps it).
                     crate::replica::ApplyError::OutOfOrder { .. } => {
-                        info!("missed log entries ({e}): joining again");
-                        self.caught_up = false;
-                        self.rejoin(now);
-                        return;
+                        debug!("missed log entries ({e}): waiting for the active to send them again");
+                        break;
                     }
                     crate::replica::ApplyError::Diverged { .. } => {
                         error!("replica diverged from the active: {e}");
@@ -132,7 +134,9 @@ impl Node {
         if applied {
             self.maybe_snapshot();
         } else {
-            // A resend of entries already applied: the ack was lost.
+            // Nothing applied (a resend of entries already applied whose
+            // ack was lost, or entries past a gap): tell the active where
+            // this node stands.
             self.send_peer(PeerMessage::Ack { epoch: self.known_epoch, durable: self.durable_lsn });
         }
     }

@@ -2,8 +2,8 @@
 //! dropping duplicates, writing one entry), appending entries and sending
 //! them to the passive, letting a passive join, and holding each reply
 //! until its entry is durable here and, once a passive has made its
-//! snapshot durable, there too. Without a passive, and while one joins,
-//! the active acks alone ("solo").
+//! snapshot durable, there too. Without a passive, while one joins, and
+//! while one that fell silent catches up, the active acks alone ("solo").
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -22,11 +22,17 @@ use crate::replica::UNKNOWN_SEQ;
 const MAX_TAIL_ENTRIES: usize = 100_000;
 /// An idle active still publishes (and so prunes) this often.
 const PRUNE_EVERY_MS: u64 = 1_000;
-/// A passive still joining may be silent this many heartbeats (installing
-/// a large snapshot on a busy machine) before it is dropped as gone; one in
-/// sync, two. The active acks alone while one joins, so waiting for it
-/// holds nothing up, and dropping it would only start its join again.
-const JOINING_SILENCE_HEARTBEATS: u64 = 8;
+/// A passive that joins, or fell silent, may be silent this many
+/// heartbeats (installing a large snapshot, or its loop or machine busy)
+/// before it is dropped as gone and must join again with a new snapshot.
+/// One that replicates is taken for silent after two: the active then acks
+/// alone and keeps what it has not acked, so waiting for it holds nothing
+/// up, and dropping it would only make it join again, a snapshot of the
+/// whole state each way.
+const SILENCE_HEARTBEATS: u64 = 8;
+/// Readings sent to the passive in one message at most when the entries it
+/// has not acked go again (a frame holds 16 MiB).
+const RESEND_READINGS: usize = 4 * fog_protocol::MAX_READINGS_PER_BATCH;
 /// A join repeated this many heartbeats after the snapshot went out is
 /// answered by that snapshot, still on its way; a later one gets a new
 /// snapshot. (A passive asks again after 4 heartbeats without a part.)
@@ -206,20 +212,43 @@ impl Node {
     /// while it joined are unconfirmed already.)
     pub(super) fn go_solo(&mut self) {
         self.passive = None;
-        let tail = std::mem::take(&mut self.tail);
+        self.ack_tail_alone();
+        self.tail.clear();
+        self.release();
+    }
+
+    /// The passive fell silent: what it has not acked is acked alone from
+    /// now on (as in [`Node::go_solo`]), but kept. Heard again, it is sent
+    /// what it lacks, and replies wait for it again once it has all it had
+    /// before; silent for [`SILENCE_HEARTBEATS`], it is dropped.
+    fn lapse(&mut self, now: u64) {
+        let Some(p) = self.passive.as_mut() else { return };
+        p.joined_at = self.replica.lsn + 1;
+        p.snapshot_sent_ms = None;
+        p.last_progress_ms = now;
+        self.ack_tail_alone();
+        self.release();
+    }
+
+    /// Marks the entries the passive has not acked as acked alone: their
+    /// readings become unconfirmed, made durable in a snapshot before any
+    /// held reply is released.
+    fn ack_tail_alone(&mut self) {
+        let mut tail = std::mem::take(&mut self.tail);
         let mut any = false;
-        for entry in tail.iter().filter(|e| !e.solo) {
+        for entry in tail.iter_mut().filter(|e| !e.solo) {
+            entry.solo = true;
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
                 any |= sensors.iter().any(|s| !s.readings.is_empty());
                 self.push_unconfirmed(entry.lsn, sensors);
             }
         }
+        self.tail = tail;
         if any {
             self.entries_since_snapshot = self.cfg.snapshot_every;
             self.maybe_snapshot();
             self.awaiting_snapshot_durable = Some(self.replica.lsn);
         }
-        self.release();
     }
 
     /// The highest entry a reply may be released at.
@@ -275,7 +304,7 @@ impl Node {
         }
         if let Some(p) = &self.passive {
             let repeat = JOIN_REPEAT_HEARTBEATS.saturating_mul(self.cfg.heartbeat_ms);
-            if !p.replicating() && now < p.snapshot_sent_ms.saturating_add(repeat) {
+            if !p.replicating() && p.snapshot_sent_ms.is_some_and(|at| now < at.saturating_add(repeat)) {
                 return; // its snapshot is on its way
             }
             // It lost what it had (restarted, or missed entries).
@@ -296,8 +325,31 @@ impl Node {
             let bytes = state[from.min(state.len())..(from + SNAPSHOT_PART_BYTES).min(state.len())].to_vec();
             self.send_peer(PeerMessage::Snapshot { epoch, lsn, part, parts, state: bytes });
         }
-        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn, solo_through: 0, snapshot_sent_ms: now });
+        self.passive = Some(PassiveView { durable: 0, last_progress_ms: now, joined_at: self.replica.lsn, solo_through: 0, snapshot_sent_ms: Some(now) });
         self.tail.clear();
+    }
+
+    /// Sends the passive again the entries it has not acked, in order, in
+    /// messages of at most [`RESEND_READINGS`] readings (and one entry at
+    /// least).
+    fn resend_tail(&mut self) {
+        let mut entries = Vec::new();
+        let mut readings = 0;
+        for entry in &self.tail {
+            let n = match &entry.record {
+                Record::ReadingsAccepted { sensors, .. } => sensors.iter().map(|s| s.readings.len().max(1)).sum(),
+                _ => 1,
+            };
+            if !entries.is_empty() && readings + n > RESEND_READINGS {
+                self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: std::mem::take(&mut entries) }));
+                readings = 0;
+            }
+            readings += n;
+            entries.push(entry.clone());
+        }
+        if !entries.is_empty() {
+            self.send_peer(PeerMessage::Records { epoch: self.known_epoch, entries });
+        }
     }
 
     /// The active's timeout: drops a passive that is gone or too far
@@ -305,25 +357,26 @@ impl Node {
     /// averages.
     pub(super) fn active_timeout(&mut self, now: u64) {
         let hb = self.cfg.heartbeat_ms;
-        let grace = match &self.passive {
-            Some(p) if !p.replicating() => (JOINING_SILENCE_HEARTBEATS - 2).saturating_mul(hb),
-            _ => 0,
-        };
-        if self.passive.is_some() && !self.fsm.peer_heard_within(now, grace) {
-            warn!(lsn = self.replica.lsn, "the passive is gone: carrying on alone");
-            self.go_solo();
+        if let Some(p) = &self.passive {
+            // The FSM's expiry is two heartbeats.
+            let gone_after = (SILENCE_HEARTBEATS - 2).saturating_mul(hb);
+            if !self.fsm.peer_heard_within(now, gone_after) {
+                warn!(lsn = self.replica.lsn, "the passive is gone: carrying on alone until it joins again");
+                self.go_solo();
+            } else if p.replicating() && !self.fsm.peer_heard_within(now, 0) {
+                warn!(lsn = self.replica.lsn, durable = p.durable, "the passive is silent: acking alone, and keeping what it lacks for when it is heard again");
+                self.lapse(now);
+            }
         }
         if self.tail.len() > MAX_TAIL_ENTRIES {
             warn!("the passive fell {} entries behind: carrying on alone until it joins again", self.tail.len());
             self.go_solo();
         }
+        let heard = self.fsm.peer_heard_within(now, 0);
         if let Some(p) = self.passive.as_mut() {
-            if p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
+            if heard && p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
                 p.last_progress_ms = now;
-                let entries: Vec<LogEntry> = self.tail.iter().cloned().collect();
-                if !entries.is_empty() {
-                    self.send_peer(PeerMessage::Records { epoch: self.known_epoch, entries });
-                }
+                self.resend_tail();
             }
         }
         let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= self.wall_ms);

@@ -127,25 +127,28 @@ enum Held {
 struct PassiveView {
     durable: u64,
     last_progress_ms: u64,
-    /// The entry its snapshot was taken at: until it has made that durable
-    /// it is joining, and what this node accepts meanwhile it acks alone
-    /// (a join of a large state on a busy machine takes seconds, and
-    /// hosts would take held replies for a dead server).
+    /// Until it has made this entry durable, what this node accepts it
+    /// acks alone: the entry its snapshot was taken at while it joins (a
+    /// join of a large state on a busy machine takes seconds, and hosts
+    /// would take held replies for a dead server), or the one after the
+    /// last it had when it fell silent.
     joined_at: u64,
-    /// The last entry acked alone while it joined (0: none).
+    /// The last entry acked alone meanwhile (0: none).
     solo_through: u64,
-    /// When its snapshot was sent.
-    snapshot_sent_ms: u64,
+    /// When its snapshot was sent (none: it fell silent, and its tail is
+    /// what it resumes from).
+    snapshot_sent_ms: Option<u64>,
 }
 
 impl PassiveView {
-    /// Its snapshot is durable: from now on a reply waits for it too.
+    /// It has what it joined or resumed from: from now on a reply waits
+    /// for it too.
     fn replicating(&self) -> bool {
         self.durable >= self.joined_at
     }
 
-    /// It holds everything acked: its snapshot and every entry acked
-    /// alone while it joined are durable there.
+    /// It holds everything acked: what it joined or resumed from and
+    /// every entry acked alone meanwhile are durable there.
     fn in_sync(&self) -> bool {
         self.durable >= self.joined_at.max(self.solo_through)
     }

@@ -587,3 +587,129 @@ fn a_nodes_own_snapshot_keeps_what_its_outbox_took_over_of_another_history() {
     let without = &bytes[..bytes.len() - postcard::to_allocvec(node.replica.outbox.adopted_state()).unwrap().len()];
     assert_eq!(Node::recover(cfg, Some(without), &[]).expect("recovers").lsn(), 1);
 }
+
+/// What one step of a pair moved: the primary's replies, and the peer
+/// messages each node sent (whether the link carried them or not).
+#[derive(Default)]
+struct Moved {
+    replies: Vec<Reply>,
+    from_primary: Vec<PeerMessage>,
+    from_backup: Vec<PeerMessage>,
+}
+
+/// One step of a primary and a backup at `now`: both take their timeout,
+/// every write is made durable at once, and each peer message goes to the
+/// other node if `carry(from_primary, message)` says the link carries it.
+fn step_pair(primary: &mut Node, backup: &mut Node, now: u64, carry: &dyn Fn(bool, &PeerMessage) -> bool) -> Moved {
+    let mut moved = Moved::default();
+    primary.handle_timeout(Now::both(now));
+    backup.handle_timeout(Now::both(now));
+    loop {
+        let mut any = false;
+        for from_primary in [true, false] {
+            let (node, other) = if from_primary { (&mut *primary, &mut *backup) } else { (&mut *backup, &mut *primary) };
+            while let Some(out) = node.poll_output() {
+                any = true;
+                match out {
+                    Output::Append(entry) => node.handle_durable(Now::both(now), entry.lsn, false),
+                    Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(now), lsn, true),
+                    Output::Reply { reply, .. } => moved.replies.push(reply),
+                    Output::Peer(msg) => {
+                        if carry(from_primary, &msg) {
+                            other.handle_peer(Now::both(now), msg.clone());
+                        }
+                        if from_primary { &mut moved.from_primary } else { &mut moved.from_backup }.push(msg);
+                    }
+                }
+            }
+        }
+        if !any {
+            return moved;
+        }
+    }
+}
+
+#[test]
+fn a_passive_that_falls_silent_or_misses_entries_catches_up_from_what_the_active_kept_without_a_new_snapshot() {
+    use fog_protocol::Replication;
+    let up = |_: bool, _: &PeerMessage| true;
+    let down = |_: bool, _: &PeerMessage| false;
+    let is_snapshot = |m: &PeerMessage| matches!(m, PeerMessage::Snapshot { .. });
+    let (mut primary, mut now) = serving_alone(3);
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    // The backup joins and gets in sync.
+    let mut snapshots = 0;
+    for _ in 0..20 {
+        now += 50;
+        snapshots += step_pair(&mut primary, &mut backup, now, &up).from_primary.iter().filter(|m| is_snapshot(m)).count();
+    }
+    assert!(primary.has_passive_in_sync() && backup.caught_up, "the pair never got in sync");
+    assert_eq!(snapshots, 1);
+    let mut seq = 3;
+    let mut send = |primary: &mut Node, now: u64| {
+        primary.handle_request(Now::both(now), seq, &batch(100 + seq, seq, now));
+        seq += 1;
+    };
+
+    // The passive falls silent (its machine starved, its loop busy): a
+    // batch waiting for it is acked alone two heartbeats on, and so is
+    // every batch after it.
+    send(&mut primary, now);
+    let mut acked = 0;
+    for i in 0..24 {
+        now += 50;
+        if i == 16 {
+            send(&mut primary, now);
+        }
+        let moved = step_pair(&mut primary, &mut backup, now, &down);
+        acked += moved.replies.len();
+        assert!(!moved.from_primary.iter().any(is_snapshot));
+    }
+    assert_eq!(acked, 2, "batches were held for a silent passive");
+    assert_eq!(primary.status().replication, Replication::PassiveJoining);
+    assert_eq!(primary.status().unconfirmed, 2, "what was acked alone waits for a merge should the pair split");
+    // Heard again: it gets what it lacks, not a new snapshot, and is in
+    // sync again.
+    for _ in 0..30 {
+        now += 50;
+        let moved = step_pair(&mut primary, &mut backup, now, &up);
+        assert!(!moved.from_primary.iter().any(is_snapshot), "a passive back from silence got a new snapshot");
+        assert!(!moved.from_backup.iter().any(|m| matches!(m, PeerMessage::Join { .. })), "a passive back from silence joined again");
+    }
+    assert!(primary.has_passive_in_sync(), "{:?}", primary.status().replication);
+    assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+    assert_eq!(primary.status().unconfirmed, 0, "what the passive holds is confirmed");
+    // Replies wait for it again.
+    send(&mut primary, now);
+    assert!(replies(&mut primary, now).is_empty(), "a reply did not wait for the passive back in sync");
+    now += 50;
+    assert_eq!(step_pair(&mut primary, &mut backup, now, &up).replies.len(), 1);
+
+    // One message of entries is lost on the way: the passive does not
+    // join again, it takes the entries when the active sends them again.
+    send(&mut primary, now);
+    now += 50;
+    let lose_records = |from_primary: bool, m: &PeerMessage| !(from_primary && matches!(m, PeerMessage::Records { .. }));
+    step_pair(&mut primary, &mut backup, now, &lose_records);
+    assert!(backup.lsn() < primary.lsn());
+    send(&mut primary, now);
+    let mut acked = 0;
+    for _ in 0..30 {
+        now += 50;
+        let moved = step_pair(&mut primary, &mut backup, now, &up);
+        acked += moved.replies.len();
+        assert!(!moved.from_primary.iter().any(is_snapshot), "a gap was filled by a new snapshot");
+        assert!(!moved.from_backup.iter().any(|m| matches!(m, PeerMessage::Join { .. })), "a gap made the passive join again");
+    }
+    assert_eq!(acked, 2, "both batches are acked once the passive has them");
+    assert!(primary.has_passive_in_sync() && backup.caught_up);
+    assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+
+    // Silent for good: dropped after eight heartbeats, and told to join
+    // again.
+    for _ in 0..60 {
+        now += 50;
+        step_pair(&mut primary, &mut backup, now, &down);
+    }
+    assert_eq!(primary.status().replication, Replication::Alone, "a passive silent for good was kept");
+}
