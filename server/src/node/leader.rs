@@ -32,7 +32,7 @@ const PRUNE_EVERY_MS: u64 = 1_000;
 const SILENCE_HEARTBEATS: u64 = 8;
 /// Readings sent to the passive in one message at most when the entries it
 /// has not acked go again (a frame holds 16 MiB).
-const RESEND_READINGS: usize = 4 * fog_protocol::MAX_READINGS_PER_BATCH;
+pub(super) const RESEND_READINGS: usize = 4 * fog_protocol::MAX_READINGS_PER_BATCH;
 /// A join repeated this many heartbeats after the snapshot went out is
 /// answered by that snapshot, still on its way; a later one gets a new
 /// snapshot. (A passive asks again after 4 heartbeats without a part.)

@@ -713,3 +713,57 @@ fn a_passive_that_falls_silent_or_misses_entries_catches_up_from_what_the_active
     }
     assert_eq!(primary.status().replication, Replication::Alone, "a passive silent for good was kept");
 }
+
+#[test]
+fn what_a_silent_passive_lacks_goes_again_in_messages_that_fit_a_frame() {
+    let up = |_: bool, _: &PeerMessage| true;
+    let down = |_: bool, _: &PeerMessage| false;
+    let (mut primary, mut now) = serving_alone(1);
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    for _ in 0..20 {
+        now += 50;
+        step_pair(&mut primary, &mut backup, now, &up);
+    }
+    assert!(primary.has_passive_in_sync());
+    // Silent while six full batches are acked alone.
+    let per_batch = fog_protocol::MAX_SENSORS_PER_BATCH as u32;
+    for b in 0..6u32 {
+        let sensors = (0..per_batch)
+            .map(|i| SensorBatch {
+                sensor_id: 100 + b * per_batch + i,
+                incarnation: 7,
+                segment: 0,
+                readings: vec![Reading { seq: 0, speed_kmh: 100, timestamp_ms: now }],
+                average_cursor: None,
+            })
+            .collect();
+        primary.handle_request(Now::both(now), 1_000 + u64::from(b), &Request::Batch { batch_id: 1_000 + u64::from(b), epoch: 0, seal: [0; 16], sensors });
+        now += 50;
+        step_pair(&mut primary, &mut backup, now, &down);
+    }
+    for _ in 0..8 {
+        now += 50;
+        step_pair(&mut primary, &mut backup, now, &down);
+    }
+    // Heard again: what it lacks comes in several messages, each within
+    // the resend's bound and a frame.
+    let mut records = Vec::new();
+    for _ in 0..30 {
+        now += 50;
+        let moved = step_pair(&mut primary, &mut backup, now, &up);
+        records.extend(moved.from_primary.into_iter().filter_map(|m| match &m {
+            PeerMessage::Records { entries, .. } => Some((fog_protocol::encode(&m).expect("fits a frame").len(), entries.iter().map(|e| match &e.record {
+                fog_protocol::Record::ReadingsAccepted { sensors, .. } => sensors.iter().map(|s| s.readings.len()).sum(),
+                _ => 0,
+            }).sum::<usize>())),
+            _ => None,
+        }));
+    }
+    let resent: Vec<_> = records.iter().filter(|(_, readings)| *readings > 0).collect();
+    assert!(resent.len() >= 2, "the entries went again in one message: {records:?}");
+    for (bytes, readings) in &resent {
+        assert!(*readings <= super::leader::RESEND_READINGS && *bytes <= fog_protocol::MAX_FRAME_BYTES, "{readings} readings, {bytes} bytes");
+    }
+    assert!(primary.has_passive_in_sync());
+    assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+}
