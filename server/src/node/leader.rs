@@ -348,7 +348,7 @@ impl Node {
             entries.push(entry.clone());
         }
         if !entries.is_empty() {
-            self.send_peer(PeerMessage::Records { epoch: self.known_epoch, entries });
+            self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries }));
         }
     }
 
