@@ -90,7 +90,10 @@ impl Node {
                 // accepted alone hands them over before it joins).
                 let local = Node::local_snapshot_from(&parts_so_far.bytes, replica_end).map(Ok).unwrap_or_else(|| self.local_snapshot());
                 match local {
-                    Ok(bytes) => self.out.push_back(Output::SaveSnapshot { lsn, bytes }),
+                    Ok(bytes) => {
+                        self.snapshot_lsn = lsn;
+                        self.out.push_back(Output::SaveSnapshot { lsn, bytes });
+                    }
                     Err(e) => error!("cannot encode a snapshot: {e}"),
                 }
             }

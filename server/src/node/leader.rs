@@ -207,9 +207,9 @@ impl Node {
     }
 
     /// Drops the passive. What it has not acked becomes unconfirmed (it is
-    /// acked from now on without the passive), and that is made durable in
-    /// a snapshot before any held reply is released. (Entries acked alone
-    /// while it joined are unconfirmed already.)
+    /// acked from now on without the passive; see
+    /// [`Node::ack_tail_alone`]). (Entries acked alone while it joined are
+    /// unconfirmed already.)
     pub(super) fn go_solo(&mut self) {
         self.passive = None;
         self.ack_tail_alone();
@@ -231,20 +231,22 @@ impl Node {
     }
 
     /// Marks the entries the passive has not acked as acked alone: their
-    /// readings become unconfirmed, made durable in a snapshot before any
-    /// held reply is released.
+    /// readings become unconfirmed. A restart counts the readings of the
+    /// entries after the last local snapshot unconfirmed; if the snapshot
+    /// holds some of these, a new one (with them unconfirmed) is made
+    /// durable before any held reply is released.
     fn ack_tail_alone(&mut self) {
         let mut tail = std::mem::take(&mut self.tail);
-        let mut any = false;
+        let mut in_snapshot = false;
         for entry in tail.iter_mut().filter(|e| !e.solo) {
             entry.solo = true;
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
-                any |= sensors.iter().any(|s| !s.readings.is_empty());
+                in_snapshot |= entry.lsn <= self.snapshot_lsn && sensors.iter().any(|s| !s.readings.is_empty());
                 self.push_unconfirmed(entry.lsn, sensors);
             }
         }
         self.tail = tail;
-        if any {
+        if in_snapshot {
             self.entries_since_snapshot = self.cfg.snapshot_every;
             self.maybe_snapshot();
             self.awaiting_snapshot_durable = Some(self.replica.lsn);

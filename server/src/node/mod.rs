@@ -191,6 +191,10 @@ pub struct Node {
     mono_ms: u64,
     wall_ms: u64,
     entries_since_snapshot: u64,
+    /// The entry of the last local snapshot asked for (or recovered from):
+    /// the log on disk holds the entries after it, and a restart counts
+    /// their readings unconfirmed.
+    snapshot_lsn: u64,
     refused: RefusedCounts,
     forged_epochs: u64,
     batches: u64,
@@ -227,6 +231,7 @@ impl Node {
             mono_ms: 0,
             wall_ms: 0,
             entries_since_snapshot: 0,
+            snapshot_lsn: 0,
             refused: RefusedCounts::default(),
             forged_epochs: 0,
             batches: 0,

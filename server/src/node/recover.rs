@@ -59,6 +59,7 @@ impl Node {
             node.replica.set_outbox(cfg.outbox);
             let lsn = node.replica.lsn;
             node.unconfirmed = local.unconfirmed.into_iter().map(|b| (lsn, b)).collect();
+            node.snapshot_lsn = lsn;
         }
         for entry in entries {
             if entry.lsn <= node.replica.lsn {
@@ -94,6 +95,7 @@ impl Node {
         match self.local_snapshot() {
             Ok(bytes) => {
                 self.entries_since_snapshot = 0;
+                self.snapshot_lsn = self.replica.lsn;
                 self.out.push_back(Output::SaveSnapshot { lsn: self.replica.lsn, bytes });
             }
             Err(e) => error!("cannot encode a snapshot: {e}"),

@@ -593,6 +593,8 @@ fn a_nodes_own_snapshot_keeps_what_its_outbox_took_over_of_another_history() {
 #[derive(Default)]
 struct Moved {
     replies: Vec<Reply>,
+    /// Local snapshots the primary asked for.
+    primary_snapshots: usize,
     from_primary: Vec<PeerMessage>,
     from_backup: Vec<PeerMessage>,
 }
@@ -612,7 +614,10 @@ fn step_pair(primary: &mut Node, backup: &mut Node, now: u64, carry: &dyn Fn(boo
                 any = true;
                 match out {
                     Output::Append(entry) => node.handle_durable(Now::both(now), entry.lsn, false),
-                    Output::SaveSnapshot { lsn, .. } => node.handle_durable(Now::both(now), lsn, true),
+                    Output::SaveSnapshot { lsn, .. } => {
+                        moved.primary_snapshots += usize::from(from_primary);
+                        node.handle_durable(Now::both(now), lsn, true);
+                    }
                     Output::Reply { reply, .. } => moved.replies.push(reply),
                     Output::Peer(msg) => {
                         if carry(from_primary, &msg) {
@@ -766,4 +771,63 @@ fn what_a_silent_passive_lacks_goes_again_in_messages_that_fit_a_frame() {
     }
     assert!(primary.has_passive_in_sync());
     assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+}
+
+#[test]
+fn readings_acked_alone_when_the_passive_falls_silent_are_written_again_only_if_a_snapshot_holds_them() {
+    let up = |_: bool, _: &PeerMessage| true;
+    let down = |_: bool, _: &PeerMessage| false;
+    let (mut primary, mut now) = serving_alone(3);
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    let mut in_sync = |primary: &mut Node, backup: &mut Node, now: &mut u64| {
+        for _ in 0..40 {
+            *now += 50;
+            step_pair(primary, backup, *now, &up);
+        }
+        assert!(primary.has_passive_in_sync());
+    };
+    in_sync(&mut primary, &mut backup, &mut now);
+    // Silent with a batch waiting for it, after the last local snapshot:
+    // a restart would count its readings unconfirmed from the log, so no
+    // snapshot is made, and the batch is acked alone at once.
+    primary.handle_request(Now::both(now), 1, &batch(1, 3, now));
+    let (mut snapshots, mut acked) = (0, 0);
+    for _ in 0..14 {
+        now += 50;
+        let moved = step_pair(&mut primary, &mut backup, now, &down);
+        snapshots += moved.primary_snapshots;
+        acked += moved.replies.len();
+    }
+    assert_eq!((snapshots, acked), (0, 1));
+    let unconfirmed = primary.status().unconfirmed;
+    assert!(unconfirmed > 0);
+    in_sync(&mut primary, &mut backup, &mut now);
+
+    // Silent with a batch waiting for it that a local snapshot taken
+    // since holds: a restart would not know its readings are unconfirmed,
+    // so a new snapshot writes them so before the reply goes.
+    primary.handle_request(Now::both(now), 2, &batch(2, 4, now));
+    let waiting = primary.lsn();
+    primary.entries_since_snapshot = primary.cfg.snapshot_every;
+    primary.maybe_snapshot();
+    assert_eq!(primary.snapshot_lsn, waiting);
+    let (mut snapshots, mut acked) = (0, 0);
+    for _ in 0..14 {
+        now += 50;
+        let moved = step_pair(&mut primary, &mut backup, now, &down);
+        snapshots += moved.primary_snapshots;
+        acked += moved.replies.len();
+    }
+    assert_eq!((snapshots, acked), (2, 1), "the snapshot taken, and the one with the readings unconfirmed");
+    let mut saved = None;
+    primary.entries_since_snapshot = primary.cfg.snapshot_every;
+    primary.maybe_snapshot();
+    while let Some(out) = primary.poll_output() {
+        if let Output::SaveSnapshot { bytes, .. } = out {
+            saved = Some(bytes);
+        }
+    }
+    let restarted = Node::recover(config(), saved.as_deref(), &[]).expect("recovers");
+    assert_eq!(restarted.status().unconfirmed, primary.status().unconfirmed);
+    assert!(restarted.status().unconfirmed > 0);
 }
