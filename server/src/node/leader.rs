@@ -375,11 +375,13 @@ impl Node {
             self.go_solo();
         }
         let heard = self.fsm.peer_heard_within(now, 0);
-        if let Some(p) = self.passive.as_mut() {
-            if heard && p.durable < self.replica.lsn && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2)) {
-                p.last_progress_ms = now;
-                self.resend_tail();
-            }
+        if let Some(p) = self.passive.as_mut()
+            && heard
+            && p.durable < self.replica.lsn
+            && now >= p.last_progress_ms.saturating_add(hb.saturating_mul(2))
+        {
+            p.last_progress_ms = now;
+            self.resend_tail();
         }
         let due = self.replica.windows.poll_timeout().is_some_and(|t| t <= self.wall_ms);
         let prune = now >= self.last_publish_ms.saturating_add(PRUNE_EVERY_MS) && !self.replica.windows.is_idle();
