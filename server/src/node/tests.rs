@@ -588,148 +588,145 @@ fn a_nodes_own_snapshot_keeps_what_its_outbox_took_over_of_another_history() {
     assert_eq!(Node::recover(cfg, Some(without), &[]).expect("recovers").lsn(), 1);
 }
 
-/// What one step of a pair moved: the primary's replies, and the peer
-/// messages each node sent (whether the link carried them or not).
+/// What a pair moved: the primary's replies and local snapshots, and the
+/// peer messages each node sent (whether the link carried them or not).
 #[derive(Default)]
 struct Moved {
     replies: Vec<Reply>,
-    /// Local snapshots the primary asked for.
     primary_snapshots: usize,
     from_primary: Vec<PeerMessage>,
     from_backup: Vec<PeerMessage>,
 }
 
-/// One step of a primary and a backup at `now`: both take their timeout,
-/// every write is made durable at once, and each peer message goes to the
-/// other node if `carry(from_primary, message)` says the link carries it.
-fn step_pair(primary: &mut Node, backup: &mut Node, now: u64, carry: &dyn Fn(bool, &PeerMessage) -> bool) -> Moved {
+impl Moved {
+    fn any_from_primary(&self, what: fn(&PeerMessage) -> bool) -> bool {
+        self.from_primary.iter().any(what)
+    }
+
+    fn any_from_backup(&self, what: fn(&PeerMessage) -> bool) -> bool {
+        self.from_backup.iter().any(what)
+    }
+}
+
+/// Which peer messages the link between a pair carries.
+type Link = fn(bool, &PeerMessage) -> bool;
+const UP: Link = |_, _| true;
+const DOWN: Link = |_, _| false;
+
+fn is_snapshot(m: &PeerMessage) -> bool {
+    matches!(m, PeerMessage::Snapshot { .. })
+}
+
+fn is_join(m: &PeerMessage) -> bool {
+    matches!(m, PeerMessage::Join { .. })
+}
+
+/// Runs a primary and a backup for `steps` steps of 50 ms from `now`: at
+/// each both take their timeout, every write is made durable at once, and
+/// each peer message goes to the other node if `link(from_primary,
+/// message)` carries it.
+fn run_pair(primary: &mut Node, backup: &mut Node, now: &mut u64, steps: usize, link: Link) -> Moved {
     let mut moved = Moved::default();
-    primary.handle_timeout(Now::both(now));
-    backup.handle_timeout(Now::both(now));
-    loop {
-        let mut any = false;
-        for from_primary in [true, false] {
-            let (node, other) = if from_primary { (&mut *primary, &mut *backup) } else { (&mut *backup, &mut *primary) };
-            while let Some(out) = node.poll_output() {
-                any = true;
-                match out {
-                    Output::Append(entry) => node.handle_durable(Now::both(now), entry.lsn, false),
-                    Output::SaveSnapshot { lsn, .. } => {
-                        moved.primary_snapshots += usize::from(from_primary);
-                        node.handle_durable(Now::both(now), lsn, true);
-                    }
-                    Output::Reply { reply, .. } => moved.replies.push(reply),
-                    Output::Peer(msg) => {
-                        if carry(from_primary, &msg) {
-                            other.handle_peer(Now::both(now), msg.clone());
+    for _ in 0..steps {
+        *now += 50;
+        let t = Now::both(*now);
+        primary.handle_timeout(t);
+        backup.handle_timeout(t);
+        let mut any = true;
+        while any {
+            any = false;
+            for from_primary in [true, false] {
+                let (node, other) = if from_primary { (&mut *primary, &mut *backup) } else { (&mut *backup, &mut *primary) };
+                while let Some(out) = node.poll_output() {
+                    any = true;
+                    match out {
+                        Output::Append(entry) => node.handle_durable(t, entry.lsn, false),
+                        Output::SaveSnapshot { lsn, .. } => {
+                            moved.primary_snapshots += usize::from(from_primary);
+                            node.handle_durable(t, lsn, true);
                         }
-                        if from_primary { &mut moved.from_primary } else { &mut moved.from_backup }.push(msg);
+                        Output::Reply { reply, .. } => moved.replies.push(reply),
+                        Output::Peer(msg) => {
+                            if link(from_primary, &msg) {
+                                other.handle_peer(t, msg.clone());
+                            }
+                            if from_primary { &mut moved.from_primary } else { &mut moved.from_backup }.push(msg);
+                        }
                     }
                 }
             }
         }
-        if !any {
-            return moved;
-        }
     }
+    moved
+}
+
+/// A primary that served `n` batches alone, and a backup that joined it:
+/// in sync, after one snapshot.
+fn pair_in_sync(n: u64) -> (Node, Node, u64) {
+    let (mut primary, mut now) = serving_alone(n);
+    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
+    let moved = run_pair(&mut primary, &mut backup, &mut now, 20, UP);
+    assert!(primary.has_passive_in_sync() && backup.caught_up, "the pair never got in sync");
+    assert_eq!(moved.from_primary.iter().filter(|m| is_snapshot(m)).count(), 1);
+    (primary, backup, now)
 }
 
 #[test]
 fn a_passive_that_falls_silent_or_misses_entries_catches_up_from_what_the_active_kept_without_a_new_snapshot() {
     use fog_protocol::Replication;
-    let up = |_: bool, _: &PeerMessage| true;
-    let down = |_: bool, _: &PeerMessage| false;
-    let is_snapshot = |m: &PeerMessage| matches!(m, PeerMessage::Snapshot { .. });
-    let (mut primary, mut now) = serving_alone(3);
-    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
-    // The backup joins and gets in sync.
-    let mut snapshots = 0;
-    for _ in 0..20 {
-        now += 50;
-        snapshots += step_pair(&mut primary, &mut backup, now, &up).from_primary.iter().filter(|m| is_snapshot(m)).count();
-    }
-    assert!(primary.has_passive_in_sync() && backup.caught_up, "the pair never got in sync");
-    assert_eq!(snapshots, 1);
+    let (mut primary, mut backup, mut now) = pair_in_sync(3);
     let mut seq = 3;
     let mut send = |primary: &mut Node, now: u64| {
         primary.handle_request(Now::both(now), seq, &batch(100 + seq, seq, now));
         seq += 1;
     };
+    let same = |primary: &Node, backup: &Node| (backup.lsn(), backup.status().counted) == (primary.lsn(), primary.status().counted);
 
     // The passive falls silent (its machine starved, its loop busy): a
     // batch waiting for it is acked alone two heartbeats on, and so is
     // every batch after it.
     send(&mut primary, now);
-    let mut acked = 0;
-    for i in 0..24 {
-        now += 50;
-        if i == 16 {
-            send(&mut primary, now);
-        }
-        let moved = step_pair(&mut primary, &mut backup, now, &down);
-        acked += moved.replies.len();
-        assert!(!moved.from_primary.iter().any(is_snapshot));
-    }
-    assert_eq!(acked, 2, "batches were held for a silent passive");
+    let silent = run_pair(&mut primary, &mut backup, &mut now, 16, DOWN);
+    send(&mut primary, now);
+    let later = run_pair(&mut primary, &mut backup, &mut now, 8, DOWN);
+    assert_eq!(silent.replies.len() + later.replies.len(), 2, "batches were held for a silent passive");
+    assert!(!silent.any_from_primary(is_snapshot) && !later.any_from_primary(is_snapshot));
     assert_eq!(primary.status().replication, Replication::PassiveJoining);
     assert_eq!(primary.status().unconfirmed, 2, "what was acked alone waits for a merge should the pair split");
     // Heard again: it gets what it lacks, not a new snapshot, and is in
     // sync again.
-    for _ in 0..30 {
-        now += 50;
-        let moved = step_pair(&mut primary, &mut backup, now, &up);
-        assert!(!moved.from_primary.iter().any(is_snapshot), "a passive back from silence got a new snapshot");
-        assert!(!moved.from_backup.iter().any(|m| matches!(m, PeerMessage::Join { .. })), "a passive back from silence joined again");
-    }
+    let back = run_pair(&mut primary, &mut backup, &mut now, 30, UP);
+    assert!(!back.any_from_primary(is_snapshot), "a passive back from silence got a new snapshot");
+    assert!(!back.any_from_backup(is_join), "a passive back from silence joined again");
     assert!(primary.has_passive_in_sync(), "{:?}", primary.status().replication);
-    assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+    assert!(same(&primary, &backup));
     assert_eq!(primary.status().unconfirmed, 0, "what the passive holds is confirmed");
     // Replies wait for it again.
     send(&mut primary, now);
     assert!(replies(&mut primary, now).is_empty(), "a reply did not wait for the passive back in sync");
-    now += 50;
-    assert_eq!(step_pair(&mut primary, &mut backup, now, &up).replies.len(), 1);
+    assert_eq!(run_pair(&mut primary, &mut backup, &mut now, 1, UP).replies.len(), 1);
 
     // One message of entries is lost on the way: the passive does not
     // join again, it takes the entries when the active sends them again.
     send(&mut primary, now);
-    now += 50;
-    let lose_records = |from_primary: bool, m: &PeerMessage| !(from_primary && matches!(m, PeerMessage::Records { .. }));
-    step_pair(&mut primary, &mut backup, now, &lose_records);
+    run_pair(&mut primary, &mut backup, &mut now, 1, |from_primary, m| !(from_primary && matches!(m, PeerMessage::Records { .. })));
     assert!(backup.lsn() < primary.lsn());
     send(&mut primary, now);
-    let mut acked = 0;
-    for _ in 0..30 {
-        now += 50;
-        let moved = step_pair(&mut primary, &mut backup, now, &up);
-        acked += moved.replies.len();
-        assert!(!moved.from_primary.iter().any(is_snapshot), "a gap was filled by a new snapshot");
-        assert!(!moved.from_backup.iter().any(|m| matches!(m, PeerMessage::Join { .. })), "a gap made the passive join again");
-    }
-    assert_eq!(acked, 2, "both batches are acked once the passive has them");
-    assert!(primary.has_passive_in_sync() && backup.caught_up);
-    assert_eq!((backup.lsn(), backup.status().counted), (primary.lsn(), primary.status().counted));
+    let filled = run_pair(&mut primary, &mut backup, &mut now, 30, UP);
+    assert!(!filled.any_from_primary(is_snapshot), "a gap was filled by a new snapshot");
+    assert!(!filled.any_from_backup(is_join), "a gap made the passive join again");
+    assert_eq!(filled.replies.len(), 2, "both batches are acked once the passive has them");
+    assert!(primary.has_passive_in_sync() && backup.caught_up && same(&primary, &backup));
 
     // Silent for good: dropped after eight heartbeats, and told to join
     // again.
-    for _ in 0..60 {
-        now += 50;
-        step_pair(&mut primary, &mut backup, now, &down);
-    }
+    run_pair(&mut primary, &mut backup, &mut now, 60, DOWN);
     assert_eq!(primary.status().replication, Replication::Alone, "a passive silent for good was kept");
 }
 
 #[test]
 fn what_a_silent_passive_lacks_goes_again_in_messages_that_fit_a_frame() {
-    let up = |_: bool, _: &PeerMessage| true;
-    let down = |_: bool, _: &PeerMessage| false;
-    let (mut primary, mut now) = serving_alone(1);
-    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
-    for _ in 0..20 {
-        now += 50;
-        step_pair(&mut primary, &mut backup, now, &up);
-    }
-    assert!(primary.has_passive_in_sync());
+    let (mut primary, mut backup, mut now) = pair_in_sync(1);
     // Silent while six full batches are acked alone.
     let per_batch = fog_protocol::MAX_SENSORS_PER_BATCH as u32;
     for b in 0..6u32 {
@@ -742,30 +739,31 @@ fn what_a_silent_passive_lacks_goes_again_in_messages_that_fit_a_frame() {
                 average_cursor: None,
             })
             .collect();
-        primary.handle_request(Now::both(now), 1_000 + u64::from(b), &Request::Batch { batch_id: 1_000 + u64::from(b), epoch: 0, seal: [0; 16], sensors });
-        now += 50;
-        step_pair(&mut primary, &mut backup, now, &down);
+        let id = 1_000 + u64::from(b);
+        primary.handle_request(Now::both(now), id, &Request::Batch { batch_id: id, epoch: 0, seal: [0; 16], sensors });
+        run_pair(&mut primary, &mut backup, &mut now, 1, DOWN);
     }
-    for _ in 0..8 {
-        now += 50;
-        step_pair(&mut primary, &mut backup, now, &down);
-    }
+    run_pair(&mut primary, &mut backup, &mut now, 8, DOWN);
     // Heard again: what it lacks comes in several messages, each within
     // the resend's bound and a frame.
-    let mut records = Vec::new();
-    for _ in 0..30 {
-        now += 50;
-        let moved = step_pair(&mut primary, &mut backup, now, &up);
-        records.extend(moved.from_primary.into_iter().filter_map(|m| match &m {
-            PeerMessage::Records { entries, .. } => Some((fog_protocol::encode(&m).expect("fits a frame").len(), entries.iter().map(|e| match &e.record {
+    let readings = |entries: &[fog_protocol::LogEntry]| -> usize {
+        entries
+            .iter()
+            .map(|e| match &e.record {
                 fog_protocol::Record::ReadingsAccepted { sensors, .. } => sensors.iter().map(|s| s.readings.len()).sum(),
                 _ => 0,
-            }).sum::<usize>())),
+            })
+            .sum()
+    };
+    let resent: Vec<(usize, usize)> = run_pair(&mut primary, &mut backup, &mut now, 30, UP)
+        .from_primary
+        .iter()
+        .filter_map(|m| match m {
+            PeerMessage::Records { entries, .. } if readings(entries) > 0 => Some((fog_protocol::encode(m).expect("fits a frame").len(), readings(entries))),
             _ => None,
-        }));
-    }
-    let resent: Vec<_> = records.iter().filter(|(_, readings)| *readings > 0).collect();
-    assert!(resent.len() >= 2, "the entries went again in one message: {records:?}");
+        })
+        .collect();
+    assert!(resent.len() >= 2, "the entries went again in one message: {resent:?}");
     for (bytes, readings) in &resent {
         assert!(*readings <= super::leader::RESEND_READINGS && *bytes <= fog_protocol::MAX_FRAME_BYTES, "{readings} readings, {bytes} bytes");
     }
@@ -775,33 +773,16 @@ fn what_a_silent_passive_lacks_goes_again_in_messages_that_fit_a_frame() {
 
 #[test]
 fn readings_acked_alone_when_the_passive_falls_silent_are_written_again_only_if_a_snapshot_holds_them() {
-    let up = |_: bool, _: &PeerMessage| true;
-    let down = |_: bool, _: &PeerMessage| false;
-    let (mut primary, mut now) = serving_alone(3);
-    let mut backup = Node::new(NodeConfig { role: Role::Backup, ..config() });
-    let mut in_sync = |primary: &mut Node, backup: &mut Node, now: &mut u64| {
-        for _ in 0..40 {
-            *now += 50;
-            step_pair(primary, backup, *now, &up);
-        }
-        assert!(primary.has_passive_in_sync());
-    };
-    in_sync(&mut primary, &mut backup, &mut now);
+    let (mut primary, mut backup, mut now) = pair_in_sync(3);
     // Silent with a batch waiting for it, after the last local snapshot:
     // a restart would count its readings unconfirmed from the log, so no
-    // snapshot is made, and the batch is acked alone at once.
+    // snapshot is made, and the batch is acked alone.
     primary.handle_request(Now::both(now), 1, &batch(1, 3, now));
-    let (mut snapshots, mut acked) = (0, 0);
-    for _ in 0..14 {
-        now += 50;
-        let moved = step_pair(&mut primary, &mut backup, now, &down);
-        snapshots += moved.primary_snapshots;
-        acked += moved.replies.len();
-    }
-    assert_eq!((snapshots, acked), (0, 1));
-    let unconfirmed = primary.status().unconfirmed;
-    assert!(unconfirmed > 0);
-    in_sync(&mut primary, &mut backup, &mut now);
+    let silent = run_pair(&mut primary, &mut backup, &mut now, 14, DOWN);
+    assert_eq!((silent.primary_snapshots, silent.replies.len()), (0, 1));
+    assert!(primary.status().unconfirmed > 0);
+    run_pair(&mut primary, &mut backup, &mut now, 40, UP);
+    assert!(primary.has_passive_in_sync());
 
     // Silent with a batch waiting for it that a local snapshot taken
     // since holds: a restart would not know its readings are unconfirmed,
@@ -811,14 +792,8 @@ fn readings_acked_alone_when_the_passive_falls_silent_are_written_again_only_if_
     primary.entries_since_snapshot = primary.cfg.snapshot_every;
     primary.maybe_snapshot();
     assert_eq!(primary.snapshot_lsn, waiting);
-    let (mut snapshots, mut acked) = (0, 0);
-    for _ in 0..14 {
-        now += 50;
-        let moved = step_pair(&mut primary, &mut backup, now, &down);
-        snapshots += moved.primary_snapshots;
-        acked += moved.replies.len();
-    }
-    assert_eq!((snapshots, acked), (2, 1), "the snapshot taken, and the one with the readings unconfirmed");
+    let silent = run_pair(&mut primary, &mut backup, &mut now, 14, DOWN);
+    assert_eq!((silent.primary_snapshots, silent.replies.len()), (2, 1), "the snapshot taken, and the one with the readings unconfirmed");
     let mut saved = None;
     primary.entries_since_snapshot = primary.cfg.snapshot_every;
     primary.maybe_snapshot();
@@ -828,6 +803,6 @@ fn readings_acked_alone_when_the_passive_falls_silent_are_written_again_only_if_
         }
     }
     let restarted = Node::recover(config(), saved.as_deref(), &[]).expect("recovers");
-    assert_eq!(restarted.status().unconfirmed, primary.status().unconfirmed);
     assert!(restarted.status().unconfirmed > 0);
+    assert_eq!(restarted.status().unconfirmed, primary.status().unconfirmed);
 }
