@@ -6,7 +6,7 @@
 //! while one that fell silent catches up, the active acks alone ("solo").
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use fog_protocol::{
     BatchReply, LogEntry, MAX_SNAPSHOT_PARTS, NodeState, PeerMessage, Reading, Record, RefusedReadings, Reply, SNAPSHOT_PART_BYTES, Seal, SensorBatch,
@@ -17,9 +17,10 @@ use super::{ClientToken, Held, Node, Output, PassiveView};
 use crate::fsm::Event;
 use crate::replica::UNKNOWN_SEQ;
 
-/// Most entries kept for a passive that has not acked them; beyond this it
-/// is dropped and must join again.
+/// Most entries, and readings in them, kept for a passive that has not
+/// acked them; beyond either it is dropped and must join again.
 const MAX_TAIL_ENTRIES: usize = 100_000;
+const MAX_TAIL_READINGS: usize = 4_000_000;
 /// An idle active still publishes (and so prunes) this often.
 const PRUNE_EVERY_MS: u64 = 1_000;
 /// A passive that joins, or fell silent, may be silent this many
@@ -37,6 +38,47 @@ pub(super) const RESEND_READINGS: usize = 4 * fog_protocol::MAX_READINGS_PER_BAT
 /// answered by that snapshot, still on its way; a later one gets a new
 /// snapshot. (A passive asks again after 4 heartbeats without a part.)
 const JOIN_REPEAT_HEARTBEATS: u64 = 8;
+
+/// The entries the passive has not made durable, in order, and how many
+/// readings they hold.
+#[derive(Debug, Default)]
+pub(super) struct Tail {
+    pub(super) entries: VecDeque<LogEntry>,
+    pub(super) readings: usize,
+}
+
+impl Tail {
+    fn push(&mut self, entry: LogEntry) {
+        self.readings += readings_in(&entry);
+        self.entries.push_back(entry);
+    }
+
+    /// Drops the entries up to `lsn`.
+    fn drop_through(&mut self, lsn: u64) {
+        while self.entries.front().is_some_and(|e| e.lsn <= lsn) {
+            if let Some(e) = self.entries.pop_front() {
+                self.readings -= readings_in(&e);
+            }
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+        self.readings = 0;
+    }
+
+    fn too_long(&self) -> bool {
+        self.entries.len() > MAX_TAIL_ENTRIES || self.readings > MAX_TAIL_READINGS
+    }
+}
+
+/// The readings an entry carries (a sensor with only a cursor counts one).
+fn readings_in(entry: &LogEntry) -> usize {
+    match &entry.record {
+        Record::ReadingsAccepted { sensors, .. } => sensors.iter().map(|s| s.readings.len().max(1)).sum(),
+        _ => 1,
+    }
+}
 
 impl Node {
     /// A batch from a host: its epoch and its sensors' cursors as evidence,
@@ -199,7 +241,7 @@ impl Node {
             if entry.solo {
                 p.solo_through = entry.lsn;
             }
-            self.tail.push_back(entry.clone());
+            self.tail.push(entry.clone());
             self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: vec![entry.clone()] }));
         }
         self.out.push_back(Output::Append(entry));
@@ -238,7 +280,7 @@ impl Node {
     fn ack_tail_alone(&mut self) {
         let mut tail = std::mem::take(&mut self.tail);
         let mut in_snapshot = false;
-        for entry in tail.iter_mut().filter(|e| !e.solo) {
+        for entry in tail.entries.iter_mut().filter(|e| !e.solo) {
             entry.solo = true;
             if let Record::ReadingsAccepted { sensors, .. } = &entry.record {
                 in_snapshot |= entry.lsn <= self.snapshot_lsn && sensors.iter().any(|s| !s.readings.is_empty());
@@ -289,9 +331,7 @@ impl Node {
                 p.last_progress_ms = now;
             }
             let d = p.durable;
-            while self.tail.front().is_some_and(|e| e.lsn <= d) {
-                self.tail.pop_front();
-            }
+            self.tail.drop_through(d);
             while self.unconfirmed.front().is_some_and(|(lsn, _)| *lsn <= d) {
                 self.unconfirmed.pop_front();
             }
@@ -337,11 +377,8 @@ impl Node {
     fn resend_tail(&mut self) {
         let mut entries = Vec::new();
         let mut readings = 0;
-        for entry in &self.tail {
-            let n = match &entry.record {
-                Record::ReadingsAccepted { sensors, .. } => sensors.iter().map(|s| s.readings.len().max(1)).sum(),
-                _ => 1,
-            };
+        for entry in &self.tail.entries {
+            let n = readings_in(entry);
             if !entries.is_empty() && readings + n > RESEND_READINGS {
                 self.out.push_back(Output::Peer(PeerMessage::Records { epoch: self.known_epoch, entries: std::mem::take(&mut entries) }));
                 readings = 0;
@@ -370,8 +407,9 @@ impl Node {
                 self.lapse(now);
             }
         }
-        if self.tail.len() > MAX_TAIL_ENTRIES {
-            warn!("the passive fell {} entries behind: carrying on alone until it joins again", self.tail.len());
+        if self.tail.too_long() {
+            let (entries, readings) = (self.tail.entries.len(), self.tail.readings);
+            warn!(entries, readings, "the passive fell too far behind: carrying on alone until it joins again");
             self.go_solo();
         }
         let heard = self.fsm.peer_heard_within(now, 0);

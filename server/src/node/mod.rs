@@ -171,7 +171,7 @@ pub struct Node {
     held: VecDeque<(u64, Held)>,
     passive: Option<PassiveView>,
     /// Entries the passive has not made durable yet.
-    tail: VecDeque<LogEntry>,
+    tail: leader::Tail,
     /// `(lsn, readings)` accepted with no passive in sync.
     unconfirmed: VecDeque<(u64, SensorBatch)>,
     /// A passive that has its active's state (snapshot installed, no gap
@@ -218,7 +218,7 @@ impl Node {
             out: VecDeque::new(),
             held: VecDeque::new(),
             passive: None,
-            tail: VecDeque::new(),
+            tail: leader::Tail::default(),
             unconfirmed: VecDeque::new(),
             caught_up: false,
             last_join_ms: None,

@@ -806,3 +806,22 @@ fn readings_acked_alone_when_the_passive_falls_silent_are_written_again_only_if_
     assert!(restarted.status().unconfirmed > 0);
     assert_eq!(restarted.status().unconfirmed, primary.status().unconfirmed);
 }
+
+#[test]
+fn a_passive_heard_but_not_acking_is_dropped_once_its_tail_holds_too_many_readings() {
+    let (mut primary, mut backup, mut now) = pair_in_sync(1);
+    // Its heartbeats come, nothing else either way.
+    let heartbeats_only: Link = |from_primary, m| !from_primary && matches!(m, PeerMessage::Heartbeat(_));
+    let per_batch = fog_protocol::MAX_READINGS_PER_BATCH as u64;
+    let mut b = 0;
+    while primary.status().replication != fog_protocol::Replication::Alone && b < 100 {
+        let readings = (b * per_batch..(b + 1) * per_batch).map(|seq| Reading { seq, speed_kmh: 90, timestamp_ms: now }).collect();
+        let sensors = vec![SensorBatch { sensor_id: 5, incarnation: 7, segment: 0, readings, average_cursor: None }];
+        primary.handle_request(Now::both(now), b, &Request::Batch { batch_id: 10 + b, epoch: 0, seal: [0; 16], sensors });
+        run_pair(&mut primary, &mut backup, &mut now, 1, heartbeats_only);
+        b += 1;
+    }
+    let kept = b * per_batch;
+    assert!(kept > 4_000_000 && kept <= 4_000_000 + 2 * per_batch, "dropped after {b} batches ({kept} readings)");
+    assert!(primary.tail.entries.is_empty() && primary.tail.readings == 0);
+}
