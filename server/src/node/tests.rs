@@ -825,3 +825,25 @@ fn a_passive_heard_but_not_acking_is_dropped_once_its_tail_holds_too_many_readin
     assert!(kept > 4_000_000 && kept <= 4_000_000 + 2 * per_batch, "dropped after {b} batches ({kept} readings)");
     assert!(primary.tail.entries.is_empty() && primary.tail.readings == 0);
 }
+
+#[test]
+fn a_passive_fed_entries_past_its_log_applies_none_and_says_where_it_stands() {
+    let (primary, mut backup, now) = pair_in_sync(3);
+    let (lsn, counted) = (backup.lsn(), backup.status().counted);
+    while backup.poll_output().is_some() {}
+    // Entries that do not continue its log: the next but one, and one at
+    // the top of the range (forged, or after lost messages).
+    for far in [lsn + 2, u64::MAX] {
+        let entry = fog_protocol::LogEntry {
+            lsn: far,
+            epoch: primary.epoch(),
+            solo: false,
+            record: fog_protocol::Record::ReadingsAccepted { now_ms: now, sensors: vec![SensorBatch { sensor_id: 1, incarnation: 7, segment: 0, readings: vec![Reading { seq: 50, speed_kmh: 90, timestamp_ms: now }], average_cursor: None }] },
+        };
+        backup.handle_peer(Now::both(now + 10), PeerMessage::Records { epoch: primary.epoch(), entries: vec![entry] });
+        let out: Vec<Output> = std::iter::from_fn(|| backup.poll_output()).collect();
+        assert!(matches!(out.as_slice(), [Output::Peer(PeerMessage::Ack { durable, .. })] if *durable == lsn), "{out:?}");
+        assert_eq!((backup.lsn(), backup.status().counted), (lsn, counted));
+        assert!(backup.caught_up, "a gap made the passive drop what it has");
+    }
+}
