@@ -8,8 +8,8 @@
 //! no sensor, so its tests run on simulated time.
 //!
 //! Time is a [`std::time::Instant`] handed in by the driver, not a count of
-//! milliseconds: the pacing works in fractions of the interval (a slice of a
-//! 100 ms interval over 10 slices is 10 ms, a batch gap 25 ms) that
+//! milliseconds: the pacing works in fractions of a round of visits (a slice
+//! of a 100 ms round over 10 slices is 10 ms, a batch gap 25 ms) that
 //! milliseconds would round, the fleet's own clock ([`Fleet::restart_due`])
 //! takes an `Instant`, and tokio's converts to it without loss. Tests start
 //! from any `Instant` and add durations to it.
@@ -35,11 +35,12 @@ pub const NOT_ACTIVE_RETRY: Duration = Duration::from_millis(50);
 /// How long the host waits before connecting again after a server refused
 /// its handshake (a key problem an operator has to fix).
 pub const REFUSED_RETRY: Duration = Duration::from_secs(1);
-/// Ticks of one interval are spread over this many slices (fewer with
-/// fewer sensors), so a large fleet does not produce every reading at the
-/// same instant.
+/// The visits of one round (every sensor visited once, see
+/// [`CoreConfig::visit_every`]) are spread over this many slices (fewer
+/// with fewer sensors), so a large fleet does not produce every reading at
+/// the same instant.
 pub const TICK_SLICES: usize = 10;
-/// Batches per interval at most: readings of several slices travel
+/// Batches per round at most: readings of several slices travel
 /// together. A full batch's worth of readings waiting goes at once.
 pub const BATCHES_PER_INTERVAL: u32 = 4;
 /// Batches on their way at most (sent, or to be sent again after a
@@ -59,7 +60,11 @@ pub struct CoreConfig {
     pub servers: Vec<String>,
     /// How many sensors the fleet runs (decides the tick slices).
     pub sensors: usize,
+    /// The reading interval of every sensor.
     pub interval: Duration,
+    /// Readings each visit makes (at least 1): the sensors are visited
+    /// every `interval × readings_per_visit`.
+    pub readings_per_visit: u32,
     pub timeout: Duration,
     /// Stop generating after this long; `None` runs until shut down.
     pub duration: Option<Duration>,
@@ -73,6 +78,13 @@ pub struct CoreConfig {
     pub pipeline_readings: usize,
 }
 
+impl CoreConfig {
+    /// How often each sensor is visited.
+    pub fn visit_every(&self) -> Duration {
+        self.interval.saturating_mul(self.readings_per_visit.max(1))
+    }
+}
+
 /// Something the core wants done.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -84,10 +96,11 @@ pub enum Action {
     Connect { server: usize, after: Duration },
     /// Send this frame on the current link.
     Send { frame: Vec<u8> },
-    /// Tick the sensors of slice `slice` of `slices` (producing readings
-    /// unless draining), restart the sensors due, and, with `refresh`, read
-    /// every sensor's status; report with [`HostCore::handle_ticked`].
-    Tick { slice: usize, slices: usize, produce: bool, refresh: bool },
+    /// Visit the sensors of slice `slice` of `slices`, each making `make`
+    /// readings (none while draining), restart the sensors due, and, with
+    /// `refresh`, read every sensor's status; report with
+    /// [`HostCore::handle_ticked`].
+    Tick { slice: usize, slices: usize, make: u32, refresh: bool },
     /// Commit the sensors' state and take batch `batch_id`; report it
     /// with [`HostCore::handle_batch`], or report nothing when the commit
     /// fails (a reading may only leave once a restart would resume after
@@ -142,7 +155,7 @@ pub struct HostCore {
     slice: usize,
     slice_every: Duration,
     next_tick: Instant,
-    /// The tick reported next began an interval (its first slice).
+    /// The tick reported next began a round (its first slice).
     ticking_first_slice: bool,
     generate_until: Option<Instant>,
     drain_deadline: Option<Instant>,
@@ -165,6 +178,7 @@ impl HostCore {
     pub fn new(cfg: CoreConfig, now: Instant) -> Self {
         assert!(!cfg.servers.is_empty(), "a host needs at least one server");
         let slices = cfg.sensors.clamp(1, TICK_SLICES);
+        let visit_every = cfg.visit_every();
         let mut core = HostCore {
             out: VecDeque::new(),
             current: 0,
@@ -176,11 +190,11 @@ impl HostCore {
             refused_by: HashSet::new(),
             epoch: cfg.epoch.map_or(0, |e| e.0),
             seal: cfg.epoch.map_or([0; 16], |e| e.1),
-            batch_gap: cfg.interval / BATCHES_PER_INTERVAL,
+            batch_gap: visit_every / BATCHES_PER_INTERVAL,
             next_batch_at: now,
             slices,
             slice: 0,
-            slice_every: cfg.interval / slices as u32,
+            slice_every: visit_every / slices as u32,
             next_tick: now,
             ticking_first_slice: false,
             generate_until: cfg.duration.map(|d| now + d),
@@ -263,7 +277,7 @@ impl HostCore {
     /// batch being taken already), and a full batch's worth of readings
     /// waiting, or the gap since the last batch over and something to say.
     /// With batches in flight that is enough readings (see
-    /// [`PIPELINE_READINGS`]); with none, any reading, or the interval's
+    /// [`PIPELINE_READINGS`]); with none, any reading, or the round's
     /// first slice (a batch goes out even without readings, so every sensor
     /// keeps receiving averages).
     fn may_take(&self, now: Instant, pending: usize, first_slice: bool) -> bool {
@@ -320,11 +334,11 @@ impl HostCore {
         // tick said, read again for it only when ticks are further apart
         // than progress lines: a read of every sensor is a call into each.
         let progress_due = self.next_progress.is_some_and(|at| now >= at);
-        let stale_for_progress = self.cfg.progress.is_some_and(|every| self.cfg.interval > every);
+        let stale_for_progress = self.cfg.progress.is_some_and(|every| self.cfg.visit_every() > every);
         let refresh = first_slice && (self.drain_deadline.is_some() || (progress_due && stale_for_progress));
         self.ticking_first_slice = first_slice;
-        let produce = self.drain_deadline.is_none();
-        self.out.push_back(Action::Tick { slice, slices: self.slices, produce, refresh });
+        let make = if self.drain_deadline.is_none() { self.cfg.readings_per_visit.max(1) } else { 0 };
+        self.out.push_back(Action::Tick { slice, slices: self.slices, make, refresh });
     }
 
     /// The tick asked for is done: `pending` readings wait in the sensors,

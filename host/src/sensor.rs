@@ -11,17 +11,16 @@
 //! Errors are `wasmtime::Error` (an `anyhow::Error`): a failed call, which
 //! the fleet's supervisor turns into a stop and a restart.
 
-use crate::runtime::{SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
+use crate::runtime::{SensorComponent, SensorConfig, SensorEngine, SensorInstance, SensorStatus, TickResult, WitCursor, WitReading, WitVisit};
 
 /// One running sensor: every export of the `fog:sensor` world.
 pub trait SensorCalls: Send {
     /// The sensor's incarnation; idempotent, and after `restore` the
     /// restored one.
     fn init(&mut self) -> wasmtime::Result<u64>;
-    /// One tick: its readings and the status after it.
-    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult>;
-    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()>;
-    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>>;
+    /// One visit: its news taken, its readings made; the readings and
+    /// the status after it.
+    fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<TickResult>;
     fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>>;
     fn status(&mut self) -> wasmtime::Result<SensorStatus>;
     fn snapshot(&mut self) -> wasmtime::Result<Vec<u8>>;
@@ -52,14 +51,8 @@ impl SensorCalls for SensorInstance {
     fn init(&mut self) -> wasmtime::Result<u64> {
         SensorInstance::init(self)
     }
-    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
-        SensorInstance::tick(self, produce)
-    }
-    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
-        SensorInstance::on_ack(self, incarnation, next_seq, also)
-    }
-    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
-        SensorInstance::on_averages(self, averages)
+    fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<TickResult> {
+        SensorInstance::tick(self, visit)
     }
     fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
         SensorInstance::on_reposition(self, rewind_to, to)

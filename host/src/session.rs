@@ -33,10 +33,24 @@ const INCOMING_BOUND: usize = 16;
 /// Link events the loop takes in before it looks at its timers, at most.
 const READ_BEFORE_TIMERS: usize = 16;
 
+/// Readings one visit makes at most.
+pub const MAX_READINGS_PER_VISIT: u32 = 64;
+
+/// How many readings each visit makes for sensors that read every
+/// `interval` and are visited at most every `visit_every`: as many
+/// intervals as fit in it, at least 1 and at most
+/// [`MAX_READINGS_PER_VISIT`].
+pub fn readings_per_visit(interval: Duration, visit_every: Duration) -> u32 {
+    let fit = visit_every.as_nanos().checked_div(interval.as_nanos()).unwrap_or(1);
+    u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, MAX_READINGS_PER_VISIT)
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub servers: Vec<String>,
     pub interval: Duration,
+    /// Readings each visit makes (see [`readings_per_visit`]).
+    pub readings_per_visit: u32,
     pub timeout: Duration,
     /// Stop generating after this long; `None` runs until interrupted.
     pub duration: Option<Duration>,
@@ -149,6 +163,7 @@ pub async fn run(
         servers: cfg.servers.clone(),
         sensors: fleet.len(),
         interval: cfg.interval,
+        readings_per_visit: cfg.readings_per_visit,
         timeout: cfg.timeout,
         duration: cfg.duration,
         drain_timeout: cfg.drain_timeout,
@@ -167,7 +182,7 @@ pub async fn run(
         started,
         commit_failing: false,
         swap_began: None,
-        metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), cfg.interval, cfg.timeout),
+        metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), cfg.interval.saturating_mul(cfg.readings_per_visit.max(1)), cfg.timeout),
     };
     let mut publish = tokio::time::interval(PUBLISH_EVERY);
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -318,13 +333,13 @@ impl Driver<'_> {
                         }
                     }
                 }
-                Action::Tick { slice, slices, produce, refresh } => {
+                Action::Tick { slice, slices, make, refresh } => {
                     let range = self.fleet.slice(slice, slices);
                     let calls = range.len();
                     sandboxed(|| {
                         self.fleet.restart_due(now());
                         let began = std::time::Instant::now();
-                        self.fleet.tick(now(), range, produce);
+                        self.fleet.tick(now(), range, make);
                         self.metrics.ticked(calls, began.elapsed());
                     });
                     let all_acked = refresh.then(|| sandboxed(|| self.fleet.refresh_status(now())));

@@ -51,7 +51,7 @@ fn component_of_another_world() {
     // The smallest valid component: it exports nothing.
     let path = write_temp("empty-component.wasm", b"\0asm\x0d\0\x01\0");
     let out = host(&[path.to_str().unwrap()]);
-    assert_one_line_error(&out, "does not implement the world fog:sensor/sensor@0.3.0");
+    assert_one_line_error(&out, "does not implement the world fog:sensor/sensor@0.4.0");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("init"), "names what is missing: {stderr}");
 }

@@ -119,26 +119,26 @@ impl SensorCore {
     }
 
     /// Readings to send at `now_ms`: those due for resending, in `seq`
-    /// order, then a new one when `produce` is set.
-    pub fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
-        self.tick_with(now_ms, produce, |traffic| traffic.next_speed(now_ms))
+    /// order, then `make` new ones, the last stamped `now_ms` and each
+    /// earlier one `every_ms` before the next (the WIT `visit`).
+    pub fn tick(&mut self, now_ms: u64, make: u32, every_ms: u32) -> Vec<Reading> {
+        self.tick_with(now_ms, make, every_ms, |traffic, at_ms| traffic.next_speed(at_ms))
     }
 
-    /// [`SensorCore::tick`] with the speed of a new reading taken from
-    /// `speed` instead of the built-in traffic model: how another sensor
-    /// (a scenario, a replayed trace) reuses the resend buffer, average
-    /// stream and snapshots. `speed` is only called when a reading is made.
-    pub fn tick_with(&mut self, now_ms: u64, produce: bool, speed: impl FnOnce(&mut TrafficModel) -> u16) -> Vec<Reading> {
-        let mut out = Vec::new();
+    /// [`SensorCore::tick`] with the speed of each new reading taken from
+    /// `speed` (given the reading's stamp) instead of the built-in traffic
+    /// model: how another sensor (a scenario, a replayed trace) reuses the
+    /// resend buffer, average stream and snapshots. `speed` is only called
+    /// when a reading is made.
+    pub fn tick_with(&mut self, now_ms: u64, make: u32, every_ms: u32, mut speed: impl FnMut(&mut TrafficModel, u64) -> u16) -> Vec<Reading> {
+        let mut out = Vec::with_capacity(make as usize);
         self.resend.take_due(now_ms, &mut out);
-        // A sequence at u64::MAX cannot number another reading; unreachable
-        // by counting, only through a doctored snapshot.
-        if let (true, Some(next)) = (produce, self.next_seq.checked_add(1)) {
-            let reading = Reading {
-                seq: self.next_seq,
-                speed_kmh: speed(&mut self.traffic),
-                timestamp_ms: now_ms,
-            };
+        for k in (0..u64::from(make)).rev() {
+            // A sequence at u64::MAX cannot number another reading;
+            // unreachable by counting, only through a doctored snapshot.
+            let Some(next) = self.next_seq.checked_add(1) else { break };
+            let timestamp_ms = now_ms.saturating_sub(k.saturating_mul(u64::from(every_ms)));
+            let reading = Reading { seq: self.next_seq, speed_kmh: speed(&mut self.traffic, timestamp_ms), timestamp_ms };
             self.next_seq = next;
             self.generated = self.generated.saturating_add(1);
             self.sum_kmh = self.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
@@ -146,6 +146,18 @@ impl SensorCore {
             out.push(reading);
         }
         out
+    }
+
+    /// What a visit of the host (the WIT `tick`) brings, taken before its
+    /// readings are made: the ack `(incarnation, next_seq, also)`, then the
+    /// averages.
+    pub fn take_news(&mut self, ack: Option<(u64, u64, &[u64])>, averages: &[Average]) {
+        if let Some((incarnation, next_seq, also)) = ack {
+            self.on_ack(incarnation, next_seq, also);
+        }
+        if !averages.is_empty() {
+            self.on_averages(averages);
+        }
     }
 
     /// Takes the readings that left the host after the snapshot this core
@@ -221,10 +233,10 @@ mod tests {
     fn a_restored_core_adopts_the_readings_that_left_after_its_snapshot() {
         let config = SensorConfig { sensor_id: 4, segment: 0, resend_after_ms: 1_000, max_buffered: 100, settings: Vec::new() };
         let mut core = SensorCore::new(&config, 9, 1_000);
-        core.tick(1_000, true);
+        core.tick(1_000, 1, 0);
         let snapshot = core.snapshot();
         // Three more readings left; the first was acked before the crash.
-        let left: Vec<Reading> = (2..5).flat_map(|t| core.tick(t * 1_000, true)).collect();
+        let left: Vec<Reading> = (2..5).flat_map(|t| core.tick(t * 1_000, 1, 0)).collect();
         core.on_ack(core.incarnation(), 2, &[]);
         let before = core.status();
         let mut restored = SensorCore::restore(&snapshot).unwrap();
@@ -234,10 +246,10 @@ mod tests {
         assert_eq!((after.generated, after.sum_kmh), (before.generated, before.sum_kmh));
         // Every reading from the snapshot on is kept unacked, and resent when due.
         assert_eq!(after.buffered, 4);
-        let resent: Vec<u64> = restored.tick(10_000, false).iter().map(|r| r.seq).collect();
+        let resent: Vec<u64> = restored.tick(10_000, 0, 0).iter().map(|r| r.seq).collect();
         assert_eq!(resent, vec![0, 1, 2, 3]);
         // The next new reading follows the last that left.
-        assert_eq!(restored.tick(11_000, true).last().map(|r| r.seq), Some(4));
+        assert_eq!(restored.tick(11_000, 1, 0).last().map(|r| r.seq), Some(4));
     }
 
     const T0: u64 = 1_700_000_000_000;
@@ -275,16 +287,16 @@ mod tests {
     #[test]
     fn one_reading_per_producing_tick_with_host_time_and_rising_seq() {
         let mut core = SensorCore::new(&config(1), 7, T0);
-        let first = core.tick(T0 + 10, true);
+        let first = core.tick(T0 + 10, 1, 0);
         assert_eq!(first.len(), 1);
         assert_eq!((first[0].seq, first[0].timestamp_ms), (0, T0 + 10));
         assert!((70..=120).contains(&first[0].speed_kmh));
         assert!(
-            core.tick(T0 + 20, false).is_empty(),
+            core.tick(T0 + 20, 0, 0).is_empty(),
             "nothing due, nothing produced"
         );
         core.on_ack(core.incarnation(), 1, &[]);
-        let next = core.tick(T0 + 1000, true);
+        let next = core.tick(T0 + 1000, 1, 0);
         assert_eq!(next.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1]);
         let s = core.status();
         assert_eq!((s.generated, s.acked, s.buffered), (2, 1, 1));
@@ -295,14 +307,41 @@ mod tests {
     }
 
     #[test]
+    fn a_visit_makes_several_readings_stamped_an_interval_apart_after_its_news() {
+        let mut core = SensorCore::new(&config(1), 7, T0);
+        let first = core.tick(T0 + 1_000, 4, 250);
+        let stamps: Vec<(u64, u64)> = first.iter().map(|r| (r.seq, r.timestamp_ms)).collect();
+        assert_eq!(stamps, vec![(0, T0 + 250), (1, T0 + 500), (2, T0 + 750), (3, T0 + 1_000)]);
+        let s = core.status();
+        assert_eq!((s.generated, s.buffered), (4, 4));
+        assert_eq!(s.sum_kmh, first.iter().map(|r| u64::from(r.speed_kmh)).sum::<u64>());
+        // The news comes first: what it acks is not resent with the
+        // readings.
+        core.take_news(Some((core.incarnation(), 2, &[3])), &[]);
+        let next = core.tick(T0 + 2_000, 2, 1_000);
+        let stamps: Vec<(u64, u64)> = next.iter().map(|r| (r.seq, r.timestamp_ms)).collect();
+        assert_eq!(stamps, vec![(2, T0 + 750), (4, T0 + 1_000), (5, T0 + 2_000)]);
+        assert_eq!(core.status().acked, 3);
+        // Stamps never go below 0.
+        let mut early = SensorCore::new(&config(1), 7, 0);
+        let stamps: Vec<u64> = early.tick(1_000, 3, u32::MAX).iter().map(|r| r.timestamp_ms).collect();
+        assert_eq!(stamps, vec![0, 0, 1_000]);
+        // Past the bound the oldest go, counted, however many one visit makes.
+        let mut small = SensorCore::new(&SensorConfig { max_buffered: 3, ..config(1) }, 7, T0);
+        assert_eq!(small.tick(T0, 5, 10).len(), 5);
+        let s = small.status();
+        assert_eq!((s.generated, s.buffered, s.overflowed), (5, 3, 2));
+    }
+
+    #[test]
     fn unacked_readings_come_back_after_the_timeout() {
         let mut core = SensorCore::new(&config(1), 7, T0);
-        core.tick(T0, true);
-        core.tick(T0 + 500, true);
+        core.tick(T0, 1, 0);
+        core.tick(T0 + 500, 1, 0);
         // Resends first, in seq order, then the new reading.
-        let out: Vec<u64> = core.tick(T0 + 1000, true).iter().map(|r| r.seq).collect();
+        let out: Vec<u64> = core.tick(T0 + 1000, 1, 0).iter().map(|r| r.seq).collect();
         assert_eq!(out, vec![0, 2]);
-        let out: Vec<u64> = core.tick(T0 + 1500, false).iter().map(|r| r.seq).collect();
+        let out: Vec<u64> = core.tick(T0 + 1500, 0, 0).iter().map(|r| r.seq).collect();
         assert_eq!(out, vec![1]);
         // An ack for an earlier life of sensor 1 acks nothing here.
         core.on_ack(core.incarnation() ^ 1, 10, &[]);
@@ -352,7 +391,7 @@ mod tests {
             let mut now = T0;
             for _ in 0..500 {
                 now += rng.next_u64() % 700;
-                let sent = core.tick(now, !rng.next_u64().is_multiple_of(4));
+                let sent = core.tick(now, u32::from(!rng.next_u64().is_multiple_of(4)), 0);
                 // The network loses a third of the readings.
                 counted.extend(
                     sent.iter()

@@ -21,9 +21,10 @@ pub trait SensorLogic: Sized + 'static {
     /// The core that owns sequence numbers, resends, acks and averages.
     fn core(&mut self) -> &mut SensorCore;
 
-    /// One tick; by default the core's own traffic model.
-    fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
-        self.core().tick(now_ms, produce)
+    /// One tick making `make` readings (see [`SensorCore::tick`]); by
+    /// default with the core's own traffic model.
+    fn tick(&mut self, now_ms: u64, make: u32, every_ms: u32) -> Vec<Reading> {
+        self.core().tick(now_ms, make, every_ms)
     }
 
     /// The whole state as bytes; by default the core's snapshot.
@@ -110,27 +111,12 @@ macro_rules! export_sensor {
                     with_logic(|l| l.core().incarnation())
                 }
 
-                fn tick(produce: bool) -> TickResult {
+                /// The visit's news first, then the readings (see the WIT).
+                fn tick(visit: Visit) -> TickResult {
                     let now = environment::now_ms();
-                    let (readings, status) = with_logic(|l| {
-                        let readings = l.tick(now, produce);
-                        (readings, l.core().status())
-                    });
-                    TickResult {
-                        readings: readings
-                            .into_iter()
-                            .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
-                            .collect(),
-                        status: to_wit_status(status),
-                    }
-                }
-
-                fn on_ack(incarnation: u64, next_seq: u64, also: Vec<u64>) {
-                    with_logic(|l| l.core().on_ack(incarnation, next_seq, &also))
-                }
-
-                fn on_averages(averages: Vec<Average>) -> Option<Cursor> {
-                    let averages: Vec<$crate::Average> = averages
+                    let averages: Vec<$crate::Average> = visit
+                        .averages
+                        .unwrap_or_default()
                         .into_iter()
                         .map(|a| $crate::Average {
                             seq: a.seq,
@@ -143,7 +129,19 @@ macro_rules! export_sensor {
                             chain: a.chain,
                         })
                         .collect();
-                    with_logic(|l| l.core().on_averages(&averages)).map(to_wit)
+                    let ack = visit.ack.as_ref().map(|a| (a.incarnation, a.next_seq, a.also.as_deref().unwrap_or(&[])));
+                    let (readings, status) = with_logic(|l| {
+                        l.core().take_news(ack, &averages);
+                        let readings = l.tick(now, visit.make, visit.every_ms);
+                        (readings, l.core().status())
+                    });
+                    TickResult {
+                        readings: readings
+                            .into_iter()
+                            .map(|r| Reading { seq: r.seq, speed_kmh: r.speed_kmh, timestamp_ms: r.timestamp_ms })
+                            .collect(),
+                        status: to_wit_status(status),
+                    }
                 }
 
                 fn on_reposition(rewind_to: Option<u64>, to: Cursor) -> Option<Cursor> {
@@ -208,7 +206,7 @@ mod tests {
     #[test]
     fn a_snapshot_restores_only_into_the_same_sensor() {
         let mut core = SensorCore::new(&config(7), 42, 1_000);
-        core.tick(1_000, true);
+        core.tick(1_000, 1, 0);
         let bytes = core.snapshot();
         let restored = restore_core(&bytes, &config(7)).expect("same sensor");
         assert_eq!(restored.incarnation(), core.incarnation());
@@ -221,13 +219,13 @@ mod tests {
     #[test]
     fn a_restored_sensor_takes_the_hosts_current_resend_policy() {
         let mut core = SensorCore::new(&config(7), 42, 1_000);
-        core.tick(1_000, true);
+        core.tick(1_000, 1, 0);
         let bytes = core.snapshot();
         let later = SensorConfig { resend_after_ms: 60_000, ..config(7) };
         let mut restored = restore_core(&bytes, &later).expect("restores");
         // Under the old policy the reading would be resent 1 s later; under
         // the host's new one it is not yet due.
-        assert!(restored.tick(2_500, false).is_empty(), "the new 60 s resend timeout applies");
-        assert_eq!(restored.tick(62_000, false).len(), 1);
+        assert!(restored.tick(2_500, 0, 0).is_empty(), "the new 60 s resend timeout applies");
+        assert_eq!(restored.tick(62_000, 0, 0).len(), 1);
     }
 }

@@ -395,7 +395,7 @@ mod tests {
         };
         let mut core = SensorCore::new(&cfg, 1234, T0);
         for i in 0..12 {
-            core.tick(T0 + i * 700, true);
+            core.tick(T0 + i * 700, 1, 0);
         }
         core.on_ack(core.incarnation(), 5, &[8]);
         let mut avg = Average {
@@ -433,8 +433,8 @@ mod tests {
         for i in 0..20 {
             let now = T0 + 20_000 + i * 400;
             assert_eq!(
-                restored.tick(now, i % 3 != 0),
-                original.tick(now, i % 3 != 0)
+                restored.tick(now, u32::from(i % 3 != 0), 0),
+                original.tick(now, u32::from(i % 3 != 0), 0)
             );
         }
         assert_eq!(restored.status(), original.status());

@@ -8,7 +8,7 @@
 // advisory limit its segment's averages give. Every u64 of the contract is
 // a BigInt here.
 
-import { nowMs, seed, sensorConfig } from "fog:sensor/environment@0.3.0";
+import { nowMs, seed, sensorConfig } from "fog:sensor/environment@0.4.0";
 
 const FORMAT = "fog-sensor-json/1";
 const MASK = (1n << 64n) - 1n;
@@ -73,7 +73,9 @@ class Sensor {
     return 70n + (mix64(this.incarnation ^ seq) % 61n);
   }
 
-  tick(now, produce) {
+  // The readings due again, then `make` new ones: the last stamped `now`,
+  // each earlier one `everyMs` before the next.
+  tick(now, make, everyMs) {
     const out = [];
     for (const p of this.pending) {
       if (now - p[3] >= this.resendAfter) {
@@ -82,16 +84,18 @@ class Sensor {
         out.push({ seq: p[0], speedKmh: Number(p[1]), timestampMs: p[2] });
       }
     }
-    if (produce) {
+    for (let k = make - 1; k >= 0; k--) {
       const seq = this.nextSeq;
       const speed = this.speed(seq);
+      const back = BigInt(k) * BigInt(everyMs);
+      const stamp = now > back ? now - back : 0n;
       this.nextSeq += 1n;
       this.generated += 1n;
       this.sumKmh += speed;
-      this.pending.push([seq, speed, now, now]);
-      out.push({ seq, speedKmh: Number(speed), timestampMs: now });
-      this.trim();
+      this.pending.push([seq, speed, stamp, now]);
+      out.push({ seq, speedKmh: Number(speed), timestampMs: stamp });
     }
+    this.trim();
     return out;
   }
 
@@ -233,18 +237,13 @@ export function init() {
   return sensor().incarnation;
 }
 
-export function tick(produce) {
+// The news first (the ack, then the averages), then the readings.
+export function tick(visit) {
   const s = sensor();
-  const readings = s.tick(nowMs(), produce);
+  if (visit.ack !== undefined && visit.ack !== null) s.ack(visit.ack.incarnation, visit.ack.nextSeq, visit.ack.also ?? []);
+  if (visit.averages) s.apply(visit.averages);
+  const readings = s.tick(nowMs(), visit.make, visit.everyMs);
   return { readings, status: s.status() };
-}
-
-export function onAck(incarnation, nextSeq, also) {
-  sensor().ack(incarnation, nextSeq, also);
-}
-
-export function onAverages(averages) {
-  return sensor().apply(averages);
 }
 
 export function onReposition(rewindTo, to) {

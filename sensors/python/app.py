@@ -75,24 +75,27 @@ class Sensor:
     def speed(self, seq):
         return 70 + mix64(self.incarnation ^ seq) % 61
 
-    def tick(self, now, produce):
+    def tick(self, now, make, every_ms):
+        """The readings due again, then `make` new ones: the last stamped
+        `now`, each earlier one `every_ms` before the next."""
         out = []
         for p in self.pending:
             if now - p[3] >= self.resend_after:
                 p[3] = now
                 self.resent += 1
                 out.append(Reading(p[0], p[1], p[2]))
-        if produce:
+        for k in reversed(range(make)):
             seq = self.next_seq
             if seq == self.raise_at:
                 raise RuntimeError(f"raise-at={seq}: sensor {self.sensor_id} fails on purpose")
             speed = self.speed(seq)
+            stamp = max(now - k * every_ms, 0)
             self.next_seq += 1
             self.generated += 1
             self.sum_kmh += speed
-            self.pending.append([seq, speed, now, now])
-            out.append(Reading(seq, speed, now))
-            self.trim()
+            self.pending.append([seq, speed, stamp, now])
+            out.append(Reading(seq, speed, stamp))
+        self.trim()
         return out
 
     def trim(self):
@@ -232,16 +235,15 @@ class WitWorld(WitWorld):
         # Idempotent, and after `restore` the restored incarnation.
         return sensor().incarnation
 
-    def tick(self, produce):
+    def tick(self, visit):
+        # The news first (the ack, then the averages), then the readings.
         s = sensor()
-        readings = s.tick(environment.now_ms(), produce)
+        if visit.ack is not None:
+            s.ack(visit.ack.incarnation, visit.ack.next_seq, visit.ack.also or [])
+        if visit.averages:
+            s.apply(visit.averages)
+        readings = s.tick(environment.now_ms(), visit.make, visit.every_ms)
         return TickResult(readings, s.status())
-
-    def on_ack(self, incarnation, next_seq, also):
-        sensor().ack(incarnation, next_seq, also)
-
-    def on_averages(self, averages):
-        return sensor().apply(averages)
 
     def on_reposition(self, rewind_to, to):
         return sensor().reposition(rewind_to, to)

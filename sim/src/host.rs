@@ -15,9 +15,10 @@ use crate::native::{BuiltIn, NativeRuntime, Traps, WallClock};
 
 /// Sensors of the simulated host.
 pub const SENSORS: u32 = 4;
-/// Their tick interval, the host's reply timeout and the sensors' resend
-/// timeout.
-pub const INTERVAL: Duration = Duration::from_millis(500);
+/// Their reading interval, the readings of each visit (a visit every
+/// 500 ms), the host's reply timeout and the sensors' resend timeout.
+pub const INTERVAL: Duration = Duration::from_millis(250);
+pub const READINGS_PER_VISIT: u32 = 2;
 pub const TIMEOUT: Duration = Duration::from_millis(200);
 pub const RESEND_AFTER_MS: u64 = 300;
 
@@ -66,6 +67,7 @@ impl SimHost {
             // Planted traps are rare and random: never quarantine.
             max_restarts: 1_000_000,
             threads: 1,
+            every_ms: INTERVAL.as_millis() as u32,
         };
         let now = base + Duration::from_millis(t);
         let fleet = match Fleet::start(Arc::new(runtime), BuiltIn, config, None, now) {
@@ -81,6 +83,7 @@ impl SimHost {
                 servers: vec!["primary".into(), "backup".into()],
                 sensors: SENSORS as usize,
                 interval: INTERVAL,
+                readings_per_visit: READINGS_PER_VISIT,
                 timeout: TIMEOUT,
                 duration: None,
                 drain_timeout: Duration::from_secs(60),
@@ -158,10 +161,10 @@ impl SimHost {
                         effects.push(Effect::Send { to, generation, frame });
                     }
                 }
-                Action::Tick { slice, slices, produce, refresh } => {
+                Action::Tick { slice, slices, make, refresh } => {
                     let range = self.fleet.slice(slice, slices);
                     self.fleet.restart_due(now);
-                    self.fleet.tick(now, range, produce);
+                    self.fleet.tick(now, range, make);
                     let all_acked = refresh.then(|| self.fleet.refresh_status(now));
                     self.core.handle_ticked(now, self.fleet.pending(), all_acked);
                 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use fog_host::runtime::{SensorConfig, SensorStatus, TickResult, WitAverage, WitCursor, WitReading};
+use fog_host::runtime::{SensorConfig, SensorStatus, TickResult, WitCursor, WitReading, WitVisit};
 use fog_host::sensor::{SensorCalls, SensorRuntime};
 use fog_sensor::{Average, SensorCore, Status};
 
@@ -31,7 +31,7 @@ impl WallClock {
     }
 }
 
-/// Calls that trap: each call of a sensor (tick, ack, averages, snapshot)
+/// Calls that trap: each call of a sensor (tick, snapshot)
 /// traps with this probability, drawn from the world's seed.
 #[derive(Clone)]
 pub struct Traps {
@@ -136,25 +136,17 @@ impl SensorCalls for NativeSensor {
         Ok(self.core().incarnation())
     }
 
-    fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
+    /// As the component glue does: the news, then the readings.
+    fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<TickResult> {
         self.traps.call("tick")?;
         let now = self.clock.get();
         let cars = self.sim_ms.load(Ordering::Relaxed) < self.quiet_from.load(Ordering::Relaxed);
+        let averages: Vec<Average> = visit.averages.iter().flatten().map(Average::from).collect();
+        let ack = visit.ack.as_ref().map(|a| (a.incarnation, a.next_seq, a.also.as_deref().unwrap_or(&[])));
         let core = self.core();
-        let readings = core.tick(now, produce && cars);
+        core.take_news(ack, &averages);
+        let readings = core.tick(now, if cars { visit.make } else { 0 }, visit.every_ms);
         Ok(TickResult { readings: readings.iter().map(WitReading::from).collect(), status: to_wit_status(core.status()) })
-    }
-
-    fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
-        self.traps.call("on-ack")?;
-        self.core().on_ack(incarnation, next_seq, also);
-        Ok(())
-    }
-
-    fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
-        self.traps.call("on-averages")?;
-        let averages: Vec<Average> = averages.iter().map(Average::from).collect();
-        Ok(self.core().on_averages(&averages).map(WitCursor::from))
     }
 
     fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {

@@ -89,8 +89,9 @@ impl World {
         let loss_client = rng.random_range(0.0..0.05);
         let dup = rng.random_range(0.0..0.05);
         let max_delay = rng.random_range(1..10);
-        // One seed in three has sensor calls that trap now and then.
-        let trap_probability = if rng.random_bool(1.0 / 3.0) { rng.random_range(0.001..0.006) } else { 0.0 };
+        // One seed in three has sensor calls that trap now and then (a
+        // sensor is called about once a visit).
+        let trap_probability = if rng.random_bool(1.0 / 3.0) { rng.random_range(0.0025..0.015) } else { 0.0 };
         let traps = Traps::new(rng.random(), trap_probability);
         World {
             rng,

@@ -41,7 +41,7 @@ fn a_stale_cursor_answered_twice_moves_the_sensor_once() {
     let (first, _) = fleet.take_batch(at(0), 1);
     assert!(first.iter().all(|s| s.average_cursor.is_none()));
     fleet.apply(at(10), &reply(1, log.clone(), Vec::new()));
-    fleet.tick_all(at(20), false);
+    fleet.tick_all(at(20), 0);
     let five = AverageCursor { seq: 5, epoch: 1, chain: log[4].chain };
 
     // Two batches in flight, both carrying sensor 0 at 5: the once-a-second

@@ -181,6 +181,7 @@ fn start(args: &Args, n: u32) -> anyhow::Result<(Fleet, Duration)> {
         max_restarts: 3,
         // One thread: the figures are the CPU cost of a sensor.
         threads: 1,
+        every_ms: 1_000,
     };
     let fleet = Fleet::start(engine, component, config, None, Instant::now()).context("cannot start the fleet")?;
     Ok((fleet, compile))
@@ -198,7 +199,7 @@ fn measure(args: &Args, n: u32) -> anyhow::Result<FleetFigures> {
     let (mut tick, mut snapshot) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..rounds {
         let t = Instant::now();
-        fleet.tick_all(Instant::now(), true);
+        fleet.tick_all(Instant::now(), 1);
         fleet.commit()?;
         tick += t.elapsed();
         let t = Instant::now();

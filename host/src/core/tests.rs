@@ -17,6 +17,7 @@ fn config(sensors: usize) -> CoreConfig {
         servers: vec!["tcp://primary".into(), "tcp://backup".into()],
         sensors,
         interval: INTERVAL,
+        readings_per_visit: 1,
         timeout: TIMEOUT,
         duration: None,
         drain_timeout: Duration::from_secs(2),
@@ -79,8 +80,8 @@ impl Sim {
     fn step(&mut self) {
         while let Some(action) = self.core.poll_action() {
             match &action {
-                Action::Tick { produce, refresh, .. } => {
-                    if *produce {
+                Action::Tick { make, refresh, .. } => {
+                    if *make > 0 {
                         self.pending += self.produce_per_tick;
                     }
                     let all_acked = refresh.then_some(self.all_acked);
@@ -373,7 +374,7 @@ fn draining_stops_producing_and_ends_at_the_drain_deadline() {
     sim.run_until(INTERVAL + drain - ms(1));
     let log = std::mem::take(&mut sim.log);
     assert!(!log.iter().any(|(_, a)| matches!(a, Action::Finish { .. })), "not before the deadline");
-    let producing_after = log.iter().any(|(at, a)| *at >= sim.t0 + INTERVAL && matches!(a, Action::Tick { produce: true, .. }));
+    let producing_after = log.iter().any(|(at, a)| *at >= sim.t0 + INTERVAL && matches!(a, Action::Tick { make: 1.., .. }));
     assert!(!producing_after, "no readings produced while draining");
     sim.run_until(INTERVAL + drain);
     assert!(sim.asked().contains(&Action::Finish { drained: false }));

@@ -89,15 +89,6 @@ impl<S: SensorCalls> SensorSlot<S> {
         };
         merge_acks(&mut self.unsent_ack, acks.filter(|ack| !known(ack)));
     }
-
-    /// Gives the running instance its unsent ack, if any.
-    pub(super) fn give_ack(&mut self) -> wasmtime::Result<()> {
-        let Life::Running(inst) = &mut self.life else { return Ok(()) };
-        let Some(ack) = self.unsent_ack.take() else { return Ok(()) };
-        inst.on_ack(ack.0, ack.1, &ack.2)?;
-        self.last_ack = Some(ack);
-        Ok(())
-    }
 }
 
 impl<R: SensorRuntime> Fleet<R> {

@@ -87,6 +87,22 @@ pub struct FleetConfig {
     pub max_restarts: u32,
     /// Threads that call into sensors at once (at least 1: the caller's own).
     pub threads: usize,
+    /// The reading interval in milliseconds: several readings made in one
+    /// visit are stamped this far apart.
+    pub every_ms: u32,
+}
+
+/// The new readings one visit asks a sensor for (the WIT `visit.make` and
+/// `visit.every-ms`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Make {
+    count: u32,
+    every_ms: u32,
+}
+
+impl Make {
+    /// A visit that only hands over news.
+    const NONE: Make = Make { count: 0, every_ms: 0 };
 }
 
 enum Life<S> {
@@ -361,11 +377,13 @@ impl<R: SensorRuntime> Fleet<R> {
         (n * k / slices)..(n * (k + 1) / slices)
     }
 
-    /// Ticks the sensors in `range` once at `now`, each right after it
-    /// took its news (see [`news`]), and takes a new snapshot of those due
-    /// one (see [`SNAPSHOT_EVERY`]); returns how many readings they handed
-    /// over. While a hot swap is under way nothing ticks (see [`swap`]).
-    pub fn tick(&mut self, now: Instant, range: Range<usize>, produce: bool) -> usize {
+    /// Visits the sensors in `range` once at `now`: each takes its news
+    /// (see [`news`]) and makes `make` readings (the last stamped now, the
+    /// others [`FleetConfig::every_ms`] apart), in one call; then those due
+    /// a snapshot take one (see [`SNAPSHOT_EVERY`]). Returns how many
+    /// readings they handed over. While a hot swap is under way nothing
+    /// ticks (see [`swap`]).
+    pub fn tick(&mut self, now: Instant, range: Range<usize>, make: u32) -> usize {
         if self.swapping() {
             return 0;
         }
@@ -374,17 +392,10 @@ impl<R: SensorRuntime> Fleet<R> {
         let workers = self.workers(range.len());
         let first = range.start;
         let averages = &self.averages;
+        let make = Make { count: make, every_ms: self.config.every_ms };
         let pass = each_sensor(&mut self.sensors[range], first, workers, |pass, i, slot| {
-            if let Err((call, error)) = slot.take_news(averages, now) {
-                return pass.failed(i, call, error);
-            }
-            let Life::Running(inst) = &mut slot.life else { return };
-            match inst.tick(produce) {
-                Ok(result) => {
-                    pass.readings += result.readings.len();
-                    slot.take_readings(&result.readings);
-                    slot.status = Some(result.status);
-                }
+            match slot.visit(averages, make, now) {
+                Ok(returned) => pass.readings += returned,
                 Err(error) => return pass.failed(i, "tick", error),
             }
             let due = now >= slot.saved_at + SNAPSHOT_EVERY || slot.saved.since.len() >= SNAPSHOT_AFTER_READINGS;
@@ -398,16 +409,17 @@ impl<R: SensorRuntime> Fleet<R> {
         pass.readings
     }
 
-    /// Ticks every sensor once.
-    pub fn tick_all(&mut self, now: Instant, produce: bool) -> usize {
-        self.tick(now, 0..self.sensors.len(), produce)
+    /// Visits every sensor once, each making `make` readings.
+    pub fn tick_all(&mut self, now: Instant, make: u32) -> usize {
+        self.tick(now, 0..self.sensors.len(), make)
     }
 
-    /// Gives every running sensor its news (its unsent ack, the averages it
-    /// lacks), then reads its status; returns whether all their readings
-    /// are acked and no sensor waits for a restart (a quarantined sensor is
-    /// not waited for). While a hot swap is under way the statuses stay as
-    /// they are and it returns false: the swap is waited for.
+    /// Visits every running sensor with its news (its unsent ack, the
+    /// averages it lacks) and nothing to make, and keeps the status it
+    /// returns; returns whether all their readings are acked and no sensor
+    /// waits for a restart (a quarantined sensor is not waited for). While
+    /// a hot swap is under way the statuses stay as they are and it
+    /// returns false: the swap is waited for.
     pub fn refresh_status(&mut self, now: Instant) -> bool {
         if self.swapping() {
             return false;
@@ -416,19 +428,16 @@ impl<R: SensorRuntime> Fleet<R> {
         let workers = self.workers(self.sensors.len());
         let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            if let Err((call, error)) = slot.take_news(averages, now) {
-                pass.unacked = true;
-                return pass.failed(i, call, error);
-            }
-            match &mut slot.life {
-                Life::Running(inst) => match inst.status() {
-                    Ok(status) => {
-                        pass.unacked |= status.buffered > 0 || !slot.pending.is_empty();
-                        slot.status = Some(status);
+            match &slot.life {
+                Life::Running(_) => match slot.visit(averages, Make::NONE, now) {
+                    Ok(returned) => {
+                        pass.readings += returned;
+                        let buffered = slot.status.as_ref().is_some_and(|s| s.buffered > 0);
+                        pass.unacked |= buffered || !slot.pending.is_empty();
                     }
                     Err(error) => {
                         pass.unacked = true;
-                        pass.failed(i, "status", error);
+                        pass.failed(i, "tick", error);
                     }
                 },
                 Life::Restarting { .. } => pass.unacked = true,

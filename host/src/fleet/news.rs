@@ -5,26 +5,26 @@
 //! a visit to a store long out of the cache. Instead a reply's averages go
 //! into one list for the whole fleet ([`Averages`]) and its acks are merged
 //! into each sensor's unsent ack, and a sensor takes what is new for it
-//! ([`SensorSlot::take_news`]) right before its next tick: one visit, one
-//! call for all the averages it lacks, the tick while its store is warm.
+//! with its next tick ([`SensorSlot::visit`]): one call hands over the ack,
+//! the averages it lacks and the readings to make, while its store is warm.
 //!
 //! Nothing is late for it: a sensor decides what to resend only in a tick,
-//! so an ack given just before the tick counts as much as one given when
-//! it came. A sensor that does not tick for [`CATCH_UP_AFTER`] (a long
-//! interval) takes its news in a catch-up pass, and a status refresh, a
-//! commit of every sensor and a hot swap give every sensor its news first,
-//! so what the host reports and keeps is never behind a reply.
+//! and takes the ack first. A sensor that does not tick for
+//! [`CATCH_UP_AFTER`] (a long interval) is visited in a catch-up pass with
+//! nothing to make, and a status refresh and a commit of every sensor visit
+//! every sensor first, so what the host reports and keeps is never behind
+//! a reply.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use fog_protocol::AverageCursor;
 
-use crate::runtime::WitAverage;
+use crate::runtime::{WitAck, WitAverage, WitVisit};
 use crate::sensor::{SensorCalls, SensorRuntime};
 
 use super::pool::each_sensor;
-use super::{Fleet, Life, SensorSlot};
+use super::{Fleet, Life, Make, SensorSlot};
 
 /// A sensor that has not taken its news for this long gets it without a
 /// tick.
@@ -144,26 +144,49 @@ impl Averages {
 }
 
 impl<S: SensorCalls> SensorSlot<S> {
-    /// Gives the running instance its unsent ack and the averages that
-    /// follow its cursor, [`AVERAGES_PER_CALL`] at a time; a failed call
-    /// is returned with its name.
-    pub(super) fn take_news(&mut self, averages: &Averages, now: Instant) -> Result<(), (&'static str, wasmtime::Error)> {
-        self.give_ack().map_err(|e| ("on-ack", e))?;
-        let Life::Running(inst) = &mut self.life else { return Ok(()) };
+    /// Visits the running instance (the WIT `tick`): hands it its unsent
+    /// ack and the averages that follow its cursor, has it make `make`
+    /// readings (see [`Make`]), and takes the readings it returns into
+    /// `pending` and its status; returns how many readings it returned. A
+    /// sensor more than [`AVERAGES_PER_CALL`] averages behind is visited
+    /// again at once, with `make` 0, for each further part.
+    pub(super) fn visit(&mut self, averages: &Averages, make: Make, now: Instant) -> wasmtime::Result<usize> {
+        let mut returned = 0;
+        let mut count = make.count;
         // At most the whole list, a call per part of it.
         for _ in 0..=MAX_HELD / AVERAGES_PER_CALL {
+            let Life::Running(inst) = &mut self.life else { break };
             let news = averages.after(self.cursor);
-            let Some(part) = news.get(..news.len().min(AVERAGES_PER_CALL)).filter(|p| !p.is_empty()) else { break };
-            let cursor = inst.on_averages(part).map_err(|e| ("on-averages", e))?;
-            self.cursor = cursor.map(AverageCursor::from);
+            let part = &news[..news.len().min(AVERAGES_PER_CALL)];
+            let more = news.len() > part.len();
+            let ack = self.unsent_ack.take();
+            let visit = WitVisit {
+                ack: ack.map(|(incarnation, next_seq, also)| WitAck {
+                    incarnation,
+                    next_seq,
+                    also: (!also.is_empty()).then_some(also),
+                }),
+                averages: (!part.is_empty()).then(|| part.to_vec()),
+                make: count,
+                every_ms: make.every_ms,
+            };
+            let result = inst.tick(&visit)?;
+            if let Some(ack) = visit.ack {
+                self.last_ack = Some((ack.incarnation, ack.next_seq, ack.also.unwrap_or_default()));
+            }
+            returned += result.readings.len();
+            self.take_readings(&result.readings);
+            self.cursor = result.status.last_average.map(AverageCursor::from);
+            self.status = Some(result.status);
+            count = 0;
             // A sensor that stopped short of the part's end stopped where
             // the list breaks its chain: it waits for the server.
-            if self.cursor.map(|c| c.seq) != part.last().map(|a| a.seq) {
+            if !more || self.cursor.map(|c| c.seq) != part.last().map(|a| a.seq) {
                 break;
             }
         }
         self.news_taken_at = now;
-        Ok(())
+        Ok(returned)
     }
 
     fn has_news(&self, averages: &Averages) -> bool {
@@ -189,8 +212,9 @@ impl<R: SensorRuntime> Fleet<R> {
         let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
             if due(slot, averages) {
-                if let Err((call, error)) = slot.take_news(averages, now) {
-                    pass.failed(i, call, error);
+                match slot.visit(averages, Make::NONE, now) {
+                    Ok(returned) => pass.readings += returned,
+                    Err(error) => pass.failed(i, "tick", error),
                 }
             }
         });
@@ -313,26 +337,41 @@ mod tests {
     }
 
     /// A sensor that applies every average it is given and notes how many
-    /// came in each call; or, `stuck_at` a position, applies none.
+    /// came in each visit and how many readings it was asked for; or,
+    /// `stuck_at` a position, applies none.
     #[derive(Default)]
     struct Counting {
-        calls: Vec<usize>,
+        calls: Vec<(usize, u32)>,
         stuck_at: Option<crate::runtime::WitCursor>,
+        cursor: Option<crate::runtime::WitCursor>,
     }
 
     impl SensorCalls for Counting {
-        fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<crate::runtime::WitCursor>> {
-            self.calls.push(averages.len());
-            let last = averages.last().expect("a call brings averages");
-            Ok(Some(self.stuck_at.unwrap_or(crate::runtime::WitCursor { seq: last.seq, epoch: last.epoch, chain: last.chain })))
-        }
-        fn on_ack(&mut self, _: u64, _: u64, _: &[u64]) -> wasmtime::Result<()> {
-            Ok(())
+        fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<crate::runtime::TickResult> {
+            let averages = visit.averages.as_deref().unwrap_or_default();
+            assert!(visit.averages.as_ref().is_none_or(|a| !a.is_empty()), "no averages go as none, not as an empty list");
+            self.calls.push((averages.len(), visit.make));
+            if let Some(last) = averages.last() {
+                self.cursor = Some(self.stuck_at.unwrap_or(crate::runtime::WitCursor { seq: last.seq, epoch: last.epoch, chain: last.chain }));
+            }
+            let status = crate::runtime::SensorStatus {
+                incarnation: 7,
+                generated: 0,
+                acked: 0,
+                buffered: 0,
+                resent: 0,
+                overflowed: 0,
+                sum_kmh: 0,
+                averages_applied: 0,
+                last_average: self.cursor,
+                averages_missed: 0,
+                averages_superseded: 0,
+                averages_digest: 0,
+                limit_kmh: 0,
+            };
+            Ok(crate::runtime::TickResult { readings: Vec::new(), status })
         }
         fn init(&mut self) -> wasmtime::Result<u64> {
-            unreachable!()
-        }
-        fn tick(&mut self, _: bool) -> wasmtime::Result<crate::runtime::TickResult> {
             unreachable!()
         }
         fn on_reposition(&mut self, _: Option<u64>, _: crate::runtime::WitCursor) -> wasmtime::Result<Option<crate::runtime::WitCursor>> {
@@ -355,20 +394,29 @@ mod tests {
         let mut list = Averages::default();
         list.merge(&stream);
         let now = Instant::now();
-        let mut slot = SensorSlot::for_test(Life::Running(Box::new(Counting::default())), now);
-        slot.cursor = Some(AverageCursor { seq: 0, epoch: 1, chain: 0 });
-        slot.take_news(&list, now).unwrap();
+        let start = Some(AverageCursor { seq: 0, epoch: 1, chain: 0 });
+        let counting = Counting { cursor: start.map(Into::into), ..Counting::default() };
+        let mut slot = SensorSlot::for_test(Life::Running(Box::new(counting)), now);
+        slot.cursor = start;
+        let make = Make { count: 3, every_ms: 100 };
+        slot.visit(&list, make, now).unwrap();
         let Life::Running(sensor) = &slot.life else { unreachable!() };
-        assert_eq!(sensor.calls, vec![AVERAGES_PER_CALL, AVERAGES_PER_CALL, AVERAGES_PER_CALL, 100 - 3 * AVERAGES_PER_CALL]);
+        // The readings are asked for once, with the first part.
+        let part = AVERAGES_PER_CALL;
+        assert_eq!(sensor.calls, vec![(part, 3), (part, 0), (part, 0), (100 - 3 * part, 0)]);
         assert_eq!(slot.cursor, at(&stream, 100));
+        // Nothing new: one visit, with no list.
+        slot.visit(&list, make, now).unwrap();
+        let Life::Running(sensor) = &slot.life else { unreachable!() };
+        assert_eq!(sensor.calls.last(), Some(&(0, 3)));
         // One that does not move is not asked again and again.
         let forty = at(&stream, 40);
-        let stuck = Counting { stuck_at: forty.map(Into::into), ..Counting::default() };
+        let stuck = Counting { stuck_at: forty.map(Into::into), cursor: forty.map(Into::into), ..Counting::default() };
         let mut slot = SensorSlot::for_test(Life::Running(Box::new(stuck)), now);
         slot.cursor = forty;
-        slot.take_news(&list, now).unwrap();
+        slot.visit(&list, make, now).unwrap();
         let Life::Running(sensor) = &slot.life else { unreachable!() };
-        assert_eq!(sensor.calls, vec![AVERAGES_PER_CALL]);
+        assert_eq!(sensor.calls, vec![(part, 3)]);
         assert_eq!(slot.cursor, forty);
     }
 }

@@ -12,7 +12,7 @@ use crate::sensor::{SensorCalls, SensorRuntime};
 use crate::state::{Record, Saved};
 
 use super::pool::each_sensor;
-use super::{Fleet, Life};
+use super::{Fleet, Make};
 
 /// Restores `sensor` from a saved state: its snapshot and the readings that
 /// left after it (the WIT `restore`). `Ok(Err(reason))` when it refused.
@@ -71,8 +71,8 @@ impl<R: SensorRuntime> Fleet<R> {
         Ok(fresh.len())
     }
 
-    /// Snapshots and commits every running sensor, each after it took its
-    /// news: the state on disk then reflects every ack and average that
+    /// Snapshots and commits every running sensor, each after a visit
+    /// that hands over its news: the state on disk then reflects every ack and average that
     /// came, so a restart resends nothing. A hot swap under way is dropped
     /// first (the old component's states are the ones to keep).
     pub fn commit_all(&mut self, now: Instant) -> std::io::Result<usize> {
@@ -83,16 +83,12 @@ impl<R: SensorRuntime> Fleet<R> {
         let workers = self.workers(self.sensors.len());
         let averages = &self.averages;
         let pass = each_sensor(&mut self.sensors, 0, workers, |pass, i, slot| {
-            if let Err((call, error)) = slot.take_news(averages, now) {
-                return pass.failed(i, call, error);
+            // The visit leaves the status it returns.
+            if let Err(error) = slot.visit(averages, Make::NONE, now) {
+                return pass.failed(i, "tick", error);
             }
             if let Err(error) = slot.take_snapshot(now) {
-                return pass.failed(i, "snapshot", error);
-            }
-            let Life::Running(inst) = &mut slot.life else { return };
-            match inst.status() {
-                Ok(status) => slot.status = Some(status),
-                Err(error) => pass.failed(i, "status", error),
+                pass.failed(i, "snapshot", error);
             }
         });
         self.handle_failures(pass.failures);

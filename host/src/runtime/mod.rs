@@ -40,11 +40,12 @@ pub use self::needs::Needs;
 wasmtime::component::bindgen!({ path: "../wit", world: "sensor" });
 
 pub use fog::sensor::types::{
-    Average as WitAverage, Config as SensorConfig, Cursor as WitCursor, Reading as WitReading, Status as SensorStatus,
+    Ack as WitAck, Average as WitAverage, Config as SensorConfig, Cursor as WitCursor, Reading as WitReading,
+    Status as SensorStatus, Visit as WitVisit,
 };
 
 /// The WIT world every sensor component must implement.
-pub const WORLD: &str = "fog:sensor/sensor@0.3.0";
+pub const WORLD: &str = "fog:sensor/sensor@0.4.0";
 
 /// The component built from this repository's `sensor-wasm`.
 pub const BUILTIN_SENSOR: &[u8] = include_bytes!(env!("FOG_SENSOR_WASM"));
@@ -541,19 +542,9 @@ impl SensorInstance {
         self.bindings.call_init(&mut self.store)
     }
 
-    pub fn tick(&mut self, produce: bool) -> wasmtime::Result<TickResult> {
+    pub fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<TickResult> {
         self.arm();
-        self.bindings.call_tick(&mut self.store, produce)
-    }
-
-    pub fn on_ack(&mut self, incarnation: u64, next_seq: u64, also: &[u64]) -> wasmtime::Result<()> {
-        self.arm();
-        self.bindings.call_on_ack(&mut self.store, incarnation, next_seq, also)
-    }
-
-    pub fn on_averages(&mut self, averages: &[WitAverage]) -> wasmtime::Result<Option<WitCursor>> {
-        self.arm();
-        self.bindings.call_on_averages(&mut self.store, averages)
+        self.bindings.call_tick(&mut self.store, visit)
     }
 
     pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {

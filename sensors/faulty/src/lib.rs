@@ -87,14 +87,14 @@ mod component {
             &mut self.core
         }
 
-        fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
+        fn tick(&mut self, now_ms: u64, make: u32, every_ms: u32) -> Vec<Reading> {
             self.ticks += 1;
             if let Some((fault, after)) = self.fault {
                 if self.ticks > after {
                     strike(fault);
                 }
             }
-            self.core.tick(now_ms, produce)
+            self.core.tick(now_ms, make, every_ms)
         }
 
         /// A restored instance counts its ticks afresh, as a new instance

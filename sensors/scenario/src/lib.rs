@@ -162,11 +162,11 @@ mod component {
             &mut self.core
         }
 
-        fn tick(&mut self, now_ms: u64, produce: bool) -> Vec<Reading> {
-            let elapsed = now_ms.saturating_sub(self.clock.started_ms);
+        fn tick(&mut self, now_ms: u64, make: u32, every_ms: u32) -> Vec<Reading> {
             let (id, segment) = (self.core.sensor_id(), self.core.segment());
             let (scenario, clock) = (self.scenario, &mut self.clock);
-            self.core.tick_with(now_ms, produce, |_| {
+            self.core.tick_with(now_ms, make, every_ms, |_, at_ms| {
+                let elapsed = at_ms.saturating_sub(clock.started_ms);
                 let mut rng = Rng::new(clock.rng_state);
                 let speed = scenario.speed(id, segment, elapsed, &mut rng);
                 clock.rng_state = rng.state();
