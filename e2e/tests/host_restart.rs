@@ -24,16 +24,17 @@ fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
     let _primary = start_server(&pair, true, &["--lateness", "200ms"], &dir).unwrap();
     let servers = pair.servers();
     let common = [
-        "--sensors", "50", "--interval", "100ms", "--servers", servers.as_str(),
+        // Four readings a visit: a restart resumes after every one that left.
+        "--sensors", "50", "--interval", "25ms", "--visit-every", "100ms", "--servers", servers.as_str(),
         "--state-dir", state.to_str().unwrap(),
     ];
 
     let mut first = start_host(&common, &dir).unwrap();
-    // The first life lasts until every sensor has 20 readings counted (about
-    // 2 s), so that the second life's ~20 cannot reach 30 on their own.
-    let status = status_when(&pair.primary_frontend, "counting 20 readings of every one of 50 sensors", Duration::from_secs(20), |s| {
+    // The first life lasts until every sensor has 80 readings counted (about
+    // 2 s), so that the second life's ~80 cannot reach 120 on their own.
+    let status = status_when(&pair.primary_frontend, "counting 80 readings of every one of 50 sensors", Duration::from_secs(20), |s| {
         let counts = server_counts(s);
-        counts.len() == 50 && counts.values().all(|(count, _)| *count >= 20)
+        counts.len() == 50 && counts.values().all(|(count, _)| *count >= 80)
     })
     .unwrap();
     let before = server_counts(&status);
@@ -59,7 +60,7 @@ fn a_host_killed_with_kill_9_resumes_every_sensor_from_its_state_dir() {
         // Generated over both lives: the counter is part of the snapshot.
         assert_eq!((count, sum), (u(&s["generated"]), u(&s["sum_kmh"])), "sensor {key:?}: {s}");
         assert!(count > before[&key].0, "sensor {key:?} kept producing after the restart");
-        assert!(u(&s["generated"]) >= 30, "sensor {key:?} resumed with its earlier readings: {s}");
+        assert!(u(&s["generated"]) >= 120, "sensor {key:?} resumed with its earlier readings: {s}");
     }
 }
 

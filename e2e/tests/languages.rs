@@ -74,7 +74,8 @@ fn python_and_javascript_sensors_are_counted_like_the_built_in_ones() {
     let _backup = start_server(&pair, false, &flags, &dir).unwrap();
     let servers = pair.servers();
     let common = |first: &'static str| -> Vec<String> {
-        ["--first-id", first, "--sensors", "5", "--segments", "2", "--interval", "100ms", "--duration", "5s", "--max-memory-mib", MEMORY, "--servers", &servers]
+        // A reading every 25 ms, a visit every 100 ms: each visit makes four.
+        ["--first-id", first, "--sensors", "5", "--segments", "2", "--interval", "25ms", "--visit-every", "100ms", "--duration", "5s", "--max-memory-mib", MEMORY, "--servers", &servers]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -95,7 +96,9 @@ fn python_and_javascript_sensors_are_counted_like_the_built_in_ones() {
         let (code, summary) = finish_host(host, Duration::from_secs(180)).unwrap();
         assert_eq!(code, 0, "{label}: host exit code; summary {summary}");
         assert_eq!(u(&summary["unacked"]), 0, "{label}: {summary}");
-        assert!(u(&summary["generated"]) >= 5 * 40, "{label}: every sensor ran: {summary}");
+        // 50 visits a sensor in 5 s: more than 50 readings each is
+        // several a visit.
+        assert!(u(&summary["generated"]) >= 5 * 160, "{label}: every sensor made four readings a visit: {summary}");
         eprintln!("[{label}] {}: generated {}, acked {}", summary["component"], summary["generated"], summary["acked"]);
         summaries.push(summary);
     }

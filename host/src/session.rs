@@ -596,3 +596,20 @@ impl Totals {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_visit_makes_the_readings_of_the_intervals_that_fit_in_it_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(readings_per_visit(ms(1_000), ms(100)), 1, "a slow sensor: one a visit");
+        assert_eq!(readings_per_visit(ms(20), ms(100)), 5);
+        assert_eq!(readings_per_visit(ms(30), ms(100)), 3, "whole intervals only");
+        assert_eq!(readings_per_visit(Duration::from_micros(10), ms(100)), MAX_READINGS_PER_VISIT);
+        assert_eq!(readings_per_visit(ms(20), Duration::ZERO), 1);
+        assert_eq!(readings_per_visit(Duration::ZERO, ms(100)), 1);
+        assert_eq!(readings_per_visit(Duration::from_nanos(1), Duration::MAX), MAX_READINGS_PER_VISIT);
+    }
+}

@@ -60,7 +60,8 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     segments: u32,
 
-    /// How often every sensor produces a reading (and the host talks to the server).
+    /// How often every sensor produces a reading. The host visits each
+    /// sensor as often, or every --visit-every when that is longer.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     interval: Duration,
 
