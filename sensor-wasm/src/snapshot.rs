@@ -297,6 +297,7 @@ fn read_core(r: &mut Reader<'_>) -> Result<SensorCore, RestoreError> {
         free_flow_kmh: r.f64()?,
         stream_kmh: r.f64()?,
         last_ms: r.u64()?,
+        known: Default::default(),
     };
 
     let mut resend = ResendBuffer::new(r.u64()?, r.u32()?);

@@ -155,13 +155,50 @@ pub struct TrafficModel {
     pub(crate) stream_kmh: f64,
     /// Clock time of the last step; the next step covers the time since.
     pub(crate) last_ms: u64,
+    /// What the last step worked out that the next is likely to need again.
+    pub(crate) known: Known,
+}
+
+/// Values a step derives from its inputs alone, kept for the next step:
+/// readings come at a steady interval (the same decays) and for 30 s the
+/// same congestion slot (the same jam speed), and working them out again
+/// (two `exp` and eight hashes) is most of what a reading costs. Not part
+/// of the state: a model equals another with the same state whatever each
+/// has kept, and a restored one works them out afresh.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Known {
+    /// The congestion slot and its jam speed.
+    jam: Option<(u64, Option<f64>)>,
+    /// A step's length in ms and its free-flow and stream decays.
+    decays: Option<(u64, Decay, Decay)>,
+}
+
+impl PartialEq for Known {
+    fn eq(&self, _: &Known) -> bool {
+        true
+    }
+}
+
+/// One exact Ornstein–Uhlenbeck step's factors for a given step length:
+/// how much of the distance to the mean is kept, and the noise's scale.
+#[derive(Debug, Clone, Copy)]
+struct Decay {
+    kept: f64,
+    noise: f64,
+}
+
+impl Decay {
+    fn new(dt_s: f64, tau_s: f64) -> Decay {
+        let kept = (-dt_s / tau_s).exp();
+        Decay { kept, noise: (1.0 - kept * kept).sqrt() }
+    }
 }
 
 impl TrafficModel {
     pub fn new(range: SpeedRange, sensor_seed: u64, road_seed: u64, now_ms: u64) -> Self {
         let mut rng = Rng::new(sensor_seed);
         let free_flow_kmh = range.at(FREE_FLOW_LEVEL) + FREE_FLOW_SD * range.span() * rng.normal();
-        let target = jam_speed(range, road_seed, now_ms).unwrap_or(free_flow_kmh);
+        let target = jam_speed(range, road_seed, now_ms / SLOT_MS).unwrap_or(free_flow_kmh);
         let stream_kmh = target + STREAM_SD * range.span() * rng.normal();
         TrafficModel {
             range,
@@ -170,38 +207,43 @@ impl TrafficModel {
             free_flow_kmh,
             stream_kmh,
             last_ms: now_ms,
+            known: Known::default(),
         }
     }
 
     /// The speed of the next car passing at `now_ms`.
     pub fn next_speed(&mut self, now_ms: u64) -> u16 {
         // A clock that steps back (NTP) is treated as no time passing.
-        let dt_s = (now_ms.saturating_sub(self.last_ms) as f64 / 1000.0).min(MAX_STEP_S);
+        let dt_ms = now_ms.saturating_sub(self.last_ms);
         self.last_ms = self.last_ms.max(now_ms);
+        let (free_flow, stream) = match self.known.decays {
+            Some((ms, free_flow, stream)) if ms == dt_ms => (free_flow, stream),
+            _ => {
+                let dt_s = (dt_ms as f64 / 1000.0).min(MAX_STEP_S);
+                let decays = (Decay::new(dt_s, FREE_FLOW_TAU_S), Decay::new(dt_s, SPEED_TAU_S));
+                self.known.decays = Some((dt_ms, decays.0, decays.1));
+                decays
+            }
+        };
         let span = self.range.span();
 
         let free_flow_mean = self.range.at(FREE_FLOW_LEVEL);
         self.free_flow_kmh = self.range.bound(
             0.4,
-            ou_step(
-                &mut self.rng,
-                self.free_flow_kmh,
-                free_flow_mean,
-                FREE_FLOW_SD * span,
-                FREE_FLOW_TAU_S,
-                dt_s,
-            ),
+            ou_step(&mut self.rng, self.free_flow_kmh, free_flow_mean, FREE_FLOW_SD * span, free_flow),
         );
 
-        let target = jam_speed(self.range, self.road_seed, now_ms).unwrap_or(self.free_flow_kmh);
-        self.stream_kmh = ou_step(
-            &mut self.rng,
-            self.stream_kmh,
-            target,
-            STREAM_SD * span,
-            SPEED_TAU_S,
-            dt_s,
-        );
+        let slot = now_ms / SLOT_MS;
+        let jam = match self.known.jam {
+            Some((known, jam)) if known == slot => jam,
+            _ => {
+                let jam = jam_speed(self.range, self.road_seed, slot);
+                self.known.jam = Some((slot, jam));
+                jam
+            }
+        };
+        let target = jam.unwrap_or(self.free_flow_kmh);
+        self.stream_kmh = ou_step(&mut self.rng, self.stream_kmh, target, STREAM_SD * span, stream);
         // Keep the stream itself inside the range so a long clamp at a bound
         // does not leave it stuck far outside, where the readings would sit
         // flat on the bound.
@@ -212,18 +254,16 @@ impl TrafficModel {
     }
 }
 
-/// One exact Ornstein–Uhlenbeck step of `dt_s` seconds: the distance to
-/// `mean` shrinks by e^(−dt/τ) and noise keeps the stationary spread at
+/// One exact Ornstein–Uhlenbeck step (its factors in `decay`): the distance
+/// to `mean` shrinks by e^(−dt/τ) and noise keeps the stationary spread at
 /// `sd`. Exact rather than Euler, so it is stable for any tick interval.
-fn ou_step(rng: &mut Rng, x: f64, mean: f64, sd: f64, tau_s: f64, dt_s: f64) -> f64 {
-    let decay = (-dt_s / tau_s).exp();
-    mean + (x - mean) * decay + sd * (1.0 - decay * decay).sqrt() * rng.normal()
+fn ou_step(rng: &mut Rng, x: f64, mean: f64, sd: f64, decay: Decay) -> f64 {
+    mean + (x - mean) * decay.kept + sd * decay.noise * rng.normal()
 }
 
-/// The jam speed at `now_ms` if a congestion episode is on, the deepest of
-/// overlapping ones.
-fn jam_speed(range: SpeedRange, road_seed: u64, now_ms: u64) -> Option<f64> {
-    let slot = now_ms / SLOT_MS;
+/// The jam speed in congestion slot `slot` (of [`SLOT_MS`]) if an episode
+/// is on, the deepest of overlapping ones.
+fn jam_speed(range: SpeedRange, road_seed: u64, slot: u64) -> Option<f64> {
     let first = slot.saturating_sub(EPISODE_MAX_SLOTS - 1);
     (first..=slot)
         .filter_map(|start| {
@@ -340,13 +380,33 @@ mod tests {
     }
 
     #[test]
+    fn what_a_step_keeps_for_the_next_changes_no_speed() {
+        let start = 1_700_000_000_000u64;
+        let mut kept = TrafficModel::new(SpeedRange::default(), 3, 4, start);
+        let mut afresh = kept.clone();
+        let mut now = start;
+        // Steady steps, uneven ones, a step back, and slots that change.
+        for i in 0..20_000u64 {
+            now = match i % 7 {
+                5 => now + 1 + i % 5_000,
+                6 => now.saturating_sub(3),
+                _ => now + 250,
+            };
+            afresh.known = Known::default();
+            assert_eq!(kept.next_speed(now), afresh.next_speed(now), "step {i}");
+        }
+        assert_eq!(kept.free_flow_kmh.to_bits(), afresh.free_flow_kmh.to_bits());
+        assert_eq!(kept.stream_kmh.to_bits(), afresh.stream_kmh.to_bits());
+    }
+
+    #[test]
     fn congestion_episodes_come_and_go_and_slow_traffic_down() {
         let range = SpeedRange::default();
         let road = 99;
         let start = 1_700_000_000_000u64;
         let jammed: Vec<bool> = (0..24 * 3600)
             .step_by(30)
-            .map(|s| jam_speed(range, road, start + s * 1000).is_some())
+            .map(|s| jam_speed(range, road, (start + s * 1000) / SLOT_MS).is_some())
             .collect();
         let share = jammed.iter().filter(|j| **j).count() as f64 / jammed.len() as f64;
         assert!(
@@ -362,11 +422,11 @@ mod tests {
             let speed = f64::from(model.next_speed(now));
             // Judge only well inside a state, after the 20 s walk caught up.
             let settled = (0..60).all(|back| {
-                jam_speed(range, road, now - back * 1000).is_some()
-                    == jam_speed(range, road, now).is_some()
+                jam_speed(range, road, (now - back * 1000) / SLOT_MS).is_some()
+                    == jam_speed(range, road, now / SLOT_MS).is_some()
             });
             if settled {
-                if jam_speed(range, road, now).is_some() {
+                if jam_speed(range, road, now / SLOT_MS).is_some() {
                     jam.push(speed)
                 } else {
                     free.push(speed)

@@ -318,6 +318,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some((opened.store, opened.saved))
         }
     };
+    let readings_per_visit = session::readings_per_visit(args.interval, args.visit_every);
     let fleet_config = FleetConfig {
         first_id: args.first_id,
         count: args.sensors,
@@ -333,6 +334,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         every_ms: u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX),
+        visit_every: args.interval.saturating_mul(readings_per_visit),
     };
     let started = std::time::Instant::now();
     let mut fleet = Fleet::start(engine, component, fleet_config, store, std::time::Instant::now()).context("cannot start sensors")?;
@@ -343,7 +345,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         started.elapsed(),
         args.servers.join(", ")
     );
-    let readings_per_visit = session::readings_per_visit(args.interval, args.visit_every);
     if readings_per_visit > 1 {
         tracing::info!(
             "each sensor is visited every {:?} and makes {readings_per_visit} readings a visit (--interval {:?}, --visit-every {:?})",

@@ -90,6 +90,11 @@ pub struct FleetConfig {
     /// The reading interval in milliseconds: several readings made in one
     /// visit are stamped this far apart.
     pub every_ms: u32,
+    /// How often the host means to visit each sensor. Only when that is
+    /// longer than [`news::CATCH_UP_AFTER`] are sensors visited in between
+    /// to take their news; a host that falls behind a shorter round does
+    /// not add visits to it.
+    pub visit_every: Duration,
 }
 
 /// The new readings one visit asks a sensor for (the WIT `visit.make` and
