@@ -91,8 +91,12 @@ struct Args {
     #[arg(long, default_value_t = 10_000, global = true)]
     host_sensors: u32,
 
-    /// Reading interval of the host's sensors in the end-to-end benchmark.
-    #[arg(long, default_value = "40ms", value_parser = parse_duration, global = true)]
+    /// Reading interval of the host's sensors in the end-to-end benchmark
+    /// (the host visits each every 100 ms and takes the readings of the
+    /// intervals since: 5 ms offers 2 000 000 readings/s from 10 000
+    /// sensors, more than the machine carries, so the figure is what it
+    /// does carry).
+    #[arg(long, default_value = "5ms", value_parser = parse_duration, global = true)]
     host_interval: Duration,
 
     /// Sensors of the host in the failover benchmark.

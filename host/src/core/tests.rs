@@ -351,6 +351,29 @@ fn an_idle_fleet_still_sends_one_batch_per_interval() {
 }
 
 #[test]
+fn several_readings_a_visit_make_the_rounds_that_much_longer() {
+    let mut sim = Sim::new(CoreConfig { readings_per_visit: 4, duration: Some(INTERVAL * 8), ..config(10) });
+    sim.connected();
+    sim.run_until(INTERVAL * 8 - ms(1));
+    let ticks: Vec<(Duration, u32, usize)> = sim
+        .log
+        .iter()
+        .filter_map(|(at, a)| match a {
+            Action::Tick { slice, make, .. } => Some((*at - sim.t0, *make, *slice)),
+            _ => None,
+        })
+        .collect();
+    // Two rounds of ten slices in eight intervals, each visit making four.
+    assert_eq!(ticks.len(), 20, "{ticks:?}");
+    assert!(ticks.iter().all(|&(_, make, _)| make == 4));
+    assert_eq!(ticks[10], (INTERVAL * 4, 4, 0), "the second round starts four intervals on");
+    // Draining makes none.
+    sim.run_until(INTERVAL * 12);
+    assert!(sim.log.iter().any(|(at, a)| *at > sim.t0 + INTERVAL * 8 && matches!(a, Action::Tick { make: 0, .. })));
+    assert!(!sim.log.iter().any(|(at, a)| *at >= sim.t0 + INTERVAL * 8 && matches!(a, Action::Tick { make: 1.., .. })));
+}
+
+#[test]
 fn draining_ends_once_every_reading_is_acked() {
     let mut sim = Sim::new(CoreConfig { duration: Some(INTERVAL * 3), ..config(10) });
     sim.produce_per_tick = 1;

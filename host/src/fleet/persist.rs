@@ -72,8 +72,8 @@ impl<R: SensorRuntime> Fleet<R> {
     }
 
     /// Snapshots and commits every running sensor, each after a visit
-    /// that hands over its news: the state on disk then reflects every ack and average that
-    /// came, so a restart resends nothing. A hot swap under way is dropped
+    /// that hands over its news: the state on disk then reflects every ack
+    /// and average that came, so a restart resends nothing. A hot swap under way is dropped
     /// first (the old component's states are the ones to keep).
     pub fn commit_all(&mut self, now: Instant) -> std::io::Result<usize> {
         if let Some(dropped) = self.cancel_swap() {
