@@ -100,7 +100,9 @@ struct Args {
     #[arg(short, long)]
     quiet: bool,
 
-    /// Sensors resend a reading not acked within this time.
+    /// Sensors resend a reading not acked within this time (checked at
+    /// each visit; with several readings a visit, give it at least two
+    /// visits).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     resend_after: Duration,
 
@@ -346,12 +348,19 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.servers.join(", ")
     );
     if readings_per_visit > 1 {
+        let visit_every = args.interval * readings_per_visit;
         tracing::info!(
-            "each sensor is visited every {:?} and makes {readings_per_visit} readings a visit (--interval {:?}, --visit-every {:?})",
-            args.interval * readings_per_visit,
+            "each sensor is visited every {visit_every:?} and makes {readings_per_visit} readings a visit (--interval {:?}, --visit-every {:?})",
             args.interval,
             args.visit_every
         );
+        if args.resend_after < visit_every * 2 {
+            tracing::warn!(
+                "--resend-after {:?} is shorter than two visits: a reading whose ack has not come by its sensor's next visit is sent again (a host behind its round resends what is on its way); consider --resend-after {:?}",
+                args.resend_after,
+                visit_every * 3
+            );
+        }
     }
     let session_config = SessionConfig {
         servers: args.servers.clone(),
