@@ -100,3 +100,20 @@ fn key_flags_are_checked_before_anything_starts() {
     assert_eq!(out.status.code(), Some(2), "--key needs --server-keys");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_resend_timeout_shorter_than_two_visits_is_warned_about() {
+    let run = |resend_after: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fog-host"))
+            .args(["--sensors", "1", "--interval", "100ms", "--visit-every", "1s", "--resend-after", resend_after])
+            .args(["--duration", "10ms", "--drain-timeout", "10ms", "--servers", "tcp://127.0.0.1:9", "--metrics-bind", "off", "--quiet"])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run fog-host");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let short = run("1s");
+    assert!(short.contains("--resend-after 1s is shorter than two visits") && short.contains("consider --resend-after 3s"), "{short}");
+    let long = run("3s");
+    assert!(!long.contains("shorter than two visits"), "{long}");
+}
