@@ -534,9 +534,10 @@ fn print_table(report: &Report) {
         Some((
             format!("{:.0} r/s", e.acked_per_s),
             format!(
-                "{} sensors every {} ms through fog-host; host RSS {:.0} MiB ({:.0} KiB/sensor){}",
+                "{} sensors every {} ms through fog-host, {:.1} s with the drain; host RSS {:.0} MiB ({:.0} KiB/sensor){}",
                 e.sensors,
                 e.interval_ms,
+                e.elapsed_s,
                 e.host_rss_mib,
                 e.host_rss_kib_per_sensor,
                 rss(e.server_rss_mib)

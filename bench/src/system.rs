@@ -18,7 +18,11 @@ pub struct EndToEnd {
     pub interval_ms: u64,
     pub generated: u64,
     pub acked: u64,
+    /// Readings acked per second of the whole run: generation for the
+    /// measured time, then the drain until the last ack.
     pub acked_per_s: f64,
+    /// The host's run, drain included.
+    pub elapsed_s: f64,
     pub host_rss_mib: f64,
     pub host_rss_kib_per_sensor: f64,
     pub server_rss_mib: Option<f64>,
@@ -177,8 +181,11 @@ pub fn end_to_end(security: Security, sensors: u32, interval: Duration, measure:
         interval_ms: interval.as_millis() as u64,
         generated: summary["generated"].as_u64().unwrap_or(0),
         acked,
-        // Generation stops at `measure`; draining the last acks is not load.
-        acked_per_s: acked as f64 / measure.as_secs_f64().min(elapsed),
+        // Generation stops at `measure`; the drain that follows counts too,
+        // so a host that outruns its servers is not credited with readings
+        // they ack later.
+        acked_per_s: acked as f64 / measure.as_secs_f64().max(elapsed),
+        elapsed_s: elapsed,
         host_rss_mib: host_rss,
         host_rss_kib_per_sensor: host_rss * 1024.0 / f64::from(sensors),
         server_rss_mib: server_rss.or_else(|| rss_mib(primary.child.id())),
