@@ -170,6 +170,7 @@ pub async fn run(
         progress: cfg.progress,
         epoch: cfg.epoch,
     };
+    let visit_every = core_config.visit_every();
     let mut core = HostCore::new(core_config, started.into_std());
     let mut d = Driver {
         fleet,
@@ -182,7 +183,7 @@ pub async fn run(
         started,
         commit_failing: false,
         swap_began: None,
-        metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), cfg.interval.saturating_mul(cfg.readings_per_visit.max(1)), cfg.timeout),
+        metrics: HostMetrics::new(cfg.health.clone().unwrap_or_default(), visit_every, cfg.timeout),
     };
     let mut publish = tokio::time::interval(PUBLISH_EVERY);
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -321,6 +321,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let readings_per_visit = session::readings_per_visit(args.interval, args.visit_every);
+    let visit_every = args.interval.saturating_mul(readings_per_visit);
     let fleet_config = FleetConfig {
         first_id: args.first_id,
         count: args.sensors,
@@ -336,7 +337,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         every_ms: u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX),
-        visit_every: args.interval.saturating_mul(readings_per_visit),
+        visit_every,
     };
     let started = std::time::Instant::now();
     let mut fleet = Fleet::start(engine, component, fleet_config, store, std::time::Instant::now()).context("cannot start sensors")?;
@@ -348,17 +349,16 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.servers.join(", ")
     );
     if readings_per_visit > 1 {
-        let visit_every = args.interval * readings_per_visit;
         tracing::info!(
             "each sensor is visited every {visit_every:?} and makes {readings_per_visit} readings a visit (--interval {:?}, --visit-every {:?})",
             args.interval,
             args.visit_every
         );
-        if args.resend_after < visit_every * 2 {
+        if args.resend_after < visit_every.saturating_mul(2) {
             tracing::warn!(
                 "--resend-after {:?} is shorter than two visits: a reading whose ack has not come by its sensor's next visit is sent again (a host behind its round resends what is on its way); consider --resend-after {:?}",
                 args.resend_after,
-                visit_every * 3
+                visit_every.saturating_mul(3)
             );
         }
     }
