@@ -21,6 +21,7 @@
 
 mod guest_log;
 mod needs;
+mod visit;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,9 +40,9 @@ pub use self::needs::Needs;
 
 wasmtime::component::bindgen!({ path: "../wit", world: "sensor" });
 
+pub use self::visit::{Average as WitAverage, Visit as WitVisit};
 pub use fog::sensor::types::{
-    Ack as WitAck, Average as WitAverage, Config as SensorConfig, Cursor as WitCursor, Reading as WitReading,
-    Status as SensorStatus, Visit as WitVisit,
+    Ack as WitAck, Config as SensorConfig, Cursor as WitCursor, Reading as WitReading, Status as SensorStatus,
 };
 
 /// The WIT world every sensor component must implement.
@@ -355,6 +356,9 @@ pub struct SensorComponent {
 pub struct SensorInstance {
     store: Store<SensorHost>,
     bindings: Sensor,
+    /// The `tick` export, typed with the host's own [`WitVisit`] (see
+    /// `visit.rs`); checked against the component when instantiated.
+    tick: wasmtime::component::Func,
     deadline_ticks: u64,
 }
 
@@ -485,7 +489,9 @@ impl SensorEngine {
         // Instantiation runs the component's start functions: deadline them too.
         store.set_epoch_deadline(self.deadline_ticks);
         let bindings = component.pre.instantiate(&mut store)?;
-        Ok(SensorInstance { store, bindings, deadline_ticks: self.deadline_ticks })
+        let tick = *bindings.func_tick().func();
+        tick.typed::<(&WitVisit,), (TickResult,)>(&store)?;
+        Ok(SensorInstance { store, bindings, tick, deadline_ticks: self.deadline_ticks })
     }
 }
 
@@ -544,7 +550,10 @@ impl SensorInstance {
 
     pub fn tick(&mut self, visit: &WitVisit) -> wasmtime::Result<TickResult> {
         self.arm();
-        self.bindings.call_tick(&mut self.store, visit)
+        // SAFETY: `instantiate` checked this signature against the
+        // component (`Func::typed`).
+        let tick = unsafe { wasmtime::component::TypedFunc::<(&WitVisit,), (TickResult,)>::new_unchecked(self.tick) };
+        tick.call(&mut self.store, (visit,)).map(|(result,)| result)
     }
 
     pub fn on_reposition(&mut self, rewind_to: Option<u64>, to: WitCursor) -> wasmtime::Result<Option<WitCursor>> {
