@@ -10,9 +10,16 @@
 //! The window ending at `t` (a whole second) covers `[t - 5 s, t)` and is
 //! published once `now >= t + lateness`, if any reading fell into it. A
 //! reading that arrives after its window was published marks that window
-//! again; at the next timeout the window is published as a revision if its
-//! count or sum changed. Every publication, first or revision, of any
-//! segment takes the next number of one global, gap-free sequence.
+//! again, and the window is published as a revision if its count or sum
+//! changed, but each revision waits twice as long as the one before: the
+//! first 1 s after the first publication, then 2, 4 and 8 s after the
+//! revision before, and every 8 s after that (see [`revise_at`]).
+//! Every sensor applies every average, so a stream of stragglers (a host
+//! that visits its sensors every few seconds sends each reading up to that
+//! late) must not become a revision of every window every second; a window
+//! still settles within seconds, and a reading however late is counted.
+//! Every publication, first or revision, of any segment takes the next
+//! number of one global, gap-free sequence.
 //!
 //! Readings outside `[now - horizon, now + 1 h]` are counted by the ingest
 //! but go into no window; they are reported together as `too_late` (a
@@ -122,6 +129,24 @@ pub struct Windows {
     last_prune_ms: u64,
 }
 
+/// Revisions of a window that each wait twice as long as the one before
+/// (1, 2, 4 and 8 s after the publication before them) ...
+const DOUBLING_REVISIONS: u32 = 4;
+/// ... and the wait of every later one: the longest between two
+/// publications of a window.
+const MOST_BETWEEN_REVISIONS_MS: u64 = HOP_MS << (DOUBLING_REVISIONS - 1);
+
+/// The earliest time the window ending at `end` may be published as
+/// revision `revision` (at least 1): 1 s, 3 s, 7 s, 15 s, 23 s, 31 s, ...
+/// after its first publication.
+fn revise_at(end: u64, lateness_ms: u64, revision: u32) -> u64 {
+    let doubled = revision.min(DOUBLING_REVISIONS);
+    let wait = HOP_MS
+        .saturating_mul((1u64 << doubled) - 1)
+        .saturating_add(MOST_BETWEEN_REVISIONS_MS.saturating_mul(u64::from(revision - doubled)));
+    end.saturating_add(lateness_ms).saturating_add(wait)
+}
+
 impl Windows {
     pub fn new(cfg: WindowConfig) -> Self {
         Windows {
@@ -178,9 +203,27 @@ impl Windows {
 
     /// The next time [`Windows::handle_timeout`] has something to publish.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.due
-            .first()
-            .map(|&(end, _)| end.saturating_add(self.cfg.lateness_ms))
+        let mut next: Option<u64> = None;
+        for &(end, segment) in &self.due {
+            let earliest = end.saturating_add(self.cfg.lateness_ms);
+            if next.is_some_and(|n| earliest >= n) {
+                // Ordered by end: nothing further is due sooner.
+                break;
+            }
+            let at = self.due_at(end, segment);
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        next
+    }
+
+    /// When the window `(segment, end)`, marked due, may be published: its
+    /// first publication after the lateness, a revision as [`revise_at`]
+    /// says.
+    fn due_at(&self, end: u64, segment: u32) -> u64 {
+        match self.published.get(&(segment, end)) {
+            None => end.saturating_add(self.cfg.lateness_ms),
+            Some(p) => revise_at(end, self.cfg.lateness_ms, p.revision.saturating_add(1)),
+        }
     }
 
     /// Publishes every window that is due at `now_ms` and new or changed,
@@ -188,6 +231,8 @@ impl Windows {
     /// published, in sequence order.
     pub fn handle_timeout(&mut self, now_ms: u64, epoch: u64) -> Vec<Average> {
         let mut out = Vec::new();
+        // Revisions not yet due go back into `due` once the pass is over.
+        let mut later = Vec::new();
         while let Some(&(end, segment)) = self.due.first() {
             if end.saturating_add(self.cfg.lateness_ms) > now_ms {
                 break;
@@ -196,13 +241,21 @@ impl Windows {
             let tally = self.window_tally(segment, end);
             let revision = match self.published.get(&(segment, end)) {
                 None if tally.count > 0 => 0,
-                Some(p) if p.tally != tally => p.revision.saturating_add(1),
+                Some(p) if p.tally != tally => {
+                    let revision = p.revision.saturating_add(1);
+                    if revise_at(end, self.cfg.lateness_ms, revision) > now_ms {
+                        later.push((end, segment));
+                        continue;
+                    }
+                    revision
+                }
                 _ => continue,
             };
             self.published
                 .insert((segment, end), Published { tally, revision });
             out.push(self.publish(now_ms, epoch, (segment, end), tally, revision));
         }
+        self.due.extend(later);
         self.last_touched.clear();
         self.log.prune(now_ms);
         self.prune(now_ms);
@@ -248,9 +301,10 @@ impl Windows {
             return;
         }
         self.last_prune_ms = now_ms;
-        let horizon = now_ms.saturating_sub(self.cfg.horizon_ms);
         // A reading admitted at the horizon still revises windows ending up
-        // to 5 s later, which need buckets up to 5 s before them.
+        // to 5 s later, which need buckets up to 5 s before them, and the
+        // revision may wait its turn (see `revise_at`).
+        let horizon = now_ms.saturating_sub(self.cfg.horizon_ms).saturating_sub(MOST_BETWEEN_REVISIONS_MS);
         self.published.retain(|&(_, end), _| end >= horizon);
         self.buckets
             .retain(|&(_, b), _| b.saturating_add(WINDOW_MS + HOP_MS) >= horizon);
@@ -386,18 +440,64 @@ mod tests {
         let first = run_until(&mut w, T0, T0 + 3_000);
         assert_eq!(first.len(), 2, "windows ending at +1 s and +2 s");
         // A straggler for the first second arrives after both were published.
+        // A revision waits 1 s after the window's first publication: the
+        // first window's is due, the second's comes at +4 s, with the
+        // first publication of the window ending at +3 s.
         w.add(T0 + 3_050, 0, &reading(T0 + 200, 80));
-        let again = w.handle_timeout(T0 + 3_100, 1);
-        let summary: Vec<(u64, u64, u32, u32, u64)> = again
-            .iter()
-            .map(|a| (a.seq, a.window_end_ms - T0, a.revision, a.count, a.sum_kmh))
-            .collect();
-        assert_eq!(summary, vec![(3, 1_000, 1, 2, 180), (4, 2_000, 1, 2, 180)]);
+        let summary = |got: &[Average]| -> Vec<(u64, u64, u32, u32, u64)> {
+            got.iter().map(|a| (a.seq, a.window_end_ms - T0, a.revision, a.count, a.sum_kmh)).collect()
+        };
+        assert_eq!(summary(&w.handle_timeout(T0 + 3_100, 1)), vec![(3, 1_000, 1, 2, 180)]);
+        assert_eq!(w.poll_timeout(), Some(T0 + 4_000));
+        assert!(w.handle_timeout(T0 + 3_900, 1).is_empty());
+        assert_eq!(summary(&w.handle_timeout(T0 + 4_000, 1)), vec![(4, 2_000, 1, 2, 180), (5, 3_000, 0, 2, 180)]);
         assert_eq!(w.revisions_published(), 2);
         // The not yet published windows include it as revision 0.
-        let rest = run_until(&mut w, T0 + 3_200, T0 + 10_000);
+        let rest = run_until(&mut w, T0 + 4_100, T0 + 10_000);
         assert!(rest.iter().all(|a| a.revision == 0 && a.count == 2));
-        assert_eq!(rest.first().map(|a| a.seq), Some(5));
+        assert_eq!(rest.first().map(|a| a.seq), Some(6));
+    }
+
+    /// A straggler every 100 ms for a minute, all for one window: it is
+    /// revised 1, 3, 7, 15, 23, ... s after its first publication, not
+    /// every time one arrives, and the last revision counts every reading.
+    #[test]
+    fn revisions_of_a_window_wait_longer_and_longer() {
+        let mut w = Windows::new(cfg());
+        w.add(T0, 0, &reading(T0 + 100, 100));
+        let mut got = Vec::new();
+        let mut now = T0;
+        let mut readings = 1u32;
+        while now <= T0 + 80_000 {
+            if (T0 + 2_000..T0 + 62_000).contains(&now) {
+                w.add(now, 0, &reading(T0 + 100, 100));
+                readings += 1;
+            }
+            if w.poll_timeout().is_some_and(|t| t <= now) {
+                let first_window = w.handle_timeout(now, 1).into_iter().filter(|a| a.window_end_ms == T0 + 1_000);
+                got.extend(first_window.map(|a| (a, now)));
+            }
+            now += 100;
+        }
+        let times: Vec<(u32, u64)> = got.iter().map(|(a, at)| (a.revision, at - T0)).collect();
+        let expected: Vec<(u32, u64)> =
+            [2_000, 3_000, 5_000, 9_000, 17_000, 25_000, 33_000, 41_000, 49_000, 57_000, 65_000]
+                .into_iter()
+                .enumerate()
+                .map(|(r, t)| (r as u32, t))
+                .collect();
+        assert_eq!(times, expected);
+        assert_eq!(got.last().map(|(a, _)| (a.count, a.sum_kmh)), Some((readings, u64::from(readings) * 100)));
+        assert_eq!(w.poll_timeout(), None, "nothing left over");
+    }
+
+    #[test]
+    fn a_revision_far_out_saturates() {
+        assert_eq!(revise_at(T0, 1_000, 1), T0 + 2_000);
+        assert_eq!(revise_at(T0, 1_000, 4), T0 + 16_000);
+        assert_eq!(revise_at(T0, 1_000, 5), T0 + 24_000);
+        assert_eq!(revise_at(T0, 1_000, u32::MAX), T0 + 1_000 + 15_000 + 8_000 * u64::from(u32::MAX - 4));
+        assert_eq!(revise_at(u64::MAX - 5, 1_000, 1), u64::MAX);
     }
 
     #[test]
