@@ -68,7 +68,6 @@ impl SimHost {
             max_restarts: 1_000_000,
             threads: 1,
             every_ms: INTERVAL.as_millis() as u32,
-            visit_every: INTERVAL * READINGS_PER_VISIT,
         };
         let now = base + Duration::from_millis(t);
         let fleet = match Fleet::start(Arc::new(runtime), BuiltIn, config, None, now) {

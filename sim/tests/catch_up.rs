@@ -1,8 +1,9 @@
 //! A sensor's news (acks, averages) waits for its next visit, and the host
-//! visits in between only when its rounds are long by design: a host that
-//! falls behind a short round must not add visits (each returns the
-//! readings due again, which adds to what holds it up). Real `Fleet` over
-//! the real sensor code (native).
+//! visits in between only when its sensors read rarely (a long interval):
+//! a host that visits every few seconds to make several readings a visit
+//! hands the news over then, and one that falls behind a short round must
+//! not add visits (each returns the readings due again, which adds to what
+//! holds it up). Real `Fleet` over the real sensor code (native).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -14,7 +15,7 @@ use fog_sim::native::{BuiltIn, NativeRuntime, Traps, WallClock};
 
 const WALL0: u64 = 1_700_000_000_000;
 
-fn fleet(visit_every: Duration, t0: Instant) -> Fleet<NativeRuntime> {
+fn fleet(interval: Duration, t0: Instant) -> Fleet<NativeRuntime> {
     let clock = WallClock::default();
     clock.set(WALL0);
     let traps = Traps::new(1, 0.0);
@@ -30,8 +31,7 @@ fn fleet(visit_every: Duration, t0: Instant) -> Fleet<NativeRuntime> {
         restart_backoff: Duration::from_millis(100),
         max_restarts: 10,
         threads: 1,
-        every_ms: 1_000,
-        visit_every,
+        every_ms: interval.as_millis() as u32,
     };
     match Fleet::start(Arc::new(runtime), BuiltIn, config, None, t0) {
         Ok(fleet) => fleet,
@@ -39,12 +39,13 @@ fn fleet(visit_every: Duration, t0: Instant) -> Fleet<NativeRuntime> {
     }
 }
 
-/// Visits every sensor once (two readings each), sends them, and brings
-/// the server's ack of them; then, `later`, an empty reply. Returns how
-/// many readings each sensor's last visit said were acked.
-fn acked_after_a_quiet_spell(visit_every: Duration, later: Duration) -> Vec<u64> {
+/// Visits every sensor once (two readings each, `interval` apart), sends
+/// them, and brings the server's ack of them; then, `later`, an empty
+/// reply. Returns how many readings each sensor's last visit said were
+/// acked.
+fn acked_after_a_quiet_spell(interval: Duration, later: Duration) -> Vec<u64> {
     let t0 = Instant::now();
-    let mut fleet = fleet(visit_every, t0);
+    let mut fleet = fleet(interval, t0);
     assert_eq!(fleet.tick_all(t0, 2), 6);
     let (batch, readings) = fleet.take_batch(t0, 1);
     assert_eq!(readings, 6);
@@ -56,11 +57,12 @@ fn acked_after_a_quiet_spell(visit_every: Duration, later: Duration) -> Vec<u64>
 }
 
 #[test]
-fn a_long_round_hands_news_over_between_visits_and_a_short_one_waits_for_the_next() {
-    // Visits every 10 s: 2.5 s on, the ack is handed over without one.
+fn a_long_interval_hands_news_over_between_visits_and_a_short_one_waits_for_the_next() {
+    // A reading every 10 s: 2.5 s on, the ack is handed over without a visit.
     assert_eq!(acked_after_a_quiet_spell(Duration::from_secs(10), Duration::from_millis(2_500)), vec![2, 2, 2]);
     // ... but not before 2 s.
     assert_eq!(acked_after_a_quiet_spell(Duration::from_secs(10), Duration::from_millis(1_500)), vec![0, 0, 0]);
-    // Visits every second: however late the next one, the ack waits for it.
+    // A reading every second (visited every second, or every few seconds
+    // for several): however late the next visit, the ack waits for it.
     assert_eq!(acked_after_a_quiet_spell(Duration::from_secs(1), Duration::from_secs(5)), vec![0, 0, 0]);
 }

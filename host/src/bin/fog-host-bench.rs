@@ -182,7 +182,6 @@ fn start(args: &Args, n: u32) -> anyhow::Result<(Fleet, Duration)> {
         // One thread: the figures are the CPU cost of a sensor.
         threads: 1,
         every_ms: 1_000,
-        visit_every: Duration::from_secs(1),
     };
     let fleet = Fleet::start(engine, component, config, None, Instant::now()).context("cannot start the fleet")?;
     Ok((fleet, compile))

@@ -337,7 +337,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         every_ms: u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX),
-        visit_every,
     };
     let started = std::time::Instant::now();
     let mut fleet = Fleet::start(engine, component, fleet_config, store, std::time::Instant::now()).context("cannot start sensors")?;

@@ -88,13 +88,13 @@ pub struct FleetConfig {
     /// Threads that call into sensors at once (at least 1: the caller's own).
     pub threads: usize,
     /// The reading interval in milliseconds: several readings made in one
-    /// visit are stamped this far apart.
+    /// visit are stamped this far apart. Only when it is longer than
+    /// [`news::CATCH_UP_AFTER`] are sensors visited in between to take
+    /// their news (a sensor that reads rarely still follows the averages);
+    /// a host that visits less often to make several readings a visit
+    /// (`--visit-every`) hands the news over at those visits, and one
+    /// that falls behind its round adds no visits to it.
     pub every_ms: u32,
-    /// How often the host means to visit each sensor. Only when that is
-    /// longer than [`news::CATCH_UP_AFTER`] are sensors visited in between
-    /// to take their news; a host that falls behind a shorter round does
-    /// not add visits to it.
-    pub visit_every: Duration,
 }
 
 /// The new readings one visit asks a sensor for (the WIT `visit.make` and

@@ -9,8 +9,8 @@
 //! the averages it lacks and the readings to make, while its store is warm.
 //!
 //! Nothing is late for it: a sensor decides what to resend only in a tick,
-//! and takes the ack first. Where the host visits each sensor less often
-//! than every [`CATCH_UP_AFTER`] (a long interval), a sensor not visited
+//! and takes the ack first. Where sensors read less often than every
+//! [`CATCH_UP_AFTER`] (a long interval), a sensor not visited
 //! for that long is visited in a catch-up pass with nothing to make (a
 //! visit returns the readings due again: a host behind its round adds no
 //! such visits), and a status refresh and a commit of every sensor visit
@@ -200,8 +200,8 @@ impl<R: SensorRuntime> Fleet<R> {
     /// Gives their news to the sensors that have not taken it for
     /// [`CATCH_UP_AFTER`]; looks at most every [`CATCH_UP_EVERY`].
     pub(super) fn catch_up(&mut self, now: Instant) {
-        let rounds_are_short = self.config.visit_every <= CATCH_UP_AFTER;
-        if rounds_are_short || self.swapping() || self.last_catch_up.is_some_and(|at| now < at + CATCH_UP_EVERY) {
+        let reads_often = Duration::from_millis(self.config.every_ms.into()) <= CATCH_UP_AFTER;
+        if reads_often || self.swapping() || self.last_catch_up.is_some_and(|at| now < at + CATCH_UP_EVERY) {
             return;
         }
         self.last_catch_up = Some(now);
