@@ -122,6 +122,11 @@ pub struct Windows {
     /// `due` shrinks.
     #[serde(skip)]
     last_touched: HashMap<u32, u64>,
+    /// When the first window of `due` may be published (see
+    /// [`Windows::due_at`]); worked out again whenever `due` or what was
+    /// published changes, so that asking costs nothing.
+    #[serde(skip)]
+    next_due: Option<u64>,
     log: AverageLog,
     too_late: u64,
     averages_published: u64,
@@ -155,6 +160,7 @@ impl Windows {
             published: HashMap::new(),
             due: BTreeSet::new(),
             last_touched: HashMap::new(),
+            next_due: None,
             log: AverageLog::new(cfg.retention()),
             too_late: 0,
             averages_published: 0,
@@ -171,6 +177,7 @@ impl Windows {
     pub fn set_config(&mut self, cfg: WindowConfig) {
         self.cfg = cfg;
         self.log.set_retention(cfg.retention());
+        self.next_due = self.earliest_due();
     }
 
     /// Whether nothing is left to publish or prune.
@@ -194,7 +201,10 @@ impl Windows {
         tally.sum_kmh = tally.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
         if self.last_touched.get(&segment) != Some(&bucket) {
             for k in 1..=WINDOW_MS / HOP_MS {
-                self.due.insert((bucket.saturating_add(k * HOP_MS), segment));
+                let end = bucket.saturating_add(k * HOP_MS);
+                self.due.insert((end, segment));
+                let at = self.due_at(end, segment);
+                self.next_due = Some(self.next_due.map_or(at, |n| n.min(at)));
             }
             self.last_touched.insert(segment, bucket);
         }
@@ -203,6 +213,13 @@ impl Windows {
 
     /// The next time [`Windows::handle_timeout`] has something to publish.
     pub fn poll_timeout(&self) -> Option<u64> {
+        self.next_due
+    }
+
+    /// The earliest time a window of `due` may be published. Looks at the
+    /// revisions waiting their turn and the first window not yet
+    /// published, no further.
+    fn earliest_due(&self) -> Option<u64> {
         let mut next: Option<u64> = None;
         for &(end, segment) in &self.due {
             let earliest = end.saturating_add(self.cfg.lateness_ms);
@@ -256,6 +273,7 @@ impl Windows {
             out.push(self.publish(now_ms, epoch, (segment, end), tally, revision));
         }
         self.due.extend(later);
+        self.next_due = self.earliest_due();
         self.last_touched.clear();
         self.log.prune(now_ms);
         self.prune(now_ms);
@@ -549,5 +567,56 @@ mod tests {
         assert_eq!(w.too_late(), 2);
         assert_eq!(w.poll_timeout(), None);
         assert!(w.add(T0, 0, &reading(T0 - 9 * 60 * 1_000, 100)));
+    }
+
+    /// What a host sends decides which windows wait: readings of any
+    /// segment id, any age within the horizon, stragglers or from ahead.
+    /// Through all of it the time the windows give for their next
+    /// publication is the one a full look at them gives, a timeout at that
+    /// time publishes something, and every window ends up counting every
+    /// reading it covers.
+    #[test]
+    fn the_next_publication_time_follows_whatever_readings_come() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut w = Windows::new(cfg());
+        let segments = [0, 1, 7, u32::MAX - 1, u32::MAX];
+        let mut now = T0;
+        let mut last: HashMap<(u32, u64), (u32, u64)> = HashMap::new();
+        let mut truth: HashMap<(u32, u64), (u32, u64)> = HashMap::new();
+        while now < T0 + 120_000 {
+            for _ in 0..rng.random_range(0..20) {
+                let segment = segments[rng.random_range(0..segments.len())];
+                let age = match rng.random_range(0..10) {
+                    0 => rng.random_range(0..9 * 60_000),
+                    1..=3 => rng.random_range(0..20_000),
+                    _ => rng.random_range(0..2_000),
+                };
+                let ts = (now + rng.random_range(0..500)).saturating_sub(age);
+                assert!(w.add(now, segment, &reading(ts, 50)));
+                let bucket = ts - ts % HOP_MS;
+                for k in 1..=WINDOW_MS / HOP_MS {
+                    let t = truth.entry((segment, bucket + k * HOP_MS)).or_default();
+                    *t = (t.0 + 1, t.1 + 50);
+                }
+            }
+            assert_eq!(w.poll_timeout(), w.earliest_due());
+            if let Some(at) = w.poll_timeout().filter(|&at| at <= now) {
+                let got = w.handle_timeout(now, 1);
+                assert!(!got.is_empty(), "woken at +{} ms for nothing", at - T0);
+                for a in got {
+                    last.insert((a.segment, a.window_end_ms), (a.count, a.sum_kmh));
+                }
+                assert_eq!(w.poll_timeout(), w.earliest_due());
+            }
+            now += rng.random_range(1..300);
+        }
+        // No more readings: what waits is published, and then nothing.
+        while let Some(at) = w.poll_timeout() {
+            for a in w.handle_timeout(at, 1) {
+                last.insert((a.segment, a.window_end_ms), (a.count, a.sum_kmh));
+            }
+        }
+        assert_eq!(last, truth);
     }
 }

@@ -68,7 +68,9 @@ struct Args {
     /// How often each sensor is visited at most: with a shorter --interval
     /// each visit makes the readings of several intervals (stamped an
     /// interval apart), which costs a call into the sandbox per visit
-    /// instead of per reading. At most 64 readings a visit.
+    /// instead of per reading. At most 64 readings a visit. Readings then
+    /// reach the servers up to this late: give the servers a --lateness a
+    /// second longer, or they revise windows already published.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     visit_every: Duration,
 
