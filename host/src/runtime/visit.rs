@@ -6,7 +6,7 @@
 //! averages a second, millions of records a second. Lowered the way
 //! wasmtime's derived code lowers a record (each field on its own, each
 //! looking up the guest's memory and working out its offset again), a list
-//! of averages took about a third of the host's CPU. Here a list of
+//! of averages took over a quarter of the host's CPU. Here a list of
 //! averages is written with one look-up of the memory, each record from
 //! offsets fixed at compile time.
 //!
