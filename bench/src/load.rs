@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fog_protocol::{MAX_READINGS_PER_BATCH, MAX_SENSORS_PER_BATCH, Reading, Reply, Request, SensorBatch};
-use fog_transport::{Event, Limits, Message, SendError, Socket};
+use fog_transport::{Event, Limits, Message, SendError};
 use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, Semaphore};
 
@@ -125,8 +125,7 @@ pub async fn run(endpoint: &Endpoint, shape: LoadShape, target: Target, warmup: 
     let mut tasks = Vec::new();
     let mut frame_bytes = 0;
     for c in 0..shape.connections {
-        let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, &endpoint.address, curve, &limits)?;
-        let mut socket = Socket::spawn(&format!("load-{c}"), &ctx, dealer, true).context("cannot start a socket thread")?;
+        let mut socket = fog_transport::connect_monitored(&format!("load-{c}"), &ctx, fog_transport::SocketType::DEALER, &endpoint.address, curve, &limits)?;
         let send = socket.sender();
         let first_id = 1 + c as u32 * shape.sensors;
         let incarnation = 0xbe7c_0000_0000_0000 | ((start.elapsed().as_nanos() as u64) << 8) | c as u64;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
+use fog_transport::{Event, Keypair, Limits, PublicKey};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -75,9 +75,8 @@ impl Link {
         // frames of up to 16 MiB wait in TCP, not in memory.
         let limits = Limits { max_message_bytes: fog_protocol::MAX_FRAME_BYTES + 1024, hwm: LINK_HWM, ..Limits::default() };
         let curve = keys.as_ref().map(|k| (k.keys.as_ref(), &k.server));
-        let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, &endpoint, curve, &limits)
+        let mut socket = fog_transport::connect_monitored("link", &ctx, fog_transport::SocketType::DEALER, &endpoint, curve, &limits)
             .map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
-        let mut socket = Socket::spawn("link", &ctx, dealer, true).map_err(|e| LinkError::Connect(endpoint.clone(), e.to_string()))?;
         let send = socket.sender();
         let events_task = tokio::spawn(async move {
             while let Some(event) = socket.recv().await {

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use fog_protocol::{DecodeError, EncodeError, Refusal, Replication, Reply, Request, StatusReport, decode, encode};
-use fog_transport::{Event, Keypair, Limits, PublicKey, Socket};
+use fog_transport::{Event, Keypair, Limits, PublicKey};
 
 /// The keys a status client authenticates with: its own (a key with the
 /// `admin` right) and the server's public key.
@@ -54,9 +54,8 @@ pub fn query_status_blocking(endpoint: &str, timeout: Duration, keys: Option<&Cl
     let socket_err = |reason: String| StatusError::Socket { endpoint: endpoint.to_string(), reason };
     let ctx = fog_transport::Context::new();
     let curve = keys.map(|k| (&k.keys, &k.server));
-    let dealer = fog_transport::connect(&ctx, fog_transport::SocketType::DEALER, endpoint, curve, &Limits::default())
+    let mut socket = fog_transport::connect_monitored("status", &ctx, fog_transport::SocketType::DEALER, endpoint, curve, &Limits::default())
         .map_err(|e| socket_err(e.to_string()))?;
-    let mut socket = Socket::spawn("status", &ctx, dealer, true).map_err(|e| socket_err(e.to_string()))?;
     let deadline = Instant::now() + timeout;
     loop {
         socket.send(vec![request.clone()]).map_err(|e| socket_err(e.to_string()))?;

@@ -21,9 +21,8 @@ impl Client {
     /// trusting that server key.
     pub fn connect(endpoint: &str, curve: Option<(&Keypair, &PublicKey)>) -> anyhow::Result<Client> {
         let ctx = ZmqContext::new();
-        let dealer = fog_transport::connect(&ctx, SocketType::DEALER, endpoint, curve, &Limits::default())
+        let socket = fog_transport::connect_monitored("test-client", &ctx, SocketType::DEALER, endpoint, curve, &Limits::default())
             .with_context(|| format!("cannot connect to {endpoint}"))?;
-        let socket = Socket::spawn("test-client", &ctx, dealer, true)?;
         Ok(Client { socket, _ctx: ctx })
     }
 

@@ -132,6 +132,13 @@ pub fn connect(
     curve: Option<(&Keypair, &PublicKey)>,
     limits: &Limits,
 ) -> Result<zmq::Socket, TransportError> {
+    let socket = unconnected(ctx, kind, curve, limits)?;
+    socket.connect(endpoint).map_err(|e| endpoint_err("connect to", endpoint, e))?;
+    Ok(socket)
+}
+
+/// A socket of `kind` with fog's options and `curve` keys, not connected yet.
+fn unconnected(ctx: &zmq::Context, kind: zmq::SocketType, curve: Option<(&Keypair, &PublicKey)>, limits: &Limits) -> Result<zmq::Socket, TransportError> {
     let socket = ctx.socket(kind).map_err(socket_err)?;
     configure(&socket, limits)?;
     if let Some((keys, server)) = curve {
@@ -145,8 +152,25 @@ pub fn connect(
     if kind == zmq::SUB {
         socket.set_subscribe(b"").map_err(socket_err)?;
     }
-    socket.connect(endpoint).map_err(|e| endpoint_err("connect to", endpoint, e))?;
     Ok(socket)
+}
+
+/// [`connect`], with the socket on a thread of its own ([`Socket`]) that
+/// reports its connection events. The monitor is attached before the
+/// connection starts: libzmq reports a refused key once and does not try
+/// again, so a refusal that came before the monitor would be lost for good.
+pub fn connect_monitored(
+    name: &str,
+    ctx: &zmq::Context,
+    kind: zmq::SocketType,
+    endpoint: &str,
+    curve: Option<(&Keypair, &PublicKey)>,
+    limits: &Limits,
+) -> Result<Socket, TransportError> {
+    let socket = unconnected(ctx, kind, curve, limits)?;
+    let monitor = socket::watch(ctx, &socket).map_err(socket_err)?;
+    socket.connect(endpoint).map_err(|e| endpoint_err("connect to", endpoint, e))?;
+    Socket::start(name, socket, Some(monitor)).map_err(socket_err)
 }
 
 /// Checks the form of an endpoint a client connects to: `tcp://HOST:PORT`

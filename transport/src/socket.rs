@@ -140,18 +140,17 @@ pub struct Socket {
 
 impl Socket {
     /// Moves `socket` (bound or connected, options set) onto a thread of its
-    /// own. With `monitor`, connection events are reported too.
+    /// own. With `monitor`, connection events are reported too; a socket
+    /// that connects should rather be started by [`crate::connect_monitored`],
+    /// which watches it before the connection starts.
     pub fn spawn(name: &str, ctx: &zmq::Context, socket: zmq::Socket, monitor: bool) -> std::io::Result<Socket> {
-        let monitor = if monitor {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let endpoint = format!("inproc://fog-monitor-{}", N.fetch_add(1, Ordering::Relaxed));
-            socket.monitor(&endpoint, i32::from(MONITOR_EVENTS)).map_err(std::io::Error::other)?;
-            let pair = ctx.socket(zmq::PAIR).map_err(std::io::Error::other)?;
-            pair.connect(&endpoint).map_err(std::io::Error::other)?;
-            Some(pair)
-        } else {
-            None
-        };
+        let monitor = if monitor { Some(watch(ctx, &socket).map_err(std::io::Error::other)?) } else { None };
+        Self::start(name, socket, monitor)
+    }
+
+    /// Moves `socket` onto a thread of its own, with `monitor` (from
+    /// [`watch`]) reporting its connection events.
+    pub(crate) fn start(name: &str, socket: zmq::Socket, monitor: Option<zmq::Socket>) -> std::io::Result<Socket> {
         let (wake_tx, wake_rx) = UnixStream::pair()?;
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
@@ -238,6 +237,18 @@ impl Drop for Socket {
     }
 }
 
+/// A monitor of `socket`'s connection events, to poll beside it. Events
+/// from before it is attached are not reported, and libzmq reports a
+/// refused handshake once, without trying again.
+pub(crate) fn watch(ctx: &zmq::Context, socket: &zmq::Socket) -> Result<zmq::Socket, zmq::Error> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let endpoint = format!("inproc://fog-monitor-{}", N.fetch_add(1, Ordering::Relaxed));
+    socket.monitor(&endpoint, i32::from(MONITOR_EVENTS))?;
+    let pair = ctx.socket(zmq::PAIR)?;
+    pair.connect(&endpoint)?;
+    Ok(pair)
+}
+
 struct Actor {
     socket: zmq::Socket,
     monitor: Option<zmq::Socket>,
@@ -267,7 +278,8 @@ impl Actor {
                 let mut items = Vec::with_capacity(3);
                 items.push(self.socket.as_poll_item(if reading { zmq::POLLIN } else { zmq::PollEvents::empty() }));
                 items.push(zmq::PollItem::from_fd(self.wake.as_raw_fd(), zmq::POLLIN));
-                if let Some(m) = &self.monitor {
+                // Events wait in the monitor while one is held.
+                if let Some(m) = self.monitor.as_ref().filter(|_| self.held.is_none()) {
                     items.push(m.as_poll_item(zmq::POLLIN));
                 }
                 let timeout = if reading { POLL_MS } else { 1 };
@@ -364,7 +376,8 @@ impl Actor {
 
     fn watch(&mut self) -> bool {
         let Some(monitor) = &self.monitor else { return true };
-        while let Ok(first) = monitor.recv_msg(zmq::DONTWAIT) {
+        while self.held.is_none() {
+            let Ok(first) = monitor.recv_msg(zmq::DONTWAIT) else { break };
             // [event u16, value u32] then the endpoint.
             while monitor.get_rcvmore().unwrap_or(false) {
                 let _ = monitor.recv_msg(zmq::DONTWAIT);
@@ -378,8 +391,14 @@ impl Actor {
                 0x0800 => Event::HandshakeFailed("the handshake failed"),
                 _ => continue,
             };
-            if self.events.try_send(event).is_err() && self.events.is_closed() {
-                return false;
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                // Held, like a message: a connection event is never dropped.
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.held = Some(event);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
         true
