@@ -116,6 +116,15 @@ impl Ledger {
     }
 }
 
+/// The seqs one sensor incarnation counted ([`Ingest::counted_of`]).
+pub struct Counted<'a>(Option<&'a Ledger>);
+
+impl Counted<'_> {
+    pub fn contains(&self, seq: u64) -> bool {
+        self.0.is_some_and(|l| l.contains(seq))
+    }
+}
+
 /// Incarnations compacted away, in total.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retired {
@@ -172,6 +181,17 @@ impl Ingest {
     /// at all (not acked, not counted, not logged), if it must not: a seq
     /// out of range, or a timestamp more than `max_clock_skew_ms` ahead.
     pub fn refusal(&self, now_ms: u64, max_clock_skew_ms: u64, key: SensorKey, reading: &Reading) -> Option<Refusal> {
+        self.refusal_of(now_ms, max_clock_skew_ms, self.watermark(key), reading)
+    }
+
+    /// Every seq below it is counted, for an incarnation with a ledger.
+    /// One look-up for all the readings of a sensor in a batch.
+    pub fn watermark(&self, key: SensorKey) -> Option<u64> {
+        self.ledgers.get(&key).map(|l| l.next_seq)
+    }
+
+    /// [`Ingest::refusal`], with the incarnation's [`Ingest::watermark`].
+    pub fn refusal_of(&self, now_ms: u64, max_clock_skew_ms: u64, watermark: Option<u64>, reading: &Reading) -> Option<Refusal> {
         if reading.seq >= MAX_SEQ {
             return Some(Refusal::SeqOutOfRange);
         }
@@ -179,7 +199,7 @@ impl Ingest {
             // Expired: acked, and harmless whatever its seq.
             return None;
         }
-        if self.ledgers.get(&key).is_some_and(|l| reading.seq.saturating_sub(l.next_seq) > MAX_SEQ_AHEAD) {
+        if watermark.is_some_and(|w| reading.seq.saturating_sub(w) > MAX_SEQ_AHEAD) {
             return Some(Refusal::SeqOutOfRange);
         }
         if reading.timestamp_ms > now_ms.saturating_add(max_clock_skew_ms) {
@@ -193,26 +213,42 @@ impl Ingest {
     /// averages). An expired reading is acked but changes no ledger: its
     /// seq and timestamp say nothing anyone can rely on.
     pub fn admit(&mut self, now_ms: u64, key: SensorKey, reading: &Reading) -> bool {
-        if reading.seq >= MAX_SEQ {
-            // Refused before it was logged; never here but from a log
-            // written by a server that did not refuse it.
-            return false;
-        }
-        if reading.timestamp_ms < now_ms.saturating_sub(self.horizon_ms) {
-            self.expired = self.expired.saturating_add(1);
-            return false;
-        }
+        let mut new = false;
+        self.admit_all(now_ms, key, std::slice::from_ref(reading), |_| new = true);
+        new
+    }
+
+    /// [`Ingest::admit`] for each of `readings` of `key`, in order, with
+    /// one look-up of the ledger; `new` is called with each reading that
+    /// is new.
+    pub fn admit_all(&mut self, now_ms: u64, key: SensorKey, readings: &[Reading], mut new: impl FnMut(&Reading)) {
+        let oldest = now_ms.saturating_sub(self.horizon_ms);
+        // A seq out of range was refused before it was logged: never here
+        // but from a log written by a server that did not refuse it.
+        let may_count = |r: &Reading| r.seq < MAX_SEQ && r.timestamp_ms >= oldest;
+        let expired = |rs: &[Reading]| rs.iter().filter(|r| r.seq < MAX_SEQ && r.timestamp_ms < oldest).count() as u64;
+        // The ledger is made only for a reading that may count.
+        let Some(first) = readings.iter().position(may_count) else {
+            self.expired = self.expired.saturating_add(expired(readings));
+            return;
+        };
+        let (mut counted, mut duplicates) = (0u64, 0u64);
         let ledger = self.ledgers.entry(key).or_default();
-        if ledger.contains(reading.seq) {
-            self.duplicates = self.duplicates.saturating_add(1);
-            return false;
+        for reading in readings[first..].iter().filter(|r| may_count(r)) {
+            if ledger.contains(reading.seq) {
+                duplicates += 1;
+                continue;
+            }
+            ledger.insert(reading.seq, reading.timestamp_ms);
+            ledger.count = ledger.count.saturating_add(1);
+            ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
+            ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
+            counted += 1;
+            new(reading);
         }
-        ledger.insert(reading.seq, reading.timestamp_ms);
-        ledger.count = ledger.count.saturating_add(1);
-        ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
-        ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
-        self.counted = self.counted.saturating_add(1);
-        true
+        self.counted = self.counted.saturating_add(counted);
+        self.expired = self.expired.saturating_add(expired(readings));
+        self.duplicates = self.duplicates.saturating_add(duplicates);
     }
 
     /// Compacts the ledgers as of `now_ms`: closes gaps that can no longer
@@ -234,7 +270,12 @@ impl Ingest {
 
     /// Whether `seq` of `key` was counted before.
     pub fn contains(&self, key: SensorKey, seq: u64) -> bool {
-        self.ledgers.get(&key).is_some_and(|l| l.contains(seq))
+        self.counted_of(key).contains(seq)
+    }
+
+    /// What `key` counted: one look-up for the readings of a batch.
+    pub fn counted_of(&self, key: SensorKey) -> Counted<'_> {
+        Counted(self.ledgers.get(&key))
     }
 
     /// Counts `n` readings that arrived again and were not counted again.

@@ -73,13 +73,12 @@ impl Replica {
             Record::ReadingsAccepted { now_ms, sensors } => {
                 for s in sensors {
                     let key = (s.sensor_id, s.incarnation);
-                    for r in &s.readings {
-                        if self.ingest.admit(*now_ms, key, r) {
-                            self.windows.add(*now_ms, s.segment, r);
-                            let owed = Owed::Reading { sensor_id: s.sensor_id, incarnation: s.incarnation, segment: s.segment, reading: *r };
-                            self.outbox.push(entry.lsn, *now_ms, owed);
-                        }
-                    }
+                    let (windows, outbox) = (&mut self.windows, &mut self.outbox);
+                    self.ingest.admit_all(*now_ms, key, &s.readings, |r| {
+                        windows.add(*now_ms, s.segment, r);
+                        let owed = Owed::Reading { sensor_id: s.sensor_id, incarnation: s.incarnation, segment: s.segment, reading: *r };
+                        outbox.push(entry.lsn, *now_ms, owed);
+                    });
                     if s.average_cursor.is_some() {
                         self.windows.note_cursor(s.sensor_id, s.average_cursor);
                     }

@@ -150,8 +150,8 @@ impl Node {
         let mut refused: Vec<RefusedReadings> = Vec::new();
         let mut kept: Option<Vec<SensorBatch>> = None;
         for (i, s) in sensors.iter().enumerate() {
-            let key = (s.sensor_id, s.incarnation);
-            if s.readings.iter().all(|r| ingest.refusal(now, skew, key, r).is_none()) {
+            let watermark = ingest.watermark((s.sensor_id, s.incarnation));
+            if s.readings.iter().all(|r| ingest.refusal_of(now, skew, watermark, r).is_none()) {
                 if let Some(kept) = kept.as_mut() {
                     kept.push(s.clone());
                 }
@@ -161,7 +161,7 @@ impl Node {
             let mut readings = Vec::with_capacity(s.readings.len());
             let first_refusal = refused.len();
             for r in &s.readings {
-                let Some(reason) = ingest.refusal(now, skew, key, r) else {
+                let Some(reason) = ingest.refusal_of(now, skew, watermark, r) else {
                     readings.push(*r);
                     continue;
                 };
@@ -193,11 +193,24 @@ impl Node {
         let mut duplicates = 0u64;
         let mut in_batch: HashSet<u64> = HashSet::new();
         for (i, s) in sensors.iter().enumerate() {
-            let key = (s.sensor_id, s.incarnation);
-            let mut readings: Vec<Reading> = Vec::new();
+            let counted = self.replica.ingest.counted_of((s.sensor_id, s.incarnation));
+            let mut readings: Vec<Reading> = Vec::with_capacity(s.readings.len());
+            // While the seqs rise, none repeats one before it; the set of
+            // seen seqs is made only once they do not.
+            let (mut rising, mut last) = (true, 0u64);
             in_batch.clear();
-            for r in &s.readings {
-                if self.replica.ingest.contains(key, r.seq) || !in_batch.insert(r.seq) {
+            for (j, r) in s.readings.iter().enumerate() {
+                let again = if rising && (j == 0 || r.seq > last) {
+                    false
+                } else {
+                    if rising {
+                        rising = false;
+                        in_batch.extend(s.readings[..j].iter().map(|r| r.seq));
+                    }
+                    !in_batch.insert(r.seq)
+                };
+                last = r.seq;
+                if again || counted.contains(r.seq) {
                     duplicates = duplicates.saturating_add(1);
                 } else {
                     readings.push(*r);
@@ -208,7 +221,7 @@ impl Node {
                 .average_cursor
                 .filter(|&c| with_cursor && self.replica.windows.cursor(s.sensor_id) != Some(c));
             if !readings.is_empty() || cursor.is_some() {
-                out.push(SensorBatch { readings, average_cursor: cursor, ..s.clone() });
+                out.push(SensorBatch { sensor_id: s.sensor_id, incarnation: s.incarnation, segment: s.segment, readings, average_cursor: cursor });
             }
         }
         ((!out.is_empty()).then_some(out), duplicates)

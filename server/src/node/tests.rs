@@ -398,6 +398,38 @@ fn a_batch_of_65536_readings_of_one_sensor_is_counted_and_acked_once_each() {
     assert_eq!(status.per_sensor[0].sum_kmh, 100 + (n - 100) * 90);
 }
 
+#[test]
+fn a_seq_repeated_in_a_batch_counts_once_whether_the_seqs_rise_before_it_or_not() {
+    let (mut node, now) = serving_alone(1);
+    let r = |seq: u64| Reading { seq, speed_kmh: 90, timestamp_ms: now };
+    // Seq 0 was counted before (at 100 km/h); then a seq repeated at
+    // once, rising seqs, a repeat of an earlier one, seqs rising again,
+    // the second one again, and two out of order.
+    let seqs = [0, 1, 1, 2, 3, 2, 4, 5, 1, 7, 6];
+    node.handle_request(Now::both(now), 10, &sealed_batch(11, 0, [0; 16], seqs.iter().map(|&s| r(s)).collect(), None));
+    // The log holds each new reading once.
+    let mut logged = Vec::new();
+    let mut got = Vec::new();
+    while let Some(o) = node.poll_output() {
+        match o {
+            Output::Append(entry) => {
+                if let fog_protocol::Record::ReadingsAccepted { sensors, .. } = &entry.record {
+                    logged.extend(sensors.iter().flat_map(|s| s.readings.iter().map(|r| r.seq)));
+                }
+                node.handle_durable(Now::both(now), entry.lsn, false);
+            }
+            Output::Reply { reply, .. } => got.push(reply),
+            _ => {}
+        }
+    }
+    assert_eq!(logged, [1, 2, 3, 4, 5, 7, 6]);
+    let ack = &batch_reply(&got).acks[0];
+    assert_eq!((ack.next_seq, ack.also.len()), (8, 0));
+    let status = node.status();
+    assert_eq!((status.counted, status.duplicates), (8, 4), "{status:?}");
+    assert_eq!(status.per_sensor[0].sum_kmh, 100 + 7 * 90);
+}
+
 /// Drives a lone active through `steps` timeouts 100 ms apart on the
 /// monotonic clock, the wall clock reading `wall(mono)`; returns whether it
 /// stayed active all along.
