@@ -314,8 +314,13 @@ impl HostCore {
     }
 
     fn tick(&mut self, now: Instant) {
+        // The slices keep their pace: after one that ran long the next
+        // ones come at once until the time is made up, so a late slice
+        // does not slow every round after it. A host further behind than
+        // a round (stalled, or slower than its sensors for long) starts
+        // again from now instead of visiting every sensor twice in a row.
         self.next_tick += self.slice_every;
-        if self.next_tick < now {
+        if self.next_tick + self.cfg.visit_every() < now {
             self.next_tick = now + self.slice_every;
         }
         let first_slice = self.slice == 0;
