@@ -22,6 +22,9 @@ use tokio::sync::mpsc;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How often a start of many sensors says how far it is.
+const START_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 /// Run roadside speed sensors (WebAssembly components) and send their
 /// readings to a fog server pair.
 ///
@@ -164,7 +167,8 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     max_restarts: u32,
 
-    /// Threads that run sensors at the same time; default: one per CPU core.
+    /// Threads that start and run sensors at the same time; default: one
+    /// per CPU core.
     /// 1 runs every sensor on one thread. Below 512 sensors the host uses
     /// one thread whatever this says (starting threads would cost more than
     /// it saves).
@@ -341,7 +345,18 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         every_ms: u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX),
     };
     let started = std::time::Instant::now();
-    let mut fleet = Fleet::start(engine, component, fleet_config, store, std::time::Instant::now()).context("cannot start sensors")?;
+    let count = fleet_config.count;
+    // A large fleet takes a while: a line every few seconds says how far.
+    let last_line = std::sync::Mutex::new(started);
+    let progress = |done: usize| {
+        let mut last = last_line.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() >= START_PROGRESS_EVERY && done < count as usize {
+            *last = std::time::Instant::now();
+            tracing::info!("starting sensors: {done} of {count} in {:.1?}", started.elapsed());
+        }
+    };
+    let mut fleet = Fleet::start_reporting(engine, component, fleet_config, store, std::time::Instant::now(), &progress)
+        .context("cannot start sensors")?;
     tracing::info!(
         "started {} sensors of {} in {:.1?}; servers {}",
         fleet.len(),

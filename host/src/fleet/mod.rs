@@ -266,7 +266,8 @@ pub struct Fleet<R: SensorRuntime = SensorEngine> {
 
 impl<R: SensorRuntime> Fleet<R> {
     /// Starts every sensor: from its saved state when `store` holds one,
-    /// afresh otherwise.
+    /// afresh otherwise; on the fleet's threads, in chunks of neighbouring
+    /// sensors.
     pub fn start(
         engine: Arc<R>,
         component: R::Component,
@@ -274,64 +275,27 @@ impl<R: SensorRuntime> Fleet<R> {
         store: Option<(StateStore, HashMap<u32, Saved>)>,
         now: Instant,
     ) -> Result<Self, StartError> {
+        Self::start_reporting(engine, component, config, store, now, &|_| {})
+    }
+
+    /// [`Fleet::start`], calling `progress` with the number of sensors
+    /// started so far (from any of the threads that start them, after
+    /// each chunk of [`START_CHUNK`]).
+    pub fn start_reporting(
+        engine: Arc<R>,
+        component: R::Component,
+        config: FleetConfig,
+        store: Option<(StateStore, HashMap<u32, Saved>)>,
+        now: Instant,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Self, StartError> {
         let (store, mut saved) = match store {
             Some((store, saved)) => (Some(store), saved),
             None => (None, HashMap::new()),
         };
-        let mut sensors = Vec::with_capacity(config.count as usize);
-        for i in 0..config.count {
-            let id = config.first_id.wrapping_add(i);
-            let segment = if config.segments == 0 { 0 } else { i % config.segments };
-            let sensor_config = sensor_config(&config, id, segment);
-            // One seed for the whole fleet: sensors mix in their id for the
-            // incarnation, and share traffic events (jams) per segment.
-            let mut instance = engine.instantiate(&component, sensor_config, config.seed).map_err(|e| {
-                StartError::Instantiate { id, reason: engine.describe_instantiate_failure(&e, config.count) }
-            })?;
-            let resumed = saved.remove(&id);
-            if let Some(state) = &resumed {
-                match persist::restore(&mut instance, state) {
-                    Ok(Ok(())) => {}
-                    Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
-                    Err(e) => {
-                        return Err(StartError::Resume { id, reason: engine.describe_failure(&e) });
-                    }
-                }
-            }
-            let incarnation = instance
-                .init()
-                .map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
-            // A resumed sensor reports where its average stream stands.
-            let status = if resumed.is_some() { instance.status().ok() } else { None };
-            // A fresh sensor's first snapshot: what a restart before its
-            // next one resumes from.
-            let (saved, fresh) = match resumed {
-                Some(state) => (state, false),
-                None => {
-                    let snapshot = instance.snapshot().map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
-                    (Saved { snapshot, since: Vec::new() }, true)
-                }
-            };
-            let since_written = saved.since.len();
-            sensors.push(SensorSlot {
-                id,
-                segment,
-                incarnation,
-                life: Life::Running(Box::new(instance)),
-                failures: 0,
-                running_since: now,
-                pending: Vec::new(),
-                cursor: status.as_ref().and_then(|s| s.last_average).map(AverageCursor::from),
-                status,
-                saved,
-                saved_at: now,
-                snapshot_unwritten: fresh,
-                since_written,
-                last_ack: None,
-                unsent_ack: None,
-                news_taken_at: now,
-            });
-        }
+        let resumed: Vec<Option<Saved>> = (0..config.count).map(|i| saved.remove(&config.first_id.wrapping_add(i))).collect();
+        let workers = pool::workers_for(config.threads, resumed.len());
+        let sensors = pool::start_sensors(resumed, workers, progress, |i, resumed| start_sensor(&*engine, &component, &config, i, resumed, now))?;
         if !saved.is_empty() {
             tracing::info!("the state directory also holds {} sensors this host does not run; kept as they are", saved.len());
         }
@@ -488,6 +452,70 @@ impl<R: SensorRuntime> Fleet<R> {
         let i = sensor_id.wrapping_sub(self.config.first_id) as usize;
         self.sensors.get(i).filter(|s| s.id == sensor_id).map(|_| i)
     }
+}
+
+/// Sensors started by one thread at a time when a fleet starts.
+pub const START_CHUNK: usize = 1024;
+
+/// Starts sensor `i` of the fleet: from `resumed` when the state
+/// directory holds its state, afresh otherwise.
+fn start_sensor<R: SensorRuntime>(
+    engine: &R,
+    component: &R::Component,
+    config: &FleetConfig,
+    i: usize,
+    resumed: Option<Saved>,
+    now: Instant,
+) -> Result<SensorSlot<R::Sensor>, StartError> {
+    let i = i as u32;
+    let id = config.first_id.wrapping_add(i);
+    let segment = if config.segments == 0 { 0 } else { i % config.segments };
+    let sensor_config = sensor_config(config, id, segment);
+    // One seed for the whole fleet: sensors mix in their id for the
+    // incarnation, and share traffic events (jams) per segment.
+    let mut instance = engine
+        .instantiate(component, sensor_config, config.seed)
+        .map_err(|e| StartError::Instantiate { id, reason: engine.describe_instantiate_failure(&e, config.count) })?;
+    if let Some(state) = &resumed {
+        match persist::restore(&mut instance, state) {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return Err(StartError::Resume { id, reason }),
+            Err(e) => {
+                return Err(StartError::Resume { id, reason: engine.describe_failure(&e) });
+            }
+        }
+    }
+    let incarnation = instance.init().map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
+    // A resumed sensor reports where its average stream stands.
+    let status = if resumed.is_some() { instance.status().ok() } else { None };
+    // A fresh sensor's first snapshot: what a restart before its
+    // next one resumes from.
+    let (saved, fresh) = match resumed {
+        Some(state) => (state, false),
+        None => {
+            let snapshot = instance.snapshot().map_err(|e| StartError::Init { id, reason: engine.describe_failure(&e) })?;
+            (Saved { snapshot, since: Vec::new() }, true)
+        }
+    };
+    let since_written = saved.since.len();
+    Ok(SensorSlot {
+        id,
+        segment,
+        incarnation,
+        life: Life::Running(Box::new(instance)),
+        failures: 0,
+        running_since: now,
+        pending: Vec::new(),
+        cursor: status.as_ref().and_then(|s| s.last_average).map(AverageCursor::from),
+        status,
+        saved,
+        saved_at: now,
+        snapshot_unwritten: fresh,
+        since_written,
+        last_ack: None,
+        unsent_ack: None,
+        news_taken_at: now,
+    })
 }
 
 pub(crate) fn sensor_config(config: &FleetConfig, id: u32, segment: u32) -> SensorConfig {

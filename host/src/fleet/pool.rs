@@ -5,12 +5,13 @@
 //! noted in its [`Pass`]; the fleet's own thread handles it once the pass is
 //! over, in the order a single thread would have met it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::sensor::SensorRuntime;
 
-use super::{Fleet, SensorSlot};
+use super::{Fleet, START_CHUNK, SensorSlot};
+use crate::state::Saved;
 
 /// A pass over fewer sensors than this per thread stays on fewer threads:
 /// starting one costs tens of microseconds, a sensor call about one to four.
@@ -22,8 +23,70 @@ const CHUNKS_PER_THREAD: usize = 4;
 impl<R: SensorRuntime> Fleet<R> {
     /// Threads for a pass that makes `calls` sensor calls.
     pub(super) fn workers(&self, calls: usize) -> usize {
-        self.config.threads.min(calls / MIN_SENSORS_PER_THREAD).max(1)
+        workers_for(self.config.threads, calls)
     }
+}
+
+/// Threads, of at most `threads`, for a pass that makes `calls` calls.
+pub(super) fn workers_for(threads: usize, calls: usize) -> usize {
+    threads.min(calls / MIN_SENSORS_PER_THREAD).max(1)
+}
+
+/// Starts sensor `i` with `resumed[i]` by `start(i, resumed[i])` for
+/// every `i`, in chunks of [`START_CHUNK`] on up to `workers` threads (the
+/// caller's included), and returns them in order; `progress` hears how
+/// many have started after each chunk. On a failure no further chunk is
+/// begun, and the first failure in sensor order is returned.
+pub(super) fn start_sensors<T: Send, E: Send>(
+    resumed: Vec<Option<Saved>>,
+    workers: usize,
+    progress: &(dyn Fn(usize) + Sync),
+    start: impl Fn(usize, Option<Saved>) -> Result<T, E> + Sync,
+) -> Result<Vec<T>, E> {
+    let count = resumed.len();
+    let mut chunks: Vec<(usize, Vec<Option<Saved>>)> = Vec::with_capacity(count.div_ceil(START_CHUNK));
+    let mut rest = resumed.into_iter();
+    for first in (0..count).step_by(START_CHUNK) {
+        chunks.push((first, rest.by_ref().take(START_CHUNK).collect()));
+    }
+    // Popped from the end: reversed, so chunks go out in sensor order.
+    chunks.reverse();
+    let queue = Mutex::new(chunks);
+    let started = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || {
+        let mut done: Vec<(usize, Result<Vec<T>, E>)> = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let Some((first, chunk)) = next else { break };
+            let n = chunk.len();
+            let result: Result<Vec<T>, E> = chunk.into_iter().enumerate().map(|(k, saved)| start(first + k, saved)).collect();
+            failed.fetch_or(result.is_err(), Ordering::Relaxed);
+            progress(started.fetch_add(n, Ordering::Relaxed) + n);
+            done.push((first, result));
+        }
+        done
+    };
+    let mut done = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| std::thread::Builder::new().name("sensor-start".into()).spawn_scoped(scope, work).ok())
+            .collect();
+        let mut done = work();
+        for helper in helpers {
+            match helper.join() {
+                Ok(theirs) => done.extend(theirs),
+                // A bug in the host, not a sensor failure.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        done
+    });
+    done.sort_unstable_by_key(|(first, _)| *first);
+    let mut sensors = Vec::with_capacity(count);
+    for (_, result) in done {
+        sensors.extend(result?);
+    }
+    Ok(sensors)
 }
 
 /// A sensor call that failed during a pass, handled once the pass is over.
@@ -124,4 +187,41 @@ where
         all.merge(pass);
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_on_threads_keeps_sensor_order_and_reports_the_first_failure() {
+        let n = 5 * START_CHUNK + 7;
+        let resumed = || (0..n).map(|i| (i % 3 == 0).then(|| Saved { snapshot: vec![i as u8], since: Vec::new() })).collect::<Vec<_>>();
+        let most = AtomicUsize::new(0);
+        let progress = |done: usize| {
+            most.fetch_max(done, Ordering::Relaxed);
+        };
+        let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+        let started = start_sensors(resumed(), 2, &progress, |i, saved| {
+            threads.lock().unwrap().insert(std::thread::current().id());
+            if i % START_CHUNK == 0 {
+                // Long enough for the other thread to take a chunk.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok::<_, usize>((i, saved.map(|s| s.snapshot)))
+        })
+        .unwrap();
+        assert_eq!(started.len(), n);
+        assert!(started.iter().enumerate().all(|(k, (i, s))| *i == k && *s == (k % 3 == 0).then(|| vec![k as u8])));
+        assert_eq!(most.load(Ordering::Relaxed), n, "progress reaches every sensor");
+        assert_eq!(threads.lock().unwrap().len(), 2, "both threads started sensors");
+        // Sensors 1500 and 3000 fail, on whichever thread: the first is reported.
+        for _ in 0..20 {
+            let r = start_sensors(resumed(), 2, &|_| {}, |i, _| if i == 1500 || i == 3000 { Err(i) } else { Ok(i) });
+            assert_eq!(r.unwrap_err(), 1500);
+        }
+        // One thread does the same.
+        let r = start_sensors(resumed(), 1, &|_| {}, |i, _| if i == 3000 { Err(i) } else { Ok(i) });
+        assert_eq!(r.unwrap_err(), 3000);
+    }
 }
