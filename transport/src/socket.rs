@@ -278,8 +278,7 @@ impl Actor {
                 let mut items = Vec::with_capacity(3);
                 items.push(self.socket.as_poll_item(if reading { zmq::POLLIN } else { zmq::PollEvents::empty() }));
                 items.push(zmq::PollItem::from_fd(self.wake.as_raw_fd(), zmq::POLLIN));
-                // Events wait in the monitor while one is held.
-                if let Some(m) = self.monitor.as_ref().filter(|_| self.held.is_none()) {
+                if let Some(m) = &self.monitor {
                     items.push(m.as_poll_item(zmq::POLLIN));
                 }
                 let timeout = if reading { POLL_MS } else { 1 };
@@ -376,8 +375,10 @@ impl Actor {
 
     fn watch(&mut self) -> bool {
         let Some(monitor) = &self.monitor else { return true };
-        while self.held.is_none() {
-            let Ok(first) = monitor.recv_msg(zmq::DONTWAIT) else { break };
+        // Always drained, even with the queue full (the event is then
+        // dropped): libzmq sends monitor events with a blocking send, so a
+        // monitor left unread could stall its I/O thread.
+        while let Ok(first) = monitor.recv_msg(zmq::DONTWAIT) {
             // [event u16, value u32] then the endpoint.
             while monitor.get_rcvmore().unwrap_or(false) {
                 let _ = monitor.recv_msg(zmq::DONTWAIT);
@@ -391,14 +392,8 @@ impl Actor {
                 0x0800 => Event::HandshakeFailed("the handshake failed"),
                 _ => continue,
             };
-            match self.events.try_send(event) {
-                Ok(()) => {}
-                // Held, like a message: a connection event is never dropped.
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    self.held = Some(event);
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            if self.events.try_send(event).is_err() && self.events.is_closed() {
+                return false;
             }
         }
         true
