@@ -3,7 +3,8 @@
 //! repositions, a status refresh, a step of a hot swap) hands chunks of neighbouring sensors to
 //! scoped threads, the caller's own included. A failure on a worker is only
 //! noted in its [`Pass`]; the fleet's own thread handles it once the pass is
-//! over, in the order a single thread would have met it.
+//! over, in the order a single thread would have met it. The start of a
+//! fleet is spread the same way ([`start_sensors`]).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
