@@ -68,6 +68,13 @@ fn bad_flags_exit_with_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
     let out = host(&["--servers", "not-an-endpoint", "--duration", "1s"]);
     assert_one_line_error(&out, "bad server endpoint `not-an-endpoint`");
+    // Durations of ages would overflow the host's clocks.
+    for flag in ["--interval", "--duration", "--timeout", "--progress", "--visit-every"] {
+        let out = host(&[flag, "400000000000y"]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag) && stderr.contains("at most 100 years"), "{stderr}");
+    }
 }
 
 #[test]

@@ -74,6 +74,14 @@ fn bad_flags_exit_non_zero_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat"));
 
+    // A duration of ages would overflow the server's clocks.
+    for flag in ["--heartbeat", "--lateness", "--dedup-horizon", "--max-clock-skew"] {
+        let out = run(&["--primary", flag, "400000000000y"]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains("at most 100 years"), "{err}");
+    }
+
     let out = run(&["--primary", "--heartbeat", "0s"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --heartbeat"));

@@ -22,6 +22,10 @@ use tokio::sync::mpsc;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The longest duration any flag takes: the host's clocks add them (and
+/// up to 64 intervals a visit) to the time, which must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// How often a start of many sensors says how far it is.
 const START_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -199,7 +203,11 @@ struct Args {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 2m)"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 2m)"))?;
+    if d > MAX_DURATION {
+        return Err("at most 100 years".into());
+    }
+    Ok(d)
 }
 
 fn parse_setting(s: &str) -> Result<(String, String), String> {
@@ -255,6 +263,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.interval.is_zero() {
         bail!("--interval must be greater than zero");
     }
+
     if args.call_deadline.is_zero() {
         bail!("--call-deadline must be greater than zero");
     }

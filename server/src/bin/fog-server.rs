@@ -89,16 +89,16 @@ struct Cli {
     snapshot_every: u64,
 
     /// Interval between heartbeats; the peer counts as dead after two missed.
-    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
     heartbeat: Duration,
 
     /// How long after a window's end the first average waits for late readings.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     lateness: Duration,
 
     /// How far back in event time late readings still revise averages; older
     /// readings are counted but averaged nowhere.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     window_horizon: Duration,
 
     /// Most published averages kept for sensors that fell behind.
@@ -107,7 +107,7 @@ struct Cli {
 
     /// Published averages older than this are dropped; a sensor further
     /// behind is told what it missed.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     retain_age: Duration,
 
     /// Readings stamped further back than this are acked but not counted,
@@ -115,12 +115,12 @@ struct Cli {
     /// longer than any delay before a host resends (see the README's
     /// "Durability and failover") and at least --window-horizon; use the
     /// same value on both nodes.
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     dedup_horizon: Duration,
 
     /// Readings stamped further ahead of this node's clock are refused (not
     /// acked, not counted) until the clock catches up.
-    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
     max_clock_skew: Duration,
 
     /// This node's CurveZMQ secret key file (from `fog-server keygen`).
@@ -180,7 +180,7 @@ struct Cli {
     uplink_replicas: u32,
 
     /// JetStream's duplicate window, when the uplink creates the stream.
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration, requires = "uplink")]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration, requires = "uplink")]
     uplink_duplicate_window: Duration,
 
     /// Allow plain `nats://` to a host other than loopback: the site's
@@ -190,6 +190,16 @@ struct Cli {
 
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// A duration flag, at most 100 years: the server adds them to its clocks
+/// and multiplies some (three heartbeats), which must not overflow.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > std::time::Duration::from_secs(100 * 365 * 24 * 60 * 60) {
+        return Err("at most 100 years".into());
+    }
+    Ok(d)
 }
 
 /// `256M`, `1G`, `65536`: bytes.
@@ -237,7 +247,7 @@ struct StatusArgs {
     json: bool,
 
     /// Give up when the server has not answered within this time.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
 
     /// Secret key file of a key with the `admin` right (for a server run
