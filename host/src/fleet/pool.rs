@@ -50,44 +50,69 @@ pub(super) fn start_sensors<T: Send, E: Send>(
     for first in (0..count).step_by(START_CHUNK) {
         chunks.push((first, rest.by_ref().take(START_CHUNK).collect()));
     }
-    // Popped from the end: reversed, so chunks go out in sensor order.
-    chunks.reverse();
-    let queue = Mutex::new(chunks);
     let started = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let work = || {
-        let mut done: Vec<(usize, Result<Vec<T>, E>)> = Vec::new();
-        while !failed.load(Ordering::Relaxed) {
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            let Some((first, chunk)) = next else { break };
-            let n = chunk.len();
-            let result: Result<Vec<T>, E> = chunk.into_iter().enumerate().map(|(k, saved)| start(first + k, saved)).collect();
-            failed.fetch_or(result.is_err(), Ordering::Relaxed);
-            progress(started.fetch_add(n, Ordering::Relaxed) + n);
-            done.push((first, result));
-        }
-        done
-    };
-    let mut done = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..workers)
-            .filter_map(|_| std::thread::Builder::new().name("sensor-start".into()).spawn_scoped(scope, work).ok())
-            .collect();
-        let mut done = work();
-        for helper in helpers {
-            match helper.join() {
-                Ok(theirs) => done.extend(theirs),
-                // A bug in the host, not a sensor failure.
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        done
+    let done = spread(chunks, workers, "sensor-start", |_, (first, chunk)| {
+        let n = chunk.len();
+        let result: Result<Vec<T>, E> = chunk.into_iter().enumerate().map(|(k, saved)| start(first + k, saved)).collect();
+        progress(started.fetch_add(n, Ordering::Relaxed) + n);
+        let failed = result.is_err();
+        (result, failed)
     });
-    done.sort_unstable_by_key(|(first, _)| *first);
     let mut sensors = Vec::with_capacity(count);
-    for (_, result) in done {
+    for result in done {
         sensors.extend(result?);
     }
     Ok(sensors)
+}
+
+/// Runs `run(c, chunk)` for every chunk on up to `workers` threads named
+/// `name` (the caller's included), which take the chunks in order from a
+/// shared queue until none is left, and returns the outputs in chunk
+/// order. Once a run returns `true` (stop), no further chunk is begun:
+/// the outputs are then those of the chunks begun, a prefix.
+fn spread<C: Send, O: Send>(chunks: Vec<C>, workers: usize, name: &str, run: impl Fn(usize, C) -> (O, bool) + Sync) -> Vec<O> {
+    let count = chunks.len();
+    // Popped from the end: reversed, so chunks go out in order.
+    let queue = Mutex::new(chunks.into_iter().enumerate().rev().collect::<Vec<_>>());
+    let stopped = AtomicBool::new(false);
+    let work = || {
+        let mut done: Vec<(usize, O)> = Vec::new();
+        while !stopped.load(Ordering::Relaxed) {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let Some((c, chunk)) = next else { break };
+            let (out, stop) = run(c, chunk);
+            stopped.fetch_or(stop, Ordering::Relaxed);
+            done.push((c, out));
+        }
+        done
+    };
+    let mut outs: Vec<Option<O>> = (0..count).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| match std::thread::Builder::new().name(name.into()).spawn_scoped(scope, work) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    // The chunks it would have taken go to the others.
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot start a thread for sensor calls: {e}; fewer threads call into sensors");
+                    }
+                    None
+                }
+            })
+            .collect();
+        for (c, out) in work() {
+            outs[c] = Some(out);
+        }
+        for helper in helpers {
+            match helper.join() {
+                Ok(done) => done.into_iter().for_each(|(c, out)| outs[c] = Some(out)),
+                // A bug in the host, not a sensor failure: as if on one thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    outs.into_iter().flatten().collect()
 }
 
 /// A sensor call that failed during a pass, handled once the pass is over.
@@ -144,47 +169,13 @@ where
         return pass;
     }
     let chunk_len = slots.len().div_ceil(workers * CHUNKS_PER_THREAD);
-    let chunk_count = slots.len().div_ceil(chunk_len);
-    // Popped from the end: reversed, so chunks go out in sensor order.
-    let queue = Mutex::new(slots.chunks_mut(chunk_len).enumerate().rev().collect::<Vec<_>>());
-    let work = || {
-        let mut done: Vec<(usize, Pass)> = Vec::new();
-        loop {
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            let Some((c, chunk)) = next else { return done };
-            let mut pass = Pass::default();
-            visit_chunk(&mut pass, first + c * chunk_len, chunk);
-            done.push((c, pass));
-        }
-    };
-    let mut passes: Vec<Option<Pass>> = (0..chunk_count).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..workers)
-            .filter_map(|_| match std::thread::Builder::new().name("sensor-calls".into()).spawn_scoped(scope, work) {
-                Ok(handle) => Some(handle),
-                Err(e) => {
-                    // The chunks it would have taken go to the others.
-                    static WARNED: AtomicBool = AtomicBool::new(false);
-                    if !WARNED.swap(true, Ordering::Relaxed) {
-                        tracing::warn!("cannot start a thread for sensor calls: {e}; fewer threads call into sensors");
-                    }
-                    None
-                }
-            })
-            .collect();
-        for (c, pass) in work() {
-            passes[c] = Some(pass);
-        }
-        for helper in helpers {
-            match helper.join() {
-                Ok(done) => done.into_iter().for_each(|(c, pass)| passes[c] = Some(pass)),
-                // A bug in the host, not a sensor failure: as if on one thread.
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
+    let passes = spread(slots.chunks_mut(chunk_len).collect(), workers, "sensor-calls", |c, chunk| {
+        let mut pass = Pass::default();
+        visit_chunk(&mut pass, first + c * chunk_len, chunk);
+        (pass, false)
     });
     let mut all = Pass::default();
-    for pass in passes.into_iter().flatten() {
+    for pass in passes {
         all.merge(pass);
     }
     all
