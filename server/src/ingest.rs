@@ -225,29 +225,35 @@ impl Ingest {
         let oldest = now_ms.saturating_sub(self.horizon_ms);
         // A seq out of range was refused before it was logged: never here
         // but from a log written by a server that did not refuse it.
-        let may_count = |r: &Reading| r.seq < MAX_SEQ && r.timestamp_ms >= oldest;
-        let expired = |rs: &[Reading]| rs.iter().filter(|r| r.seq < MAX_SEQ && r.timestamp_ms < oldest).count() as u64;
-        // The ledger is made only for a reading that may count.
-        let Some(first) = readings.iter().position(may_count) else {
-            self.expired = self.expired.saturating_add(expired(readings));
-            return;
-        };
-        let (mut counted, mut duplicates) = (0u64, 0u64);
-        let ledger = self.ledgers.entry(key).or_default();
-        for reading in readings[first..].iter().filter(|r| may_count(r)) {
-            if ledger.contains(reading.seq) {
-                duplicates += 1;
-                continue;
+        let (mut counted, mut expired, mut duplicates) = (0u64, 0u64, 0u64);
+        // The ledger is made only for a reading that may count: the ones
+        // before it are out of range or expired.
+        let first = readings.iter().position(|r| r.seq < MAX_SEQ && r.timestamp_ms >= oldest).unwrap_or(readings.len());
+        expired += readings[..first].iter().filter(|r| r.seq < MAX_SEQ).count() as u64;
+        if first < readings.len() {
+            let ledger = self.ledgers.entry(key).or_default();
+            for reading in &readings[first..] {
+                if reading.seq >= MAX_SEQ {
+                    continue;
+                }
+                if reading.timestamp_ms < oldest {
+                    expired += 1;
+                    continue;
+                }
+                if ledger.contains(reading.seq) {
+                    duplicates += 1;
+                    continue;
+                }
+                ledger.insert(reading.seq, reading.timestamp_ms);
+                ledger.count = ledger.count.saturating_add(1);
+                ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
+                ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
+                counted += 1;
+                new(reading);
             }
-            ledger.insert(reading.seq, reading.timestamp_ms);
-            ledger.count = ledger.count.saturating_add(1);
-            ledger.sum_kmh = ledger.sum_kmh.saturating_add(u64::from(reading.speed_kmh));
-            ledger.newest_ms = ledger.newest_ms.max(reading.timestamp_ms);
-            counted += 1;
-            new(reading);
         }
         self.counted = self.counted.saturating_add(counted);
-        self.expired = self.expired.saturating_add(expired(readings));
+        self.expired = self.expired.saturating_add(expired);
         self.duplicates = self.duplicates.saturating_add(duplicates);
     }
 
